@@ -1,0 +1,222 @@
+"""Collectives as autograd functions, each with its dual in backward.
+
+Convention: the objective is L = sum over the ranks of a model group of each rank's local loss
+term, and every backward returns dL/d(this rank's local input). Under it the duals are exact
+transposes of the forward maps:
+
+    forward                          backward
+    copy_to(param, g)   identity     all-reduce over g   (a parameter replicated over g is ONE
+                                                           logical variable: its gradient is the sum)
+    all_reduce(x, g)    all-reduce   all-reduce
+    reduce_scatter(x)   reduce-scat. all-gather
+    all_gather(x)       all-gather   reduce-scatter
+    gathered_linear(x, w_block)      y = x @ all_gather(w_block)^T;  backward re-gathers the weight
+                                      (nothing gathered is kept alive) and reduce-scatters dL/dW
+                                      back to the block owner (all-reduce in replicated mode)
+
+Shards may be uneven (and empty): the collectives pad every shard to the largest one inside the
+collective, so gloo (which rejects uneven all_gather lists) and NCCL take the same path. A group of
+None means the axis has size 1 and every function here is the identity: no copy, no call.
+Layers never call torch.distributed directly; everything goes through this module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# torch >= 2.13 names; older releases (the GPU machines' 2.11) only have the *_tensor spellings
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _Pending:
+    """An async collective plus the post-processing that turns its buffer into the result."""
+
+    def __init__(self, work, finish):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._finish()
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], async_op: bool = True) -> _Pending:
+    """Concatenate every rank's shard of dim 0 (shard r has sizes[r] rows) on every rank."""
+    n, m = len(sizes), max(sizes)
+    rest = x.shape[1:]
+    send = x.contiguous()
+    if x.shape[0] != m:
+        send = torch.cat([send, send.new_zeros((m - x.shape[0], *rest))])
+    buf = x.new_empty((n * m, *rest))
+    work = _all_gather_single(buf, send, group=group, async_op=async_op)
+    if all(s == m for s in sizes):
+        return _Pending(work, lambda: buf)
+    return _Pending(work, lambda: torch.cat([buf[r * m: r * m + s] for r, s in enumerate(sizes)]))
+
+
+def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], async_op: bool = True) -> _Pending:
+    """Sum dim-0 tensors over the group; rank r keeps rows offset(r) : offset(r) + sizes[r]."""
+    n, m = len(sizes), max(sizes)
+    rest = x.shape[1:]
+    if all(s == m for s in sizes):
+        send = x.contiguous()
+    else:
+        send = x.new_zeros((n * m, *rest))
+        offset = 0
+        for r, s in enumerate(sizes):
+            send[r * m: r * m + s] = x[offset: offset + s]
+            offset += s
+    out = x.new_empty((m, *rest))
+    work = _reduce_scatter_single(out, send, group=group, async_op=async_op)
+    me = _rank(group)
+    return _Pending(work, lambda: out[: sizes[me]])
+
+
+def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
+    x = x.contiguous()
+    work = dist.all_reduce(x, group=group, async_op=async_op)
+    return _Pending(work, lambda: x)
+
+
+def _along(dim: int, fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """Apply a dim-0 collective along `dim`."""
+    if dim == 0 or dim == -x.dim():
+        return fn(x, *args)
+    return fn(x.movedim(dim, 0), *args).movedim(0, dim).contiguous()
+
+
+def _gather_dim(x, group, sizes, dim):
+    return _along(dim, lambda t: start_all_gather(t, group, sizes, async_op=False).wait(), x)
+
+
+def _scatter_dim(x, group, sizes, dim):
+    return _along(dim, lambda t: start_reduce_scatter(t, group, sizes, async_op=False).wait(), x)
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return start_all_reduce(x.clone(), group, async_op=False).wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes, dim):
+        ctx.args = (group, sizes, dim)
+        return _scatter_dim(x, group, sizes, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_dim(grad, *ctx.args), None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes, dim):
+        ctx.args = (group, sizes, dim)
+        return _gather_dim(x, group, sizes, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_dim(grad, *ctx.args), None, None, None
+
+
+def copy_to(x: torch.Tensor, group) -> torch.Tensor:
+    """Mark `x` (a parameter replicated over `group`) as one logical variable: gradients are summed."""
+    return x if group is None else _CopyTo.apply(x, group)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _AllReduce.apply(x, group)
+
+
+def reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:
+    return x if group is None else _ReduceScatter.apply(x, group, tuple(sizes), dim)
+
+
+def all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:
+    return x if group is None else _AllGather.apply(x, group, tuple(sizes), dim)
+
+
+def _compute_dtype(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight in the dtype the matmul will use (autocast's, if enabled), so that the gather
+    moves bf16 bytes under bf16 autocast."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return w.to(torch.get_autocast_dtype(dev))
+    return w
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """y = x @ W^T where W (out, in_local) is stored as row blocks spread over `group`."""
+
+    @staticmethod
+    def forward(ctx, x, w_block, group, sizes, gather):
+        ctx.save_for_backward(x, w_block)
+        ctx.args = (group, sizes, gather)
+        if not gather:
+            return F.linear(x, w_block)
+        pending = start_all_gather(_compute_dtype(w_block, x), group, sizes)  # bf16 under autocast
+        own = F.linear(x, w_block)  # overlaps with the transfer of the other blocks
+        w_full = pending.wait()
+        me, pieces, offset = _rank(group), [], 0
+        for r, s in enumerate(sizes):
+            pieces.append(own if r == me else F.linear(x, w_full[offset: offset + s]))
+            offset += s
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_block = ctx.saved_tensors
+        group, sizes, gather = ctx.args
+        need_x = ctx.needs_input_grad[0]
+        # backward runs outside autocast: compute in the dtype of the incoming gradient (that of the
+        # forward's matmul), reduce weight gradients in the parameter's dtype
+        w_compute = w_block.to(grad.dtype)
+        pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x) else None
+        rows = math.prod(grad.shape[:-1])
+        grad_w = grad.reshape(rows, grad.shape[-1]).t().mm(x.to(grad.dtype).reshape(rows, x.shape[-1]))
+        grad_w = grad_w.to(w_block.dtype)
+        pending_gw = (start_reduce_scatter(grad_w, group, sizes) if gather
+                      else start_all_reduce(grad_w, group))
+        grad_x = None
+        if need_x:
+            grad_x = grad.matmul(pending_w.wait() if gather else w_compute).to(x.dtype)
+        return grad_x, pending_gw.wait(), None, None, None
+
+
+def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
+                    gather: bool = True) -> torch.Tensor:
+    """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
+
+    gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).
+    gather=False: w_block holds every row (replicated over `group`; gradients all-reduced).
+    """
+    if group is None:
+        return F.linear(x, w_block)
+    return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather)

@@ -1,0 +1,186 @@
+"""The DP x DOMAIN x TP process mesh, built on megatron-core's HyperCommGrid.
+
+Rank order: TP varies fastest, then DOMAIN, then DP, so a model group (DOMAIN x TP) occupies
+consecutive ranks and stays inside a node. `Mesh.virtual` describes a mesh without process groups:
+shapes and shard sizes of any layout can be computed for any rank without launching it (used to
+report each rank's share of a 3 B-parameter model built on the meta device).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+AXES = ("dp", "domain", "tp")  # slowest to fastest varying
+
+
+class MeshConfig(BaseModel):
+    """Sizes of the three mesh axes; their product must equal the world size."""
+
+    model_config = ConfigDict(extra="forbid")
+    dp: int = Field(1, ge=1, description="data-parallel replicas of the model group")
+    domain: int = Field(1, ge=1, description="ranks splitting the tokens (the globe) of one sample")
+    tp: int = Field(1, ge=1, description="ranks splitting the channels/features of one sample")
+    replicate_weights_over: list[Literal["domain", "tp"]] = Field(
+        default_factory=list,
+        description="keep weight matrices replicated over these axes instead of stored once per model "
+                    "group and gathered on use: less communication, more memory")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.domain * self.tp
+
+    def __str__(self) -> str:
+        return f"{self.dp}x{self.domain}x{self.tp} (dp x domain x tp)"
+
+
+@dataclass
+class Mesh:
+    sizes: dict[str, int]
+    coords: dict[str, int]
+    rank: int = 0
+    groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
+    replicate_weights_over: frozenset = frozenset()
+
+    @staticmethod
+    def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:
+        tp_c = rank % sizes["tp"]
+        dom_c = (rank // sizes["tp"]) % sizes["domain"]
+        dp_c = rank // (sizes["tp"] * sizes["domain"])
+        return {"dp": dp_c, "domain": dom_c, "tp": tp_c}
+
+    @classmethod
+    def virtual(cls, config: MeshConfig, rank: int = 0) -> "Mesh":
+        sizes = {"dp": config.dp, "domain": config.domain, "tp": config.tp}
+        if not 0 <= rank < config.world_size:
+            raise ValueError(f"rank {rank} outside mesh {config}")
+        return cls(sizes, cls.coords_of(rank, sizes), rank,
+                   replicate_weights_over=frozenset(config.replicate_weights_over))
+
+    @classmethod
+    def single(cls) -> "Mesh":
+        """The 1x1x1 mesh: every collective is a no-op; used for the serial twin of any model."""
+        return cls.virtual(MeshConfig())
+
+    @property
+    def config(self) -> MeshConfig:
+        return MeshConfig(**self.sizes, replicate_weights_over=sorted(self.replicate_weights_over))
+
+    @property
+    def model_size(self) -> int:
+        return self.sizes["domain"] * self.sizes["tp"]
+
+    def size(self, axis: str) -> int:
+        return self.model_size if axis == "model" else self.sizes[axis]
+
+    def coord(self, axis: str) -> int:
+        if axis == "model":
+            return self.coords["domain"] * self.sizes["tp"] + self.coords["tp"]
+        return self.coords[axis]
+
+    def group(self, axis: str):
+        """Process group of `axis` ('dp', 'domain', 'tp' or 'model' = domain x tp); None if size 1."""
+        if self.size(axis) == 1:
+            return None
+        if axis not in self.groups:
+            raise RuntimeError(f"mesh {self.config} has no process group for axis '{axis}' (virtual mesh?)")
+        return self.groups[axis]
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+
+def validate_world(config: MeshConfig, world_size: int) -> None:
+    if config.world_size != world_size:
+        raise ValueError(
+            f"mesh dp={config.dp} x domain={config.domain} x tp={config.tp} = {config.world_size} ranks, "
+            f"but the job has world size {world_size}: set mesh.dp/mesh.domain/mesh.tp so that their "
+            f"product is {world_size}")
+
+
+def init_process_group(timeout_s: float = 300.0, backend: str | None = None) -> None:
+    """Initialise torch.distributed from the launcher's environment: NCCL on GPU, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_mesh(config: MeshConfig) -> Mesh:
+    """Build the process groups of the mesh. Every rank must call this (group creation is collective)."""
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    validate_world(config, world)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mesh = Mesh.virtual(config, rank)
+    if not dist.is_initialized():
+        return mesh
+    grid = HyperCommGrid([config.tp, config.domain, config.dp], ["tp", "domain", "dp"])
+    for name, dims in (("tp", ["tp"]), ("domain", ["domain"]), ("dp", ["dp"]), ("model", ["tp", "domain"])):
+        mesh.groups[name] = grid.create_pg(dims)
+    # the grid's rank enumeration must agree with Mesh.coords_of (tp fastest, then domain, then dp)
+    for axis in ("tp", "domain", "dp"):
+        expected = dist.get_process_group_ranks(mesh.groups[axis])
+        mine = [r for r in range(world)
+                if all(Mesh.coords_of(r, mesh.sizes)[a] == mesh.coords[a] for a in AXES if a != axis)]
+        if sorted(expected) != mine:
+            raise RuntimeError(f"HyperCommGrid rank order for '{axis}' is {expected}, expected {mine}")
+    return mesh
+
+
+class DeepSpeedMPU:
+    """The `mpu` object DeepSpeed expects. The model-parallel group is DOMAIN x TP (one model
+    replica); the data-parallel group is DP, over which ZeRO partitions and gradients are averaged.
+    Parameters replicated inside a model group get their gradients summed by the layers themselves
+    (see jigsaw_ext.collectives.shared_param), so DeepSpeed only ever reduces over DP."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def _group(self, axis):
+        # DeepSpeed wants a real group even for an axis of size 1; init_mesh builds all of them
+        return self.mesh.groups[axis]
+
+    # model parallel = one model replica = domain x tp
+    def get_model_parallel_group(self):
+        return self._group("model")
+
+    def get_model_parallel_rank(self):
+        return self.mesh.coord("model")
+
+    def get_model_parallel_world_size(self):
+        return self.mesh.model_size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.mesh.rank - self.mesh.coord("model")
+
+    def get_data_parallel_group(self):
+        return self._group("dp")
+
+    def get_data_parallel_rank(self):
+        return self.mesh.coords["dp"]
+
+    def get_data_parallel_world_size(self):
+        return self.mesh.sizes["dp"]
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    def get_sequence_parallel_world_size(self):
+        return 1

@@ -1,0 +1,123 @@
+"""The one typed configuration schema. Defaults live here; every key is validated on load and an
+error names the key and what is allowed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jigsaw_ext.mesh import MeshConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChannelsConfig(_Strict):
+    """Model channels: surface variables + atmospheric variables x pressure levels (predicted),
+    plus static fields (inputs only)."""
+
+    surface: list[str] = Field(default_factory=lambda: ["2m_temperature", "10m_u_component_of_wind",
+                                                        "10m_v_component_of_wind", "mean_sea_level_pressure"])
+    atmospheric: list[str] = Field(default_factory=lambda: ["geopotential", "temperature"])
+    levels: list[int] = Field(default_factory=lambda: [500, 850])
+    static: list[str] = Field(default_factory=lambda: ["land_sea_mask", "orography"])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.surface) + [f"{v}_{lev}" for v in self.atmospheric for lev in self.levels]
+
+    @property
+    def n_fields(self) -> int:
+        return len(self.surface) + len(self.atmospheric) * len(self.levels)
+
+    @property
+    def n_static(self) -> int:
+        return len(self.static)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.n_fields == 0:
+            raise ValueError("no predicted channels: set channels.surface and/or channels.atmospheric")
+        if self.atmospheric and not self.levels:
+            raise ValueError("channels.atmospheric is set but channels.levels is empty")
+        return self
+
+
+class ModelConfig(_Strict):
+    grid: tuple[int, int] = Field((32, 64), description="(latitude rows, longitude columns)")
+    channels: ChannelsConfig = Field(default_factory=ChannelsConfig)
+    patch: tuple[int, int] = Field((1, 8), description="(rows, columns); (1, p) = the paper's longitude strips")
+    pad_to_patch: bool = Field(False, description="zero-pad the grid to a multiple of the patch (cropped on output)")
+    hidden: int = Field(64, ge=1, description="token embedding size D")
+    token_fraction: float = Field(0.5, gt=0, description="token-mixing hidden size / number of tokens")
+    channel_fraction: float = Field(1.0, gt=0, description="channel-mixing hidden size / D")
+    blocks: int = Field(2, ge=1, description="mixer blocks N_b")
+    rollout: int = Field(1, ge=1, description="latent rollout steps k: the block stack is applied k times")
+    head: Literal["tendency", "blend"] = "tendency"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        (h, w), (ph, pw) = self.grid, self.patch
+        if min(h, w) < 1 or min(ph, pw) < 1:
+            raise ValueError(f"model.grid {self.grid} and model.patch {self.patch} must be positive")
+        if ph > h or pw > w:
+            raise ValueError(f"model.patch {self.patch} is larger than model.grid {self.grid}")
+        if not self.pad_to_patch and (h % ph or w % pw):
+            raise ValueError(
+                f"model.patch {self.patch} does not tile model.grid {self.grid} "
+                f"({h} % {ph} = {h % ph}, {w} % {pw} = {w % pw}): choose a patch whose sides divide "
+                f"the grid, or set model.pad_to_patch=true to zero-pad (the padding is cropped on output)")
+        return self
+
+
+class JobConfig(_Strict):
+    """The project section of a job's JSON file (the DeepSpeed settings sit beside it)."""
+
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+def _describe(err: ValidationError, cls: type[BaseModel], source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = cls
+            for p in e["loc"][:-1]:
+                field = parent.model_fields.get(str(p))
+                ann = field.annotation if field else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if parent is None:
+                    break
+            allowed = sorted(parent.model_fields) if parent else []
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(cls: type[BaseModel], data: dict, source: str = "config"):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, cls, source)) from None
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read the project section ("weathermixer") of a JSON job file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    return parse(JobConfig, data.get("weathermixer", {}), str(path))

@@ -1,0 +1,154 @@
+"""WeatherMixer: patch embedding, token- and channel-mixing MLP blocks, latent rollout, decoder.
+
+The model reads like the paper; parallelism lives in the layers (jigsaw_ext.layers). Activations
+are blocks: (batch, tokens of this rank's latitude band, features of this rank's TP slice).
+On the 1x1x1 mesh every collective is the identity and this is a plain MLP-Mixer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jigsaw_ext.init import init_parameters
+from jigsaw_ext.layers import BlockLinear, DistLayerNorm
+from jigsaw_ext.mesh import Mesh
+
+from .config import ModelConfig
+from .geometry import Geometry
+
+
+class MLP(nn.Module):
+    def __init__(self, fc1: BlockLinear, fc2: BlockLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MixerBlock(nn.Module):
+    """Pre-norm MLP-Mixer block on x of shape (B, T, D):
+    token mixing   x += W2 . GELU(W1 . LN1(x)^T)      (over tokens, split over DOMAIN)
+    channel mixing x += GELU(LN2(x) A1^T) A2^T        (over features, split over TP)"""
+
+    def __init__(self, geo: Geometry, **kw):
+        super().__init__()
+        mesh, D = geo.mesh, geo.cfg.hidden
+        features, hidden_c = geo.feature_split(D), geo.feature_split(geo.channel_hidden)
+        tokens, hidden_s = geo.token_split, geo.token_hidden_split()
+        self.norm1 = DistLayerNorm(mesh, [features], **kw)
+        # no bias on the token-mixing output: it would add a per-token constant across all features,
+        # which every following LayerNorm removes (a dead parameter whose gradient is exactly 0)
+        self.token_mixing = MLP(BlockLinear(mesh, [tokens], hidden_s, contract="domain", **kw),
+                                BlockLinear(mesh, [hidden_s], tokens, contract="domain", bias=False, **kw))
+        self.norm2 = DistLayerNorm(mesh, [features], **kw)
+        self.channel_mixing = MLP(BlockLinear(mesh, [features], hidden_c, contract="tp", **kw),
+                                  BlockLinear(mesh, [hidden_c], features, contract="tp", **kw))
+
+    def forward(self, x):
+        x = x + self.token_mixing(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mixing(self.norm2(x))
+
+
+class BlendHead(nn.Module):
+    """Learned per-pixel blend of prediction and input: Linear_{2C->C}(LN([LN(pred) || input]))."""
+
+    def __init__(self, geo: Geometry, **kw):
+        super().__init__()
+        channels = geo.channel_split(geo.cfg.channels.n_fields)
+        self.norm_pred = DistLayerNorm(geo.mesh, [channels], **kw)
+        self.norm = DistLayerNorm(geo.mesh, [channels, channels], **kw)
+        self.mix = BlockLinear(geo.mesh, [channels, channels], channels, contract="tp", **kw)
+
+    def forward(self, pred, fields):
+        pred, fields = pred.movedim(1, -1), fields.movedim(1, -1)  # channels last, per pixel
+        return self.mix(*self.norm(self.norm_pred(pred), fields)).movedim(-1, 1)
+
+
+class WeatherMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, device=None, dtype=None):
+        super().__init__()
+        mesh = mesh or Mesh.single()
+        self.cfg, self.mesh = cfg, mesh
+        self.geo = geo = Geometry(cfg, mesh)
+        kw = dict(device=device, dtype=dtype)
+        ch = cfg.channels
+        features = geo.feature_split(cfg.hidden)
+        inputs = [geo.patch_feature_split(ch.n_fields)] + (
+            [geo.patch_feature_split(ch.n_static)] if ch.n_static else [])
+        patch_out = geo.patch_feature_split(ch.n_fields)
+
+        self.embed = BlockLinear(mesh, inputs, features, contract="tp", **kw)
+        self.blocks = nn.ModuleList(MixerBlock(geo, **kw) for _ in range(cfg.blocks))
+        self.norm = DistLayerNorm(mesh, [features], **kw)
+        self.recovery = BlockLinear(mesh, [features, features], patch_out, contract="tp", **kw)
+        self.blend = BlendHead(geo, **kw) if cfg.head == "blend" else None
+        if device is None or torch.device(device).type != "meta":
+            init_parameters(self, mesh, cfg.seed)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None,
+                steps: int | None = None) -> torch.Tensor:
+        """Forecast at lead `steps` (default cfg.rollout) time steps from the state `fields`.
+
+        fields: (B, n_fields_local, rows_local, lon) this rank's block; static likewise."""
+        return self.forecast_leads(fields, static, steps, every_lead=False)[-1]
+
+    def forecast_leads(self, fields, static=None, steps=None, every_lead=True) -> list[torch.Tensor]:
+        """Latent rollout: embed once, apply the block stack `steps` times, decode each lead
+        (or only the last one)."""
+        steps = steps or self.cfg.rollout
+        if (static is None) != (self.cfg.channels.n_static == 0):
+            raise ValueError(f"model expects {self.cfg.channels.n_static} static channels "
+                             f"(model.channels.static), got {'none' if static is None else 'a tensor'}")
+        inputs = [self.geo.patchify(fields)] + ([self.geo.patchify(static)] if static is not None else [])
+        z0 = self.embed(*inputs)
+        z, leads = z0, []
+        for step in range(1, steps + 1):
+            for block in self.blocks:
+                z = block(z)
+            if every_lead or step == steps:
+                leads.append(self.decode(z, z0, fields))
+        return leads
+
+    def decode(self, z, z0, fields):
+        pred = self.geo.unpatchify(self.recovery(self.norm(z), z0))
+        return pred + fields if self.blend is None else self.blend(pred, fields)
+
+    # exact sizes -------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return num_parameters(self.cfg)
+
+    def flops_per_sample(self, steps: int | None = None, all_leads: bool = False) -> int:
+        return flops_per_sample(self.cfg, steps, all_leads)
+
+    def local_num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def num_parameters(cfg: ModelConfig) -> int:
+    """Exact logical parameter count (independent of the mesh)."""
+    g = Geometry(cfg, Mesh.single())
+    T, D, Hs, Hc, P = g.tokens, cfg.hidden, g.token_hidden, g.channel_hidden, g.patch_pixels
+    C, S = cfg.channels.n_fields, cfg.channels.n_static
+    embed = (C + S) * P * D + D
+    block = 2 * T * Hs + Hs + 2 * D * Hc + Hc + D + 4 * D  # the paper's count has + T (see MixerBlock)
+    recovery = 2 * D * C * P + C * P
+    head = 0 if cfg.head == "tendency" else 2 * C + 4 * C + 2 * C * C + C
+    return embed + cfg.blocks * block + 2 * D + recovery + head
+
+
+def flops_per_sample(cfg: ModelConfig, steps: int | None = None, all_leads: bool = False) -> int:
+    """Exact matmul FLOPs (2 per multiply-add) of one forward pass for one sample.
+
+    all_leads=True counts decoding every lead of the rollout (rollout training), else only the last."""
+    g = Geometry(cfg, Mesh.single())
+    steps = steps or cfg.rollout
+    T, D, Hs, Hc, P = g.tokens, cfg.hidden, g.token_hidden, g.channel_hidden, g.patch_pixels
+    C, S = cfg.channels.n_fields, cfg.channels.n_static
+    pixels = cfg.grid[0] * cfg.grid[1]
+    embed = 2 * T * (C + S) * P * D
+    block = 4 * T * D * Hs + 4 * T * D * Hc
+    decode = 2 * T * 2 * D * C * P + (0 if cfg.head == "tendency" else 2 * pixels * 2 * C * C)
+    return embed + steps * cfg.blocks * block + (steps if all_leads else 1) * decode
