@@ -6,6 +6,7 @@ import warnings
 
 # megatron-core warns at import that NVIDIA's optional accelerators are absent; torch fallbacks are used
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
 
 from .layout import Layout, Split, even_split
 from .mesh import Mesh, MeshConfig, init_mesh, init_process_group

@@ -1,0 +1,234 @@
+"""Module-level worker functions for the multi-process tests (the forkserver imports them by name)."""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from jigsaw_ext import collectives as C
+
+
+# ---------------------------------------------------------------------------------- harness
+def ok(rank, world):
+    return rank * 10
+
+
+def fail_on_rank_1(rank, world):
+    if rank == 1:
+        raise ValueError("deliberate failure on this rank")
+    dist.barrier()  # rank 0 would wait here forever without the harness
+
+
+def hang_on_rank_0(rank, world):
+    if rank == 0:
+        time.sleep(3600)
+    dist.barrier()
+
+
+def die_on_rank_1(rank, world):
+    if rank == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------- collectives
+def _rel(a, b):
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def collectives_against_hand_computed_duals(rank, world):
+    """Every rank can rebuild every other rank's inputs from the seeds, so each forward and each
+    backward is checked against its closed form."""
+    torch.manual_seed(0)
+    group = dist.group.WORLD
+    errs = {}
+    for sizes in [tuple([3] * world), tuple(range(world)), (5,) + (0,) * (world - 1)]:
+        n = sum(sizes)
+        offs = [sum(sizes[:r]) for r in range(world)]
+        mine = slice(offs[rank], offs[rank] + sizes[rank])
+        xs = [torch.randn(2, n, 4, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+        gs = [torch.randn(2, n, 4, generator=torch.Generator().manual_seed(200 + r)) for r in range(world)]
+
+        # all_gather along dim 1 (uneven, possibly empty shards); backward = reduce-scatter
+        full = xs[0]
+        x = full[:, mine].clone().requires_grad_(True)
+        y = C.all_gather(x, group, sizes, dim=1)
+        (y * gs[rank]).sum().backward()
+        errs[f"all_gather fwd {sizes}"] = _rel(y, full)
+        errs[f"all_gather bwd {sizes}"] = _rel(x.grad, sum(gs)[:, mine])
+
+        # reduce_scatter along dim 1; backward = all-gather
+        x = xs[rank].clone().requires_grad_(True)
+        y = C.reduce_scatter(x, group, sizes, dim=1)
+        g_local = [g[:, offs[r]:offs[r] + sizes[r]] for r, g in enumerate(gs)]
+        (y * g_local[rank]).sum().backward()
+        errs[f"reduce_scatter fwd {sizes}"] = _rel(y, sum(xs)[:, mine])
+        errs[f"reduce_scatter bwd {sizes}"] = _rel(x.grad, torch.cat(g_local, dim=1))
+
+        # gathered_linear: weight rows spread over ranks (or replicated); y_r = x_r @ W^T
+        W = torch.randn(n, 6, generator=torch.Generator().manual_seed(7))
+        for gather in (True, False):
+            w = (W[mine] if gather else W).clone().requires_grad_(True)
+            x = torch.randn(3, 6, generator=torch.Generator().manual_seed(300 + rank)).requires_grad_(True)
+            y = C.gathered_linear(x, w, group, sizes, gather=gather)
+            g = torch.randn(3, n, generator=torch.Generator().manual_seed(400 + rank))
+            (y * g).sum().backward()
+            xr = [torch.randn(3, 6, generator=torch.Generator().manual_seed(300 + r)) for r in range(world)]
+            gr = [torch.randn(3, n, generator=torch.Generator().manual_seed(400 + r)) for r in range(world)]
+            dW = sum(gg.t() @ xx for gg, xx in zip(gr, xr))
+            tag = f"gathered_linear({'block' if gather else 'replicated'}) {sizes}"
+            errs[tag + " fwd"] = _rel(y, x.detach() @ W.t())
+            errs[tag + " dx"] = _rel(x.grad, g @ W)
+            errs[tag + " dW"] = _rel(w.grad, dW[mine] if gather else dW)
+
+    # all_reduce: forward sum, backward sum; copy_to: identity forward, summed gradient
+    x = torch.randn(5, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+    y = C.all_reduce(x, group)
+    (y * (rank + 1)).sum().backward()
+    errs["all_reduce fwd"] = _rel(y, sum(torch.randn(5, generator=torch.Generator().manual_seed(r)) for r in range(world)))
+    errs["all_reduce bwd"] = _rel(x.grad, torch.full((5,), float(sum(range(1, world + 1)))))
+    p = torch.ones(3, requires_grad=True)
+    (C.copy_to(p, group) * (rank + 1)).sum().backward()
+    errs["copy_to bwd"] = _rel(p.grad, torch.full((3,), float(sum(range(1, world + 1)))))
+    return errs
+
+
+def mesh_groups(rank, world, dp, domain, tp):
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+
+    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
+    out = {}
+    for axis in ("tp", "domain", "dp", "model"):
+        out[axis] = dist.get_process_group_ranks(mesh.groups[axis])
+    mpu = mesh.mpu()
+    out["mpu"] = (mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank(),
+                  mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank())
+    return out
+
+
+# ---------------------------------------------------------------------------------- layers
+def layers_against_serial_twin(rank, world, domain, tp, replicate):
+    """A stack of every layer kind (LN, channel linear, token linear on the transposed block,
+    two-segment LN and linear) against the same stack on one process: output, input gradient,
+    every parameter gradient and the parameters after 3 SGD steps."""
+    from jigsaw_ext.init import init_parameters
+    from jigsaw_ext.layers import BlockLinear, DistLayerNorm
+    from jigsaw_ext.layout import Layout, Split, even_split
+    from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh
+
+    class Stack(torch.nn.Module):
+        def __init__(self, mesh, T=13, D=10, H=7):
+            super().__init__()
+            sp = lambda axis, n: Split(axis, even_split(n, mesh.size(axis)))  # noqa: E731
+            self.tokens, self.features = sp("domain", T), sp("tp", D)
+            self.norm = DistLayerNorm(mesh, [self.features])
+            self.channel = BlockLinear(mesh, [self.features], sp("tp", H), contract="tp")
+            self.token = BlockLinear(mesh, [self.tokens], sp("domain", 5), contract="domain")
+            self.token_back = BlockLinear(mesh, [sp("domain", 5)], self.tokens, contract="domain")
+            self.norm2 = DistLayerNorm(mesh, [sp("tp", H), self.features])
+            self.out = BlockLinear(mesh, [sp("tp", H), self.features], self.features, contract="tp", bias=False)
+            init_parameters(self, mesh, seed=3)
+
+        def forward(self, x):
+            h = torch.tanh(self.channel(self.norm(x)))                 # (B, T, H)
+            t = self.token_back(torch.tanh(self.token(h.transpose(1, 2))))  # (B, H, T): mixes tokens
+            h = h * t.transpose(1, 2)
+            return self.out(*self.norm2(h, x))
+
+    mesh = init_mesh(MeshConfig(domain=domain, tp=tp, replicate_weights_over=replicate))
+    serial, dist_model = Stack(Mesh.single()), Stack(mesh)
+    layout = Layout((2, 13, 10), (None, dist_model.tokens, dist_model.features))
+    gen = torch.Generator().manual_seed(11)
+    x_full = torch.randn(2, 13, 10, generator=gen)
+    g_full = torch.randn(2, 13, 10, generator=gen)
+    opt_s = torch.optim.SGD(serial.parameters(), lr=0.1, momentum=0.9)
+    opt_d = torch.optim.SGD(dist_model.parameters(), lr=0.1, momentum=0.9)
+    ref_params = dict(serial.named_parameters())
+    errs = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "params_after_steps": 0.0}
+    for step in range(3):
+        xs = x_full.clone().requires_grad_(True)
+        ys = serial(xs)
+        (ys * g_full).sum().backward()
+        xd = layout.shard(x_full, mesh.coords).clone().requires_grad_(True)
+        yd = dist_model(xd)
+        (yd * layout.shard(g_full, mesh.coords)).sum().backward()
+        if step == 0:
+            errs["output"] = _rel(yd, layout.shard(ys.detach(), mesh.coords))
+            errs["input_grad"] = _rel(xd.grad, layout.shard(xs.grad, mesh.coords))
+            errs["param_grad"] = max(_rel(p.grad, p.block_layout.shard(ref_params[n].grad, mesh.coords))
+                                     for n, p in dist_model.named_parameters())
+        opt_s.step(), opt_d.step(), opt_s.zero_grad(), opt_d.zero_grad()
+    errs["params_after_steps"] = max(_rel(p.detach(), p.block_layout.shard(ref_params[n].detach(), mesh.coords))
+                                     for n, p in dist_model.named_parameters())
+    return errs
+
+
+# ---------------------------------------------------------------------------------- selfcheck
+def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=None):
+    """jigsaw_ext.selfcheck's comparison, optionally with one of the published implementation's
+    defects re-introduced, to prove the check catches it."""
+    from jigsaw_ext import init, layers, selfcheck as sc
+    from jigsaw_ext.mesh import MeshConfig
+
+    if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
+        layers.all_reduce = lambda x, group: x
+    elif defect == "per_rank_seed":  # every rank draws its shard from its own seed
+        original = init.fill_block
+        init.fill_block = lambda p, lay, coords, ini, seed, name: original(p, lay, coords, ini, seed + rank, name)
+    cfg = sc.default_model_config(**(overrides or {}))
+    errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs), cfg, dtype)
+    return {k: v for k, (v, _) in errors.items()}
+
+
+# ---------------------------------------------------------------------------------- deepspeed
+def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage):
+    """DeepSpeed engine with our mpu: ZeRO partitions and averages over the dp axis only. After 3
+    steps every rank's parameter blocks equal the serial twin trained on the global batch."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh
+    from jigsaw_ext.selfcheck import default_model_config
+    from weathermixer.loss import latitude_weights, weighted_mse_term
+    from weathermixer.model import WeatherMixer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = default_model_config(rollout=1)
+    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
+    model, serial = WeatherMixer(cfg, mesh), WeatherMixer(cfg, Mesh.single())
+    ds_config = {"train_batch_size": 2 * dp, "train_micro_batch_size_per_gpu": 2,
+                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+                 "zero_allow_untested_optimizer": True,
+                 "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      mpu=mesh.mpu())
+    opt = torch.optim.SGD(serial.parameters(), lr=0.05, momentum=0.9)
+    C, S = cfg.channels.n_fields, cfg.channels.n_static
+    geo = model.geo
+    w = latitude_weights(torch.linspace(-90, 90, cfg.grid[0]))
+    rows = slice(2 * mesh.coords["dp"], 2 * mesh.coords["dp"] + 2)
+    f_lay, s_lay = geo.grid_layout(C, 2), geo.grid_layout(S, 2)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        x, s, y = (torch.randn(2 * dp, C, *cfg.grid, generator=gen), torch.randn(2 * dp, S, *cfg.grid, generator=gen),
+                   torch.randn(2 * dp, C, *cfg.grid, generator=gen))
+        opt.zero_grad()
+        weighted_mse_term(serial(x, s), y, w, y.numel()).backward()
+        opt.step()
+        pred = engine(f_lay.shard(x[rows], mesh.coords), s_lay.shard(s[rows], mesh.coords))
+        loss = weighted_mse_term(pred, f_lay.shard(y[rows], mesh.coords),
+                                 w[geo.pixel_row_split.slice(mesh.coords["domain"])], y[rows].numel())
+        engine.backward(loss)
+        engine.step()
+    ref = dict(serial.named_parameters())
+    errs = {}
+    for name, p in model.named_parameters():
+        mine = p.detach()
+        if stage == 3:
+            raise NotImplementedError
+        errs[name] = _rel(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
+    return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()),
+            "worst": max(errs, key=errs.get)}

@@ -1,0 +1,94 @@
+"""Settings of the training job: the "weathermixer" section of a DeepSpeed JSON file, extended.
+
+    {"train_micro_batch_size_per_gpu": 4, "optimizer": {...}, ...,      <- DeepSpeed's own keys
+     "weathermixer": {"mesh": {...}, "model": {...}, "train": {...}, "data": {...}}}
+
+Batch sizes are DeepSpeed's (train_micro_batch_size_per_gpu = samples per model replica per micro
+step, gradient_accumulation_steps); the learning rate and its schedule are set here only (train.py
+writes them into the optimizer and scheduler it hands DeepSpeed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import ConfigError, JobConfig, parse
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    warmup: int = Field(20, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
+    rollout: int | None = Field(None, ge=1, description="leads trained per sample (latent rollout); "
+                                                        "null = model.rollout")
+    seed: int = Field(0, description="sample-order seed")
+    log_every: int = Field(10, ge=1, description="steps between loss log lines")
+    val_samples: int = Field(32, ge=1, description="held-out samples in the final evaluation")
+    val_batch: int = Field(8, ge=1, description="samples per evaluation forward pass")
+    dist_timeout_s: float = Field(300.0, gt=0, description="timeout of every collective")
+
+
+class SyntheticDataConfig(_Strict):
+    """The embedded ERA5-like generator (weathermixer.synthetic)."""
+
+    source: Literal["synthetic"] = "synthetic"
+    seed: int = 0
+    train_times: int = Field(4000, ge=2, description="time indices [0, train_times) are for training")
+    val_gap: int = Field(100, ge=0, description="time steps between the training and held-out times")
+    noise: float = Field(0.05, ge=0, description="std of the per-step noise in standardised units")
+
+
+class TrainJobConfig(JobConfig):
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+
+    @model_validator(mode="after")
+    def _check_train(self):
+        k = self.train.rollout or self.model.rollout
+        if self.data.train_times <= k:
+            raise ValueError(f"data.train_times={self.data.train_times} leaves no training sample "
+                             f"with {k} lead(s): allowed data.train_times > {k}")
+        return self
+
+    @property
+    def rollout(self) -> int:
+        return self.train.rollout or self.model.rollout
+
+
+# CLI flag -> path inside the "weathermixer" section
+OVERRIDES = {"steps": ("train", "steps"), "dp": ("mesh", "dp"), "domain": ("mesh", "domain"),
+             "tp": ("mesh", "tp")}
+
+
+def load_train_job(path: str | Path, overrides: dict[str, Any] | None = None
+                   ) -> tuple[TrainJobConfig, dict[str, Any]]:
+    """(validated project section with CLI overrides applied, DeepSpeed's part of the file)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    section = data.pop("weathermixer", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'weathermixer' must be an object")
+    for flag, value in (overrides or {}).items():
+        if value is None:
+            continue
+        group, key = OVERRIDES[flag]
+        node = section.setdefault(group, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: weathermixer.{group} must be an object")
+        node[key] = value
+    return parse(TrainJobConfig, section, str(path)), data
