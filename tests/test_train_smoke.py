@@ -1,0 +1,35 @@
+"""The README's main job runs end to end (short), and bad settings stop every rank with one message."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "deepspeed_configs" / "quickstart_cpu.json"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_process_domain_run_trains_and_reports_skill():
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "train.py", "--deepspeed_config", str(CONFIG), "--domain", "2", "--tp", "1", "--steps", "6"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    final = re.search(r"final: model_rmse=(\S+) persistence_rmse=(\S+) ratio=(\S+)", run.stdout)
+    assert final and all(float(v) > 0 for v in final.groups())
+
+
+def test_single_process_run_and_bad_key(tmp_path):
+    run = _run([sys.executable, "train.py", "--deepspeed_config", str(CONFIG), "--domain", "1", "--tp", "1",
+                "--steps", "2"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    bad = json.loads(CONFIG.read_text())
+    bad["weathermixer"]["model"]["hiden"] = 3
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    run = _run([sys.executable, "train.py", "--deepspeed_config", str(path), "--domain", "1", "--tp", "1"])
+    assert run.returncode == 2 and "model.hiden: unknown key" in run.stderr, run.stderr[-2000:]
