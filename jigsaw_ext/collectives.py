@@ -49,36 +49,52 @@ def _rank(group) -> int:
     return dist.get_rank(group)
 
 
-def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], async_op: bool = True) -> _Pending:
-    """Concatenate every rank's shard of dim 0 (shard r has sizes[r] rows) on every rank."""
-    n, m = len(sizes), max(sizes)
-    rest = x.shape[1:]
-    send = x.contiguous()
-    if x.shape[0] != m:
-        send = torch.cat([send, send.new_zeros((m - x.shape[0], *rest))])
-    buf = x.new_empty((n * m, *rest))
-    work = _all_gather_single(buf, send, group=group, async_op=async_op)
-    if all(s == m for s in sizes):
-        return _Pending(work, lambda: buf)
-    return _Pending(work, lambda: torch.cat([buf[r * m: r * m + s] for r, s in enumerate(sizes)]))
+def _view3(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """x as (pre, n_dim, post) (a view for contiguous x), and the normalised dim."""
+    dim = dim % x.dim()
+    x = x.contiguous()
+    return x.view(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])), dim
 
 
-def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], async_op: bool = True) -> _Pending:
-    """Sum dim-0 tensors over the group; rank r keeps rows offset(r) : offset(r) + sizes[r]."""
+def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
+                     async_op: bool = True) -> _Pending:
+    """Concatenate every rank's shard along `dim` (shard r has sizes[r] entries) on every rank."""
     n, m = len(sizes), max(sizes)
-    rest = x.shape[1:]
-    if all(s == m for s in sizes):
-        send = x.contiguous()
+    x3, dim = _view3(x, dim)
+    pre, s, post = x3.shape
+    send = x3 if s == m else torch.cat([x3, x3.new_zeros(pre, m - s, post)], dim=1)
+    buf = x.new_empty((n, pre, m, post))  # rank-major: each rank's chunk is contiguous
+    work = _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=async_op)
+    shape = lambda total: (*x.shape[:dim], total, *x.shape[dim + 1:])  # noqa: E731
+
+    def finish():
+        if pre == 1 and all(sz == m for sz in sizes):
+            return buf.view(shape(n * m))
+        return torch.cat([buf[r, :, :sz] for r, sz in enumerate(sizes)], dim=1).view(shape(sum(sizes)))
+    return _Pending(work, finish)
+
+
+def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
+                         async_op: bool = True) -> _Pending:
+    """Sum over the group; rank r keeps entries offset(r) : offset(r) + sizes[r] along `dim`."""
+    n, m = len(sizes), max(sizes)
+    x3, dim = _view3(x, dim)
+    pre, total, post = x3.shape
+    if pre == 1 and all(sz == m for sz in sizes):
+        send = x3
+    elif all(sz == m for sz in sizes):
+        send = x3.view(pre, n, m, post).transpose(0, 1).contiguous()
     else:
-        send = x.new_zeros((n * m, *rest))
+        send = x3.new_zeros((n, pre, m, post))
         offset = 0
-        for r, s in enumerate(sizes):
-            send[r * m: r * m + s] = x[offset: offset + s]
-            offset += s
-    out = x.new_empty((m, *rest))
-    work = _reduce_scatter_single(out, send, group=group, async_op=async_op)
+        for r, sz in enumerate(sizes):
+            send[r, :, :sz] = x3[:, offset: offset + sz]
+            offset += sz
+    out = x.new_empty((pre, m, post))
+    work = _reduce_scatter_single(out.view(-1), send.reshape(-1), group=group, async_op=async_op)
     me = _rank(group)
-    return _Pending(work, lambda: out[: sizes[me]])
+    shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1:])
+    return _Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
 
 
 def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
@@ -87,19 +103,12 @@ def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
     return _Pending(work, lambda: x)
 
 
-def _along(dim: int, fn, x: torch.Tensor, *args) -> torch.Tensor:
-    """Apply a dim-0 collective along `dim`."""
-    if dim == 0 or dim == -x.dim():
-        return fn(x, *args)
-    return fn(x.movedim(dim, 0), *args).movedim(0, dim).contiguous()
-
-
 def _gather_dim(x, group, sizes, dim):
-    return _along(dim, lambda t: start_all_gather(t, group, sizes, async_op=False).wait(), x)
+    return start_all_gather(x, group, sizes, dim, async_op=False).wait()
 
 
 def _scatter_dim(x, group, sizes, dim):
-    return _along(dim, lambda t: start_reduce_scatter(t, group, sizes, async_op=False).wait(), x)
+    return start_reduce_scatter(x, group, sizes, dim, async_op=False).wait()
 
 
 class _CopyTo(torch.autograd.Function):
@@ -220,3 +229,50 @@ def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequen
     if group is None:
         return F.linear(x, w_block)
     return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather)
+
+
+def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else start_all_reduce(x, group, async_op=False).wait()
+
+
+class _SplitLayerNorm(torch.autograd.Function):
+    """LayerNorm over a feature axis whose segments are split over `group`: statistics over all
+    features, combined across ranks. Saves only the normalised input and 1/std (as F.layer_norm
+    does). Forward: two all-reduces (mean, then variance of the centred input: no cancellation);
+    backward: one all-reduce of the two row sums the input gradient needs."""
+
+    @staticmethod
+    def forward(ctx, group, n, eps, out_dtype, n_seg, *tensors):
+        xs, ws, bs = tensors[:n_seg], tensors[n_seg:2 * n_seg], tensors[2 * n_seg:]
+        acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+        mean = _sum_over(sum(x.sum(-1, keepdim=True) for x in acc), group) / n
+        centred = [x - mean for x in acc]
+        var = _sum_over(sum(c.square().sum(-1, keepdim=True) for c in centred), group) / n
+        inv = torch.rsqrt(var + eps)
+        normed = [c.mul_(inv) for c in centred]
+        ctx.save_for_backward(inv, *normed, *ws)
+        ctx.args = (group, n, n_seg, [x.dtype for x in xs])
+        return tuple((h * w + b).to(out_dtype) for h, w, b in zip(normed, ws, bs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, n, n_seg, x_dtypes = ctx.args
+        inv, *rest = ctx.saved_tensors
+        normed, ws = rest[:n_seg], rest[n_seg:]
+        g_hat = [g.to(h.dtype) * w for g, h, w in zip(grads, normed, ws)]
+        sums = torch.cat([sum(g.sum(-1, keepdim=True) for g in g_hat),
+                          sum((g * h).sum(-1, keepdim=True) for g, h in zip(g_hat, normed))], dim=-1)
+        sums = _sum_over(sums, group) / n
+        mean_g, mean_gh = sums[..., :1], sums[..., 1:]
+        dxs = [(inv * (g - mean_g - h * mean_gh)).to(dt) for g, h, dt in zip(g_hat, normed, x_dtypes)]
+        lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        dws = [(lead(g.to(h.dtype)) * lead(h)).sum(0).to(w.dtype) for g, h, w in zip(grads, normed, ws)]
+        dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(grads, ws)]
+        return (None, None, None, None, None, *dxs, *dws, *dbs)
+
+
+def split_layer_norm(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
+                     group, n: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """LayerNorm of the concatenation of `xs` along the last dim, whose features are split over
+    `group` (the full axis has n features); ws/bs are the matching affine segments."""
+    return _SplitLayerNorm.apply(group, n, eps, out_dtype, len(xs), *xs, *ws, *bs)

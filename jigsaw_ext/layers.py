@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import all_reduce, copy_to, gathered_linear, reduce_scatter
+from .collectives import copy_to, gathered_linear, reduce_scatter, split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import Mesh
 
@@ -112,12 +112,6 @@ class DistLayerNorm(nn.Module):
         group = self.mesh.group(self.axis)
         if group is None and len(xs) == 1:  # feature axis not split: the fused kernel is exact
             return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
-        # statistics in fp32 at least (as F.layer_norm does); output dtype as F.layer_norm's
         out_dtype = torch.float32 if torch.is_autocast_enabled(xs[0].device.type) else xs[0].dtype
-        xs = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
-        mean = all_reduce(sum(x.sum(-1, keepdim=True) for x in xs), group) / self.n
-        centred = [x - mean for x in xs]
-        var = all_reduce(sum(c.square().sum(-1, keepdim=True) for c in centred), group) / self.n
-        inv = torch.rsqrt(var + self.eps)
-        out = [(c * inv * w + b).to(out_dtype) for c, w, b in zip(centred, ws, bs)]
+        out = split_layer_norm(xs, ws, bs, group, self.n, self.eps, out_dtype)
         return out[0] if len(out) == 1 else tuple(out)

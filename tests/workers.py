@@ -169,11 +169,11 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
 def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=None):
     """jigsaw_ext.selfcheck's comparison, optionally with one of the published implementation's
     defects re-introduced, to prove the check catches it."""
-    from jigsaw_ext import init, layers, selfcheck as sc
+    from jigsaw_ext import collectives, init, selfcheck as sc
     from jigsaw_ext.mesh import MeshConfig
 
     if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
-        layers.all_reduce = lambda x, group: x
+        collectives._sum_over = lambda x, group: x
     elif defect == "per_rank_seed":  # every rank draws its shard from its own seed
         original = init.fill_block
         init.fill_block = lambda p, lay, coords, ini, seed, name: original(p, lay, coords, ini, seed + rank, name)
