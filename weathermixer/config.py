@@ -111,8 +111,8 @@ def parse(cls: type[BaseModel], data: dict, source: str = "config"):
         raise ConfigError(_describe(err, cls, source)) from None
 
 
-def load_job(path: str | Path) -> JobConfig:
-    """Read the project section ("weathermixer") of a JSON job file."""
+def read_job_file(path: str | Path) -> dict:
+    """The JSON object of a job file, with errors that name the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -120,4 +120,11 @@ def load_job(path: str | Path) -> JobConfig:
         raise ConfigError(f"config file not found: {path}") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    return parse(JobConfig, data.get("weathermixer", {}), str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read the project section ("weathermixer") of a JSON job file."""
+    return parse(JobConfig, read_job_file(path).get("weathermixer", {}), str(path))

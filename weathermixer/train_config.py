@@ -9,13 +9,12 @@ writes them into the optimizer and scheduler it hands DeepSpeed).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import ConfigError, JobConfig, parse
+from .config import ConfigError, JobConfig, parse, read_job_file
 
 
 class _Strict(BaseModel):
@@ -72,14 +71,7 @@ def load_train_job(path: str | Path, overrides: dict[str, Any] | None = None
                    ) -> tuple[TrainJobConfig, dict[str, Any]]:
     """(validated project section with CLI overrides applied, DeepSpeed's part of the file)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    data = read_job_file(path)
     section = data.pop("weathermixer", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'weathermixer' must be an object")
