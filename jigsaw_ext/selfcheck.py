@@ -143,12 +143,19 @@ def _worker(rank, world, mesh_kwargs, dtype, model_overrides, optimizer="sgd"):
     return compare_with_serial(MeshConfig(**mesh_kwargs), cfg, dtype, optimizer=optimizer)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jigsaw_ext.selfcheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--domain", type=int, default=1)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp", type=_positive, default=1)
+    ap.add_argument("--domain", type=_positive, default=1)
+    ap.add_argument("--tp", type=_positive, default=1)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--replicate-weights-over", nargs="*", default=[], choices=["domain", "tp"])
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
