@@ -90,11 +90,6 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     if micro * gas * dp > n_train:
         raise ConfigError(f"global batch {micro * gas * dp} exceeds the {n_train} training start times "
                           f"(data.train_times={job.data.train_times} minus {job.rollout} lead(s))")
-    if ds.get("gradient_clipping", 0):
-        raise ConfigError(
-            "gradient_clipping: not supported yet. DeepSpeed's norm with an mpu counts parameters without "
-            "a model_parallel attribute on model-parallel rank 0 only, which is wrong for block-sharded "
-            "parameters (the global norm over all mesh axes is needed); remove the key")
     if "scheduler" in ds:
         raise ConfigError("scheduler: set the schedule in weathermixer.train (lr, warmup, min_lr_ratio) "
                           "instead; train.py builds it")
@@ -112,8 +107,9 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     out = dict(ds, optimizer=opt, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
                train_batch_size=micro * gas * dp)
     zero = (out.get("zero_optimization") or {}).get("stage", 0)
-    if zero not in (0, 1):
-        raise ConfigError(f"zero_optimization.stage: {zero} not supported by this first version; allowed: 0, 1")
+    if zero not in (0, 1, 2):
+        raise ConfigError(f"zero_optimization.stage: {zero} not supported by this first version "
+                          f"(ZeRO-3 over block-sharded parameters is untested); allowed: 0, 1, 2")
     return out
 
 

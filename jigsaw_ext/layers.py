@@ -37,6 +37,10 @@ def make_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None)
     p = nn.Parameter(torch.empty(layout.local_shape(mesh.coords), device=device, dtype=dtype))
     p.block_layout = layout
     p.block_init = init
+    # DeepSpeed's gradient norm counts a parameter on every rank where `model_parallel` is set and
+    # otherwise only on model-parallel rank 0: flag exactly one replica of each block (coordinate 0
+    # on the axes it is replicated over), so the norm over the model group counts every element once
+    p.model_parallel = all(mesh.coord(axis) == 0 for axis in replicated_axes(layout))
     return p
 
 

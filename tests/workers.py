@@ -183,7 +183,7 @@ def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=Non
 
 
 # ---------------------------------------------------------------------------------- deepspeed
-def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage):
+def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
     """DeepSpeed engine with our mpu: ZeRO partitions and averages over the dp axis only. After 3
     steps every rank's parameter blocks equal the serial twin trained on the global batch."""
     import deepspeed
@@ -201,7 +201,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage):
     model, serial = WeatherMixer(cfg, mesh), WeatherMixer(cfg, Mesh.single())
     ds_config = {"train_batch_size": 2 * dp, "train_micro_batch_size_per_gpu": 2,
                  "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-                 "zero_allow_untested_optimizer": True,
+                 "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
                  "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                       mpu=mesh.mpu())
@@ -217,6 +217,9 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage):
                    torch.randn(2 * dp, C, *cfg.grid, generator=gen))
         opt.zero_grad()
         weighted_mse_term(serial(x, s), y, w, y.numel()).backward()
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(serial.parameters(), clip)
+            assert norm > clip, "the test must clip"
         opt.step()
         pred = engine(f_lay.shard(x[rows], mesh.coords), s_lay.shard(s[rows], mesh.coords))
         loss = weighted_mse_term(pred, f_lay.shard(y[rows], mesh.coords),
