@@ -1,0 +1,245 @@
+"""Each rank loads only its block of each sample, already in the model's block layout.
+
+    loader = ShardedSampleLoader(data_cfg, model_cfg, mesh, split="train", batch=4, seed=0)
+    for fields, static, targets in loader:      # torch float32 tensors
+        ...                                     # fields (B, C_tp, rows_domain, lon); static likewise
+                                                # or None; targets = [t+dt, .., t+K dt] like fields
+    state = loader.state_dict()                 # resume exactly: loader.load_state_dict(state)
+
+With data.history = h > 0, fields is (B, h + 1, C_tp, rows, lon), index -1 being time t.
+All ranks of a model group (same dp coordinate) get the same sample times; dp replicas disjoint ones.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from jigsaw_ext.mesh import Mesh
+
+from ..config import ModelConfig
+from ..geometry import Geometry
+from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig
+from .reader import DataError, GriddedDataset, check_finite
+from .sampler import ReplicaSampler
+from .stats import Normalizer
+
+
+class Sample(NamedTuple):
+    fields: torch.Tensor
+    static: torch.Tensor | None
+    targets: list[torch.Tensor]
+    times: list[pd.Timestamp]  # start time t of each sample of the batch
+
+
+def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | None) -> np.ndarray:
+    la, lo = np.deg2rad(lat)[:, None], np.deg2rad(lon)[None, :]
+    shape = (len(lat), len(lon))
+    if name.endswith("_latitude"):
+        return np.broadcast_to(np.cos(la) if name.startswith("cos") else np.sin(la), shape)
+    if name.endswith("_longitude"):
+        return np.broadcast_to(np.cos(lo) if name.startswith("cos") else np.sin(lo), shape)
+    if name.endswith("hour_of_day"):
+        phase = 2 * np.pi * (time.hour + time.minute / 60) / 24
+    else:  # day of year
+        phase = 2 * np.pi * (time.dayofyear - 1 + time.hour / 24) / 365.25
+    return np.full(shape, np.cos(phase) if name.startswith("cos") else np.sin(phase))
+
+
+class ShardedSampleLoader:
+    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, mesh: Mesh, split: str = "train",
+                 batch: int = 1, seed: int = 0, shuffle: bool | None = None, infinite: bool | None = None,
+                 store=None, dataset: GriddedDataset | None = None):
+        self.cfg, self.model_cfg, self.mesh, self.split = data_cfg, model_cfg, mesh, split
+        self.geo = geo = Geometry(model_cfg, mesh)  # MeshMismatch if the mesh cannot split the grid
+        ch = model_cfg.channels
+        self.leads = data_cfg.leads or model_cfg.rollout
+        self.rows = geo.pixel_row_split.slice(mesh.coords["domain"])
+        self.chans = geo.channel_split(ch.n_fields).slice(mesh.coords["tp"])
+        self.field_names = ch.names[self.chans]
+        self.static_names = list(ch.static)[geo.channel_split(ch.n_static).slice(mesh.coords["tp"])]
+        self.infinite = (split == "train") if infinite is None else infinite
+        shuffle = (split == "train") if shuffle is None else shuffle
+        self._time_static = [i for i, n in enumerate(self.static_names) if n in TIME_FEATURES]
+
+        if data_cfg.fake:
+            self.data = None
+            h = model_cfg.grid[0]
+            self.lat = np.linspace(90.0, -90.0, h) if h > 1 else np.zeros(1)
+            self.lon = np.arange(model_cfg.grid[1]) * 360.0 / model_cfg.grid[1]
+            n_samples = max(batch * mesh.size("dp"), 1024)
+        else:
+            self.data = dataset or GriddedDataset(data_cfg, ch, model_cfg.grid, store=store)
+            self.lat, self.lon = self.data.lat, self.data.lon
+            self.starts = self.data.sample_starts(split, self.leads, data_cfg.history)
+            n_samples = len(self.starts)
+        try:
+            self.sampler = ReplicaSampler(n_samples, batch, mesh.size("dp"), mesh.coords["dp"], seed, shuffle)
+        except ValueError as err:
+            raise DataError(f"split '{split}': {err}") from None
+        self.batch = batch
+
+        # normalisation of this rank's channels
+        self._norm = None
+        store_static = [n for n in self.static_names if n not in COMPUTED_STATIC]
+        if data_cfg.stats and not data_cfg.fake:
+            norm = Normalizer.load(data_cfg.stats)
+            mean, std = norm.fields(self.field_names)
+            self._norm = (mean[:, None, None], std[:, None, None])
+            s_norm = norm.static(store_static) if store_static else None
+        else:
+            s_norm = None
+        self._static_fixed = self._build_static(store_static, s_norm)
+        if data_cfg.fake:
+            g = torch.Generator().manual_seed(seed)
+            shape = (batch, len(self.field_names), self.rows.stop - self.rows.start, model_cfg.grid[1])
+            if data_cfg.history:
+                shape = (batch, data_cfg.history + 1, *shape[1:])
+            f = torch.randn(shape, generator=g)
+            tshape = (batch, *shape[-3:])
+            s = (None if not ch.n_static else
+                 torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous())
+            self._fake = Sample(f, s, [torch.randn(tshape, generator=g) for _ in range(self.leads)], [])
+        self._thread = None
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def lat_block(self) -> np.ndarray:
+        return self.lat[self.rows]
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def _build_static(self, store_static, s_norm) -> np.ndarray | None:
+        if not self.model_cfg.channels.n_static:
+            return None
+        lat, lon = self.lat[self.rows], self.lon
+        out = np.zeros((len(self.static_names), len(lat), len(lon)), dtype=np.float32)
+        if store_static and not self.cfg.fake:
+            raw = self.data.read_static(store_static, self.rows)
+            check_finite(raw, store_static, "(static)", lat, lon, self.data.where)
+            if s_norm is not None:
+                raw = (raw - s_norm[0][:, None, None]) / s_norm[1][:, None, None]
+        for i, n in enumerate(self.static_names):
+            if n in COMPUTED_STATIC and n not in TIME_FEATURES:
+                out[i] = _computed(n, lat, lon, None)
+            elif n not in COMPUTED_STATIC:
+                out[i] = 0.0 if self.cfg.fake else raw[store_static.index(n)]
+        return out
+
+    def _fields(self, t: int, cache: dict) -> np.ndarray:
+        if t not in cache:
+            x = self.data.read_fields(t, self.rows, self.chans)
+            if self.cfg.nonfinite == "error":
+                check_finite(x, self.field_names, self.data.times[t], self.lat[self.rows], self.lon,
+                             self.data.where)
+            if self._norm is not None:
+                x = (x - self._norm[0]) / self._norm[1]
+            if self.cfg.nonfinite == "zero":
+                x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            cache[t] = x
+        return cache[t]
+
+    def load_batch(self, sample_ids) -> Sample:
+        """The blocks of the given samples (indices into this split's sample list)."""
+        k, h, cache = self.data.k, self.cfg.history, {}
+        starts = [int(self.starts[i]) for i in sample_ids]
+        if h:
+            fields = np.stack([np.stack([self._fields(t - j * k, cache) for j in range(h, -1, -1)])
+                               for t in starts])
+        else:
+            fields = np.stack([self._fields(t, cache) for t in starts])
+        targets = [torch.from_numpy(np.stack([self._fields(t + lead * k, cache) for t in starts]))
+                   for lead in range(1, self.leads + 1)]
+        times = [self.data.times[t] for t in starts]
+        static = None
+        if self._static_fixed is not None:
+            s = np.repeat(self._static_fixed[None], len(starts), axis=0)
+            for i in self._time_static:
+                for b, t in enumerate(times):
+                    s[b, i] = _computed(self.static_names[i], self.lat[:1], self.lon[:1], t)[0, 0]
+            static = torch.from_numpy(s)
+        return Sample(torch.from_numpy(fields), static, targets, times)
+
+    def _load_at(self, epoch: int, step: int) -> Sample:
+        if self.cfg.fake:
+            return self._fake
+        return self.load_batch(self.sampler.indices(epoch, step))
+
+    # iteration with background prefetch -------------------------------------------------------
+    def _positions(self, epoch, step):
+        while True:
+            yield epoch, step
+            epoch2, step2 = self.sampler.position_after(epoch, step)
+            if epoch2 != epoch and not self.infinite:
+                return
+            epoch, step = epoch2, step2
+
+    def _producer(self, q: queue.Queue, stop: threading.Event, epoch: int, step: int):
+        try:
+            for pos in self._positions(epoch, step):
+                item = (pos, self._load_at(*pos))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            q.put(err)
+
+    def stop(self) -> None:
+        """Stop the prefetch thread of the current iteration, if any."""
+        if self._thread is not None:
+            stop, thread = self._thread
+            stop.set()
+            thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        self.stop()
+        start = (self.sampler.epoch, self.sampler.step)
+        if self.cfg.prefetch == 0:
+            for pos in self._positions(*start):
+                item = self._load_at(*pos)
+                self.sampler.epoch, self.sampler.step = self.sampler.position_after(*pos)
+                yield item
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._producer, args=(q, stop, *start), name="data-prefetch",
+                                  daemon=True)
+        self._thread = mine = (stop, thread)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                pos, sample = item
+                self.sampler.epoch, self.sampler.step = self.sampler.position_after(*pos)
+                yield sample
+        finally:
+            stop.set()
+            thread.join()
+            if self._thread is mine:
+                self._thread = None
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out (prefetched batches are not counted)."""
+        return {"sampler": self.sampler.state_dict(), "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stop()
+        if state.get("split", self.split) != self.split:
+            raise ValueError(f"state is of split '{state['split']}', this loader is '{self.split}'")
+        self.sampler.load_state_dict(state["sampler"])
