@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from weathermixer.config import ConfigError
 from weathermixer.train_config import TrainJobConfig, load_train_job
@@ -86,13 +87,6 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
         raise ConfigError(str(err)) from None
     dp = job.mesh.dp
     micro, gas = resolve_batch(ds, dp)
-    n_train = job.data.train_times - job.rollout
-    if micro * gas * dp > n_train:
-        raise ConfigError(f"global batch {micro * gas * dp} exceeds the {n_train} training start times "
-                          f"(data.train_times={job.data.train_times} minus {job.rollout} lead(s))")
-    if "scheduler" in ds:
-        raise ConfigError("scheduler: set the schedule in weathermixer.train (lr, warmup, min_lr_ratio) "
-                          "instead; train.py builds it")
     opt = dict(ds.get("optimizer") or {"type": "AdamW"})
     if opt.get("type", "").lower() not in ("adamw", "adam"):
         raise ConfigError(f"optimizer.type: {opt.get('type')!r} not supported; allowed: AdamW, Adam")
@@ -111,6 +105,41 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
         raise ConfigError(f"zero_optimization.stage: {zero} not supported by this first version "
                           f"(ZeRO-3 over block-sharded parameters is untested); allowed: 0, 1, 2")
     return out
+
+
+def prepare_data(job: TrainJobConfig, rank: int, dist):
+    """The gridded data config to read. For the embedded synthetic default, rank 0 writes the store
+    and its statistics once (into a temporary name, renamed when complete, so an interrupted run
+    never leaves a half-written store behind) while the other ranks wait."""
+    if job.data.source != "synthetic":
+        return job.data
+    syn = job.data
+    data_cfg = syn.gridded(job.model, job.rollout)
+    store = syn.store_path(job.model)
+    if rank == 0 and not (store.exists() and Path(data_cfg.stats).exists()):
+        import json
+        import shutil
+
+        from weathermixer.data import GriddedDataset, compute_stats
+        from weathermixer.data.synth import write_synthetic
+
+        ch = job.model.channels
+        print(f"writing the synthetic ERA5-like store {store} (once)", flush=True)
+        tmp = store.with_name(store.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic(str(tmp), job.model.grid, syn.start, syn.end, syn.dt_hours,
+                        list(ch.surface) + list(ch.atmospheric), list(ch.levels) or None, seed=syn.seed,
+                        noise=syn.noise)
+        shutil.rmtree(store, ignore_errors=True)
+        tmp.rename(store)
+        train = data_cfg.splits["train"]
+        stats = compute_stats(GriddedDataset(data_cfg.model_copy(update={"stats": None}), ch, job.model.grid),
+                              *train)
+        Path(data_cfg.stats + ".partial").write_text(json.dumps(stats, indent=1))
+        Path(data_cfg.stats + ".partial").rename(data_cfg.stats)
+    dist.barrier()
+    return data_cfg
 
 
 def lr_lambda(cfg):
@@ -167,14 +196,13 @@ def train(job: TrainJobConfig, ds: dict, rank: int, cuda: bool, torch) -> int:
 
     import deepspeed
     import deepspeed.ops
-    import numpy as np
     import torch.distributed as dist
     from tqdm import tqdm
 
     from jigsaw_ext.mesh import init_mesh
     from weathermixer.loss import latitude_weights, weighted_mse_term
     from weathermixer.model import WeatherMixer, num_parameters
-    from weathermixer.synthetic import SyntheticWeather
+    from weathermixer.data import ShardedSampleLoader
 
     set_threads(torch)
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s build (CPU inference op)
@@ -190,26 +218,19 @@ def train(job: TrainJobConfig, ds: dict, rank: int, cuda: bool, torch) -> int:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds, mpu=mesh.mpu(),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    dp, dp_rank = mesh.sizes["dp"], mesh.coords["dp"]
+    dp = mesh.sizes["dp"]
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     if engine.dp_world_size != dp or engine.train_batch_size() != micro * gas * dp:
         raise RuntimeError(f"DeepSpeed computed dp={engine.dp_world_size}, train_batch_size="
                            f"{engine.train_batch_size()} but the mesh has dp={dp} (micro={micro}, accumulation={gas})")
 
-    # data: every rank generates the full field and keeps its block (fine for the embedded default)
-    geo, K = model.geo, job.rollout
-    C, S = cfg.channels.n_fields, cfg.channels.n_static
-    H, W = cfg.grid
-    data = SyntheticWeather(cfg, seed=job.data.seed, noise=job.data.noise)
-    w_local = latitude_weights(data.lat)[geo.pixel_row_split.slice(mesh.coords["domain"])].to(device)
+    K = job.rollout
+    C, H, W = cfg.channels.n_fields, *cfg.grid
+    data_cfg = prepare_data(job, rank, dist)
+    train_data = ShardedSampleLoader(data_cfg, cfg, mesh, "train", batch=micro, seed=tc.seed)
+    w_local = latitude_weights(torch.as_tensor(train_data.lat.copy()))[train_data.rows].to(device)
     world = dist.get_world_size()
-
-    def blocks(times):
-        fields, static, targets = data.sample(times, K)
-        f_lay, s_lay = geo.grid_layout(C, len(times)), geo.grid_layout(S, len(times))
-        put = lambda t, lay: lay.shard(t, mesh.coords).to(device)  # noqa: E731
-        return (put(fields, f_lay), None if static is None else put(static, s_lay),
-                [put(t, f_lay) for t in targets])
+    to_device = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
 
     global_batch = micro * gas * dp
     if rank == 0:
@@ -223,11 +244,12 @@ def train(job: TrainJobConfig, ds: dict, rank: int, cuda: bool, torch) -> int:
     bar = tqdm(total=tc.steps, disable=rank != 0, desc="train", dynamic_ncols=True, mininterval=1.0)
     loss_sum, loss_n, t_log = 0.0, 0, time.perf_counter()
     engine.train()
+    batches = iter(train_data)
     for step in range(1, tc.steps + 1):
-        rng = np.random.default_rng([tc.seed, step])
-        times = rng.choice(job.data.train_times - K, size=(gas, dp, micro), replace=False)
         for a in range(gas):
-            fields, static, targets = blocks(times[a, dp_rank].tolist())
+            sample = next(batches)
+            fields, static, targets = to_device(sample.fields), to_device(sample.static), \
+                [to_device(t) for t in sample.targets]
             leads = engine.module.forecast_leads(fields, static, K)
             loss = sum(weighted_mse_term(p.float(), y, w_local, count) for p, y in zip(leads, targets)) / K
             # one small all-reduce: the global loss (sum of the terms / dp) and which ranks went non-finite
@@ -261,23 +283,21 @@ def train(job: TrainJobConfig, ds: dict, rank: int, cuda: bool, torch) -> int:
 
     # held-out evaluation at lead 1: model vs persistence, shards summed over the whole world
     engine.eval()
-    start = job.data.train_times + job.data.val_gap
-    val_times = [start + 7 * i for i in range(tc.val_samples)]  # 7 steps apart: every hour of the day
-    mine = val_times[dp_rank::dp]
-    sse = torch.zeros(2, dtype=torch.float64, device=device)
+    val_data = ShardedSampleLoader(data_cfg, cfg, mesh, "val", batch=tc.val_batch, seed=tc.seed)
+    sse = torch.zeros(3, dtype=torch.float64, device=device)  # model, persistence, samples
+    seen = 0  # samples of this dp replica (the same on every rank of its model group)
     with torch.no_grad():
-        for i in range(0, len(mine), tc.val_batch):
-            chunk = mine[i: i + tc.val_batch]
-            fields, static, targets = data.sample(chunk, 1)
-            f_lay = geo.grid_layout(C, len(chunk))
-            f = f_lay.shard(fields, mesh.coords).to(device)
-            s = None if static is None else geo.grid_layout(S, len(chunk)).shard(static, mesh.coords).to(device)
-            y = f_lay.shard(targets[0], mesh.coords).to(device)
+        for sample in val_data:
+            if seen >= tc.val_samples / dp:
+                break
+            seen += len(sample.times)
+            f, s, y = to_device(sample.fields), to_device(sample.static), to_device(sample.targets[0])
             pred = engine.module.forecast_leads(f, s, 1)[0]
             sse[0] += weighted_mse_term(pred.double(), y.double(), w_local, 1)
             sse[1] += weighted_mse_term(f.double(), y.double(), w_local, 1)
+            sse[2] += len(sample.times) / mesh.size("model")  # every model-group rank counts its samples
     dist.all_reduce(sse)
-    model_rmse, persistence_rmse = (sse / (tc.val_samples * C * H * W)).sqrt().tolist()
+    model_rmse, persistence_rmse = (sse[:2] / (sse[2] * C * H * W)).sqrt().tolist()
     if not math.isfinite(model_rmse):
         if rank == 0:
             print(f"train.py: non-finite validation RMSE ({model_rmse})", file=sys.stderr, flush=True)

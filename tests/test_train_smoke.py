@@ -15,18 +15,34 @@ def _run(cmd, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_process_domain_run_trains_and_reports_skill():
+def _small_config(tmp_path) -> Path:
+    """The quickstart with two months of synthetic data written under tmp_path."""
+    job = json.loads(CONFIG.read_text())
+    job["weathermixer"]["data"].update(path=str(tmp_path / "synthetic"), end="2020-02-29 18:00",
+                                       val_start="2020-02-15")
+    job["weathermixer"]["train"].update(val_samples=16)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def test_two_process_domain_run_trains_and_reports_skill(tmp_path):
+    config = _small_config(tmp_path)
     run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "train.py", "--deepspeed_config", str(CONFIG), "--domain", "2", "--tp", "1", "--steps", "6"])
+                "train.py", "--deepspeed_config", str(config), "--domain", "2", "--tp", "1", "--steps", "6"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "writing the synthetic ERA5-like store" in run.stdout
+    assert list((tmp_path / "synthetic").glob("*.zarr")) and list((tmp_path / "synthetic").glob("*.stats.json"))
     final = re.search(r"final: model_rmse=(\S+) persistence_rmse=(\S+) ratio=(\S+)", run.stdout)
     assert final and all(float(v) > 0 for v in final.groups())
 
 
 def test_single_process_run_and_bad_key(tmp_path):
-    run = _run([sys.executable, "train.py", "--deepspeed_config", str(CONFIG), "--domain", "1", "--tp", "1",
+    config = _small_config(tmp_path)
+    run = _run([sys.executable, "train.py", "--deepspeed_config", str(config), "--domain", "1", "--tp", "1",
                 "--steps", "2"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "final: model_rmse=" in run.stdout
     bad = json.loads(CONFIG.read_text())
     bad["weathermixer"]["model"]["hiden"] = 3
     path = tmp_path / "bad.json"

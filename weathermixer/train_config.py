@@ -12,9 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+import pandas as pd
 
 from .config import ConfigError, JobConfig, parse, read_job_file
+from .data.config import DataConfig
 
 
 class _Strict(BaseModel):
@@ -36,26 +39,36 @@ class TrainConfig(_Strict):
 
 
 class SyntheticDataConfig(_Strict):
-    """The embedded ERA5-like generator (weathermixer.synthetic)."""
+    """The embedded default: an ERA5-like WeatherBench 2 zarr store (weathermixer.data.synth) written
+    once to `path` with its normalisation statistics, then read like any other data set (each rank
+    reads only its block)."""
 
     source: Literal["synthetic"] = "synthetic"
+    path: str = Field("runs/synthetic", description="directory for the generated store (reused if present)")
     seed: int = 0
-    train_times: int = Field(4000, ge=2, description="time indices [0, train_times) are for training")
-    val_gap: int = Field(100, ge=0, description="time steps between the training and held-out times")
     noise: float = Field(0.05, ge=0, description="std of the per-step noise in standardised units")
+    start: str = "2020-01-01"
+    end: str = "2020-06-30 18:00"
+    val_start: str = Field("2020-05-16", description="first start time of the validation split")
+    dt_hours: float = Field(6.0, gt=0)
+    prefetch: int = Field(2, ge=0)
+
+    def store_path(self, model) -> Path:
+        h, w = model.grid
+        return Path(self.path) / f"era5like_{h}x{w}_seed{self.seed}_{pd.Timestamp(self.start):%Y%m%d}.zarr"
+
+    def gridded(self, model, leads: int) -> DataConfig:
+        """The same data as a gridded data set, once it has been written."""
+        store = self.store_path(model)
+        last_train = pd.Timestamp(self.val_start) - pd.Timedelta(hours=self.dt_hours)
+        return DataConfig(path=str(store), stats=str(store) + ".stats.json", dt_hours=self.dt_hours, leads=leads,
+                          prefetch=self.prefetch,
+                          splits={"train": (self.start, str(last_train)), "val": (self.val_start, self.end)})
 
 
 class TrainJobConfig(JobConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
-    data: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
-
-    @model_validator(mode="after")
-    def _check_train(self):
-        k = self.train.rollout or self.model.rollout
-        if self.data.train_times <= k:
-            raise ValueError(f"data.train_times={self.data.train_times} leaves no training sample "
-                             f"with {k} lead(s): allowed data.train_times > {k}")
-        return self
+    data: SyntheticDataConfig | DataConfig = Field(default_factory=SyntheticDataConfig, discriminator="source")
 
     @property
     def rollout(self) -> int:
