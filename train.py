@@ -1,4 +1,4 @@
-"""Train WeatherMixer on a DP x DOMAIN x TP mesh with DeepSpeed (first version: synthetic data).
+"""Train WeatherMixer on a DP x DOMAIN x TP mesh with DeepSpeed (first version of the main job).
 
     deepspeed --num_gpus 4 train.py --deepspeed_config deepspeed_configs/quickstart_cpu.json
     torchrun --nproc_per_node 2 train.py --deepspeed_config ... --domain 2 --tp 1
@@ -9,8 +9,9 @@ The JSON file holds DeepSpeed's settings plus the project section "weathermixer"
 checked without processes talking to each other is checked first, on every rank, so a bad
 setting exits non-zero everywhere instead of leaving ranks blocked in a collective.
 
-Each step, all ranks of a model group (DOMAIN x TP) take the same samples and feed their own
-block (channels over TP, latitude rows over DOMAIN); the dp replicas take disjoint samples.
+Data come from weathermixer.data: each rank reads only its block of each sample (channels over
+TP, latitude rows over DOMAIN); all ranks of a model group take the same samples, dp replicas
+disjoint ones. The default data section is the synthetic ERA5-like store, written once.
 Loss = latitude-weighted MSE averaged over the leads of a latent rollout; each rank's term is its
 share, so the model group's terms add up to the replica's loss; DeepSpeed averages over dp.
 At the end: latitude-weighted RMSE (standardised units) at lead 1 on held-out times, model vs
