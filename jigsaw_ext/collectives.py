@@ -7,9 +7,10 @@ transposes of the forward maps:
     forward                          backward
     copy_to(param, g)   identity     all-reduce over g   (a parameter replicated over g is ONE
                                                            logical variable: its gradient is the sum)
-    all_reduce(x, g)    all-reduce   all-reduce
     reduce_scatter(x)   reduce-scat. all-gather
     all_gather(x)       all-gather   reduce-scatter
+    split_layer_norm    all-reduce of the row statistics   all-reduce of the two row sums of the
+                                                              input gradient
     gathered_linear(x, w_block)      y = x @ all_gather(w_block)^T;  backward re-gathers the weight
                                       (nothing gathered is kept alive) and reduce-scatters dL/dW
                                       back to the block owner (all-reduce in replicated mode)
@@ -122,17 +123,6 @@ class _CopyTo(torch.autograd.Function):
         return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return start_all_reduce(x.clone(), group, async_op=False).wait()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
-
-
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, sizes, dim):
@@ -158,10 +148,6 @@ class _AllGather(torch.autograd.Function):
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
     """Mark `x` (a parameter replicated over `group`) as one logical variable: gradients are summed."""
     return x if group is None else _CopyTo.apply(x, group)
-
-
-def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group is None else _AllReduce.apply(x, group)
 
 
 def reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:

@@ -49,13 +49,6 @@ def replicated_axes(layout: Layout) -> tuple[str, ...]:
     return tuple(a for a in MODEL_AXES if a not in layout.split_axes)
 
 
-def replication_group(mesh: Mesh, layout: Layout):
-    axes = replicated_axes(layout)
-    if len(axes) == 2:
-        return mesh.group("model")
-    return mesh.group(axes[0]) if axes else None
-
-
 class BlockLinear(nn.Module):
     """y = sum_s x_s @ W_s^T + b over the last dimension of block-sharded inputs.
 

@@ -7,7 +7,7 @@ and may be empty on some ranks (3 static channels over TP=4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 
@@ -30,10 +30,6 @@ class Split:
     @property
     def total(self) -> int:
         return sum(self.sizes)
-
-    @property
-    def is_even(self) -> bool:
-        return len(set(self.sizes)) == 1
 
     def offset(self, coord: int) -> int:
         return sum(self.sizes[:coord])
@@ -59,14 +55,6 @@ class Layout:
         for dim, (n, split) in enumerate(zip(self.shape, self.splits)):
             if split is not None and split.total != n:
                 raise ValueError(f"dim {dim}: shard sizes {split.sizes} do not add up to {n}")
-
-    @staticmethod
-    def of(shape: Sequence[int], **dim_splits: Split) -> "Layout":
-        """Layout.of((out, in), d1=Split(...)) splits dimension 1; unnamed dims are whole."""
-        splits = [None] * len(shape)
-        for key, split in dim_splits.items():
-            splits[int(key.lstrip("d"))] = split
-        return Layout(tuple(int(s) for s in shape), tuple(splits))
 
     @property
     def split_axes(self) -> set[str]:

@@ -15,7 +15,7 @@ def test_even_split_uneven_and_empty():
 def test_split_offsets():
     s = Split("domain", (3, 2, 2))
     assert [s.offset(i) for i in range(3)] == [0, 3, 5]
-    assert s.slice(1) == slice(3, 5) and s.total == 7 and not s.is_even
+    assert s.slice(1) == slice(3, 5) and s.total == 7
 
 
 def test_layout_shard_covers_tensor_exactly_once():
