@@ -20,7 +20,8 @@ def _small_config(tmp_path) -> Path:
     job = json.loads(CONFIG.read_text())
     job["weathermixer"]["data"].update(path=str(tmp_path / "synthetic"), end="2020-02-29 18:00",
                                        val_start="2020-02-15")
-    job["weathermixer"]["train"].update(val_samples=16)
+    job["weathermixer"]["validation"].update(samples=16, every=0)
+    job["weathermixer"]["log"].update(dir=str(tmp_path / "run"))
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
     return path

@@ -9,6 +9,7 @@ writes them into the optimizer and scheduler it hands DeepSpeed).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,18 +25,81 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ParamGroupRule(_Strict):
+    """Parameters whose name matches one of `match` (fnmatch patterns on the module path, e.g.
+    "blocks.*.norm*", "*.bias") form one AdamW group; the first matching rule wins."""
+
+    match: list[str] = Field(min_length=1)
+    lr_scale: float = Field(1.0, ge=0, description="this group's peak lr = train.lr * lr_scale")
+    weight_decay: float | None = Field(None, ge=0, description="null = the optimizer's weight_decay")
+
+
 class TrainConfig(_Strict):
     steps: int = Field(200, ge=1, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
     warmup: int = Field(20, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
-    rollout: int | None = Field(None, ge=1, description="leads trained per sample (latent rollout); "
-                                                        "null = model.rollout")
-    seed: int = Field(0, description="sample-order seed")
-    log_every: int = Field(10, ge=1, description="steps between loss log lines")
-    val_samples: int = Field(32, ge=1, description="held-out samples in the final evaluation")
-    val_batch: int = Field(8, ge=1, description="samples per evaluation forward pass")
-    dist_timeout_s: float = Field(300.0, gt=0, description="timeout of every collective")
+    rollout: int | None = Field(None, ge=1, description="K: leads trained per sample; null = model.rollout")
+    random_rollout: bool = Field(True, description="draw k from 1..K each step (seeded, the same on every "
+                                                   "rank); false = always K")
+    rollout_mode: Literal["latent", "autoregressive"] = Field(
+        "latent", description="latent: embed once, apply the block stack k times; autoregressive: feed each "
+                              "decoded forecast back in data space")
+    param_groups: list[ParamGroupRule] = Field(
+        default_factory=lambda: [ParamGroupRule(match=["*.bias", "*norm*"], weight_decay=0.0)],
+        description="AdamW groups (per-group lr scale, weight decay); unmatched parameters form the "
+                    "default group")
+    stop_after: int | None = Field(None, ge=1, description="end this run after this many steps with a "
+                                                            "checkpoint (e.g. a batch-job time limit); "
+                                                            "rerun to continue the same schedule")
+    seed: int = Field(0, description="sample-order and rollout-length seed")
+    dist_timeout_s: float = Field(300.0, gt=0, description="timeout of every collective: a dead rank "
+                                                           "stops the others after at most this")
+
+
+class LossConfig(_Strict):
+    """Latitude-weighted MSE over channels with per-variable and per-level weights (normalised to
+    mean 1 over the model's channels)."""
+
+    variable_weights: dict[str, float] = Field(
+        default_factory=dict, description="variable name -> weight (default 1)")
+    level_weights: dict[int, float] | Literal["pressure"] = Field(
+        default_factory=dict, description="pressure level -> weight of the atmospheric channels at that "
+                                          "level (default 1); \"pressure\" = proportional to the level")
+    tendency: bool = Field(False, description="loss on normalised tendencies (pred - x0) / std(x(t+dt) - "
+                                              "x(t)) instead of normalised states (needs data stats)")
+
+
+class ValidationConfig(_Strict):
+    every: int = Field(0, ge=0, description="steps between validations (0 = only at the end)")
+    samples: int = Field(32, ge=1, description="held-out samples per validation")
+    batch: int = Field(8, ge=1, description="samples per validation forward pass")
+    variables: list[str] | None = Field(
+        None, description="headline channels reported in physical units (model channel names or z500, "
+                          "t850, t2m, u10...); null = those of z500, t850, t2m, u10 present, else the first 4")
+
+
+class CheckpointConfig(_Strict):
+    dir: str | None = Field(None, description="null = <log.dir>/checkpoints")
+    every: int = Field(0, ge=0, description="steps between checkpoints (0 = none during training)")
+    at_end: bool = Field(True, description="save after the last step")
+    best: bool = Field(True, description="keep the checkpoint with the best validation loss (tag "
+                                         "pointer 'best')")
+    keep_last: int = Field(2, ge=1, description="periodic checkpoints kept (older ones are deleted once a "
+                                                "newer one is complete)")
+    resume: str = Field("auto", description="auto: continue from <dir>/latest if present; never; or a "
+                                            "checkpoint directory / tag directory to start from")
+
+
+class LogConfig(_Strict):
+    dir: str = Field("runs/default", description="output directory: metrics.csv, tensorboard/, loss.png, "
+                                                 "checkpoints/")
+    every: int = Field(10, ge=1, description="steps between log lines / CSV rows")
+    csv: bool = True
+    tensorboard: bool = True
+    plot: bool = Field(True, description="loss curve PNG at the end")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (null = known GPUs "
+                                                               "only; no MFU on CPU)")
 
 
 class SyntheticDataConfig(_Strict):
@@ -68,6 +132,10 @@ class SyntheticDataConfig(_Strict):
 
 class TrainJobConfig(JobConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     data: SyntheticDataConfig | DataConfig = Field(default_factory=SyntheticDataConfig, discriminator="source")
 
     @property
@@ -77,23 +145,52 @@ class TrainJobConfig(JobConfig):
 
 # CLI flag -> path inside the "weathermixer" section
 OVERRIDES = {"steps": ("train", "steps"), "dp": ("mesh", "dp"), "domain": ("mesh", "domain"),
-             "tp": ("mesh", "tp")}
+             "tp": ("mesh", "tp"), "output_dir": ("log", "dir"), "data_path": ("data", "path"),
+             "resume": ("checkpoint", "resume")}
 
 
-def load_train_job(path: str | Path, overrides: dict[str, Any] | None = None
-                   ) -> tuple[TrainJobConfig, dict[str, Any]]:
-    """(validated project section with CLI overrides applied, DeepSpeed's part of the file)."""
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string, e.g. a path
+
+
+def apply_setting(root: dict, dotted: str, value: Any, where: str) -> None:
+    """root[a][b][c] = value for dotted = "a.b.c" (missing objects are created)."""
+    keys = dotted.split(".")
+    node = root
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[:i + 1])} is not an object; cannot set {dotted}")
+    node[keys[-1]] = value
+
+
+def load_train_job(path: str | Path, overrides: dict[str, Any] | None = None,
+                   settings: list[str] | None = None) -> tuple[TrainJobConfig, dict[str, Any]]:
+    """(validated project section with CLI overrides applied, DeepSpeed's part of the file).
+
+    overrides: flag -> value for the OVERRIDES flags; settings: ["train.lr=1e-3",
+    "ds.zero_optimization.stage=2", ...] (JSON values; "ds." addresses DeepSpeed's keys)."""
     path = Path(path)
     data = read_job_file(path)
     section = data.pop("weathermixer", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'weathermixer' must be an object")
     for flag, value in (overrides or {}).items():
-        if value is None:
-            continue
-        group, key = OVERRIDES[flag]
-        node = section.setdefault(group, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{path}: weathermixer.{group} must be an object")
-        node[key] = value
+        if value is not None:
+            apply_setting(section, ".".join(OVERRIDES[flag]), value, str(path))
+    for item in settings or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3 or "
+                              f"ds.zero_optimization.stage=2")
+        if key.startswith("ds."):
+            apply_setting(data, key[3:], _parse_value(text), "--set")
+        else:
+            apply_setting(section, key, _parse_value(text), "--set")
+    log = section.setdefault("log", {})
+    if isinstance(log, dict):
+        log.setdefault("dir", f"runs/{path.stem}")
     return parse(TrainJobConfig, section, str(path)), data

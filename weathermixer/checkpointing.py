@@ -1,0 +1,160 @@
+"""Checkpoints through DeepSpeed, crash-safe, with the trainer's own state beside them.
+
+    root/
+      step00000100/                 one tag = one DeepSpeed checkpoint (mp_rank_*, zero_pp_rank_* files)
+        trainer_rank00000.pt        per rank: data-loader position, RNG states (torch, numpy, python, cuda)
+        job.json                    the job's project section and DeepSpeed config, mesh, step
+        COMPLETE                    written last, after every rank has finished writing
+      latest                        name of the newest complete tag (replaced atomically)
+      best                          name of the tag with the best validation loss
+
+A crash during a save leaves a tag directory without COMPLETE that no pointer names: the previous
+checkpoint stays loadable, and the stale directory is removed by the next successful save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+POINTERS = ("latest", "best")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    # pointers -----------------------------------------------------------------------------------
+    def pointer(self, name: str) -> str | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        tag = path.read_text().strip()
+        if not (self.root / tag / "COMPLETE").is_file():
+            raise CheckpointError(f"{path} names tag '{tag}' but {self.root / tag} is not a complete checkpoint")
+        return tag
+
+    def describe(self, name: str = "latest") -> str:
+        try:
+            tag = self.pointer(name)
+        except CheckpointError as err:
+            return f"unusable ({err})"
+        return str(self.root / tag) if tag else "none"
+
+    # save ---------------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict, trainer_state: dict, job_info: dict,
+             pointers=("latest",)) -> Path:
+        """Collective: every rank calls it. Returns the tag directory."""
+        tag = tag_of(step)
+        tag_dir = self.root / tag
+        if self.rank == 0 and tag_dir.exists():  # an earlier, interrupted save of this step
+            (tag_dir / "COMPLETE").unlink(missing_ok=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        path = tag_dir / f"trainer_rank{self.rank:05d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(trainer_state, tmp)
+        os.replace(tmp, path)
+        dist.barrier()  # every rank's files are complete
+        if self.rank == 0:
+            _atomic_write(tag_dir / "job.json", json.dumps(dict(job_info, step=step, tag=tag), indent=1))
+            _atomic_write(tag_dir / "COMPLETE", f"{step}\n")
+            for name in pointers:
+                _atomic_write(self.root / name, tag + "\n")
+            self._prune()
+        dist.barrier()
+        return tag_dir
+
+    def _prune(self) -> None:
+        """Remove periodic tags beyond keep_last and incomplete ones, never a tag a pointer names."""
+        keep = set()
+        for name in POINTERS:
+            p = self.root / name
+            if p.is_file():
+                keep.add(p.read_text().strip())
+        tags = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("step"))
+        complete = [t for t in tags if (self.root / t / "COMPLETE").is_file()]
+        keep.update(complete[-self.keep_last:])
+        for t in tags:
+            if t not in keep:
+                shutil.rmtree(self.root / t, ignore_errors=True)
+
+    # load ---------------------------------------------------------------------------------------
+    def resolve(self, resume: str) -> tuple[Path, str] | None:
+        """(checkpoint root, tag) to resume from, or None. resume: auto | never | a root directory
+        (its latest pointer) | a tag directory."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            tag = self.pointer("latest")
+            return (self.root, tag) if tag else None
+        path = Path(resume)
+        if (path / "COMPLETE").is_file():
+            return path.parent, path.name
+        if (path / "latest").is_file():
+            mgr = CheckpointManager(path, self.keep_last)
+            return path, mgr.pointer("latest")
+        raise CheckpointError(f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
+                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer")
+
+    def load(self, engine, root: Path, tag: str, expect: dict) -> tuple[dict, dict, dict]:
+        """Load tag into the engine; returns (client_state, this rank's trainer state, job info).
+        `expect` holds what must match (mesh, model, zero stage): a mismatch names the key."""
+        tag_dir = root / tag
+        try:
+            info = json.loads((tag_dir / "job.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{tag_dir / 'job.json'}: unreadable ({err})") from None
+        for key, want in expect.items():
+            if info.get(key) != want:
+                raise CheckpointError(
+                    f"checkpoint {tag_dir} has {key}={info.get(key)} but this run has {key}={want}; a checkpoint "
+                    f"resumes on the mesh, ZeRO stage and model it was written with")
+        path = tag_dir / f"trainer_rank{self.rank:05d}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (checkpoint written by fewer ranks?)")
+        loaded, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        return client or {}, torch.load(path, weights_only=False), info
