@@ -1,0 +1,173 @@
+"""Pieces of the training job that need no processes: loss on shards, weights, schedule, groups,
+rollout draws, config checks, checkpoint pointers, the run log."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from jigsaw_ext.mesh import Mesh, MeshConfig
+from weathermixer.checkpointing import CheckpointError, CheckpointManager
+from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig
+from weathermixer.geometry import Geometry
+from weathermixer.loss import (channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term)
+from weathermixer.model import WeatherMixer
+from weathermixer.runlog import RunLog
+from weathermixer.train_config import LossConfig, TrainConfig, load_train_job
+from weathermixer.trainer import check_job, lr_lambda, param_groups
+
+CONFIG = "deepspeed_configs/quickstart_cpu.json"
+CH = ChannelsConfig(surface=["2m_temperature", "10m_u_component_of_wind"], atmospheric=["geopotential", "temperature"],
+                    levels=[500, 850, 1000], static=[])
+STATS = {"channels": {n: {"mean": 0.0, "std": 2.0 + i, "diff_std": 0.5 + 0.1 * i} for i, n in enumerate(CH.names)}}
+
+
+def test_channel_weights_variable_level_pressure_and_tendency():
+    names = CH.names  # 2 surface + 2 x 3 levels = 8
+    w = channel_loss_weights(CH, LossConfig())
+    assert torch.allclose(w, torch.ones(8))
+    w = channel_loss_weights(CH, LossConfig(variable_weights={"geopotential": 3.0}, level_weights={1000: 0.5}))
+    raw = torch.tensor([1, 1, 3, 3, 1.5, 1, 1, 0.5])  # order: t2m, u10, z500, z850, z1000, t500, t850, t1000
+    assert torch.allclose(w, raw * 8 / raw.sum())
+    w = channel_loss_weights(CH, LossConfig(level_weights="pressure"))
+    lev = torch.tensor([1, 1, 500, 850, 1000, 500, 850, 1000]) / torch.tensor(2350 / 3)
+    lev[:2] = 1
+    assert torch.allclose(w, lev * 8 / lev.sum())
+    w = channel_loss_weights(CH, LossConfig(tendency=True), STATS)
+    s = torch.tensor([(0.5 + 0.1 * i) / (2.0 + i) for i in range(8)])
+    assert torch.allclose(w, 1 / s ** 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="loss.variable_weights.*humidity"):
+        channel_loss_weights(CH, LossConfig(variable_weights={"humidity": 1.0}))
+    with pytest.raises(ValueError, match="loss.level_weights.*700"):
+        channel_loss_weights(CH, LossConfig(level_weights={700: 1.0}))
+    with pytest.raises(ValueError, match="loss.tendency needs data statistics"):
+        channel_loss_weights(CH, LossConfig(tendency=True), None)
+    assert [lbl for lbl, _ in headline_channels(names, None)] == ["z500", "t850", "t2m", "u10"]
+    assert headline_channels(names, ["t1000", "geopotential_850"]) == [("t1000", 7), ("geopotential_850", 3)]
+    with pytest.raises(ValueError, match="q700"):
+        headline_channels(names, ["q700"])
+
+
+@pytest.mark.parametrize("domain,tp", [(1, 1), (2, 1), (1, 3), (3, 2), (4, 4)])
+def test_loss_terms_on_shards_add_up_to_the_serial_loss(domain, tp):
+    """Tendency loss with level weights on uneven shards (13 rows, 8 channels): the ranks' terms sum
+    to the loss computed independently on the full field (numpy, float64)."""
+    cfg = ModelConfig(grid=(13, 16), channels=CH, patch=(1, 4), hidden=8)
+    lat = torch.linspace(-87.0, 87.0, 13)
+    w_c = channel_loss_weights(CH, LossConfig(level_weights={500: 2.0}, tendency=True), STATS)
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 8, 13, 16, generator=g), torch.randn(3, 8, 13, 16, generator=g)
+    count = pred.numel()
+    total = 0.0
+    for r in range(domain * tp):
+        mesh = Mesh.virtual(MeshConfig(domain=domain, tp=tp), r)
+        geo = Geometry(cfg, mesh)
+        rows = geo.pixel_row_split.slice(mesh.coords["domain"])
+        chans = geo.channel_split(8).slice(mesh.coords["tp"])
+        total += weighted_loss_term(pred[:, chans, rows], target[:, chans, rows], latitude_weights(lat)[rows],
+                                    w_c[chans], count).item()
+    coslat = np.cos(np.deg2rad(lat.double().numpy()))
+    ref = (coslat[None, None, :, None] / coslat.mean() * w_c.double().numpy()[None, :, None, None]
+           * (pred.double().numpy() - target.double().numpy()) ** 2).mean()
+    assert abs(total - ref) <= 1e-6 * ref
+
+
+def test_schedule_groups_and_rollout_draws():
+    tc = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    f = lr_lambda(tc)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and f(55) == pytest.approx(0.55)
+    model = WeatherMixer(ModelConfig(grid=(8, 16), channels=CH, patch=(1, 4), hidden=8), device="meta")
+    rules = TrainConfig.model_validate({"param_groups": [{"match": ["embed.*"], "lr_scale": 0.5},
+                                                         {"match": ["*.bias*", "*norm*"], "weight_decay": 0}]}
+                                       ).param_groups
+    groups = param_groups(model, rules, lr=1e-3)
+    by_name = {g["name"]: g for g in groups}
+    names = dict(model.named_parameters())
+    embed = by_name["rule0:embed.*"]
+    assert embed["lr"] == 5e-4 and "weight_decay" not in embed
+    assert {id(p) for p in embed["params"]} == {id(p) for n, p in names.items() if n.startswith("embed.")}
+    nd = by_name["rule1:*.bias*|*norm*"]
+    assert nd["weight_decay"] == 0 and nd["lr"] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert all(("norm" in n or ".bias" in n) for n, p in names.items()
+               if any(p is q for q in nd["params"]))
+
+    from weathermixer.trainer import Trainer
+
+    job, _ = load_train_job(CONFIG, settings=["train.rollout=4", "train.seed=3"])
+    t = Trainer(job, {})
+    draws = [t.rollout_length(s) for s in range(1, 401)]
+    assert set(draws) == {1, 2, 3, 4} and draws == [Trainer(job, {}).rollout_length(s) for s in range(1, 401)]
+    job2, _ = load_train_job(CONFIG, settings=["train.rollout=4", "train.random_rollout=false"])
+    assert {Trainer(job2, {}).rollout_length(s) for s in range(1, 50)} == {4}
+
+
+def _check(settings, world=4, cuda=False, overrides=None):
+    job, ds = load_train_job(CONFIG, overrides, settings)
+    return check_job(job, ds, world, cuda)
+
+
+def test_bad_settings_name_the_key(tmp_path):
+    ds = _check([])
+    assert ds["optimizer"]["params"]["lr"] == 0.002 and ds["train_batch_size"] == 8
+    cases = [
+        (["train.lerning_rate=1"], "train.lerning_rate: unknown key"),
+        (["mesh.tp=4"], "world size 4"),
+        ([f"data={json.dumps({'source': 'gridded', 'path': str(tmp_path / 'nope.zarr')})}"], "data.path: .*nope.zarr does not exist"),
+        (["ds.zero_optimization.stage=3", 'mesh.replicate_weights_over=["tp"]'], "stage=3 with mesh.replicate_weights_over"),
+        (["ds.zero_optimization.stage=3", 'ds.zero_optimization.offload_param={"device": "cpu"}'], "offload_param"),
+        (["ds.fp16.enabled=true"], "fp16 needs a GPU"),
+        (["ds.optimizer.params.lr=0.1"], "optimizer.params.lr: set weathermixer.train.lr"),
+        (['ds.scheduler={"type": "WarmupLR"}'], "scheduler: remove it"),
+        (["ds.train_batch_size=12"], "train_batch_size=12"),
+        (['validation.variables=["q700"]'], "q700"),
+        (["train.rollout_mode=autoregressive", "model.rollout=2"], "model.rollout=1"),
+        (["train.steps"], "expected KEY=VALUE"),
+    ]
+    for settings, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            _check(settings)
+    with pytest.raises(ConfigError, match="world size 2"):
+        _check([], world=2)
+
+
+def test_checkpoint_pointers_resolve_and_prune(tmp_path):
+    root = tmp_path / "ck"
+    for step, complete in [(2, True), (4, True), (6, True), (8, False)]:
+        d = root / f"step{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "COMPLETE").write_text(f"{step}\n")
+    mgr = CheckpointManager(root, keep_last=1)
+    assert mgr.resolve("auto") is None and mgr.describe() == "none"
+    (root / "latest").write_text("step00000008\n")  # names an incomplete tag: refused, never loaded
+    with pytest.raises(CheckpointError, match="step00000008 is not a complete checkpoint"):
+        mgr.resolve("auto")
+    (root / "latest").write_text("step00000006\n")
+    (root / "best").write_text("step00000002\n")
+    assert mgr.resolve("auto") == (root, "step00000006")
+    assert mgr.resolve(str(root / "step00000004")) == (root, "step00000004")
+    assert mgr.resolve(str(root)) == (root, "step00000006")
+    assert mgr.resolve("never") is None
+    with pytest.raises(CheckpointError, match="not a complete checkpoint tag directory"):
+        mgr.resolve(str(tmp_path))
+    mgr._prune()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000002", "step00000006"]
+
+
+def test_runlog_truncates_on_resume_and_plots(tmp_path):
+    log = RunLog(tmp_path, tensorboard=True)
+    for s in range(1, 6):
+        log.log(s, "train", {"loss": 1.0 / s, "lr": 1e-3})
+    log.log(4, "val", {"val_loss": 0.3})
+    log.close()
+    log = RunLog(tmp_path, tensorboard=False, resume_step=3)  # crashed after step 5, resumed from step 3
+    log.log(4, "train", {"loss": 0.2, "lr": 1e-3})
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(int(r["step"]), r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (4, "train")]
+    assert math.isclose(float(rows[-1]["loss"]), 0.2)
+    png = log.plot()
+    assert png.stat().st_size > 5000 and list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
