@@ -127,4 +127,8 @@ def read_job_file(path: str | Path) -> dict:
 
 def load_job(path: str | Path) -> JobConfig:
     """Read the project section ("weathermixer") of a JSON job file."""
-    return parse(JobConfig, read_job_file(path).get("weathermixer", {}), str(path))
+    section = read_job_file(path).get("weathermixer", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'weathermixer' must be an object")
+    # the mesh and model sections only: a training job file's other sections are the trainer's
+    return parse(JobConfig, {k: v for k, v in section.items() if k in ("mesh", "model")}, str(path))
