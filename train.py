@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output-dir", dest="output_dir", help="override weathermixer.log.dir")
     ap.add_argument("--data-path", dest="data_path", help="override weathermixer.data.path")
     ap.add_argument("--resume", help="override weathermixer.checkpoint.resume: auto | never | checkpoint dir")
+    ap.add_argument("--init-from", dest="init_from", help="override weathermixer.checkpoint.init_from (weights only)")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="set any key (JSON value), e.g. train.lr=1e-3; prefix ds. for DeepSpeed's keys")
     return ap.parse_args(argv)
@@ -60,10 +61,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    overrides = {k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume")}
+    overrides = {k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume",
+                                                "init_from")}
 
     import torch
 
+    from jigsaw_ext.checkpoint import CheckpointFormatError
+    from weathermixer.checkpointing import CheckpointError
     from weathermixer.trainer import Trainer, check_job
 
     try:
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
     try:
         result = trainer.run()
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, CheckpointFormatError) as err:  # bad input met after the start
         print(f"train.py (rank {rank}): {err}", file=sys.stderr, flush=True)
         os._exit(EXIT_CONFIG)
     except Exception as err:  # noqa: BLE001 - a dead peer, a timeout, an I/O error: bring the job down

@@ -71,3 +71,13 @@ class Layout:
         if tuple(full.shape) != self.shape:
             raise ValueError(f"expected a full tensor of shape {self.shape}, got {tuple(full.shape)}")
         return full[self.local_slices(coords)]
+
+    # a layout as JSON (checkpoints record every parameter's layout, so they can be read on any mesh)
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape),
+                "splits": [None if s is None else {"axis": s.axis, "sizes": list(s.sizes)} for s in self.splits]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layout":
+        return cls(tuple(d["shape"]), tuple(None if s is None else Split(s["axis"], tuple(s["sizes"]))
+                                            for s in d["splits"]))

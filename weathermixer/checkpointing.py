@@ -120,15 +120,17 @@ class CheckpointManager:
                 shutil.rmtree(self.root / t, ignore_errors=True)
 
     # load ---------------------------------------------------------------------------------------
-    def resolve(self, resume: str) -> tuple[Path, str] | None:
-        """(checkpoint root, tag) to resume from, or None. resume: auto | never | a root directory
-        (its latest pointer) | a tag directory."""
+    def resolve(self, resume: str) -> tuple[Path, str | None] | None:
+        """(checkpoint root, tag) to resume from, (consolidated dir, None), or None. resume: auto |
+        never | a root directory (its latest pointer) | a tag directory | a consolidated directory."""
         if resume == "never":
             return None
         if resume == "auto":
             tag = self.pointer("latest")
             return (self.root, tag) if tag else None
         path = Path(resume)
+        if (path / "index.json").is_file():  # consolidated: loaded by the trainer on any mesh
+            return path, None
         if (path / "COMPLETE").is_file():
             return path.parent, path.name
         if (path / "latest").is_file():
@@ -148,8 +150,10 @@ class CheckpointManager:
         for key, want in expect.items():
             if info.get(key) != want:
                 raise CheckpointError(
-                    f"checkpoint {tag_dir} has {key}={info.get(key)} but this run has {key}={want}; a checkpoint "
-                    f"resumes on the mesh, ZeRO stage and model it was written with")
+                    f"checkpoint {tag_dir} has {key}={info.get(key)} but this run has {key}={want}; a DeepSpeed "
+                    f"checkpoint resumes on the mesh and ZeRO stage it was written with: convert it with "
+                    f"`python -m jigsaw_ext.checkpoint reshard {tag_dir} OUT --dp .. --domain .. --tp ..` (or "
+                    f"consolidate it and pass the result to --resume)")
         path = tag_dir / f"trainer_rank{self.rank:05d}.pt"
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (checkpoint written by fewer ranks?)")

@@ -87,8 +87,11 @@ class CheckpointConfig(_Strict):
                                          "pointer 'best')")
     keep_last: int = Field(2, ge=1, description="periodic checkpoints kept (older ones are deleted once a "
                                                 "newer one is complete)")
-    resume: str = Field("auto", description="auto: continue from <dir>/latest if present; never; or a "
-                                            "checkpoint directory / tag directory to start from")
+    resume: str = Field("auto", description="auto: continue from <dir>/latest if present; never; a checkpoint "
+                                            "root / tag directory (same mesh and ZeRO stage), or a consolidated "
+                                            "checkpoint (any mesh)")
+    init_from: str | None = Field(None, description="weights only (fine-tuning) from any checkpoint: tag, root "
+                                                    "or consolidated directory; fresh optimizer and schedule")
 
 
 class LogConfig(_Strict):
@@ -146,7 +149,7 @@ class TrainJobConfig(JobConfig):
 # CLI flag -> path inside the "weathermixer" section
 OVERRIDES = {"steps": ("train", "steps"), "dp": ("mesh", "dp"), "domain": ("mesh", "domain"),
              "tp": ("mesh", "tp"), "output_dir": ("log", "dir"), "data_path": ("data", "path"),
-             "resume": ("checkpoint", "resume")}
+             "resume": ("checkpoint", "resume"), "init_from": ("checkpoint", "init_from")}
 
 
 def _parse_value(text: str) -> Any:

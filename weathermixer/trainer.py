@@ -241,18 +241,22 @@ class Trainer:
 
     # setup ----------------------------------------------------------------------------------------
     def _setup(self):
+        self._setup_engine()
+        self._setup_data()
+
+    def _setup_engine(self):
+        """Process group (unless one exists), mesh, model, DeepSpeed engine, checkpoint manager."""
         import deepspeed
         import deepspeed.ops
 
         from jigsaw_ext.mesh import init_mesh
-        from .data import Normalizer, ShardedSampleLoader
         from .model import WeatherMixer
 
         job, tc = self.job, self.job.train
         cuda = torch.cuda.is_available()
         set_threads()
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
-            deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                        timeout=datetime.timedelta(seconds=tc.dist_timeout_s))
         if cuda:
@@ -261,32 +265,23 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = mesh = init_mesh(job.mesh)
 
-        # data first: rank 0 may write the synthetic store; a failure there must stop every rank
-        err = None
-        try:
-            self.data_cfg = prepare_data(job, self.rank)
-            if (self.data_cfg.leads or 0) < job.rollout:
-                self.data_cfg = self.data_cfg.model_copy(update={"leads": job.rollout})
-        except (ConfigError, ValueError, OSError) as e:
-            err = e
-        self._agree(err, "preparing the data")
-        cfg = job.model
-        try:
-            self.train_data = ShardedSampleLoader(self.data_cfg, cfg, mesh, "train", batch=self.ds[
-                "train_micro_batch_size_per_gpu"], seed=tc.seed)
-            stats = None
-            if self.data_cfg.stats and not self.data_cfg.fake:
-                stats = Normalizer.load(self.data_cfg.stats).stats
-            self.stats = stats
-            weights = channel_loss_weights(cfg.channels, job.loss, stats)
-        except (ValueError, OSError) as e:
-            err = e
-        self._agree(err, "opening the data")
+        self.model = WeatherMixer(job.model, mesh, device=self.device)
+        if job.checkpoint.init_from:
+            from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
-        self.model = WeatherMixer(cfg, mesh, device=self.device)
+            err = None
+            try:
+                load_into_model(self.model, job.checkpoint.init_from)
+            except (CheckpointFormatError, ValueError) as e:
+                err = e
+            self._agree(err, f"loading weights from checkpoint.init_from={job.checkpoint.init_from}")
+            if self.rank == 0:
+                self.log(f"weights from {job.checkpoint.init_from} (fine-tuning: fresh optimizer and schedule)")
         if zero_stage(self.ds) == 3:
             register_list_parameters(self.model)
         groups = param_groups(self.model, tc.param_groups, tc.lr)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=groups, config=self.ds, mpu=mesh.mpu(),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc)))
@@ -297,6 +292,33 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed computed dp={e.dp_world_size}, train_batch_size={e.train_batch_size()} "
                                f"but the mesh has dp={dp} (micro={self.micro}, accumulation={self.gas})")
         self.dtype = torch.bfloat16 if e.bfloat16_enabled() else torch.float16 if e.fp16_enabled() else torch.float32
+        ck_root = Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")
+        self.ckpt = CheckpointManager(ck_root, job.checkpoint.keep_last)
+        self.flops_per_sample = {}
+
+    def _setup_data(self):
+        from .data import Normalizer, ShardedSampleLoader
+
+        job, tc, cfg, mesh = self.job, self.job.train, self.job.model, self.mesh
+        # rank 0 may write the synthetic store; a failure there must stop every rank
+        err = None
+        try:
+            self.data_cfg = prepare_data(job, self.rank)
+            if (self.data_cfg.leads or 0) < job.rollout:
+                self.data_cfg = self.data_cfg.model_copy(update={"leads": job.rollout})
+        except (ConfigError, ValueError, OSError) as e:
+            err = e
+        self._agree(err, "preparing the data")
+        try:
+            self.train_data = ShardedSampleLoader(self.data_cfg, cfg, mesh, "train", batch=self.micro, seed=tc.seed)
+            stats = None
+            if self.data_cfg.stats and not self.data_cfg.fake:
+                stats = Normalizer.load(self.data_cfg.stats).stats
+            self.stats = stats
+            weights = channel_loss_weights(cfg.channels, job.loss, stats)
+        except (ValueError, OSError) as e:
+            err = e
+        self._agree(err, "opening the data")
 
         chans = self.train_data.chans
         self.w_lat = latitude_weights(torch.as_tensor(self.train_data.lat.copy()))[self.train_data.rows].to(self.device)
@@ -311,13 +333,85 @@ class Trainer:
         else:
             self.std, self.units = torch.ones(len(names), dtype=torch.float64), "data units (no stats)"
 
-        ck_root = Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")
-        self.ckpt = CheckpointManager(ck_root, job.checkpoint.keep_last)
-        self.flops_per_sample = {}
+    # a layout-free (consolidated) checkpoint as the start of this run, on this mesh -----------------
+    def load_consolidated(self, path) -> dict:
+        """Weights, AdamW moments and step, schedule position and engine counters from a consolidated
+        checkpoint into this engine (any mesh, any ZeRO stage). Returns {"step", "best", "sampler"}
+        where sampler is the data-loader state for this mesh."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from jigsaw_ext.checkpoint import KINDS, Consolidated
+
+        c = Consolidated(path)
+        idx = c.index
+        mine, theirs = self.job.model.model_dump(mode="json"), idx["job"]["model"]
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise CheckpointError(f"{c.dir}: written for another model (model.{diff[0]}: checkpoint "
+                                  f"{theirs.get(diff[0])!r}, this run {mine.get(diff[0])!r})")
+        want = [[n for n in g["names"]] for g in idx["optimizer"]["groups"]]
+        if want != self.group_names:
+            raise CheckpointError(f"{c.dir}: optimizer groups {[len(g) for g in want]} differ from this run's "
+                                  f"{[len(g) for g in self.group_names]} (train.param_groups changed?)")
+        e, coords, step = self.engine, self.mesh.coords, int(idx["optimizer"]["step"])
+        base = getattr(e.optimizer, "optimizer", e.optimizer)
+        if isinstance(base, torch.optim.Optimizer):  # make sure the moments exist before they are set
+            # ZeRO-3 puts its flat fp32 partitions into the torch groups only around each step
+            flats = getattr(e.optimizer, "fp32_partitioned_groups_flat", None)
+            for q in flats if flats is not None else [q for g in base.param_groups for q in g["params"]]:
+                st = base.state[q]
+                st.setdefault("step", torch.tensor(0.0))
+                for k in KINDS[1:]:
+                    if k not in st:
+                        st[k] = torch.zeros_like(q)
+            if hasattr(e.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link the moments
+                e.optimizer._hp_optimizer_states_linked = False
+                e.optimizer._lazy_init_hp_params_optimizer_state()
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                block = {k: p.block_layout.shard(c.full(name, k), coords).contiguous() for k in KINDS}
+                if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened block
+                    flat = block["param"].flatten().to(p.ds_tensor.dtype)
+                    pn, d = p.ds_tensor.numel(), self.mesh.coords["dp"]
+                    part = flat[d * pn:(d + 1) * pn]
+                    p.ds_tensor.zero_()
+                    p.ds_tensor[:part.numel()].copy_(part)
+                else:
+                    p.copy_(block["param"].to(p.dtype))
+                if e.optimizer is base:  # ZeRO-0 fp32: the torch optimizer holds the parameter itself
+                    base.state[p] = {"step": torch.tensor(float(step)), **{k: block[k].clone() for k in KINDS[1:]}}
+                elif hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+                    safe_set_full_fp32_param(p, block["param"])
+                    for k in KINDS[1:]:
+                        safe_set_full_optimizer_state(p, block[k], k)
+                # else: ZeRO-1/2 and no part of p in this dp rank's partition (another rank sets it)
+        if isinstance(base, torch.optim.Optimizer):
+            for st in base.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+        sched = idx.get("lr_scheduler")
+        if sched and e.lr_scheduler is not None:
+            e.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
+            for g, lr in zip(e.optimizer.param_groups, e.lr_scheduler.get_last_lr()):
+                g["lr"] = lr
+        eng = idx.get("engine") or {}
+        e.global_steps = int(eng.get("global_steps") or idx["step"])
+        e.global_samples = int(eng.get("global_samples") or 0)
+        e.skipped_steps = int(eng.get("skipped_steps") or 0)
+        ld, dp = idx["loader"], self.mesh.sizes["dp"]
+        per_step = self.micro * dp
+        if ld["samples_in_epoch"] % per_step:
+            raise CheckpointError(f"{c.dir}: the data position ({ld['samples_in_epoch']} samples into epoch "
+                                  f"{ld['epoch']}) is not a whole number of this run's global micro batches "
+                                  f"({self.micro} x dp {dp}); keep the global batch size")
+        sampler = {"epoch": ld["epoch"], "step": ld["samples_in_epoch"] // per_step, "seed": ld["seed"],
+                   "n": ld["n"], "batch": self.micro, "dp": dp, "shuffle": ld["shuffle"]}
+        return {"step": int(idx["step"]), "best": idx.get("best") if idx.get("best") is not None else math.inf,
+                "sampler": sampler}
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Collective: if any rank failed, every rank raises (no rank is left waiting)."""
-        flag = torch.tensor([0.0 if err is None else 1.0], device=getattr(self, "device", "cpu"))
+        flag = torch.tensor([0.0 if err is None else 1.0], device=self.device)
         dist.all_reduce(flag)
         if err is not None:
             raise ConfigError(f"{what}: {err}") if isinstance(err, (ConfigError, ValueError)) else err
@@ -325,9 +419,14 @@ class Trainer:
             raise TrainingFailed(f"another rank failed while {what} (its message is above)")
 
     def _job_info(self) -> dict:
+        """What a checkpoint records besides DeepSpeed's files: enough to read it on any mesh
+        (every parameter's block layout, the optimizer's groups by name) without the model code."""
         return {"mesh": self.job.mesh.model_dump(mode="json"), "model": self.job.model.model_dump(mode="json"),
                 "zero_stage": zero_stage(self.ds), "world_size": self.world,
-                "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds}
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds,
+                "layouts": {n: p.block_layout.to_json() for n, p in self.model.named_parameters()},
+                "param_groups": self.group_names}
 
     # helpers -------------------------------------------------------------------------------------
     def _to(self, t, dtype=None):
@@ -440,7 +539,17 @@ class Trainer:
         else:
             err = None
         self._agree(err, "finding the checkpoint to resume from")
-        if where:
+        if where and where[1] is None:  # a consolidated (layout-free) checkpoint: any mesh, any ZeRO stage
+            try:
+                got = self.load_consolidated(where[0])
+            except (CheckpointError, ValueError) as e:
+                err = e
+            self._agree(err, f"loading consolidated checkpoint {where[0]}")
+            step0, best = got["step"], got["best"]
+            self.train_data.load_state_dict({"sampler": got["sampler"], "split": "train"})
+            if rank == 0:
+                self.log(f"starting from consolidated checkpoint {where[0]} (step {step0}) on mesh {job.mesh}")
+        elif where:
             root, tag = where
             expect = {k: v for k, v in self._job_info().items() if k in ("mesh", "model", "zero_stage")}
             try:
