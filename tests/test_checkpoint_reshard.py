@@ -2,7 +2,6 @@
 resume there on the same loss curve; bit-identical round trips; bad checkpoints named."""
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate, inspect, main as ckpt_main
-from tests.test_training_runs import ENV, ROOT, _losses, _max_rel, _run, _train
+from tests.test_training_runs import ENV, ROOT, _max_rel, _run, _train
 
 STEPS, N = 6, 3
 
@@ -88,7 +87,7 @@ def test_reshard_resume_on_other_meshes_matches_the_uninterrupted_run(runs):
 
 
 def test_init_from_and_bad_checkpoints_are_named(runs, tmp_path):
-    tmp, job, src = runs["tmp"], runs["job"], runs["src"]
+    job, src = runs["job"], runs["src"]
     tag = src / f"step{N:08d}"
     # weights only (fine-tuning) on another mesh: step 1 of the new run starts from the trained weights
     losses, run = _train(job, tmp_path / "ft", (1, 1, 2), "checkpoint.resume=never", f"checkpoint.init_from={src}",
