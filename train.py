@@ -58,6 +58,10 @@ def single_process_env() -> None:
 
 
 def main(argv=None) -> int:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     args = parse_args(argv)
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -155,3 +155,26 @@ def test_fake_data_no_io(tmp_path):
     a, b = next(it), next(it)
     assert a.fields is b.fields and a.fields.shape == (3, 3, 16, 64) and a.static.shape == (3, 2, 16, 64)
     assert len(a.targets) == 2 and ld.lat[0] == 90 and ld.state_dict()["sampler"]["step"] == 2
+
+
+def test_leaving_a_finite_iteration_early_never_blocks(store):
+    """A finite (validation) pass left early while the prefetch thread is done loading and waits to
+    hand over its end-of-epoch marker: closing the iteration must return (it used to wait forever
+    on a full queue nobody read, hanging the rank and the job's next collective)."""
+    import threading
+    import time
+
+    ld = _loader(store, 1, 1, 0, prefetch=1, batch=8, shuffle=False, infinite=False)
+    assert len(ld) == 2  # batch 0 taken, batch 1 fills the queue, the end marker has nowhere to go
+
+    def leave_early():
+        for _ in ld:
+            time.sleep(0.5)  # the producer loads the rest and blocks on the full queue
+            break
+
+    for _ in range(2):  # twice: the second pass starts from a loader whose first pass was abandoned
+        ld.sampler.epoch, ld.sampler.step = 0, 0
+        t = threading.Thread(target=leave_early, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "leaving the iteration early hung"

@@ -95,7 +95,8 @@ def test_resume_continues_the_same_loss_curve(job, tmp_path):
     """2N steps straight versus N steps, stop (checkpoint), resume, N steps: equal losses, on 1x2x1
     with ZeRO-1 and a checkpoint every 2 steps (the 'latest' pointer moves, older tags are pruned)."""
     mesh, common = (2, 1, 1), ["ds.zero_optimization.stage=1", "ds.train_micro_batch_size_per_gpu=4",
-                               "checkpoint.every=2", "checkpoint.keep_last=1", "checkpoint.resume=auto"]
+                               "checkpoint.every=2", "checkpoint.keep_last=1", "checkpoint.resume=auto",
+                               "validation.every=2"]  # validations mid-run too (a finite pass left early)
     straight, _ = _train(job, tmp_path / "straight", mesh, *common)
     first, run1 = _train(job, tmp_path / "split", mesh, *common, "train.stop_after=3")
     assert sorted(first) == [1, 2, 3] and "stopping after step 3" in run1.stdout

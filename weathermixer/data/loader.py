@@ -179,21 +179,26 @@ class ShardedSampleLoader:
                 return
             epoch, step = epoch2, step2
 
+    @staticmethod
+    def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+        """Put unless the consumer has stopped (a blocking put on a full queue nobody reads would
+        keep the thread, and the consumer joining it, waiting forever)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _producer(self, q: queue.Queue, stop: threading.Event, epoch: int, step: int):
         try:
             for pos in self._positions(epoch, step):
-                item = (pos, self._load_at(*pos))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(q, stop, (pos, self._load_at(*pos))):
                     return
-            q.put(None)
+            self._put(q, stop, None)
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            q.put(err)
+            self._put(q, stop, err)
 
     def stop(self) -> None:
         """Stop the prefetch thread of the current iteration, if any."""
