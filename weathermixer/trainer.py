@@ -686,6 +686,8 @@ class Trainer:
                 runlog.close()
             return result
 
+        if not result.val:  # resumed at the last step already: nothing to train, report the model
+            result.val = self.validate()
         v = result.val
         if rank == 0:
             self.log(f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
