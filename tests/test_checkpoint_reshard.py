@@ -1,7 +1,6 @@
 """Checkpoints that outlive their layout: consolidate, reshard to other meshes and ZeRO stages,
 resume there on the same loss curve; bit-identical round trips; bad checkpoints named."""
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +9,16 @@ import pytest
 import torch
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate, inspect, main as ckpt_main
-from tests.test_training_runs import ENV, ROOT, _max_rel, _run, _train
+from tests.test_training_runs import ENV, ROOT, STEPS, _max_rel, _run, _train, small_job
 
-STEPS, N = 6, 3
+N = 3
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Uninterrupted 1x1x1 reference (6 steps) and the first N steps on 1x2x2 with ZeRO-1."""
     tmp = tmp_path_factory.mktemp("reshard")
-    j = json.loads((ROOT / "deepspeed_configs" / "quickstart_cpu.json").read_text())
-    w = j["weathermixer"]
-    w["data"].update(path=str(tmp / "synthetic"), end="2020-02-29 18:00", val_start="2020-02-15")
-    w["train"].update(steps=STEPS, rollout=2)
-    w["validation"].update(samples=8, every=0)
-    w["log"].update(every=1, tensorboard=False, plot=False)
-    w["checkpoint"].update(every=0, resume="auto")
-    job = tmp / "job.json"
-    job.write_text(json.dumps(j))
+    job = small_job(tmp, rollout=2, resume="auto")
     ref, _ = _train(job, tmp / "ref", (1, 1, 1), "checkpoint.resume=never", launcher="python")
     first, _ = _train(job, tmp / "src", (1, 2, 2), "ds.zero_optimization.stage=1", f"train.stop_after={N}")
     assert sorted(first) == list(range(1, N + 1)) and _max_rel(first, {s: ref[s] for s in first}) <= 1e-5

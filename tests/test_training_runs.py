@@ -17,21 +17,24 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    """The quickstart on two months of synthetic data (written once, shared by this module's runs),
-    a step-by-step log, validation on 8 samples, no TensorBoard (covered by the unit tests)."""
-    tmp = tmp_path_factory.mktemp("training")
+def small_job(tmp: Path, rollout: int, resume: str) -> Path:
+    """The quickstart on two months of synthetic data written under tmp (once, shared by the runs
+    that use this file), a step-by-step log, validation on 8 samples, no TensorBoard."""
     j = json.loads(CONFIG.read_text())
     w = j["weathermixer"]
     w["data"].update(path=str(tmp / "synthetic"), end="2020-02-29 18:00", val_start="2020-02-15")
-    w["train"].update(steps=STEPS, rollout=3)
+    w["train"].update(steps=STEPS, rollout=rollout)
     w["validation"].update(samples=8, every=0)
     w["log"].update(every=1, tensorboard=False, plot=False)
-    w["checkpoint"].update(every=0, resume="never")
+    w["checkpoint"].update(every=0, resume=resume)
     path = tmp / "job.json"
     path.write_text(json.dumps(j))
     return path
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    return small_job(tmp_path_factory.mktemp("training"), rollout=3, resume="never")
 
 
 def _launch(job, out, nproc, *args, launcher="torchrun", port=29541):
