@@ -7,7 +7,7 @@ versus the checkpoint's size on disk. Prints one JSON object.
 The 1.06 B checkpoint is written directly in DeepSpeed 0.19's ZeRO-1 file format for mesh
 1x2x2 (what the trainer writes: mp_rank_XX_model_states.pt with the module's blocks and
 param_shapes, zero_pp_rank_0_mp_rank_XX_optim_states.pt with the fp32 master partition and AdamW
-moments, job.json with the layouts), with random values: building the real engine for 1.06 B
+moments, job.json with the layouts, trainer_rankXXXXX.json), with random values: building the real engine for 1.06 B
 parameters with AdamW needs ~17 GB across ranks, more than this 24 GB machine can spare beside
 the benchmark. `reshard` does build engines (one process per target rank, each holding its share of
 weights and optimizer state), so it is measured on the small model only and its memory scales
@@ -39,6 +39,7 @@ def write_fake_zero1(out: Path, cfg, mesh_cfg, seed: int = 0) -> dict:
     import torch
 
     from jigsaw_ext.mesh import Mesh
+    from jigsaw_ext.safe_load import save_state
     from weathermixer.model import WeatherMixer
     from weathermixer.train_config import TrainConfig
     from weathermixer.trainer import param_groups
@@ -82,9 +83,8 @@ def write_fake_zero1(out: Path, cfg, mesh_cfg, seed: int = 0) -> dict:
             "param_alignment_paddings": [[0] * len(s) for s in shapes], "zero_stage": 1}},
             tag / f"zero_pp_rank_0_mp_rank_{m:02d}_optim_states.pt")
         del flats, states
-        torch.save({"loader": {"sampler": {"epoch": 0, "step": 100, "seed": 0, "n": 100000, "batch": 8, "dp": 1,
-                                           "shuffle": True}, "split": "train"}},
-                   tag / f"trainer_rank{m:05d}.pt")
+        save_state(tag / f"trainer_rank{m:05d}", {"loader": {"sampler": {
+            "epoch": 0, "step": 100, "seed": 0, "n": 100000, "batch": 8, "dp": 1, "shuffle": True}, "split": "train"}})
     job = {"train": {}, "model": cfg.model_dump(mode="json"), "mesh": mesh_cfg.model_dump(mode="json")}
     (tag / "job.json").write_text(json.dumps({
         "mesh": mesh_cfg.model_dump(mode="json"), "model": cfg.model_dump(mode="json"), "zero_stage": 1,
@@ -149,7 +149,7 @@ def main() -> int:
             print(child.stderr[-3000:], file=sys.stderr)
             return 1
         res = json.loads(child.stdout.strip().splitlines()[-1])
-        largest = max(p.stat().st_size for p in (cons / "tensors").glob("*.pt"))
+        largest = max(p.stat().st_size for p in (cons / "tensors").glob("*.safetensors"))
         src_bytes, cons_bytes = du(src), du(cons)
         out = {"benchmark": "checkpoint consolidate", "model": args.preset, "parameters": info["parameters"],
                "source": "ZeRO-1 on mesh 1x2x2, fp32 master + AdamW moments, random values (DeepSpeed 0.19 file "

@@ -309,7 +309,6 @@ def census(trainer) -> dict:
 
 
 def _memory_worker(rank, world, settings):
-    from weathermixer.loss import weighted_loss_term
     from weathermixer.train_config import load_train_job
     from weathermixer.trainer import Trainer, check_job
 
@@ -317,20 +316,13 @@ def _memory_worker(rank, world, settings):
     ds = check_job(job, ds, world, torch.cuda.is_available())
     trainer = Trainer(job, ds, log=lambda *a, **k: None)
     trainer._setup()
-    C, (H, W) = job.model.channels.n_fields, job.model.grid
-    count = trainer.micro * C * H * W
     batches = iter(trainer.train_data)
     trainer.engine.train()
     result = None
     for step in (1, 2):
-        sample = next(batches)
-        k = trainer.rollout_length(step)
-        f, s = trainer._to(sample.fields, trainer.dtype), trainer._to(sample.static, trainer.dtype)
-        preds = trainer.forecast(f, s, k)
-        loss = sum(weighted_loss_term(p.float(), trainer._to(y), trainer.w_lat, trainer.w_chan, count)
-                   for p, y in zip(preds, sample.targets[:k])) / k  # as in Trainer.run
+        loss = trainer.micro_step_loss(next(batches), trainer.rollout_length(step))  # as in Trainer.run
         trainer.engine.backward(loss)
-        del sample, f, s, preds, loss
+        del loss
         if step == 2:  # optimizer state exists (step 1 was taken), this step's gradients are alive
             result = census(trainer)
         trainer.engine.step()

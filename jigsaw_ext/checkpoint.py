@@ -8,18 +8,27 @@ full logical tensors, write it layout-free, and load it on any mesh.
 CKPT is a checkpoint tag directory written by the trainer (`<run>/checkpoints/step00000100`), a
 checkpoint root (its `latest` pointer is followed) or a consolidated directory.
 
-Consolidated format ("jigsaw-consolidated/1"), framework-neutral:
+Consolidated format ("jigsaw-consolidated/2"), framework-neutral and safe to share (nothing in it
+is a pickle: JSON and safetensors only):
     OUT/index.json                 format, step, the job's configuration (project section and DeepSpeed
                                    keys), source mesh and ZeRO stage, optimizer step and groups (by
                                    parameter name), lr-scheduler state, data-loader position (samples
-                                   consumed in the epoch), and per tensor: shape, dtype, files
-    OUT/tensors/<i>.<kind>.pt      one torch.save file per tensor and kind: param (fp32 master weights),
-                                   exp_avg, exp_avg_sq (AdamW moments), full logical shapes
+                                   consumed in the epoch), what a forecast needs (normalisation
+                                   statistics, the data set's mapping, versions, git commit), and per
+                                   tensor: shape, dtype, files
+    OUT/tensors/<i>.<kind>.safetensors
+                                   one safetensors file per tensor and kind (its one entry is named
+                                   after the kind): param (fp32 master weights), exp_avg, exp_avg_sq
+                                   (AdamW moments), full logical shapes; a loader that needs one block
+                                   reads only that block (safe_open(...).get_slice)
 
 Reading is streaming: every DeepSpeed file is memory-mapped and each logical tensor is assembled
 from the byte ranges that hold it, written, and freed, so peak memory stays near the largest tensor.
 The reader knows DeepSpeed 0.19's files for ZeRO 0 (fp32), 1, 2 and 3 (fp32 or bf16 training; the
-fp32 master weights are what is read). The source checkpoint is only ever opened for reading.
+fp32 master weights are what is read). The source checkpoint is only ever opened for reading. DeepSpeed's files are read with
+torch.load(weights_only=True) and the allowlist of jigsaw_ext.safe_load: a shard holding anything
+else (code) is refused, naming the file. Format 1 (tensors as torch pickles) is not read: re-run
+`consolidate` on the original DeepSpeed checkpoint.
 """
 from __future__ import annotations
 
@@ -35,8 +44,12 @@ from pathlib import Path
 import torch
 
 from .layout import Layout
+from .safe_load import UnsafeCheckpointError, load_state, safe_torch_load, state_exists
 
-FORMAT = "jigsaw-consolidated/1"
+FORMAT = "jigsaw-consolidated/2"
+OLD_FORMATS = ("jigsaw-consolidated/1",)
+# what a forecast needs besides the weights, copied from job.json into index.json
+SELF_CONTAINED = ("stats", "data", "provenance")
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 
 
@@ -72,31 +85,72 @@ def _read_json(path: Path) -> dict:
         raise CheckpointFormatError(f"{path}: corrupt JSON ({err})") from None
 
 
+def read_index(path: Path) -> dict:
+    """index.json of a consolidated checkpoint, of the current format (older ones: how to convert)."""
+    idx = _read_json(path / "index.json")
+    fmt = idx.get("format") if isinstance(idx, dict) else None
+    if fmt in OLD_FORMATS:
+        src = (idx.get("source") or {}).get("path", "the original DeepSpeed checkpoint")
+        raise CheckpointFormatError(
+            f"{path / 'index.json'}: format {fmt!r} keeps its tensors as torch pickles, which are not loaded "
+            f"(unpickling can run code); convert it by re-running `python -m jigsaw_ext.checkpoint consolidate "
+            f"{src} NEW_DIR` on the original DeepSpeed checkpoint (format {FORMAT!r}, safetensors)")
+    if fmt != FORMAT:
+        raise CheckpointFormatError(f"{path / 'index.json'}: format {fmt!r}, expected {FORMAT!r}")
+    return idx
+
+
 def read_job_info(path: str | Path) -> dict:
     """The configuration a checkpoint was written with: {"weathermixer": project section, "deepspeed":
-    DeepSpeed keys, "mesh", "model", "zero_stage", "step", "layouts"}."""
+    DeepSpeed keys, "mesh", "model", "zero_stage", "step", "layouts"} and, for checkpoints written
+    since they are self-contained, "stats", "data" and "provenance"."""
     path = resolve(path)
     if is_consolidated(path):
-        idx = _read_json(path / "index.json")
+        idx = read_index(path)
         return {"weathermixer": idx["job"], "deepspeed": idx["deepspeed"], "mesh": idx["source"]["mesh"],
                 "model": idx["job"]["model"], "zero_stage": idx["source"]["zero_stage"], "step": idx["step"],
-                "layouts": {n: t["layout"] for n, t in idx["tensors"].items()}}
+                "dtype": idx["source"].get("dtype", "float32"),
+                "layouts": {n: t["layout"] for n, t in idx["tensors"].items()},
+                **{k: idx.get(k) for k in SELF_CONTAINED}}
     if not (path / "COMPLETE").is_file():
         raise CheckpointFormatError(f"{path}: no COMPLETE marker (an interrupted save?)")
     return _read_json(path / "job.json")
 
 
 def _load(path: Path) -> dict:
+    """A DeepSpeed shard, memory-mapped, read with weights_only=True and the allowlist."""
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: missing shard (the checkpoint is incomplete)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return safe_torch_load(path, map_location="cpu", mmap=True)
+    except UnsafeCheckpointError as err:
+        raise CheckpointFormatError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - torch raises several types for damaged zip files
         raise CheckpointFormatError(f"{path}: unreadable ({type(err).__name__}: {err}); corrupt or truncated") from None
 
 
 def _mesh_coords(rank_in_group: int, mesh: dict) -> dict:
     return {"dp": 0, "domain": rank_in_group // mesh["tp"], "tp": rank_in_group % mesh["tp"]}
+
+
+def read_trainer_state(tag_dir: Path, rank: int) -> dict:
+    """Rank `rank`'s trainer state (data position, RNG states): trainer_rankNNNNN.json (+ .safetensors);
+    a trainer_rankNNNNN.pt of an older version is read with weights_only=True (tensors, numpy arrays
+    and plain containers only)."""
+    base = Path(tag_dir) / f"trainer_rank{rank:05d}"
+    try:
+        if state_exists(base):
+            return load_state(base)
+        legacy = base.with_name(base.name + ".pt")
+        if legacy.is_file():
+            return safe_torch_load(legacy, numpy=True)
+    except UnsafeCheckpointError as err:
+        raise CheckpointFormatError(str(err)) from None
+    except (ValueError, OSError) as err:
+        raise CheckpointFormatError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a damaged legacy zip
+        raise CheckpointFormatError(f"{base}.pt: unreadable ({type(err).__name__}: {err})") from None
+    raise CheckpointFormatError(f"{base}.json: missing (checkpoint written by fewer ranks, or incomplete)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +302,7 @@ class DeepSpeedTag:
 
     def loader_state(self) -> dict:
         """Samples consumed in the current epoch (mesh independent) from rank 0's trainer state."""
-        st = _load(self.dir / "trainer_rank00000.pt")["loader"]["sampler"]
+        st = read_trainer_state(self.dir, 0)["loader"]["sampler"]
         return {"epoch": st["epoch"], "samples_in_epoch": st["step"] * st["batch"] * st["dp"], "seed": st["seed"],
                 "n": st["n"], "shuffle": st["shuffle"]}
 
@@ -265,6 +319,8 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tensors").mkdir(parents=True)
+    from safetensors.torch import save_file
+
     tensors = {}
     t0 = time.perf_counter()
     names = list(tag.layouts)
@@ -272,8 +328,8 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
         files = {}
         for kind in KINDS:
             full = tag.full(name, kind)
-            rel = f"tensors/{i:05d}.{kind}.pt"
-            torch.save(full, tmp / rel)
+            rel = f"tensors/{i:05d}.{kind}.safetensors"
+            save_file({kind: full.contiguous()}, str(tmp / rel), metadata={"name": name, "kind": kind})
             files[kind] = rel
             del full
         tensors[name] = {"shape": list(tag.layouts[name].shape), "dtype": "float32", "files": files,
@@ -289,7 +345,7 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
              "lr_scheduler": _jsonable(st0.get("lr_scheduler")),
              "engine": {"global_steps": st0.get("global_steps"), "global_samples": st0.get("global_samples"),
                         "skipped_steps": st0.get("skipped_steps")},
-             "loader": tag.loader_state(), "tensors": tensors}
+             "loader": tag.loader_state(), **{k: tag.info.get(k) for k in SELF_CONTAINED}, "tensors": tensors}
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     os.replace(tmp, out)
     return out
@@ -306,27 +362,54 @@ def _jsonable(x):
 
 
 class Consolidated:
-    """Reader of a consolidated checkpoint: full tensors, memory-mapped."""
+    """Reader of a consolidated checkpoint: full tensors or one block, from safetensors files."""
 
     def __init__(self, path: str | Path):
         self.dir = resolve(path)
         if not is_consolidated(self.dir):
             raise CheckpointFormatError(f"{self.dir}: not a consolidated checkpoint (no index.json)")
-        self.index = _read_json(self.dir / "index.json")
-        if self.index.get("format") != FORMAT:
-            raise CheckpointFormatError(f"{self.dir / 'index.json'}: format {self.index.get('format')!r}, "
-                                        f"expected {FORMAT!r}")
+        self.index = read_index(self.dir)
 
-    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+    def _slice(self, name: str, kind: str, read):
+        """read(slice object of safetensors) on the tensor file of (name, kind), checked against the index."""
+        from safetensors import SafetensorError, safe_open
+
         try:
             entry = self.index["tensors"][name]
+            rel = entry["files"][kind]
         except KeyError:
-            raise CheckpointFormatError(f"{self.dir}: no tensor {name!r}") from None
-        path = self.dir / entry["files"][kind]
-        t = _load(path)
-        if not torch.is_tensor(t) or list(t.shape) != entry["shape"]:
-            raise CheckpointFormatError(f"{path}: expected a tensor of shape {entry['shape']} for {name} ({kind})")
-        return t
+            raise CheckpointFormatError(f"{self.dir}: no tensor {name!r} ({kind})") from None
+        path = (self.dir / rel).resolve()
+        if self.dir.resolve() not in path.parents:
+            raise CheckpointFormatError(f"{self.dir / 'index.json'}: file {rel!r} of {name} is outside the checkpoint")
+        if not path.is_file():
+            raise CheckpointFormatError(f"{path}: missing (the consolidated checkpoint is incomplete)")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if kind not in f.keys():
+                    raise CheckpointFormatError(f"{path}: no entry {kind!r} (holds {list(f.keys())[:5]})")
+                sl = f.get_slice(kind)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                if shape != entry["shape"] or dtype != "F32":
+                    raise CheckpointFormatError(f"{path}: {dtype} tensor of shape {shape}, index.json expects F32 "
+                                                f"{entry['shape']} for {name} ({kind})")
+                return read(sl)
+        except SafetensorError as err:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({err}); corrupt, truncated or "
+                                        f"not written by consolidate") from None
+
+    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+        return self._slice(name, kind, lambda sl: sl[:])
+
+    def block(self, name: str, kind: str, layout: Layout, coords) -> torch.Tensor:
+        """This rank's block of (name, kind) under `layout`, reading only that block."""
+        shape = self.index["tensors"].get(name, {}).get("shape")
+        if shape is not None and list(layout.shape) != shape:
+            raise CheckpointFormatError(f"{self.dir}: {name} has shape {shape}, this model expects "
+                                        f"{list(layout.shape)} (another model config?)")
+        sl = layout.local_slices(coords)
+        out = self._slice(name, kind, lambda s: s[sl] if sl else s[:])
+        return out.reshape(layout.local_shape(coords))
 
 
 def full_tensors(path: str | Path, kind: str = "param"):
@@ -359,8 +442,11 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
             if list(layout.shape) != info["layouts"][name]["shape"]:
                 raise CheckpointFormatError(f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
                                             f"expects {list(layout.shape)} (another model config?)")
-            full = reader.full(name, "param")
-            p.copy_(layout.shard(full, mesh.coords).to(p.dtype))
+            if isinstance(reader, Consolidated):
+                block = reader.block(name, "param", layout, mesh.coords)
+            else:
+                block = layout.shard(reader.full(name, "param"), mesh.coords)
+            p.copy_(block.to(p.dtype))
     return info
 
 

@@ -158,16 +158,44 @@ def test_checkpoint_pointers_resolve_and_prune(tmp_path):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000002", "step00000006"]
 
 
-def test_runlog_truncates_on_resume_and_plots(tmp_path):
-    log = RunLog(tmp_path, tensorboard=True)
+def test_runlog_truncates_on_resume_feeds_the_monitor_and_plots(tmp_path):
+    class Monitor:  # DeepSpeed's MonitorMaster interface
+        enabled, events = True, []
+
+        def write_events(self, events):
+            self.events += events
+
+    mon = Monitor()
+    log = RunLog(tmp_path, monitor=mon)
     for s in range(1, 6):
-        log.log(s, "train", {"loss": 1.0 / s, "lr": 1e-3})
-    log.log(4, "val", {"val_loss": 0.3})
+        log.log(s, "train", {"loss": 1.0 / s, "lr": 1e-3}, samples=8 * s)
+    log.log(4, "val", {"val_loss": 0.3, "rmse_z500@6h": float("nan")})
     log.close()
-    log = RunLog(tmp_path, tensorboard=False, resume_step=3)  # crashed after step 5, resumed from step 3
+    assert ("train/loss", 0.5, 16) in mon.events  # x axis: samples seen, when given
+    assert ("val/val_loss", 0.3, 4) in mon.events    # else the step
+    assert not any(e[0] == "val/rmse_z500@6h" for e in mon.events)  # non-finite values are not sent
+    log = RunLog(tmp_path, resume_step=3)  # crashed after step 5, resumed from step 3
     log.log(4, "train", {"loss": 0.2, "lr": 1e-3})
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [(int(r["step"]), r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (4, "train")]
     assert math.isclose(float(rows[-1]["loss"]), 0.2)
     png = log.plot()
-    assert png.stat().st_size > 5000 and list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert png.stat().st_size > 5000
+
+
+def test_monitor_sections_default_to_the_run_folder_and_name_a_missing_package(tmp_path, monkeypatch):
+    out = _check(["log.tensorboard=true", f"log.dir={tmp_path}", 'ds.csv_monitor={"enabled": true}',
+                  'ds.wandb={"enabled": false}'])
+    assert out["tensorboard"] == {"enabled": True, "output_path": str(tmp_path), "job_name": "tensorboard"}
+    assert out["csv_monitor"]["output_path"] == str(tmp_path) and not out["wandb"]["enabled"]
+    mine = _check(["log.tensorboard=true", 'ds.tensorboard={"enabled": true, "output_path": "/x", "job_name": "j"}'])
+    assert mine["tensorboard"] == {"enabled": True, "output_path": "/x", "job_name": "j"}  # the job file's wins
+    assert "tensorboard" not in _check(["log.tensorboard=false"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tensorboard.enabled \(log.tensorboard\): the tensorboard package is not "
+                                          r"installed; pip install 'jigsaw-weathermixer\[monitor\]'"):
+        _check(["log.tensorboard=true"])
+    assert "tensorboard" not in _check(['log.tensorboard="auto"'])  # auto: quietly off without the package

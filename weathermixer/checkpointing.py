@@ -2,26 +2,38 @@
 
     root/
       step00000100/                 one tag = one DeepSpeed checkpoint (mp_rank_*, zero_pp_rank_* files)
-        trainer_rank00000.pt        per rank: data-loader position, RNG states (torch, numpy, python, cuda)
-        job.json                    the job's project section and DeepSpeed config, mesh, step
+        trainer_rank00000.json      per rank: data-loader position, RNG states (torch, numpy, python, cuda)
+        trainer_rank00000.safetensors   (JSON and safetensors: nothing that runs code when read)
+        job.json                    the job's project section and DeepSpeed config, mesh, step, and
+                                    what a forecast needs: normalisation statistics, the data set's
+                                    mapping, package versions and git commit
         COMPLETE                    written last, after every rank has finished writing
       latest                        name of the newest complete tag (replaced atomically)
       best                          name of the tag with the best validation loss
 
 A crash during a save leaves a tag directory without COMPLETE that no pointer names: the previous
 checkpoint stays loadable, and the stale directory is removed by the next successful save.
+
+DeepSpeed's own files are read through jigsaw_ext.safe_load's checkpoint engine (weights_only=True
+and an explicit allowlist); a file holding anything else is refused, naming the file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
+from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_state
 
 POINTERS = ("latest", "best")
 
@@ -54,6 +66,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict:
+    """Package versions and the git commit of the code (None outside a git checkout; never fails)."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "deepspeed", "megatron-core", "jigsaw-weathermixer", "numpy", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except Exception:  # noqa: BLE001 - not installed, or broken metadata
+            versions[pkg] = None
+    commit = dirty = None
+    try:
+        here = Path(__file__).resolve().parent
+        run = dict(cwd=here, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", "rev-parse", "HEAD"], **run)
+        if r.returncode == 0 and r.stdout.strip():
+            commit = r.stdout.strip()
+            d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
+            dirty = bool(d.stdout.strip()) if d.returncode == 0 else None
+    except Exception:  # noqa: BLE001 - no git, a timeout: the commit is unknown
+        commit = dirty = None
+    return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
+
+
+def trainer_state_base(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"trainer_rank{rank:05d}"
+
+
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
@@ -63,6 +104,12 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    @staticmethod
+    def install_safe_loading(engine) -> None:
+        """engine.load_checkpoint reads DeepSpeed's files with weights_only=True and the allowlist of
+        jigsaw_ext.safe_load (call right after deepspeed.initialize; idempotent)."""
+        install_safe_checkpoint_engine(engine)
 
     # pointers -----------------------------------------------------------------------------------
     def pointer(self, name: str) -> str | None:
@@ -91,10 +138,7 @@ class CheckpointManager:
             (tag_dir / "COMPLETE").unlink(missing_ok=True)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        path = tag_dir / f"trainer_rank{self.rank:05d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(trainer_state, tmp)
-        os.replace(tmp, path)
+        save_state(trainer_state_base(tag_dir, self.rank), trainer_state)
         dist.barrier()  # every rank's files are complete
         if self.rank == 0:
             _atomic_write(tag_dir / "job.json", json.dumps(dict(job_info, step=step, tag=tag), indent=1))
@@ -154,11 +198,16 @@ class CheckpointManager:
                     f"checkpoint resumes on the mesh and ZeRO stage it was written with: convert it with "
                     f"`python -m jigsaw_ext.checkpoint reshard {tag_dir} OUT --dp .. --domain .. --tp ..` (or "
                     f"consolidate it and pass the result to --resume)")
-        path = tag_dir / f"trainer_rank{self.rank:05d}.pt"
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (checkpoint written by fewer ranks?)")
-        loaded, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        try:
+            mine = read_trainer_state(tag_dir, self.rank)
+        except CheckpointFormatError as err:
+            raise CheckpointError(str(err)) from None
+        install_safe_checkpoint_engine(engine)  # idempotent; DeepSpeed's files are never unpickled freely
+        try:
+            loaded, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        except UnsafeCheckpointError as err:
+            raise CheckpointError(str(err)) from None
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-        return client or {}, torch.load(path, weights_only=False), info
+        return client or {}, mine, info

@@ -7,7 +7,11 @@ store in the WeatherBench 2 forecast layout (readable by `python -m weathermixer
 
 with the data set's variable names, latitude order and attributes. CKPT is a training checkpoint
 tag directory, a checkpoint root (its `latest` pointer) or a consolidated checkpoint; the model,
-data set, normalisation statistics and time step come from the job it records.
+data set, normalisation statistics and time step come from the job it records. A checkpoint carries
+the statistics it was trained with (and the data set's variable, level and dimension mapping), so
+neither the training config nor its stats file is needed: only the data set of the initial
+conditions (--data-path overrides the recorded one; --stats overrides the recorded statistics).
+Checkpoints are read without unpickling code (jigsaw_ext.safe_load).
 
     python -m weathermixer.forecast --checkpoint runs/x/checkpoints --init-times 2020-05-16 2020-06-15 \\
         --init-every 12 --lead-hours 240 --out fc.zarr
@@ -40,10 +44,12 @@ the launch) is one line naming what does not match, exit code 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -125,6 +131,16 @@ class Job:
     data: DataConfig  # gridded (for a synthetic job: the store it generated)
     rollout_mode: str  # how it was trained: latent / autoregressive
     trained_leads: int  # K, the most leads it was trained to produce from one encoding (latent mode)
+    stats_origin: str = ""  # where the normalisation statistics come from (for the store's attributes)
+
+
+def _stats_file(stats: dict) -> str:
+    """The checkpoint's statistics as a file for the data loader (removed at exit)."""
+    fd, path = tempfile.mkstemp(prefix="weathermixer-stats-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(stats, f)
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    return path
 
 
 def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
@@ -142,15 +158,32 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
         job = parse(TrainJobConfig, info["weathermixer"], f"{where} (the checkpoint's job)")
     except (KeyError, ConfigError) as err:
         raise ForecastError(f"--checkpoint {where}: cannot read its job configuration: {err}") from None
-    if job.data.source == "synthetic":  # the store written by the training job, read like any other
+    recorded = info.get("data")  # the gridded data config the run read (self-contained checkpoints)
+    if recorded:
+        from .data import DataConfig
+
+        try:
+            data = parse(DataConfig, recorded, f"{where} (the checkpoint's data set)")
+        except ConfigError as err:
+            raise ForecastError(f"--checkpoint {where}: cannot read its data configuration: {err}") from None
+        if data_path:
+            data = data.model_copy(update={"path": data_path})
+        origin = "the data set recorded in the checkpoint"
+    elif job.data.source == "synthetic":  # the store written by the training job, read like any other
         data = job.data.gridded(job.model, 1)
         path = data_path or data.path
-        data = data.model_copy(update={"path": path, "stats": stats or f"{path}.stats.json"})
+        data = data.model_copy(update={"path": path, "stats": f"{path}.stats.json"})
         origin = "the synthetic store of the checkpoint's job (weathermixer.data.path)"
     else:
-        data = job.data.model_copy(update={k: v for k, v in (("path", data_path), ("stats", stats)) if v}
-                                   | ({"fake": False} if data_path else {}))
+        data = job.data.model_copy(update={"path": data_path, "fake": False} if data_path else {})
         origin = "the checkpoint's weathermixer.data.path"
+    # statistics: --stats, else the ones recorded in the checkpoint, else the job's stats file
+    if stats:
+        data, stats_origin = data.model_copy(update={"stats": stats}), stats
+    elif info.get("stats") is not None and not data.fake:
+        data, stats_origin = data.model_copy(update={"stats": _stats_file(info["stats"])}), "checkpoint"
+    else:
+        stats_origin = data.stats or "none"
     if data.fake:
         raise ForecastError(f"--checkpoint {where}: its job trained on fake data (data.fake=true); give the data "
                             f"set to forecast from with --data-path")
@@ -162,9 +195,9 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
         raise ForecastError(f"data set not found: {data.path}{hint}")
     if data.stats and "://" not in data.stats and not Path(data.stats).exists():
         raise ForecastError(f"normalisation statistics not found: {data.stats} (the ones the model was trained "
-                            f"with; give --stats)")
+                            f"with; this checkpoint does not record them: give --stats)")
     return Job(where, info, job.model, data, job.train.rollout_mode,
-               job.rollout if job.train.rollout_mode == "latent" else 1)
+               job.rollout if job.train.rollout_mode == "latent" else 1, stats_origin)
 
 
 def check_mesh(dp: int, domain: int, tp: int, world: int) -> None:
@@ -492,6 +525,8 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
         except MeshMismatch as e:
             raise ForecastError(f"mesh {mesh.config}: {e}") from None
         data, loader, mean, std = open_data(job, mesh, inits)
+        if job.stats_origin == "checkpoint" and os.path.exists(job.data.stats):
+            os.unlink(job.data.stats)  # read by now (the loader keeps the arrays)
         model = WeatherMixer(job.model, mesh, device=device)
         try:
             load_into_model(model, job.checkpoint)
@@ -508,6 +543,7 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
                  "checkpoint_step": int(job.info.get("step", -1)), "forecast_mode": args.mode,
                  "latent_steps_per_encode": per_encode, "dt_hours": job.data.dt_hours,
                  "initial_conditions": job.data.path, "trained_rollout_mode": job.rollout_mode,
+                 "normalisation_statistics": job.stats_origin,
                  "created_by": "python -m weathermixer.forecast"}
         create_store(partial, job, data, inits, leads, attrs)
     if world > 1:

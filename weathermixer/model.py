@@ -88,12 +88,22 @@ class WeatherMixer(nn.Module):
             init_parameters(self, mesh, cfg.seed)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None,
-                steps: int | None = None) -> torch.Tensor:
-        """Forecast at lead `steps` (default cfg.rollout) time steps from the state `fields`.
+    def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None, steps: int | None = None,
+                every_lead: bool = False, autoregressive: bool = False):
+        """Forecast `steps` time steps (default cfg.rollout) ahead of the state `fields`: the last lead,
+        or the list of every lead. The one entry point, so a DeepSpeed engine wraps every use.
 
+        Latent rollout: embed once, apply the block stack `steps` times, decode each lead.
+        autoregressive: each decoded lead is fed back in as the next input (one step at a time).
         fields: (B, n_fields_local, rows_local, lon) this rank's block; static likewise."""
-        return self.forecast_leads(fields, static, steps, every_lead=False)[-1]
+        if autoregressive:
+            leads, x = [], fields
+            for _ in range(steps or 1):
+                x = self.forecast_leads(x, static, 1)[0]
+                leads.append(x)
+        else:
+            leads = self.forecast_leads(fields, static, steps, every_lead)
+        return leads if every_lead else leads[-1]
 
     def forecast_leads(self, fields, static=None, steps=None, every_lead=True) -> list[torch.Tensor]:
         """Latent rollout: embed once, apply the block stack `steps` times, decode each lead

@@ -7,14 +7,18 @@ loads the consolidated state into it (Trainer.load_consolidated: weights, AdamW 
 schedule position, data position) and saves a normal checkpoint with its `latest` pointer, so
 `train.py --resume OUT` (or a checkpoint.dir of OUT) continues on the target mesh. The global batch
 size is kept (the target's micro batch is derived from it) so the run continues the same schedule
-and sample order.
+and sample order. What makes the checkpoint self-contained (normalisation statistics, the data
+set's mapping, versions and git commit of the run that trained it) is carried over. Nothing is
+unpickled: the consolidated form is safetensors + JSON, DeepSpeed's files are read with
+weights_only=True and an allowlist (jigsaw_ext.safe_load).
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate, is_consolidated, resolve
+from jigsaw_ext.checkpoint import (SELF_CONTAINED, CheckpointFormatError, Consolidated, consolidate, is_consolidated,
+                                   resolve)
 
 
 def target_job(index: dict, dp: int, domain: int, tp: int, zero_stage: int | None, micro_batch: int | None,
@@ -41,7 +45,7 @@ def target_job(index: dict, dp: int, domain: int, tp: int, zero_stage: int | Non
     return job, ds
 
 
-def _worker(rank, world, job_dict, ds, consolidated, out):
+def _worker(rank, world, job_dict, ds, consolidated, out, carried):
     import torch.distributed as dist
 
     from weathermixer.checkpointing import rng_state
@@ -56,8 +60,9 @@ def _worker(rank, world, job_dict, ds, consolidated, out):
     t._setup_engine()
     got = t.load_consolidated(consolidated)
     loader = {"sampler": got["sampler"], "split": "train"}
+    info = dict(t._job_info(), **{k: v for k, v in carried.items() if v is not None})
     t.ckpt.save(t.engine, got["step"], {"step": got["step"], "best": got["best"]},
-                {"loader": loader, "rng": rng_state(), "step": got["step"]}, t._job_info(), pointers=["latest"])
+                {"loader": loader, "rng": rng_state(), "step": got["step"]}, info, pointers=["latest"])
     dist.barrier()
     return got["step"]
 
@@ -93,7 +98,8 @@ def reshard(src: str | Path, out: str | Path, dp: int = 1, domain: int = 1, tp: 
         shutil.rmtree(partial, ignore_errors=True)
         if log:
             log(f"reshard: {dp * domain * tp} process(es) build the {dp}x{domain}x{tp} engine and load {cons}")
-        run_workers(_worker, dp * domain * tp, job, ds, str(cons), str(partial), timeout=timeout,
+        carried = {k: index.get(k) for k in SELF_CONTAINED}
+        run_workers(_worker, dp * domain * tp, job, ds, str(cons), str(partial), carried, timeout=timeout,
                     preload=["deepspeed", "weathermixer.trainer"])
         partial.rename(out)
         # the pointer names a tag inside the directory: still valid after the rename

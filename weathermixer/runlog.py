@@ -1,18 +1,27 @@
-"""Metrics of a training run (rank 0): CSV, TensorBoard and a loss-curve plot.
+"""What a training run reports: one row per logged step or validation, written to metrics.csv
+(human-readable) and handed to DeepSpeed's monitor (its tensorboard / csv_monitor / wandb sections
+of the job file), a loss-curve plot, the progress display, and the device-side loss watch.
 
 metrics.csv has one row per logged step (kind=train) or validation (kind=val); columns are the
 union of the keys seen, in first-seen order. On resume the rows after the resumed step are dropped,
-so a run that crashed after its last checkpoint does not leave duplicated steps behind.
+so a run that crashed after its last checkpoint does not leave duplicated steps behind. The monitor
+receives the same rows as scalars named "<kind>/<key>" (train/loss, val/rmse_z500@6h, ...) against
+the number of training samples seen, the axis of DeepSpeed's own Train/Samples/* events.
 """
 from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 
 class RunLog:
-    def __init__(self, out_dir: str | Path, csv_on: bool = True, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, out_dir: str | Path, csv_on: bool = True, monitor=None, resume_step: int = 0):
+        """monitor: anything with write_events([(name, value, step), ...]), e.g. engine.monitor."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "metrics.csv" if csv_on else None
@@ -21,11 +30,7 @@ class RunLog:
             with open(self.csv_path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self._write_all()
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.monitor = monitor if getattr(monitor, "enabled", True) else None
 
     def _columns(self) -> list[str]:
         cols: list[str] = []
@@ -43,7 +48,9 @@ class RunLog:
             w.writerows(self.rows)
         tmp.replace(self.csv_path)
 
-    def log(self, step: int, kind: str, values: dict) -> None:
+    def log(self, step: int, kind: str, values: dict, samples: int | None = None) -> None:
+        """One row. The monitor's x axis is `samples` (training samples seen, DeepSpeed's own axis
+        for its Train/Samples/* events; wandb needs one monotonic axis), else the step."""
         row = {"step": step, "kind": kind, **values}
         new_cols = any(k not in (self.rows[0] if self.rows else {}) for k in row)
         self.rows.append(row)
@@ -53,15 +60,16 @@ class RunLog:
             else:
                 with open(self.csv_path, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
-        if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
-            self.tb.flush()
+        if self.monitor:
+            x = step if samples is None else samples
+            self.monitor.write_events([(f"{kind}/{k}", float(v), x) for k, v in values.items()
+                                       if isinstance(v, (int, float)) and math.isfinite(v)])
 
     def close(self) -> None:
-        if self.tb:
-            self.tb.close()
+        for name in ("tb_monitor", "wandb_monitor"):  # DeepSpeed's MonitorMaster members
+            sub = getattr(self.monitor, name, None)
+            if name == "tb_monitor" and getattr(sub, "summary_writer", None) is not None:
+                sub.summary_writer.flush()
 
     def plot(self, path: str | Path | None = None) -> Path | None:
         """Training loss (log scale) with the validation loss, if any, against the step."""
@@ -88,3 +96,69 @@ class RunLog:
         fig.savefig(path)
         plt.close(fig)
         return path
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a batch-job log file (not a terminal) no carriage-return
+    redraws, only the plain periodic lines that write() is given."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log=print, stream=None):
+        from tqdm import tqdm
+
+        stream = stream or sys.stdout
+        self.log = log
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, mininterval=1.0,
+                        file=stream, disable=not (enabled and stream.isatty()))
+        self.enabled = enabled
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(refresh=False, **kw)
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar.disable:
+            self.log(line)
+        else:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LossWatch:
+    """The training loss without a host round trip per micro step: each micro step's loss is added
+    on the device and the first non-finite step is recorded on the device; collect() (a collective)
+    returns the global loss of every step since the last call and which ranks went non-finite, in
+    one all-reduce."""
+
+    def __init__(self, device, rank: int, world: int, scale: float):
+        self.device, self.rank, self.world, self.scale = device, rank, world, scale
+        self.first_bad = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps: list[int] = []
+        self.sums: list[torch.Tensor] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().double()
+        if not self.steps or self.steps[-1] != step:
+            self.steps.append(step)
+            self.sums.append(torch.zeros((), dtype=torch.float64, device=self.device))
+        self.sums[-1] += loss * self.scale
+        bad = ~torch.isfinite(loss) & (self.first_bad == 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def collect(self) -> tuple[list[int], list[float], dict[int, int]]:
+        n = len(self.sums)
+        buf = torch.zeros(n + self.world, dtype=torch.float64, device=self.device)
+        if n:
+            buf[:n] = torch.stack(self.sums)
+        buf[n + self.rank] = self.first_bad
+        dist.all_reduce(buf)
+        values = buf.tolist()
+        bad = {r: int(s) for r, s in enumerate(values[n:]) if s > 0}
+        steps = self.steps
+        self.steps, self.sums = [], []
+        return steps, values[:n], bad

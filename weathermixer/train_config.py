@@ -99,7 +99,9 @@ class LogConfig(_Strict):
                                                  "checkpoints/")
     every: int = Field(10, ge=1, description="steps between log lines / CSV rows")
     csv: bool = True
-    tensorboard: bool = True
+    tensorboard: bool | Literal["auto"] = Field(
+        "auto", description="shorthand for DeepSpeed's tensorboard monitor section writing to dir/tensorboard; "
+                            "auto = on when the tensorboard package (extra [monitor]) is installed")
     plot: bool = Field(True, description="loss curve PNG at the end")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (null = known GPUs "
                                                                "only; no MFU on CPU)")

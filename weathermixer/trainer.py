@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import ConfigError
-from .runlog import RunLog
+from .runlog import LossWatch, Progress, RunLog
 from .loss import channel_loss_weights, headline_channels, latitude_weights, per_channel_sse, weighted_loss_term
 from .train_config import TrainJobConfig
 
@@ -111,6 +111,7 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     out = dict(ds, optimizer=opt, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
                train_batch_size=micro * gas * dp)
     out.setdefault("steps_per_print", 10 ** 9)
+    out.update(monitor_sections(job, out))
     zero = zero_stage(out)
     if zero not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage: {zero}; allowed: 0, 1, 2, 3")
@@ -133,6 +134,39 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     if zero in (1, 2) and (zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None) \
             and not cuda:
         raise ConfigError("zero_optimization.offload_optimizer: offloading is for GPU runs")
+    return out
+
+
+MONITORS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv_monitor": None}
+
+
+def monitor_sections(job: TrainJobConfig, ds: dict) -> dict:
+    """DeepSpeed's monitor sections, completed: log.tensorboard=true (or auto, with tensorboard
+    installed) is shorthand for an enabled `tensorboard` section (an explicit section in the job
+    file wins); output paths default to
+    log.dir; wandb runs are written under log.dir (WANDB_MODE=offline works without network)."""
+    import importlib.util
+
+    out, tb = {}, job.log.tensorboard
+    if tb == "auto":
+        tb = importlib.util.find_spec("tensorboard") is not None
+    for key, package in MONITORS.items():
+        sec = dict(ds.get(key) or ({"enabled": True} if key == "tensorboard" and tb else {}))
+        if not sec.get("enabled"):
+            continue
+        if package:
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"{key}.enabled" + (" (log.tensorboard)" if key == "tensorboard" else "")
+                                  + f": the {package} package is not installed; pip install "
+                                    f"'jigsaw-weathermixer[monitor]' or disable it")
+        if key == "wandb":
+            os.environ.setdefault("WANDB_DIR", str(Path(job.log.dir).resolve()))
+            Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+        else:
+            if not sec.get("output_path"):
+                sec["output_path"] = str(job.log.dir)
+            sec.setdefault("job_name", key)
+        out[key] = sec
     return out
 
 
@@ -285,6 +319,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=groups, config=self.ds, mpu=mesh.mpu(),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc)))
+        CheckpointManager.install_safe_loading(self.engine)  # DeepSpeed's files: weights_only + allowlist
         e = self.engine
         dp = mesh.sizes["dp"]
         self.micro, self.gas = e.train_micro_batch_size_per_gpu(), e.gradient_accumulation_steps()
@@ -340,9 +375,12 @@ class Trainer:
         where sampler is the data-loader state for this mesh."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        from jigsaw_ext.checkpoint import KINDS, Consolidated
+        from jigsaw_ext.checkpoint import KINDS, CheckpointFormatError, Consolidated
 
-        c = Consolidated(path)
+        try:
+            c = Consolidated(path)
+        except CheckpointFormatError as err:
+            raise CheckpointError(str(err)) from None
         idx = c.index
         mine, theirs = self.job.model.model_dump(mode="json"), idx["job"]["model"]
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -369,7 +407,10 @@ class Trainer:
                 e.optimizer._lazy_init_hp_params_optimizer_state()
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                block = {k: p.block_layout.shard(c.full(name, k), coords).contiguous() for k in KINDS}
+                try:  # only this rank's block is read from each file
+                    block = {k: c.block(name, k, p.block_layout, coords).contiguous() for k in KINDS}
+                except CheckpointFormatError as err:
+                    raise CheckpointError(str(err)) from None
                 if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened block
                     flat = block["param"].flatten().to(p.ds_tensor.dtype)
                     pn, d = p.ds_tensor.numel(), self.mesh.coords["dp"]
@@ -420,13 +461,22 @@ class Trainer:
 
     def _job_info(self) -> dict:
         """What a checkpoint records besides DeepSpeed's files: enough to read it on any mesh
-        (every parameter's block layout, the optimizer's groups by name) without the model code."""
+        (every parameter's block layout, the optimizer's groups by name) without the model code, and
+        to forecast from it without the training config or stats file: the normalisation statistics
+        the run trained with, the gridded data config it read (variables, levels and dims mapping,
+        dt), package versions and the git commit."""
+        from .checkpointing import provenance
+
+        data_cfg = getattr(self, "data_cfg", None)
         return {"mesh": self.job.mesh.model_dump(mode="json"), "model": self.job.model.model_dump(mode="json"),
                 "zero_stage": zero_stage(self.ds), "world_size": self.world,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds,
                 "layouts": {n: p.block_layout.to_json() for n, p in self.model.named_parameters()},
-                "param_groups": self.group_names}
+                "param_groups": self.group_names,
+                "stats": getattr(self, "stats", None),
+                "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
+                "provenance": provenance()}
 
     # helpers -------------------------------------------------------------------------------------
     def _to(self, t, dtype=None):
@@ -441,15 +491,18 @@ class Trainer:
         return int(np.random.default_rng([self.job.train.seed, 7919, step]).integers(1, K + 1))
 
     def forecast(self, fields, static, k: int) -> list[torch.Tensor]:
-        """k leads: latent rollout (embed once) or autoregressive in data space."""
-        module = self.engine.module
-        if self.job.train.rollout_mode == "latent":
-            return module.forecast_leads(fields, static, k)
-        leads, x = [], fields
-        for _ in range(k):
-            x = module.forecast_leads(x, static, 1)[0]
-            leads.append(x)
-        return leads
+        """k leads through the engine's forward (ZeRO-3 micro-step counting and prefetch, timers,
+        profilers and autocast all hang off it): latent rollout or autoregressive in data space."""
+        return self.engine(fields, static, steps=k, every_lead=True,
+                           autoregressive=self.job.train.rollout_mode == "autoregressive")
+
+    def micro_step_loss(self, sample, k: int) -> torch.Tensor:
+        """This rank's share of the replica's loss on one micro batch, averaged over the k leads."""
+        f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
+        preds = self.forecast(f, s, k)
+        count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
+        return sum(weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
+                   for p, y in zip(preds, sample.targets[:k])) / k
 
     def _flops(self, k: int) -> int:
         """Training FLOPs of one sample with k leads (forward + backward = 3 x forward matmuls)."""
@@ -523,184 +576,201 @@ class Trainer:
 
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> Result:
+        """Set up, resume, then per step: train (forward/backward/step per micro batch), report
+        (every log.every steps), validate and checkpoint when due; finish with the final report."""
         self._setup()
-        job, tc, rank, world = self.job, self.job.train, self.rank, self.world
-        dp, micro, gas = self.mesh.sizes["dp"], self.micro, self.gas
-        C, (H, W) = job.model.channels.n_fields, job.model.grid
-        global_batch = micro * gas * dp
-        result = Result()
+        result = Result(start_step=self._resume())
+        self._open_outputs(result.start_step)
+        end = min(self.job.train.steps, result.start_step + self.job.train.stop_after) \
+            if self.job.train.stop_after else self.job.train.steps
+        self.engine.train()
+        self.batches = iter(self.train_data)
+        try:
+            for step in range(result.start_step + 1, end + 1):
+                self._train_step(step)
+                if step % self.job.log.every == 0 or step == end:
+                    self._report(step, result)
+                self._validate_and_save(step, end, result)
+        except TrainingFailed as e:
+            if self.rank == 0:
+                self.log(f"train.py: {e}", file=sys.stderr)
+            result.exit_code = 1
+            return result
+        finally:
+            self.progress.close()
+            self.train_data.stop()
+        return self._finish(end, result)
 
-        # resume
-        step0, best = 0, math.inf
+    # phases of the loop, in the order they run ------------------------------------------------------
+    def _resume(self) -> int:
+        """Load the checkpoint checkpoint.resume names (DeepSpeed tag on this mesh, or a consolidated
+        one on any mesh); returns the step it was written at (0 for a fresh start)."""
+        job, rank = self.job, self.rank
+        self.best = math.inf
+        err, where = None, None
         try:
             where = self.ckpt.resolve(job.checkpoint.resume)
         except CheckpointError as e:
-            where, err = None, e
-        else:
-            err = None
+            err = e
         self._agree(err, "finding the checkpoint to resume from")
-        if where and where[1] is None:  # a consolidated (layout-free) checkpoint: any mesh, any ZeRO stage
+        if not where:
+            return 0
+        if where[1] is None:  # a consolidated (layout-free) checkpoint: any mesh, any ZeRO stage
             try:
                 got = self.load_consolidated(where[0])
             except (CheckpointError, ValueError) as e:
                 err = e
             self._agree(err, f"loading consolidated checkpoint {where[0]}")
-            step0, best = got["step"], got["best"]
+            self.best = got["best"]
             self.train_data.load_state_dict({"sampler": got["sampler"], "split": "train"})
             if rank == 0:
-                self.log(f"starting from consolidated checkpoint {where[0]} (step {step0}) on mesh {job.mesh}")
-        elif where:
-            root, tag = where
-            expect = {k: v for k, v in self._job_info().items() if k in ("mesh", "model", "zero_stage")}
-            try:
-                client, mine, info = self.ckpt.load(self.engine, root, tag, expect)
-            except CheckpointError as e:
-                err = e
-            self._agree(err, f"loading checkpoint {root / tag}")
-            step0, best = int(client["step"]), float(client.get("best", math.inf))
-            self.train_data.load_state_dict(mine["loader"])
-            set_rng_state(mine["rng"])
-            if rank == 0:
-                self.log(f"resuming from {root / tag} (step {step0})")
-        result.start_step = step0
-
-        from .model import num_parameters
+                self.log(f"starting from consolidated checkpoint {where[0]} (step {got['step']}) on mesh {job.mesh}")
+            return got["step"]
+        root, tag = where
+        expect = {k: v for k, v in self._job_info().items() if k in ("mesh", "model", "zero_stage")}
+        try:
+            client, mine, _ = self.ckpt.load(self.engine, root, tag, expect)
+        except CheckpointError as e:
+            err = e
+        self._agree(err, f"loading checkpoint {root / tag}")
+        self.best = float(client.get("best", math.inf))
+        self.train_data.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
         if rank == 0:
-            self.log(f"mesh {job.mesh} on {world} process(es); model {num_parameters(job.model):,} parameters "
-                     f"(this rank {self.model.local_num_parameters():,}); global batch {global_batch} "
+            self.log(f"resuming from {root / tag} (step {client['step']})")
+        return int(client["step"])
+
+    def _open_outputs(self, step0: int) -> None:
+        """The start line, the run log (metrics.csv and DeepSpeed's monitors) and the progress display."""
+        from .model import num_parameters
+
+        job, tc, mesh = self.job, self.job.train, self.mesh
+        dp, micro, gas = mesh.sizes["dp"], self.micro, self.gas
+        self.global_batch = micro * gas * dp
+        if self.rank == 0:
+            self.log(f"mesh {job.mesh} on {self.world} process(es); model {num_parameters(job.model):,} parameters "
+                     f"(this rank {self.model.local_num_parameters():,}); global batch {self.global_batch} "
                      f"(micro {micro} x accumulation {gas} x dp {dp}); ZeRO-{zero_stage(self.ds)}; "
                      f"{str(self.dtype).replace('torch.', '')}; steps {step0 + 1}..{tc.steps}; rollout k in "
                      f"1..{job.rollout} ({tc.rollout_mode}); lr {tc.lr:g}; output {job.log.dir}")
-        runlog = None
-        if rank == 0:
-            runlog = RunLog(job.log.dir, job.log.csv, job.log.tensorboard, resume_step=step0)
+        self.runlog = RunLog(job.log.dir, job.log.csv, monitor=self.engine.monitor, resume_step=step0) \
+            if self.rank == 0 else None
+        self.progress = Progress(tc.steps, step0, enabled=self.rank == 0, log=self.log)
+        self.peak = self._peak_tflops()
+        self.watch = LossWatch(self.device, self.rank, self.world, scale=1.0 / (dp * gas))
+        self.window = {"flops": 0, "samples": 0, "t": time.perf_counter()}
 
-        from tqdm import tqdm
+    def _train_step(self, step: int) -> None:
+        """One optimizer step: `gas` micro batches through engine forward/backward/step. The loss
+        stays on the device (no host round trip per micro step); LossWatch checks it at reports."""
+        k = self.rollout_length(step)
+        for _ in range(self.gas):
+            loss = self.micro_step_loss(next(self.batches), k)
+            self.watch.add(step, loss)
+            self.engine.backward(loss)
+            self.engine.step()
+        self.window["flops"] += self._flops(k) * self.global_batch
+        self.window["samples"] += self.global_batch
+        self.progress.update(1)
 
-        count = micro * C * H * W  # elements of a replica's micro batch: the group's terms add up to the mean
-        flags = torch.zeros(world + 1, dtype=torch.float64, device=self.device)
+    def _check_finite(self, result: Result) -> list[float]:
+        """Collective: the global losses of the steps since the last check (into result.losses);
+        raises TrainingFailed naming the first non-finite step and its rank(s)."""
+        steps, losses, bad = self.watch.collect()
+        if bad:
+            first = min(bad.values())
+            raise TrainingFailed(
+                f"non-finite loss at step {first} on rank(s) {sorted(r for r, s in bad.items() if s == first)} "
+                f"(found at step {max(steps)}; checked every log.every={self.job.log.every} steps and before "
+                f"every validation and checkpoint); last good checkpoint: {self.ckpt.describe('latest')} (lower "
+                f"weathermixer.train.lr, set gradient_clipping, or check the data)")
+        result.losses.update(zip(steps, losses))
+        return losses
+
+    def _report(self, step: int, result: Result) -> None:
+        """Collective: a log row (loss, lr, throughput, peak memory, grad norm, MFU) every log.every steps."""
+        losses = self._check_finite(result)
+        w, world = self.window, self.world
+        elapsed = time.perf_counter() - w["t"]
         mem = torch.zeros(world, dtype=torch.float64, device=self.device)
-        bar = tqdm(total=tc.steps, initial=step0, disable=rank != 0, desc="train", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stdout)
-        acc = {"loss": 0.0, "n": 0, "flops": 0, "t": time.perf_counter(), "samples": 0}
-        peak = self._peak_tflops()
-        self.engine.train()
-        batches = iter(self.train_data)
-        step = step0
-        end = min(tc.steps, step0 + tc.stop_after) if tc.stop_after else tc.steps
-        try:
-            for step in range(step0 + 1, end + 1):
-                k = self.rollout_length(step)
-                step_loss = 0.0
-                for a in range(gas):
-                    sample = next(batches)
-                    f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
-                    preds = self.forecast(f, s, k)
-                    loss = sum(weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
-                               for p, y in zip(preds, sample.targets[:k])) / k
-                    # one small all-reduce: the global loss (sum of the terms / dp) and which ranks went non-finite
-                    flags.zero_()
-                    finite = bool(torch.isfinite(loss))
-                    flags[0] = loss.detach().double() / dp if finite else 0.0
-                    flags[1 + rank] = 0.0 if finite else 1.0
-                    dist.all_reduce(flags)
-                    if flags[1:].any():
-                        bad = [r for r in range(world) if flags[1 + r] > 0]
-                        bar.close()
-                        raise TrainingFailed(
-                            f"non-finite loss at step {step} (micro step {a}) on rank(s) {bad}; last good "
-                            f"checkpoint: {self.ckpt.describe('latest')} (lower weathermixer.train.lr, set "
-                            f"gradient_clipping, or check the data)")
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    step_loss += flags[0].item() / gas
-                result.losses[step] = step_loss
-                acc["loss"] += step_loss
-                acc["n"] += 1
-                acc["flops"] += self._flops(k) * global_batch
-                acc["samples"] += global_batch
-                bar.update(1)
+        mem[self.rank] = peak_memory_bytes(self.device)
+        dist.all_reduce(mem)
+        rate, tflops = w["samples"] / elapsed, w["flops"] / elapsed / world / 1e12
+        row = {"loss": sum(losses) / len(losses), "lr": self.engine.get_lr()[0], "samples_per_s": rate,
+               "tflops_per_rank": tflops, "peak_mem_gb_max": mem.max().item() / 2 ** 30,
+               "peak_mem_gb_min": mem.min().item() / 2 ** 30}
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            row["grad_norm"] = float(gn)
+        if self.peak:
+            row["mfu"] = tflops / self.peak
+        if self.rank == 0:
+            self.runlog.log(step, "train", row, samples=self.engine.global_samples)
+            self.progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}", tflops_rank=f"{tflops:.3g}")
+            self.progress.write(f"step {step}/{self.job.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                                f"samples/s {rate:.1f} TFLOP/s/rank {tflops:.3g} peak mem "
+                                f"{row['peak_mem_gb_max']:.2f} GB" + (f" MFU {row['mfu']:.1%}" if self.peak else ""))
+        self.window = {"flops": 0, "samples": 0, "t": time.perf_counter()}
 
-                if step % job.log.every == 0 or step == end:
-                    elapsed = time.perf_counter() - acc["t"]
-                    mem.zero_()
-                    mem[rank] = peak_memory_bytes(self.device)
-                    dist.all_reduce(mem)
-                    rate = acc["samples"] / elapsed
-                    tflops = acc["flops"] / elapsed / world / 1e12
-                    row = {"loss": acc["loss"] / acc["n"], "lr": self.engine.get_lr()[0], "samples_per_s": rate,
-                           "tflops_per_rank": tflops, "peak_mem_gb_max": mem.max().item() / 2 ** 30,
-                           "peak_mem_gb_min": mem.min().item() / 2 ** 30}
-                    gn = self.engine.get_global_grad_norm()
-                    if gn is not None:
-                        row["grad_norm"] = float(gn)
-                    if peak:
-                        row["mfu"] = tflops / peak
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}",
-                                    tflops_rank=f"{tflops:.3g}", refresh=False)
-                    if rank == 0:
-                        runlog.log(step, "train", row)
-                        bar.write(f"step {step}/{tc.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} samples/s "
-                                  f"{rate:.1f} TFLOP/s/rank {tflops:.3g} peak mem {row['peak_mem_gb_max']:.2f} GB"
-                                  + (f" MFU {row['mfu']:.1%}" if peak else ""))
-                    acc = {"loss": 0.0, "n": 0, "flops": 0, "t": time.perf_counter(), "samples": 0}
+    def _validate_and_save(self, step: int, end: int, result: Result) -> None:
+        """Validation when due, then a checkpoint when due (latest/best pointers). A state with a
+        non-finite loss is never validated or saved. Not counted as training time."""
+        job, t_extra = self.job, time.perf_counter()
+        last = step == job.train.steps
+        validate = last or (job.validation.every and step % job.validation.every == 0)
+        ck = job.checkpoint
+        save = (ck.every and step % ck.every == 0) or (last and ck.at_end) or (step == end and not last)
+        if not (validate or save):
+            return
+        self._check_finite(result)
+        pointers = []
+        if validate:
+            result.val = v = self._validate_and_log(step)
+            if v["val_loss"] < self.best:
+                self.best = v["val_loss"]
+                if ck.best:
+                    pointers.append("best")
+        if save:
+            pointers.append("latest")
+        if pointers:
+            if "latest" not in pointers and self.ckpt.pointer("latest") is None:
+                pointers.append("latest")
+            self._save(step, self.best, pointers, self.progress)
+        self.window["t"] += time.perf_counter() - t_extra
 
-                last = step == tc.steps
-                pointers, t_extra = [], time.perf_counter()
-                if last or (job.validation.every and step % job.validation.every == 0):
-                    t0 = time.perf_counter()
-                    v = self.validate()
-                    result.val = v
-                    if rank == 0:
-                        runlog.log(step, "val", {"val_loss": v["val_loss"], **{
-                            f"rmse_{key}": m for key, (m, _) in v["headline"].items()}})
-                        bar.write(f"validation at step {step} ({v['samples']} samples, "
-                                  f"{time.perf_counter() - t0:.1f} s): loss {v['val_loss']:.4f}; RMSE in "
-                                  f"{self.units} (persistence): " + ", ".join(
-                                      f"{key} {m:.4g} ({p:.4g})" for key, (m, p) in v["headline"].items()))
-                    if v["val_loss"] < best:
-                        best = v["val_loss"]
-                        if job.checkpoint.best:
-                            pointers.append("best")
-                ck = job.checkpoint
-                if (ck.every and step % ck.every == 0) or (last and ck.at_end) or (step == end and not last):
-                    pointers.append("latest")
-                if pointers:
-                    if "latest" not in pointers and self.ckpt.pointer("latest") is None:
-                        pointers.append("latest")
-                    self._save(step, best, pointers, bar)
-                acc["t"] += time.perf_counter() - t_extra  # validation and checkpoints are not training time
-        except TrainingFailed as e:
-            bar.close()
+    def _validate_and_log(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        v = self.validate()
+        if self.rank == 0:
+            self.runlog.log(step, "val", {"val_loss": v["val_loss"], **{
+                f"rmse_{key}": m for key, (m, _) in v["headline"].items()}}, samples=self.engine.global_samples)
+            self.progress.write(f"validation at step {step} ({v['samples']} samples, {time.perf_counter() - t0:.1f} s): "
+                                f"loss {v['val_loss']:.4f}; RMSE in {self.units} (persistence): " + ", ".join(
+                                    f"{key} {m:.4g} ({p:.4g})" for key, (m, p) in v["headline"].items()))
+        return v
+
+    def _finish(self, end: int, result: Result) -> Result:
+        """Stopped early (stop_after): say how to continue. Else the final validation line, the loss
+        plot and memory.json (peak per rank)."""
+        job, rank = self.job, self.rank
+        if end < job.train.steps:
             if rank == 0:
-                self.log(f"train.py: {e}", file=sys.stderr)
-            result.exit_code = 1
+                self.log(f"stopping after step {end} of {job.train.steps} (train.stop_after={job.train.stop_after}); "
+                         f"rerun the same command to continue from {self.ckpt.describe('latest')}")
+                self.runlog.close()
             return result
-        finally:
-            self.train_data.stop()
-        bar.close()
-        if end < tc.steps:
-            if rank == 0:
-                self.log(f"stopping after step {end} of {tc.steps} (train.stop_after={tc.stop_after}); rerun the "
-                         f"same command to continue from {self.ckpt.describe('latest')}")
-                runlog.close()
-            return result
-
         if not result.val:  # resumed at the last step already: nothing to train, report the model
             result.val = self.validate()
         v = result.val
-        if rank == 0:
-            self.log(f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
-                     f"ratio={v['rmse_norm_lead1'] / v['persistence_norm_lead1']:.3f}")
-            runlog.close()
-            if job.log.plot:
-                png = runlog.plot()
-                if png:
-                    self.log(f"loss curve: {png}")
-        mem.zero_()
+        mem = torch.zeros(self.world, dtype=torch.float64, device=self.device)
         mem[rank] = peak_memory_bytes(self.device)
         dist.all_reduce(mem)
         if rank == 0:
+            self.log(f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
+                     f"ratio={v['rmse_norm_lead1'] / v['persistence_norm_lead1']:.3f}")
+            self.runlog.close()
+            if job.log.plot and (png := self.runlog.plot()):
+                self.log(f"loss curve: {png}")
             Path(job.log.dir, "memory.json").write_text(json.dumps(
                 {"device": str(self.device), "peak_bytes_per_rank": mem.tolist(),
                  "measure": "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "max RSS"},

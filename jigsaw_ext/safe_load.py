@@ -1,0 +1,260 @@
+"""Loading checkpoint files without running code.
+
+A torch pickle can call any importable function while it is read (`os.system`, ...). Every file this
+project reads is therefore either data only (JSON, safetensors) or a torch file read with
+`torch.load(..., weights_only=True)` and the explicit allowlist below, the one place that lists the
+classes a checkpoint may contain besides tensors and plain containers:
+
+    DEEPSPEED_GLOBALS   what DeepSpeed 0.19 writes into its shards (checked by saving and loading
+                        ZeRO 0/1/2/3 in fp32 and bf16): the loss scaler of the ZeRO and bf16
+                        optimizers (LossScaler; DynamicLossScaler with fp16 on GPU), the ZeRO stage
+                        enum and the fragment addresses of ZeRO-1/2's optimizer state
+    NUMPY_GLOBALS       a numpy array (numpy's RNG state), only for trainer-state files written
+                        by torch.save before the JSON format (read-only compatibility)
+
+A refused file raises UnsafeCheckpointError naming the file and the object it would have created.
+
+    safe_torch_load(path, mmap=True)            a DeepSpeed shard
+    save_state(base, obj) / load_state(base)    JSON + safetensors for small nested state (dicts,
+                                                lists, tuples, numbers, strings, numpy arrays,
+                                                torch tensors): base.json and base.safetensors
+    install_safe_checkpoint_engine(engine)      DeepSpeed's load_checkpoint reads through it
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+STATE_FORMAT = "jigsaw-state/1"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file that would create objects outside the allowlist (code) if it were unpickled."""
+
+
+def deepspeed_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def numpy_globals() -> list:
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, _reconstruct, *{type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)}]
+
+
+def _refused(path, err: Exception) -> UnsafeCheckpointError:
+    text = str(err)
+    what = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*|"
+                     r"WeightsUnpickler error: [^\n]*)", text)
+    detail = what.group(1).strip() if what else text.splitlines()[0]
+    return UnsafeCheckpointError(
+        f"{path}: refused: it contains code or objects outside the allowlist of tensors, plain containers and "
+        f"the DeepSpeed classes in jigsaw_ext.safe_load ({detail}); it was not loaded and nothing in it ran")
+
+
+def safe_torch_load(path, map_location="cpu", mmap: bool = False, numpy: bool = False):
+    """torch.load with weights_only=True and the allowlist; mmap only for zip-format files."""
+    path = Path(path)
+    allow = deepspeed_globals() + (numpy_globals() if numpy else [])
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(allow):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weightsunpickler" in str(err).lower():
+            raise _refused(path, err) from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# small nested state as JSON (+ safetensors for tensors)
+def _encode(x, tensors: dict, where: str):
+    import numpy as np
+
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, (int, float)):
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    if torch.is_tensor(x):
+        key = f"t{len(tensors)}"
+        tensors[key] = x.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(x)]}
+    if isinstance(x, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, dict):
+        if not all(isinstance(k, str) for k in x):
+            raise TypeError(f"{where}: only string keys can be saved, got {[k for k in x][:5]}")
+        if set(x) & {"__tensor__", "__tuple__", "__ndarray__"}:
+            raise TypeError(f"{where}: the keys __tensor__, __tuple__, __ndarray__ are reserved by the state format")
+        return {k: _encode(v, tensors, f"{where}.{k}") for k, v in x.items()}
+    raise TypeError(f"{where}: cannot save {type(x).__name__} as data (allowed: dict, list, tuple, numbers, "
+                    f"strings, None, numpy arrays, torch tensors)")
+
+
+def _decode(x, tensors, path):
+    import numpy as np
+
+    if isinstance(x, list):
+        return [_decode(v, tensors, path) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if set(x) == {"__tensor__"}:
+        try:
+            return tensors[x["__tensor__"]]
+        except KeyError:
+            raise UnsafeCheckpointError(f"{path}: names tensor {x['__tensor__']!r}, which its .safetensors file "
+                                        f"does not hold") from None
+    if set(x) == {"__tuple__"}:
+        return tuple(_decode(v, tensors, path) for v in x["__tuple__"])
+    if set(x) == {"__ndarray__", "dtype", "shape"}:
+        return np.asarray(x["__ndarray__"], dtype=np.dtype(x["dtype"])).reshape(x["shape"])
+    return {k: _decode(v, tensors, path) for k, v in x.items()}
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_state(base: str | Path, obj) -> Path:
+    """Write base.safetensors (tensors, if any) and then base.json (the rest, and the tensors' keys)."""
+    from safetensors.torch import save_file
+
+    base = Path(base)
+    tensors: dict = {}
+    tree = _encode(obj, tensors, base.name)
+    st = base.with_name(base.name + ".safetensors")
+    if tensors:
+        tmp = st.with_name(st.name + ".tmp")
+        save_file(tensors, str(tmp))
+        _replace(tmp, st)
+    path = base.with_name(base.name + ".json")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": STATE_FORMAT, "tensors": bool(tensors), "state": tree}))
+    _replace(tmp, path)
+    return path
+
+
+def state_exists(base: str | Path) -> bool:
+    base = Path(base)
+    return base.with_name(base.name + ".json").is_file()
+
+
+def load_state(base: str | Path):
+    """The object save_state wrote. ValueError naming the file if it is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    base = Path(base)
+    path = base.with_name(base.name + ".json")
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON state file ({type(err).__name__}: {err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a {STATE_FORMAT} state file")
+    tensors = {}
+    if doc.get("tensors"):
+        st = base.with_name(base.name + ".safetensors")
+        try:
+            tensors = load_file(str(st))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{st}: missing (its tensors are named by {path.name})") from None
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{st}: not a readable safetensors file ({err})") from None
+    return _decode(doc["state"], tensors, path)
+
+
+# ------------------------------------------------------------------------------------------------
+_ENGINE_CLASS = None
+
+
+def _safe_engine_class():
+    global _ENGINE_CLASS
+    if _ENGINE_CLASS is None:
+        from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+        class SafeCheckpointEngine(CheckpointEngine):
+            """DeepSpeed's configured checkpoint engine for saving; loads with weights_only=True."""
+
+            def __init__(self, inner):
+                self.inner = inner
+                self.name = f"Safe({getattr(inner, 'name', type(inner).__name__)})"
+
+            def load(self, path: str, map_location=None):
+                return safe_torch_load(path, map_location=map_location)
+
+            def create(self, info):
+                return self.inner.create(info)
+
+            def save(self, state_dict, path: str):
+                return self.inner.save(state_dict, path)
+
+            def commit(self, info):
+                return self.inner.commit(info)
+
+            def makedirs(self, path, exist_ok=False):
+                return self.inner.makedirs(path, exist_ok=exist_ok)
+
+            def is_data_parallel_writer(self, dp_rank):
+                return self.inner.is_data_parallel_writer(dp_rank)
+
+            def is_decoupled(self):
+                return self.inner.is_decoupled()
+
+            def set_commit_info(self, info):
+                return self.inner.set_commit_info(info)
+
+            def get_commit_info(self):
+                return self.inner.get_commit_info()
+
+            def cleanup(self):
+                return self.inner.cleanup()
+
+            def preserves_storage_sharing(self):
+                return self.inner.preserves_storage_sharing()
+
+            def __getattr__(self, name):  # anything else an engine subclass offers
+                if name == "inner":
+                    raise AttributeError(name)
+                return getattr(self.inner, name)
+
+        _ENGINE_CLASS = SafeCheckpointEngine
+    return _ENGINE_CLASS
+
+
+def install_safe_checkpoint_engine(engine) -> None:
+    """Make engine.load_checkpoint read DeepSpeed's files with weights_only=True and the allowlist
+    (DeepSpeed's own engine unpickles them with weights_only=False). Call it right after
+    deepspeed.initialize; saving is unchanged. Universal checkpoints are refused: DeepSpeed reads
+    them with torch.load(weights_only=False) outside the checkpoint engine."""
+    cls = _safe_engine_class()
+    if engine.load_universal_checkpoint():
+        raise ValueError("checkpoint.load_universal: DeepSpeed reads universal checkpoints by unpickling them "
+                         "(weights_only=False), which can run code; convert them with `python -m "
+                         "jigsaw_ext.checkpoint` instead")
+    if not isinstance(engine.checkpoint_engine, cls):
+        engine.checkpoint_engine = cls(engine.checkpoint_engine)
