@@ -1,108 +1,17 @@
-"""Train WeatherMixer on a DP x DOMAIN x TP mesh with DeepSpeed.
+"""Train WeatherMixer on a DP x DOMAIN x TP mesh with DeepSpeed: the repository's launch script.
+
+The code lives in weathermixer/train_main.py (installed as the console script `weathermixer-train`);
+this file keeps the launch commands that name a script working from the repository root:
 
     deepspeed --num_gpus 4 train.py --deepspeed_config deepspeed_configs/quickstart_cpu.json
     torchrun --nproc_per_node 2 train.py --deepspeed_config ... --domain 2 --tp 1
     python train.py --deepspeed_config ... --domain 1 --tp 1            (one process)
-    ... --steps 500 --output-dir runs/x --data-path /data/era5.zarr --resume never
-    ... --set train.lr=5e-4 --set ds.zero_optimization.stage=3          (any key; "ds." = DeepSpeed's)
 
-The JSON file holds DeepSpeed's settings plus the project section "weathermixer"
-(weathermixer.train_config.TrainJobConfig: mesh, model, train, loss, data, validation, checkpoint,
-log). Everything that can be checked without processes talking to each other is checked first, on
-every rank, so a bad setting exits non-zero everywhere instead of leaving ranks blocked in a
-collective. The run itself is weathermixer.trainer.Trainer. Exit codes: 0 done, 1 failed
-(non-finite loss, a dead rank, a collective timeout), 2 bad configuration.
+`python train.py --help` lists every flag.
 """
-from __future__ import annotations
-
-import argparse
-import os
-import socket
 import sys
-import traceback
-import warnings
 
-from weathermixer.config import ConfigError
-from weathermixer.train_config import load_train_job
-
-EXIT_CONFIG, EXIT_FAILED = 2, 1
-warnings.filterwarnings("ignore", message="absl.logging is not installed")  # megatron-core, harmless
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deepspeed_config", required=True, help="JSON: DeepSpeed settings + 'weathermixer' section")
-    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    ap.add_argument("--steps", type=int, help="override weathermixer.train.steps")
-    ap.add_argument("--dp", type=int, help="override weathermixer.mesh.dp")
-    ap.add_argument("--domain", type=int, help="override weathermixer.mesh.domain")
-    ap.add_argument("--tp", type=int, help="override weathermixer.mesh.tp")
-    ap.add_argument("--output-dir", dest="output_dir", help="override weathermixer.log.dir")
-    ap.add_argument("--data-path", dest="data_path", help="override weathermixer.data.path")
-    ap.add_argument("--resume", help="override weathermixer.checkpoint.resume: auto | never | checkpoint dir")
-    ap.add_argument("--init-from", dest="init_from", help="override weathermixer.checkpoint.init_from (weights only)")
-    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="set any key (JSON value), e.g. train.lr=1e-3; prefix ds. for DeepSpeed's keys")
-    return ap.parse_args(argv)
-
-
-def single_process_env() -> None:
-    """Plain `python train.py`: a world of one (deepspeed would otherwise try MPI discovery)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def main(argv=None) -> int:
-    import faulthandler
-    import signal
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
-    args = parse_args(argv)
-    single_process_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    overrides = {k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume",
-                                                "init_from")}
-
-    import torch
-
-    from jigsaw_ext.checkpoint import CheckpointFormatError
-    from weathermixer.checkpointing import CheckpointError
-    from weathermixer.trainer import Trainer, check_job
-
-    try:
-        job, ds = load_train_job(args.deepspeed_config, overrides, args.settings)
-        ds = check_job(job, ds, world, torch.cuda.is_available())
-    except ConfigError as err:
-        if rank == 0:
-            print(f"train.py: {err}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-
-    trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
-    try:
-        result = trainer.run()
-    except (ConfigError, CheckpointError, CheckpointFormatError) as err:  # bad input met after the start
-        print(f"train.py (rank {rank}): {err}", file=sys.stderr, flush=True)
-        os._exit(EXIT_CONFIG)
-    except Exception as err:  # noqa: BLE001 - a dead peer, a timeout, an I/O error: bring the job down
-        traceback.print_exc()
-        ckpt = trainer.ckpt.describe("latest") if hasattr(trainer, "ckpt") else "none"
-        print(f"train.py (rank {rank}): {type(err).__name__}: {err}\n  this rank stops; if another rank died or a "
-              f"collective timed out (weathermixer.train.dist_timeout_s={job.train.dist_timeout_s:g} s), the "
-              f"launcher stops the rest. Rerun the same command to resume from the last checkpoint: {ckpt}",
-              file=sys.stderr, flush=True)
-        os._exit(EXIT_FAILED)  # no teardown: a collective with a dead peer could block destroy_process_group
-    import torch.distributed as dist
-
-    if result.exit_code == 0:
-        dist.barrier()
-    dist.destroy_process_group()
-    return result.exit_code
-
+from weathermixer.train_main import main
 
 if __name__ == "__main__":
     sys.exit(main())

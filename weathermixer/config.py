@@ -111,9 +111,36 @@ def parse(cls: type[BaseModel], data: dict, source: str = "config"):
         raise ConfigError(_describe(err, cls, source)) from None
 
 
+def job_file_presets() -> dict[str, Path]:
+    """Preset name -> job file shipped with the package (`deepspeed_configs/*.json` of the repository,
+    installed as the package data `weathermixer/job_files/*.json`; in a checkout or an editable install
+    `weathermixer/job_files` is a symlink to `../deepspeed_configs`, so there is one copy of each file)."""
+    from importlib.resources import files
+
+    folder = files("weathermixer").joinpath("job_files")
+    if not folder.is_dir():
+        return {}
+    return {e.name[:-len(".json")]: Path(str(e))  # a file-system install: str() is the file's path
+            for e in sorted(folder.iterdir(), key=lambda e: e.name) if e.name.endswith(".json")}
+
+
+def resolve_job_file(path: str | Path) -> Path:
+    """A job file path as given, or, for a bare name (no '/', no '.json') that is not an existing
+    file, the packaged job file of that name: `--deepspeed_config quickstart_cpu` works from any folder."""
+    text = str(path)
+    if Path(text).exists() or "/" in text or "\\" in text or text.endswith(".json"):
+        return Path(path)
+    presets = job_file_presets()
+    if text not in presets:
+        raise ConfigError(f"{text!r} is neither a file nor a packaged job file; presets: "
+                          f"{', '.join(presets) or '(none installed)'} (or give a path to a .json file)")
+    return presets[text]
+
+
 def read_job_file(path: str | Path) -> dict:
-    """The JSON object of a job file, with errors that name the file."""
-    path = Path(path)
+    """The JSON object of a job file (a path, or a preset name: see resolve_job_file), with errors
+    that name the file."""
+    path = resolve_job_file(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
