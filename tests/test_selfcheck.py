@@ -1,5 +1,6 @@
-"""The model on every mesh equals its single-process twin (what `python -m jigsaw_ext.selfcheck`
-checks), and the check fails when one of the published implementation's defects is put back."""
+"""The model on every mesh equals its single-process twin (what `python -m weathermixer.selfcheck`
+checks; `python -m jigsaw_ext.selfcheck` runs the same check on a generic block-sharded mixer), and
+the check fails when one of the published implementation's defects is put back."""
 import re
 import subprocess
 import sys
@@ -44,13 +45,21 @@ def test_published_defects_are_caught(defect):
     assert errors["output"] > 1e-3, errors
 
 
-def test_cli_prints_verdict_line_and_exit_code():
-    run = subprocess.run([sys.executable, "-m", "jigsaw_ext.selfcheck", "--domain", "2", "--tp", "2"],
+@pytest.mark.parametrize("mesh", [(1, 3, 2), (2, 2, 1), (1, 1, 4)], ids=lambda m: "x".join(map(str, m)))
+def test_generic_selfcheck_model_knows_no_weather(mesh):
+    dp, domain, tp = mesh
+    errors = run_workers(workers.generic_selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp),
+                         timeout=300)[0]
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+@pytest.mark.parametrize("module", ["weathermixer.selfcheck", "jigsaw_ext.selfcheck"])
+def test_cli_prints_verdict_line_and_exit_code(module):
+    run = subprocess.run([sys.executable, "-m", module, "--domain", "2", "--tp", "2"],
                          capture_output=True, text=True, timeout=300)
     last = run.stdout.strip().splitlines()[-1]
     assert run.returncode == 0 and re.fullmatch(r"selfcheck PASS max_rel_err=\S+", last), run.stdout + run.stderr
     for quantity in ("output", "loss", "input_grad", "param_grad", "params_after_steps"):
         assert quantity in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "jigsaw_ext.selfcheck", "--domain", "40"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", module, "--domain", "40"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "selfcheck FAIL" in bad.stdout and "mesh.domain=40" in bad.stdout

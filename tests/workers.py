@@ -162,10 +162,11 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
 
 # ---------------------------------------------------------------------------------- selfcheck
 def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=None):
-    """jigsaw_ext.selfcheck's comparison, optionally with one of the published implementation's
+    """weathermixer.selfcheck's comparison, optionally with one of the published implementation's
     defects re-introduced, to prove the check catches it."""
-    from jigsaw_ext import collectives, init, selfcheck as sc
+    from jigsaw_ext import collectives, init
     from jigsaw_ext.mesh import MeshConfig
+    from weathermixer import selfcheck as sc
 
     if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
         collectives._sum_over = lambda x, group: x
@@ -186,7 +187,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
 
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh
-    from jigsaw_ext.selfcheck import default_model_config
+    from weathermixer.selfcheck import default_model_config
     from weathermixer.loss import latitude_weights, weighted_mse_term
     from weathermixer.model import WeatherMixer
 
@@ -230,3 +231,11 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
         errs[name] = _rel(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
     return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()),
             "worst": max(errs, key=errs.get)}
+
+
+def generic_selfcheck(rank, world, mesh_kwargs):
+    """jigsaw_ext's own self-check model (no weather in it)."""
+    from jigsaw_ext.mesh import MeshConfig
+    from jigsaw_ext.selfcheck import MixerTask, compare_with_serial
+
+    return {k: v for k, (v, _) in compare_with_serial(MixerTask(), MeshConfig(**mesh_kwargs)).items()}
