@@ -11,7 +11,7 @@ this file keeps the launch commands that name a script working from the reposito
 """
 import sys
 
-from weathermixer.train_main import main
+from weathermixer.train.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

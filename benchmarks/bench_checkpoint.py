@@ -41,8 +41,8 @@ def write_fake_zero1(out: Path, cfg, mesh_cfg, seed: int = 0) -> dict:
     from jigsaw_ext.mesh import Mesh
     from jigsaw_ext.safe_load import save_state
     from weathermixer.model import WeatherMixer
-    from weathermixer.train_config import TrainConfig
-    from weathermixer.trainer import param_groups
+    from weathermixer.train.config import TrainConfig
+    from weathermixer.train.trainer import param_groups
 
     assert mesh_cfg.dp == 1
     tag = out / "step00000100"
@@ -129,7 +129,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from jigsaw_ext.mesh import MeshConfig
-    from weathermixer.presets import PRESETS
+    from weathermixer.model.presets import PRESETS
 
     cfg = PRESETS["paper_1b"]
     if args.preset == "small":
@@ -166,7 +166,7 @@ def main() -> int:
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-c", (
                 "import resource, sys, time; sys.path.insert(0, sys.argv[1]);"
-                "from weathermixer.reshard import reshard; t=time.perf_counter();"
+                "from weathermixer.train.reshard import reshard; t=time.perf_counter();"
                 "reshard(sys.argv[2], sys.argv[3], dp=1, domain=1, tp=2, zero_stage=2, log=None);"
                 "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)"),
                 str(ROOT), str(cons), str(work / "resharded")], capture_output=True, text=True,

@@ -35,7 +35,7 @@ from jigsaw_ext.layout import Layout  # noqa: E402
 from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
-from weathermixer.geometry import Geometry  # noqa: E402
+from weathermixer.model.geometry import Geometry  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
 
 MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 2), (1, 4, 1), (1, 2, 4)]  # (dp, domain, tp)

@@ -62,7 +62,7 @@ MEMORY_HIDDEN = 256
 # measured with the default and with the threshold at 0
 MEMORY_VARIANTS = [("zero0", 0, []), ("zero1", 1, []), ("zero2", 2, []), ("zero3", 3, []),
                    ("zero3_persistence0", 3, ["ds.zero_optimization.stage3_param_persistence_threshold=0"])]
-PRELOAD = ["deepspeed", "megatron.core", "weathermixer.trainer", "benchmarks.bench_train"]  # imported once, forked
+PRELOAD = ["deepspeed", "megatron.core", "weathermixer.train.trainer", "benchmarks.bench_train"]  # imported once, forked
 LOSS_MESHES = [(1, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 1)]
 SETTINGS = {
     "full": dict(loss_steps=20, loss_runs=[(v[0], mesh) for v in LOSS_VARIANTS for mesh in LOSS_MESHES],
@@ -309,8 +309,8 @@ def census(trainer) -> dict:
 
 
 def _memory_worker(rank, world, settings):
-    from weathermixer.train_config import load_train_job
-    from weathermixer.trainer import Trainer, check_job
+    from weathermixer.train.config import load_train_job
+    from weathermixer.train.trainer import Trainer, check_job
 
     job, ds = load_train_job(CONFIG, settings=settings)
     ds = check_job(job, ds, world, torch.cuda.is_available())
@@ -340,7 +340,7 @@ def _expected(stage: int, psi: float, dp: int) -> dict:
 
 def memory_figure(cfg: dict, base: list[str], work: Path) -> dict:
     from weathermixer.model import num_parameters
-    from weathermixer.train_config import load_train_job
+    from weathermixer.train.config import load_train_job
 
     settings = base + [f"model.hidden={MEMORY_HIDDEN}"]
     job, _ = load_train_job(CONFIG, settings=settings)
@@ -459,8 +459,8 @@ def throughput_figure(cfg: dict, base: list[str], work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 def prepare_data(base: list[str]) -> float:
     """Write the synthetic store and its statistics once, before any run (as rank 0 would)."""
-    from weathermixer.train_config import load_train_job
-    from weathermixer.trainer import prepare_data as write
+    from weathermixer.train.config import load_train_job
+    from weathermixer.train.trainer import prepare_data as write
 
     job, _ = load_train_job(CONFIG, settings=base)
     start = time.perf_counter()

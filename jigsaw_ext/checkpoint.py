@@ -498,7 +498,7 @@ def main(argv=None) -> int:
             out = consolidate(args.ckpt, args.out, log=lambda s: print(s, file=sys.stderr))
             print(out)
         else:
-            from weathermixer.reshard import reshard
+            from weathermixer.train.reshard import reshard
 
             out = reshard(args.ckpt, args.out, dp=args.dp, domain=args.domain, tp=args.tp,
                           zero_stage=args.zero_stage, micro_batch=args.micro_batch, timeout=args.timeout)

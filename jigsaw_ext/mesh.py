@@ -114,6 +114,20 @@ def init_process_group(timeout_s: float = 300.0, backend: str | None = None) -> 
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def failed_ranks(err: BaseException | None, code: int = 1, device=None) -> dict[int, int]:
+    """Collective over the world: {rank: code} for every rank that passed an error (the caller's
+    `code` for it, e.g. an exit status). Lets every rank stop after a failure on one of them
+    instead of leaving the others waiting in the next collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return {0: code} if err is not None else {}
+    flags = torch.zeros(world, device=device)
+    if err is not None:
+        flags[dist.get_rank()] = code
+    dist.all_reduce(flags)
+    return {r: int(c) for r, c in enumerate(flags.tolist()) if c}
+
+
 def init_mesh(config: MeshConfig) -> Mesh:
     """Build the process groups of the mesh. Every rank must call this (group creation is collective)."""
     from megatron.core.hyper_comm_grid import HyperCommGrid

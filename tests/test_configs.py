@@ -17,8 +17,8 @@ import pytest
 
 from jigsaw_ext.mesh import Mesh
 from weathermixer.model import WeatherMixer, num_parameters
-from weathermixer.presets import PRESETS
-from weathermixer.train_config import load_train_job
+from weathermixer.model.presets import PRESETS
+from weathermixer.train.config import load_train_job
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "deepspeed_configs"

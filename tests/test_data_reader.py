@@ -11,7 +11,7 @@ from weathermixer.data import (DataConfig, DataError, DataJobConfig, GriddedData
                                load_data_job)
 from weathermixer.data.__main__ import main as cli
 from weathermixer.data.synth import write_synthetic
-from weathermixer.geometry import MeshMismatch
+from weathermixer.model.geometry import MeshMismatch
 from jigsaw_ext.mesh import Mesh, MeshConfig
 
 CH = ChannelsConfig(surface=["2m_temperature", "mean_sea_level_pressure"], atmospheric=["geopotential", "temperature"],

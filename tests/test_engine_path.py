@@ -40,7 +40,7 @@ def test_accumulation_and_clipping_match_the_serial_twin(job, mesh, stage):
     twin = engine_workers.serial_twin(str(job), settings, STEPS)
     assert min(twin["grad_norms"]) > 0.05, f"the test must clip: {twin['grad_norms']}"
     res = run_workers(engine_workers.trainer_against_twin, dp * domain * tp, str(job), settings, twin["params"],
-                      timeout=300, preload=["deepspeed", "weathermixer.trainer"])
+                      timeout=300, preload=["deepspeed", "weathermixer.train.trainer"])
     for rank, r in enumerate(res):
         assert r["max_err"] <= 1e-5, f"rank {rank}: {r['max_err']:.2e} on {r['worst']}"
         assert r["global_steps"] == STEPS and r["micro_steps"] == 2 * STEPS, r

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from weathermixer import evaluate as E
-from weathermixer import scorecard as S
+from weathermixer.evaluation import evaluate as E
+from weathermixer.evaluation import scorecard as S
 from weathermixer.data.synth import write_synthetic
-from weathermixer.metrics import EvaluationError
+from weathermixer.evaluation.metrics import EvaluationError
 
 VARS = ["2m_temperature", "geopotential", "temperature"]
 LEVELS = [500, 850]

@@ -15,7 +15,8 @@ import zarr
 
 from jigsaw_ext.checkpoint import consolidate
 from jigsaw_ext.testing import run_workers
-from weathermixer import evaluate, forecast
+from weathermixer.evaluation import evaluate
+from weathermixer.inference import forecast
 from weathermixer.data.synth import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
-"""Metric functions of weathermixer.metrics against hand-worked cases and independent computations
+"""Metric functions of weathermixer.evaluation.metrics against hand-worked cases and independent computations
 (xarray's .weighted, explicit loops, pandas groupby), never against their own outputs."""
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
-from weathermixer import metrics as M
-from weathermixer.metrics import EvaluationError
+from weathermixer.evaluation import metrics as M
+from weathermixer.evaluation.metrics import EvaluationError
 
 LAT3 = np.array([-60.0, 0.0, 60.0])  # cos = 0.5, 1, 0.5; mean 2/3 -> w = 0.75, 1.5, 0.75
 

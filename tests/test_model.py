@@ -7,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from jigsaw_ext.mesh import Mesh, MeshConfig
 from weathermixer.config import ChannelsConfig, ModelConfig
 from weathermixer.model import WeatherMixer
-from weathermixer.presets import PRESETS
-from weathermixer.size import size_report
+from weathermixer.model.presets import PRESETS
+from weathermixer.model.size import size_report
 
 CONFIGS = [
     ModelConfig(),

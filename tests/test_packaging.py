@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jigsaw_ext", "weathermixer")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = {
-    "weathermixer-train": "weathermixer.train_main:main",
+    "weathermixer-train": "weathermixer.train.main:main",
     "weathermixer-data": "weathermixer.data.__main__:main",
-    "weathermixer-forecast": "weathermixer.forecast:main",
-    "weathermixer-evaluate": "weathermixer.evaluate:main",
-    "weathermixer-scorecard": "weathermixer.scorecard:main",
-    "weathermixer-size": "weathermixer.size:main",
+    "weathermixer-forecast": "weathermixer.inference.forecast:main",
+    "weathermixer-evaluate": "weathermixer.evaluation.evaluate:main",
+    "weathermixer-scorecard": "weathermixer.evaluation.scorecard:main",
+    "weathermixer-size": "weathermixer.model.size:main",
     "weathermixer-selfcheck": "weathermixer.selfcheck:main",
     "jigsaw-selfcheck": "jigsaw_ext.selfcheck:main",
     "jigsaw-checkpoint": "jigsaw_ext.checkpoint:main",
@@ -82,7 +82,7 @@ def installed_wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_every_module_and_job_file(installed_wheel):
     site = installed_wheel
     expected = source_modules()
-    assert {"weathermixer.data", "weathermixer.data.reader", "weathermixer.train_main"} <= expected
+    assert {"weathermixer.data", "weathermixer.data.reader", "weathermixer.train.main"} <= expected
     shipped = {m for m in (".".join(p.relative_to(site).with_suffix("").parts).removesuffix(".__init__")
                            for p in site.rglob("*.py")) if m.split(".")[0] in PACKAGES}
     assert not expected - shipped, f"modules missing from the wheel: {sorted(expected - shipped)}"

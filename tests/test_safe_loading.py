@@ -18,7 +18,7 @@ import xarray as xr
 from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate
 from jigsaw_ext.testing import run_workers
 from tests.test_training_runs import _launch, _run, small_job
-from weathermixer import forecast
+from weathermixer.inference import forecast
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -69,8 +69,8 @@ def _forecast_argv(checkpoint, out, *extra):
 def _resume_worker(rank, world, info, attempts):
     """The trainer's engine (the quickstart job of the checkpoint), then each bad checkpoint in turn."""
     from weathermixer.config import parse
-    from weathermixer.train_config import TrainJobConfig
-    from weathermixer.trainer import Trainer, check_job
+    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.train.trainer import Trainer, check_job
 
     job = parse(TrainJobConfig, info["weathermixer"], "test")
     ds = dict(info["deepspeed"])
@@ -152,7 +152,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     info = json.loads((ckpt["tag"] / "job.json").read_text())
     attempts = [("ds", str(bad_model)), ("ds", str(bad_optim)), ("ds", str(bad_state)), ("ds", str(bad_state_st)),
                 ("consolidated", str(bad_cons)), ("consolidated", str(old))]
-    got = run_workers(_resume_worker, 1, info, attempts, timeout=240, preload=["deepspeed", "weathermixer.trainer"])[0]
+    got = run_workers(_resume_worker, 1, info, attempts, timeout=240, preload=["deepspeed", "weathermixer.train.trainer"])[0]
     expected = [f"{MODEL}: refused", f"{OPTIM}: refused", "trainer_rank00000.pt: refused",
                 "trainer_rank00000.safetensors: not a readable", "00000.param.safetensors: not a readable",
                 "re-running `python -m jigsaw_ext.checkpoint consolidate"]

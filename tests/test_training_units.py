@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig
-from weathermixer.checkpointing import CheckpointError, CheckpointManager
+from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
 from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig
-from weathermixer.geometry import Geometry
-from weathermixer.loss import (channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term)
+from weathermixer.model.geometry import Geometry
+from weathermixer.train.loss import (channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term)
 from weathermixer.model import WeatherMixer
-from weathermixer.runlog import RunLog
-from weathermixer.train_config import LossConfig, TrainConfig, load_train_job
-from weathermixer.trainer import check_job, lr_lambda, param_groups
+from weathermixer.train.runlog import RunLog
+from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
+from weathermixer.train.trainer import check_job, lr_lambda, param_groups
 
 CONFIG = "deepspeed_configs/quickstart_cpu.json"
 CH = ChannelsConfig(surface=["2m_temperature", "10m_u_component_of_wind"], atmospheric=["geopotential", "temperature"],
@@ -95,7 +95,7 @@ def test_schedule_groups_and_rollout_draws():
     assert all(("norm" in n or ".bias" in n) for n, p in names.items()
                if any(p is q for q in nd["params"]))
 
-    from weathermixer.trainer import Trainer
+    from weathermixer.train.trainer import Trainer
 
     job, _ = load_train_job(CONFIG, settings=["train.rollout=4", "train.seed=3"])
     t = Trainer(job, {})

@@ -188,7 +188,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh
     from weathermixer.selfcheck import default_model_config
-    from weathermixer.loss import latitude_weights, weighted_mse_term
+    from weathermixer.train.loss import latitude_weights, weighted_mse_term
     from weathermixer.model import WeatherMixer
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -35,12 +35,12 @@ class WeatherTask(SelfCheckTask):
     cfg: ModelConfig = field(default_factory=default_model_config)
 
     def check_mesh(self, mesh) -> None:
-        from .geometry import Geometry
+        from .model.geometry import Geometry
 
         Geometry(self.cfg, mesh)
 
     def build(self, mesh):
-        from .model import WeatherMixer
+        from .model.mixer import WeatherMixer
 
         return WeatherMixer(self.cfg, mesh)
 
@@ -58,7 +58,7 @@ class WeatherTask(SelfCheckTask):
                      [fields] * self.cfg.rollout)
 
     def forward_loss(self, model, batch: Batch, count: int):
-        from .loss import latitude_weights, weighted_mse_term
+        from .train.loss import latitude_weights, weighted_mse_term
 
         rows = model.geo.pixel_row_split.slice(model.mesh.coords["domain"])
         weights = latitude_weights(torch.linspace(-90, 90, self.cfg.grid[0]))[rows].to(batch.inputs[0].device)

@@ -22,7 +22,7 @@ import torch
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
-from ..geometry import Geometry
+from ..model.geometry import Geometry
 from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig
 from .reader import DataError, GriddedDataset, check_finite
 from .sampler import ReplicaSampler

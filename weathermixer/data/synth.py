@@ -1,6 +1,6 @@
 """A synthetic ERA5-like store in the WeatherBench 2 layout (dims time, level, latitude, longitude).
 
-Dynamics come from weathermixer.synthetic.SyntheticWeather (advected smooth latent fields, diurnal
+Dynamics come from weathermixer.data.synthetic.SyntheticWeather (advected smooth latent fields, diurnal
 cycle, orography; a trained model beats persistence); each channel is then given a physical offset
 and scale (temperature ~ 220-290 K, geopotential ~ 5.5e4 m^2/s^2 at 500 hPa, ...) so that
 normalisation matters. Latitude is written ascending (-90 .. 90, as WB2's regridded stores) by
@@ -14,7 +14,7 @@ import pandas as pd
 import xarray as xr
 
 from ..config import ChannelsConfig, ModelConfig
-from ..synthetic import SyntheticWeather
+from .synthetic import SyntheticWeather
 
 SURFACE = {  # name -> (offset, scale)
     "2m_temperature": (288.0, 12.0), "10m_u_component_of_wind": (2.0, 5.0),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jigsaw_ext.layout import Layout, Split, even_split
 from jigsaw_ext.mesh import Mesh
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class MeshMismatch(ValueError):

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from .config import ConfigError
+from ..config import ConfigError
 from .runlog import LossWatch, Progress, RunLog
 from .loss import channel_loss_weights, headline_channels, latitude_weights, per_channel_sse, weighted_loss_term
-from .train_config import TrainJobConfig
+from .config import TrainJobConfig
 
 # dense peak TFLOP/s per GPU for MFU (bf16/fp16 tensor cores; fp32 runs report no MFU unless
 # log.peak_tflops is set)
@@ -75,7 +75,7 @@ def zero_stage(ds: dict) -> int:
 def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     """Validate the job against the launch and return the DeepSpeed config to hand to initialize()."""
     from jigsaw_ext.mesh import Mesh, validate_world
-    from .geometry import Geometry
+    from ..model.geometry import Geometry
 
     try:
         validate_world(job.mesh, world)
@@ -235,8 +235,8 @@ def prepare_data(job: TrainJobConfig, rank: int):
     data_cfg = syn.gridded(job.model, job.rollout)
     store = syn.store_path(job.model)
     if rank == 0 and not (store.exists() and Path(data_cfg.stats).exists()):
-        from .data import GriddedDataset, compute_stats
-        from .data.synth import write_synthetic
+        from ..data import GriddedDataset, compute_stats
+        from ..data.synth import write_synthetic
 
         ch = job.model.channels
         print(f"writing the synthetic ERA5-like store {store} (once)", flush=True)
@@ -284,7 +284,7 @@ class Trainer:
         import deepspeed.ops
 
         from jigsaw_ext.mesh import init_mesh
-        from .model import WeatherMixer
+        from ..model.mixer import WeatherMixer
 
         job, tc = self.job, self.job.train
         cuda = torch.cuda.is_available()
@@ -332,7 +332,7 @@ class Trainer:
         self.flops_per_sample = {}
 
     def _setup_data(self):
-        from .data import Normalizer, ShardedSampleLoader
+        from ..data import Normalizer, ShardedSampleLoader
 
         job, tc, cfg, mesh = self.job, self.job.train, self.job.model, self.mesh
         # rank 0 may write the synthetic store; a failure there must stop every rank
@@ -452,12 +452,13 @@ class Trainer:
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Collective: if any rank failed, every rank raises (no rank is left waiting)."""
-        flag = torch.tensor([0.0 if err is None else 1.0], device=self.device)
-        dist.all_reduce(flag)
+        from jigsaw_ext.mesh import failed_ranks
+
+        bad = failed_ranks(err, device=self.device)
         if err is not None:
             raise ConfigError(f"{what}: {err}") if isinstance(err, (ConfigError, ValueError)) else err
-        if flag.item() > 0:
-            raise TrainingFailed(f"another rank failed while {what} (its message is above)")
+        if bad:
+            raise TrainingFailed(f"rank {min(bad)} failed while {what} (its message is above)")
 
     def _job_info(self) -> dict:
         """What a checkpoint records besides DeepSpeed's files: enough to read it on any mesh
@@ -507,7 +508,7 @@ class Trainer:
     def _flops(self, k: int) -> int:
         """Training FLOPs of one sample with k leads (forward + backward = 3 x forward matmuls)."""
         if k not in self.flops_per_sample:
-            from .model import flops_per_sample
+            from ..model.mixer import flops_per_sample
 
             cfg = self.job.model
             fwd = (flops_per_sample(cfg, steps=k, all_leads=True) if self.job.train.rollout_mode == "latent"
@@ -528,7 +529,7 @@ class Trainer:
     def validate(self) -> dict:
         """Latitude-weighted RMSE per channel and lead on held-out samples (model and persistence),
         summed over the whole world; loss with the training weights."""
-        from .data import ShardedSampleLoader
+        from ..data import ShardedSampleLoader
 
         job, mesh, K = self.job, self.mesh, self.job.rollout
         C = self.job.model.channels.n_fields
@@ -642,7 +643,7 @@ class Trainer:
 
     def _open_outputs(self, step0: int) -> None:
         """The start line, the run log (metrics.csv and DeepSpeed's monitors) and the progress display."""
-        from .model import num_parameters
+        from ..model.mixer import num_parameters
 
         job, tc, mesh = self.job, self.job.train, self.mesh
         dp, micro, gas = mesh.sizes["dp"], self.micro, self.gas

@@ -48,11 +48,11 @@ def target_job(index: dict, dp: int, domain: int, tp: int, zero_stage: int | Non
 def _worker(rank, world, job_dict, ds, consolidated, out, carried):
     import torch.distributed as dist
 
-    from weathermixer.checkpointing import rng_state
-    from weathermixer.train_config import TrainJobConfig
-    from weathermixer.trainer import Trainer, check_job
+    from weathermixer.train.checkpointing import rng_state
+    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.train.trainer import Trainer, check_job
 
-    from .config import parse
+    from ..config import parse
 
     job = parse(TrainJobConfig, job_dict, "reshard target")
     ds = check_job(job, ds, world, cuda=False)
@@ -86,7 +86,7 @@ def reshard(src: str | Path, out: str | Path, dp: int = 1, domain: int = 1, tp: 
     try:
         index = Consolidated(cons).index
         job, ds = target_job(index, dp, domain, tp, zero_stage, micro_batch, out.with_name(out.name + ".partial"))
-        from weathermixer.geometry import Geometry, MeshMismatch
+        from weathermixer.model.geometry import Geometry, MeshMismatch
         from jigsaw_ext.mesh import Mesh, MeshConfig
         from weathermixer.config import ModelConfig
 
@@ -100,7 +100,7 @@ def reshard(src: str | Path, out: str | Path, dp: int = 1, domain: int = 1, tp: 
             log(f"reshard: {dp * domain * tp} process(es) build the {dp}x{domain}x{tp} engine and load {cons}")
         carried = {k: index.get(k) for k in SELF_CONTAINED}
         run_workers(_worker, dp * domain * tp, job, ds, str(cons), str(partial), carried, timeout=timeout,
-                    preload=["deepspeed", "weathermixer.trainer"])
+                    preload=["deepspeed", "weathermixer.train.trainer"])
         partial.rename(out)
         # the pointer names a tag inside the directory: still valid after the rename
     finally:

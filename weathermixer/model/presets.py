@@ -1,7 +1,7 @@
 """Named model configurations (the paper's sizes and our large one)."""
 from __future__ import annotations
 
-from .config import ChannelsConfig, ModelConfig
+from ..config import ChannelsConfig, ModelConfig
 
 ERA5_LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
 ERA5_CHANNELS = ChannelsConfig(

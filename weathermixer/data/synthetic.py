@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def is_temperature(name: str) -> bool:

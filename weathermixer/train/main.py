@@ -2,7 +2,7 @@
 
     weathermixer-train --deepspeed_config quickstart_cpu --domain 1 --tp 1   (installed entry, one process)
     deepspeed --num_gpus 4 --no_python weathermixer-train --deepspeed_config quickstart_cpu
-    deepspeed --num_gpus 4 --module weathermixer.train_main --deepspeed_config quickstart_cpu
+    deepspeed --num_gpus 4 --module weathermixer.train.main --deepspeed_config quickstart_cpu
     deepspeed --num_gpus 4 train.py --deepspeed_config deepspeed_configs/quickstart_cpu.json
     torchrun --nproc_per_node 2 train.py --deepspeed_config ... --domain 2 --tp 1
     python train.py --deepspeed_config ... --domain 1 --tp 1            (one process)
@@ -11,10 +11,10 @@
 
 --deepspeed_config takes a path or the name of a packaged job file (deepspeed_configs/*.json without
 ".json", e.g. quickstart_cpu). The JSON file holds DeepSpeed's settings plus the project section "weathermixer"
-(weathermixer.train_config.TrainJobConfig: mesh, model, train, loss, data, validation, checkpoint,
+(weathermixer.train.config.TrainJobConfig: mesh, model, train, loss, data, validation, checkpoint,
 log). Everything that can be checked without processes talking to each other is checked first, on
 every rank, so a bad setting exits non-zero everywhere instead of leaving ranks blocked in a
-collective. The run itself is weathermixer.trainer.Trainer. Exit codes: 0 done, 1 failed
+collective. The run itself is weathermixer.train.trainer.Trainer. Exit codes: 0 done, 1 failed
 (non-finite loss, a dead rank, a collective timeout), 2 bad configuration.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import traceback
 import warnings
 
 from weathermixer.config import ConfigError
-from weathermixer.train_config import load_train_job
+from weathermixer.train.config import load_train_job
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 # the name in messages: the repository's train.py shim, or the installed entry point
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     import torch
 
     from jigsaw_ext.checkpoint import CheckpointFormatError
-    from weathermixer.checkpointing import CheckpointError
-    from weathermixer.trainer import Trainer, check_job
+    from weathermixer.train.checkpointing import CheckpointError
+    from weathermixer.train.trainer import Trainer, check_job
 
     try:
         job, ds = load_train_job(args.deepspeed_config, overrides, args.settings)

@@ -14,7 +14,7 @@ from jigsaw_ext.init import init_parameters
 from jigsaw_ext.layers import BlockLinear, DistLayerNorm
 from jigsaw_ext.mesh import Mesh
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .geometry import Geometry
 
 

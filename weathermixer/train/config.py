@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import pandas as pd
 
-from .config import ConfigError, JobConfig, parse, read_job_file
-from .data.config import DataConfig
+from ..config import ConfigError, JobConfig, parse, read_job_file
+from ..data.config import DataConfig
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,1 @@
+"""Forecasts from a checkpoint: rollout on any mesh, written in the WeatherBench 2 layout."""
