@@ -1,6 +1,6 @@
 """Train WeatherMixer on a DP x DOMAIN x TP mesh with DeepSpeed: the repository's launch script.
 
-The code lives in weathermixer/train_main.py (installed as the console script `weathermixer-train`);
+The code lives in weathermixer/train/main.py (installed as the console script `weathermixer-train`);
 this file keeps the launch commands that name a script working from the repository root:
 
     deepspeed --num_gpus 4 train.py --deepspeed_config deepspeed_configs/quickstart_cpu.json

@@ -42,7 +42,7 @@ def write_fake_zero1(out: Path, cfg, mesh_cfg, seed: int = 0) -> dict:
     from jigsaw_ext.safe_load import save_state
     from weathermixer.model import WeatherMixer
     from weathermixer.train.config import TrainConfig
-    from weathermixer.train.trainer import param_groups
+    from weathermixer.train.engine import param_groups
 
     assert mesh_cfg.dp == 1
     tag = out / "step00000100"

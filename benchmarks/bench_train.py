@@ -310,7 +310,8 @@ def census(trainer) -> dict:
 
 def _memory_worker(rank, world, settings):
     from weathermixer.train.config import load_train_job
-    from weathermixer.train.trainer import Trainer, check_job
+    from weathermixer.train.job import check_job
+    from weathermixer.train.trainer import Trainer
 
     job, ds = load_train_job(CONFIG, settings=settings)
     ds = check_job(job, ds, world, torch.cuda.is_available())
@@ -460,7 +461,7 @@ def throughput_figure(cfg: dict, base: list[str], work: Path) -> dict:
 def prepare_data(base: list[str]) -> float:
     """Write the synthetic store and its statistics once, before any run (as rank 0 would)."""
     from weathermixer.train.config import load_train_job
-    from weathermixer.train.trainer import prepare_data as write
+    from weathermixer.train.job import prepare_data as write
 
     job, _ = load_train_job(CONFIG, settings=base)
     start = time.perf_counter()

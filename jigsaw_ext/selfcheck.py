@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -127,7 +127,8 @@ class MixerTask(SelfCheckTask):
 
 
 # ------------------------------------------------------------------------------------------------
-def _rel(a, b) -> float:
+def relative_error(a, b) -> float:
+    """max|a - b| / max|b| (0 for an empty shard)."""
     if b.numel() == 0:  # an empty shard (e.g. 2 static channels over tp=3)
         return 0.0
     scale = b.abs().max().item()
@@ -202,13 +203,13 @@ def compare_with_serial(task: SelfCheckTask, mesh_config: MeshConfig, dtype: str
     out, loss, gin = step_sharded()
     s_params = dict(serial.model.named_parameters())
     errors, worst = {}, {}
-    errors["output"] = _rel(out, sharded.layouts.targets[-1].shard(s_out[rows], coords))
-    errors["loss"] = _rel(loss, s_loss)
+    errors["output"] = relative_error(out, sharded.layouts.targets[-1].shard(s_out[rows], coords))
+    errors["loss"] = relative_error(loss, s_loss)
     # a replica's loss is the mean over its own batch; the global objective is the mean over the
     # dp replicas, so d(global)/d(this replica's input) = gin / dp
-    errors["input_grad"] = _rel(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
+    errors["input_grad"] = relative_error(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
     errors["param_grad"], worst["param_grad"] = max(
-        (_rel(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n) for n, p in sharded.model.named_parameters())
+        (relative_error(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n) for n, p in sharded.model.named_parameters())
     for step in range(steps):
         if step:
             serial.forward_backward()
@@ -216,7 +217,7 @@ def compare_with_serial(task: SelfCheckTask, mesh_config: MeshConfig, dtype: str
         serial.opt.step()
         sharded.opt.step()
     errors["params_after_steps"], worst["params_after_steps"] = max(
-        (_rel(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters())
+        (relative_error(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters())
     return _worst_over_ranks(errors, worst, device)
 
 

@@ -19,7 +19,7 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
     from weathermixer.train.loss import channel_loss_weights, latitude_weights, weighted_loss_term
     from weathermixer.model import WeatherMixer
     from weathermixer.train.config import load_train_job
-    from weathermixer.train.trainer import prepare_data
+    from weathermixer.train.job import prepare_data
 
     torch.manual_seed(0)
     job, ds = load_train_job(job_path, settings=settings)
@@ -76,7 +76,8 @@ def trainer_against_twin(rank, world, job_path, settings, twin_params):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from weathermixer.train.config import load_train_job
-    from weathermixer.train.trainer import Trainer, check_job
+    from weathermixer.train.job import check_job
+    from weathermixer.train.trainer import Trainer
 
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     job, ds = load_train_job(job_path, settings=settings)

@@ -49,7 +49,7 @@ def test_accumulation_and_clipping_match_the_serial_twin(job, mesh, stage):
 
 
 def _cli(job, out, *settings, env=None):
-    from tests.test_training_runs import ENV, _launch, _run
+    from tests.test_training_runs import ENV, _launch
 
     args = ["--domain", "1", "--tp", "1"] + [a for s in settings for a in ("--set", s)]
     import subprocess

@@ -70,7 +70,8 @@ def _resume_worker(rank, world, info, attempts):
     """The trainer's engine (the quickstart job of the checkpoint), then each bad checkpoint in turn."""
     from weathermixer.config import parse
     from weathermixer.train.config import TrainJobConfig
-    from weathermixer.train.trainer import Trainer, check_job
+    from weathermixer.train.job import check_job
+    from weathermixer.train.trainer import Trainer
 
     job = parse(TrainJobConfig, info["weathermixer"], "test")
     ds = dict(info["deepspeed"])
@@ -181,7 +182,7 @@ def test_checkpoints_record_what_a_forecast_needs(ckpt):
     assert commit is None or len(commit) == 40
     cons = consolidate(ckpt["tag"], ckpt["tmp"] / "self-contained", log=None)
     idx = json.loads((cons / "index.json").read_text())
-    assert idx["format"] == "jigsaw-consolidated/2" and idx["stats"] == stats and idx["provenance"] == info["provenance"]
+    assert idx["format"] == "jigsaw-consolidated/2" and idx["app"]["stats"] == stats and idx["app"]["provenance"] == info["provenance"]
     assert all(f.suffix == ".safetensors" for f in (cons / "tensors").iterdir())
     assert not any(p.suffix == ".pt" for p in cons.rglob("*"))
 

@@ -16,7 +16,8 @@ from weathermixer.train.loss import (channel_loss_weights, headline_channels, la
 from weathermixer.model import WeatherMixer
 from weathermixer.train.runlog import RunLog
 from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
-from weathermixer.train.trainer import check_job, lr_lambda, param_groups
+from weathermixer.train.engine import lr_lambda, param_groups
+from weathermixer.train.job import check_job
 
 CONFIG = "deepspeed_configs/quickstart_cpu.json"
 CH = ChannelsConfig(surface=["2m_temperature", "10m_u_component_of_wind"], atmospheric=["geopotential", "temperature"],

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from jigsaw_ext import collectives as C
+from jigsaw_ext.selfcheck import relative_error
 
 
 # ---------------------------------------------------------------------------------- harness
@@ -32,12 +33,6 @@ def die_on_rank_1(rank, world):
 
 
 # ---------------------------------------------------------------------------------- collectives
-def _rel(a, b):
-    if b.numel() == 0:
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def collectives_against_hand_computed_duals(rank, world):
     """Every rank can rebuild every other rank's inputs from the seeds, so each forward and each
     backward is checked against its closed form."""
@@ -56,16 +51,16 @@ def collectives_against_hand_computed_duals(rank, world):
         x = full[:, mine].clone().requires_grad_(True)
         y = C.all_gather(x, group, sizes, dim=1)
         (y * gs[rank]).sum().backward()
-        errs[f"all_gather fwd {sizes}"] = _rel(y, full)
-        errs[f"all_gather bwd {sizes}"] = _rel(x.grad, sum(gs)[:, mine])
+        errs[f"all_gather fwd {sizes}"] = relative_error(y, full)
+        errs[f"all_gather bwd {sizes}"] = relative_error(x.grad, sum(gs)[:, mine])
 
         # reduce_scatter along dim 1; backward = all-gather
         x = xs[rank].clone().requires_grad_(True)
         y = C.reduce_scatter(x, group, sizes, dim=1)
         g_local = [g[:, offs[r]:offs[r] + sizes[r]] for r, g in enumerate(gs)]
         (y * g_local[rank]).sum().backward()
-        errs[f"reduce_scatter fwd {sizes}"] = _rel(y, sum(xs)[:, mine])
-        errs[f"reduce_scatter bwd {sizes}"] = _rel(x.grad, torch.cat(g_local, dim=1))
+        errs[f"reduce_scatter fwd {sizes}"] = relative_error(y, sum(xs)[:, mine])
+        errs[f"reduce_scatter bwd {sizes}"] = relative_error(x.grad, torch.cat(g_local, dim=1))
 
         # gathered_linear: weight rows spread over ranks (or replicated); y_r = x_r @ W^T
         W = torch.randn(n, 6, generator=torch.Generator().manual_seed(7))
@@ -79,14 +74,14 @@ def collectives_against_hand_computed_duals(rank, world):
             gr = [torch.randn(3, n, generator=torch.Generator().manual_seed(400 + r)) for r in range(world)]
             dW = sum(gg.t() @ xx for gg, xx in zip(gr, xr))
             tag = f"gathered_linear({'block' if gather else 'replicated'}) {sizes}"
-            errs[tag + " fwd"] = _rel(y, x.detach() @ W.t())
-            errs[tag + " dx"] = _rel(x.grad, g @ W)
-            errs[tag + " dW"] = _rel(w.grad, dW[mine] if gather else dW)
+            errs[tag + " fwd"] = relative_error(y, x.detach() @ W.t())
+            errs[tag + " dx"] = relative_error(x.grad, g @ W)
+            errs[tag + " dW"] = relative_error(w.grad, dW[mine] if gather else dW)
 
     # copy_to: identity forward, summed gradient
     p = torch.ones(3, requires_grad=True)
     (C.copy_to(p, group) * (rank + 1)).sum().backward()
-    errs["copy_to bwd"] = _rel(p.grad, torch.full((3,), float(sum(range(1, world + 1)))))
+    errs["copy_to bwd"] = relative_error(p.grad, torch.full((3,), float(sum(range(1, world + 1)))))
     return errs
 
 
@@ -150,12 +145,12 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
         yd = dist_model(xd)
         (yd * layout.shard(g_full, mesh.coords)).sum().backward()
         if step == 0:
-            errs["output"] = _rel(yd, layout.shard(ys.detach(), mesh.coords))
-            errs["input_grad"] = _rel(xd.grad, layout.shard(xs.grad, mesh.coords))
-            errs["param_grad"] = max(_rel(p.grad, p.block_layout.shard(ref_params[n].grad, mesh.coords))
+            errs["output"] = relative_error(yd, layout.shard(ys.detach(), mesh.coords))
+            errs["input_grad"] = relative_error(xd.grad, layout.shard(xs.grad, mesh.coords))
+            errs["param_grad"] = max(relative_error(p.grad, p.block_layout.shard(ref_params[n].grad, mesh.coords))
                                      for n, p in dist_model.named_parameters())
         opt_s.step(), opt_d.step(), opt_s.zero_grad(), opt_d.zero_grad()
-    errs["params_after_steps"] = max(_rel(p.detach(), p.block_layout.shard(ref_params[n].detach(), mesh.coords))
+    errs["params_after_steps"] = max(relative_error(p.detach(), p.block_layout.shard(ref_params[n].detach(), mesh.coords))
                                      for n, p in dist_model.named_parameters())
     return errs
 
@@ -228,7 +223,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
         mine = p.detach()
         if stage == 3:
             raise NotImplementedError
-        errs[name] = _rel(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
+        errs[name] = relative_error(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
     return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()),
             "worst": max(errs, key=errs.get)}
 

@@ -1,4 +1,5 @@
-"""Forecast verification scores on a latitude-longitude grid (definitions: docs/reference_scores.md).
+"""Forecast verification scores on a latitude-longitude grid (definitions: docs/metrics.md, and the
+published scores to compare with: docs/reference_scores.md, both in the source repository).
 
 Weights: w_i = cos(lat_i) / mean(cos(lat)) over the grid's real latitudes, applied ONCE, inside the
 spatial mean: MSE_t = mean_{lat,lon} w (f - o)^2 for each init time t. RMSE comes in two forms that
@@ -209,21 +210,44 @@ def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for
     if window_days < 0:
         raise ValueError(f"climatology window {window_days} days: must be >= 0")
     start, end = pd.Timestamp(start), pd.Timestamp(end)
+    idx = _training_rows(truth, start, end)
+    train = pd.DatetimeIndex(truth[TIME].values)[idx]
+    hours = np.unique(train.hour)
+    hpos = np.searchsorted(hours, train.hour)
+    target, counts = _window_cells(train, hpos, len(hours), window_days)
+    need = _needed_cells(for_times, hours, start, end)
+    source, filled = _source_cells(need, counts, hours, fallback, start, end, window_days)
+    sums, cell_of = _cell_sums(truth, idx, target, hpos, source, counts.shape, block, progress)
+    data, available = _cell_means(truth, need, hours, source, sums, cell_of, counts)
+    return Climatology(data, available, start, end, int(window_days), int(len(idx)), filled)
+
+
+def _training_rows(truth: xr.DataArray, start: pd.Timestamp, end: pd.Timestamp) -> np.ndarray:
+    """Positions on the truth's time axis of the training times in [start, end]; an error if none."""
     all_times = pd.DatetimeIndex(truth[TIME].values)
     idx = np.flatnonzero((all_times >= start) & (all_times <= end))
     if not len(idx):
         raise EvaluationError(f"climatology period {start} .. {end} holds no time of the truth data "
                               f"({all_times[0]} .. {all_times[-1]}); choose training years inside it")
-    train = all_times[idx]
-    hours = np.unique(train.hour)
-    hpos = np.searchsorted(hours, train.hour)
+    return idx
+
+
+def _window_cells(train: pd.DatetimeIndex, hpos: np.ndarray, n_hours: int,
+                  window_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """target (T, K): the day of year of training time t shifted by the K window offsets; counts
+    (day of year, hour position): how many training times each cell averages (row 0 unused)."""
     # a training time t counts for the cells (day of year of t + k days, hour of t), |k| <= window:
     # calendar days, so 31 December neighbours 1 January in every year
     offsets = np.arange(-window_days, window_days + 1)
     target = np.stack([np.asarray((train + pd.Timedelta(days=int(k))).day_of_year) for k in offsets], 1)  # (T, K)
-    counts = np.zeros((DAYS + 1, len(hours)), dtype=np.int64)  # row 0 unused: rows are days of year
+    counts = np.zeros((DAYS + 1, n_hours), dtype=np.int64)  # row 0 unused: rows are days of year
     np.add.at(counts, (target, hpos[:, None]), 1)
+    return target, counts
 
+
+def _needed_cells(for_times, hours: np.ndarray, start: pd.Timestamp, end: pd.Timestamp) -> set[tuple[int, int]]:
+    """The (day of year, hour) cells to compute: those of `for_times`, or all; an error for an hour
+    of day the training period lacks."""
     if for_times is None:
         need = {(d, int(h)) for d in range(1, DAYS + 1) for h in hours}
     else:
@@ -234,7 +258,14 @@ def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for
         raise EvaluationError(f"climatology period {start:%Y-%m-%d} .. {end:%Y-%m-%d} has no time at hour(s) "
                               f"{missing_hours} of day (it has {hours.tolist()}); the data's hours must cover the "
                               f"forecast valid times")
-    source, filled = {}, []  # needed cell -> the cell whose training times supply it
+    return need
+
+
+def _source_cells(need: set, counts: np.ndarray, hours: np.ndarray, fallback: str, start: pd.Timestamp,
+                  end: pd.Timestamp, window_days: int) -> tuple[dict, list[dict]]:
+    """needed cell (day, hour) -> the cell (day, hour position) whose training times supply it: itself,
+    or with fallback "nearest" the nearest day of year with data (listed in `filled`)."""
+    source, filled = {}, []
     for d, h in sorted(need):
         j = int(np.searchsorted(hours, h))
         if counts[d, j] > 0:
@@ -248,9 +279,15 @@ def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for
         near = int(have[np.argmin(_circular_distance(have, d))])  # ties: the earlier day of year
         source[(d, h)] = (near, j)
         filled.append({"dayofyear": int(d), "hour": int(h), "from_dayofyear": near})
+    return source, filled
 
+
+def _cell_sums(truth: xr.DataArray, idx: np.ndarray, target: np.ndarray, hpos: np.ndarray, source: dict,
+               shape: tuple[int, int], block: int, progress) -> tuple[np.ndarray, dict]:
+    """Sums of the training times over each source cell, streamed over blocks of `block` times; only
+    the training times some source cell uses are read. Returns sums (cell row, ...) and cell -> row."""
     cell_of = {c: i for i, c in enumerate(sorted(set(source.values())))}
-    lookup = np.full(counts.shape, -1)  # (day of year, hour) -> accumulator row, -1: not needed
+    lookup = np.full(shape, -1)  # (day of year, hour) -> accumulator row, -1: not needed
     for c, i in cell_of.items():
         lookup[c] = i
     cell = lookup[target, hpos[:, None]]  # (T, K)
@@ -264,7 +301,13 @@ def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for
         np.add.at(sums, cell[r][t, k], x[t])
         if progress:
             progress(min(b0 + block, len(rows)), len(rows))
+    return sums, cell_of
 
+
+def _cell_means(truth: xr.DataArray, need: set, hours: np.ndarray, source: dict, sums: np.ndarray,
+                cell_of: dict, counts: np.ndarray) -> tuple[xr.DataArray, np.ndarray]:
+    """The climatology's data (dayofyear, hour, ...) for the needed days and which cells hold a value."""
+    rest = truth.isel({TIME: 0}, drop=True)
     days = np.array(sorted({d for d, _ in need}))
     out = np.full((len(days), len(hours)) + rest.shape, np.nan, dtype=np.float64)
     available = np.zeros((len(days), len(hours)), dtype=bool)
@@ -275,4 +318,4 @@ def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for
     coords = {d: rest[d] for d in rest.dims if d in rest.coords}
     data = xr.DataArray(out, dims=("dayofyear", "hour") + rest.dims,
                         coords={"dayofyear": days, "hour": hours, **coords}, name=truth.name)
-    return Climatology(data, available, start, end, int(window_days), int(len(idx)), filled)
+    return data, available

@@ -2,9 +2,10 @@
 
 Prints our z500 and t850 RMSE at 3 and 5 days (model, persistence, climatology from
 weathermixer.evaluate) next to the WeatherBench 5.625 deg reference table of
-docs/reference_scores.md, when the evaluation grid is that table's 32 x 64. It says clearly when the
-set does not match the reference set (another grid, other years, missing fields or leads): on
-another grid the reference rows are left out, since scores depend on the evaluation resolution.
+docs/reference_scores.md in the source repository, when the evaluation grid is that table's 32 x 64.
+It says clearly when the set does not match the reference set (another grid, other years, missing
+fields or leads): on another grid the reference rows are left out, since scores depend on the
+evaluation resolution.
 Exit status: 0 printed; 1 with --strict when the set does not match; 2 unreadable metrics file.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-# WeatherBench (Rasp et al. 2020) table as given in docs/reference_scores.md: latitude-weighted RMSE
-# against ERA5 on the 5.625 deg (32 x 64) grid over the test years 2017-2018, in the WeatherBench 1
-# form mean_t sqrt(MSE_t). Keys: (field, lead hours); the climatologies are the same at every lead.
+# WeatherBench (Rasp et al. 2020) table as given in docs/reference_scores.md in the source repository:
+# latitude-weighted RMSE against ERA5 on the 5.625 deg (32 x 64) grid over the test years 2017-2018, in
+# the WeatherBench 1 form mean_t sqrt(MSE_t). Keys: (field, lead hours); the climatologies are the same
+# at every lead.
 REFERENCE_SOURCE = "docs/reference_scores.md, WeatherBench 5.625 deg table (Rasp et al. 2020)"
 REFERENCE_GRID = (32, 64)
 REFERENCE_YEARS = (2017, 2018)

@@ -2,7 +2,7 @@
 
     weathermixer-train --deepspeed_config quickstart_cpu --domain 1 --tp 1   (installed entry, one process)
     deepspeed --num_gpus 4 --no_python weathermixer-train --deepspeed_config quickstart_cpu
-    deepspeed --num_gpus 4 --module weathermixer.train.main --deepspeed_config quickstart_cpu
+    deepspeed --num_gpus 4 --module weathermixer.train --deepspeed_config quickstart_cpu
     deepspeed --num_gpus 4 train.py --deepspeed_config deepspeed_configs/quickstart_cpu.json
     torchrun --nproc_per_node 2 train.py --deepspeed_config ... --domain 2 --tp 1
     python train.py --deepspeed_config ... --domain 1 --tp 1            (one process)
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
 
     from jigsaw_ext.checkpoint import CheckpointFormatError
     from weathermixer.train.checkpointing import CheckpointError
-    from weathermixer.train.trainer import Trainer, check_job
+    from weathermixer.train.job import check_job
+    from weathermixer.train.trainer import Trainer
 
     try:
         job, ds = load_train_job(args.deepspeed_config, overrides, args.settings)

@@ -17,14 +17,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from jigsaw_ext.checkpoint import (SELF_CONTAINED, CheckpointFormatError, Consolidated, consolidate, is_consolidated,
-                                   resolve)
+from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate, is_consolidated, resolve
+
+# what makes a checkpoint self-contained (job.json keys of the trainer), carried to the target
+SELF_CONTAINED = ("stats", "data", "provenance")
 
 
 def target_job(index: dict, dp: int, domain: int, tp: int, zero_stage: int | None, micro_batch: int | None,
                out: Path) -> tuple[dict, dict]:
     """(project section, DeepSpeed config) of the target run."""
-    job = dict(index["job"])
+    job = dict(index["app"]["weathermixer"])
     ds = dict(index["deepspeed"])
     src = job["mesh"]
     job["mesh"] = dict(src, dp=dp, domain=domain, tp=tp)
@@ -50,7 +52,8 @@ def _worker(rank, world, job_dict, ds, consolidated, out, carried):
 
     from weathermixer.train.checkpointing import rng_state
     from weathermixer.train.config import TrainJobConfig
-    from weathermixer.train.trainer import Trainer, check_job
+    from weathermixer.train.job import check_job
+    from weathermixer.train.trainer import Trainer
 
     from ..config import parse
 
@@ -98,7 +101,7 @@ def reshard(src: str | Path, out: str | Path, dp: int = 1, domain: int = 1, tp: 
         shutil.rmtree(partial, ignore_errors=True)
         if log:
             log(f"reshard: {dp * domain * tp} process(es) build the {dp}x{domain}x{tp} engine and load {cons}")
-        carried = {k: index.get(k) for k in SELF_CONTAINED}
+        carried = {k: index["app"].get(k) for k in SELF_CONTAINED}
         run_workers(_worker, dp * domain * tp, job, ds, str(cons), str(partial), carried, timeout=timeout,
                     preload=["deepspeed", "weathermixer.train.trainer"])
         partial.rename(out)

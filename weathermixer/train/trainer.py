@@ -12,12 +12,9 @@ and DeepSpeed averages over dp, so the loss and every gradient equal the single-
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import json
 import math
 import os
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,233 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from ..config import ConfigError
-from .runlog import LossWatch, Progress, RunLog
-from .loss import channel_loss_weights, headline_channels, latitude_weights, per_channel_sse, weighted_loss_term
+from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import TrainJobConfig
-
-# dense peak TFLOP/s per GPU for MFU (bf16/fp16 tensor cores; fp32 runs report no MFU unless
-# log.peak_tflops is set)
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
-
-
-# ------------------------------------------------------------------------------------------------
-# checks that need no process group
-def resolve_batch(ds: dict, dp: int) -> tuple[int, int]:
-    """(micro batch per model replica, gradient accumulation steps) from DeepSpeed's three batch
-    keys, with the same rule DeepSpeed applies (train_batch = micro * accumulation * dp)."""
-    tb = ds.get("train_batch_size")
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    gas = ds.get("gradient_accumulation_steps")
-    for key, v in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", micro),
-                   ("gradient_accumulation_steps", gas)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ConfigError(f"{key}: must be a positive integer, got {v!r}")
-    if micro is None and tb is None:
-        raise ConfigError("set train_micro_batch_size_per_gpu (samples per model replica per micro step) "
-                          "or train_batch_size in the DeepSpeed config")
-    if micro is None:
-        gas = gas or 1
-        micro, rem = divmod(tb, gas * dp)
-        if rem or micro == 0:
-            raise ConfigError(f"train_batch_size={tb} is not a positive multiple of gradient_accumulation_steps={gas} "
-                              f"x dp={dp}")
-    gas = gas or (tb // (micro * dp) if tb is not None else 1)
-    if tb is not None and tb != micro * gas * dp:
-        raise ConfigError(
-            f"train_batch_size={tb} != train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={gas} "
-            f"x dp={dp} (mesh.dp; one micro batch per model replica, shared by its domain x tp ranks): "
-            f"remove train_batch_size or make it {micro * gas * dp}")
-    return micro, gas
-
-
-def zero_stage(ds: dict) -> int:
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
-
-
-def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
-    """Validate the job against the launch and return the DeepSpeed config to hand to initialize()."""
-    from jigsaw_ext.mesh import Mesh, validate_world
-    from ..model.geometry import Geometry
-
-    try:
-        validate_world(job.mesh, world)
-        Geometry(job.model, Mesh.virtual(job.mesh))
-        channel_loss_weights(job.model.channels, job.loss.model_copy(update={"tendency": False}))
-        headline_channels(job.model.channels.names, job.validation.variables)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if job.train.rollout_mode == "autoregressive" and job.model.rollout != 1:
-        raise ConfigError(f"train.rollout_mode=autoregressive feeds each decoded lead back in; set model.rollout=1 "
-                          f"(it is {job.model.rollout})")
-    data = job.data
-    if data.source == "gridded" and not data.fake and "://" not in data.path and not Path(data.path).exists():
-        raise ConfigError(f"data.path: {data.path} does not exist")
-    if data.source == "gridded" and data.stats and not data.fake and not Path(data.stats).exists():
-        raise ConfigError(f"data.stats: {data.stats} does not exist (python -m weathermixer.data stats ...)")
-    dp = job.mesh.dp
-    micro, gas = resolve_batch(ds, dp)
-    opt = dict(ds.get("optimizer") or {"type": "AdamW"})
-    if opt.get("type", "").lower() not in ("adamw", "adam"):
-        raise ConfigError(f"optimizer.type: {opt.get('type')!r} not supported; allowed: AdamW, Adam")
-    if "scheduler" in ds:
-        raise ConfigError("scheduler: remove it; the schedule is weathermixer.train.warmup/min_lr_ratio (linear "
-                          "warm-up + cosine decay)")
-    params = dict(opt.get("params") or {})
-    if "lr" in params:
-        raise ConfigError("optimizer.params.lr: set weathermixer.train.lr instead (one source for the "
-                          "learning rate and its schedule)")
-    params["lr"] = job.train.lr
-    if not cuda:
-        params.setdefault("torch_adam", True)  # else DeepSpeed JIT-compiles fused Adam (~90 s on CPU)
-    opt["params"] = params
-    out = dict(ds, optimizer=opt, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
-               train_batch_size=micro * gas * dp)
-    out.setdefault("steps_per_print", 10 ** 9)
-    out.update(monitor_sections(job, out))
-    zero = zero_stage(out)
-    if zero not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_optimization.stage: {zero}; allowed: 0, 1, 2, 3")
-    fp16 = (out.get("fp16") or {}).get("enabled", False)
-    bf16 = (out.get("bf16") or {}).get("enabled", False)
-    if fp16 and bf16:
-        raise ConfigError("fp16.enabled and bf16.enabled are both true: choose one")
-    if fp16 and not cuda:
-        raise ConfigError("fp16.enabled: fp16 needs a GPU (DeepSpeed refuses it on CPU); use bf16 on CPU")
-    zo = out.get("zero_optimization") or {}
-    if zero == 3:
-        if job.mesh.replicate_weights_over:
-            raise ConfigError("zero_optimization.stage=3 with mesh.replicate_weights_over: ZeRO-3 partitions "
-                              "the parameters over dp, replicated weights would be gathered twice; use stage "
-                              "1/2 or an empty replicate_weights_over")
-        for key in ("offload_param", "offload_optimizer"):
-            if (zo.get(key) or {}).get("device", "none") not in ("none", None):
-                raise ConfigError(f"zero_optimization.{key}: offloading is not supported with block-sharded "
-                                  f"parameters yet; remove it")
-    if zero in (1, 2) and (zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None) \
-            and not cuda:
-        raise ConfigError("zero_optimization.offload_optimizer: offloading is for GPU runs")
-    return out
-
-
-MONITORS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv_monitor": None}
-
-
-def monitor_sections(job: TrainJobConfig, ds: dict) -> dict:
-    """DeepSpeed's monitor sections, completed: log.tensorboard=true (or auto, with tensorboard
-    installed) is shorthand for an enabled `tensorboard` section (an explicit section in the job
-    file wins); output paths default to
-    log.dir; wandb runs are written under log.dir (WANDB_MODE=offline works without network)."""
-    import importlib.util
-
-    out, tb = {}, job.log.tensorboard
-    if tb == "auto":
-        tb = importlib.util.find_spec("tensorboard") is not None
-    for key, package in MONITORS.items():
-        sec = dict(ds.get(key) or ({"enabled": True} if key == "tensorboard" and tb else {}))
-        if not sec.get("enabled"):
-            continue
-        if package:
-            if importlib.util.find_spec(package) is None:
-                raise ConfigError(f"{key}.enabled" + (" (log.tensorboard)" if key == "tensorboard" else "")
-                                  + f": the {package} package is not installed; pip install "
-                                    f"'jigsaw-weathermixer[monitor]' or disable it")
-        if key == "wandb":
-            os.environ.setdefault("WANDB_DIR", str(Path(job.log.dir).resolve()))
-            Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
-        else:
-            if not sec.get("output_path"):
-                sec["output_path"] = str(job.log.dir)
-            sec.setdefault("job_name", key)
-        out[key] = sec
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-def lr_lambda(cfg):
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if step < cfg.warmup:
-            return (step + 1) / (cfg.warmup + 1)
-        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def param_groups(model: torch.nn.Module, rules, lr: float) -> list[dict]:
-    """AdamW groups by name: the first rule a parameter matches decides its lr scale and weight decay.
-    Group membership depends on names only, so it is the same on every rank."""
-    groups = [{"params": [], "names": [], "name": f"rule{i}:{'|'.join(r.match)}", "lr": lr * r.lr_scale,
-               **({"weight_decay": r.weight_decay} if r.weight_decay is not None else {})}
-              for i, r in enumerate(rules)]
-    default = {"params": [], "names": [], "name": "default", "lr": lr}
-    for name, p in model.named_parameters():
-        for g, r in zip(groups, rules):
-            if any(fnmatch.fnmatchcase(name, pat) for pat in r.match):
-                break
-        else:
-            g = default
-        g["params"].append(p)
-        g["names"].append(name)
-    return [{k: v for k, v in g.items() if k != "names"} for g in [default] + groups if g["params"]]
-
-
-def register_list_parameters(model: torch.nn.Module) -> None:
-    """ZeRO-3 gathers a module's own parameters around its forward; the layers keep theirs in
-    ParameterLists (a submodule whose forward never runs), so hand them to the owning layer."""
-    from deepspeed.runtime.zero import register_external_parameter
-
-    for module in model.modules():
-        for child in module.children():
-            if isinstance(child, torch.nn.ParameterList):
-                for p in child:
-                    register_external_parameter(module, p)
-
-
-def set_threads() -> None:
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // local))
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # resident set, Linux: KiB
-
-
-def prepare_data(job: TrainJobConfig, rank: int):
-    """The gridded data config to read. For the embedded synthetic default, rank 0 writes the store
-    and its statistics once (into a temporary name, renamed when complete, so an interrupted run
-    never leaves a half-written store behind) while the other ranks wait."""
-    if job.data.source != "synthetic":
-        return job.data
-    syn = job.data
-    data_cfg = syn.gridded(job.model, job.rollout)
-    store = syn.store_path(job.model)
-    if rank == 0 and not (store.exists() and Path(data_cfg.stats).exists()):
-        from ..data import GriddedDataset, compute_stats
-        from ..data.synth import write_synthetic
-
-        ch = job.model.channels
-        print(f"writing the synthetic ERA5-like store {store} (once)", flush=True)
-        tmp = store.with_name(store.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        store.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic(str(tmp), job.model.grid, syn.start, syn.end, syn.dt_hours,
-                        list(ch.surface) + list(ch.atmospheric), list(ch.levels) or None, seed=syn.seed,
-                        noise=syn.noise)
-        shutil.rmtree(store, ignore_errors=True)
-        tmp.rename(store)
-        train = data_cfg.splits["train"]
-        stats = compute_stats(GriddedDataset(data_cfg.model_copy(update={"stats": None}), ch, job.model.grid),
-                              *train)
-        Path(data_cfg.stats + ".partial").write_text(json.dumps(stats, indent=1))
-        Path(data_cfg.stats + ".partial").rename(data_cfg.stats)
-    return data_cfg
+from .engine import PEAK_TFLOPS, lr_lambda, param_groups, peak_memory_bytes, register_list_parameters, set_threads
+from .from_consolidated import load_consolidated
+from .job import prepare_data, zero_stage
+from .loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
+from .runlog import LossWatch, Progress, RunLog
+from .validation import validate
 
 
 class TrainingFailed(RuntimeError):
@@ -368,87 +147,13 @@ class Trainer:
         else:
             self.std, self.units = torch.ones(len(names), dtype=torch.float64), "data units (no stats)"
 
-    # a layout-free (consolidated) checkpoint as the start of this run, on this mesh -----------------
     def load_consolidated(self, path) -> dict:
-        """Weights, AdamW moments and step, schedule position and engine counters from a consolidated
-        checkpoint into this engine (any mesh, any ZeRO stage). Returns {"step", "best", "sampler"}
-        where sampler is the data-loader state for this mesh."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        """A layout-free checkpoint as the start of this run, on this mesh (see from_consolidated)."""
+        return load_consolidated(self, path)
 
-        from jigsaw_ext.checkpoint import KINDS, CheckpointFormatError, Consolidated
-
-        try:
-            c = Consolidated(path)
-        except CheckpointFormatError as err:
-            raise CheckpointError(str(err)) from None
-        idx = c.index
-        mine, theirs = self.job.model.model_dump(mode="json"), idx["job"]["model"]
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise CheckpointError(f"{c.dir}: written for another model (model.{diff[0]}: checkpoint "
-                                  f"{theirs.get(diff[0])!r}, this run {mine.get(diff[0])!r})")
-        want = [[n for n in g["names"]] for g in idx["optimizer"]["groups"]]
-        if want != self.group_names:
-            raise CheckpointError(f"{c.dir}: optimizer groups {[len(g) for g in want]} differ from this run's "
-                                  f"{[len(g) for g in self.group_names]} (train.param_groups changed?)")
-        e, coords, step = self.engine, self.mesh.coords, int(idx["optimizer"]["step"])
-        base = getattr(e.optimizer, "optimizer", e.optimizer)
-        if isinstance(base, torch.optim.Optimizer):  # make sure the moments exist before they are set
-            # ZeRO-3 puts its flat fp32 partitions into the torch groups only around each step
-            flats = getattr(e.optimizer, "fp32_partitioned_groups_flat", None)
-            for q in flats if flats is not None else [q for g in base.param_groups for q in g["params"]]:
-                st = base.state[q]
-                st.setdefault("step", torch.tensor(0.0))
-                for k in KINDS[1:]:
-                    if k not in st:
-                        st[k] = torch.zeros_like(q)
-            if hasattr(e.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link the moments
-                e.optimizer._hp_optimizer_states_linked = False
-                e.optimizer._lazy_init_hp_params_optimizer_state()
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                try:  # only this rank's block is read from each file
-                    block = {k: c.block(name, k, p.block_layout, coords).contiguous() for k in KINDS}
-                except CheckpointFormatError as err:
-                    raise CheckpointError(str(err)) from None
-                if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened block
-                    flat = block["param"].flatten().to(p.ds_tensor.dtype)
-                    pn, d = p.ds_tensor.numel(), self.mesh.coords["dp"]
-                    part = flat[d * pn:(d + 1) * pn]
-                    p.ds_tensor.zero_()
-                    p.ds_tensor[:part.numel()].copy_(part)
-                else:
-                    p.copy_(block["param"].to(p.dtype))
-                if e.optimizer is base:  # ZeRO-0 fp32: the torch optimizer holds the parameter itself
-                    base.state[p] = {"step": torch.tensor(float(step)), **{k: block[k].clone() for k in KINDS[1:]}}
-                elif hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
-                    safe_set_full_fp32_param(p, block["param"])
-                    for k in KINDS[1:]:
-                        safe_set_full_optimizer_state(p, block[k], k)
-                # else: ZeRO-1/2 and no part of p in this dp rank's partition (another rank sets it)
-        if isinstance(base, torch.optim.Optimizer):
-            for st in base.state.values():
-                if "step" in st:
-                    st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
-        sched = idx.get("lr_scheduler")
-        if sched and e.lr_scheduler is not None:
-            e.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
-            for g, lr in zip(e.optimizer.param_groups, e.lr_scheduler.get_last_lr()):
-                g["lr"] = lr
-        eng = idx.get("engine") or {}
-        e.global_steps = int(eng.get("global_steps") or idx["step"])
-        e.global_samples = int(eng.get("global_samples") or 0)
-        e.skipped_steps = int(eng.get("skipped_steps") or 0)
-        ld, dp = idx["loader"], self.mesh.sizes["dp"]
-        per_step = self.micro * dp
-        if ld["samples_in_epoch"] % per_step:
-            raise CheckpointError(f"{c.dir}: the data position ({ld['samples_in_epoch']} samples into epoch "
-                                  f"{ld['epoch']}) is not a whole number of this run's global micro batches "
-                                  f"({self.micro} x dp {dp}); keep the global batch size")
-        sampler = {"epoch": ld["epoch"], "step": ld["samples_in_epoch"] // per_step, "seed": ld["seed"],
-                   "n": ld["n"], "batch": self.micro, "dp": dp, "shuffle": ld["shuffle"]}
-        return {"step": int(idx["step"]), "best": idx.get("best") if idx.get("best") is not None else math.inf,
-                "sampler": sampler}
+    def validate(self) -> dict:
+        """Validation RMSE of the model and of persistence (see validation.py)."""
+        return validate(self)
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Collective: if any rank failed, every rank raises (no rank is left waiting)."""
@@ -475,6 +180,7 @@ class Trainer:
                 "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds,
                 "layouts": {n: p.block_layout.to_json() for n, p in self.model.named_parameters()},
                 "param_groups": self.group_names,
+                "reshard_with": "weathermixer.train.reshard:reshard",  # what rebuilds the engine on a new mesh
                 "stats": getattr(self, "stats", None),
                 "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
                 "provenance": provenance()}
@@ -523,57 +229,6 @@ class Trainer:
             return None
         name = torch.cuda.get_device_name(self.device)
         return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-    # validation ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self) -> dict:
-        """Latitude-weighted RMSE per channel and lead on held-out samples (model and persistence),
-        summed over the whole world; loss with the training weights."""
-        from ..data import ShardedSampleLoader
-
-        job, mesh, K = self.job, self.mesh, self.job.rollout
-        C = self.job.model.channels.n_fields
-        H, W = self.job.model.grid
-        self.engine.eval()
-        quota = math.ceil(job.validation.samples / mesh.size("dp"))  # samples per dp replica
-        if not hasattr(self, "val_data"):
-            self.val_data = ShardedSampleLoader(self.data_cfg, job.model, mesh, "val",
-                                                batch=min(job.validation.batch, quota), seed=job.train.seed,
-                                                shuffle=False, infinite=False)
-        sse = torch.zeros(2, K, C, dtype=torch.float64, device=self.device)  # model/persistence, lead, channel
-        loss = torch.zeros(2, dtype=torch.float64, device=self.device)       # weighted sum, samples
-        seen = 0
-        self.val_data.sampler.epoch, self.val_data.sampler.step = 0, 0
-        for sample in self.val_data:
-            if seen >= quota:
-                break
-            n = len(sample.times)
-            seen += n
-            f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
-            preds = self.forecast(f, s, K)
-            x0 = self._to(sample.fields)
-            for lead, (p, y) in enumerate(zip(preds, sample.targets)):
-                y = self._to(y)
-                sse[0, lead, self.chans] += per_channel_sse(p.float(), y, self.w_lat)
-                sse[1, lead, self.chans] += per_channel_sse(x0, y, self.w_lat)
-                loss[0] += weighted_loss_term(p.float().double(), y.double(), self.w_lat, self.w_chan, 1)
-            loss[1] += n / mesh.size("model")  # every rank of the model group counts its samples
-        self.val_data.stop()
-        dist.all_reduce(sse)
-        dist.all_reduce(loss)
-        self.engine.train()
-        n = loss[1].item()
-        mse = (sse / (n * H * W)).cpu()
-        rmse_norm = mse.sqrt()
-        phys = rmse_norm * self.std.view(1, 1, -1)
-        out = {"samples": int(round(n)), "val_loss": loss[0].item() / (n * C * H * W * K),
-               "rmse_norm_lead1": mse[0, 0].mean().sqrt().item(),
-               "persistence_norm_lead1": mse[1, 0].mean().sqrt().item(), "headline": {}}
-        hours = self.data_cfg.dt_hours
-        for label, c in self.headline:
-            for lead in range(K):
-                out["headline"][f"{label}@{(lead + 1) * hours:g}h"] = (phys[0, lead, c].item(), phys[1, lead, c].item())
-        return out
 
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> Result:

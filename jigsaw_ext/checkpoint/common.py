@@ -1,0 +1,80 @@
+"""What every checkpoint reader here shares: the formats, the error type, finding the directory a
+path designates, and the job info (mesh, layouts, the application's own keys)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT = "jigsaw-consolidated/2"
+OLD_FORMATS = ("jigsaw-consolidated/1",)
+# job.json keys with a meaning to this package; every other key belongs to the application that
+# wrote the checkpoint and is carried along unread (consolidated: index.json "app")
+JIGSAW_KEYS = ("mesh", "zero_stage", "world_size", "dtype", "layouts", "param_groups", "deepspeed", "step", "tag")
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint that cannot be read as asked: names the file or tensor."""
+
+
+def resolve(path: str | Path) -> Path:
+    """The tag directory (or consolidated directory) that `path` designates."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError(f"{path}: no such checkpoint")
+    if (path / "index.json").is_file() or (path / "job.json").is_file():
+        return path
+    if (path / "latest").is_file():
+        tag = (path / "latest").read_text().strip()
+        return resolve(path / tag)
+    raise CheckpointFormatError(f"{path}: neither a checkpoint tag directory (job.json), a checkpoint root "
+                                f"(latest) nor a consolidated checkpoint (index.json)")
+
+
+def is_consolidated(path: Path) -> bool:
+    return (path / "index.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointFormatError(f"{path}: corrupt JSON ({err})") from None
+
+
+def read_index(path: Path) -> dict:
+    """index.json of a consolidated checkpoint, of the current format (older ones: how to convert)."""
+    idx = _read_json(path / "index.json")
+    fmt = idx.get("format") if isinstance(idx, dict) else None
+    if fmt in OLD_FORMATS:
+        src = (idx.get("source") or {}).get("path", "the original DeepSpeed checkpoint")
+        raise CheckpointFormatError(
+            f"{path / 'index.json'}: format {fmt!r} keeps its tensors as torch pickles, which are not loaded "
+            f"(unpickling can run code); convert it by re-running `python -m jigsaw_ext.checkpoint consolidate "
+            f"{src} NEW_DIR` on the original DeepSpeed checkpoint (format {FORMAT!r}, safetensors)")
+    if fmt != FORMAT:
+        raise CheckpointFormatError(f"{path / 'index.json'}: format {fmt!r}, expected {FORMAT!r}")
+    return idx
+
+
+def app_keys(info: dict) -> dict:
+    """What the application wrote into job.json beyond the keys this package reads."""
+    return {k: v for k, v in info.items() if k not in JIGSAW_KEYS}
+
+
+def read_job_info(path: str | Path) -> dict:
+    """What a checkpoint was written with: the keys this package reads (mesh, zero_stage, dtype, step,
+    layouts, param_groups, deepspeed) and whatever the application recorded beside them (its job
+    configuration, statistics, provenance), the same for a DeepSpeed tag and a consolidated copy."""
+    path = resolve(path)
+    if is_consolidated(path):
+        idx = read_index(path)
+        return dict(idx["app"], deepspeed=idx["deepspeed"], mesh=idx["source"]["mesh"],
+                    zero_stage=idx["source"]["zero_stage"], step=idx["step"],
+                    dtype=idx["source"].get("dtype", "float32"),
+                    layouts={n: t["layout"] for n, t in idx["tensors"].items()})
+    if not (path / "COMPLETE").is_file():
+        raise CheckpointFormatError(f"{path}: no COMPLETE marker (an interrupted save?)")
+    return _read_json(path / "job.json")

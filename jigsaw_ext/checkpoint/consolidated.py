@@ -1,0 +1,171 @@
+"""The layout-free (consolidated) checkpoint: written tensor by tensor from a DeepSpeed tag, read
+whole or one block at a time, loaded into a model on any mesh."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..layout import Layout
+from .common import FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, read_index, read_job_info, resolve
+from .deepspeed_files import DeepSpeedTag
+
+
+def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
+    """Write the layout-free checkpoint of `src` to `out` (tensor by tensor, atomically)."""
+    src_dir, out = resolve(src), Path(out)
+    if is_consolidated(src_dir):
+        raise CheckpointFormatError(f"{src_dir} is already consolidated")
+    if out.exists():
+        raise CheckpointFormatError(f"{out} exists; choose a new output directory")
+    tag = DeepSpeedTag(src_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tensors").mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    tensors = {}
+    t0 = time.perf_counter()
+    names = list(tag.layouts)
+    for i, name in enumerate(names):
+        files = {}
+        for kind in KINDS:
+            full = tag.full(name, kind)
+            rel = f"tensors/{i:05d}.{kind}.safetensors"
+            save_file({kind: full.contiguous()}, str(tmp / rel), metadata={"name": name, "kind": kind})
+            files[kind] = rel
+            del full
+        tensors[name] = {"shape": list(tag.layouts[name].shape), "dtype": "float32", "files": files,
+                         "layout": tag.info["layouts"][name]}
+        if log and (i % 20 == 0 or i == len(names) - 1):
+            log(f"consolidate: {i + 1}/{len(names)} tensors ({time.perf_counter() - t0:.1f} s)")
+    st0 = tag.model_state[0]
+    index = {"format": FORMAT, "step": tag.step, "best": st0.get("best"),
+             "app": app_keys(tag.info), "deepspeed": tag.info["deepspeed"],
+             "source": {"path": str(src_dir.resolve()), "mesh": tag.mesh, "zero_stage": tag.stage,
+                        "dtype": tag.info.get("dtype", "float32")},
+             "optimizer": {"step": tag.optimizer_step(), "groups": tag.optimizer_groups()},
+             "lr_scheduler": _jsonable(st0.get("lr_scheduler")),
+             "engine": {"global_steps": st0.get("global_steps"), "global_samples": st0.get("global_samples"),
+                        "skipped_steps": st0.get("skipped_steps")},
+             "trainer_state": tag.trainer_state(), "tensors": tensors}
+    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if not callable(v)}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if torch.is_tensor(x):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return x
+
+
+class Consolidated:
+    """Reader of a consolidated checkpoint: full tensors or one block, from safetensors files."""
+
+    def __init__(self, path: str | Path):
+        self.dir = resolve(path)
+        if not is_consolidated(self.dir):
+            raise CheckpointFormatError(f"{self.dir}: not a consolidated checkpoint (no index.json)")
+        self.index = read_index(self.dir)
+
+    def _slice(self, name: str, kind: str, read):
+        """read(slice object of safetensors) on the tensor file of (name, kind), checked against the index."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            entry = self.index["tensors"][name]
+            rel = entry["files"][kind]
+        except KeyError:
+            raise CheckpointFormatError(f"{self.dir}: no tensor {name!r} ({kind})") from None
+        path = (self.dir / rel).resolve()
+        if self.dir.resolve() not in path.parents:
+            raise CheckpointFormatError(f"{self.dir / 'index.json'}: file {rel!r} of {name} is outside the checkpoint")
+        if not path.is_file():
+            raise CheckpointFormatError(f"{path}: missing (the consolidated checkpoint is incomplete)")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if kind not in f.keys():
+                    raise CheckpointFormatError(f"{path}: no entry {kind!r} (holds {list(f.keys())[:5]})")
+                sl = f.get_slice(kind)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                if shape != entry["shape"] or dtype != "F32":
+                    raise CheckpointFormatError(f"{path}: {dtype} tensor of shape {shape}, index.json expects F32 "
+                                                f"{entry['shape']} for {name} ({kind})")
+                return read(sl)
+        except SafetensorError as err:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({err}); corrupt, truncated or "
+                                        f"not written by consolidate") from None
+
+    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+        return self._slice(name, kind, lambda sl: sl[:])
+
+    def block(self, name: str, kind: str, layout: Layout, coords) -> torch.Tensor:
+        """This rank's block of (name, kind) under `layout`, reading only that block."""
+        shape = self.index["tensors"].get(name, {}).get("shape")
+        if shape is not None and list(layout.shape) != shape:
+            raise CheckpointFormatError(f"{self.dir}: {name} has shape {shape}, this model expects "
+                                        f"{list(layout.shape)} (another model config?)")
+        sl = layout.local_slices(coords)
+        out = self._slice(name, kind, lambda s: s[sl] if sl else s[:])
+        return out.reshape(layout.local_shape(coords))
+
+
+def full_tensors(path: str | Path, kind: str = "param"):
+    """(name, full logical tensor) for every parameter of any checkpoint, one at a time."""
+    path = resolve(path)
+    if is_consolidated(path):
+        c = Consolidated(path)
+        for name in c.index["tensors"]:
+            yield name, c.full(name, kind)
+    else:
+        tag = DeepSpeedTag(path)
+        for name in tag.layouts:
+            yield name, tag.full(name, kind)
+
+
+def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
+    """Copy each parameter's block (of this rank's mesh coordinates) from any checkpoint into a
+    model built on any mesh; returns the checkpoint's job info. Weights only."""
+    path = resolve(path)
+    info = read_job_info(path)
+    mesh = model.mesh
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(info["layouts"]))
+    if missing:
+        raise CheckpointFormatError(f"{path}: no tensors for parameters {missing[:5]} (another model config?)")
+    reader = Consolidated(path) if is_consolidated(path) else DeepSpeedTag(path)
+    with torch.no_grad():
+        for name, p in params.items():
+            layout = p.block_layout
+            if list(layout.shape) != info["layouts"][name]["shape"]:
+                raise CheckpointFormatError(f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
+                                            f"expects {list(layout.shape)} (another model config?)")
+            if isinstance(reader, Consolidated):
+                block = reader.block(name, "param", layout, mesh.coords)
+            else:
+                block = layout.shard(reader.full(name, "param"), mesh.coords)
+            p.copy_(block.to(p.dtype))
+    return info
+
+
+
+def inspect(path: str | Path) -> dict:
+    path = resolve(path)
+    info = read_job_info(path)
+    layouts = info["layouts"]
+    n = sum(math.prod(d["shape"]) for d in layouts.values())
+    return {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "deepspeed",
+            "mesh": info["mesh"], "zero_stage": info["zero_stage"], "step": info.get("step"),
+            "dtype": info.get("dtype", "float32"), "parameters": n,
+            "tensors": {k: {"shape": d["shape"], "split": [None if s is None else s["axis"] for s in d["splits"]]}
+                        for k, d in layouts.items()}}

@@ -1,0 +1,69 @@
+"""What the DeepSpeed engine is built from: AdamW parameter groups by name, the learning-rate
+schedule, ZeRO-3 registration of the layers' ParameterList weights, threads per process, and the
+peak-memory and peak-FLOP/s figures the logs report."""
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import resource
+
+import torch
+
+# dense peak TFLOP/s per GPU for MFU (bf16/fp16 tensor cores; fp32 runs report no MFU unless
+# log.peak_tflops is set)
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def lr_lambda(cfg):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def param_groups(model: torch.nn.Module, rules, lr: float) -> list[dict]:
+    """AdamW groups by name: the first rule a parameter matches decides its lr scale and weight decay.
+    Group membership depends on names only, so it is the same on every rank."""
+    groups = [{"params": [], "names": [], "name": f"rule{i}:{'|'.join(r.match)}", "lr": lr * r.lr_scale,
+               **({"weight_decay": r.weight_decay} if r.weight_decay is not None else {})}
+              for i, r in enumerate(rules)]
+    default = {"params": [], "names": [], "name": "default", "lr": lr}
+    for name, p in model.named_parameters():
+        for g, r in zip(groups, rules):
+            if any(fnmatch.fnmatchcase(name, pat) for pat in r.match):
+                break
+        else:
+            g = default
+        g["params"].append(p)
+        g["names"].append(name)
+    return [{k: v for k, v in g.items() if k != "names"} for g in [default] + groups if g["params"]]
+
+
+def register_list_parameters(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward; the layers keep theirs in
+    ParameterLists (a submodule whose forward never runs), so hand them to the owning layer."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, torch.nn.ParameterList):
+                for p in child:
+                    register_external_parameter(module, p)
+
+
+def set_threads() -> None:
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // local))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # resident set, Linux: KiB
