@@ -11,6 +11,7 @@ from weathermixer.data import (DataConfig, DataError, DataJobConfig, GriddedData
                                load_data_job)
 from weathermixer.data.__main__ import main as cli
 from weathermixer.data.synth import write_synthetic
+from weathermixer.data.reader import NonFiniteWarning
 from weathermixer.model.geometry import MeshMismatch
 from jigsaw_ext.mesh import Mesh, MeshConfig
 
@@ -157,7 +158,8 @@ def test_nonfinite_named_or_masked(store, tmp_path):
                                         r"latitude 90, longitude 39.375"):
         ld.load_batch([4])
     ld = ShardedSampleLoader(DataConfig(path=str(bad), nonfinite="zero"), MODEL, Mesh.single(), shuffle=False)
-    assert ld.load_batch([4]).targets[0][0, CH.names.index("temperature_850"), 0, 7] == 0
+    with pytest.warns(NonFiniteWarning, match="'temperature_850' at time 2020-01-02T06:00, latitude 90"):
+        assert ld.load_batch([4]).targets[0][0, CH.names.index("temperature_850"), 0, 7] == 0
 
 
 def test_config_and_mesh_errors(store, tmp_path):

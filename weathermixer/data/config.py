@@ -60,6 +60,9 @@ class DataConfig(_Strict):
     nonfinite: Literal["error", "zero"] = Field(
         "error", description="NaN/inf in a sample: error naming variable/time/location, or set to 0 "
                              "after normalisation (the mean)")
+    nonfinite_every: int = Field(
+        1000, ge=1, description="with nonfinite='zero': samples between warnings that sum up the values set to "
+                                "0 (each channel's first occurrence is warned at once)")
     prefetch: int = Field(2, ge=0, description="batches loaded ahead in a background thread (0 = inline)")
     fake: bool = Field(False, description="no I/O: the same random tensors every step (loader benchmarks)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -24,7 +25,7 @@ from jigsaw_ext.mesh import Mesh
 from ..config import ModelConfig
 from ..model.geometry import Geometry
 from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig
-from .reader import DataError, GriddedDataset, check_finite
+from .reader import DataError, GriddedDataset, NonFiniteWarning, check_finite
 from .sampler import ReplicaSampler
 from .stats import Normalizer
 
@@ -48,6 +49,49 @@ def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | 
     else:  # day of year
         phase = 2 * np.pi * (time.dayofyear - 1 + time.hour / 24) / 365.25
     return np.full(shape, np.cos(phase) if name.startswith("cos") else np.sin(phase))
+
+
+class NonFiniteReport:
+    """What data.nonfinite='zero' set to 0, aggregated (a warning per sample would flood the log): a
+    NonFiniteWarning at a channel's first block with NaN/inf (channel, time, latitude/longitude range,
+    count), then one every `every` loaded samples summing up per channel the values and blocks (times)
+    since the previous summary. `totals`: channel -> [values, blocks] since the start."""
+
+    def __init__(self, where: str, lat: np.ndarray, lon: np.ndarray, every: int):
+        self.where, self.lat, self.lon, self.every = where, lat, lon, every
+        self.totals: dict[str, list[int]] = {}
+        self._since: dict[str, list] = {}  # channel -> [values, blocks, first time]
+        self._samples = 0
+
+    def add(self, x: np.ndarray, names: list[str], time) -> None:
+        bad = ~np.isfinite(x)
+        for c in np.flatnonzero(bad.any(axis=(1, 2))):
+            name, n = names[c], int(bad[c].sum())
+            if name not in self.totals:
+                rows, cols = np.nonzero(bad[c])
+                warnings.warn(
+                    f"{self.where}: data.nonfinite='zero' sets {n} non-finite value(s) of '{name}' at time "
+                    f"{pd.Timestamp(time):%Y-%m-%dT%H:%M}, latitude {self.lat[rows.min()]:g} .. "
+                    f"{self.lat[rows.max()]:g}, longitude {self.lon[cols.min()]:g} .. {self.lon[cols.max()]:g} "
+                    f"to 0 (first occurrence in '{name}' on this rank; a summary follows every {self.every} "
+                    f"samples)", NonFiniteWarning, stacklevel=2)
+                self.totals[name] = [0, 0]
+            self.totals[name][0] += n
+            self.totals[name][1] += 1
+            since = self._since.setdefault(name, [0, 0, time])
+            since[0] += n
+            since[1] += 1
+
+    def samples_done(self, n: int) -> None:
+        self._samples += n
+        if self._samples < self.every:
+            return
+        if self._since:
+            parts = [f"'{k}': {v} value(s) in {b} block(s) from {pd.Timestamp(t):%Y-%m-%dT%H:%M}"
+                     for k, (v, b, t) in sorted(self._since.items())]
+            warnings.warn(f"{self.where}: data.nonfinite='zero' set to 0 in the last {self._samples} samples: "
+                          + "; ".join(parts), NonFiniteWarning, stacklevel=2)
+        self._samples, self._since = 0, {}
 
 
 class ShardedSampleLoader:
@@ -77,6 +121,8 @@ class ShardedSampleLoader:
             self.lat, self.lon = self.data.lat, self.data.lon
             self.starts = self.data.sample_starts(split, self.leads, data_cfg.history)
             n_samples = len(self.starts)
+        where = self.data.where if self.data is not None else "fake data"
+        self.nonfinite = NonFiniteReport(where, self.lat[self.rows], self.lon, data_cfg.nonfinite_every)
         try:
             self.sampler = ReplicaSampler(n_samples, batch, mesh.size("dp"), mesh.coords["dp"], seed, shuffle)
         except ValueError as err:
@@ -139,7 +185,8 @@ class ShardedSampleLoader:
                              self.data.where)
             if self._norm is not None:
                 x = (x - self._norm[0]) / self._norm[1]
-            if self.cfg.nonfinite == "zero":
+            if self.cfg.nonfinite == "zero" and not np.isfinite(x).all():
+                self.nonfinite.add(x, self.field_names, self.data.times[t])
                 x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             cache[t] = x
         return cache[t]
@@ -163,6 +210,7 @@ class ShardedSampleLoader:
                 for b, t in enumerate(times):
                     s[b, i] = _computed(self.static_names[i], self.lat[:1], self.lon[:1], t)[0, 0]
             static = torch.from_numpy(s)
+        self.nonfinite.samples_done(len(starts))
         return Sample(torch.from_numpy(fields), static, targets, times)
 
     def _load_at(self, epoch: int, step: int) -> Sample:

@@ -11,6 +11,7 @@ store's contiguous range first, so reads stay chunk-aligned).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ class GriddedDataset:
         self.cfg, self.grid = cfg, tuple(grid)
         self.where = cfg.path or "<store>"
         self.ds = open_dataset(cfg, store)
+        self.chunks = ChunkCheck(self, store)
         d = cfg.dims
         self._dims = d
         for key, dim in (("time", d.time), ("latitude", d.latitude), ("longitude", d.longitude)):
@@ -178,19 +180,31 @@ class GriddedDataset:
             while j < len(channels) and channels[j].var == channels[i].var and channels[i].level is not None:
                 j += 1
             run = channels[i:j]
-            da = self.ds[run[0].var].variable
             sel = {d.latitude: srows}
-            if d.time in da.dims:
+            if d.time in self.ds[run[0].var].dims:
                 sel[d.time] = time if time is not None else 0
             if run[0].level is not None:
                 idx = [c.level_index for c in run]
                 sel[d.level] = (slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx)
-                block = da.isel(sel).transpose(d.level, d.latitude, d.longitude).values
+                block = self._values(run[0].var, sel, (d.level, d.latitude, d.longitude))
             else:
-                block = da.isel(sel).transpose(d.latitude, d.longitude).values[None]
+                block = self._values(run[0].var, sel, (d.latitude, d.longitude))[None]
             out[i:j] = block[:, ::-1] if self.flip else block
             i = j
         return out
+
+    def _values(self, var: str, sel: dict, order: tuple) -> np.ndarray:
+        """ds[var][sel] in dimension order `order`; a missing or undecodable zarr chunk is named."""
+        try:
+            x = self.ds[var].variable.isel(sel).transpose(*order).values
+        except Exception as err:  # noqa: BLE001 - a codec's error names no chunk: find it and name it
+            named = self.chunks.undecodable(var, sel, err)
+            if named is err:
+                raise
+            raise named from err
+        if self.chunks.enabled and not np.isfinite(x).all():  # an absent chunk reads as NaN: name it
+            self.chunks.check_present(var, sel, fatal=self.cfg.nonfinite == "error")
+        return x
 
     def read_fields(self, time: int, rows: slice, channels: slice) -> np.ndarray:
         """(channels, rows, lon) float32 of model channels [channels] at time index `time`."""
@@ -220,6 +234,96 @@ class GriddedDataset:
         elif self.cfg.splits:
             raise DataError(f"split '{split}' not in data.splits (has {sorted(self.cfg.splits)})")
         return idx
+
+
+class NonFiniteWarning(UserWarning):
+    """Values data.nonfinite='zero' sets to 0 (NaN/inf in the data, or a chunk absent from the store)."""
+
+
+class ChunkCheck:
+    """Names the zarr chunks behind a block read. zarr serves an absent chunk as its fill value (NaN
+    for floats written by xarray: it would look like NaN data) and a truncated or corrupt one as a
+    bare codec error ("Zstd decompression error"); neither names the chunk. The store is asked only
+    when a block holds a non-finite value (one `exists` per chunk of that read, a present chunk is
+    asked once) or a read fails: clean blocks cost no store request."""
+
+    def __init__(self, data: GriddedDataset, store=None):
+        self.data, self._store, self._group = data, store, None
+        self.enabled = store is not None or data.cfg.resolved_format() == "zarr"
+        self._present: set[str] = set()
+        self._warned: set[str] = set()
+
+    def _array(self, var: str):
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(self._store if self._store is not None else self.data.cfg.path, mode="r")
+        return self._group[var]
+
+    def _keys(self, var: str, sel: dict) -> tuple[object, list[tuple[str, tuple[int, ...]]]]:
+        """(zarr array, [(store key, chunk coordinates)]) of the chunks (shards) a selection touches."""
+        import itertools
+
+        arr = self._array(var)
+        grid = arr.shards or arr.chunks
+        per_dim = []
+        for dim, n, c in zip(self.data.ds[var].dims, arr.shape, grid):
+            idx = np.atleast_1d(np.arange(n)[sel.get(dim, slice(None))])
+            per_dim.append(np.unique(idx // c).tolist())
+        prefix = arr.store_path.path.strip("/")
+        return arr, [((f"{prefix}/" if prefix else "") + arr.metadata.encode_chunk_key(coords), coords)
+                     for coords in itertools.product(*per_dim)]
+
+    def _where(self, var: str, arr, coords: tuple[int, ...]) -> str:
+        """'time A' or 'times A .. B' of a chunk, or 'static'."""
+        dims, tdim, times = self.data.ds[var].dims, self.data.cfg.dims.time, self.data.times
+        if tdim not in dims:
+            return "static"
+        i = dims.index(tdim)
+        c = (arr.shards or arr.chunks)[i]
+        a, b = coords[i] * c, min((coords[i] + 1) * c, len(times)) - 1
+        if a == b:
+            return f"time {times[a]:%Y-%m-%dT%H:%M}"
+        return f"times {times[a]:%Y-%m-%dT%H:%M} .. {times[b]:%Y-%m-%dT%H:%M}"
+
+    def check_present(self, var: str, sel: dict, fatal: bool) -> None:
+        """Raise (fatal) or warn once per variable naming a chunk of this read absent from the store."""
+        from zarr.core.sync import sync
+
+        arr, keys = self._keys(var, sel)
+        store = arr.store_path.store
+        missing = [(k, c) for k, c in keys if k not in self._present and not sync(store.exists(k))]
+        absent = {k for k, _ in missing}
+        self._present.update(k for k, _ in keys if k not in absent)
+        if not missing or (not fatal and var in self._warned):
+            return
+        k, c = missing[0]
+        msg = (f"{self.data.where}: chunk '{k}' of variable '{var}' ({self._where(var, arr, c)}) is missing from "
+               f"the store ({len(missing)} of the {len(keys)} chunk(s) of this read): zarr serves it as its "
+               f"fill value (NaN here). Lost, or an all-fill chunk zarr did not write (write_empty_chunks=False)")
+        if fatal:
+            raise DataError(msg + "; re-write it, or leave those times out of data.splits")
+        self._warned.add(var)
+        warnings.warn(msg + "; data.nonfinite='zero' sets its values to 0 (first absent chunk of this "
+                      "variable; counts follow in the non-finite summaries)", NonFiniteWarning, stacklevel=2)
+
+    def undecodable(self, var: str, sel: dict, err: Exception) -> Exception:
+        """The read error `err`, as a DataError naming the chunk that cannot be decoded (if one is found)."""
+        if not self.enabled:
+            return err
+        try:
+            arr, keys = self._keys(var, sel)
+        except Exception:  # noqa: BLE001 - cannot even open the array: the original error says more
+            return err
+        grid = arr.shards or arr.chunks
+        for key, coords in keys:
+            try:
+                arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, grid))]
+            except Exception as bad:  # noqa: BLE001
+                return DataError(f"{self.data.where}: cannot decode chunk '{key}' of variable '{var}' "
+                                 f"({self._where(var, arr, coords)}): {type(bad).__name__}: {bad} (a truncated or "
+                                 f"corrupt chunk: re-write it, or leave those times out of data.splits)")
+        return err
 
 
 def check_finite(block: np.ndarray, names: list[str], time, lat: np.ndarray, lon: np.ndarray,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .config import TrainJobConfig
+from .deepspeed_keys import check_deepspeed_keys
 from .loss import channel_loss_weights, headline_channels
 
 
@@ -69,6 +70,7 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
         raise ConfigError(f"data.path: {data.path} does not exist")
     if data.source == "gridded" and data.stats and not data.fake and not Path(data.stats).exists():
         raise ConfigError(f"data.stats: {data.stats} does not exist (python -m weathermixer.data stats ...)")
+    check_deepspeed_keys(ds)  # a misspelt DeepSpeed key would be ignored by DeepSpeed
     dp = job.mesh.dp
     micro, gas = resolve_batch(ds, dp)
     opt = dict(ds.get("optimizer") or {"type": "AdamW"})
