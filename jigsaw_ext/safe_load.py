@@ -18,10 +18,16 @@ A refused file raises UnsafeCheckpointError naming the file and the object it wo
     save_state(base, obj) / load_state(base)    JSON + safetensors for small nested state (dicts,
                                                 lists, tuples, numbers, strings, numpy arrays,
                                                 torch tensors): base.json and base.safetensors
-    install_safe_checkpoint_engine(engine)      DeepSpeed's load_checkpoint reads through it
+    install_safe_checkpoint_engine(engine)      DeepSpeed's load_checkpoint reads through it: each
+                                                file is checked against its tag's MANIFEST.json first
+                                                (jigsaw_ext.checkpoint.manifest); inside
+                                                defer_save_errors() .. take_save_errors() a failed
+                                                write is recorded instead of raised, so every rank
+                                                finishes DeepSpeed's collectives
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -189,6 +195,43 @@ def load_state(base: str | Path):
 
 
 # ------------------------------------------------------------------------------------------------
+def no_space_left(err: BaseException, path) -> bool:
+    """Did writing `path` fail because its file system is full? torch.save reports a full disk as a
+    RuntimeError without errno ('unexpected pos ...'), so the free space is looked at as well
+    (right after the failure, before the partial file is removed)."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        return True
+    d = Path(path)
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return free < (16 << 20) or (st.f_files > 0 and st.f_favail == 0)
+
+
+def save_error(path, err: BaseException) -> dict:
+    """What a rank tells the others about a failed checkpoint write."""
+    return {"path": str(path), "error": f"{type(err).__name__}: {err}", "no_space": no_space_left(err, path)}
+
+
+def _load_checked(path: str, map_location=None):
+    """A DeepSpeed shard for DeepSpeed's loader: checked against its manifest, then read safely."""
+    from .checkpoint.common import CheckpointFormatError
+    from .checkpoint.manifest import verify_file
+
+    verify_file(path)
+    try:
+        return safe_torch_load(path, map_location=map_location)
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises several types for damaged files
+        raise CheckpointFormatError(f"{path}: unreadable ({type(err).__name__}: {err}); corrupt or "
+                                    f"truncated") from None
+
+
 _ENGINE_CLASS = None
 
 
@@ -198,26 +241,53 @@ def _safe_engine_class():
         from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
         class SafeCheckpointEngine(CheckpointEngine):
-            """DeepSpeed's configured checkpoint engine for saving; loads with weights_only=True."""
+            """DeepSpeed's configured engine; loads check the manifest, then read with weights_only.
+            Between defer_save_errors() and take_save_errors() a failed write is recorded, not raised
+            (others would wait in DeepSpeed's collectives) and this rank writes nothing more."""
 
             def __init__(self, inner):
                 self.inner = inner
                 self.name = f"Safe({getattr(inner, 'name', type(inner).__name__)})"
+                self.save_errors: list[dict] = []
+                self.deferring = False
 
             def load(self, path: str, map_location=None):
-                return safe_torch_load(path, map_location=map_location)
+                return _load_checked(path, map_location=map_location)
 
             def create(self, info):
                 return self.inner.create(info)
 
+            def defer_save_errors(self) -> None:
+                self.save_errors, self.deferring = [], True
+
+            def take_save_errors(self) -> list[dict]:
+                errors, self.save_errors, self.deferring = self.save_errors, [], False
+                return errors
+
+            def record_save_error(self, path, err: BaseException) -> None:
+                """Inside the window: remember the failure; outside it: raise it."""
+                if not self.deferring:
+                    raise err
+                self.save_errors.append(save_error(path, err))
+
             def save(self, state_dict, path: str):
-                return self.inner.save(state_dict, path)
+                if self.save_errors:  # this checkpoint already failed on this rank
+                    return None
+                try:
+                    return self.inner.save(state_dict, path)
+                except Exception as err:  # noqa: BLE001 - torch reports a full disk as RuntimeError
+                    self.record_save_error(path, err)
+                    return None
 
             def commit(self, info):
                 return self.inner.commit(info)
 
             def makedirs(self, path, exist_ok=False):
-                return self.inner.makedirs(path, exist_ok=exist_ok)
+                try:
+                    return self.inner.makedirs(path, exist_ok=exist_ok)
+                except OSError as err:
+                    self.record_save_error(path, err)
+                    return None
 
             def is_data_parallel_writer(self, dp_rank):
                 return self.inner.is_data_parallel_writer(dp_rank)
@@ -258,3 +328,13 @@ def install_safe_checkpoint_engine(engine) -> None:
                          "jigsaw_ext.checkpoint` instead")
     if not isinstance(engine.checkpoint_engine, cls):
         engine.checkpoint_engine = cls(engine.checkpoint_engine)
+    copy = getattr(engine, "_copy_recovery_script", None)  # rank 0 copies zero_to_fp32.py beside the tags
+    if copy is not None and not getattr(copy, "records_errors", False):
+        def copy_recovery_script(save_path, _copy=copy):
+            try:
+                _copy(save_path)
+            except OSError as err:
+                engine.checkpoint_engine.record_save_error(save_path, err)
+
+        copy_recovery_script.records_errors = True
+        engine._copy_recovery_script = copy_recovery_script

@@ -58,7 +58,7 @@ wm_write_ds_env() {
     case "$file" in /*) ;; *) file="$PWD/$file" ;; esac
     mkdir -p "$(dirname "$file")" && : > "$file" || wm_die "cannot write $file"
     for var in OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC \
-               CUDA_DEVICE_MAX_CONNECTIONS GOOGLE_APPLICATION_CREDENTIALS; do
+               CUDA_DEVICE_MAX_CONNECTIONS GOOGLE_APPLICATION_CREDENTIALS WM_JOB_RECORD; do
         if [ -n "${!var:-}" ]; then
             echo "$var=${!var}" >> "$file"
         fi
@@ -95,4 +95,37 @@ wm_write_hostfile() {
 # A port per job, so two jobs sharing a node do not collide: MASTER_PORT, else 20000 + job id mod 20000.
 wm_master_port() {
     echo "${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-9500} % 20000 ))}"
+}
+
+# Run the job ("$@": the deepspeed / torchrun / srun command) and, if it fails, print one last line
+# naming the rank (and host) that failed or died first, from the registry and exit records the ranks
+# keep in the run folder (python -m weathermixer.train.rankwatch report). The ranks find the registry
+# through WM_JOB_RECORD (a file; a temporary one unless set). SIGTERM/SIGINT/SIGHUP to this script go
+# to the job. Returns the job's exit status.
+wm_run_reported() {
+    local child rc own=0
+    if [ -z "${WM_JOB_RECORD:-}" ]; then
+        WM_JOB_RECORD=$(mktemp "${TMPDIR:-/tmp}/weathermixer-job.XXXXXX") || wm_die "mktemp failed"
+        own=1
+    fi
+    rm -f "$WM_JOB_RECORD"   # a record left by an earlier job must not speak for this one
+    export WM_JOB_RECORD
+    "$@" &
+    child=$!
+    # shellcheck disable=SC2064
+    trap "kill -TERM $child 2>/dev/null" TERM INT HUP
+    rc=0
+    wait "$child" || rc=$?
+    while kill -0 "$child" 2>/dev/null; do   # a trapped signal interrupted the wait: wait for the job
+        rc=0
+        wait "$child" || rc=$?
+    done
+    trap - TERM INT HUP
+    if [ "$rc" != 0 ]; then
+        "${PYTHON:-python}" -m weathermixer.train.rankwatch report "$WM_JOB_RECORD" "$rc" || true
+    fi
+    if [ "$own" = 1 ]; then
+        rm -f "$WM_JOB_RECORD"
+    fi
+    return "$rc"
 }

@@ -19,5 +19,6 @@ CONFIG=${CONFIG:-deepspeed_configs/era5_0.25deg_1b.json}
 NGPUS=${NGPUS:-$(wm_gpus_per_node)}
 wm_setup_env "$NGPUS"
 
-exec deepspeed --num_gpus "$NGPUS" --master_port "${MASTER_PORT:-29500}" \
+# on failure the last line names the rank that died or failed first (wm_run_reported)
+wm_run_reported deepspeed --num_gpus "$NGPUS" --master_port "${MASTER_PORT:-29500}" \
     train.py --deepspeed_config "$CONFIG" "$@"

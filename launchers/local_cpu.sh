@@ -13,7 +13,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     # shellcheck disable=SC1091
     . .venv/bin/activate
 fi
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DS_ACCELERATOR=cpu   # no GPU probing (and no warning about it) in every process
-exec deepspeed --num_gpus "${NPROC:-4}" --master_port "${MASTER_PORT:-29500}" \
+# shellcheck source=launchers/common.sh
+. launchers/common.sh
+# on failure the last line names the rank that died or failed first (wm_run_reported)
+wm_run_reported deepspeed --num_gpus "${NPROC:-4}" --master_port "${MASTER_PORT:-29500}" \
     train.py --deepspeed_config "${CONFIG:-deepspeed_configs/quickstart_cpu.json}" "$@"

@@ -54,6 +54,15 @@ def ckpt(tmp_path_factory):
     return {"tmp": tmp, "job": job, "root": root, "tag": tag, "store": next((tmp / "synthetic").glob("*.zarr"))}
 
 
+def _reseal(tag: Path) -> Path:
+    """Checksums that match the planted file: whoever can plant a file can rewrite MANIFEST.json, so
+    the allowlist must hold on its own (and checkpoints without a manifest still exist)."""
+    from jigsaw_ext.checkpoint.manifest import describe, list_files, write_manifest
+
+    write_manifest(tag, {rel: describe(tag / rel) for rel in list_files(tag)})
+    return tag
+
+
 def _copy(ckpt, where: Path) -> Path:
     """A checkpoint root holding a copy of the tag (and its latest pointer)."""
     shutil.copytree(ckpt["tag"], where / ckpt["tag"].name)
@@ -104,6 +113,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     _plant(bad_model / MODEL, marker("model"))
     bad_optim = _copy(ckpt, tmp_path / "bad_optim")
     _plant(bad_optim / OPTIM, marker("optim"))
+    _reseal(bad_model), _reseal(bad_optim)
     for tag, name in ((bad_model, MODEL), (bad_optim, OPTIM)):
         with pytest.raises(CheckpointFormatError, match=f"{name}: refused.*{REFUSED}.*posix.system"):
             consolidate(tag, tmp_path / f"cons-{tag.parent.name}", log=None)
@@ -115,6 +125,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     bad_state_st = _copy(ckpt, tmp_path / "bad_state_st")
     st = bad_state_st / "trainer_rank00000.safetensors"
     _plant(st, marker("state-st"))
+    _reseal(bad_state), _reseal(bad_state_st)
     with pytest.raises(CheckpointFormatError, match=f"trainer_rank00000.pt: refused.*{REFUSED}"):
         consolidate(bad_state, tmp_path / "cons-state", log=None)
     with pytest.raises(CheckpointFormatError, match="trainer_rank00000.safetensors: not a readable safetensors"):
@@ -127,6 +138,11 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     shutil.copytree(good, bad_cons)
     idx = json.loads((bad_cons / "index.json").read_text())
     _plant(bad_cons / idx["tensors"][names[0]]["files"]["param"], marker("cons"))
+    from jigsaw_ext.checkpoint.manifest import describe  # resealed: index.json's digest matches the plant
+
+    sealed = json.loads(json.dumps(idx))
+    sealed["tensors"][names[0]]["digests"]["param"] = describe(bad_cons / idx["tensors"][names[0]]["files"]["param"])
+    (bad_cons / "index.json").write_text(json.dumps(sealed))
     with pytest.raises(CheckpointFormatError, match=r"00000\.param\.safetensors: not a readable safetensors"):
         Consolidated(bad_cons).full(names[0])
     old = tmp_path / "old_cons"  # format 1: torch pickles, the first one planted

@@ -124,14 +124,18 @@ def test_nonfinite_loss_names_step_rank_and_checkpoint(job, tmp_path):
 
 
 def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
-    """deepspeed launcher, 2 ranks: SIGKILL rank 1 after the step-4 checkpoint; the job exits
-    non-zero well within the distributed timeout; the same command then resumes from the latest
-    complete checkpoint and finishes."""
+    """deepspeed launcher through launchers/local_cpu.sh, 2 ranks: SIGKILL rank 1 after the step-4
+    checkpoint; the job exits non-zero well within the distributed timeout, the survivor's message
+    and the job's last line name the rank that died (and its host and pid); the same command then
+    resumes from the latest complete checkpoint and finishes."""
+    import socket
+
     out = tmp_path / "kill"
-    cmd = _launch(job, out, 2, "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set", "checkpoint.every=2",
-                  "--set", "checkpoint.resume=auto", "--set", "train.dist_timeout_s=60", launcher="deepspeed",
-                  port=29547)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["--output-dir", str(out), "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
+            "checkpoint.every=2", "--set", "checkpoint.resume=auto", "--set", "train.dist_timeout_s=60"]
+    env = dict(ENV, NPROC="2", MASTER_PORT="29547", CONFIG=str(job))
+    proc = subprocess.Popen(["bash", str(ROOT / "launchers" / "local_cpu.sh"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = out / "checkpoints" / "step00000004" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.exists():
@@ -146,11 +150,18 @@ def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
         proc.kill()
         pytest.fail("the job did not exit within 90 s of a rank being killed")
     assert proc.returncode != 0 and time.time() - t0 < 60, output[-3000:]
+    named = f"rank 1 (host {socket.gethostname()}, pid {victim}) died first"
+    survivor = [line for line in output.splitlines() if "(rank 0)" in line and named in line]
+    assert survivor and "this rank stops" in survivor[0], output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("weathermixer: the job failed") and named in last, output[-3000:]
+    assert not (out / "RUN.lock").exists()  # the survivor released it
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step"))
     assert step >= 4
-    rerun = _run(cmd[:-8] + ["--set", "train.steps=400", "--set", f"train.stop_after={2}", "--set",
-                             "checkpoint.every=2", "--set", "checkpoint.resume=auto"])
+    rerun = _run(_launch(job, out, 2, "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
+                         f"train.stop_after={2}", "--set", "checkpoint.every=2", "--set", "checkpoint.resume=auto",
+                         launcher="deepspeed", port=29548))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / latest} (step {step})" in rerun.stdout
     assert f"stopping after step {step + 2}" in rerun.stdout

@@ -2,6 +2,7 @@
 full logical tensors, write it layout-free, and load it on any mesh.
 
     python -m jigsaw_ext.checkpoint inspect CKPT
+    python -m jigsaw_ext.checkpoint inspect --verify CKPT      every file against its checksum; exit 1 naming the bad ones
     python -m jigsaw_ext.checkpoint consolidate CKPT OUT
     python -m jigsaw_ext.checkpoint reshard CKPT --dp A --domain B --tp C [--zero-stage S] OUT
 
@@ -22,6 +23,11 @@ is a pickle: JSON and safetensors only):
                                    (AdamW moments), full logical shapes; a loader that needs one block
                                    reads only that block (safe_open(...).get_slice)
 
+Checksums (manifest.py): a DeepSpeed tag holds MANIFEST.json (size and sha256 of every file the save
+wrote), a consolidated checkpoint's index.json the size and sha256 of each tensor file; every reader
+here checks a file before loading it and refuses a mismatch naming the file (ChecksumError). A
+checkpoint written before checksums existed is read with an UnverifiedCheckpointWarning.
+
 Reading is streaming: every DeepSpeed file is memory-mapped and each logical tensor is assembled
 from the byte ranges that hold it, written, and freed, so peak memory stays near the largest tensor.
 The reader knows DeepSpeed 0.19's files for ZeRO 0 (fp32), 1, 2 and 3 (fp32 or bf16 training; the
@@ -32,10 +38,11 @@ else (code) is refused, naming the file. Format 1 (tensors as torch pickles) is 
 """
 from .common import (FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, read_index, read_job_info,
                      resolve)
-from .consolidated import Consolidated, consolidate, full_tensors, inspect, load_into_model
+from .consolidated import Consolidated, consolidate, full_tensors, inspect, load_into_model, verify
 from .deepspeed_files import DeepSpeedTag, read_trainer_state
+from .manifest import ChecksumError, UnverifiedCheckpointWarning
 from .cli import main
 
-__all__ = ["FORMAT", "KINDS", "CheckpointFormatError", "Consolidated", "DeepSpeedTag", "app_keys", "consolidate",
-           "full_tensors", "inspect", "is_consolidated", "load_into_model", "main", "read_index", "read_job_info",
-           "read_trainer_state", "resolve"]
+__all__ = ["FORMAT", "KINDS", "CheckpointFormatError", "ChecksumError", "Consolidated", "DeepSpeedTag",
+           "UnverifiedCheckpointWarning", "app_keys", "consolidate", "full_tensors", "inspect", "is_consolidated",
+           "load_into_model", "main", "read_index", "read_job_info", "read_trainer_state", "resolve", "verify"]

@@ -77,4 +77,8 @@ def read_job_info(path: str | Path) -> dict:
                     layouts={n: t["layout"] for n, t in idx["tensors"].items()})
     if not (path / "COMPLETE").is_file():
         raise CheckpointFormatError(f"{path}: no COMPLETE marker (an interrupted save?)")
+    from .manifest import verify_file
+
+    if (path / "job.json").is_file():
+        verify_file(path / "job.json")
     return _read_json(path / "job.json")

@@ -14,6 +14,7 @@ import torch
 from ..layout import Layout
 from .common import FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, read_index, read_job_info, resolve
 from .deepspeed_files import DeepSpeedTag
+from .manifest import ALGORITHM, check, describe, expected, verify_tree, warn_unverified
 
 
 def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
@@ -33,15 +34,15 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     t0 = time.perf_counter()
     names = list(tag.layouts)
     for i, name in enumerate(names):
-        files = {}
+        files, digests = {}, {}
         for kind in KINDS:
             full = tag.full(name, kind)
             rel = f"tensors/{i:05d}.{kind}.safetensors"
             save_file({kind: full.contiguous()}, str(tmp / rel), metadata={"name": name, "kind": kind})
-            files[kind] = rel
+            files[kind], digests[kind] = rel, describe(tmp / rel)
             del full
         tensors[name] = {"shape": list(tag.layouts[name].shape), "dtype": "float32", "files": files,
-                         "layout": tag.info["layouts"][name]}
+                         "digests": digests, "layout": tag.info["layouts"][name]}
         if log and (i % 20 == 0 or i == len(names) - 1):
             log(f"consolidate: {i + 1}/{len(names)} tensors ({time.perf_counter() - t0:.1f} s)")
     st0 = tag.model_state[0]
@@ -92,6 +93,11 @@ class Consolidated:
             raise CheckpointFormatError(f"{self.dir / 'index.json'}: file {rel!r} of {name} is outside the checkpoint")
         if not path.is_file():
             raise CheckpointFormatError(f"{path}: missing (the consolidated checkpoint is incomplete)")
+        digest = entry.get("digests", {}).get(kind)
+        if digest is None:
+            warn_unverified(self.dir)
+        else:
+            check(path, digest, str(self.dir / "index.json"), f"tensor {name}, {kind}")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 if kind not in f.keys():
@@ -157,6 +163,25 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
             p.copy_(block.to(p.dtype))
     return info
 
+
+
+def verify(path: str | Path) -> dict:
+    """Check every file of a checkpoint against its checksums: {"path", "kind", "verified", "files",
+    "problems"}; problems: one line per damaged, missing or unlisted file (empty: intact); verified
+    False: written before checksums existed (nothing could be checked) or no usable manifest."""
+    path = resolve(path)
+    out = {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "deepspeed", "verified": False,
+           "files": 0, "problems": []}
+    if out["kind"] == "deepspeed" and not (path / "COMPLETE").is_file():
+        return dict(out, problems=[f"{path}: no COMPLETE marker (an interrupted save?)"])
+    try:
+        files = expected(path)
+        problems = verify_tree(path)
+    except CheckpointFormatError as err:
+        return dict(out, problems=[str(err)])
+    if files is None:
+        return out
+    return dict(out, verified=True, files=len(files[0]), algorithm=ALGORITHM, problems=problems)
 
 
 def inspect(path: str | Path) -> dict:

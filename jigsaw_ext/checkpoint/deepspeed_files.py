@@ -1,6 +1,7 @@
 """Full logical tensors from the per-rank files of one DeepSpeed checkpoint tag (DeepSpeed 0.19's
 files for ZeRO 0 (fp32), 1, 2 and 3, fp32 or bf16 training; the fp32 master weights are what is
-read). Every file is memory-mapped and read with torch.load(weights_only=True) and the allowlist of
+read). Every file is first checked against the tag's MANIFEST.json (size and sha256, see
+manifest.py), then memory-mapped and read with torch.load(weights_only=True) and the allowlist of
 jigsaw_ext.safe_load; the source is only ever opened for reading."""
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 from ..layout import Layout
 from ..safe_load import UnsafeCheckpointError, load_state, safe_torch_load, state_exists
 from .common import CheckpointFormatError, read_job_info
+from .manifest import verify_file
 
 
 def _load(path: Path) -> dict:
     """A DeepSpeed shard, memory-mapped, read with weights_only=True and the allowlist."""
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: missing shard (the checkpoint is incomplete)")
+    verify_file(path)
     try:
         return safe_torch_load(path, map_location="cpu", mmap=True)
     except UnsafeCheckpointError as err:
@@ -37,12 +40,18 @@ def read_trainer_state(tag_dir: Path, rank: int) -> dict:
     base = Path(tag_dir) / f"trainer_rank{rank:05d}"
     try:
         if state_exists(base):
+            for suffix in (".json", ".safetensors"):
+                if base.with_name(base.name + suffix).is_file():
+                    verify_file(base.with_name(base.name + suffix))
             return load_state(base)
         legacy = base.with_name(base.name + ".pt")
         if legacy.is_file():
+            verify_file(legacy)
             return safe_torch_load(legacy, numpy=True)
     except UnsafeCheckpointError as err:
         raise CheckpointFormatError(str(err)) from None
+    except CheckpointFormatError:
+        raise
     except (ValueError, OSError) as err:
         raise CheckpointFormatError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - a damaged legacy zip

@@ -1,4 +1,4 @@
-"""Checkpoints through DeepSpeed, crash-safe, with the trainer's own state beside them.
+"""Checkpoints through DeepSpeed, crash-safe and checksummed, with the trainer's own state beside them.
 
     root/
       step00000100/                 one tag = one DeepSpeed checkpoint (mp_rank_*, zero_pp_rank_* files)
@@ -7,15 +7,25 @@
         job.json                    the job's project section and DeepSpeed config, mesh, step, and
                                     what a forecast needs: normalisation statistics, the data set's
                                     mapping, package versions and git commit
+        MANIFEST.json               size and sha256 of every file above (jigsaw_ext.checkpoint.manifest)
         COMPLETE                    written last, after every rank has finished writing
+      step00000100.1/               the same step saved again (a run resumed from an older tag)
       latest                        name of the newest complete tag (replaced atomically)
       best                          name of the tag with the best validation loss
 
-A crash during a save leaves a tag directory without COMPLETE that no pointer names: the previous
-checkpoint stays loadable, and the stale directory is removed by the next successful save.
+A save never touches an existing tag: every rank writes into `stepNNNNNNNN.partial`, the ranks
+share the hashing of the files, rank 0 writes MANIFEST.json and COMPLETE, renames the directory to
+a name that is not taken (`stepNNNNNNNN`, else `stepNNNNNNNN.1`, ...) and only then moves the
+pointers. A crash or a full disk at any point leaves every pointer naming a complete checkpoint;
+a failed write (ENOSPC) is agreed on by every rank, the partial directory removed and the job
+stopped with a message naming the file system. Stale partial and incomplete directories are
+removed by the next successful save (never a tag a pointer names).
 
-DeepSpeed's own files are read through jigsaw_ext.safe_load's checkpoint engine (weights_only=True
-and an explicit allowlist); a file holding anything else is refused, naming the file.
+Loading checks the files against MANIFEST.json first (the ranks share the hashing, so each byte is
+hashed once), then DeepSpeed reads them through jigsaw_ext.safe_load's checkpoint engine
+(weights_only=True and an explicit allowlist). A damaged, truncated or missing file is an error
+naming it and an older complete checkpoint to resume from; a checkpoint without a manifest (older
+versions) loads with a warning that it is unverified.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import functools
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -33,9 +44,13 @@ import torch
 import torch.distributed as dist
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
-from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_state
+from jigsaw_ext.checkpoint.manifest import (describe as describe_file, list_files, mark_verified, read_manifest,
+                                            verify_tree, warn_unverified, write_manifest)
+from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
 
 POINTERS = ("latest", "best")
+TAG = re.compile(r"step(\d{8})(?:\.(\d+))?")  # stepNNNNNNNN or stepNNNNNNNN.K (the same step saved again)
+PARTIAL = ".partial"
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +64,63 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (where the file system supports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tag_key(name: str) -> tuple[int, int] | None:
+    """(step, k) of a tag name (stepNNNNNNNN -> k 0, stepNNNNNNNN.K -> K); None for anything else.
+    Tags sort by it: by step, then the newer save of the same step."""
+    m = TAG.fullmatch(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def filesystem(path: Path) -> str:
+    """'<mount point> (<device>, <type>)' of the file system holding `path`."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    try:
+        mounts = [line.split()[:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        mounts = []
+    for dev, mnt, kind in reversed(mounts):  # the last mount on a point is the visible one
+        if mnt.replace("\\040", " ") == str(p):
+            return f"{p} ({dev}, {kind})"
+    return str(p)
+
+
+def _all_gather(obj) -> list:
+    """Collective: every rank's `obj`, in rank order (a world of one: [obj])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj):
+    """Collective: rank 0's `obj` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rng_state() -> dict:
@@ -104,11 +176,13 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
 
     @staticmethod
     def install_safe_loading(engine) -> None:
         """engine.load_checkpoint reads DeepSpeed's files with weights_only=True and the allowlist of
-        jigsaw_ext.safe_load (call right after deepspeed.initialize; idempotent)."""
+        jigsaw_ext.safe_load, after checking them against the tag's manifest (call right after
+        deepspeed.initialize; idempotent)."""
         install_safe_checkpoint_engine(engine)
 
     # pointers -----------------------------------------------------------------------------------
@@ -128,40 +202,118 @@ class CheckpointManager:
             return f"unusable ({err})"
         return str(self.root / tag) if tag else "none"
 
+    def _tags(self, complete: bool = True) -> list[str]:
+        """Tag directories under root, oldest first (by step, then the newer save of a step)."""
+        if not self.root.is_dir():
+            return []
+        tags = [d.name for d in self.root.iterdir() if d.is_dir() and tag_key(d.name) is not None]
+        return sorted((t for t in tags if not complete or (self.root / t / "COMPLETE").is_file()), key=tag_key)
+
     # save ---------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, trainer_state: dict, job_info: dict,
              pointers=("latest",)) -> Path:
-        """Collective: every rank calls it. Returns the tag directory."""
-        tag = tag_of(step)
-        tag_dir = self.root / tag
-        if self.rank == 0 and tag_dir.exists():  # an earlier, interrupted save of this step
-            (tag_dir / "COMPLETE").unlink(missing_ok=True)
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        save_state(trainer_state_base(tag_dir, self.rank), trainer_state)
-        dist.barrier()  # every rank's files are complete
+        """Collective: every rank calls it. Returns the tag directory. Writes a new directory (never
+        one a pointer names), checksums it, marks it COMPLETE, renames it into place, then moves the
+        pointers. Raises CheckpointError on every rank if any rank failed to write (disk full, ...):
+        the pointers are untouched and the partial directory is removed."""
+        install_safe_checkpoint_engine(engine)  # idempotent; it can record failed writes instead of raising
+        work_dir = self.root / (tag_of(step) + PARTIAL)
+        final = None
         if self.rank == 0:
-            _atomic_write(tag_dir / "job.json", json.dumps(dict(job_info, step=step, tag=tag), indent=1))
-            _atomic_write(tag_dir / "COMPLETE", f"{step}\n")
-            for name in pointers:
-                _atomic_write(self.root / name, tag + "\n")
-            self._prune()
-        dist.barrier()
-        return tag_dir
+            shutil.rmtree(work_dir, ignore_errors=True)  # left by an interrupted save of this step
+            final = self._free_name(tag_of(step))
+        final = _broadcast(final)  # also: nobody writes before the stale directory is gone
+        engine.checkpoint_engine.defer_save_errors()
+        try:
+            engine.save_checkpoint(str(self.root), tag=work_dir.name, client_state=client_state, save_latest=False)
+        finally:
+            failed = engine.checkpoint_engine.take_save_errors()
+        if not failed:
+            failed = self._write_own(work_dir, trainer_state, dict(job_info, step=step, tag=final))
+        self._stop_if_failed(step, work_dir, _all_gather(failed[0] if failed else None))
+        files, failed = _broadcast(list_files(work_dir) if self.rank == 0 else None), None
+        digests = {}
+        try:  # the ranks share the hashing: rank r hashes files r, r + world, ...
+            for rel in files[self.rank::self.world]:
+                digests[rel] = describe_file(work_dir / rel)
+        except OSError as err:
+            failed = save_error(work_dir, err)
+        shares = _all_gather((digests, failed))
+        self._stop_if_failed(step, work_dir, [f for _, f in shares])
+        outcome = None
+        if self.rank == 0:
+            try:
+                self._commit(step, work_dir, final, {k: v for d, _ in shares for k, v in d.items()}, pointers)
+            except OSError as err:
+                outcome = save_error(work_dir, err)
+        self._stop_if_failed(step, work_dir, [_broadcast(outcome)])
+        return self.root / final
+
+    def _free_name(self, tag: str) -> str:
+        """tag, or tag.1, tag.2, ... : a directory name nothing has (a pointer may name `tag`)."""
+        name, k = tag, 0
+        while (self.root / name).exists():
+            k += 1
+            name = f"{tag}.{k}"
+        return name
+
+    def _write_own(self, work_dir: Path, trainer_state: dict, job_info: dict) -> list[dict]:
+        """This rank's files beside DeepSpeed's (rank 0 also job.json); [] or the failure."""
+        path = trainer_state_base(work_dir, self.rank)
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            save_state(path, trainer_state)
+            if self.rank == 0:
+                path = work_dir / "job.json"
+                _atomic_write(path, json.dumps(job_info, indent=1))
+        except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError
+            return [save_error(path, err)]
+        return []
+
+    def _commit(self, step: int, work_dir: Path, final: str, digests: dict, pointers) -> None:
+        """Rank 0: manifest, COMPLETE, rename into place, then the pointers; prune."""
+        write_manifest(work_dir, digests)
+        _atomic_write(work_dir / "COMPLETE", f"{step}\n")
+        os.rename(work_dir, self.root / final)  # `final` is not taken: nothing a pointer names is touched
+        _fsync_dir(self.root)
+        for name in pointers:
+            _atomic_write(self.root / name, final + "\n")
+        self._prune()
+
+    def _stop_if_failed(self, step: int, work_dir: Path, failures: list) -> None:
+        """Collective outcome of a save phase: if any rank failed, rank 0 removes the partial
+        directory and every rank raises CheckpointError (rank 0's names the file and the cause)."""
+        bad = {r: f for r, f in enumerate(failures) if f}
+        if not bad:
+            return
+        if self.rank == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        r, first = min(bad.items())
+        rank = f" on rank {r}" if self.world > 1 else ""
+        where = f"({first['path']}{rank}: {first['error']})"
+        if any(f["no_space"] for f in bad.values()):
+            head = f"no space left on {filesystem(self.root)} while writing checkpoint step {step} {where}"
+            todo = "free space there (or set checkpoint.dir elsewhere, or a smaller checkpoint.keep_last)"
+        else:
+            head, todo = f"writing checkpoint step {step} failed {where}", "fix the cause"
+        raise CheckpointError(f"{head}; the previous checkpoint is kept ({self.describe('latest')}; no pointer "
+                              f"moved) and the partial {work_dir} removed; {todo} and rerun the same command to "
+                              f"resume from it")
 
     def _prune(self) -> None:
-        """Remove periodic tags beyond keep_last and incomplete ones, never a tag a pointer names."""
+        """Remove complete tags beyond keep_last, incomplete and partial ones; never a tag a pointer names."""
         keep = set()
         for name in POINTERS:
             p = self.root / name
             if p.is_file():
                 keep.add(p.read_text().strip())
-        tags = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("step"))
-        complete = [t for t in tags if (self.root / t / "COMPLETE").is_file()]
-        keep.update(complete[-self.keep_last:])
-        for t in tags:
-            if t not in keep:
-                shutil.rmtree(self.root / t, ignore_errors=True)
+        keep.update(self._tags()[-self.keep_last:] if self.keep_last > 0 else [])
+        for d in self.root.iterdir():
+            stale = d.name.endswith(PARTIAL) and tag_key(d.name[:-len(PARTIAL)]) is not None
+            if d.is_dir() and d.name not in keep and (stale or tag_key(d.name) is not None):
+                shutil.rmtree(d, ignore_errors=True)
 
     # load ---------------------------------------------------------------------------------------
     def resolve(self, resume: str) -> tuple[Path, str | None] | None:
@@ -183,10 +335,49 @@ class CheckpointManager:
         raise CheckpointError(f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
                               f"COMPLETE file) nor a checkpoint root with a 'latest' pointer")
 
+    def verify(self, path: Path, root: Path | None = None) -> None:
+        """Collective: check every file of a checkpoint (a tag or a consolidated directory) against
+        its checksums, the ranks sharing the hashing; then loading them hashes nothing again. Raises
+        CheckpointError on every rank (rank 0's names the damaged files and an older checkpoint)."""
+        try:
+            problems = verify_tree(path, self.rank, self.world)
+        except CheckpointFormatError as err:
+            problems = [str(err)]
+        if problems is None:
+            warn_unverified(path, quiet=self.rank != 0)
+            return
+        found = list(dict.fromkeys(p for mine in _all_gather(problems) for p in mine))
+        if not found:
+            mark_verified(path)
+            return
+        if self.rank != 0:
+            raise CheckpointError(f"checkpoint {path} is damaged (rank 0 names the files)")
+        raise CheckpointError("\n  ".join([f"checkpoint {path} is damaged:", *found[:8]]) +
+                              (f"\n  ... and {len(found) - 8} more" if len(found) > 8 else "") + "\n  " +
+                              self.older_hint(root, path.name))
+
+    def older_hint(self, root: Path | None, tag: str) -> str:
+        """Where to resume from instead of a damaged `tag` of `root`: the newest older complete tag
+        whose files have the sizes its manifest records (`inspect --verify` checks the digests)."""
+        key = tag_key(tag)
+        if root is None or key is None:
+            return "resume from another checkpoint (check one with `python -m jigsaw_ext.checkpoint inspect --verify`)"
+        for t in reversed(CheckpointManager(root)._tags()):
+            if tag_key(t) >= key:
+                continue
+            files = read_manifest(root / t) if (root / t / "MANIFEST.json").is_file() else {}
+            if all((root / t / rel).is_file() and (root / t / rel).stat().st_size == e.get("size")
+                   for rel, e in (files or {}).items()):
+                return (f"an older complete checkpoint: resume with --resume {root / t} (check it first: python -m "
+                        f"jigsaw_ext.checkpoint inspect --verify {root / t})")
+        return f"there is no older complete checkpoint in {root}"
+
     def load(self, engine, root: Path, tag: str, expect: dict) -> tuple[dict, dict, dict]:
-        """Load tag into the engine; returns (client_state, this rank's trainer state, job info).
-        `expect` holds what must match (mesh, model, zero stage): a mismatch names the key."""
+        """Collective. Load tag into the engine; returns (client_state, this rank's trainer state, job
+        info). `expect` holds what must match (mesh, model, zero stage): a mismatch names the key. The
+        files are verified first (verify); a damaged one is an error naming it and an older tag."""
         tag_dir = root / tag
+        self.verify(tag_dir, root)
         try:
             info = json.loads((tag_dir / "job.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:
@@ -198,16 +389,13 @@ class CheckpointManager:
                     f"checkpoint resumes on the mesh and ZeRO stage it was written with: convert it with "
                     f"`python -m jigsaw_ext.checkpoint reshard {tag_dir} OUT --dp .. --domain .. --tp ..` (or "
                     f"consolidate it and pass the result to --resume)")
-        try:
-            mine = read_trainer_state(tag_dir, self.rank)
-        except CheckpointFormatError as err:
-            raise CheckpointError(str(err)) from None
         install_safe_checkpoint_engine(engine)  # idempotent; DeepSpeed's files are never unpickled freely
         try:
+            mine = read_trainer_state(tag_dir, self.rank)
             loaded, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
-        except UnsafeCheckpointError as err:
-            raise CheckpointError(str(err)) from None
+        except (CheckpointFormatError, UnsafeCheckpointError) as err:
+            raise CheckpointError(f"{err}\n  {self.older_hint(root, tag)}") from None
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
         return client or {}, mine, info

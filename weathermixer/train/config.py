@@ -105,6 +105,10 @@ class LogConfig(_Strict):
     plot: bool = Field(True, description="loss curve PNG at the end")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (null = known GPUs "
                                                                "only; no MFU on CPU)")
+    break_lock: bool = Field(False, description="take over the RUN.lock of log.dir / checkpoint.dir when its "
+                                                "holder runs on another host (or container), whose liveness "
+                                                "cannot be checked from here; only when that run is known to "
+                                                "be gone. A live holder on this host is never taken over")
 
 
 class SyntheticDataConfig(_Strict):

@@ -63,6 +63,38 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, cores // local))
 
 
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now: allocated device memory on GPU, the resident set on CPU (a leak shows as
+    a rising curve of this, while the peak only ever rises)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return peak_memory_bytes(device)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim). Validation and checkpoints
+    allocate and free many buffers; without this the resident set of a long run crept up by about
+    1 MB per validation (fragmentation, not live objects: benchmarks/bench_memory.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)

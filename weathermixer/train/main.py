@@ -23,10 +23,12 @@ import argparse
 import os
 import socket
 import sys
+import threading
 import traceback
 import warnings
 
 from weathermixer.config import ConfigError
+from weathermixer.train import rankwatch
 from weathermixer.train.config import load_train_job
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     args = parse_args(argv)
+    rankwatch.watch_sigterm(PROG)  # the launcher's SIGTERM: name the rank that died first, release RUN.lock
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     overrides = {k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume",
@@ -96,22 +99,44 @@ def main(argv=None) -> int:
     try:
         result = trainer.run()
     except (ConfigError, CheckpointError, CheckpointFormatError) as err:  # bad input met after the start
+        _claim_exit()
         print(f"{PROG} (rank {rank}): {err}", file=sys.stderr, flush=True)
+        rankwatch.finish(EXIT_CONFIG, str(err))
         os._exit(EXIT_CONFIG)
     except Exception as err:  # noqa: BLE001 - a dead peer, a timeout, an I/O error: bring the job down
-        traceback.print_exc()
-        ckpt = trainer.ckpt.describe("latest") if hasattr(trainer, "ckpt") else "none"
-        print(f"{PROG} (rank {rank}): {type(err).__name__}: {err}\n  this rank stops; if another rank died or a "
-              f"collective timed out (weathermixer.train.dist_timeout_s={job.train.dist_timeout_s:g} s), the "
-              f"launcher stops the rest. Rerun the same command to resume from the last checkpoint: {ckpt}",
-              file=sys.stderr, flush=True)
+        _claim_exit()
+        _report_failure(err, trainer, rank, job.train.dist_timeout_s)
         os._exit(EXIT_FAILED)  # no teardown: a collective with a dead peer could block destroy_process_group
     import torch.distributed as dist
 
     if result.exit_code == 0:
         dist.barrier()
     dist.destroy_process_group()
+    rankwatch.finish(result.exit_code)
     return result.exit_code
+
+
+def _claim_exit() -> None:
+    """This failure path leaves the process, unless the SIGTERM watcher already does (then wait for it)."""
+    if not rankwatch.claim_exit():
+        threading.Event().wait()
+
+
+def _report_failure(err: BaseException, trainer, rank: int, timeout_s: float) -> None:
+    """A failed rank's message: the peer that died or failed first when there is one ("rank R (host H,
+    pid P) died first; this rank stops"), else this rank's own traceback. Records it, releases RUN.lock."""
+    cause, phrase = rankwatch.stop(err)
+    ckpt = trainer.ckpt.describe("latest") if hasattr(trainer, "ckpt") else "none"
+    rerun = f"Rerun the same command to resume from the last checkpoint: {ckpt}"
+    if cause is not None:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"{PROG} (rank {rank}): {phrase}; this rank stops ({type(err).__name__}: {first})\n  {rerun}",
+              file=sys.stderr, flush=True)
+        return
+    traceback.print_exc()
+    print(f"{PROG} (rank {rank}): {type(err).__name__}: {err}\n  this rank stops ({phrase}); if another rank died "
+          f"or a collective timed out (weathermixer.train.dist_timeout_s={timeout_s:g} s), the launcher stops the "
+          f"rest. {rerun}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import TrainJobConfig
-from .engine import PEAK_TFLOPS, lr_lambda, param_groups, peak_memory_bytes, register_list_parameters, set_threads
+from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
+                     register_list_parameters, release_free_memory, set_threads)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
@@ -64,6 +65,7 @@ class Trainer:
 
         from jigsaw_ext.mesh import init_mesh
         from ..model.mixer import WeatherMixer
+        from .runfolder import open_run_folder
 
         job, tc = self.job, self.job.train
         cuda = torch.cuda.is_available()
@@ -76,6 +78,9 @@ class Trainer:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # before the mesh, the model, DeepSpeed and the data: the folders are writable, no other run
+        # uses them (RUN.lock), and every rank knows its peers (to name the one that dies first)
+        self.run_folder = open_run_folder(job, self.device, self.log)
         self.mesh = mesh = init_mesh(job.mesh)
 
         self.model = WeatherMixer(job.model, mesh, device=self.device)
@@ -251,11 +256,14 @@ class Trainer:
             if self.rank == 0:
                 self.log(f"train.py: {e}", file=sys.stderr)
             result.exit_code = 1
+            self.run_folder.release()
             return result
         finally:
             self.progress.close()
             self.train_data.stop()
-        return self._finish(end, result)
+        result = self._finish(end, result)
+        self.run_folder.release()  # RUN.lock (rank 0): the outputs are complete
+        return result
 
     # phases of the loop, in the order they run ------------------------------------------------------
     def _resume(self) -> int:
@@ -273,6 +281,7 @@ class Trainer:
             return 0
         if where[1] is None:  # a consolidated (layout-free) checkpoint: any mesh, any ZeRO stage
             try:
+                self.ckpt.verify(where[0])  # collective: every file against index.json's checksums
                 got = self.load_consolidated(where[0])
             except (CheckpointError, ValueError) as e:
                 err = e
@@ -348,13 +357,14 @@ class Trainer:
         losses = self._check_finite(result)
         w, world = self.window, self.world
         elapsed = time.perf_counter() - w["t"]
-        mem = torch.zeros(world, dtype=torch.float64, device=self.device)
-        mem[self.rank] = peak_memory_bytes(self.device)
+        mem = torch.zeros(2, world, dtype=torch.float64, device=self.device)  # peak, now
+        mem[0, self.rank], mem[1, self.rank] = peak_memory_bytes(self.device), current_memory_bytes(self.device)
         dist.all_reduce(mem)
+        peak, now = mem[0] / 2 ** 30, mem[1] / 2 ** 30
         rate, tflops = w["samples"] / elapsed, w["flops"] / elapsed / world / 1e12
         row = {"loss": sum(losses) / len(losses), "lr": self.engine.get_lr()[0], "samples_per_s": rate,
-               "tflops_per_rank": tflops, "peak_mem_gb_max": mem.max().item() / 2 ** 30,
-               "peak_mem_gb_min": mem.min().item() / 2 ** 30}
+               "tflops_per_rank": tflops, "peak_mem_gb_max": peak.max().item(), "peak_mem_gb_min": peak.min().item(),
+               "mem_gb_max": now.max().item(), "mem_gb_min": now.min().item()}
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             row["grad_norm"] = float(gn)
@@ -392,6 +402,7 @@ class Trainer:
             if "latest" not in pointers and self.ckpt.pointer("latest") is None:
                 pointers.append("latest")
             self._save(step, self.best, pointers, self.progress)
+        release_free_memory()
         self.window["t"] += time.perf_counter() - t_extra
 
     def _validate_and_log(self, step: int) -> dict:
@@ -439,7 +450,10 @@ class Trainer:
         t0 = time.perf_counter()
         client = {"step": step, "best": best}
         mine = {"loader": self.train_data.state_dict(), "rng": rng_state(), "step": step}
-        path = self.ckpt.save(self.engine, step, client, mine, self._job_info(), pointers=pointers)
+        try:  # collective; a failed write (a full disk) is agreed on by every rank
+            path = self.ckpt.save(self.engine, step, client, mine, self._job_info(), pointers=pointers)
+        except CheckpointError as err:  # the previous checkpoint is kept: stop, saying so
+            raise TrainingFailed(str(err)) from None
         if self.rank == 0:
             bar.write(f"checkpoint {path} ({', '.join(pointers)}) in {time.perf_counter() - t0:.1f} s")
 

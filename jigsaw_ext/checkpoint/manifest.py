@@ -1,0 +1,292 @@
+"""Checksums of every file a checkpoint holds, checked on every read.
+
+    TAG/MANIFEST.json   {"format": "jigsaw-manifest/1", "algorithm": "sha256",
+                         "files": {"<path relative to TAG>": {"size": bytes, "sha256": hex}, ...}}
+    OUT/index.json      (consolidated) tensors[name]["digests"][kind] = {"size": .., "sha256": ..}
+
+A DeepSpeed tag's manifest lists every file the save wrote (DeepSpeed's shards, the trainer state
+files, job.json); it is written after every rank has written and before COMPLETE. sha256: hashlib's is
+hardware-accelerated (SHA-NI, ARMv8 SHA2) and `sha256sum` checks a file by hand.
+
+Reading: a file is hashed once, streaming, before it is handed to its loader, not while the loader
+reads it: torch.load memory-maps and seeks (no single sequential pass to hash), and damaged bytes
+then never reach a parser. A process remembers the digest of a file by (path, inode, size, mtime),
+so a file read twice is hashed once. A mismatch raises ChecksumError naming the file (for a torch
+zip file also the damaged record and the tensor(s) stored in it: torch writes a CRC-32 per record)
+and nothing is loaded. A checkpoint written before manifests existed is read with an
+UnverifiedCheckpointWarning, once per directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+from .common import CheckpointFormatError
+
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = "jigsaw-manifest/1"
+ALGORITHM = "sha256"
+UNLISTED = ("COMPLETE", MANIFEST)  # the only files of a tag the manifest does not list
+
+_DIGESTS: dict[tuple, str] = {}
+_WARNED: set[str] = set()
+
+
+class ChecksumError(CheckpointFormatError):
+    """A checkpoint file whose size or digest differs from what its manifest recorded."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint without checksums (written before manifests existed): read unverified."""
+
+
+def _key(path: Path) -> tuple:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of the file (hex), streaming; cached per (path, inode, size, mtime) in this process."""
+    key = _key(Path(path))
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, ALGORITHM).hexdigest()
+    return _DIGESTS[key]
+
+
+def describe(path: str | Path) -> dict:
+    """The manifest entry of a file: size and digest."""
+    return {"size": os.path.getsize(path), ALGORITHM: file_digest(path)}
+
+
+def list_files(directory: str | Path) -> list[str]:
+    """Every file under `directory` a manifest lists (relative POSIX paths, sorted)."""
+    d = Path(directory)
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                  if p.is_file() and p.relative_to(d).as_posix() not in UNLISTED)
+
+
+def write_manifest(directory: str | Path, files: dict) -> Path:
+    """MANIFEST.json of `directory` (written to a temporary name, fsynced, renamed)."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}, f,
+                  indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """{relative path: entry} of a tag's MANIFEST.json; None if there is none (an older checkpoint)."""
+    path = Path(directory) / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ChecksumError(f"{path}: corrupt ({type(err).__name__}: {err}); the checkpoint cannot be verified") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("algorithm") != ALGORITHM \
+            or not isinstance(doc.get("files"), dict):
+        raise ChecksumError(f"{path}: not a {MANIFEST_FORMAT} manifest with {ALGORITHM} digests")
+    return doc["files"]
+
+
+def warn_unverified(directory: str | Path, quiet: bool = False) -> None:
+    """Once per directory and process: its files are read without checksums."""
+    d = str(Path(directory).resolve())
+    if d in _WARNED:
+        return
+    _WARNED.add(d)
+    if not quiet:
+        warnings.warn(f"{directory}: no checksums ({MANIFEST} / index.json digests; written before they existed): "
+                      f"its files are loaded UNVERIFIED", UnverifiedCheckpointWarning, stacklevel=3)
+
+
+def check(path: Path, entry: dict, source: str, what: str = "") -> None:
+    """Raise ChecksumError naming `path` (and `what` it holds) unless it matches its manifest entry."""
+    label = f"{path}" + (f" ({what})" if what else "")
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ChecksumError(f"{label}: missing, but {source} lists it (the checkpoint is incomplete)") from None
+    want = entry.get("size")
+    if size != want:
+        kind = "truncated" if size < want else "longer than written"
+        raise ChecksumError(f"{label}: {kind}: {size} bytes, {source} records {want}; refusing to load it")
+    got = file_digest(path)
+    if got != entry.get(ALGORITHM):
+        raise ChecksumError(f"{label}: checksum mismatch ({ALGORITHM} {got[:16]}..., {source} records "
+                            f"{str(entry.get(ALGORITHM))[:16]}...): its bytes changed after it was written (bit flips: a "
+                            f"bad disk, memory or copy){_damage(path)}; refusing to load it")
+
+
+def _tag_dir(path: Path) -> Path | None:
+    """The checkpoint directory holding `path`: the nearest parent with a MANIFEST.json or COMPLETE."""
+    for d in list(path.parents)[:4]:
+        if (d / MANIFEST).is_file() or (d / "COMPLETE").is_file():
+            return d
+    return None
+
+
+def verify_file(path: str | Path) -> bool:
+    """Check a file of a DeepSpeed tag against the tag's manifest before it is loaded. True if
+    verified; False (with a warning) for a checkpoint without a manifest. ChecksumError otherwise."""
+    path = Path(path)
+    tag = _tag_dir(path)
+    files = read_manifest(tag) if tag is not None else None
+    if files is None:
+        warn_unverified(tag or path.parent)
+        return False
+    rel = path.relative_to(tag).as_posix()
+    if rel not in files:
+        raise ChecksumError(f"{path}: not listed in {tag / MANIFEST} (not written by the save that made this "
+                            f"checkpoint); refusing to load it")
+    check(path, files[rel], str(tag / MANIFEST))
+    return True
+
+
+def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
+    """({relative path: entry}, {relative path: what it holds}, where they are recorded) of a tag or a
+    consolidated checkpoint; None if it has no checksums."""
+    d = Path(directory)
+    if (d / "index.json").is_file():
+        from .common import read_index
+
+        files, what = {}, {}
+        for name, t in read_index(d)["tensors"].items():
+            digests = t.get("digests")
+            if not digests:
+                return None
+            for kind, rel in t["files"].items():
+                files[rel], what[rel] = digests[kind], f"tensor {name}, {kind}"
+        return files, what, str(d / "index.json")
+    files = read_manifest(d)
+    return None if files is None else (files, {}, str(d / MANIFEST))
+
+
+def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[str] | None:
+    """Problems of a whole checkpoint (empty: intact), None if it has no checksums. Every rank checks
+    presence and sizes of every file and files the manifest does not list; the digests are split:
+    this rank hashes files i with i % world == rank."""
+    d = Path(directory)
+    got = expected(d)
+    if got is None:
+        return None
+    files, what, source = got
+    problems = []
+    for i, (rel, entry) in enumerate(sorted(files.items())):
+        path = d / rel
+        try:
+            if i % world == rank:
+                check(path, entry, source, what.get(rel, ""))
+            elif not path.is_file() or path.stat().st_size != entry.get("size"):
+                check(path, {"size": entry.get("size")}, source, what.get(rel, ""))
+        except ChecksumError as err:
+            problems.append(str(err))
+    if not (d / "index.json").is_file():
+        extra = sorted(set(list_files(d)) - set(files))
+        problems += [f"{d / rel}: not listed in {source} (not written by the save that made this checkpoint)"
+                     for rel in extra]
+    return problems
+
+
+def mark_verified(directory: str | Path) -> None:
+    """Record the files of `directory` as verified (after every rank's share of verify_tree passed),
+    so loading them does not hash them again in this process."""
+    d = Path(directory)
+    got = expected(d)
+    for rel, entry in (got[0] if got else {}).items():
+        try:
+            key = _key(d / rel)
+        except OSError:
+            continue
+        if key[2] == entry.get("size"):
+            _DIGESTS[key] = entry[ALGORITHM]
+
+
+# ------------------------------------------------------------------------------------------------
+# which tensor a damaged torch zip file held
+def _bad_records(path: Path) -> list[tuple[zipfile.ZipInfo, int | None]]:
+    """(record, CRC-32 of its bytes now) for every stored record of a torch zip file whose CRC-32
+    differs from the one torch wrote."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = [i for i in z.infolist() if i.compress_type == zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError):
+        return []
+    bad = []
+    with open(path, "rb") as f:
+        for info in infos:
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                bad.append((info, None))
+                continue
+            n, e = struct.unpack("<HH", head[26:30])
+            f.seek(info.header_offset + 30 + n + e)
+            crc, left = 0, info.compress_size
+            while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+            if crc != info.CRC:
+                bad.append((info, crc))
+    return bad
+
+
+def _tensors(obj, where: str = ""):
+    import torch
+
+    if torch.is_tensor(obj):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def _damage(path: Path) -> str:
+    """'; damaged: record data/3 (tensor module.x)' for a torch zip file, '' when unknown."""
+    bad = _bad_records(path)
+    if not bad:
+        return ""
+    import torch
+
+    from ..safe_load import safe_torch_load
+
+    want = {(i.compress_size, crc): i.filename for i, crc in bad if crc is not None}
+    sizes = {size for size, _ in want}
+    names: dict[str, list[str]] = {}
+    try:
+        seen = {}  # storage -> (bytes, CRC-32 now): a storage's bytes are one record of the file
+        for name, t in _tensors(safe_torch_load(path, mmap=True)):
+            st = t.untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+            if ptr not in seen:
+                u8 = torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,))
+                seen[ptr] = (n, zlib.crc32(u8.numpy()) if n in sizes else None)
+            if seen[ptr] in want:
+                names.setdefault(want[seen[ptr]], []).append(name)
+    except Exception:  # noqa: BLE001 - the structure itself is damaged: name the records only
+        pass
+    parts = []
+    for info, _ in bad:
+        rec = info.filename.split("/", 1)[-1]
+        held = names.get(info.filename, [])
+        if rec == "data.pkl":
+            rec += " (the pickled structure)"
+        elif len(held) == 1:
+            rec += f" = tensor {held[0]}"
+        elif held:
+            rec += f" = storage of tensors {', '.join(held[:3])}" + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        parts.append(f"record {rec}")
+    return "; damaged: " + "; ".join(parts)
