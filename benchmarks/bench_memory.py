@@ -5,8 +5,8 @@
 
 Runs the training job through train.py (torchrun, gloo, 1 thread per rank) on the quickstart model
 with a small global batch, validation and a checkpoint every `--every` steps and a log row every
-10 steps. Each row carries the resident memory now (max and min over ranks, `mem_gb_*`) and the
-peak so far (`peak_mem_gb_*`). Reported: the curve, the growth after the first validation and
+10 steps. Each row carries the anonymous resident memory now (the heap: RssAnon; max and min over
+ranks, `mem_gb_*`) and the peak resident set so far (`peak_mem_gb_*`). Reported: the curve, the growth after the first validation and
 checkpoint (least-squares slope in MB per 1000 steps, and last minus first), and the jumps across
 validation/checkpoint steps.
 """
@@ -60,8 +60,8 @@ def summarise(rows: list[dict], every: int) -> dict:
     peak = [float(r["peak_mem_gb_max"]) for r in rows]
     settled = [i for i, s in enumerate(steps) if s > every]  # after the first validation + checkpoint
     xs, ys = [steps[i] for i in settled], [cur_max[i] for i in settled]
-    jumps = [round((cur_max[i] - cur_max[i - 1]) * 1024, 2) for i in range(1, len(steps))
-             if steps[i - 1] < (steps[i] // every) * every <= steps[i]]
+    # validation and the checkpoint run after the row of a step that is a multiple of `every`
+    jumps = [round((cur_max[i + 1] - cur_max[i]) * 1024, 2) for i in range(len(steps) - 1) if steps[i] % every == 0]
     return {"steps": steps, "mem_gb_max": cur_max, "mem_gb_min": cur_min, "peak_mem_gb_max": peak,
             "growth_after_first_checkpoint": {
                 "slope_mb_per_1000_steps": round(slope_mb_per_kstep(xs, ys), 3) if len(xs) > 1 else None,
@@ -77,9 +77,9 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
-    ax.plot(summary["steps"], summary["mem_gb_max"], label="resident now, max over ranks")
-    ax.plot(summary["steps"], summary["mem_gb_min"], label="resident now, min over ranks")
-    ax.plot(summary["steps"], summary["peak_mem_gb_max"], "--", label="peak so far, max over ranks")
+    ax.plot(summary["steps"], summary["mem_gb_max"], label="anonymous resident now (heap), max over ranks")
+    ax.plot(summary["steps"], summary["mem_gb_min"], label="anonymous resident now (heap), min over ranks")
+    ax.plot(summary["steps"], summary["peak_mem_gb_max"], "--", label="peak resident set incl. shared libraries, max")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("GB per rank")
     ax.grid(alpha=0.3)

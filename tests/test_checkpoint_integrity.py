@@ -206,7 +206,7 @@ def disk_full(base, tmp_path_factory):
     with ENOSPC (torch.save raises on that rank only)."""
     out = tmp_path_factory.mktemp("disk_full") / "run"
     cmd = _launch(base["job"], out, 2, "--domain", "2", "--tp", "1", "--set", "ds.zero_optimization.stage=1",
-                  "--set", "checkpoint.every=2", "--set", "train.steps=4", port=29561)
+                  "--set", "checkpoint.every=2", "--set", "train.steps=4")
     run = _run(_faulty(cmd, base["wrapper"]), FAULT="enospc", FAULT_AT="step00000004", FAULT_RANK="1")
     return {"cmd": cmd, "root": out / "checkpoints", "run": run}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_training_runs import free_port
 from weathermixer.config import ConfigError, job_file_presets, read_job_file, resolve_job_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ def test_deepspeed_launcher_starts_the_installed_entry(tmp_path):
     """`deepspeed --no_python weathermixer-train` starts the console script on every rank and passes it
     --local_rank=N; a bad preset name then stops every rank with exit code 2 before any collective."""
     deepspeed = _bin("deepspeed")
-    run = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", "29583", "--no_python",
+    run = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--no_python",
                           "weathermixer-train", "--deepspeed_config", "no_such_preset", "--domain", "2", "--tp", "1"],
                          cwd=tmp_path, env=dict(ENV, PATH=f"{Path(sys.executable).parent}:{ENV['PATH']}"),
                          capture_output=True, text=True, timeout=240)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.test_training_runs import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deepspeed_configs" / "quickstart_cpu.json"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -29,7 +31,7 @@ def _small_config(tmp_path) -> Path:
 
 def test_two_process_domain_run_trains_and_reports_skill(tmp_path):
     config = _small_config(tmp_path)
-    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "train.py", "--deepspeed_config", str(config), "--domain", "2", "--tp", "1", "--steps", "6"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "writing the synthetic ERA5-like store" in run.stdout

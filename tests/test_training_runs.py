@@ -37,7 +37,17 @@ def job(tmp_path_factory) -> Path:
     return small_job(tmp_path_factory.mktemp("training"), rollout=3, resume="never")
 
 
-def _launch(job, out, nproc, *args, launcher="torchrun", port=29541):
+def free_port() -> int:
+    """A port nobody listens on now (fixed ports clash when test runs share a machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(job, out, nproc, *args, launcher="torchrun", port=None):
+    port = port or free_port()
     if nproc == 1 and launcher == "python":
         cmd = [sys.executable, "train.py"]
     elif launcher == "deepspeed":
@@ -133,7 +143,7 @@ def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
     out = tmp_path / "kill"
     args = ["--output-dir", str(out), "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
             "checkpoint.every=2", "--set", "checkpoint.resume=auto", "--set", "train.dist_timeout_s=60"]
-    env = dict(ENV, NPROC="2", MASTER_PORT="29547", CONFIG=str(job))
+    env = dict(ENV, NPROC="2", MASTER_PORT=str(free_port()), CONFIG=str(job))
     proc = subprocess.Popen(["bash", str(ROOT / "launchers" / "local_cpu.sh"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = out / "checkpoints" / "step00000004" / "COMPLETE"
@@ -161,7 +171,7 @@ def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
     assert step >= 4
     rerun = _run(_launch(job, out, 2, "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
                          f"train.stop_after={2}", "--set", "checkpoint.every=2", "--set", "checkpoint.resume=auto",
-                         launcher="deepspeed", port=29548))
+                         launcher="deepspeed"))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / latest} (step {step})" in rerun.stdout
     assert f"stopping after step {step + 2}" in rerun.stdout

@@ -34,7 +34,8 @@ MANIFEST_FORMAT = "jigsaw-manifest/1"
 ALGORITHM = "sha256"
 UNLISTED = ("COMPLETE", MANIFEST)  # the only files of a tag the manifest does not list
 
-_DIGESTS: dict[tuple, str] = {}
+_DIGESTS: dict[tuple, str] = {}  # insertion-ordered: the oldest entries are dropped first
+_DIGESTS_KEPT = 4096
 _WARNED: set[str] = set()
 
 
@@ -57,6 +58,8 @@ def file_digest(path: str | Path) -> str:
     if key not in _DIGESTS:
         with open(path, "rb") as f:
             _DIGESTS[key] = hashlib.file_digest(f, ALGORITHM).hexdigest()
+        while len(_DIGESTS) > _DIGESTS_KEPT:  # a long run saves thousands of files: keep the newest
+            del _DIGESTS[next(iter(_DIGESTS))]
     return _DIGESTS[key]
 
 

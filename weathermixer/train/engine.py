@@ -64,35 +64,55 @@ def set_threads() -> None:
 
 
 def current_memory_bytes(device: torch.device) -> int:
-    """Memory in use now: allocated device memory on GPU, the resident set on CPU (a leak shows as
-    a rising curve of this, while the peak only ever rises)."""
+    """Memory in use now: allocated device memory on GPU; on CPU the process's anonymous resident
+    memory (RssAnon: its heap, not the shared libraries and files it maps). A leak shows as a rising
+    curve of this, while the peak only ever rises."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux
-        return peak_memory_bytes(device)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_memory_bytes(device)  # not Linux
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc malloc_trim). Validation and checkpoints
-    allocate and free many buffers; without this the resident set of a long run crept up by about
-    1 MB per validation (fragmentation, not live objects: benchmarks/bench_memory.py)."""
-    global _malloc_trim
-    if _malloc_trim is None:
+def _libc():
+    global _LIBC
+    if _LIBC is None:
         import ctypes
         import ctypes.util
 
         try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:  # not glibc
+            _LIBC = False
+    return _LIBC
 
 
-_malloc_trim = None
+_LIBC = None
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """At most `arenas` glibc heaps (unless MALLOC_ARENA_MAX is set). Each validation pass reads
+    through a new prefetch thread; with glibc's default (8 per core) every new thread could get a
+    fresh heap whose freed blocks stay resident: a long run grew ~10 MB per validation
+    (benchmarks/bench_memory.py), with 2 arenas it stays flat. Affects threads started later."""
+    lib = _libc()
+    if lib and "MALLOC_ARENA_MAX" not in os.environ:
+        lib.mallopt(M_ARENA_MAX, arenas)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim), after validation and
+    checkpoints, which allocate and free many buffers."""
+    lib = _libc()
+    if lib:
+        lib.malloc_trim(0)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -28,7 +28,7 @@ from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .config import TrainJobConfig
 from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
-                     register_list_parameters, release_free_memory, set_threads)
+                     limit_malloc_arenas, register_list_parameters, release_free_memory, set_threads)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
@@ -70,6 +70,7 @@ class Trainer:
         job, tc = self.job, self.job.train
         cuda = torch.cuda.is_available()
         set_threads()
+        limit_malloc_arenas()
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
