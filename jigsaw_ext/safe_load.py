@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write_text, replace_synced
+
 STATE_FORMAT = "jigsaw-state/1"
 
 
@@ -137,12 +139,6 @@ def _decode(x, tensors, path):
     return {k: _decode(v, tensors, path) for k, v in x.items()}
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_state(base: str | Path, obj) -> Path:
     """Write base.safetensors (tensors, if any) and then base.json (the rest, and the tensors' keys)."""
     from safetensors.torch import save_file
@@ -154,12 +150,9 @@ def save_state(base: str | Path, obj) -> Path:
     if tensors:
         tmp = st.with_name(st.name + ".tmp")
         save_file(tensors, str(tmp))
-        _replace(tmp, st)
-    path = base.with_name(base.name + ".json")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": STATE_FORMAT, "tensors": bool(tensors), "state": tree}))
-    _replace(tmp, path)
-    return path
+        replace_synced(tmp, st)
+    return atomic_write_text(base.with_name(base.name + ".json"),
+                             json.dumps({"format": STATE_FORMAT, "tensors": bool(tensors), "state": tree}))
 
 
 def state_exists(base: str | Path) -> bool:

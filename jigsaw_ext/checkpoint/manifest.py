@@ -27,6 +27,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from ..files import atomic_write_text
 from .common import CheckpointFormatError
 
 MANIFEST = "MANIFEST.json"
@@ -77,15 +78,8 @@ def list_files(directory: str | Path) -> list[str]:
 
 def write_manifest(directory: str | Path, files: dict) -> Path:
     """MANIFEST.json of `directory` (written to a temporary name, fsynced, renamed)."""
-    path = Path(directory) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}, f,
-                  indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    doc = {"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
+    return atomic_write_text(Path(directory) / MANIFEST, json.dumps(doc, indent=1))
 
 
 def read_manifest(directory: str | Path) -> dict | None:

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
+from jigsaw_ext.files import atomic_write_text
 from jigsaw_ext.checkpoint.manifest import (describe as describe_file, list_files, mark_verified, read_manifest,
                                             verify_tree, warn_unverified, write_manifest)
 from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
@@ -58,12 +59,7 @@ class CheckpointError(RuntimeError):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     _fsync_dir(path.parent)
 
 

@@ -8,7 +8,6 @@ DeepSpeed config completed from the project section, and the data the job reads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -138,10 +137,7 @@ def monitor_sections(job: TrainJobConfig, ds: dict) -> dict:
                 raise ConfigError(f"{key}.enabled" + (" (log.tensorboard)" if key == "tensorboard" else "")
                                   + f": the {package} package is not installed; pip install "
                                     f"'jigsaw-weathermixer[monitor]' or disable it")
-        if key == "wandb":
-            os.environ.setdefault("WANDB_DIR", str(Path(job.log.dir).resolve()))
-            Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
-        else:
+        if key != "wandb":  # wandb's folder is WANDB_DIR (Trainer sets it to log.dir unless given)
             if not sec.get("output_path"):
                 sec["output_path"] = str(job.log.dir)
             sec.setdefault("job_name", key)

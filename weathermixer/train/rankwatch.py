@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from jigsaw_ext.files import atomic_write_text
+
 from .runfolder import describe, me, proc_status
 
 _state: dict = {"dir": None, "run_id": None, "rank": None, "ranks": [], "exits": []}
@@ -47,12 +49,6 @@ def _run_exits() -> None:
             print(f"warning: {err}", file=sys.stderr, flush=True)
 
 
-def _atomic_write(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def register(run_dir: Path, ranks: list[dict], rank: int, write: bool) -> None:
     """Every rank: remember the registry. write (rank 0, holding the run lock): registry.json in
     run_dir/ranks (records of earlier runs removed) and the copy WM_JOB_RECORD names."""
@@ -69,7 +65,7 @@ def register(run_dir: Path, ranks: list[dict], rank: int, write: bool) -> None:
             if _load(old).get("run_id") != run_id:
                 old.unlink(missing_ok=True)
         for path in targets:
-            _atomic_write(path, registry)
+            atomic_write_text(path, json.dumps(registry, indent=1))
     except OSError as err:
         print(f"warning: the rank registry was not written ({err}); a failure will name fewer ranks",
               file=sys.stderr, flush=True)
@@ -99,7 +95,7 @@ def record(kind: str, code: int, message: str = "", dead: list[int] | None = Non
            "kind": kind, "code": code, "message": message[-2000:], "dead": dead or [], "time": time.time()}
     try:
         _state["dir"].mkdir(parents=True, exist_ok=True)
-        _atomic_write(_state["dir"] / f"rank{_state['rank']:05d}.json", rec)
+        atomic_write_text(_state["dir"] / f"rank{_state['rank']:05d}.json", json.dumps(rec, indent=1))
     except OSError as err:
         print(f"warning: could not record this rank's exit in {_state['dir']}: {err}", file=sys.stderr, flush=True)
 

@@ -101,6 +101,9 @@ class Trainer:
         groups = param_groups(self.model, tc.param_groups, tc.lr)
         names = {id(p): n for n, p in self.model.named_parameters()}
         self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        if (self.ds.get("wandb") or {}).get("enabled"):  # its offline run files go with the run's outputs
+            os.environ.setdefault("WANDB_DIR", str(Path(job.log.dir).resolve()))
+            Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=groups, config=self.ds, mpu=mesh.mpu(),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc)))
