@@ -32,6 +32,7 @@ import torch.nn.functional as F
 # torch >= 2.13 names; older releases (the GPU machines' 2.11) only have the *_tensor spellings
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_reduce = dist.all_reduce  # module-level names: jigsaw_ext.plan.trace swaps them for recorders
 
 
 class _Pending:
@@ -100,7 +101,7 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
 
 def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
     x = x.contiguous()
-    work = dist.all_reduce(x, group=group, async_op=async_op)
+    work = _all_reduce(x, group=group, async_op=async_op)
     return _Pending(work, lambda: x)
 
 
@@ -158,13 +159,19 @@ def all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> t
     return x if group is None else _AllGather.apply(x, group, tuple(sizes), dim)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when it is off (always on the
+    meta device, which autocast does not know: jigsaw_ext.plan traces models there)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def _compute_dtype(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The weight in the dtype the matmul will use (autocast's, if enabled), so that the gather
     moves bf16 bytes under bf16 autocast."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return w.to(torch.get_autocast_dtype(dev))
-    return w
+    dtype = autocast_dtype(x.device)
+    return w if dtype is None else w.to(dtype)
 
 
 class _GatheredLinear(torch.autograd.Function):

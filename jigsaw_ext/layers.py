@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import copy_to, gathered_linear, reduce_scatter, split_layer_norm
+from .collectives import autocast_dtype, copy_to, gathered_linear, reduce_scatter, split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import Mesh
 
@@ -109,6 +109,6 @@ class DistLayerNorm(nn.Module):
         group = self.mesh.group(self.axis)
         if group is None and len(xs) == 1:  # feature axis not split: the fused kernel is exact
             return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
-        out_dtype = torch.float32 if torch.is_autocast_enabled(xs[0].device.type) else xs[0].dtype
+        out_dtype = torch.float32 if autocast_dtype(xs[0].device) is not None else xs[0].dtype
         out = split_layer_norm(xs, ws, bs, group, self.n, self.eps, out_dtype)
         return out[0] if len(out) == 1 else tuple(out)

@@ -1,0 +1,233 @@
+"""The cost model: step time, MFU and per-rank memory of one layout, from a meta-device trace.
+
+Everything the model's code does comes from `trace_step` (collectives with their bytes, matmul
+shapes, elementwise traffic, saved activations); what DeepSpeed does around it (ZeRO's
+data-parallel traffic, optimizer state, buckets) is written out below from its documented
+behaviour. Assumptions that are not measurements are named constants here, each documented:
+
+OVERLAP (fraction of a collective's time hidden behind computation, by purpose, matching what the
+layers do today; see jigsaw_ext.collectives):
+- weight_gather, forward: started before the rank's own block product -> hidden up to the time
+  of one (average) forward matmul;
+- weight_gather, backward: started before the weight-gradient product -> hidden up to one
+  (average) backward matmul; weight_grad (dW reduce-scatter): started before the input-gradient
+  product -> hidden likewise;
+- activation reduce-scatters/all-gathers, LayerNorm statistics, small-parameter gradients:
+  blocking -> fully exposed;
+- ZeRO's data-parallel gradient reduction: hidden behind the backward computation only where
+  DeepSpeed overlaps it (`overlap_comm`, on by default for stage 3 and set by `plan` for 1/2);
+  ZeRO-0's all-reduce runs after backward -> exposed. ZeRO-3's parameter gathers are prefetched:
+  hidden behind the forward/backward computation up to its duration;
+- reading the next batch from storage (data loader prefetch): hidden behind the step;
+- copying the batch from host to device: NOT hidden (today's trainer copies it synchronously from
+  pageable memory; `host_to_device_GBps` of a profile is fitted to measured train.py steps).
+
+Tiers: a group whose ranks lie in one node uses the intra-node tier; one that spans nodes sends
+over the network, where every rank of a node issues the same collective at the same time, so the
+node's NICs carry the traffic of all of its concurrent groups (hierarchical collectives: per node
+and collective, (N-1)/N x the full buffer for all-gather/reduce-scatter, twice that for all-reduce,
+N = nodes the group spans).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .hardware import Hardware
+from .trace import StepTrace
+
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+ADAM_STATE_BYTES = 8            # exp_avg + exp_avg_sq in fp32
+MASTER_BYTES = 4                # fp32 master copy under bf16/fp16
+OPTIMIZER_PASSES_BYTES = 40     # Adam step: reads/writes param, grad, master, two moments (~40 B/param)
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000   # DeepSpeed's default reduce/allgather bucket (elements)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dp: int
+    domain: int
+    tp: int
+    zero: int
+    replicate: tuple[str, ...]
+    micro_batch: int
+    accumulation: int
+    dtype: str
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.domain * self.tp
+
+    @property
+    def global_batch(self) -> int:
+        return self.dp * self.micro_batch * self.accumulation
+
+    @property
+    def mesh(self) -> str:
+        return f"{self.dp}x{self.domain}x{self.tp}"
+
+
+@dataclass
+class Estimate:
+    candidate: Candidate
+    step_s: float
+    samples_per_s: float
+    mfu: float
+    memory_GB: float
+    fits: bool
+    bottleneck: str
+    seconds: dict = field(default_factory=dict)      # exposed time per part of a step
+    memory: dict = field(default_factory=dict)       # GB per kind
+    comm_bytes: dict = field(default_factory=dict)   # bytes per rank per optimizer step, by kind and tier
+    efficiency: float | None = None                  # weak scaling vs one node (set by search)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["candidate"]["replicate"] = list(self.candidate.replicate)
+        return d
+
+
+def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int) -> tuple[float, str]:
+    """(seconds, tier) of one collective of which this rank sends `sent_bytes` (ring volume) in a
+    group of n ranks `stride` global ranks apart."""
+    if n <= 1:
+        return 0.0, "none"
+    span = stride * (n - 1) + 1
+    if span <= hw.devices_per_node:
+        return hw.intra.alpha_s * (n - 1) + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
+    dpn = hw.devices_per_node
+    local = max(1, dpn // stride) if stride < dpn else 1     # members of this group in one node
+    nodes = max(2, n // local)
+    concurrent = dpn // local                                 # groups of this axis per node
+    per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
+    return hw.inter.alpha_s * (nodes - 1) + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
+
+
+def compute_seconds(hw: Hardware, trace: StepTrace) -> dict:
+    out = {"forward": 0.0, "backward": 0.0}
+    counts = {"forward": 0, "backward": 0}
+    for m in trace.matmuls:
+        out[m.phase] += hw.matmul_seconds(m.m, m.n, m.k, m.dtype, m.batch)
+        counts[m.phase] += 1
+    mean = {p: out[p] / counts[p] if counts[p] else 0.0 for p in out}
+    elem = {p: trace.other_bytes.get(p, 0) / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency) for p in out}
+    return {"matmul": out, "mean_matmul": mean, "elementwise": elem}
+
+
+def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict) -> tuple[dict, dict]:
+    """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
+    exposed, sent = {"intra": 0.0, "inter": 0.0}, {}
+    for c in trace.collectives:
+        t, tier = collective_seconds(hw, c.kind, c.sent_bytes, c.group_size, c.stride)
+        if tier == "none":
+            continue
+        hidden = 0.0
+        if c.purpose == "weight_gather":
+            hidden = mean_matmul[c.phase]
+        elif c.purpose == "weight_grad":
+            hidden = mean_matmul["backward"]
+        exposed[tier] += max(0.0, t - hidden)
+        key = f"{c.kind}:{tier}"
+        sent[key] = sent.get(key, 0) + c.sent_bytes
+    return exposed, sent
+
+
+ZERO3_PERSISTENCE = 100_000      # DeepSpeed's stage3_param_persistence_threshold default (elements)
+
+
+def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, float]]:
+    """Bytes a rank sends over the data-parallel group per optimizer step, by kind and when:
+    {"per_micro": {...}, "per_step": {...}}, as DeepSpeed 0.19 does it (measured with commstats on
+    gloo, tests/test_plan.py): ZeRO-0 all-reduces the gradients after the last micro-step; ZeRO-1
+    and -2 all-reduce them too (its default use_multi_rank_bucket_allreduce) and all-gather the
+    updated parameters; ZeRO-3 reduce-scatters gradients every micro-step and all-gathers each
+    partitioned parameter for the forward and again for the backward (persistent ones, below
+    stage3_param_persistence_threshold, once after the step). Gradients move in the model dtype;
+    one fp32 scalar all-reduce per step (two under ZeRO-3) carries the overflow/norm check."""
+    n, b = cand.dp, BYTES[cand.dtype]
+    if n == 1:
+        return {"per_micro": {}, "per_step": {}}
+    ring = lambda nbytes: (n - 1) * nbytes // n  # noqa: E731  (commstats' integer ring volume)
+    total = sum(numels) * b
+    scalar = 2 * ring(4)
+    if cand.zero == 0:
+        return {"per_micro": {}, "per_step": {"all_reduce": 2 * ring(total) + scalar}}
+    if cand.zero in (1, 2):
+        return {"per_micro": {}, "per_step": {"all_reduce": 2 * ring(total) + scalar, "all_gather": ring(total)}}
+    persistent = sum(x for x in numels if x < ZERO3_PERSISTENCE) * b
+    return {"per_micro": {"all_gather": 2 * ring(total - persistent), "reduce_scatter": ring(total)},
+            "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar}}
+
+
+def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
+    p, n, b = trace.param_count, cand.dp, BYTES[cand.dtype]
+    mixed = cand.dtype != "float32"
+    shard = lambda stage: n if cand.zero >= stage else 1  # noqa: E731
+    out = {
+        "parameters": p * b / shard(3),
+        "gradients": p * b / shard(2) + (p * 4 / n if mixed and cand.zero >= 1 else 0),
+        "optimizer": p * (ADAM_STATE_BYTES + (MASTER_BYTES if mixed else 0)) / shard(1),
+        "buckets": min(p, DEEPSPEED_BUCKET_ELEMENTS) * b if cand.zero in (1, 2) and n > 1 else 0,
+        "activations": trace.saved_bytes,
+        "transient": trace.peak_transient_bytes,
+    }
+    out = {k: v / 1e9 for k, v in out.items()}
+    out["reserved"] = hw.memory_reserved_GB
+    return out
+
+
+def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sample: float,
+             read_bytes_per_micro: int = 0, overlap_comm: bool = True) -> Estimate:
+    """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
+    rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
+    comp = compute_seconds(hw, trace)
+    if hw.compute_slots_per_node:  # CPU: ranks beyond the cores share them
+        share = max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node)
+        comp = {k: {p: v * share for p, v in d.items()} for k, d in comp.items()}
+    compute = sum(comp["matmul"].values()) + sum(comp["elementwise"].values())
+    mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"])
+    backward = comp["matmul"]["backward"] + comp["elementwise"]["backward"]
+    forward = compute - backward
+    dp_t = {"intra": 0.0, "inter": 0.0}
+    comm_bytes = {k: v * cand.accumulation for k, v in mp_bytes.items()}
+    stride = cand.domain * cand.tp
+    traffic = zero_traffic(cand, trace.param_numels)
+    for when, kinds in traffic.items():
+        reps = cand.accumulation if when == "per_micro" else 1
+        for kind, nbytes in kinds.items():
+            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride)
+            comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
+            if when == "per_micro":   # ZeRO-3: prefetched gathers, reduce-scatters during backward
+                hide = forward + backward if kind == "all_gather" else backward
+                exposed = max(0.0, t - (hide if overlap_comm else 0.0))
+            elif cand.zero in (1, 2) and kind == "all_reduce":  # bucketed during the last backward
+                exposed = max(0.0, t - (backward if overlap_comm else 0.0))
+            else:                     # ZeRO-0's all-reduce after backward; gathers after the step
+                exposed = t
+            dp_t[tier] += reps * exposed
+    opt_params = trace.param_count / (cand.dp if cand.zero >= 1 else 1)
+    optimizer = opt_params * OPTIMIZER_PASSES_BYTES / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
+    io = 0.0
+    if hw.io_GBps_per_node and read_bytes_per_micro:
+        per_rank = hw.io_GBps_per_node * 1e9 / min(hw.devices_per_node, cand.world)
+        io = max(0.0, read_bytes_per_micro / per_rank - (compute + mp["intra"] + mp["inter"]))
+    h2d = read_bytes_per_micro / (hw.host_to_device_GBps * 1e9) if hw.host_to_device_GBps else 0.0
+    seconds = {
+        "compute": cand.accumulation * compute,
+        "host_to_device": cand.accumulation * h2d,
+        "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"],
+        "inter_comm": cand.accumulation * mp["inter"] + dp_t["inter"],
+        "optimizer": optimizer,
+        "io": cand.accumulation * io,
+    }
+    step = sum(seconds.values())
+    mem = memory_GB(hw, cand, trace)
+    total_mem = sum(mem.values())
+    fits = total_mem <= hw.memory_GB
+    peak = hw.peak_tflops.get(cand.dtype, hw.peak_tflops.get("float32")) * 1e12
+    mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * peak)
+    parts = {"compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
+             "intra-node comm": seconds["intra_comm"],
+             "inter-node comm": seconds["inter_comm"], "io": seconds["io"]}
+    bottleneck = "memory" if not fits else max(parts, key=parts.get)
+    return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem,
+                    comm_bytes)

@@ -1,0 +1,127 @@
+"""Enumerate the layouts of a world size, price each with the cost model, rank them.
+
+A model package describes its model with a `PlanModel`; nothing here knows what the model is.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from ..mesh import Mesh, MeshConfig
+from .cost import Candidate, Estimate, estimate
+from .hardware import Hardware
+from .trace import StepTrace, fake_mesh, trace_step
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+          "fp16": "float16", "float16": "float16"}
+
+
+class PlanModel(Protocol):
+    name: str
+
+    def check_mesh(self, mesh: MeshConfig) -> None:
+        """Raise ValueError if the model cannot be split over this mesh."""
+
+    def build(self, mesh: Mesh, dtype: torch.dtype) -> nn.Module:
+        """The model on the meta device for this (fake) mesh."""
+
+    def step(self, model: nn.Module, mesh: Mesh, micro_batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """One forward on meta inputs of this rank's shape; returns this rank's loss term."""
+
+    def train_flops_per_sample(self) -> float:
+        """Matmul FLOPs of one training sample (forward + backward), for MFU."""
+
+    def read_bytes(self, mesh: MeshConfig, micro_batch: int) -> int:
+        """Bytes of training data one rank reads per micro-step (0: not modelled)."""
+
+
+@dataclass(frozen=True)
+class Constraints:
+    zero: tuple[int, ...] = (0, 1, 2, 3)
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8)
+    replicate: bool = True          # also try weights replicated over one model axis
+    max_model_group: int = 64
+    headroom: float = 0.0           # fraction of device memory kept free
+
+
+class Planner:
+    def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True):
+        self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
+        self.overlap_comm = overlap_comm
+        self._traces: dict = {}
+
+    def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> StepTrace:
+        key = (domain, tp, replicate, micro_batch)
+        if key not in self._traces:
+            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate))
+            mesh = fake_mesh(cfg, 0)
+            dtype = getattr(torch, self.dtype)
+            model = self.model.build(mesh, dtype)
+            self._traces[key] = trace_step(model, lambda m: self.model.step(m, mesh, micro_batch, dtype))
+        return self._traces[key]
+
+    def estimate(self, cand: Candidate) -> Estimate:
+        tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
+        mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
+        return estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
+                        self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm)
+
+    # ------------------------------------------------------------------------------------------
+    def candidates(self, world: int, global_batch: int, limits: Constraints):
+        for model_group in _divisors(world):
+            if model_group > limits.max_model_group or global_batch % (world // model_group):
+                continue
+            dp = world // model_group
+            per_replica = global_batch // dp
+            for tp in _divisors(model_group):
+                domain = model_group // tp
+                try:
+                    self.model.check_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
+                except ValueError:
+                    continue
+                reps = [()] + ([("domain",)] if limits.replicate and domain > 1 else []) + \
+                    ([("tp",)] if limits.replicate and tp > 1 else [])
+                for micro in limits.micro_batches:
+                    if per_replica % micro:
+                        continue
+                    for zero in (z for z in limits.zero if dp > 1 or z == 0):
+                        for rep in reps:
+                            yield Candidate(dp, domain, tp, zero, rep, micro, per_replica // micro, self.dtype)
+
+    def rank(self, world: int, global_batch: int, limits: Constraints = Constraints()) -> list[Estimate]:
+        """Every candidate layout of `world` ranks for `global_batch`, fastest fitting first."""
+        out = []
+        for cand in self.candidates(world, global_batch, limits):
+            est = self.estimate(cand)
+            est.fits = est.memory_GB <= self.hw.memory_GB * (1 - limits.headroom)
+            if not est.fits:
+                est.bottleneck = "memory"
+            out.append(est)
+        out.sort(key=lambda e: (not e.fits, e.step_s))
+        return out
+
+    def one_node_efficiency(self, est: Estimate) -> float | None:
+        """Weak-scaling efficiency of `est` against the same layout on one node (the smallest
+        number of nodes that holds one model group), with the per-replica work kept."""
+        c, dpn = est.candidate, self.hw.devices_per_node
+        group = c.domain * c.tp
+        nodes = max(1, -(-group // dpn))
+        dp_small = max(1, nodes * dpn // group)
+        if dp_small >= c.dp:
+            return 1.0
+        small = Candidate(dp_small, c.domain, c.tp, c.zero if dp_small > 1 else 0, c.replicate,
+                          c.micro_batch, c.accumulation, c.dtype)
+        base = self.estimate(small)
+        return base.step_s / est.step_s
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,258 @@
+"""Run one training step of a block-sharded model on the meta device and record what it does.
+
+No memory is allocated and no process is started: the model is built on the meta device for one
+rank of a (virtual) mesh whose process groups are `FakeGroup`s, and jigsaw_ext.collectives' four
+torch.distributed entry points are swapped for recorders for the duration of the step. What is
+recorded is therefore what the layers themselves issue (the same code path, padding included):
+
+- every collective: kind, mesh axis, group size, bytes this rank sends (jigsaw_ext.commstats's ring
+  volumes, so the totals equal `count_comm` on a real run) and the bytes of its buffers, the phase
+  (forward/backward) and its purpose (weight gather, weight gradient, activation, LayerNorm
+  statistics, small-parameter gradient);
+- every matrix product's (batch, m, n, k) and dtype (for GEMM-efficiency tables);
+- the memory traffic of every other non-view operator (input + output bytes: the roofline of the
+  elementwise work);
+- the storages autograd saves for backward (activation memory), parameters excluded.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import collectives
+from ..commstats import ring_volume
+from ..mesh import Mesh, MeshConfig
+
+aten = torch.ops.aten
+PURPOSES = {  # autograd function (qualified name prefix) -> purpose of the collectives it issues
+    "_GatheredLinear.forward": "weight_gather",
+    "_ReduceScatter": "activation",
+    "_AllGather": "activation",
+    "_CopyTo": "small_param_grad",
+    "_SplitLayerNorm": "norm_stats",
+}
+
+
+@dataclass(frozen=True)
+class FakeGroup:
+    """A process group that exists only on paper: one mesh axis, its size, this rank's place in it
+    and the distance in global ranks between its consecutive members (TP 1, DOMAIN tp, DP domain*tp)."""
+
+    axis: str
+    size: int
+    rank: int
+    stride: int
+
+
+def fake_mesh(config: MeshConfig, rank: int = 0) -> Mesh:
+    """The mesh of `rank` with a FakeGroup for every axis of size > 1."""
+    mesh = Mesh.virtual(config, rank)
+    strides = {"tp": 1, "domain": config.tp, "dp": config.tp * config.domain, "model": 1}
+    for axis in ("tp", "domain", "dp", "model"):
+        if mesh.size(axis) > 1:
+            mesh.groups[axis] = FakeGroup(axis, mesh.size(axis), mesh.coord(axis), strides[axis])
+    return mesh
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str           # all_gather | reduce_scatter | all_reduce
+    axis: str           # mesh axis of the group
+    group_size: int
+    stride: int
+    sent_bytes: int     # ring volume this rank sends (commstats' convention)
+    buffer_bytes: int   # bytes of the collective's input + output buffers
+    phase: str          # forward | backward
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Matmul:
+    batch: int
+    m: int
+    n: int
+    k: int
+    dtype: str
+    phase: str
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.n * self.k
+
+
+@dataclass
+class StepTrace:
+    """What one rank does in one micro-step (forward + backward)."""
+
+    collectives: list[Collective] = field(default_factory=list)
+    matmuls: list[Matmul] = field(default_factory=list)
+    other_bytes: Counter = field(default_factory=Counter)   # phase -> bytes read + written
+    saved_bytes: int = 0                                     # activations kept for backward
+    param_bytes: int = 0
+    param_count: int = 0
+    param_numels: list = field(default_factory=list)        # elements of each local parameter
+    peak_transient_bytes: int = 0                            # largest op output + collective buffers
+
+    def bytes_by_kind(self, axes=None) -> Counter:
+        out = Counter()
+        for c in self.collectives:
+            if axes is None or c.axis in axes:
+                out[c.kind] += c.sent_bytes
+        return out
+
+    def calls_by_kind(self, axes=None) -> Counter:
+        out = Counter()
+        for c in self.collectives:
+            if (axes is None or c.axis in axes) and c.group_size > 1:
+                out[c.kind] += 1
+        return out
+
+    @property
+    def matmul_flops(self) -> int:
+        return sum(m.flops for m in self.matmuls)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _purpose(kind: str) -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        if name == "_GatheredLinear.backward":
+            return "weight_gather" if kind == "all_gather" else "weight_grad"
+        for prefix, purpose in PURPOSES.items():
+            if name.startswith(prefix):
+                return purpose
+        frame = frame.f_back
+    return "other"
+
+
+class _Recorder:
+    """Stand-ins for the torch.distributed calls of jigsaw_ext.collectives."""
+
+    def __init__(self, trace: StepTrace):
+        self.trace, self.phase = trace, "forward"
+
+    def _add(self, kind, group: FakeGroup, ring_bytes: int, buffers: int):
+        self.trace.collectives.append(Collective(
+            kind, group.axis, group.size, group.stride, ring_volume(kind, ring_bytes, group.size),
+            buffers, self.phase, _purpose(kind)))
+        self.trace.peak_transient_bytes = max(self.trace.peak_transient_bytes, buffers)
+
+    def all_gather(self, output, input, group=None, async_op=False):
+        self._add("all_gather", group, _nbytes(output), _nbytes(output) + _nbytes(input))
+
+    def reduce_scatter(self, output, input, group=None, async_op=False):
+        self._add("reduce_scatter", group, _nbytes(input), _nbytes(output) + _nbytes(input))
+
+    def all_reduce(self, tensor, group=None, async_op=False):
+        self._add("all_reduce", group, _nbytes(tensor), _nbytes(tensor))
+
+    @staticmethod
+    def rank(group) -> int:
+        return group.rank
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder):
+    names = {"_all_gather_single": recorder.all_gather, "_reduce_scatter_single": recorder.reduce_scatter,
+             "_all_reduce": recorder.all_reduce, "_rank": recorder.rank}
+    saved = {name: getattr(collectives, name) for name in names}
+    for name, fn in names.items():
+        setattr(collectives, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(collectives, name, fn)
+
+
+_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+_FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
+         aten.detach.default, aten.lift_fresh.default}
+
+
+def _tensors(xs):
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            yield from _tensors(x)
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        trace, phase = self.recorder.trace, self.recorder.phase
+        if func in _MATMULS:
+            a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
+            batch = a.shape[0] if a.dim() == 3 else 1
+            trace.matmuls.append(Matmul(batch, a.shape[-2], b.shape[-1], a.shape[-1],
+                                        str(a.dtype).replace("torch.", ""), phase))
+        elif not func.is_view and func not in _FREE:
+            trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + \
+                sum(_nbytes(t) for t in _tensors([out]))
+        outs = list(_tensors([out]))
+        if outs:
+            trace.peak_transient_bytes = max(trace.peak_transient_bytes, max(_nbytes(t) for t in outs))
+        return out
+
+
+@contextlib.contextmanager
+def _saved_storages(params):
+    """Unique storages autograd saves for backward (parameters excluded): {storage id: bytes}."""
+    param_ids = {p.untyped_storage()._cdata for p in params}
+    storages, held = {}, []
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in param_ids and s._cdata not in storages:
+            storages[s._cdata] = s.nbytes()
+            held.append(t)  # keep it alive so its id is not reused during the count
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+    held.clear()
+
+
+def trace_step(model: nn.Module, step: Callable[[nn.Module], torch.Tensor]) -> StepTrace:
+    """Record one forward (`step(model)` returns this rank's loss term) and its backward.
+
+    `model` lives on the meta device and was built on a `fake_mesh`."""
+    trace, params = StepTrace(), list(model.parameters())
+    trace.param_numels = [p.numel() for p in params]
+    trace.param_count = sum(trace.param_numels)
+    trace.param_bytes = sum(_nbytes(p) for p in params)
+    recorder = _Recorder(trace)
+    with _recording(recorder), _OpRecorder(recorder):
+        with _saved_storages(params) as saved:
+            loss = step(model)
+        trace.saved_bytes = sum(saved.values())
+        recorder.phase = "backward"
+        loss.backward()
+    return trace
+
+
+def matmul_shape_key(m: Matmul) -> tuple[int, int, int]:
+    """(M, N, K) with a batched product folded into M (the GEMM a library would run)."""
+    return (m.batch * m.m, m.n, m.k) if m.batch > 1 else (m.m, m.n, m.k)
+
+
+def geometric_mean(xs) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0

@@ -1,0 +1,56 @@
+"""Workers of tests/test_plan.py: what a real CPU run sends, counted by jigsaw_ext.commstats."""
+import torch
+
+
+def _inputs(model, mesh, cfg, batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    geo, ch = model.geo, cfg.channels
+    x = torch.randn(geo.grid_layout(ch.n_fields, batch).local_shape(mesh.coords), generator=gen)
+    s = torch.randn(geo.grid_layout(ch.n_static, batch).local_shape(mesh.coords), generator=gen)
+    return x, s
+
+
+def model_step_comm(rank, world, mesh_kwargs, overrides, batch):
+    """Bytes and calls per collective kind of one forward + backward of the model on a real mesh."""
+    from jigsaw_ext.commstats import count_comm
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.model import WeatherMixer
+    from weathermixer.selfcheck import default_model_config
+
+    cfg = default_model_config(**overrides)
+    mesh = init_mesh(MeshConfig(**mesh_kwargs))
+    model = WeatherMixer(cfg, mesh)
+    x, s = _inputs(model, mesh, cfg, batch)
+    with count_comm() as stats:
+        model(x, s, steps=cfg.rollout).float().square().sum().backward()
+    return stats.as_dict()
+
+
+def engine_step_comm(rank, world, mesh_kwargs, overrides, batch, zero):
+    """Bytes per kind of the second training step through a DeepSpeed engine (ZeRO `zero`)."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    from jigsaw_ext.commstats import count_comm
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.model import WeatherMixer
+    from weathermixer.selfcheck import default_model_config
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = default_model_config(**overrides)
+    mesh = init_mesh(MeshConfig(**mesh_kwargs))
+    model = WeatherMixer(cfg, mesh)
+    ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": zero}, "steps_per_print": 10 ** 9,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      mpu=mesh.mpu())
+    x, s = _inputs(model, mesh, cfg, batch)
+    out = []
+    for _ in range(2):
+        with count_comm() as stats:
+            engine.backward(engine(x, s, steps=cfg.rollout).float().square().sum())
+            engine.step()
+        out.append(stats.as_dict())
+    return out[-1]
