@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig
-from jigsaw_ext.plan.cost import Estimate
+from jigsaw_ext.plan.cost import Candidate, Estimate
 from jigsaw_ext.plan.hardware import load_hardware, profile_names
 from jigsaw_ext.plan.search import Constraints, Planner
 
@@ -188,3 +188,24 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+PAPER_LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}   # n-way model parallelism -> (domain, tp)
+DDP_BUCKET_BYTES = 25 * 2 ** 20                      # PyTorch DDP's default bucket_cap_mb
+
+
+def paper_weak_scaling(world: int = 256) -> dict:
+    """The Jigsaw paper's weak-scaling runs as the planner sees them: paper_1b in fp32 on its
+    cluster profile, ZeRO-0 (plain data parallelism with DDP's 25 MB gradient buckets), the same
+    work per GPU at every size (micro-batch n per n-way model group), one node (4 GPUs) against
+    `world` GPUs. Efficiency = step time on one node / step time on `world` GPUs."""
+    hw = load_hardware("a100-40gb-4pernode-2xhdr200")
+    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES)
+    out = {}
+    for ways, (domain, tp) in PAPER_LAYOUTS.items():
+        node, big = (planner.estimate(Candidate(n // ways, domain, tp, 0, (), ways, 1, "float32"))
+                     for n in (hw.devices_per_node, world))
+        out[ways] = {"efficiency": node.step_s / big.step_s, "one_node_step_s": node.step_s, "step_s": big.step_s,
+                     "tflops_per_gpu_one_node": node.mfu * hw.peak_tflops["float32"],
+                     "seconds": big.seconds}
+    return out

@@ -86,20 +86,24 @@ class Estimate:
         return d
 
 
-def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int) -> tuple[float, str]:
-    """(seconds, tier) of one collective of which this rank sends `sent_bytes` (ring volume) in a
-    group of n ranks `stride` global ranks apart."""
+def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int,
+                       calls: int = 1) -> tuple[float, str]:
+    """(seconds, tier) of `calls` ring collectives of which this rank sends `sent_bytes` in all
+    (ring volume) in a group of n ranks `stride` global ranks apart. Latency: alpha per ring step,
+    n - 1 steps (2(n - 1) for an all-reduce) per call: a flat ring over every rank of the group,
+    which is why many small buckets over thousands of ranks cost more than their bytes."""
     if n <= 1:
         return 0.0, "none"
+    steps = calls * (2 if kind == "all_reduce" else 1) * (n - 1)
     span = stride * (n - 1) + 1
     if span <= hw.devices_per_node:
-        return hw.intra.alpha_s * (n - 1) + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
+        return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
     dpn = hw.devices_per_node
     local = max(1, dpn // stride) if stride < dpn else 1     # members of this group in one node
     nodes = max(2, n // local)
     concurrent = dpn // local                                 # groups of this axis per node
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
-    return hw.inter.alpha_s * (nodes - 1) + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
+    return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
 
 
 def compute_seconds(hw: Hardware, trace: StepTrace) -> dict:
@@ -176,9 +180,11 @@ def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
 
 
 def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sample: float,
-             read_bytes_per_micro: int = 0, overlap_comm: bool = True) -> Estimate:
+             read_bytes_per_micro: int = 0, overlap_comm: bool = True,
+             dp_bucket_bytes: int | None = None) -> Estimate:
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
-    rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
+    rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0).
+    dp_bucket_bytes: size of the data-parallel gradient buckets (default DeepSpeed's)."""
     comp = compute_seconds(hw, trace)
     if hw.compute_slots_per_node:  # CPU: ranks beyond the cores share them
         share = max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node)
@@ -191,10 +197,12 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
     comm_bytes = {k: v * cand.accumulation for k, v in mp_bytes.items()}
     stride = cand.domain * cand.tp
     traffic = zero_traffic(cand, trace.param_numels)
+    bucket = dp_bucket_bytes or DEEPSPEED_BUCKET_ELEMENTS * BYTES[cand.dtype]
+    calls = max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
     for when, kinds in traffic.items():
         reps = cand.accumulation if when == "per_micro" else 1
         for kind, nbytes in kinds.items():
-            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride)
+            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
             comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
             if when == "per_micro":   # ZeRO-3: prefetched gathers, reduce-scatters during backward
                 hide = forward + backward if kind == "all_gather" else backward

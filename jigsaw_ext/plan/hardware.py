@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 PROFILES = Path(__file__).with_name("profiles")
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")
@@ -63,6 +63,7 @@ class Hardware(_Strict):
                           "with compute by today's trainer (None: not modelled)")
     sources: dict[str, str] = Field(default_factory=dict)
     unmeasured: list[str] = Field(default_factory=list)
+    _rates: dict = PrivateAttr(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------
     def matmul_seconds(self, m: int, n: int, k: int, dtype: str, batch: int = 1) -> float:
@@ -72,8 +73,19 @@ class Hardware(_Strict):
         return flops / (self.matmul_tflops(batch * m, n, k, dtype) * 1e12)
 
     def matmul_tflops(self, m: int, n: int, k: int, dtype: str) -> float:
+        """Nearest measured shape of the same dtype and the same alignment of the two leading
+        dimensions (n, k multiples of 8 or not: cuBLAS runs a misaligned bf16 GEMM at ~30 % of the
+        aligned rate on an H200, benchmarks/results_gpu_h200.json), by log distance over m, n, k."""
+        key = (m, n, k, dtype)  # a search prices the same shapes many times
+        if key not in self._rates:
+            self._rates[key] = self._lookup(m, n, k, dtype)
+        return self._rates[key]
+
+    def _lookup(self, m: int, n: int, k: int, dtype: str) -> float:
         peak = self.peak_tflops.get(dtype, self.peak_tflops.get("float32"))
         points = [p for p in self.gemm if p.dtype == dtype]
+        aligned = [p for p in points if (p.n % 8 == 0, p.k % 8 == 0) == (n % 8 == 0, k % 8 == 0)]
+        points = aligned or points
         if not points:
             return peak * self.gemm_efficiency
         key = [math.log(max(v, 1)) for v in (m, n, k)]

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..mesh import Mesh, MeshConfig
 from .cost import Candidate, Estimate, estimate
 from .hardware import Hardware
-from .trace import StepTrace, fake_mesh, trace_step
+from .trace import StepTrace, extrapolate, fake_mesh, trace_step
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
@@ -49,13 +49,17 @@ class Constraints:
 
 
 class Planner:
-    def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True):
+    def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True,
+                 dp_bucket_bytes: int | None = None):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
-        self.overlap_comm = overlap_comm
+        self.overlap_comm, self.dp_bucket_bytes = overlap_comm, dp_bucket_bytes
         self._traces: dict = {}
 
     def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> StepTrace:
         key = (domain, tp, replicate, micro_batch)
+        if key not in self._traces and micro_batch > 3:  # exact: see trace.extrapolate
+            self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2),
+                                            self.trace(domain, tp, replicate, 3), 2, micro_batch)
         if key not in self._traces:
             cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate))
             mesh = fake_mesh(cfg, 0)
@@ -68,7 +72,7 @@ class Planner:
         tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
         return estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
-                        self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm)
+                        self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm, self.dp_bucket_bytes)
 
     # ------------------------------------------------------------------------------------------
     def candidates(self, world: int, global_batch: int, limits: Constraints):

@@ -72,6 +72,7 @@ class Collective:
     buffer_bytes: int   # bytes of the collective's input + output buffers
     phase: str          # forward | backward
     purpose: str
+    ring_bytes: int = 0  # the buffer the ring volume is computed from (all-gather output, ...)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class _Recorder:
     def _add(self, kind, group: FakeGroup, ring_bytes: int, buffers: int):
         self.trace.collectives.append(Collective(
             kind, group.axis, group.size, group.stride, ring_volume(kind, ring_bytes, group.size),
-            buffers, self.phase, _purpose(kind)))
+            buffers, self.phase, _purpose(kind), ring_bytes))
         self.trace.peak_transient_bytes = max(self.trace.peak_transient_bytes, buffers)
 
     def all_gather(self, output, input, group=None, async_op=False):
@@ -256,3 +257,26 @@ def matmul_shape_key(m: Matmul) -> tuple[int, int, int]:
 def geometric_mean(xs) -> float:
     xs = [x for x in xs if x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
+
+
+def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTrace:
+    """The trace at micro-batch `batch` from the traces at `base` and base + 1 (base >= 2: batch 1 takes
+    some shortcuts, e.g. no transposing copy before a collective): every shape, byte count and
+    matmul dimension of a step is affine in the batch size, and the model's code issues the same
+    collectives and products in the same order for any batch >= 2, so this is exact (tested)."""
+    if len(one.collectives) != len(two.collectives) or len(one.matmuls) != len(two.matmuls):
+        raise ValueError("traces at batch 1 and 2 differ in structure: trace this batch directly")
+    lin = lambda a, b: a + (b - a) * (batch - base)  # noqa: E731
+    out = StepTrace(param_bytes=one.param_bytes, param_count=one.param_count, param_numels=list(one.param_numels))
+    out.collectives = [Collective(a.kind, a.axis, a.group_size, a.stride,
+                                  ring_volume(a.kind, lin(a.ring_bytes, b.ring_bytes), a.group_size),
+                                  lin(a.buffer_bytes, b.buffer_bytes), a.phase, a.purpose,
+                                  lin(a.ring_bytes, b.ring_bytes))
+                       for a, b in zip(one.collectives, two.collectives)]
+    out.matmuls = [Matmul(lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase)
+                   for a, b in zip(one.matmuls, two.matmuls)]
+    out.other_bytes = Counter({p: lin(one.other_bytes.get(p, 0), two.other_bytes.get(p, 0))
+                               for p in set(one.other_bytes) | set(two.other_bytes)})
+    out.saved_bytes = lin(one.saved_bytes, two.saved_bytes)
+    out.peak_transient_bytes = lin(one.peak_transient_bytes, two.peak_transient_bytes)
+    return out

@@ -19,4 +19,7 @@ PRESETS: dict[str, ModelConfig] = {
     # >= 3.2 B parameters at 0.25 deg, meant for ZeRO + DOMAIN x TP = 8
     "jigsaw_3b": ModelConfig(grid=(721, 1440), channels=ERA5_CHANNELS, patch=(1, 60), hidden=10240,
                              token_fraction=1.0, channel_fraction=1.0, blocks=4),
+    # 10.4 B parameters at 0.25 deg (351 TFLOP forward per sample): the planner's 10 B-class model
+    "weathermixer_10b": ModelConfig(grid=(721, 1440), channels=ERA5_CHANNELS, patch=(1, 60), hidden=16384,
+                                    token_fraction=1.0, channel_fraction=1.0, blocks=9),
 }

@@ -1,0 +1,248 @@
+"""The planner's report: the README's table and the checks of its predictions against measurements.
+
+    python benchmarks/bench_plan.py [--parts paper,gpu,table,memory,cpu] --out benchmarks/results_plan.json
+
+Parts (each a key of the JSON printed on stdout; progress on stderr):
+  table  best layout per model (paper_1b 1.06 B, jigsaw_3b 3.4 B, weathermixer_10b 10.4 B) and world
+         size (8 ... 8192 H100s, h100-sxm-8pernode, bf16, 4 samples per node per step): layout,
+         predicted MFU, weak-scaling efficiency against one node, memory per GPU, bottleneck
+  paper  the Jigsaw paper's 256-GPU weak-scaling runs (weathermixer.plan.paper_weak_scaling), and
+         the best layout of our implementation on the same cluster
+  gpu    the planner's step time / MFU / memory for the train.py runs bench_gpu.py measured on an
+         H200 (benchmarks/results_gpu_h200.json), side by side
+  memory peak tensor memory per rank of one training step through a DeepSpeed engine on six
+         meshes and ZeRO stages 0-2 (resident set with every large allocation mapped on its own) against the
+         planner's memory (less its fixed runtime reserve)
+  cpu    the meshes 1x1x1, 1x2x1, 1x1x2, 1x2x2, 1x4x1 on this machine (cpu-gloo-2core profile):
+         predicted step time against a measured training step (forward, backward, optimizer) of
+         the same model, interleaved repetitions; the two orderings
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jigsaw_ext.plan.cost import Candidate  # noqa: E402
+from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
+from jigsaw_ext.plan.search import Constraints, Planner  # noqa: E402
+from weathermixer.model.presets import PRESETS  # noqa: E402
+from weathermixer.plan import WeatherPlanModel, paper_weak_scaling  # noqa: E402
+
+MODELS = ("paper_1b", "jigsaw_3b", "weathermixer_10b")
+WORLDS = (8, 64, 256, 1024, 4096, 8192)
+CPU_MESHES = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 1))   # (domain, tp), dp = 1
+CPU_MODEL = dict(grid=(32, 64), patch=(1, 8), hidden=256, blocks=2, rollout=1, history=0, token_fraction=0.5,
+                 channel_fraction=1.0, head="tendency")
+
+
+def log(msg: str) -> None:
+    print(f"[bench_plan {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def row(est) -> dict:
+    c = est.candidate
+    return {"mesh": c.mesh, "zero": c.zero, "replicate": list(c.replicate), "micro_batch": c.micro_batch,
+            "accumulation": c.accumulation, "step_s": round(est.step_s, 4), "mfu": round(est.mfu, 4),
+            "efficiency": None if est.efficiency is None else round(est.efficiency, 3),
+            "memory_GB": round(est.memory_GB, 1), "fits": est.fits, "bottleneck": est.bottleneck,
+            "seconds": {k: round(v, 4) for k, v in est.seconds.items()}}
+
+
+def table(hardware="h100-sxm-8pernode", per_node=4) -> dict:
+    hw, out = load_hardware(hardware), {}
+    limits = Constraints(micro_batches=(1, 2, 4), headroom=0.1)
+    for name in MODELS:
+        planner = Planner(WeatherPlanModel(PRESETS[name]), hw, "bf16")
+        out[name] = {}
+        for world in WORLDS:
+            gb = per_node * max(1, world // hw.devices_per_node)
+            ranked = planner.rank(world, gb, limits)
+            best = ranked[0]
+            best.efficiency = planner.one_node_efficiency(best)
+            out[name][world] = {"global_batch": gb, **row(best)}
+            log(f"{name} {world}: {out[name][world]}")
+    return {"hardware": hardware, "samples_per_node": per_node, "models": out}
+
+
+def paper() -> dict:
+    measured = {1: 0.53, 2: 0.67, 4: 0.73}
+    pred = paper_weak_scaling()
+    hw = load_hardware("a100-40gb-4pernode-2xhdr200")
+    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32")
+    ranked = planner.rank(256, 64, Constraints(micro_batches=(1, 2, 4)))
+    best = ranked[0]
+    best.efficiency = planner.one_node_efficiency(best)
+    return {"predicted": {w: {"efficiency": round(p["efficiency"], 3), "measured": measured[w],
+                              "tflops_per_gpu_one_node": round(p["tflops_per_gpu_one_node"], 1)}
+                          for w, p in pred.items()},
+            "ours_best_256_fp32": row(best)}
+
+
+def gpu() -> dict:
+    path = ROOT / "benchmarks" / "results_gpu_h200.json"
+    measured = json.loads(path.read_text())
+    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), load_hardware("h200-8pernode"), "bf16")
+    rows = []
+    for run in measured.get("train", []):
+        if "error" in run:
+            continue
+        est = planner.estimate(Candidate(1, 1, 1, run["zero"], (), run["micro_batch"], 1, "bfloat16"))
+        rows.append({"zero": run["zero"], "micro_batch": run["micro_batch"],
+                     "measured_step_s": round(run["step_s"], 4), "predicted_step_s": round(est.step_s, 4),
+                     "measured_mfu": round(run["mfu"], 4), "predicted_mfu": round(est.mfu, 4),
+                     "measured_peak_GB": round(run["peak_mem_GB"], 2), "predicted_GB": round(est.memory_GB, 2)})
+    step = measured.get("model_step", {})
+    return {"device": measured["env"]["device"], "train_py": rows,
+            "model_forward_backward_s": step.get("step_s"), "matmul_s_at_measured_rates": step.get("matmul_s_at_measured_rates")}
+
+
+def _cpu_step(rank, world, domain, tp, reps, warmup):
+    import torch
+
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.config import ModelConfig
+    from weathermixer.model import WeatherMixer
+
+    cfg = ModelConfig(**CPU_MODEL)
+    mesh = init_mesh(MeshConfig(domain=domain, tp=tp))
+    model = WeatherMixer(cfg, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    geo, ch = model.geo, cfg.channels
+    x = torch.randn(geo.grid_layout(ch.n_fields, 4).local_shape(mesh.coords))
+    s = torch.randn(geo.grid_layout(ch.n_static, 4).local_shape(mesh.coords))
+    times = []
+    for i in range(warmup + reps):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        model(x, s).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.distributed.barrier()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def cpu(rounds=3, reps=4) -> dict:
+    from jigsaw_ext.testing import run_workers
+    from weathermixer.config import ModelConfig
+
+    planner = Planner(WeatherPlanModel(ModelConfig(**CPU_MODEL)), load_hardware("cpu-gloo-2core"), "fp32")
+    measured = {m: [] for m in CPU_MESHES}
+    for r in range(rounds):  # interleaved: the machine's load drifts
+        for domain, tp in CPU_MESHES:
+            t = run_workers(_cpu_step, domain * tp, domain, tp, reps, 2, timeout=600, threads=1,
+                            preload=["weathermixer.model"])
+            measured[(domain, tp)].append(statistics.median(t[0]))
+            log(f"round {r} 1x{domain}x{tp}: {measured[(domain, tp)][-1]:.3f} s")
+    out = {}
+    for domain, tp in CPU_MESHES:
+        est = planner.estimate(Candidate(1, domain, tp, 0, (), 4, 1, "float32"))
+        out[f"1x{domain}x{tp}"] = {"measured_s": round(statistics.median(measured[(domain, tp)]), 4),
+                                   "predicted_s": round(est.step_s, 4)}
+    order = lambda key: sorted(out, key=lambda m: out[m][key])  # noqa: E731
+    return {"model": CPU_MODEL, "batch": 4, "meshes": out, "measured_order": order("measured_s"),
+            "predicted_order": order("predicted_s"), "same_order": order("measured_s") == order("predicted_s")}
+
+
+MEM_RUNS = ((1, 2, 1, 0), (1, 1, 2, 0), (1, 2, 2, 0), (2, 1, 1, 1), (2, 1, 2, 1), (2, 2, 1, 2))  # dp, domain, tp, ZeRO
+MEM_MODEL = dict(grid=(32, 64), patch=(1, 8), hidden=1024, blocks=2, rollout=1, history=0, head="tendency")
+
+
+def _mem_step(rank, world, dp, domain, tp, zero, batch):
+    """Peak memory of two training steps (forward, backward, optimizer step through a DeepSpeed
+    engine) on the CPU: the peak resident set minus the resident set before the model existed, with
+    glibc told to map every allocation of 64 KiB or more on its own (mallopt M_MMAP_THRESHOLD), so
+    that a freed tensor leaves the resident set at once and the peak is that of live tensors."""
+    import ctypes
+    import resource
+
+    import deepspeed
+    import deepspeed.ops
+    import torch
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+    libc.mallopt(-1, 64 * 1024)   # M_TRIM_THRESHOLD
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.config import ModelConfig
+    from weathermixer.model import WeatherMixer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
+    torch.distributed.barrier()
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    before = rss()
+    peak = [before]
+    cfg = ModelConfig(**MEM_MODEL)
+    model = WeatherMixer(cfg, mesh)
+    ds = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+          "zero_optimization": {"stage": zero},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=mesh.mpu())
+    geo, ch = model.geo, cfg.channels
+    x = torch.randn(geo.grid_layout(ch.n_fields, batch).local_shape(mesh.coords))
+    s = torch.randn(geo.grid_layout(ch.n_static, batch).local_shape(mesh.coords))
+    hooks = [m.register_forward_hook(lambda *a: peak.append(rss())) for m in model.modules()]
+    hooks += [m.register_full_backward_hook(lambda *a: peak.append(rss())) for m in model.modules()]
+    for _ in range(2):
+        engine.backward(engine(x, s).float().square().sum())
+        peak.append(rss())
+        engine.step()
+        peak.append(rss())
+    for h in hooks:
+        h.remove()
+    return max(peak) - before
+
+
+def memory(batch=4) -> dict:
+    from jigsaw_ext.testing import run_workers
+    from weathermixer.config import ModelConfig
+
+    planner = Planner(WeatherPlanModel(ModelConfig(**MEM_MODEL)), load_hardware("cpu-gloo-2core"), "fp32")
+    out = {}
+    for dp, domain, tp, zero in MEM_RUNS:
+        peaks = run_workers(_mem_step, dp * domain * tp, dp, domain, tp, zero, batch, timeout=600,
+                            preload=["weathermixer.model", "deepspeed"])
+        est = planner.estimate(Candidate(dp, domain, tp, zero, (), batch, 1, "float32"))
+        predicted = (est.memory_GB - est.memory["reserved"]) * 1e9
+        key = f"{dp}x{domain}x{tp} ZeRO-{zero}"
+        out[key] = {"measured_peak_MB": round(max(peaks) / 1e6, 2), "predicted_MB": round(predicted / 1e6, 2),
+                    "ratio": round(predicted / max(peaks), 3)}
+        log(f"memory {key}: {out[key]}")
+    return {"model": MEM_MODEL, "batch": batch, "what": "peak resident memory of the largest rank over two training "
+            "steps less its resident memory before the model was built (sampled at every module's forward and "
+            "backward, after backward and after the optimizer step; allocations of 64 KiB or more mapped on their "
+            "own); predicted = the planner's memory less its fixed reserve", "runs": out}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="paper,gpu,table,cpu,memory")
+    ap.add_argument("--out", help="write the JSON here too (workers' libraries may print on stdout)")
+    args = ap.parse_args(argv)
+    parts = {"table": table, "paper": paper, "gpu": gpu, "cpu": cpu, "memory": memory}
+    out = {}
+    for name in args.parts.split(","):
+        log(f"part {name}")
+        out[name] = parts[name]()
+    print(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
