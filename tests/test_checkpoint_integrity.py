@@ -11,7 +11,6 @@ import subprocess
 import sys
 import uuid
 import warnings
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,37 @@ import pytest
 from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated, consolidate
 from tests.test_training_runs import ENV, ROOT, _launch, small_job
 
-MODEL = "mp_rank_00_model_states.pt"
-OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+DATA = "state/00000/__0_0.distcp"  # rank 0's tensors of the first batch (torch.distributed.checkpoint)
 ONE = ["--domain", "1", "--tp", "1", "--set", "ds.zero_optimization.stage=1", "--set", "checkpoint.every=2"]
 
-FAULTY_TRAIN = '''"""train.py with torch.save failing on rank $FAULT_RANK for files whose path contains $FAULT_AT."""
-import errno, os, runpy, signal, sys
-import torch
+FAULTY_TRAIN = '''"""train.py whose checkpoint files fail on rank $FAULT_RANK when their path contains $FAULT_AT:
+torch.distributed.checkpoint opens each data file through FileSystem.create_stream."""
+import contextlib, errno, os, runpy, signal, sys
+from torch.distributed.checkpoint import filesystem
 
 if os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0"):
-    save, where, fault = torch.save, os.environ["FAULT_AT"], os.environ["FAULT"]
+    create, where, fault = filesystem.FileSystem.create_stream, os.environ["FAULT_AT"], os.environ["FAULT"]
 
-    def faulty_save(obj, f, *args, **kwargs):
-        if where in str(f):
+    class Faulty:
+        def __init__(self, f, path):
+            self.f, self.path = f, path
+
+        def write(self, b):
             if fault == "kill":  # half a file on disk, then the process dies
-                with open(f, "wb") as out:
-                    out.write(b"PK\\x03\\x04 half of a shard")
+                self.f.write(bytes(b)[:len(b) // 2])
+                self.f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return save(obj, f, *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    torch.save = faulty_save
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    @contextlib.contextmanager
+    def faulty_create(self, path, mode):
+        with create(self, path, mode) as f:
+            yield Faulty(f, path) if where in str(path) and "w" in mode else f
+
+    filesystem.FileSystem.create_stream = faulty_create
 sys.argv[0] = os.path.join(os.environ["TRAIN_ROOT"], "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
@@ -83,14 +92,11 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _flip(path: Path, record: str, offset: int = 5000) -> None:
-    """XOR 3 bytes inside a record (a tensor's storage) of a torch zip file; the size stays the same."""
-    with zipfile.ZipFile(path) as z:
-        info = next(i for i in z.infolist() if i.filename.endswith(record))
+def _flip(path: Path, offset: int = 5000) -> None:
+    """XOR 3 bytes of a file at `offset` (inside a tensor's bytes); the size stays the same."""
     data = bytearray(path.read_bytes())
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + offset
     for k in range(3):
-        data[start + k] ^= 0x10
+        data[offset + k] ^= 0x10
     path.write_bytes(bytes(data))
 
 
@@ -100,14 +106,14 @@ def _verify_cli(path: Path):
 
 
 def test_bit_flips_are_refused_naming_the_file(base, tmp_path, capsys):
-    """Bytes flipped inside a tensor of the latest model-states file: consolidate and resume refuse
-    naming the file (and the damaged record's tensors), `inspect --verify` exits 1 naming it, and the
-    resume error points at the older complete checkpoint. The consolidated format is checked the same
-    way (index.json digests). Checkpoints without checksums still load, with a warning."""
+    """Bytes flipped inside the tensors of the latest checkpoint: consolidate and resume refuse naming
+    the file (and the tensor it held), `inspect --verify` exits 1 naming it, and the resume error
+    points at the older complete checkpoint. The consolidated format is checked the same way
+    (index.json digests). Checkpoints without checksums still load, with a warning."""
     root = _copy(base, tmp_path / "run")
-    bad = root / "step00000004" / MODEL
-    _flip(bad, "data/1")
-    with pytest.raises(CheckpointFormatError, match=f"{bad}: checksum mismatch.*record data/1.*module.embed.weights"):
+    bad = root / "step00000004" / DATA
+    _flip(bad)
+    with pytest.raises(CheckpointFormatError, match=f"{bad}: checksum mismatch.*damaged: tensor "):
         consolidate(root, tmp_path / "cons", log=None)
     assert not (tmp_path / "cons").exists()
     r = _verify_cli(root)
@@ -183,27 +189,25 @@ def test_truncated_shard_at_resume_names_the_file_and_an_older_checkpoint(base, 
     older complete checkpoint to resume from; without a manifest (older checkpoints) the loader still
     names the file instead of a raw torch error."""
     root = _copy(base, tmp_path / "run")
-    shard = root / "step00000004" / OPTIM
+    shard = root / "step00000004" / DATA
     shard.write_bytes(shard.read_bytes()[:100_000])
     run = _run(_launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=6", launcher="python"))
     assert run.returncode != 0 and f"{shard}: truncated: 100000 bytes" in run.stderr, run.stderr[-3000:]
     assert f"--resume {root / 'step00000002'}" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
 
-    from jigsaw_ext.checkpoint import UnverifiedCheckpointWarning
-    from jigsaw_ext.safe_load import _safe_engine_class
+    from jigsaw_ext.checkpoint import UnverifiedCheckpointWarning, full_tensors
 
     (root / "step00000004" / "MANIFEST.json").unlink()
-    engine = _safe_engine_class()(inner=None)  # what DeepSpeed's load_checkpoint calls
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
-        with pytest.raises(CheckpointFormatError, match=f"{shard}: unreadable .*corrupt or truncated"):
-            engine.load(str(shard), map_location="cpu")
+        with pytest.raises(CheckpointFormatError, match=f"{shard.parent}: unreadable .*corrupt or truncated"):
+            list(full_tensors(root / "step00000004", "exp_avg"))
 
 
 @pytest.fixture(scope="module")
 def disk_full(base, tmp_path_factory):
-    """2 ranks (domain 2), checkpoints every 2 steps; rank 1's shard of the step-4 checkpoint fails
-    with ENOSPC (torch.save raises on that rank only)."""
+    """2 ranks (domain 2), checkpoints every 2 steps; rank 1's tensor file of the step-4 checkpoint
+    fails with ENOSPC (on that rank only)."""
     out = tmp_path_factory.mktemp("disk_full") / "run"
     cmd = _launch(base["job"], out, 2, "--domain", "2", "--tp", "1", "--set", "ds.zero_optimization.stage=1",
                   "--set", "checkpoint.every=2", "--set", "train.steps=4")
@@ -217,7 +221,7 @@ def test_disk_full_on_one_rank_says_so_and_keeps_the_previous_checkpoint(disk_fu
     run, root = disk_full["run"], disk_full["root"]
     msg = run.stdout + run.stderr
     assert run.returncode == 1 and "no space left on /" in msg, msg[-3000:]
-    assert "while writing checkpoint step 4" in msg and "mp_rank_01" in msg and "rank 1" in msg, msg[-3000:]
+    assert "while writing checkpoint step 4" in msg and "__1_0.distcp" in msg and "on rank 1" in msg, msg[-3000:]
     assert f"previous checkpoint is kept ({root / 'step00000002'}" in msg, msg[-3000:]
     assert (root / "latest").read_text().strip() == "step00000002"
     assert sorted(d.name for d in root.iterdir() if d.is_dir()) == ["step00000002"]
@@ -236,9 +240,9 @@ def test_after_disk_full_the_same_command_resumes(disk_full):
 
 
 def test_a_really_full_file_system(base, tmp_path):
-    """checkpoint.dir on a 3 MiB tmpfs (one checkpoint fits, two do not): torch.save's own error on
-    the full disk ('unexpected pos ...') is reported as no space left on that file system; the step-2
-    checkpoint stays complete and named, the partial step-4 directory is removed."""
+    """checkpoint.dir on a 3 MiB tmpfs (one checkpoint fits, two do not): the error on the full disk
+    is reported as no space left on that file system; the step-2 checkpoint stays complete and
+    named, the partial step-4 directory is removed."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],

@@ -1,9 +1,9 @@
 """Nothing a user loads can run code, and a checkpoint is all a forecast needs.
 
 A pickle whose unpickling would create a marker file is put in place of every kind of file the
-project reads (DeepSpeed's model and ZeRO optimizer shards, the trainer state, a consolidated
-tensor file of the old and the new format, the --init-from and the forecast checkpoint): each is
-refused with an error naming the file, and no marker ever appears. A forecast from a checkpoint
+project reads (the DCP metadata and a DCP data file of a layout-free checkpoint, the trainer state, a
+consolidated tensor file of the old and the new format, the --init-from and the forecast
+checkpoint): each is refused with an error naming the file, and no marker ever appears. A forecast from a checkpoint
 whose training config and stats file are gone equals the one made with them present."""
 import json
 import os
@@ -20,8 +20,8 @@ from jigsaw_ext.testing import run_workers
 from tests.test_training_runs import _launch, _run, small_job
 from weathermixer.inference import forecast
 
-MODEL = "mp_rank_00_model_states.pt"
-OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MODEL = "state/00000/.metadata"  # DCP's metadata pickle of the first batch of tensors
+OPTIM = "state/00000/__0_0.distcp"  # rank 0's tensor data (torch.save records read with weights_only)
 REFUSED = "outside the allowlist"
 
 
@@ -40,9 +40,17 @@ def _plant(path: Path, marker: Path) -> Path:
     return marker
 
 
+def _plant_pickle(path: Path, marker: Path) -> Path:
+    """A plain pickle (DCP's metadata format) whose unpickling runs `touch marker`."""
+    import pickle
+
+    path.write_bytes(pickle.dumps({"state_dict_metadata": _Evil(marker)}))
+    return marker
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """Two steps of the quickstart on 1x1x1 with ZeRO-1 (model and ZeRO optimizer shards), one process."""
+    """Two steps of the quickstart on 1x1x1 with ZeRO-1 (a layout-free checkpoint), one process."""
     tmp = tmp_path_factory.mktemp("safe")
     job = small_job(tmp, rollout=1, resume="never")
     run = _run(_launch(job, tmp / "run", 1, "--domain", "1", "--tp", "1", "--set", "ds.zero_optimization.stage=1",
@@ -108,15 +116,17 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
         markers.append(tmp_path / f"MARKER-{name}")
         return markers[-1]
 
-    # DeepSpeed shards: the model states and the ZeRO-1 optimizer file
+    # the layout-free tensors: DCP's metadata pickle (refused by the allowlist) and a data file
+    # (read by DCP with weights_only=True: never unpickled freely; named as unreadable)
     bad_model = _copy(ckpt, tmp_path / "bad_model")
-    _plant(bad_model / MODEL, marker("model"))
+    _plant_pickle(bad_model / MODEL, marker("model"))
     bad_optim = _copy(ckpt, tmp_path / "bad_optim")
     _plant(bad_optim / OPTIM, marker("optim"))
     _reseal(bad_model), _reseal(bad_optim)
-    for tag, name in ((bad_model, MODEL), (bad_optim, OPTIM)):
-        with pytest.raises(CheckpointFormatError, match=f"{name}: refused.*{REFUSED}.*posix.system"):
-            consolidate(tag, tmp_path / f"cons-{tag.parent.name}", log=None)
+    with pytest.raises(CheckpointFormatError, match=f"{MODEL}: refused.*posix.system.*{REFUSED}"):
+        consolidate(bad_model, tmp_path / "cons-bad_model", log=None)
+    with pytest.raises(CheckpointFormatError, match="state/00000: unreadable"):
+        consolidate(bad_optim, tmp_path / "cons-bad_optim", log=None)
     # the trainer state: an old-style pickle (trainer_rank00000.pt) and a corrupt safetensors file
     bad_state = _copy(ckpt, tmp_path / "bad_state")
     for f in bad_state.glob("trainer_rank00000.*"):
@@ -170,7 +180,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     attempts = [("ds", str(bad_model)), ("ds", str(bad_optim)), ("ds", str(bad_state)), ("ds", str(bad_state_st)),
                 ("consolidated", str(bad_cons)), ("consolidated", str(old))]
     got = run_workers(_resume_worker, 1, info, attempts, timeout=240, preload=["deepspeed", "weathermixer.train.trainer"])[0]
-    expected = [f"{MODEL}: refused", f"{OPTIM}: refused", "trainer_rank00000.pt: refused",
+    expected = [f"{MODEL}: refused", "state/00000: reading failed on rank 0", "trainer_rank00000.pt: refused",
                 "trainer_rank00000.safetensors: not a readable", "00000.param.safetensors: not a readable",
                 "re-running `python -m jigsaw_ext.checkpoint consolidate"]
     for (kind, path), text, msg in zip(attempts, expected, got):

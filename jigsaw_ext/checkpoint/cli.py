@@ -1,29 +1,20 @@
-"""python -m jigsaw_ext.checkpoint inspect | consolidate | reshard (see the package docstring)."""
+"""python -m jigsaw_ext.checkpoint inspect | export | consolidate (see the package docstring)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
 from . import __doc__ as DOC
-from .common import CheckpointFormatError, read_job_info, resolve
+from .common import CheckpointFormatError, resolve
 from .consolidated import consolidate, inspect, verify
+from .export import export
 
 
-def _reshard_callable(ckpt: str, override: str | None):
-    """Rebuilding the target engine needs the application's model and trainer: the checkpoint names
-    the function that does it (job.json "reshard_with", e.g. weathermixer.train.reshard:reshard)."""
-    target = override or read_job_info(resolve(ckpt)).get("reshard_with")
-    if not target or ":" not in target:
-        raise CheckpointFormatError(f"{ckpt}: the checkpoint does not name what rebuilds its engine (job.json "
-                                    f"'reshard_with'); pass --with MODULE:FUNCTION")
-    module, func = target.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as err:
-        raise CheckpointFormatError(f"reshard_with={target!r}: cannot import it ({err})") from None
+RESHARD_GONE = ("`reshard` is gone: a checkpoint of this version is layout-free and resumes on any mesh, ZeRO "
+                "stage and dp directly (train.py --resume CKPT with the new --dp/--domain/--tp). A checkpoint of the "
+                "earlier per-rank DeepSpeed format: `consolidate` it once, then --resume the result on any mesh")
 
 
 def _tags_to_verify(ckpt: str) -> list[tuple[Path, list[str]]]:
@@ -73,20 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="check every file against the checkpoint's checksums (a root: every complete tag); exit 1 "
                         "naming each damaged file")
-    p = sub.add_parser("consolidate", help="write a single layout-free checkpoint")
+    p = sub.add_parser("export", help="weights only: one safetensors file, or a sharded set (--max-shard-gb)")
+    p.add_argument("ckpt")
+    p.add_argument("out", help="a .safetensors file, or a new directory with --max-shard-gb")
+    p.add_argument("--max-shard-gb", type=float, default=None, help="write shards of at most this size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = sub.add_parser("consolidate", help="convert a checkpoint of the earlier per-rank DeepSpeed format")
     p.add_argument("ckpt")
     p.add_argument("out")
-    p = sub.add_parser("reshard", help="write a DeepSpeed checkpoint for another mesh / ZeRO stage")
-    p.add_argument("ckpt")
-    p.add_argument("out")
-    for axis in ("dp", "domain", "tp"):
-        p.add_argument(f"--{axis}", type=int, default=1)
-    p.add_argument("--zero-stage", type=int, default=None, help="default: the source's")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="train_micro_batch_size_per_gpu of the target (default: keep the global batch)")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--with", dest="reshard_with", metavar="MODULE:FUNCTION",
-                   help="what rebuilds the target engine (default: the checkpoint's reshard_with)")
+    p = sub.add_parser("reshard", help="(gone: layout-free checkpoints resume on any mesh directly)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "inspect" and args.verify:
@@ -96,20 +83,29 @@ def main(argv=None) -> int:
             if args.json:
                 print(json.dumps(r, indent=1))
             else:
-                m = r["mesh"]
-                print(f"{r['path']} ({r['kind']}): mesh {m['dp']}x{m['domain']}x{m['tp']} (dp x domain x tp), "
-                      f"ZeRO-{r['zero_stage']}, {r['dtype']}, step {r['step']}, {r['parameters']:,} parameters")
-                for k, t in r["tensors"].items():
-                    print(f"  {k:48s} {str(tuple(t['shape'])):18s} split {t['split']}")
+                _print_inspect(r)
+        elif args.cmd == "export":
+            shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2 ** 30)
+            print(export(args.ckpt, args.out, max_shard_bytes=shard, dtype=args.dtype))
         elif args.cmd == "consolidate":
             out = consolidate(args.ckpt, args.out, log=lambda s: print(s, file=sys.stderr))
             print(out)
         else:
-            reshard = _reshard_callable(args.ckpt, args.reshard_with)
-            out = reshard(args.ckpt, args.out, dp=args.dp, domain=args.domain, tp=args.tp,
-                          zero_stage=args.zero_stage, micro_batch=args.micro_batch, timeout=args.timeout)
-            print(out)
+            raise CheckpointFormatError(RESHARD_GONE)
     except (CheckpointFormatError, ValueError) as err:
         print(f"jigsaw_ext.checkpoint: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_inspect(r: dict) -> None:
+    m, v = r["mesh"], r.get("versions") or {}
+    print(f"{r['path']} ({r['kind']}): written on mesh {m['dp']}x{m['domain']}x{m['tp']} (dp x domain x tp), "
+          f"ZeRO-{r['zero_stage']}, {r['dtype']}, step {r['step']}, {r['parameters']:,} parameters")
+    print(f"  {r['bytes_on_disk']:,} bytes in {r['files']} files; largest tensor {r['largest_tensor_bytes']:,} bytes "
+          f"(fp32); {r['batches']} batch(es); optimizer step {r['optimizer_step']}")
+    if v:
+        print("  written with " + ", ".join(f"{k} {v[k]}" for k in ("torch", "deepspeed", "megatron-core") if k in v)
+              + (f", commit {r['git_commit'][:12]}" if r.get("git_commit") else ""))
+    for k, t in r["tensors"].items():
+        print(f"  {k:48s} {str(tuple(t['shape'])):18s} split {t['split']}")

@@ -9,7 +9,8 @@ FORMAT = "jigsaw-consolidated/2"
 OLD_FORMATS = ("jigsaw-consolidated/1",)
 # job.json keys with a meaning to this package; every other key belongs to the application that
 # wrote the checkpoint and is carried along unread (consolidated: index.json "app")
-JIGSAW_KEYS = ("mesh", "zero_stage", "world_size", "dtype", "layouts", "param_groups", "deepspeed", "step", "tag")
+JIGSAW_KEYS = ("mesh", "zero_stage", "world_size", "dtype", "layouts", "param_groups", "deepspeed", "step", "tag",
+               "state", "client_state")
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 
 
@@ -33,6 +34,11 @@ def resolve(path: str | Path) -> Path:
 
 def is_consolidated(path: Path) -> bool:
     return (path / "index.json").is_file()
+
+
+def is_layout_free(path: Path) -> bool:
+    """A tag written by this version: its tensors under state/ (see layout_free.py)."""
+    return (path / "state").is_dir() and (path / "job.json").is_file()
 
 
 def _read_json(path: Path) -> dict:

@@ -1,5 +1,6 @@
-"""The layout-free (consolidated) checkpoint: written tensor by tensor from a DeepSpeed tag, read
-whole or one block at a time, loaded into a model on any mesh."""
+"""The consolidated checkpoint (one directory of safetensors + index.json, one process): written
+tensor by tensor from a layout-free tag or from a tag of the earlier per-rank DeepSpeed format (the
+converter), read whole or one block at a time, loaded into a model on any mesh."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ from pathlib import Path
 import torch
 
 from ..layout import Layout
-from .common import FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, read_index, read_job_info, resolve
+from .common import (FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, is_layout_free, read_index,
+                     read_job_info, resolve)
 from .deepspeed_files import DeepSpeedTag
+from .engine_state import jsonable as _jsonable
 from .manifest import ALGORITHM, check, describe, expected, verify_tree, warn_unverified
 
 
@@ -24,7 +27,12 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
         raise CheckpointFormatError(f"{src_dir} is already consolidated")
     if out.exists():
         raise CheckpointFormatError(f"{out} exists; choose a new output directory")
-    tag = DeepSpeedTag(src_dir)
+    if is_layout_free(src_dir):
+        from .layout_free import LayoutFreeTag
+
+        tag = LayoutFreeTag(src_dir)
+    else:
+        tag = DeepSpeedTag(src_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tensors").mkdir(parents=True)
@@ -58,16 +66,6 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     os.replace(tmp, out)
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not callable(v)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if torch.is_tensor(x):
-        return x.item() if x.numel() == 1 else x.tolist()
-    return x
 
 
 class Consolidated:
@@ -133,6 +131,11 @@ def full_tensors(path: str | Path, kind: str = "param"):
         c = Consolidated(path)
         for name in c.index["tensors"]:
             yield name, c.full(name, kind)
+    elif is_layout_free(path):
+        from .layout_free import read_weights
+
+        desc = read_job_info(path)["state"]
+        yield from read_weights(path / "state", desc, kind=kind)
     else:
         tag = DeepSpeedTag(path)
         for name in tag.layouts:
@@ -149,13 +152,22 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
     missing = sorted(set(params) - set(info["layouts"]))
     if missing:
         raise CheckpointFormatError(f"{path}: no tensors for parameters {missing[:5]} (another model config?)")
+    for name, p in params.items():
+        if list(p.block_layout.shape) != info["layouts"][name]["shape"]:
+            raise CheckpointFormatError(f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
+                                        f"expects {list(p.block_layout.shape)} (another model config?)")
+    if is_layout_free(path):  # every rank reads the full tensors in batches, without collectives
+        from .layout_free import read_weights
+
+        with torch.no_grad():
+            for name, full in read_weights(path / "state", info["state"], names=list(params)):
+                p = params[name]
+                p.copy_(p.block_layout.shard(full, mesh.coords).to(p.dtype))
+        return info
     reader = Consolidated(path) if is_consolidated(path) else DeepSpeedTag(path)
     with torch.no_grad():
         for name, p in params.items():
             layout = p.block_layout
-            if list(layout.shape) != info["layouts"][name]["shape"]:
-                raise CheckpointFormatError(f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
-                                            f"expects {list(layout.shape)} (another model config?)")
             if isinstance(reader, Consolidated):
                 block = reader.block(name, "param", layout, mesh.coords)
             else:
@@ -170,9 +182,9 @@ def verify(path: str | Path) -> dict:
     "problems"}; problems: one line per damaged, missing or unlisted file (empty: intact); verified
     False: written before checksums existed (nothing could be checked) or no usable manifest."""
     path = resolve(path)
-    out = {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "deepspeed", "verified": False,
+    out = {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "tag", "verified": False,
            "files": 0, "problems": []}
-    if out["kind"] == "deepspeed" and not (path / "COMPLETE").is_file():
+    if out["kind"] == "tag" and not (path / "COMPLETE").is_file():
         return dict(out, problems=[f"{path}: no COMPLETE marker (an interrupted save?)"])
     try:
         files = expected(path)
@@ -189,8 +201,16 @@ def inspect(path: str | Path) -> dict:
     info = read_job_info(path)
     layouts = info["layouts"]
     n = sum(math.prod(d["shape"]) for d in layouts.values())
-    return {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "deepspeed",
-            "mesh": info["mesh"], "zero_stage": info["zero_stage"], "step": info.get("step"),
-            "dtype": info.get("dtype", "float32"), "parameters": n,
+    kind = ("consolidated" if is_consolidated(path) else "layout-free" if is_layout_free(path)
+            else "deepspeed (old format)")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    prov = info.get("provenance") or {}
+    return {"path": str(path), "kind": kind, "mesh": info["mesh"], "zero_stage": info["zero_stage"],
+            "step": info.get("step"), "dtype": info.get("dtype", "float32"), "parameters": n,
+            "bytes_on_disk": sum(p.stat().st_size for p in files), "files": len(files),
+            "largest_tensor_bytes": 4 * max((math.prod(d["shape"]) for d in layouts.values()), default=0),
+            "batches": len((info.get("state") or {}).get("batches") or []),
+            "optimizer_step": ((info.get("state") or {}).get("engine") or {}).get("optimizer_step"),
+            "versions": prov.get("versions"), "git_commit": prov.get("git_commit"),
             "tensors": {k: {"shape": d["shape"], "split": [None if s is None else s["axis"] for s in d["splits"]]}
                         for k, d in layouts.items()}}

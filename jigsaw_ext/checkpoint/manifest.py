@@ -251,8 +251,42 @@ def _tensors(obj, where: str = ""):
             yield from _tensors(v, f"{where}[{i}]")
 
 
+def _dcp_damage(path: Path) -> str:
+    """'; damaged: tensor K (chunk at offset O)' for a torch.distributed.checkpoint data file: each
+    item is one torch.save zip at the (offset, length) its directory's .metadata records (read with
+    the allowlist), and zip records carry CRC-32s."""
+    import io
+
+    from .sharded import read_metadata
+
+    try:
+        storage = read_metadata(path.parent).storage_data or {}
+    except Exception:  # noqa: BLE001 - the metadata is damaged too: name the file only
+        return ""
+    names = []
+    with open(path, "rb") as f:
+        for index, info in storage.items():
+            if Path(str(info.relative_path)).name != path.name:
+                continue
+            f.seek(info.offset)
+            try:
+                with zipfile.ZipFile(io.BytesIO(f.read(info.length))) as z:
+                    damaged = z.testzip() is not None
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
+                damaged = True
+            if damaged:
+                names.append(f"tensor {index.fqn} (chunk at offset {tuple(index.offset or ())})")
+    return "; damaged: " + "; ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
+        if names else ""
+
+
 def _damage(path: Path) -> str:
-    """'; damaged: record data/3 (tensor module.x)' for a torch zip file, '' when unknown."""
+    """'; damaged: record data/3 (tensor module.x)' for a torch zip file, '; damaged: tensor K' for a
+    DCP data file, '' when unknown."""
+    if path.suffix == ".distcp":
+        return _dcp_damage(path)
+    if path.suffix != ".pt":
+        return ""
     bad = _bad_records(path)
     if not bad:
         return ""

@@ -1,10 +1,16 @@
-"""Checkpoints through DeepSpeed, crash-safe and checksummed, with the trainer's own state beside them.
+"""Checkpoints of a weather training job: layout-free (resumed on any mesh, ZeRO stage and dp),
+crash-safe and checksummed, with the trainer's own state beside them.
 
     root/
-      step00000100/                 one tag = one DeepSpeed checkpoint (mp_rank_*, zero_pp_rank_* files)
+      step00000100/                 one tag
+        state/00000/ ...            the layout-free tensors: every rank wrote its parts of the fp32
+                                    master weights and AdamW moments in parallel
+                                    (jigsaw_ext.checkpoint.layout_free; torch.distributed.checkpoint)
         trainer_rank00000.json      per rank: data-loader position, RNG states (torch, numpy, python, cuda)
         trainer_rank00000.safetensors   (JSON and safetensors: nothing that runs code when read)
-        job.json                    the job's project section and DeepSpeed config, mesh, step, and
+        job.json                    the job's project section and DeepSpeed config, mesh, step, every
+                                    parameter's layout, the state's description (batches, optimizer
+                                    step, lr-scheduler state, DeepSpeed's counters), client_state and
                                     what a forecast needs: normalisation statistics, the data set's
                                     mapping, package versions and git commit
         MANIFEST.json               size and sha256 of every file above (jigsaw_ext.checkpoint.manifest)
@@ -22,10 +28,10 @@ stopped with a message naming the file system. Stale partial and incomplete dire
 removed by the next successful save (never a tag a pointer names).
 
 Loading checks the files against MANIFEST.json first (the ranks share the hashing, so each byte is
-hashed once), then DeepSpeed reads them through jigsaw_ext.safe_load's checkpoint engine
-(weights_only=True and an explicit allowlist). A damaged, truncated or missing file is an error
-naming it and an older complete checkpoint to resume from; a checkpoint without a manifest (older
-versions) loads with a warning that it is unverified.
+hashed once), then every rank reads the blocks of ITS layout (jigsaw_ext.checkpoint.layout_free:
+the DCP metadata through an allowlist, tensors with weights_only=True). A damaged, truncated or
+missing file is an error naming it and an older complete checkpoint to resume from. A checkpoint
+of the earlier per-rank DeepSpeed format is refused with how to convert it (old_format_message).
 """
 from __future__ import annotations
 
@@ -42,8 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
+from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
+from jigsaw_ext.checkpoint.sharded import failing_rank
 from jigsaw_ext.files import atomic_write_text
 from jigsaw_ext.checkpoint.manifest import (describe as describe_file, list_files, mark_verified, read_manifest,
                                             verify_tree, warn_unverified, write_manifest)
@@ -52,6 +61,7 @@ from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_
 POINTERS = ("latest", "best")
 TAG = re.compile(r"step(\d{8})(?:\.(\d+))?")  # stepNNNNNNNN or stepNNNNNNNN.K (the same step saved again)
 PARTIAL = ".partial"
+STATE = "state"  # the layout-free tensors of a tag (jigsaw_ext.checkpoint.layout_free)
 
 
 class CheckpointError(RuntimeError):
@@ -176,9 +186,9 @@ class CheckpointManager:
 
     @staticmethod
     def install_safe_loading(engine) -> None:
-        """engine.load_checkpoint reads DeepSpeed's files with weights_only=True and the allowlist of
-        jigsaw_ext.safe_load, after checking them against the tag's manifest (call right after
-        deepspeed.initialize; idempotent)."""
+        """Should anything call engine.load_checkpoint on a DeepSpeed checkpoint: its files are read
+        with weights_only=True and the allowlist of jigsaw_ext.safe_load (idempotent). The trainer's
+        own checkpoints are layout-free and never go through it."""
         install_safe_checkpoint_engine(engine)
 
     # pointers -----------------------------------------------------------------------------------
@@ -212,20 +222,26 @@ class CheckpointManager:
         one a pointer names), checksums it, marks it COMPLETE, renames it into place, then moves the
         pointers. Raises CheckpointError on every rank if any rank failed to write (disk full, ...):
         the pointers are untouched and the partial directory is removed."""
-        install_safe_checkpoint_engine(engine)  # idempotent; it can record failed writes instead of raising
         work_dir = self.root / (tag_of(step) + PARTIAL)
-        final = None
+        final = made = None
         if self.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)  # left by an interrupted save of this step
             final = self._free_name(tag_of(step))
-        final = _broadcast(final)  # also: nobody writes before the stale directory is gone
-        engine.checkpoint_engine.defer_save_errors()
-        try:
-            engine.save_checkpoint(str(self.root), tag=work_dir.name, client_state=client_state, save_latest=False)
-        finally:
-            failed = engine.checkpoint_engine.take_save_errors()
+            try:
+                work_dir.mkdir(parents=True)
+            except OSError as err:
+                made = save_error(work_dir, err)
+        final, made = _broadcast((final, made))  # also: nobody writes before the stale directory is gone
+        self._stop_if_failed(step, work_dir, [made])
+        failed, state = [], None
+        try:  # collective; DCP agrees on a failed write itself (every rank raises)
+            state = save_layout_free(engine, engine.module, work_dir / STATE)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a full disk, a damaged file system
+            r, exc = failing_rank(err)
+            failed = [dict(save_error(work_dir / STATE, exc), rank=self.rank if r is None else r)]
         if not failed:
-            failed = self._write_own(work_dir, trainer_state, dict(job_info, step=step, tag=final))
+            info = dict(job_info, step=step, tag=final, state=state, client_state=client_state)
+            failed = self._write_own(work_dir, trainer_state, info)
         self._stop_if_failed(step, work_dir, _all_gather(failed[0] if failed else None))
         files, failed = _broadcast(list_files(work_dir) if self.rank == 0 else None), None
         digests = {}
@@ -287,6 +303,7 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         r, first = min(bad.items())
+        r = first.get("rank", r)  # the rank whose write failed (DCP reports it to every rank)
         rank = f" on rank {r}" if self.world > 1 else ""
         where = f"({first['path']}{rank}: {first['error']})"
         if any(f["no_space"] for f in bad.values()):
@@ -369,29 +386,59 @@ class CheckpointManager:
         return f"there is no older complete checkpoint in {root}"
 
     def load(self, engine, root: Path, tag: str, expect: dict) -> tuple[dict, dict, dict]:
-        """Collective. Load tag into the engine; returns (client_state, this rank's trainer state, job
-        info). `expect` holds what must match (mesh, model, zero stage): a mismatch names the key. The
-        files are verified first (verify); a damaged one is an error naming it and an older tag."""
+        """Collective. Load tag into the engine on this run's mesh (any mesh, ZeRO stage and dp: the
+        state is layout-free); returns (client_state, trainer state for this rank, job info). The
+        trainer state holds rank 0's data position ("loader") and, on the mesh that wrote it, this
+        rank's RNG states ("rng"; None on another mesh). `expect` holds what must match (the model,
+        the optimizer groups): a mismatch names the key. The files are verified first (verify)."""
         tag_dir = root / tag
         self.verify(tag_dir, root)
         try:
             info = json.loads((tag_dir / "job.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{tag_dir / 'job.json'}: unreadable ({err})") from None
-        for key, want in expect.items():
-            if info.get(key) != want:
-                raise CheckpointError(
-                    f"checkpoint {tag_dir} has {key}={info.get(key)} but this run has {key}={want}; a DeepSpeed "
-                    f"checkpoint resumes on the mesh and ZeRO stage it was written with: convert it with "
-                    f"`python -m jigsaw_ext.checkpoint reshard {tag_dir} OUT --dp .. --domain .. --tp ..` (or "
-                    f"consolidate it and pass the result to --resume)")
-        install_safe_checkpoint_engine(engine)  # idempotent; DeepSpeed's files are never unpickled freely
+        if "state" not in info:
+            raise CheckpointError(old_format_message(tag_dir))
+        _check_expected(tag_dir, info, expect)
+        same_mesh = info.get("mesh") == expect.get("mesh") and info.get("world_size") == self.world
         try:
-            mine = read_trainer_state(tag_dir, self.rank)
-            loaded, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            load_layout_free(engine, engine.module, tag_dir / STATE, info["state"])
+            mine = {"loader": read_trainer_state(tag_dir, 0)["loader"],
+                    "rng": read_trainer_state(tag_dir, self.rank)["rng"] if same_mesh else None}
         except (CheckpointFormatError, UnsafeCheckpointError) as err:
             raise CheckpointError(f"{err}\n  {self.older_hint(root, tag)}") from None
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-        return client or {}, mine, info
+        return info.get("client_state") or {}, mine, info
+
+
+def _check_expected(tag_dir: Path, info: dict, expect: dict) -> None:
+    """The model configuration and optimizer groups of the checkpoint are this run's (named key)."""
+    for key in ("model", "param_groups"):
+        if key not in expect or info.get(key) == expect[key]:
+            continue
+        mine, theirs = expect[key], info.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            k = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
+            raise CheckpointError(f"checkpoint {tag_dir} was written for another model ({key}.{k}: checkpoint "
+                                  f"{theirs.get(k)!r}, this run {mine.get(k)!r})")
+        raise CheckpointError(f"checkpoint {tag_dir}: optimizer groups {[len(g) for g in theirs or []]} differ "
+                              f"from this run's {[len(g) for g in mine]} (train.param_groups changed?)")
+
+
+def old_format_message(tag_dir: Path) -> str:
+    return (f"checkpoint {tag_dir} is in the per-rank DeepSpeed format of earlier versions (mp_rank_*/zero_pp_rank_* "
+            f"files, no layout-free state), which is no longer resumed directly. Convert it once, on any machine "
+            f"(one process, streaming): `python -m jigsaw_ext.checkpoint consolidate {tag_dir} OUT`, then start "
+            f"with `--resume OUT` on any mesh; every checkpoint written from then on is layout-free")
+
+
+def sampler_for(loader: dict, micro: int, dp: int, where) -> dict:
+    """A data position (samples consumed in the epoch, whatever mesh wrote it) as the sampler state of
+    a mesh with `dp` replicas of `micro` samples each."""
+    st = loader["sampler"]
+    samples, per_step = st["step"] * st["batch"] * st["dp"], micro * dp
+    if samples % per_step:
+        raise CheckpointError(f"{where}: the data position ({samples} samples into epoch {st['epoch']}) is not a "
+                              f"whole number of this run's global micro batches ({micro} x dp {dp}); keep the "
+                              f"global batch size")
+    return {"epoch": st["epoch"], "step": samples // per_step, "seed": st["seed"], "n": st["n"], "batch": micro,
+            "dp": dp, "shuffle": st["shuffle"]}

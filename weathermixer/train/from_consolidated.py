@@ -1,19 +1,22 @@
-"""Start a run from a consolidated (layout-free) checkpoint, on any mesh and any ZeRO stage:
+"""Start a run from a consolidated checkpoint (what `python -m jigsaw_ext.checkpoint consolidate`
+makes of a checkpoint of the earlier per-rank DeepSpeed format), on any mesh and any ZeRO stage:
 weights and AdamW moments (each rank reads only its block), the optimizer step, the schedule
-position, DeepSpeed's counters and the data position, in that order."""
+position, DeepSpeed's counters and the data position, in that order. The run's own checkpoints are
+layout-free from then on."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .checkpointing import CheckpointError
+from .checkpointing import CheckpointError, sampler_for
 
 
 def load_consolidated(trainer, path) -> dict:
     """Load `path` into the trainer's engine. Returns {"step", "best", "sampler"}, sampler being
     the data-loader state for this mesh."""
     from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated
+    from jigsaw_ext.checkpoint.engine_state import create_moments
 
     try:
         c = Consolidated(path)
@@ -22,7 +25,7 @@ def load_consolidated(trainer, path) -> dict:
     idx = c.index
     _check_same_model(c, trainer.job, trainer.group_names)
     step = int(idx["optimizer"]["step"])
-    _create_moments(trainer.engine)
+    create_moments(trainer.engine)
     try:
         _load_blocks(c, trainer.engine, trainer.model, trainer.mesh.coords, step)
     except CheckpointFormatError as err:
@@ -45,59 +48,15 @@ def _check_same_model(c, job, group_names) -> None:
                               f"{[len(g) for g in group_names]} (train.param_groups changed?)")
 
 
-def _base_optimizer(engine):
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _create_moments(engine) -> None:
-    """AdamW creates its moments at the first step: create them now so they can be set."""
-    from jigsaw_ext.checkpoint import KINDS
-
-    base = _base_optimizer(engine)
-    if not isinstance(base, torch.optim.Optimizer):
-        return
-    # ZeRO-3 puts its flat fp32 partitions into the torch groups only around each step
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    for q in flats if flats is not None else [q for g in base.param_groups for q in g["params"]]:
-        st = base.state[q]
-        st.setdefault("step", torch.tensor(0.0))
-        for k in KINDS[1:]:
-            if k not in st:
-                st[k] = torch.zeros_like(q)
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link the moments
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-
 @torch.no_grad()
 def _load_blocks(c, engine, model, coords, step: int) -> None:
     """Each parameter's block (weights and moments) into the engine, whatever its ZeRO stage."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     from jigsaw_ext.checkpoint import KINDS
+    from jigsaw_ext.checkpoint.engine_state import set_fp32_blocks, set_optimizer_step
 
-    base = _base_optimizer(engine)
     for name, p in model.named_parameters():
-        block = {k: c.block(name, k, p.block_layout, coords).contiguous() for k in KINDS}  # only this block is read
-        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened block
-            flat = block["param"].flatten().to(p.ds_tensor.dtype)
-            pn, d = p.ds_tensor.numel(), coords["dp"]
-            part = flat[d * pn:(d + 1) * pn]
-            p.ds_tensor.zero_()
-            p.ds_tensor[:part.numel()].copy_(part)
-        else:
-            p.copy_(block["param"].to(p.dtype))
-        if engine.optimizer is base:  # ZeRO-0 fp32: the torch optimizer holds the parameter itself
-            base.state[p] = {"step": torch.tensor(float(step)), **{k: block[k].clone() for k in KINDS[1:]}}
-        elif hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
-            safe_set_full_fp32_param(p, block["param"])
-            for k in KINDS[1:]:
-                safe_set_full_optimizer_state(p, block[k], k)
-        # else: ZeRO-1/2 and no part of p in this dp rank's partition (another rank sets it)
-    if isinstance(base, torch.optim.Optimizer):
-        for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+        set_fp32_blocks(engine, p, {k: c.block(name, k, p.block_layout, coords).contiguous() for k in KINDS})
+    set_optimizer_step(engine, step)
 
 
 def _restore_schedule_and_counters(engine, idx: dict) -> None:
@@ -113,13 +72,5 @@ def _restore_schedule_and_counters(engine, idx: dict) -> None:
 
 
 def sampler_state(c, micro: int, dp: int) -> dict:
-    """The data position of the checkpoint (samples consumed in the epoch, independent of the mesh
-    it was written on) as this mesh's sampler state."""
-    st = c.index["trainer_state"]["loader"]["sampler"]
-    samples, per_step = st["step"] * st["batch"] * st["dp"], micro * dp
-    if samples % per_step:
-        raise CheckpointError(f"{c.dir}: the data position ({samples} samples into epoch {st['epoch']}) is not a "
-                              f"whole number of this run's global micro batches ({micro} x dp {dp}); keep the "
-                              f"global batch size")
-    return {"epoch": st["epoch"], "step": samples // per_step, "seed": st["seed"], "n": st["n"], "batch": micro,
-            "dp": dp, "shuffle": st["shuffle"]}
+    """The data position of the checkpoint (samples consumed, whatever mesh wrote it) on this mesh."""
+    return sampler_for(c.index["trainer_state"]["loader"], micro, dp, c.dir)

@@ -25,15 +25,15 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .checkpointing import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
 from .config import TrainJobConfig
 from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
                      limit_malloc_arenas, register_list_parameters, release_free_memory, set_threads)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
-from .loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
+from .loss import channel_loss_weights, headline_channels, latitude_weights, lead_weights, weighted_loss_term
 from .runlog import LossWatch, Progress, RunLog
-from .validation import validate
+from .validation import choose_reencode_every, validate
 
 
 class TrainingFailed(RuntimeError):
@@ -189,7 +189,6 @@ class Trainer:
                 "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds,
                 "layouts": {n: p.block_layout.to_json() for n, p in self.model.named_parameters()},
                 "param_groups": self.group_names,
-                "reshard_with": "weathermixer.train.reshard:reshard",  # what rebuilds the engine on a new mesh
                 "stats": getattr(self, "stats", None),
                 "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
                 "provenance": provenance()}
@@ -201,7 +200,7 @@ class Trainer:
         return t.to(self.device, dtype=dtype or t.dtype, non_blocking=True)
 
     def rollout_length(self, step: int) -> int:
-        K = self.job.rollout
+        K = self.job.rollout_cap(step)  # the curriculum stage's K (train.curriculum), else the rollout
         if not self.job.train.random_rollout or K == 1:
             return K
         return int(np.random.default_rng([self.job.train.seed, 7919, step]).integers(1, K + 1))
@@ -210,15 +209,17 @@ class Trainer:
         """k leads through the engine's forward (ZeRO-3 micro-step counting and prefetch, timers,
         profilers and autocast all hang off it): latent rollout or autoregressive in data space."""
         return self.engine(fields, static, steps=k, every_lead=True,
-                           autoregressive=self.job.train.rollout_mode == "autoregressive")
+                           autoregressive=self.job.train.rollout_mode == "autoregressive",
+                           checkpoint=self.job.train.checkpoint_rollout and torch.is_grad_enabled())
 
     def micro_step_loss(self, sample, k: int) -> torch.Tensor:
-        """This rank's share of the replica's loss on one micro batch, averaged over the k leads."""
+        """This rank's share of the replica's loss on one micro batch, a weighted mean over the k leads
+        (train.lead_weights, equal by default)."""
         f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
         preds = self.forecast(f, s, k)
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
-        return sum(weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
-                   for p, y in zip(preds, sample.targets[:k])) / k
+        return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
+                   for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k]))
 
     def _flops(self, k: int) -> int:
         """Training FLOPs of one sample with k leads (forward + backward = 3 x forward matmuls)."""
@@ -271,8 +272,8 @@ class Trainer:
 
     # phases of the loop, in the order they run ------------------------------------------------------
     def _resume(self) -> int:
-        """Load the checkpoint checkpoint.resume names (DeepSpeed tag on this mesh, or a consolidated
-        one on any mesh); returns the step it was written at (0 for a fresh start)."""
+        """Load the checkpoint checkpoint.resume names (a layout-free tag, or a consolidated one converted
+        from the earlier format) on this run's mesh; returns the step it was written at (0: fresh start)."""
         job, rank = self.job, self.rank
         self.best = math.inf
         err, where = None, None
@@ -295,18 +296,24 @@ class Trainer:
             if rank == 0:
                 self.log(f"starting from consolidated checkpoint {where[0]} (step {got['step']}) on mesh {job.mesh}")
             return got["step"]
-        root, tag = where
-        expect = {k: v for k, v in self._job_info().items() if k in ("mesh", "model", "zero_stage")}
+        root, tag = where  # a layout-free tag: any mesh, ZeRO stage and dp
+        info = self._job_info()
+        expect = {"mesh": info["mesh"], "model": info["model"], "param_groups": self.group_names}
         try:
-            client, mine, _ = self.ckpt.load(self.engine, root, tag, expect)
+            client, mine, saved = self.ckpt.load(self.engine, root, tag, expect)
+            sampler = sampler_for(mine["loader"], self.micro, self.mesh.sizes["dp"], root / tag)
         except CheckpointError as e:
             err = e
         self._agree(err, f"loading checkpoint {root / tag}")
         self.best = float(client.get("best", math.inf))
-        self.train_data.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"])
+        self.train_data.load_state_dict({"sampler": sampler, "split": "train"})
+        if mine["rng"] is not None:  # RNG states are per rank: restored on the mesh that wrote them
+            set_rng_state(mine["rng"])
         if rank == 0:
-            self.log(f"resuming from {root / tag} (step {client['step']})")
+            m = saved.get("mesh") or {}
+            self.log(f"resuming from {root / tag} (step {client['step']}) on mesh {job.mesh} "
+                     f"ZeRO-{zero_stage(self.ds)}; written on {m.get('dp')}x{m.get('domain')}x{m.get('tp')} "
+                     f"ZeRO-{saved.get('zero_stage')}")
         return int(client["step"])
 
     def _open_outputs(self, step0: int) -> None:
@@ -412,6 +419,7 @@ class Trainer:
     def _validate_and_log(self, step: int) -> dict:
         t0 = time.perf_counter()
         v = self.validate()
+        v["reencode"] = choose_reencode_every(self, step)  # the forecast's default, beside the checkpoints
         if self.rank == 0:
             self.runlog.log(step, "val", {"val_loss": v["val_loss"], **{
                 f"rmse_{key}": m for key, (m, _) in v["headline"].items()}}, samples=self.engine.global_samples)

@@ -1,0 +1,192 @@
+"""The training state of a DeepSpeed engine as plain tensors and JSON, through DeepSpeed's public
+accessors (deepspeed.utils.safe_get/set_full_fp32_param and _optimizer_state), never its files.
+
+    fp32_blocks(engine, p)              {kind: this rank's fp32 block}: master weights and AdamW moments
+    set_fp32_block(engine, p, kind, block)  one of them into the engine (any ZeRO stage, fp32 or bf16)
+    needed_rows(engine, p, kind)        the rows of the block this rank keeps (a load reads only those)
+    engine_info(engine) / restore_engine_info(engine, info)
+                                        optimizer step, lr-scheduler state, the engine's counters (JSON)
+
+Under ZeRO-1/2/3 with dp > 1 a block's master weights and moments are spread over the dp ranks:
+reading one is a collective over the dp group (every dp rank calls it for every parameter, in the
+same order). With ZeRO-0 in fp32 the torch optimizer holds the parameter itself and its state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("param", "exp_avg", "exp_avg_sq")  # param = the fp32 master weights
+
+
+def base_optimizer(engine):
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _plain_torch(engine) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed hands the torch optimizer the parameters themselves."""
+    return engine.optimizer is base_optimizer(engine)
+
+
+def create_moments(engine) -> None:
+    """AdamW creates its moments at the first step: create them (zeros) if absent, so they can be
+    read or set before it."""
+    base = base_optimizer(engine)
+    if not isinstance(base, torch.optim.Optimizer):
+        return
+    # ZeRO-3 puts its flat fp32 partitions into the torch groups only around each step
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for q in flats if flats is not None else [q for g in base.param_groups for q in g["params"]]:
+        st = base.state[q]
+        st.setdefault("step", torch.tensor(0.0))
+        for k in KINDS[1:]:
+            if k not in st:
+                st[k] = torch.zeros_like(q)
+    # ZeRO-1/2 and the bf16 optimizer link each parameter to its moments once, right after the FIRST
+    # group's first step (DeepSpeed 0.19.8, stage_1_and_2.py _optimizer_step): the other groups' moments
+    # do not exist yet then, and safe_get_full_optimizer_state on their parameters fails ("exp_avg not
+    # found in optimizer state fragment"). Link again now that every group's moments exist.
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _managed(p) -> bool:
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+@torch.no_grad()
+def fp32_blocks(engine, p) -> dict:
+    """{kind: fp32 tensor of p's block shape}. Collective over the dp group under ZeRO (every dp
+    rank holds the same block shape, so all of them call it or none does)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+    if 0 in shape:
+        return {k: torch.zeros(shape) for k in KINDS}
+    if _plain_torch(engine):
+        st = base_optimizer(engine).state.get(p, {})
+        return {"param": p.detach().float(), **{k: st[k].detach().float() if k in st else torch.zeros(shape)
+                                                for k in KINDS[1:]}}
+    if not _managed(p):
+        raise RuntimeError(f"parameter of shape {shape} is not managed by DeepSpeed's optimizer (frozen?)")
+    out = {"param": safe_get_full_fp32_param(p)}
+    for k in KINDS[1:]:
+        out[k] = safe_get_full_optimizer_state(p, k)
+    return {k: v.detach().float().reshape(shape) for k, v in out.items()}
+
+
+@torch.no_grad()
+def set_fp32_block(engine, p, kind: str, block: torch.Tensor) -> None:
+    """Set one kind of p's state from its full block: "param" sets the master weights and the
+    (low-precision) parameter, "exp_avg"/"exp_avg_sq" the AdamW moment."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero3 = hasattr(p, "ds_id")
+    if (p.ds_numel if zero3 else p.numel()) == 0:
+        return
+    if kind == "param" and zero3:  # the parameter itself is this rank's partition of the flat block
+        pn = p.ds_tensor.numel()
+        part = block.flatten()[_dp_rank(engine) * pn:][:pn]
+        p.ds_tensor.zero_()
+        p.ds_tensor[:part.numel()].copy_(part)
+    elif kind == "param":
+        p.copy_(block)
+    if _plain_torch(engine):  # the torch optimizer holds p itself (set above) and its state
+        if kind != "param":
+            base_optimizer(engine).state[p][kind] = block.to(p.dtype).clone()
+    elif zero3 or getattr(p, "_hp_mapping", None) is not None:
+        if kind == "param":
+            safe_set_full_fp32_param(p, block)
+        else:
+            safe_set_full_optimizer_state(p, block, kind)
+    # else: ZeRO-1/2 and no part of p in this dp rank's partition (another rank sets it)
+
+
+def set_fp32_blocks(engine, p, blocks: dict) -> None:
+    """Set p's master weights, its (low-precision) parameter and AdamW moments from full blocks."""
+    for kind in KINDS:
+        set_fp32_block(engine, p, kind, blocks[kind])
+
+
+def needed_rows(engine, p, kind: str) -> tuple[int, int] | None:
+    """Rows [r0, r1) (first dimension) of p's block whose `kind` this rank needs to set; None: all of
+    it. Under ZeRO a dp rank keeps only its partition of the master weights and moments, a flat range
+    of the block (ZeRO-1/2: DeepSpeed's fragment address of p; ZeRO-3: its ds_tensor partition), so a
+    load on a mesh with dp > 1 reads those rows instead of the dp-fold redundant whole block. Every
+    dp rank needs the whole low-precision parameter under ZeRO-1/2."""
+    shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+    if len(shape) == 0 or _plain_torch(engine):
+        return None
+    if hasattr(p, "ds_id"):
+        pn = p.ds_tensor.numel()
+        start, numel = _dp_rank(engine) * pn, min(pn, max(0, p.ds_numel - _dp_rank(engine) * pn))
+    elif kind == "param" or not hasattr(p, "_hp_mapping"):
+        return None
+    elif p._hp_mapping is None:  # no part of p in this rank's partition
+        return 0, 0
+    else:
+        address = p._hp_mapping.lp_fragment_address
+        start, numel = address.start, address.numel
+    row = max(1, math.prod(shape[1:]))
+    return (start // row, -(-(start + numel) // row)) if numel else (0, 0)
+
+
+def _dp_rank(engine) -> int:
+    import torch.distributed as dist
+
+    group = getattr(engine, "data_parallel_group", None)
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+def optimizer_step(engine) -> int:
+    """The optimizer's step count (AdamW's bias correction)."""
+    base = base_optimizer(engine)
+    for st in base.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    for st in base_optimizer(engine).state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def jsonable(x):
+    """Optimizer / scheduler state as JSON values (tensors to numbers or lists, callables dropped)."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items() if not callable(v)}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if torch.is_tensor(x):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return x
+
+
+def engine_info(engine) -> dict:
+    """What the engine needs besides the tensors, as JSON: optimizer step and hyper-parameters per
+    group, lr-scheduler state, DeepSpeed's counters."""
+    keep = ("lr", "initial_lr", "betas", "eps", "weight_decay", "name")
+    groups = [{k: jsonable(g[k]) for k in keep if k in g} for g in base_optimizer(engine).param_groups]
+    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    return {"optimizer_step": optimizer_step(engine), "optimizer_groups": groups,
+            "lr_scheduler": jsonable(sched),
+            "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                         "skipped_steps": engine.skipped_steps}}
+
+
+def restore_engine_info(engine, info: dict) -> None:
+    """The optimizer step, the schedule position (and the lr it gives) and DeepSpeed's counters."""
+    set_optimizer_step(engine, int(info["optimizer_step"]))
+    sched = info.get("lr_scheduler")
+    if sched and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
+        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            g["lr"] = lr
+    c = info["counters"]
+    engine.global_steps = int(c["global_steps"])
+    engine.global_samples = int(c["global_samples"])
+    engine.skipped_steps = int(c["skipped_steps"])
