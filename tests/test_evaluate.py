@@ -91,7 +91,7 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
     out = tmp_path / "report"
     rc = E.main(["--forecast", stores["forecast"], "--truth", stores["truth"], "--out", str(out),
                  "--climatology-years", "2019", "2019", "--headline", "z500,temperature@850,2m_temperature",
-                 "--map-leads", "12,48", "--quiet"])
+                 "--map-leads", "12,48", "--quiet", "--clim-window-days", "0"])
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     keys = ["geopotential@500", "geopotential@850", "temperature@500", "temperature@850", "2m_temperature"]
@@ -108,7 +108,7 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
         assert set(m["scores"][key]) == {"6", "12", "24", "48"}
         for lead, cell in m["scores"][key].items():
             ref = reference(truth, fc, var, int(level) if level else None, float(lead))
-            assert set(cell) == {"model", "persistence", "climatology"}
+            assert set(cell) == {"model", "persistence", "climatology", "linear"}
             for system in ("model", "persistence"):
                 for stat in ("rmse", "bias", "acc"):
                     assert cell[system][stat] == pytest.approx(ref[system][stat], rel=1e-5, abs=1e-9), \
@@ -120,7 +120,7 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
     assert z["6"]["model"]["rmse"] < z["12"]["model"]["rmse"] < z["48"]["model"]["rmse"]
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert len(rows) == len(keys) * 4 * 3
+    assert len(rows) == len(keys) * 4 * 4
     for r in rows:
         s = m["scores"][r["field"]][r["lead_hours"]][r["system"]]
         for stat in ("rmse", "bias", "acc"):
@@ -146,7 +146,8 @@ def test_wb1_form_lead_and_init_subset(stores):
     tr = E.open_dataset(stores["truth"], "truth")
     plan = E.plan_evaluation(fc, tr, ["temperature"], [24], init_start="2020-01-03", init_end="2020-01-04")
     assert plan.inits.equals(INITS[(INITS >= "2020-01-03") & (INITS <= "2020-01-04")])
-    res = E.evaluate(fc, tr, plan, "2019-01-01", "2019-12-31", rmse_form="wb1", max_block_bytes=1)  # 1 init/block
+    res = E.evaluate(fc, tr, plan, "2019-01-01", "2019-12-31", rmse_form="wb1", max_block_bytes=1,  # 1 init/block
+                     window_days=0)
     assert res["definitions"]["rmse_form"] == "wb1"
     ref = reference(stores["truth_ds"], stores["fc_ds"], "temperature", 850, 24, form="wb1", inits=plan.inits)
     cell = res["scores"]["temperature@850"]["24"]
@@ -192,7 +193,7 @@ def test_scorecard_on_the_reference_grid(tmp_path, capsys):
     fc = forecast_from(truth, inits, leads, ["geopotential", "temperature"],
                        {"geopotential": 30.0, "temperature": 0.2}, descending=False)
     plan = E.plan_evaluation(fc, truth)
-    res = E.evaluate(fc, truth, plan, "2016-01-01", "2016-12-31T23:59")
+    res = E.evaluate(fc, truth, plan, "2016-01-01", "2016-12-31T23:59", window_days=0)
     assert res["climatology"]["filled_cells"] > 0  # valid days in January: nearest December day
     res["headline"] = E.resolve_headline(None, plan.keys)
     E.write_report(res, tmp_path, plots=False)
@@ -258,7 +259,7 @@ def test_bad_climatology_and_map_leads(tmp_path):
     with pytest.raises(EvaluationError, match="holds no time"):
         E.evaluate(fc, tr, plan, "2015-01-01", "2015-12-31")
     with pytest.raises(EvaluationError, match="no data for day of year 1 at hour 6"):
-        E.evaluate(fc, tr, plan, "2019-12-30", "2019-12-31T23:00", fallback="error")
+        E.evaluate(fc, tr, plan, "2019-12-30", "2019-12-31T23:00", fallback="error", window_days=0)
     with pytest.raises(EvaluationError, match="no truth time before the first init"):
         E.evaluate(fc, tr.sel(time=slice("2020-01-01", None)), plan)
     res = E.evaluate(fc, tr, plan)  # default period: the truth before the first init

@@ -187,7 +187,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
     from weathermixer.model import WeatherMixer
 
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = default_model_config(rollout=1)
+    cfg = default_model_config(rollout=1, history=0)  # one input state: the fields below are (B, C, H, W)
     mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
     model, serial = WeatherMixer(cfg, mesh), WeatherMixer(cfg, Mesh.single())
     ds_config = {"train_batch_size": 2 * dp, "train_micro_batch_size_per_gpu": 2,

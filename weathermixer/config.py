@@ -60,6 +60,8 @@ class ModelConfig(_Strict):
     channel_fraction: float = Field(1.0, gt=0, description="channel-mixing hidden size / D")
     blocks: int = Field(2, ge=1, description="mixer blocks N_b")
     rollout: int = Field(1, ge=1, description="latent rollout steps k: the block stack is applied k times")
+    history: int = Field(0, ge=0, description="previous states t-dt .. t-history*dt embedded beside the state "
+                                              "at t (the loader serves them: data.history follows it)")
     head: Literal["tendency", "blend"] = "tendency"
     seed: int = 0
 

@@ -18,12 +18,40 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def _job(args):
-    from .config import DataConfig, load_data_job
+    """The job's mesh, model and data sections with --set KEY=VALUE (as train.py) and --data applied."""
+    from ..config import ConfigError, parse, read_job_file
+    from ..train.config import apply_setting, _parse_value
+    from .config import DataJobConfig
 
-    job = load_data_job(args.config)
+    section = read_job_file(args.config).get("weathermixer", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{args.config}: 'weathermixer' must be an object")
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.path=era5.zarr or model.history=1")
+        apply_setting(section, key, _parse_value(text), "--set")
     if args.data:  # --data overrides data.path
-        job = job.model_copy(update={"data": DataConfig(**{**job.data.model_dump(), "path": args.data})})
-    return job
+        apply_setting(section, "data.path", args.data, "--data")
+    if "data" not in section:
+        raise ConfigError(f"{args.config}: weathermixer.data is missing (the data set's path, mapping, splits)")
+    return parse(DataJobConfig, {k: v for k, v in section.items() if k in ("mesh", "model", "data")},
+                 str(args.config))
+
+
+def _inspect(data, job) -> dict:
+    """What `inspect` prints: the data set, its time axis, and where every channel comes from."""
+    import pandas as pd
+
+    from .config import COMPUTED_STATIC
+
+    computed = [n for n in job.model.channels.static if n in COMPUTED_STATIC]
+    return {"source": data.where, "times": [str(data.times[0]), str(data.times[-1])],
+            "n_times": len(data.times), "step_hours": data.step / pd.Timedelta(hours=1),
+            "dt_steps": data.k, "latitude_flipped_on_read": data.flip, "history": job.model.history,
+            "channels": {c.name: c.var for c in data.channels},
+            "static": {c.name: c.var for c in data.static},
+            "static_computed": {n: "computed (not read)" for n in computed}}
 
 
 def main(argv=None) -> int:
@@ -47,9 +75,13 @@ def main(argv=None) -> int:
     t.add_argument("--start")
     t.add_argument("--end")
     t.add_argument("--out", required=True)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
     i = sub.add_parser("inspect", help="validate a data set against a job and summarise it")
     i.add_argument("--config", required=True)
     i.add_argument("--data")
+    i.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
     args = p.parse_args(argv)
 
     from ..config import ConfigError
@@ -75,11 +107,7 @@ def main(argv=None) -> int:
                 Path(args.out).write_text(json.dumps(stats, indent=1))
                 print(f"wrote {args.out}: {len(stats['channels'])} channels over {stats['time_steps']} time steps")
             else:
-                print(json.dumps({"source": data.where, "times": [str(data.times[0]), str(data.times[-1])],
-                                  "n_times": len(data.times), "step_hours": data.step / __import__("pandas").Timedelta(hours=1),
-                                  "dt_steps": data.k, "latitude_flipped_on_read": data.flip,
-                                  "channels": {c.name: c.var for c in data.channels},
-                                  "static": {c.name: c.var for c in data.static}}, indent=1))
+                print(json.dumps(_inspect(data, job), indent=1))
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

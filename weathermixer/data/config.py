@@ -38,7 +38,12 @@ class DataConfig(_Strict):
     source: Literal["gridded"] = "gridded"
     path: str = Field("", description="local path or fsspec URL (gs://, s3:// need gcsfs/s3fs) of a "
                                       "zarr store, or a netCDF file (*.nc)")
-    format: Literal["auto", "zarr", "netcdf"] = Field("auto", description="auto: netcdf if path ends in .nc")
+    format: Literal["auto", "zarr", "netcdf", "grib"] = Field(
+        "auto", description="auto: netcdf if path ends in .nc, grib if .grib/.grb/.grib2 (needs the [grib] extra: "
+                            "cfgrib, eccodes), else zarr")
+    time_units: str | None = Field(
+        None, description="units of an integer time coordinate, e.g. 'hours since 1940-01-01' (CF form); null "
+                          "= the coordinate's or the data set's 'units'/'time_units' attribute")
     variables: dict[str, str] = Field(
         default_factory=dict,
         description="model channel/static name (without level) -> the data set's variable name; "
@@ -96,7 +101,10 @@ class DataConfig(_Strict):
     def resolved_format(self) -> str:
         if self.format != "auto":
             return self.format
-        return "netcdf" if self.path.rstrip("/").endswith((".nc", ".nc4", ".netcdf")) else "zarr"
+        path = self.path.rstrip("/").lower()
+        if path.endswith((".grib", ".grb", ".grib2", ".grb2")):
+            return "grib"
+        return "netcdf" if path.endswith((".nc", ".nc4", ".netcdf")) else "zarr"
 
 
 def _is_multiple(a: float, b: float) -> bool:

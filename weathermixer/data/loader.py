@@ -6,7 +6,8 @@
                                                 # or None; targets = [t+dt, .., t+K dt] like fields
     state = loader.state_dict()                 # resume exactly: loader.load_state_dict(state)
 
-With data.history = h > 0, fields is (B, h + 1, C_tp, rows, lon), index -1 being time t.
+With model.history (or data.history) = h > 0, fields is (B, h + 1, C_tp, rows, lon), index -1 being
+time t.
 All ranks of a model group (same dp coordinate) get the same sample times; dp replicas disjoint ones.
 """
 from __future__ import annotations
@@ -102,6 +103,10 @@ class ShardedSampleLoader:
         self.geo = geo = Geometry(model_cfg, mesh)  # MeshMismatch if the mesh cannot split the grid
         ch = model_cfg.channels
         self.leads = data_cfg.leads or model_cfg.rollout
+        if data_cfg.history and model_cfg.history and data_cfg.history != model_cfg.history:
+            raise DataError(f"data.history={data_cfg.history} but model.history={model_cfg.history}: the model "
+                            f"embeds model.history previous states; leave data.history at 0 (it follows the model)")
+        self.history = model_cfg.history or data_cfg.history
         self.rows = geo.pixel_row_split.slice(mesh.coords["domain"])
         self.chans = geo.channel_split(ch.n_fields).slice(mesh.coords["tp"])
         self.field_names = ch.names[self.chans]
@@ -119,7 +124,7 @@ class ShardedSampleLoader:
         else:
             self.data = dataset or GriddedDataset(data_cfg, ch, model_cfg.grid, store=store)
             self.lat, self.lon = self.data.lat, self.data.lon
-            self.starts = self.data.sample_starts(split, self.leads, data_cfg.history)
+            self.starts = self.data.sample_starts(split, self.leads, self.history)
             n_samples = len(self.starts)
         where = self.data.where if self.data is not None else "fake data"
         self.nonfinite = NonFiniteReport(where, self.lat[self.rows], self.lon, data_cfg.nonfinite_every)
@@ -143,13 +148,15 @@ class ShardedSampleLoader:
         if data_cfg.fake:
             g = torch.Generator().manual_seed(seed)
             shape = (batch, len(self.field_names), self.rows.stop - self.rows.start, model_cfg.grid[1])
-            if data_cfg.history:
-                shape = (batch, data_cfg.history + 1, *shape[1:])
+            if self.history:
+                shape = (batch, self.history + 1, *shape[1:])
             f = torch.randn(shape, generator=g)
             tshape = (batch, *shape[-3:])
             s = (None if not ch.n_static else
                  torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous())
-            self._fake = Sample(f, s, [torch.randn(tshape, generator=g) for _ in range(self.leads)], [])
+            # a placeholder start time per sample: validation counts samples by their times
+            self._fake = Sample(f, s, [torch.randn(tshape, generator=g) for _ in range(self.leads)],
+                                [pd.Timestamp("2000-01-01")] * batch)
         self._thread = None
 
     # --------------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ class ShardedSampleLoader:
 
     def load_batch(self, sample_ids) -> Sample:
         """The blocks of the given samples (indices into this split's sample list)."""
-        k, h, cache = self.data.k, self.cfg.history, {}
+        k, h, cache = self.data.k, self.history, {}
         starts = [int(self.starts[i]) for i in sample_ids]
         if h:
             fields = np.stack([np.stack([self._fields(t - j * k, cache) for j in range(h, -1, -1)])

@@ -34,6 +34,8 @@ def open_dataset(cfg: DataConfig, store=None) -> xr.Dataset:
             return xr.open_zarr(store, chunks=None, consolidated=False)
         if cfg.resolved_format() == "netcdf":
             return xr.open_dataset(cfg.path, chunks=None)
+        if cfg.resolved_format() == "grib":
+            return open_grib(cfg.path)
         remote = "://" in cfg.path and not cfg.path.startswith("file://")
         return xr.open_zarr(cfg.path, chunks=None, consolidated=None if remote else False)
     except (ImportError, ModuleNotFoundError) as err:
@@ -41,6 +43,29 @@ def open_dataset(cfg: DataConfig, store=None) -> xr.Dataset:
                         f"or s3fs for s3://; netCDF4 files need netCDF4 or h5netcdf)") from None
     except FileNotFoundError as err:
         raise DataError(f"data set not found: {where} ({err})") from None
+
+
+def open_grib(path: str) -> xr.Dataset:
+    """A GRIB file through cfgrib (the optional [grib] extra), without an index file beside it."""
+    try:
+        import cfgrib  # noqa: F401
+    except ImportError:
+        raise DataError(f"cannot open {path}: reading GRIB needs cfgrib and eccodes: pip install "
+                        f"'jigsaw-weathermixer[grib]' (or convert the file to zarr/netCDF)") from None
+    return xr.open_dataset(path, engine="cfgrib", backend_kwargs={"indexpath": ""}, chunks=None)
+
+
+def decode_integer_times(t: np.ndarray, units: str | None, where: str, dim: str) -> np.ndarray:
+    """An integer/float time coordinate in CF units ('hours since 1940-01-01') as datetimes."""
+    if not units or " since " not in units:
+        raise DataError(f"{where}: time coordinate '{dim}' has dtype {t.dtype} and no CF units; set "
+                        f"data.time_units (e.g. 'hours since 1940-01-01') to decode it, and data.dims.time "
+                        f"if the time dimension has another name")
+    unit, origin = units.split(" since ", 1)
+    try:
+        return np.asarray(pd.Timestamp(origin.split("(")[0].strip()) + pd.to_timedelta(t, unit=unit.strip().rstrip("s")))
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{where}: cannot decode time coordinate '{dim}' with units {units!r}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,10 @@ class GriddedDataset:
 
     def _read_time(self):
         t = self._coord(self._dims.time)
+        if np.issubdtype(t.dtype, np.number):
+            dim = self._dims.time
+            units = self.cfg.time_units or self.ds[dim].attrs.get("units") or self.ds.attrs.get("time_units")
+            t = decode_integer_times(t, units, self.where, dim)
         if not np.issubdtype(t.dtype, np.datetime64):
             raise DataError(f"{self.where}: time coordinate '{self._dims.time}' has dtype {t.dtype}, "
                             f"expected datetimes (CF-encoded times are decoded by xarray)")
@@ -105,9 +134,14 @@ class GriddedDataset:
         bad = np.flatnonzero(diffs != np.min(diffs))
         if len(bad):
             i = bad[0]
+            steps = sorted({pd.Timedelta(d) / pd.Timedelta(hours=1) for d in diffs})
             raise DataError(f"{self.where}: gap in the time axis between {self.times[i]} and "
                             f"{self.times[i + 1]} ({pd.Timedelta(diffs[i]) / pd.Timedelta(hours=1):g} h; "
-                            f"the step is {step / pd.Timedelta(hours=1):g} h); {len(bad)} irregular interval(s)")
+                            f"the step is {step / pd.Timedelta(hours=1):g} h); {len(bad)} irregular interval(s) "
+                            f"(steps seen: {', '.join(f'{h:g} h' for h in steps[:6])}). The model steps a fixed "
+                            f"dt: resample the data set to a regular step first (e.g. xarray's "
+                            f"ds.interp(time=pd.date_range(first, last, freq='6h')) or a selection of the times "
+                            f"that are a multiple of dt apart) and write it to zarr")
         self.step = step
         hours = step / pd.Timedelta(hours=1)
         if self.cfg.step_hours is not None and abs(hours - self.cfg.step_hours) > 1e-9:

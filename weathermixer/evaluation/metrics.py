@@ -39,17 +39,41 @@ class EvaluationError(ValueError):
 
 
 # weights and spatial means --------------------------------------------------------------------------
-def latitude_weights(lat) -> np.ndarray:
-    """cos(lat) / mean(cos(lat)) over the given latitudes (degrees); mean 1, zero at the poles."""
+WEIGHTINGS = {"cos": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes",
+              "area": "w = cell area / mean cell area, cell bounds halfway between latitudes and half a spacing "
+                      "beyond the outer ones, clipped to +-90 (WeatherBench 2's get_lat_weights on a global grid)"}
+
+
+def latitude_weights(lat, weighting: str = "cos") -> np.ndarray:
+    """cos(lat) / mean(cos(lat)) over the given latitudes (degrees); mean 1, zero at the poles.
+    weighting="area": the cell area (sin of the upper minus sin of the lower cell bound), mean 1."""
     lat = np.asarray(lat, dtype=np.float64)
     if lat.ndim != 1 or lat.size == 0:
         raise ValueError(f"latitudes must be a non-empty 1-D array, got shape {lat.shape}")
     if np.any(~np.isfinite(lat)) or np.any(np.abs(lat) > 90.0):
         raise ValueError(f"latitudes must be finite degrees in [-90, 90], got {lat.min():g} .. {lat.max():g}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"latitude weighting {weighting!r}: choose one of {sorted(WEIGHTINGS)}")
+    if weighting == "area":
+        return cell_area_weights(lat)
     w = np.cos(np.deg2rad(lat))
     w[np.isclose(np.abs(lat), 90.0, rtol=0.0, atol=1e-9)] = 0.0  # cos(90 deg) is 6e-17 in floating point
     if w.sum() == 0.0:
         raise ValueError("all latitudes are poles: cos-latitude weights are all zero")
+    return w / w.mean()
+
+
+def cell_area_weights(lat: np.ndarray) -> np.ndarray:
+    """Area of each latitude row's cell on the sphere, normalised to mean 1 (any latitude order)."""
+    order = np.argsort(lat)
+    x = lat[order]
+    if x.size == 1:
+        return np.ones(1)
+    mid = (x[:-1] + x[1:]) / 2
+    bounds = np.clip(np.concatenate([[x[0] - (x[1] - x[0]) / 2], mid, [x[-1] + (x[-1] - x[-2]) / 2]]), -90, 90)
+    area = np.diff(np.sin(np.deg2rad(bounds)))
+    w = np.empty_like(area)
+    w[order] = area
     return w / w.mean()
 
 
@@ -63,7 +87,7 @@ def _as_da(x) -> xr.DataArray:
     return xr.DataArray(x, dims=(TIME, LAT, LON)[3 - x.ndim:] if x.ndim > 1 else (LAT,))
 
 
-def _weights(x: xr.DataArray, lat) -> xr.DataArray:
+def _weights(x: xr.DataArray, lat, weighting: str = "cos") -> xr.DataArray:
     if LAT not in x.dims:
         raise ValueError(f"array has no '{LAT}' dimension (dims {x.dims})")
     if lat is None:
@@ -73,7 +97,7 @@ def _weights(x: xr.DataArray, lat) -> xr.DataArray:
     lat = np.asarray(lat)
     if lat.shape != (x.sizes[LAT],):
         raise ValueError(f"lat has {lat.size} values but the array has {x.sizes[LAT]} latitudes")
-    return xr.DataArray(latitude_weights(lat), dims=(LAT,))
+    return xr.DataArray(latitude_weights(lat, weighting), dims=(LAT,))
 
 
 def _pair(forecast, truth) -> tuple[xr.DataArray, xr.DataArray]:
@@ -84,17 +108,17 @@ def _pair(forecast, truth) -> tuple[xr.DataArray, xr.DataArray]:
         raise ValueError(f"forecast and truth coordinates differ: {err}") from None
 
 
-def spatial_mean(x, lat=None) -> xr.DataArray:
+def spatial_mean(x, lat=None, weighting: str = "cos") -> xr.DataArray:
     """mean_{lat,lon} w x: the latitude-weighted mean, keeping every other dimension."""
     x = _as_da(x)
     dims = [d for d in (LAT, LON) if d in x.dims]
-    return (x * _weights(x, lat)).mean(dims)
+    return (x * _weights(x, lat, weighting)).mean(dims)
 
 
-def mse(forecast, truth, lat=None) -> xr.DataArray:
+def mse(forecast, truth, lat=None, weighting: str = "cos") -> xr.DataArray:
     """MSE_t = mean_{lat,lon} w (f - o)^2 per init time (and level, lead, ...)."""
     f, o = _pair(forecast, truth)
-    return spatial_mean((f - o) ** 2, lat)
+    return spatial_mean((f - o) ** 2, lat, weighting)
 
 
 def rmse_from_mse(mse_t: xr.DataArray, form: str = "wb2", time_dim: str = TIME) -> xr.DataArray:
@@ -111,10 +135,10 @@ def rmse(forecast, truth, lat=None, form: str = "wb2", time_dim: str = TIME) -> 
     return rmse_from_mse(mse(forecast, truth, lat), form, time_dim)
 
 
-def mean_error(forecast, truth, lat=None) -> xr.DataArray:
+def mean_error(forecast, truth, lat=None, weighting: str = "cos") -> xr.DataArray:
     """mean_{lat,lon} w (f - o) per init time."""
     f, o = _pair(forecast, truth)
-    return spatial_mean(f - o, lat)
+    return spatial_mean(f - o, lat, weighting)
 
 
 def bias_from_mean_error(mean_error_t: xr.DataArray, time_dim: str = TIME) -> xr.DataArray:
@@ -127,11 +151,11 @@ def bias(forecast, truth, lat=None, time_dim: str = TIME) -> xr.DataArray:
     return bias_from_mean_error(mean_error(forecast, truth, lat), time_dim)
 
 
-def acc_per_time(fc_anom, truth_anom, lat=None) -> xr.DataArray:
+def acc_per_time(fc_anom, truth_anom, lat=None, weighting: str = "cos") -> xr.DataArray:
     """sum w f'o' / sqrt(sum w f'^2 sum w o'^2) per init; NaN where either anomaly is all zero."""
     f, o = _pair(fc_anom, truth_anom)
-    num = spatial_mean(f * o, lat)
-    den = np.sqrt(spatial_mean(f ** 2, lat) * spatial_mean(o ** 2, lat))
+    num = spatial_mean(f * o, lat, weighting)
+    den = np.sqrt(spatial_mean(f ** 2, lat, weighting) * spatial_mean(o ** 2, lat, weighting))
     return num / den.where(den > 0)
 
 

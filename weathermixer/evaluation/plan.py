@@ -23,12 +23,20 @@ HOUR = pd.Timedelta(hours=1)
 
 # opening and naming -----------------------------------------------------------------------------------
 def open_dataset(path: str, what: str) -> xr.Dataset:
-    """Open a zarr store (lazily, no dask) or a netCDF file; common dim aliases renamed (lat -> latitude)."""
+    """Open a zarr store (lazily, no dask), a netCDF file or a GRIB file (the [grib] extra); common dim
+    aliases renamed (lat -> latitude)."""
     p = Path(path)
     if "://" not in str(path) and not p.exists():
         raise EvaluationError(f"{what} not found: {path}")
     try:
-        if p.is_file():
+        if p.is_file() and p.suffix.lower() in (".grib", ".grb", ".grib2", ".grb2"):
+            from ..data.reader import DataError, open_grib
+
+            try:
+                ds = open_grib(str(path))
+            except DataError as err:
+                raise EvaluationError(str(err)) from None
+        elif p.is_file():
             ds = xr.open_dataset(path, engine="h5netcdf")
         else:
             ds = xr.open_zarr(path, chunks=None, consolidated=False)

@@ -12,6 +12,7 @@ SYSTEM_STYLE = {
     "model": {"color": "C0", "marker": "o", "label": "model"},
     "persistence": {"color": "C1", "marker": "s", "linestyle": "--", "label": "persistence"},
     "climatology": {"color": "C2", "linestyle": ":", "label": "climatology"},
+    "linear": {"color": "C3", "marker": "^", "linestyle": "-.", "label": "linear regression"},
 }
 
 

@@ -21,7 +21,7 @@ from .baselines import ClimatologyPeriod
 from .metrics import LAT, LON, TIME
 from .plan import LEAD, LEVEL, Plan, check_map_leads, lead_str, level_str, resolve_headline, truth_var
 
-SYSTEMS = ("model", "persistence", "climatology")
+SYSTEMS = ("model", "persistence", "climatology", "linear")
 STATS = ("rmse", "bias", "acc")
 FORMAT = "weathermixer.evaluate/1"
 
@@ -46,6 +46,11 @@ def definitions(rmse_form: str) -> dict:
         "persistence": "forecast(init t, lead L) = truth(t)",
         "climatology": "forecast(init t, lead L) = climatology(day of year, hour of t + L); its ACC is "
                        "undefined (zero forecast anomaly) and reported as null",
+        "linear": "forecast(init t, lead L) = per-pixel least squares on x(t), x(t - dt), sin/cos hour of day "
+                  "(and day of year with >= 1 training year) of t and 1, one fit per lead, on the climatology "
+                  "period only (dt = the forecast's step; see linear_baseline)",
+        "regions": "RMSE over latitude rows of each region the grid covers (global, tropics |lat| <= 20, "
+                   "extratropics |lat| >= 20, northern / southern hemisphere), weights renormalised in the region",
         "reference": "docs/reference_scores.md",
     }
 
@@ -141,13 +146,38 @@ def write_plots(result: dict, fc: xr.Dataset, tr: xr.Dataset, plan: Plan, out: P
     return paths
 
 
+def skill_table(result: dict) -> str:
+    """Plain-text RMSE table per headline field (all fields without headline): the model beside each
+    baseline at every lead, and whether it beats all of them; the climatology's smoothing."""
+    clim = result["climatology"]
+    lines = [f"climatology: {clim['start']} .. {clim['end']}, +-{clim['window_days']} days "
+             f"({clim.get('window_choice', 'given')})"]
+    if "skipped" in result.get("linear_baseline", {}):
+        lines.append(f"linear baseline: skipped ({result['linear_baseline']['skipped']})")
+    keys = list((result.get("headline") or {}).values()) or list(result["scores"])
+    for key in keys:
+        by_lead = result["scores"][key]
+        systems = [s for s in SYSTEMS if any(s in cell for cell in by_lead.values())]
+        units = result["fields"][key]["units"]
+        lines.append(f"{key} RMSE{f' ({units})' if units else ''} ({result['definitions']['rmse_form']}):")
+        lines.append("  lead_h " + " ".join(f"{s:>12}" for s in systems) + "  model beats all")
+        for lead in sorted(by_lead, key=float):
+            r = {s: by_lead[lead].get(s, {}).get("rmse") for s in systems}
+            rest = [v for s, v in r.items() if s != "model" and v is not None]
+            beats = "-" if r.get("model") is None or not rest else ("yes" if r["model"] < min(rest) else "no")
+            lines.append(f"  {lead:>6} " + " ".join(f"{'-' if v is None else format(v, '.4g'):>12}"
+                                                   for v in r.values()) + f"  {beats}")
+    return "\n".join(lines)
+
+
 def write_report(result: dict, out_dir, fc=None, tr=None, plan: Plan | None = None, plots: bool = True,
                  map_leads: list[float] | None = None) -> list[Path]:
     """metrics.json, metrics.csv and (with fc, tr and plan) the figures; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    paths = [out / "metrics.json", write_csv(result, out / "metrics.csv")]
+    (out / "summary.txt").write_text(skill_table(result) + "\n")
+    paths = [out / "metrics.json", write_csv(result, out / "metrics.csv"), out / "summary.txt"]
     if plots and plan is not None:
         paths += write_plots(result, fc, tr, plan, out, map_leads)
     return paths

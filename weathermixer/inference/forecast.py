@@ -21,13 +21,14 @@ Checkpoints are read without unpickling code (jigsaw_ext.safe_load).
 One model step is the data's dt (data.dt_hours): a lead must be a multiple of it. Rollout:
   autoregressive (default)  encode the state, apply the block stack `--reencode-every` times and
                             decode each lead, feed the last decoded state back in; static time
-                            features follow the valid time of each input. Default: the rollout
-                            length K the checkpoint was trained with in latent mode (train.rollout,
-                            else model.rollout), 1 for a model trained autoregressively. On the
-                            quickstart (K = 2, benchmarks/results_forecast_cpu_2core.json) K beats
-                            re-encoding every step from 72 h on (at 120 h one-step re-encoding has
-                            twice the error of persistence), one-step is better for the
-                            temperatures at 24 h
+                            features follow the valid time of each input. Default: the interval
+                            training chose on its validation set (forecast_defaults.json beside the
+                            checkpoints, written at the last step: validation.reencode_candidates),
+                            else the rollout length K the checkpoint was trained with in latent mode
+                            (train.rollout, else model.rollout), 1 for a model trained
+                            autoregressively. Which interval is best depends on the model and the
+                            data (on the quickstart K won at 72-120 h, on a real regional
+                            reanalysis one-step re-encoding did): measure it, do not assume it
   latent                    encode the initial state once, apply the block stack once per lead and
                             decode every lead (the model's latent rollout, as in latent training;
                             leads past K were never trained: it loses to persistence at 24 h there)
@@ -76,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lead-hours", type=float, required=True, help="last lead; a multiple of the model step")
     p.add_argument("--out", required=True, help="output zarr store")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
+                   help="zarr format of --out (2 for older readers; metadata is consolidated either way)")
     p.add_argument("--mode", choices=["autoregressive", "latent"], default="autoregressive")
     p.add_argument("--reencode-every", type=int, metavar="STEPS",
                    help="autoregressive: latent steps per encode (default: the trained rollout length)")
@@ -183,8 +186,8 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     out, partial = Path(args.out), partial_path(args.out)
-    per_encode = steps if args.mode == "latent" else (args.reencode_every or job.trained_leads)
-    plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch)
+    per_encode = steps if args.mode == "latent" else (args.reencode_every or job.reencode_every or job.trained_leads)
+    plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch, args.zarr_format)
     run = _load_on_every_rank(job, mesh, inits, device, rank)
     _start_store(partial, job, run, plan, rank, world)
     writer = StoreWriter(partial, job, run.data.flip, run.mean, run.std, steps) if mesh.coord("model") == 0 else None
@@ -212,7 +215,8 @@ def _start_store(partial: Path, job: Job, run: Loaded, plan: Plan, rank: int, wo
 
     leads = pd.TimedeltaIndex([plan.dt * (i + 1) for i in range(plan.steps)])
     if rank == 0:
-        create_store(partial, job, run.data, plan.inits, leads, store_attributes(job, plan.mode, plan.per_encode))
+        create_store(partial, job, run.data, plan.inits, leads, store_attributes(job, plan.mode, plan.per_encode),
+                     zarr_format=plan.zarr_format)
     if world > 1:
         dist.barrier()
 

@@ -82,6 +82,22 @@ class Job:
     rollout_mode: str  # how it was trained: latent / autoregressive
     trained_leads: int  # K, the most leads it was trained to produce from one encoding (latent mode)
     stats_origin: str = ""  # where the normalisation statistics come from (for the store's attributes)
+    reencode_every: int | None = None  # chosen on the validation set at the end of training, if recorded
+    reencode_origin: str = ""
+
+
+def forecast_defaults(where: Path) -> tuple[int | None, str]:
+    """The re-encoding interval training chose on its validation set (forecast_defaults.json in the
+    checkpoint root, or in a consolidated checkpoint's directory), and the file it came from."""
+    for folder in (where, where.parent):
+        path = folder / "forecast_defaults.json"
+        if path.is_file():
+            try:
+                value = int(json.loads(path.read_text())["reencode_every"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ForecastError(f"{path}: cannot read reencode_every ({err}); remove the file or repair it") from None
+            return value, str(path)
+    return None, ""
 
 
 def _stats_file(stats: dict) -> str:
@@ -137,9 +153,9 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
     if data.fake:
         raise ForecastError(f"--checkpoint {where}: its job trained on fake data (data.fake=true); give the data "
                             f"set to forecast from with --data-path")
-    if data.history:
-        raise ForecastError(f"data.history={data.history}: the model takes one input time; forecasts with "
-                            f"history inputs are not supported")
+    if data.history and data.history != job.model.history:
+        raise ForecastError(f"data.history={data.history} but model.history={job.model.history} in the checkpoint's "
+                            f"job: the model embeds model.history previous states")
     if "://" not in data.path and not Path(data.path).exists():
         hint = "" if data_path else f" ({origin}; relative paths are read from the working directory: give --data-path)"
         raise ForecastError(f"data set not found: {data.path}{hint}")
@@ -147,7 +163,7 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
         raise ForecastError(f"normalisation statistics not found: {data.stats} (the ones the model was trained "
                             f"with; this checkpoint does not record them: give --stats)")
     return Job(where, info, job.model, data, job.train.rollout_mode,
-               job.rollout if job.train.rollout_mode == "latent" else 1, stats_origin)
+               job.rollout if job.train.rollout_mode == "latent" else 1, stats_origin, *forecast_defaults(Path(where)))
 
 
 def check_mesh(dp: int, domain: int, tp: int, world: int) -> None:
@@ -158,15 +174,16 @@ def check_mesh(dp: int, domain: int, tp: int, world: int) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # the data set of initial conditions
-def check_inits(inits: pd.DatetimeIndex, data) -> None:
+def check_inits(inits: pd.DatetimeIndex, data, history: int = 0) -> None:
     """Every init must be a time of the data set with the next model step present (the loader
-    reads a sample's first target with its input)."""
+    reads a sample's first target with its input) and, with model.history = h, the h previous states."""
     times = data.times
-    last = len(times) - 1 - data.k
-    span = (f"{times[0]:%Y-%m-%dT%H:%M} .. {times[max(last, 0)]:%Y-%m-%dT%H:%M} every "
-            f"{data.step / HOUR:g} h")
+    first, last = history * data.k, len(times) - 1 - data.k
+    span = (f"{times[min(first, len(times) - 1)]:%Y-%m-%dT%H:%M} .. {times[max(last, 0)]:%Y-%m-%dT%H:%M} every "
+            f"{data.step / HOUR:g} h" + (f"; model.history={history} needs the {history} previous states" if history
+                                         else ""))
     pos = times.get_indexer(inits)
-    bad = inits[(pos < 0) | (pos > last)]
+    bad = inits[(pos < first) | (pos > last)]
     if len(bad):
         raise ForecastError(f"init time(s) {describe_times(bad)} outside the initial conditions of the data set "
                             f"{data.where} ({span})")
@@ -191,7 +208,7 @@ def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
         data = GriddedDataset(cfg, ch, job.model.grid)
     except DataError as err:
         raise ForecastError(f"{where} does not match the data set: {err}") from None
-    check_inits(inits, data)
+    check_inits(inits, data, job.model.history)
     group_view = Mesh.virtual(MeshConfig(domain=mesh.size("domain"), tp=mesh.size("tp")), mesh.coord("model"))
     try:
         loader = ShardedSampleLoader(cfg, job.model, group_view, "test", batch=1, shuffle=False,

@@ -32,6 +32,7 @@ class Plan:
     mode: str  # autoregressive / latent
     per_encode: int
     batch: int
+    zarr_format: int = 3
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,10 @@ def static_at(static, loader, times: list[pd.Timestamp]):
 
 def rollout(model, fields, static, loader, inits, steps: int, per_encode: int, dt: pd.Timedelta):
     """Yield (lead index, this rank's block of the forecast) for leads 1..steps: blocks of
-    `per_encode` latent steps, each started from the last decoded state."""
+    `per_encode` latent steps, each started from the last decoded state (with model.history = h, from
+    the last h + 1 states, decoded or initial)."""
+    from ..model.mixer import next_window
+
     x, done = fields, 0
     while done < steps:
         k = min(per_encode, steps - done)
@@ -94,7 +98,12 @@ def rollout(model, fields, static, loader, inits, steps: int, per_encode: int, d
         leads = model.forecast_leads(x, s, k)
         for j, y in enumerate(leads):
             yield done + j, y
-        x, done = leads[-1], done + k
+        if model.cfg.history:
+            for y in leads[-(model.cfg.history + 1):]:
+                x = next_window(x, y)
+        else:
+            x = leads[-1]
+        done += k
 
 
 def gather_full(x, mesh, geo):

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .inputs import Job
 
-LEAD, LEVEL, LAT, LON, TIME = "prediction_timedelta", "level", "latitude", "longitude", "time"
+LEAD, LEVEL, LAT, LON, TIME, VALID = "prediction_timedelta", "level", "latitude", "longitude", "time", "valid_time"
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,15 @@ def output_variables(job: Job) -> list[OutputVariable]:
     return out
 
 
-def _attrs(attrs: dict) -> dict:
-    """JSON-able attributes, without the encoding keys xarray manages itself."""
+# attributes that describe the truth's values and are not true of a forecast's
+STALE_ATTRS = {"actual_range", "valid_range", "valid_min", "valid_max", "scale_factor", "add_offset", "missing_value"}
+
+
+def _attrs(attrs: dict, drop: set = frozenset()) -> dict:
+    """JSON-able attributes, without the encoding keys xarray manages itself (and `drop`)."""
     out = {}
     for k, v in attrs.items():
-        if k.startswith("_") or k == "coordinates":
+        if k.startswith("_") or k == "coordinates" or k in drop or k.startswith("GRIB_"):
             continue
         out[str(k)] = v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v
     return out
@@ -54,15 +58,18 @@ def leads_per_chunk(job: Job, steps: int) -> int:
     return max(1, min(steps, CHUNK_BYTES // per_lead))
 
 
-def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, attrs: dict) -> None:
-    """Coordinates (xarray's CF encoding) and empty float32 arrays; a chunk is one init x
-    leads_per_chunk leads x the full grid (and all levels)."""
+def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, attrs: dict,
+                 zarr_format: int = 3) -> None:
+    """Coordinates (xarray's CF encoding; valid_time = time + prediction_timedelta as WeatherBench 2
+    has it) and empty float32 arrays without the truth's value attributes (actual_range, ...); a chunk
+    is one init x leads_per_chunk leads x the full grid (and all levels). zarr_format 2 for older readers."""
     import xarray as xr
     import zarr
 
     d, ds = job.data.dims, data.ds
     lat = np.asarray(ds[d.latitude].values)  # the data set's order (the reader serves north to south)
-    coords = {TIME: inits, LEAD: leads, LAT: (LAT, lat, _attrs(ds[d.latitude].attrs)),
+    coords = {TIME: inits, LEAD: leads, VALID: ((TIME, LEAD), np.add.outer(inits.values, leads.values)),
+              LAT: (LAT, lat, _attrs(ds[d.latitude].attrs)),
               LON: (LON, np.asarray(ds[d.longitude].values), _attrs(ds[d.longitude].attrs))}
     levels = job.model.channels.levels
     if job.model.channels.atmospheric:
@@ -70,15 +77,20 @@ def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, at
         coords[LEVEL] = (LEVEL, np.array([job.data.level(lev) for lev in levels], dtype=lev_coord.dtype),
                          _attrs(lev_coord.attrs))
     shutil.rmtree(path, ignore_errors=True)
-    xr.Dataset(coords=coords, attrs=attrs).to_zarr(path, mode="w", consolidated=False)
-    group = zarr.open_group(str(path), mode="r+")
+    xr.Dataset(coords=coords, attrs=attrs).to_zarr(path, mode="w", consolidated=False, zarr_format=zarr_format)
+    group = zarr.open_group(str(path), mode="r+", zarr_format=zarr_format)
     H, W = job.model.grid
     lc = leads_per_chunk(job, len(leads))
     for var in output_variables(job):
         dims = [TIME, LEAD] + ([LEVEL] if var.levels else []) + [LAT, LON]
         shape = [len(inits), len(leads)] + ([len(levels)] if var.levels else []) + [H, W]
-        group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
-                           dimension_names=dims, attributes=_attrs(ds[var.name].attrs))
+        attributes = _attrs(ds[var.name].attrs, STALE_ATTRS)
+        if zarr_format == 2:  # xarray's dimension names in format 2
+            group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
+                               attributes={**attributes, "_ARRAY_DIMENSIONS": dims})
+        else:
+            group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
+                               dimension_names=dims, attributes=attributes)
 
 
 class StoreWriter:
@@ -113,7 +125,15 @@ def partial_path(out: str | Path) -> Path:
 
 
 def publish(partial: Path, out: Path) -> None:
-    """Replace `out` (if it exists) with the complete store built at `partial`."""
+    """Consolidate the metadata of the complete store built at `partial` (readers open it with one
+    request, xr.open_zarr's default) and replace `out` (if it exists) with it."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # zarr 3 notes that consolidated metadata is not yet in the v3 spec
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(partial))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -124,6 +144,7 @@ def store_attributes(job: Job, mode: str, per_encode: int) -> dict:
     return {"title": "WeatherMixer forecast", "source_checkpoint": str(job.checkpoint.resolve()),
             "checkpoint_step": int(job.info.get("step", -1)), "forecast_mode": mode,
             "latent_steps_per_encode": per_encode, "dt_hours": job.data.dt_hours,
+            "reencode_default_from": job.reencode_origin or "the trained rollout length",
             "initial_conditions": job.data.path, "trained_rollout_mode": job.rollout_mode,
             "normalisation_statistics": job.stats_origin,
             "created_by": "python -m weathermixer.forecast"}

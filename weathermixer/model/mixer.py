@@ -3,12 +3,15 @@
 The model reads like the paper; parallelism lives in the layers (jigsaw_ext.layers). Activations
 are blocks: (batch, tokens of this rank's latitude band, features of this rank's TP slice).
 On the 1x1x1 mesh every collective is the identity and this is a plain MLP-Mixer.
+With model.history = h the embedding takes the states t - h dt .. t as h + 1 input segments (the
+residual and the blend head use the state at t).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
 from jigsaw_ext.layers import BlockLinear, DistLayerNorm
@@ -66,6 +69,11 @@ class BlendHead(nn.Module):
         return self.mix(*self.norm(self.norm_pred(pred), fields)).movedim(-1, 1)
 
 
+def next_window(window: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
+    """The input window (B, h + 1, C, rows, lon) one step on: drop the oldest state, append `new_state`."""
+    return torch.cat([window[:, 1:], new_state.unsqueeze(1)], dim=1)
+
+
 class WeatherMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, device=None, dtype=None):
         super().__init__()
@@ -75,7 +83,8 @@ class WeatherMixer(nn.Module):
         kw = dict(device=device, dtype=dtype)
         ch = cfg.channels
         features = geo.feature_split(cfg.hidden)
-        inputs = [geo.patch_feature_split(ch.n_fields)] + (
+        # one input segment per time (t - history*dt .. t), then the static channels
+        inputs = [geo.patch_feature_split(ch.n_fields)] * (cfg.history + 1) + (
             [geo.patch_feature_split(ch.n_static)] if ch.n_static else [])
         patch_out = geo.patch_feature_split(ch.n_fields)
 
@@ -89,38 +98,61 @@ class WeatherMixer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None, steps: int | None = None,
-                every_lead: bool = False, autoregressive: bool = False):
+                every_lead: bool = False, autoregressive: bool = False, checkpoint: bool = False):
         """Forecast `steps` time steps (default cfg.rollout) ahead of the state `fields`: the last lead,
         or the list of every lead. The one entry point, so a DeepSpeed engine wraps every use.
 
         Latent rollout: embed once, apply the block stack `steps` times, decode each lead.
-        autoregressive: each decoded lead is fed back in as the next input (one step at a time).
-        fields: (B, n_fields_local, rows_local, lon) this rank's block; static likewise."""
+        autoregressive: each decoded lead is fed back in as the next input (one step at a time; with
+        history the input window moves on by one state).
+        fields: (B, n_fields_local, rows_local, lon) this rank's block, or with model.history = h
+        (B, h + 1, n_fields_local, rows_local, lon) ordered t - h dt .. t; static like the former.
+        checkpoint: keep only each rollout step's input for backward and recompute the step's
+        activations there (activation checkpointing across rollout steps: memory of one step, about
+        one more forward of the block stack in compute)."""
         if autoregressive:
             leads, x = [], fields
             for _ in range(steps or 1):
-                x = self.forecast_leads(x, static, 1)[0]
-                leads.append(x)
+                y = self.forecast_leads(x, static, 1, checkpoint=checkpoint)[0]
+                leads.append(y)
+                x = next_window(x, y) if self.cfg.history else y
         else:
-            leads = self.forecast_leads(fields, static, steps, every_lead)
+            leads = self.forecast_leads(fields, static, steps, every_lead, checkpoint)
         return leads if every_lead else leads[-1]
 
-    def forecast_leads(self, fields, static=None, steps=None, every_lead=True) -> list[torch.Tensor]:
+    def forecast_leads(self, fields, static=None, steps=None, every_lead=True,
+                       checkpoint: bool = False) -> list[torch.Tensor]:
         """Latent rollout: embed once, apply the block stack `steps` times, decode each lead
         (or only the last one)."""
         steps = steps or self.cfg.rollout
         if (static is None) != (self.cfg.channels.n_static == 0):
             raise ValueError(f"model expects {self.cfg.channels.n_static} static channels "
                              f"(model.channels.static), got {'none' if static is None else 'a tensor'}")
-        inputs = [self.geo.patchify(fields)] + ([self.geo.patchify(static)] if static is not None else [])
+        states = self._states(fields)
+        inputs = [self.geo.patchify(x) for x in states] + ([self.geo.patchify(static)] if static is not None else [])
         z0 = self.embed(*inputs)
         z, leads = z0, []
         for step in range(1, steps + 1):
-            for block in self.blocks:
-                z = block(z)
+            z = torch_checkpoint(self.block_stack, z, use_reentrant=False) if checkpoint else self.block_stack(z)
             if every_lead or step == steps:
-                leads.append(self.decode(z, z0, fields))
+                leads.append(self.decode(z, z0, states[-1]))
         return leads
+
+    def block_stack(self, z):
+        for block in self.blocks:
+            z = block(z)
+        return z
+
+    def _states(self, fields) -> list[torch.Tensor]:
+        """The input states t - h dt .. t as a list of (B, C, rows, lon) blocks."""
+        h = self.cfg.history
+        if h == 0 and fields.dim() == 4:
+            return [fields]
+        if fields.dim() != 5 or fields.shape[1] != h + 1:
+            raise ValueError(f"model.history={h} expects fields of shape (batch, {h + 1} times, channels, rows, "
+                             f"lon)" + (" or (batch, channels, rows, lon)" if h == 0 else "")
+                             + f", got {tuple(fields.shape)} (data.history must match model.history)")
+        return list(fields.unbind(1))
 
     def decode(self, z, z0, fields):
         pred = self.geo.unpatchify(self.recovery(self.norm(z), z0))
@@ -142,7 +174,7 @@ def num_parameters(cfg: ModelConfig) -> int:
     g = Geometry(cfg, Mesh.single())
     T, D, Hs, Hc, P = g.tokens, cfg.hidden, g.token_hidden, g.channel_hidden, g.patch_pixels
     C, S = cfg.channels.n_fields, cfg.channels.n_static
-    embed = (C + S) * P * D + D
+    embed = ((cfg.history + 1) * C + S) * P * D + D
     block = 2 * T * Hs + Hs + 2 * D * Hc + Hc + D + 4 * D  # the paper's count has + T (see MixerBlock)
     recovery = 2 * D * C * P + C * P
     head = 0 if cfg.head == "tendency" else 2 * C + 4 * C + 2 * C * C + C
@@ -158,7 +190,7 @@ def flops_per_sample(cfg: ModelConfig, steps: int | None = None, all_leads: bool
     T, D, Hs, Hc, P = g.tokens, cfg.hidden, g.token_hidden, g.channel_hidden, g.patch_pixels
     C, S = cfg.channels.n_fields, cfg.channels.n_static
     pixels = cfg.grid[0] * cfg.grid[1]
-    embed = 2 * T * (C + S) * P * D
+    embed = 2 * T * ((cfg.history + 1) * C + S) * P * D
     block = 4 * T * D * Hs + 4 * T * D * Hc
     decode = 2 * T * 2 * D * C * P + (0 if cfg.head == "tendency" else 2 * pixels * 2 * C * C)
     return embed + steps * cfg.blocks * block + (steps if all_leads else 1) * decode

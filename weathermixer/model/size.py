@@ -1,7 +1,7 @@
 """Exact size of a WeatherMixer and each rank's share on a mesh, without allocating it.
 
     python -m weathermixer.size --preset jigsaw_3b --domain 2 --tp 4
-    python -m weathermixer.size --config deepspeed_configs/quickstart_cpu.json
+    python -m weathermixer.size --config deepspeed_configs/quickstart_cpu.json   # on the job's mesh
 
 The model is built on the meta device once per rank of a model group (no memory, no processes).
 """
@@ -43,13 +43,16 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))
     src.add_argument("--config", help="job JSON file (its weathermixer.model section)")
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--domain", type=int, default=1)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp", type=int, help="default: the job's mesh.dp with --config, else 1")
+    ap.add_argument("--domain", type=int, help="default: the job's mesh.domain with --config, else 1")
+    ap.add_argument("--tp", type=int, help="default: the job's mesh.tp with --config, else 1")
     args = ap.parse_args(argv)
     try:
-        cfg = PRESETS[args.preset] if args.preset else load_job(args.config).model
-        report = size_report(cfg, MeshConfig(dp=args.dp, domain=args.domain, tp=args.tp))
+        job = load_job(args.config) if args.config else None
+        cfg = job.model if job else PRESETS[args.preset]
+        base = job.mesh if job else MeshConfig()
+        given = {k: getattr(args, k) for k in ("dp", "domain", "tp") if getattr(args, k) is not None}
+        report = size_report(cfg, MeshConfig(**{**base.model_dump(), **given}))
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import pandas as pd
 
@@ -49,6 +49,17 @@ class TrainConfig(_Strict):
         default_factory=lambda: [ParamGroupRule(match=["*.bias", "*norm*"], weight_decay=0.0)],
         description="AdamW groups (per-group lr scale, weight decay); unmatched parameters form the "
                     "default group")
+    curriculum: list[tuple[int, int]] = Field(
+        default_factory=list, description="rollout curriculum [[first step, K], ...]: from that step on, leads "
+                                          "are drawn from 1..K (or K with random_rollout=false); the largest K "
+                                          "is the rollout the data serves; [] = train.rollout throughout")
+    lead_weights: list[float] | None = Field(
+        None, description="loss weight of lead 1..K (length = the largest K); a step with k leads averages "
+                          "them with weights w_1..w_k / sum(w_1..w_k); null = equal weights")
+    checkpoint_rollout: bool = Field(
+        False, description="activation checkpointing across rollout steps: keep only each step's input "
+                           "for backward and recompute the block stack there (memory of one step; about "
+                           "+1 forward of the blocks per step in compute; ZeRO 0-2)")
     stop_after: int | None = Field(None, ge=1, description="end this run after this many steps with a "
                                                             "checkpoint (e.g. a batch-job time limit); "
                                                             "rerun to continue the same schedule")
@@ -74,6 +85,12 @@ class ValidationConfig(_Strict):
     every: int = Field(0, ge=0, description="steps between validations (0 = only at the end)")
     samples: int = Field(32, ge=1, description="held-out samples per validation")
     batch: int = Field(8, ge=1, description="samples per validation forward pass")
+    reencode_candidates: list[int] | None = Field(
+        None, description="latent steps per encode tried for the forecast's default at the end of training "
+                          "(null = 1, 2, 4, .. and K); the best is written to <checkpoint dir>/"
+                          "forecast_defaults.json")
+    reencode_steps: int | None = Field(None, ge=1, description="forecast steps the candidates are scored over "
+                                                                "(null = 4 K); [] candidates or 0 samples: off")
     variables: list[str] | None = Field(
         None, description="headline channels reported in physical units (model channel names or z500, "
                           "t850, t2m, u10...); null = those of z500, t850, t2m, u10 present, else the first 4")
@@ -149,7 +166,30 @@ class TrainJobConfig(JobConfig):
 
     @property
     def rollout(self) -> int:
+        """The most leads trained from one sample (what the data serves and validation scores)."""
+        if self.train.curriculum:
+            return max(k for _, k in self.train.curriculum)
         return self.train.rollout or self.model.rollout
+
+    def rollout_cap(self, step: int) -> int:
+        """K at `step`: the curriculum stage's K (the last stage starting at or before it), else the rollout."""
+        stages = [k for first, k in sorted(self.train.curriculum) if first <= step]
+        return stages[-1] if stages else (min(k for _, k in self.train.curriculum) if self.train.curriculum
+                                          else self.rollout)
+
+    @model_validator(mode="after")
+    def _check_rollout(self):
+        tc = self.train
+        if any(first < 1 or k < 1 for first, k in tc.curriculum):
+            raise ValueError(f"train.curriculum {tc.curriculum}: every stage is [first step >= 1, K >= 1]")
+        if tc.curriculum and tc.rollout and tc.rollout != self.rollout:
+            raise ValueError(f"train.rollout={tc.rollout} but the largest K of train.curriculum is {self.rollout}: "
+                             f"set one of them")
+        if tc.lead_weights is not None:
+            if len(tc.lead_weights) != self.rollout or min(tc.lead_weights) < 0 or sum(tc.lead_weights) <= 0:
+                raise ValueError(f"train.lead_weights has {len(tc.lead_weights)} value(s); expected {self.rollout} "
+                                 f"non-negative weights (one per lead 1..{self.rollout}) with a positive sum")
+        return self
 
 
 # CLI flag -> path inside the "weathermixer" section

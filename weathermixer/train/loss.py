@@ -106,3 +106,11 @@ def per_channel_sse(pred: torch.Tensor, target: torch.Tensor, lat_weights_local:
     """sum_{b,lat,lon} w_lat (pred - target)^2 per local channel, in float64."""
     w = lat_weights_local.double().view(1, 1, -1, 1)
     return (w * (pred.double() - target.double()).square()).sum(dim=(0, 2, 3))
+
+
+def lead_weights(weights: list[float] | None, k: int) -> list[float]:
+    """Weights of leads 1..k in a step with k leads: train.lead_weights[:k] normalised to sum 1
+    (equal weights when None or when the first k are all zero)."""
+    w = [1.0] * k if weights is None else [float(x) for x in weights[:k]]
+    total = sum(w)
+    return [x / total for x in w] if total > 0 else [1.0 / k] * k
