@@ -33,6 +33,7 @@ SCRIPTS = {
     "weathermixer-evaluate": "weathermixer.evaluation.evaluate:main",
     "weathermixer-scorecard": "weathermixer.evaluation.scorecard:main",
     "weathermixer-size": "weathermixer.model.size:main",
+    "weathermixer-plan": "weathermixer.plan:main",
     "weathermixer-selfcheck": "weathermixer.selfcheck:main",
     "jigsaw-selfcheck": "jigsaw_ext.selfcheck:main",
     "jigsaw-checkpoint": "jigsaw_ext.checkpoint:main",
@@ -89,6 +90,8 @@ def test_wheel_holds_every_module_and_job_file(installed_wheel):
     assert not expected - shipped, f"modules missing from the wheel: {sorted(expected - shipped)}"
     jobs = sorted(p.name for p in (ROOT / "deepspeed_configs").glob("*.json"))
     assert sorted(p.name for p in (site / "weathermixer" / "job_files").glob("*.json")) == jobs
+    profiles = sorted(p.name for p in (ROOT / "jigsaw_ext" / "plan" / "profiles").glob("*.json"))
+    assert profiles and sorted(p.name for p in (site / "jigsaw_ext" / "plan" / "profiles").glob("*.json")) == profiles
     assert not (site / "deepspeed_configs").exists() and not (site / "tests").exists()
 
     # entry_points.txt of the wheel: exactly the documented console scripts

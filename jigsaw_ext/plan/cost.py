@@ -162,17 +162,31 @@ def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, floa
             "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar}}
 
 
+def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
+    """What the communication library holds: its per-process state once a collective ran, plus its
+    workspace for the largest buffer (a model collective, or a ZeRO gradient bucket)."""
+    work = [hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1]
+    if cand.dp > 1:  # ZeRO's gradient all-reduce of one bucket
+        work.append(hw.comm_workspace.get("all_reduce", 0.0) *
+                    min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS) * BYTES[cand.dtype])
+    if not work:
+        return 0.0
+    return hw.comm_memory_GB * 1e9 + max(work)
+
+
 def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
     p, n, b = trace.param_count, cand.dp, BYTES[cand.dtype]
     mixed = cand.dtype != "float32"
     shard = lambda stage: n if cand.zero >= stage else 1  # noqa: E731
     out = {
         "parameters": p * b / shard(3),
-        "gradients": p * b / shard(2) + (p * 4 / n if mixed and cand.zero >= 1 else 0),
         "optimizer": p * (ADAM_STATE_BYTES + (MASTER_BYTES if mixed else 0)) / shard(1),
+        "fp32_gradient_partition": p * 4 / n if mixed and cand.zero >= 1 else 0,
         "buckets": min(p, DEEPSPEED_BUCKET_ELEMENTS) * b if cand.zero in (1, 2) and n > 1 else 0,
-        "activations": trace.saved_bytes,
-        "transient": trace.peak_transient_bytes,
+        # peak of everything the forward and backward create: activations, transient buffers
+        # (gathered weights, partial sums, padded send buffers) and the local gradients
+        "step_tensors": trace.peak_live_bytes,
+        "communication": _comm_memory(hw, cand, trace),
     }
     out = {k: v / 1e9 for k, v in out.items()}
     out["reserved"] = hw.memory_reserved_GB

@@ -55,6 +55,12 @@ class Hardware(_Strict):
     memory_reserved_GB: float = Field(1.0, description="runtime context, allocator slack, NCCL buffers")
     memory_GBps: float = Field(description="device memory bandwidth")
     elementwise_efficiency: float = Field(0.6, gt=0, le=1, description="fraction of memory_GBps elementwise ops reach")
+    comm_memory_GB: float = Field(0.0, ge=0, description="memory the communication library keeps per process once "
+                                                          "collectives ran")
+    comm_workspace: dict[Literal["all_gather", "reduce_scatter", "all_reduce"], float] = Field(
+        default_factory=dict, description="transient memory of a collective per byte of its buffer (all-gather "
+                                          "output, reduce-scatter input, all-reduce tensor): gloo's copies; NCCL works "
+                                          "in its own fixed buffers (0)")
     intra: Tier
     inter: Tier
     io_GBps_per_node: float | None = Field(None, description="read bandwidth of training data per node (None: not modelled)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -101,6 +102,7 @@ class StepTrace:
     param_count: int = 0
     param_numels: list = field(default_factory=list)        # elements of each local parameter
     peak_transient_bytes: int = 0                            # largest op output + collective buffers
+    peak_live_bytes: int = 0      # peak of all tensors the step creates (activations, transients, gradients)
 
     def bytes_by_kind(self, axes=None) -> Counter:
         out = Counter()
@@ -191,10 +193,36 @@ def _tensors(xs):
             yield from _tensors(x)
 
 
+class _LiveMemory:
+    """Bytes of the tensor storages alive during a traced step, and their peak: every operator's
+    outputs are counted from their creation until the last tensor on their storage is freed (a
+    finalizer per tensor object; PyTorch keeps a tensor's Python object as long as the tensor
+    itself lives, so tensors held only by autograd or `.grad` stay counted)."""
+
+    def __init__(self):
+        self.bytes, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def add(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key not in self.refs:
+            self.refs[key], self.bytes[key] = 0, t.untyped_storage().nbytes()
+            self.now += self.bytes[key]
+            self.peak = max(self.peak, self.now)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.now -= self.bytes.pop(key)
+            del self.refs[key]
+
+
 class _OpRecorder(TorchDispatchMode):
     def __init__(self, recorder: _Recorder):
         super().__init__()
         self.recorder = recorder
+        self.live = _LiveMemory()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -210,6 +238,9 @@ class _OpRecorder(TorchDispatchMode):
         outs = list(_tensors([out]))
         if outs:
             trace.peak_transient_bytes = max(trace.peak_transient_bytes, max(_nbytes(t) for t in outs))
+        for t in outs:
+            self.live.add(t)
+        trace.peak_live_bytes = self.live.peak
         return out
 
 
@@ -279,4 +310,5 @@ def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTr
                                for p in set(one.other_bytes) | set(two.other_bytes)})
     out.saved_bytes = lin(one.saved_bytes, two.saved_bytes)
     out.peak_transient_bytes = lin(one.peak_transient_bytes, two.peak_transient_bytes)
+    out.peak_live_bytes = lin(one.peak_live_bytes, two.peak_live_bytes)
     return out
