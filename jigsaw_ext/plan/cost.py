@@ -165,13 +165,15 @@ def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, floa
 def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
     """What the communication library holds: its per-process state once a collective ran, plus its
     workspace for the largest buffer (a model collective, or a ZeRO gradient bucket)."""
-    work = [hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1]
+    work = sorted(hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1)
     if cand.dp > 1:  # ZeRO's gradient all-reduce of one bucket
         work.append(hw.comm_workspace.get("all_reduce", 0.0) *
                     min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS) * BYTES[cand.dtype])
     if not work:
         return 0.0
-    return hw.comm_memory_GB * 1e9 + max(work)
+    # at most two collectives are in flight at once: a gathered linear's backward re-gathers its
+    # weight while its weight gradient is reduce-scattered (jigsaw_ext.collectives._GatheredLinear)
+    return hw.comm_memory_GB * 1e9 + sum(sorted(work)[-2:])
 
 
 def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
