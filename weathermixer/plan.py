@@ -53,9 +53,8 @@ class WeatherPlanModel:
     def _inputs(self, model: WeatherMixer, mesh: Mesh, batch: int, dtype):
         geo, ch = model.geo, self.cfg.channels
         fields = torch.empty(geo.grid_layout(ch.n_fields, batch).local_shape(mesh.coords), device="meta", dtype=dtype)
-        history = getattr(self.cfg, "history", 0)
-        if history:
-            fields = fields.unsqueeze(1).expand(-1, history + 1, -1, -1, -1)
+        if self.cfg.history:
+            fields = fields.unsqueeze(1).expand(-1, self.cfg.history + 1, -1, -1, -1)
         static = torch.empty(geo.grid_layout(ch.n_static, batch).local_shape(mesh.coords), device="meta",
                              dtype=dtype) if ch.n_static else None
         return fields, static
@@ -71,7 +70,7 @@ class WeatherPlanModel:
         """Input state(s), static fields and the target(s) of this rank's block, float32 on disk."""
         geo, ch = Geometry(self.cfg, Mesh.virtual(mesh)), self.cfg.channels
         rows, lon = geo.pixel_row_split.size(0), self.cfg.grid[1]
-        channels = geo.channel_split(ch.n_fields).size(0) * (getattr(self.cfg, "history", 0) + 1 + self.rollout) \
+        channels = geo.channel_split(ch.n_fields).size(0) * (self.cfg.history + 1 + self.rollout) \
             + geo.channel_split(ch.n_static).size(0)
         return micro_batch * channels * rows * lon * DATA_BYTES
 

@@ -18,7 +18,7 @@ layers do today; see jigsaw_ext.collectives):
   DeepSpeed overlaps it (`overlap_comm`, on by default for stage 3 and set by `plan` for 1/2);
   ZeRO-0's all-reduce runs after backward -> exposed. ZeRO-3's parameter gathers are prefetched:
   hidden behind the forward/backward computation up to its duration;
-- reading the next batch from storage (data loader prefetch): hidden behind the step;
+- reading the next batch from storage (data loader prefetch): hidden behind the step (not modelled);
 - copying the batch from host to device: NOT hidden (today's trainer copies it synchronously from
   pageable memory; `host_to_device_GBps` of a profile is fitted to measured train.py steps).
 
@@ -230,10 +230,6 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
             dp_t[tier] += reps * exposed
     opt_params = trace.param_count / (cand.dp if cand.zero >= 1 else 1)
     optimizer = opt_params * OPTIMIZER_PASSES_BYTES / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
-    io = 0.0
-    if hw.io_GBps_per_node and read_bytes_per_micro:
-        per_rank = hw.io_GBps_per_node * 1e9 / min(hw.devices_per_node, cand.world)
-        io = max(0.0, read_bytes_per_micro / per_rank - (compute + mp["intra"] + mp["inter"]))
     h2d = read_bytes_per_micro / (hw.host_to_device_GBps * 1e9) if hw.host_to_device_GBps else 0.0
     seconds = {
         "compute": cand.accumulation * compute,
@@ -241,7 +237,6 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
         "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"],
         "inter_comm": cand.accumulation * mp["inter"] + dp_t["inter"],
         "optimizer": optimizer,
-        "io": cand.accumulation * io,
     }
     step = sum(seconds.values())
     mem = memory_GB(hw, cand, trace)
@@ -251,7 +246,7 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
     mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * peak)
     parts = {"compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
              "intra-node comm": seconds["intra_comm"],
-             "inter-node comm": seconds["inter_comm"], "io": seconds["io"]}
+             "inter-node comm": seconds["inter_comm"]}
     bottleneck = "memory" if not fits else max(parts, key=parts.get)
     return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem,
                     comm_bytes)

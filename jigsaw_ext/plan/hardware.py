@@ -15,7 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 PROFILES = Path(__file__).with_name("profiles")
-KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
 class _Strict(BaseModel):
@@ -63,7 +62,6 @@ class Hardware(_Strict):
                                           "in its own fixed buffers (0)")
     intra: Tier
     inter: Tier
-    io_GBps_per_node: float | None = Field(None, description="read bandwidth of training data per node (None: not modelled)")
     host_to_device_GBps: float | None = Field(
         None, description="effective copy rate of a batch from the loader (host) to the device, not overlapped "
                           "with compute by today's trainer (None: not modelled)")
@@ -102,10 +100,6 @@ class Hardware(_Strict):
         # a smaller product than the nearest measured one cannot run faster per FLOP
         scale = min(1.0, (m * n * k) / (best.m * best.n * best.k)) ** 0.25 if dist(best) > 0.5 else 1.0
         return best.tflops * scale
-
-    def tier(self, group_span: int) -> Tier:
-        """The tier a group whose ranks span `group_span` consecutive global ranks uses."""
-        return self.intra if group_span <= self.devices_per_node else self.inter
 
 
 def load_hardware(name_or_path: str) -> Hardware:

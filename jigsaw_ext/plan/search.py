@@ -4,7 +4,6 @@ A model package describes its model with a `PlanModel`; nothing here knows what 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -125,7 +124,3 @@ class Planner:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -17,7 +17,6 @@ recorded is therefore what the layers themselves issue (the same code path, padd
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import weakref
 from collections import Counter
@@ -278,16 +277,6 @@ def trace_step(model: nn.Module, step: Callable[[nn.Module], torch.Tensor]) -> S
         recorder.phase = "backward"
         loss.backward()
     return trace
-
-
-def matmul_shape_key(m: Matmul) -> tuple[int, int, int]:
-    """(M, N, K) with a batched product folded into M (the GEMM a library would run)."""
-    return (m.batch * m.m, m.n, m.k) if m.batch > 1 else (m.m, m.n, m.k)
-
-
-def geometric_mean(xs) -> float:
-    xs = [x for x in xs if x > 0]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
 
 
 def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTrace:
