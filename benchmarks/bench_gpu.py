@@ -125,7 +125,7 @@ def bench_layer_norm() -> list[dict]:
             F.layer_norm(x, (d,), w, b).backward(g)
 
         def split():  # the multi-segment path the layers take when features are split over TP
-            split_layer_norm([x], [w], [b], None, d, 1e-5, torch.bfloat16)[0].backward(g)
+            split_layer_norm([x], [w], [b], None, [d], 1e-5, torch.bfloat16)[0].backward(g)
         tf, ts = cuda_time(fused), cuda_time(split)
         out.append({"rows": rows, "features": d, "fused_ms": tf * 1e3, "split_ms": ts * 1e3, "split_over_fused": ts / tf})
     return out

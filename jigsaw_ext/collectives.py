@@ -6,14 +6,20 @@ transposes of the forward maps:
 
     forward                          backward
     copy_to(param, g)   identity     all-reduce over g   (a parameter replicated over g is ONE
-                                                           logical variable: its gradient is the sum)
+                                                           logical variable: its gradient is the sum;
+                                                           inside an open bucket one flat all-reduce
+                                                           per group for all of them, once per backward)
     reduce_scatter(x)   reduce-scat. all-gather
     all_gather(x)       all-gather   reduce-scatter
-    split_layer_norm    all-reduce of the row statistics   all-reduce of the two row sums of the
-                                                              input gradient
+    sum_partials(x)     all-reduce   all-reduce          (partial sums -> the sum, replicated over g)
+    split_layer_norm    one all-gather of every rank's    all-reduce of the two row sums of the
+                        row (mean, M2) (Chan's combination) input gradient
     gathered_linear(x, w_block)      y = x @ all_gather(w_block)^T;  backward re-gathers the weight
                                       (nothing gathered is kept alive) and reduce-scatters dL/dW
                                       back to the block owner (all-reduce in replicated mode)
+
+Reductions of gradients (weight gradients, small-parameter buckets) accumulate in fp32 whatever the
+parameter dtype (Megatron's grad_reduce_in_fp32); activations move in the dtype they are computed in.
 
 Shards may be uneven (and empty): the collectives pad every shard to the largest one inside the
 collective, so gloo (which rejects uneven all_gather lists) and NCCL take the same path. A group of
@@ -22,8 +28,10 @@ Layers never call torch.distributed directly; everything goes through this modul
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,7 +129,7 @@ class _CopyTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
+        return start_all_reduce(grad.to(torch.float32, copy=True), ctx.group, async_op=False).wait().to(grad.dtype), None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -146,9 +154,76 @@ class _AllGather(torch.autograd.Function):
         return _scatter_dim(grad, *ctx.args), None, None, None
 
 
+class _CopyToMany(torch.autograd.Function):
+    """copy_to of several parameters replicated over one group: their gradients are flattened into
+    one fp32 buffer and summed in ONE all-reduce, when the last of them is complete (autograd runs
+    this node's backward once every use of every view has contributed, i.e. at the end of the
+    backward pass)."""
+
+    @staticmethod
+    def forward(ctx, group, *params):
+        ctx.group = group
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = start_all_reduce(flat, ctx.group, async_op=False).wait()
+        out, offset = [], 0
+        for g in grads:
+            out.append(flat[offset: offset + g.numel()].view_as(g).to(g.dtype))
+            offset += g.numel()
+        return (None, *out)
+
+
+_BUCKET: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jigsaw_bucket", default=None)
+
+
+def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
+    """From now until `close_bucket()`, `copy_to(p, group)` of each listed (parameter, group) returns
+    a view made by one `_CopyToMany` per group, so the gradients of all of them are summed in one
+    collective per group per backward instead of one per use (jigsaw_ext.layers.bucket_small_gradients
+    opens it around a model's forward)."""
+    by_group: dict[int, tuple[object, list]] = {}
+    for p, group in shared:
+        if group is not None:
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+    views = {}
+    for group, params in by_group.values():
+        for p, v in zip(params, _CopyToMany.apply(group, *params)):
+            views[(id(p), id(group))] = v
+    _BUCKET.set(views)
+
+
+def close_bucket() -> None:
+    _BUCKET.set(None)
+
+
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
     """Mark `x` (a parameter replicated over `group`) as one logical variable: gradients are summed."""
-    return x if group is None else _CopyTo.apply(x, group)
+    if group is None:
+        return x
+    views = _BUCKET.get()
+    if views is not None and (id(x), id(group)) in views:
+        return views[(id(x), id(group))]
+    return _CopyTo.apply(x, group)
+
+
+class _SumPartials(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return start_all_reduce(x.clone(), group, async_op=False).wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return start_all_reduce(grad.clone(), ctx.group, async_op=False).wait(), None
+
+
+def sum_partials(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum over `group` of every rank's partial `x`, on every rank (forward all-reduce; under the
+    sum-of-local-losses convention its dual is again an all-reduce)."""
+    return x if group is None else _SumPartials.apply(x, group)
 
 
 def reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:
@@ -203,13 +278,13 @@ class _GatheredLinear(torch.autograd.Function):
         pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x) else None
         rows = math.prod(grad.shape[:-1])
         grad_w = grad.reshape(rows, grad.shape[-1]).t().mm(x.to(grad.dtype).reshape(rows, x.shape[-1]))
-        grad_w = grad_w.to(w_block.dtype)
+        grad_w = grad_w.float()  # summed over the group in fp32 (a bf16 sum of partials loses bits)
         pending_gw = (start_reduce_scatter(grad_w, group, sizes) if gather
                       else start_all_reduce(grad_w, group))
         grad_x = None
         if need_x:
             grad_x = grad.matmul(pending_w.wait() if gather else w_compute).to(x.dtype)
-        return grad_x, pending_gw.wait(), None, None, None
+        return grad_x, pending_gw.wait().to(w_block.dtype), None, None, None
 
 
 def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
@@ -228,36 +303,53 @@ def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
     return x if group is None else start_all_reduce(x, group, async_op=False).wait()
 
 
+def _row_stats(xs: Sequence[torch.Tensor], counts: Sequence[int], group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) over the full feature axis of every row, from ONE all-gather of each rank's
+    row (mean, M2) combined with Chan et al.'s pairwise formula: as stable as a two-pass variance
+    (no sum-of-squares cancellation), one collective instead of two. counts[r]: features on rank r."""
+    acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+    n_local = sum(x.shape[-1] for x in acc)
+    mean = sum(x.sum(-1, keepdim=True) for x in acc) / max(n_local, 1)
+    m2 = sum((x - mean).square().sum(-1, keepdim=True) for x in acc)
+    if group is None:
+        return mean, m2 / n_local
+    stats = _gather_dim(torch.cat([mean, m2], dim=-1), group, [2] * len(counts), -1)
+    stats = stats.view(*stats.shape[:-1], len(counts), 2)
+    c = torch.tensor(counts, dtype=stats.dtype, device=stats.device)
+    total = float(sum(counts))
+    means, m2s = stats[..., 0], stats[..., 1]
+    full_mean = (means * c).sum(-1, keepdim=True) / total
+    full_m2 = m2s.sum(-1, keepdim=True) + ((means - full_mean).square() * c).sum(-1, keepdim=True)
+    return full_mean, full_m2 / total
+
+
 class _SplitLayerNorm(torch.autograd.Function):
     """LayerNorm over a feature axis whose segments are split over `group`: statistics over all
-    features, combined across ranks. Saves only the normalised input and 1/std (as F.layer_norm
-    does). Forward: two all-reduces (mean, then variance of the centred input: no cancellation);
-    backward: one all-reduce of the two row sums the input gradient needs."""
+    features, combined across ranks. Saves what F.layer_norm saves: the input (in its own dtype),
+    the row mean and 1/std; the normalised input is recomputed in backward. Forward: one all-gather
+    of the row statistics; backward: one all-reduce of the two row sums the input gradient needs."""
 
     @staticmethod
-    def forward(ctx, group, n, eps, out_dtype, n_seg, *tensors):
+    def forward(ctx, group, counts, eps, out_dtype, n_seg, *tensors):
         xs, ws, bs = tensors[:n_seg], tensors[n_seg:2 * n_seg], tensors[2 * n_seg:]
-        acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
-        mean = _sum_over(sum(x.sum(-1, keepdim=True) for x in acc), group) / n
-        centred = [x - mean for x in acc]
-        var = _sum_over(sum(c.square().sum(-1, keepdim=True) for c in centred), group) / n
+        mean, var = _row_stats(xs, counts, group)
         inv = torch.rsqrt(var + eps)
-        normed = [c.mul_(inv) for c in centred]
-        ctx.save_for_backward(inv, *normed, *ws)
-        ctx.args = (group, n, n_seg, [x.dtype for x in xs])
-        return tuple((h * w + b).to(out_dtype) for h, w, b in zip(normed, ws, bs))
+        ctx.save_for_backward(mean, inv, *xs, *ws)
+        ctx.args = (group, sum(counts), n_seg)
+        return tuple(((x.to(mean.dtype) - mean) * inv * w + b).to(out_dtype) for x, w, b in zip(xs, ws, bs))
 
     @staticmethod
     def backward(ctx, *grads):
-        group, n, n_seg, x_dtypes = ctx.args
-        inv, *rest = ctx.saved_tensors
-        normed, ws = rest[:n_seg], rest[n_seg:]
+        group, n, n_seg = ctx.args
+        mean, inv, *rest = ctx.saved_tensors
+        xs, ws = rest[:n_seg], rest[n_seg:]
+        normed = [(x.to(mean.dtype) - mean) * inv for x in xs]
         g_hat = [g.to(h.dtype) * w for g, h, w in zip(grads, normed, ws)]
         sums = torch.cat([sum(g.sum(-1, keepdim=True) for g in g_hat),
                           sum((g * h).sum(-1, keepdim=True) for g, h in zip(g_hat, normed))], dim=-1)
         sums = _sum_over(sums, group) / n
         mean_g, mean_gh = sums[..., :1], sums[..., 1:]
-        dxs = [(inv * (g - mean_g - h * mean_gh)).to(dt) for g, h, dt in zip(g_hat, normed, x_dtypes)]
+        dxs = [(inv * (g - mean_g - h * mean_gh)).to(x.dtype) for g, h, x in zip(g_hat, normed, xs)]
         lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         dws = [(lead(g.to(h.dtype)) * lead(h)).sum(0).to(w.dtype) for g, h, w in zip(grads, normed, ws)]
         dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(grads, ws)]
@@ -265,7 +357,7 @@ class _SplitLayerNorm(torch.autograd.Function):
 
 
 def split_layer_norm(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
-                     group, n: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+                     group, counts: Sequence[int], eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """LayerNorm of the concatenation of `xs` along the last dim, whose features are split over
-    `group` (the full axis has n features); ws/bs are the matching affine segments."""
-    return _SplitLayerNorm.apply(group, n, eps, out_dtype, len(xs), *xs, *ws, *bs)
+    `group` (counts[r]: the features rank r of the group holds); ws/bs are the matching affine segments."""
+    return _SplitLayerNorm.apply(group, tuple(counts), eps, out_dtype, len(xs), *xs, *ws, *bs)

@@ -8,6 +8,11 @@ the layout the next layer needs. Channel mixing contracts over TP; token mixing 
 transposed block) contracts over DOMAIN. The weight rows are spread over the other model axis
 (`storage`), so each rank stores ~1/(DOMAIN*TP) of every matrix, and are gathered on use
 (`replicate=True` keeps them replicated over `storage` instead: no weight traffic, more memory).
+
+A `BlockMLP` (fc2 . GELU . fc1, the mixer's token- and channel-mixing MLPs) chooses per layer how
+it meets its data (`STRATEGIES`): move the weights (Jigsaw's gather) or keep them stationary and move
+the activations (Megatron's tensor + sequence parallelism along each axis). `mlp_traffic` is the
+cost model `auto` uses; the job can force a strategy per layer kind (mesh.strategy).
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import autocast_dtype, copy_to, gathered_linear, reduce_scatter, split_layer_norm
+from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gathered_linear, open_bucket,
+                          reduce_scatter, split_layer_norm, sum_partials)
 from .layout import Layout, Split, even_split
-from .mesh import Mesh
+from .mesh import STRATEGIES, Mesh
 
 MODEL_AXES = ("domain", "tp")
 
@@ -42,6 +48,32 @@ def make_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None)
     # on the axes it is replicated over), so the norm over the model group counts every element once
     p.model_parallel = all(mesh.coord(axis) == 0 for axis in replicated_axes(layout))
     return p
+
+
+def shared_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None) -> nn.Parameter:
+    """A small parameter (bias, LayerNorm affine) replicated over one model axis and used through
+    `copy_to` over that axis: `bucket_small_gradients` sums its gradient with all the others in one
+    collective per axis per backward."""
+    p = make_param(layout, mesh, init, device, dtype)
+    axes = replicated_axes(layout)
+    p.shared_over = axes[0] if len(axes) == 1 else None
+    return p
+
+
+def bucket_small_gradients(module: nn.Module, mesh: Mesh) -> None:
+    """Around every forward of `module`, route the `copy_to` of its shared parameters through one
+    bucket per mesh axis (jigsaw_ext.collectives.open_bucket): the gradients of all LayerNorm affines
+    and biases are then summed in ONE fp32 all-reduce per axis per backward (when the last of them is
+    complete), not one all-reduce per parameter per use. Parameters that DeepSpeed ZeRO-3 partitions
+    (their data exists only inside their own module's forward) keep the per-use reduction."""
+    def shared():
+        for p in module.parameters():
+            axis = getattr(p, "shared_over", None)
+            if axis is not None and p.requires_grad and not hasattr(p, "ds_id"):
+                yield p, mesh.group(axis)
+
+    module.register_forward_pre_hook(lambda mod, args: open_bucket(shared()))
+    module.register_forward_hook(lambda mod, args, out: close_bucket())
 
 
 def replicated_axes(layout: Layout) -> tuple[str, ...]:
@@ -72,7 +104,7 @@ class BlockLinear(nn.Module):
         self.weights = nn.ParameterList([
             make_param(Layout((out, s.total), (rows, s)), mesh, ("uniform", bound), device, dtype)
             for s in in_splits])
-        self.bias = make_param(Layout((out,), (out_split,)), mesh, ("uniform", bound), device, dtype) \
+        self.bias = shared_param(Layout((out,), (out_split,)), mesh, ("uniform", bound), device, dtype) \
             if bias else None
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
@@ -97,10 +129,11 @@ class DistLayerNorm(nn.Module):
         self.mesh, self.eps = mesh, eps
         self.axis = splits[0].axis
         self.n = sum(s.total for s in splits)
+        self.counts = [sum(s.sizes[r] for s in splits) for r in range(mesh.size(self.axis))]
         self.weights = nn.ParameterList(
-            [make_param(Layout((s.total,), (s,)), mesh, ("const", 1.0), device, dtype) for s in splits])
+            [shared_param(Layout((s.total,), (s,)), mesh, ("const", 1.0), device, dtype) for s in splits])
         self.biases = nn.ParameterList(
-            [make_param(Layout((s.total,), (s,)), mesh, ("const", 0.0), device, dtype) for s in splits])
+            [shared_param(Layout((s.total,), (s,)), mesh, ("const", 0.0), device, dtype) for s in splits])
 
     def forward(self, *xs: torch.Tensor):
         replicas = self.mesh.group(other_axis(self.axis))
@@ -110,5 +143,130 @@ class DistLayerNorm(nn.Module):
         if group is None and len(xs) == 1:  # feature axis not split: the fused kernel is exact
             return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
         out_dtype = torch.float32 if autocast_dtype(xs[0].device) is not None else xs[0].dtype
-        out = split_layer_norm(xs, ws, bs, group, self.n, self.eps, out_dtype)
+        out = split_layer_norm(xs, ws, bs, group, self.counts, self.eps, out_dtype)
         return out[0] if len(out) == 1 else tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# An MLP of two block linears, with a per-layer strategy
+# ------------------------------------------------------------------------------------------------
+def mlp_traffic(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
+                replicate: bool = False) -> float:
+    """Elements one rank sends (ring volumes, as jigsaw_ext.commstats counts them) in one forward +
+    backward of a BlockMLP on `rows` rows (micro-batch x rows per sample) of `features` features,
+    hidden size `hidden`, storage / contract axes of these sizes.
+
+    gather:     per weight matrix (hidden x features / contract): all-gather over storage forward and
+                again backward, reduce-scatter of its gradient (all-reduce with replicate=True);
+                activations: reduce-scatter over contract of each product, all-gather backward.
+    stationary: all-gather of the rows over storage, all-reduce over contract of the hidden partial
+                sums, reduce-scatter over storage of the output; the same three backward."""
+    s, c, R, I, H = storage, contract, rows, features, hidden
+    fs, fc = (s - 1) / s, (c - 1) / c
+    if strategy == "gather":
+        weights = 2 * (2 * fs * H * I / c) if replicate else 2 * 3 * fs * H * I / c
+        return weights + 2 * fc * R * H / s + 2 * fc * R * I / s
+    if strategy == "stationary":
+        return 4 * fs * R * I / c + 4 * fc * R * H / s
+    raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+
+
+def mlp_extra_memory(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int) -> float:
+    """Elements saved for backward beyond the gather strategy's (which keeps only this rank's block:
+    its input rows and its hidden block): the stationary strategy keeps the gathered rows and the
+    hidden activations of all rows."""
+    if strategy == "gather":
+        return 0.0
+    s, c, R, I, H = storage, contract, rows, features, hidden
+    return (R * I / c + 2 * R * H / s) - (R * I / (s * c) + 2 * R * H / (s * c))
+
+
+def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str) -> str:
+    """The job's strategy for this layer kind (mesh.strategy; key '*': every kind not listed), or
+    with 'auto' the one that sends the
+    fewest bytes (`mlp_traffic`; ties keep the weights gathered: the fully sharded layout) among those
+    whose extra activation memory fits mesh.strategy_memory_mb."""
+    requested = mesh.strategy.get(kind, mesh.strategy.get("*", "auto"))
+    if requested != "auto":
+        return requested
+    shape = dict(rows=rows, features=features, hidden=hidden, storage=mesh.size(other_axis(contract)),
+                 contract=mesh.size(contract))
+    replicate = other_axis(contract) in mesh.replicate_weights_over
+    costs = {"gather": mlp_traffic("gather", replicate=replicate, **shape),
+             "stationary": mlp_traffic("stationary", **shape)}
+    if mesh.strategy_memory_mb is not None and \
+            mlp_extra_memory("stationary", **shape) * 4 > mesh.strategy_memory_mb * 2 ** 20:
+        costs.pop("stationary")
+    return min(costs, key=lambda k: (costs[k], k != "gather"))
+
+
+def resolved_strategies(model: nn.Module) -> dict[str, str]:
+    """{layer kind: strategy} of the BlockMLPs of a built model (one entry per kind; kinds whose
+    layers differ map to 'mixed')."""
+    out: dict[str, str] = {}
+    for m in model.modules():
+        if isinstance(m, BlockMLP):
+            out[m.kind] = m.strategy if out.get(m.kind, m.strategy) == m.strategy else "mixed"
+    return out
+
+
+class _Affine(nn.Module):
+    """The parameters of one linear map, stored in the stationary layout (weights and bias)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weights = nn.ParameterList([weight])
+        self.bias = bias
+
+
+class BlockMLP(nn.Module):
+    """fc2(GELU(fc1(x))) over the last dimension of a block-sharded x whose features are split over
+    `contract` (in_split) and whose rows (dimension `row_dim`: tokens for channel mixing, features
+    for token mixing) are split over the other model axis, `storage` (row_split).
+
+    strategy "gather" (Jigsaw): two BlockLinears contracting over `contract`; each weight is stored
+        once per model group, its row blocks gathered over `storage` on use; partial sums are
+        reduce-scattered over `contract`, so the hidden activation stays block-sharded.
+    strategy "stationary": weights never move, activations do (Megatron's tensor + sequence
+        parallelism, along each axis): the rows are all-gathered over `storage`; fc1 multiplies
+        this rank's (hidden/storage x features/contract) weight block, the hidden partial sums are
+        all-reduced over `contract`; GELU; fc2 multiplies its (features/contract x hidden/storage)
+        block and the output partial sums are reduce-scattered over `storage`, back to x's layout.
+        Weight gradients need no communication at all.
+    Both compute the same function with the same logical parameters (fc1.weights.0, fc1.bias,
+    fc2.weights.0, fc2.bias), stored in different blocks; checkpoints are layout-free."""
+
+    def __init__(self, mesh: Mesh, kind: str, in_split: Split, hidden: int, row_split: Split, row_dim: int,
+                 contract: str, fc2_bias: bool = True, micro_batch: int = 1, device=None, dtype=None):
+        super().__init__()
+        self.mesh, self.kind, self.contract, self.storage = mesh, kind, contract, other_axis(contract)
+        if row_split.axis != self.storage or in_split.axis != contract:
+            raise ValueError(f"{kind}: rows must be split over '{self.storage}' and features over '{contract}'")
+        self.row_split, self.row_dim = row_split, row_dim
+        self.strategy = choose_strategy(mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract)
+        kw = dict(device=device, dtype=dtype)
+        if self.strategy == "gather":
+            hidden_split = Split(contract, even_split(hidden, mesh.size(contract)))
+            self.fc1 = BlockLinear(mesh, [in_split], hidden_split, contract=contract, **kw)
+            self.fc2 = BlockLinear(mesh, [hidden_split], in_split, contract=contract, bias=fc2_bias, **kw)
+            return
+        hidden_split = Split(self.storage, even_split(hidden, mesh.size(self.storage)))
+        b1, b2 = 1.0 / math.sqrt(in_split.total), 1.0 / math.sqrt(hidden)
+        self.fc1 = _Affine(make_param(Layout((hidden, in_split.total), (hidden_split, in_split)), mesh,
+                                      ("uniform", b1), **kw),
+                           shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw))
+        self.fc2 = _Affine(make_param(Layout((in_split.total, hidden), (in_split, hidden_split)), mesh,
+                                      ("uniform", b2), **kw),
+                           shared_param(Layout((in_split.total,), (in_split,)), mesh, ("uniform", b2), **kw)
+                           if fc2_bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "gather":
+            return self.fc2(F.gelu(self.fc1(x)))
+        storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
+        rows = self.row_split.sizes
+        x_rows = all_gather(x, storage, rows, dim=self.row_dim)
+        h = sum_partials(F.linear(x_rows, self.fc1.weights[0]), contract)
+        h = F.gelu(h + copy_to(self.fc1.bias, contract))
+        y = reduce_scatter(F.linear(h, self.fc2.weights[0]), storage, rows, dim=self.row_dim)
+        return y if self.fc2.bias is None else y + copy_to(self.fc2.bias, storage)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 AXES = ("dp", "domain", "tp")  # slowest to fastest varying
+STRATEGIES = ("gather", "stationary")  # how a block MLP meets its data (jigsaw_ext.layers.BlockMLP)
 
 
 class MeshConfig(BaseModel):
@@ -30,6 +31,14 @@ class MeshConfig(BaseModel):
         default_factory=list,
         description="keep weight matrices replicated over these axes instead of stored once per model "
                     "group and gathered on use: less communication, more memory")
+    strategy: dict[str, Literal["auto", "gather", "stationary"]] = Field(
+        default_factory=dict,
+        description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
+                    "(Jigsaw), 'stationary' keeps them and moves the activations (Megatron-style), "
+                    "'auto' (the default for kinds not listed) picks the one that sends fewer bytes")
+    strategy_memory_mb: float | None = Field(
+        None, ge=0, description="auto picks 'stationary' only if its extra saved activations per layer "
+                                "and rank stay under this many MiB (no limit when unset)")
 
     @property
     def world_size(self) -> int:
@@ -46,6 +55,8 @@ class Mesh:
     rank: int = 0
     groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
     replicate_weights_over: frozenset = frozenset()
+    strategy: dict = field(default_factory=dict)
+    strategy_memory_mb: float | None = None
 
     @staticmethod
     def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -60,7 +71,8 @@ class Mesh:
         if not 0 <= rank < config.world_size:
             raise ValueError(f"rank {rank} outside mesh {config}")
         return cls(sizes, cls.coords_of(rank, sizes), rank,
-                   replicate_weights_over=frozenset(config.replicate_weights_over))
+                   replicate_weights_over=frozenset(config.replicate_weights_over),
+                   strategy=dict(config.strategy), strategy_memory_mb=config.strategy_memory_mb)
 
     @classmethod
     def single(cls) -> "Mesh":
@@ -69,7 +81,8 @@ class Mesh:
 
     @property
     def config(self) -> MeshConfig:
-        return MeshConfig(**self.sizes, replicate_weights_over=sorted(self.replicate_weights_over))
+        return MeshConfig(**self.sizes, replicate_weights_over=sorted(self.replicate_weights_over),
+                          strategy=dict(self.strategy), strategy_memory_mb=self.strategy_memory_mb)
 
     @property
     def model_size(self) -> int:

@@ -65,32 +65,33 @@ class _Mixer(nn.Module):
 
     def __init__(self, mesh: Mesh, tokens: int, features: int, hidden: int, blocks: int, seed: int):
         from .init import init_parameters
-        from .layers import BlockLinear, DistLayerNorm
+        from .layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients
 
         super().__init__()
         self.mesh = mesh
         split = lambda axis, n: Split(axis, even_split(n, mesh.size(axis)))  # noqa: E731
         self.tokens, self.features = split("domain", tokens), split("tp", features)
-        d, t_hid, c_hid = split("tp", hidden), split("domain", max(1, tokens // 2)), split("tp", 2 * hidden - 1)
+        d = split("tp", hidden)
         self.embed = BlockLinear(mesh, [self.features], d, contract="tp")
         self.blocks = nn.ModuleList()
         for _ in range(blocks):
             self.blocks.append(nn.ModuleDict(dict(
                 norm1=DistLayerNorm(mesh, [d]),
-                token1=BlockLinear(mesh, [self.tokens], t_hid, contract="domain"),
-                token2=BlockLinear(mesh, [t_hid], self.tokens, contract="domain", bias=False),
+                token=BlockMLP(mesh, "token_mixing", self.tokens, max(1, tokens // 2), row_split=d, row_dim=1,
+                               contract="domain", fc2_bias=False),
                 norm2=DistLayerNorm(mesh, [d]),
-                channel1=BlockLinear(mesh, [d], c_hid, contract="tp"),
-                channel2=BlockLinear(mesh, [c_hid], d, contract="tp"))))
+                channel=BlockMLP(mesh, "channel_mixing", d, 2 * hidden - 1, row_split=self.tokens, row_dim=1,
+                                 contract="tp"))))
         self.norm = DistLayerNorm(mesh, [d, self.features])
         self.head = BlockLinear(mesh, [d, self.features], self.features, contract="tp")
         init_parameters(self, mesh, seed)
+        bucket_small_gradients(self, mesh)
 
     def forward(self, x):
         z = self.embed(x)
         for b in self.blocks:
-            z = z + b["token2"](F.gelu(b["token1"](b["norm1"](z).transpose(1, 2)))).transpose(1, 2)
-            z = z + b["channel2"](F.gelu(b["channel1"](b["norm2"](z))))
+            z = z + b["token"](b["norm1"](z).transpose(1, 2)).transpose(1, 2)
+            z = z + b["channel"](b["norm2"](z))
         return x + self.head(*self.norm(z, x))
 
 
@@ -256,6 +257,9 @@ def main(argv=None, task: SelfCheckTask | None = None, prog: str = "python -m ji
     ap.add_argument("--tp", type=_positive, default=1)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--replicate-weights-over", nargs="*", default=[], choices=["domain", "tp"])
+    ap.add_argument("--strategy", nargs="*", default=[], metavar="[KIND=]STRATEGY",
+                    help="per layer kind (token_mixing=stationary) or for every kind (stationary): "
+                         "gather, stationary or auto (mesh.strategy)")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                     help="optimizer for the parameters-after-3-steps check")
     ap.add_argument("--tol", type=float, default=None,
@@ -265,7 +269,9 @@ def main(argv=None, task: SelfCheckTask | None = None, prog: str = "python -m ji
     from .testing import WorkerFailure, run_workers
 
     task = task or MixerTask()
-    mesh_kwargs = dict(dp=args.dp, domain=args.domain, tp=args.tp, replicate_weights_over=args.replicate_weights_over)
+    strategy = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.strategy)
+    mesh_kwargs = dict(dp=args.dp, domain=args.domain, tp=args.tp, replicate_weights_over=args.replicate_weights_over,
+                       strategy=strategy)
     try:
         mc = MeshConfig(**mesh_kwargs)
         task.check_mesh(Mesh.virtual(mc))  # fail fast, before any process starts

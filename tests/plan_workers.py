@@ -10,20 +10,24 @@ def _inputs(model, mesh, cfg, batch, seed=0):
     return x, s
 
 
-def model_step_comm(rank, world, mesh_kwargs, overrides, batch):
-    """Bytes and calls per collective kind of one forward + backward of the model on a real mesh."""
+def model_step_comm(rank, world, mesh_kwargs, overrides, batch, strategies=("gather", "stationary")):
+    """Bytes and calls per collective kind of one forward + backward of the model on a real mesh,
+    for each strategy forced on every layer kind: {strategy: stats}."""
     from jigsaw_ext.commstats import count_comm
     from jigsaw_ext.mesh import MeshConfig, init_mesh
     from weathermixer.model import WeatherMixer
     from weathermixer.selfcheck import default_model_config
 
     cfg = default_model_config(**overrides)
-    mesh = init_mesh(MeshConfig(**mesh_kwargs))
-    model = WeatherMixer(cfg, mesh)
-    x, s = _inputs(model, mesh, cfg, batch)
-    with count_comm() as stats:
-        model(x, s, steps=cfg.rollout).float().square().sum().backward()
-    return stats.as_dict()
+    out = {}
+    for strategy in strategies:
+        mesh = init_mesh(MeshConfig(**mesh_kwargs, strategy={"*": strategy}))
+        model = WeatherMixer(cfg, mesh, micro_batch=batch)
+        x, s = _inputs(model, mesh, cfg, batch)
+        with count_comm() as stats:
+            model(x, s, steps=cfg.rollout).float().square().sum().backward()
+        out[strategy] = stats.as_dict()
+    return out
 
 
 def engine_step_comm(rank, world, mesh_kwargs, overrides, batch, zero):
@@ -40,7 +44,7 @@ def engine_step_comm(rank, world, mesh_kwargs, overrides, batch, zero):
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = default_model_config(**overrides)
     mesh = init_mesh(MeshConfig(**mesh_kwargs))
-    model = WeatherMixer(cfg, mesh)
+    model = WeatherMixer(cfg, mesh, micro_batch=batch)
     ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": zero}, "steps_per_print": 10 ** 9,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}

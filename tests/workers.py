@@ -156,21 +156,27 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
 
 
 # ---------------------------------------------------------------------------------- selfcheck
-def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=None):
+def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=None, strategies=(None,)):
     """weathermixer.selfcheck's comparison, optionally with one of the published implementation's
-    defects re-introduced, to prove the check catches it."""
+    defects re-introduced, to prove the check catches it. With several `strategies` (mesh.strategy
+    for every layer kind) the comparison runs once per strategy in this one spawn: {strategy: errors}."""
     from jigsaw_ext import collectives, init
     from jigsaw_ext.mesh import MeshConfig
     from weathermixer import selfcheck as sc
 
     if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
-        collectives._sum_over = lambda x, group: x
+        row_stats = collectives._row_stats
+        collectives._row_stats = lambda xs, counts, group: row_stats(xs, counts, None)
     elif defect == "per_rank_seed":  # every rank draws its shard from its own seed
         original = init.fill_block
         init.fill_block = lambda p, lay, coords, ini, seed, name: original(p, lay, coords, ini, seed + rank, name)
     cfg = sc.default_model_config(**(overrides or {}))
-    errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs), cfg, dtype)
-    return {k: v for k, (v, _) in errors.items()}
+    out = {}
+    for strategy in strategies:
+        kwargs = dict(mesh_kwargs, strategy={"*": strategy}) if strategy else mesh_kwargs
+        errors = sc.compare_with_serial(MeshConfig(**kwargs), cfg, dtype)
+        out[strategy] = {k: v for k, (v, _) in errors.items()}
+    return out[None] if strategies == (None,) else out
 
 
 # ---------------------------------------------------------------------------------- deepspeed

@@ -47,8 +47,8 @@ class WeatherPlanModel:
     def check_mesh(self, mesh: MeshConfig) -> None:
         Geometry(self.cfg, Mesh.virtual(mesh))
 
-    def build(self, mesh: Mesh, dtype: torch.dtype) -> WeatherMixer:
-        return WeatherMixer(self.cfg, mesh, device="meta", dtype=dtype)
+    def build(self, mesh: Mesh, dtype: torch.dtype, micro_batch: int = 1) -> WeatherMixer:
+        return WeatherMixer(self.cfg, mesh, device="meta", dtype=dtype, micro_batch=micro_batch)
 
     def _inputs(self, model: WeatherMixer, mesh: Mesh, batch: int, dtype):
         geo, ch = model.geo, self.cfg.channels
@@ -89,7 +89,8 @@ def emit_config(base: dict, est: Estimate, path: Path, dtype: str) -> None:
     """The job file of one planned layout: `base` with its mesh, ZeRO stage, batch and precision set."""
     c, job = est.candidate, copy.deepcopy(base)
     section = job.setdefault("weathermixer", {})
-    section["mesh"] = {"dp": c.dp, "domain": c.domain, "tp": c.tp, "replicate_weights_over": list(c.replicate)}
+    section["mesh"] = {"dp": c.dp, "domain": c.domain, "tp": c.tp, "replicate_weights_over": list(c.replicate),
+                       "strategy": dict(est.strategies)}  # what the plan priced, pinned
     job["train_micro_batch_size_per_gpu"] = c.micro_batch
     job["gradient_accumulation_steps"] = c.accumulation
     job.pop("train_batch_size", None)
@@ -103,16 +104,22 @@ def emit_config(base: dict, est: Estimate, path: Path, dtype: str) -> None:
     path.write_text(json.dumps(job, indent=2) + "\n")
 
 
+def _short(strategies: dict) -> str:
+    """'gat/sta': the token- and channel-mixing strategies of a row."""
+    return "/".join(strategies.get(k, "-")[:3] for k in ("token_mixing", "channel_mixing"))
+
+
 def table(rows: list[Estimate], top: int) -> str:
     head = (f"{'#':>3} {'dp x dom x tp':>13} {'ZeRO':>4} {'replicate':>9} {'mb x acc':>8} {'step s':>8} "
-            f"{'samples/s':>9} {'MFU':>6} {'eff':>6} {'GB/GPU':>7} {'fits':>4}  bottleneck")
+            f"{'samples/s':>9} {'MFU':>6} {'eff':>6} {'GB/GPU':>7} {'fits':>4} {'token/chan':>10}  bottleneck")
     lines = [head]
     for i, e in enumerate(rows[:top], 1):
         c = e.candidate
         eff = "-" if e.efficiency is None else f"{100 * e.efficiency:.0f}%"
         lines.append(f"{i:>3} {c.mesh:>13} {c.zero:>4} {'+'.join(c.replicate) or '-':>9} "
                      f"{c.micro_batch:>3} x {c.accumulation:<3} {e.step_s:8.3f} {e.samples_per_s:9.2f} "
-                     f"{100 * e.mfu:5.1f}% {eff:>6} {e.memory_GB:7.1f} {'yes' if e.fits else 'NO':>4}  {e.bottleneck}")
+                     f"{100 * e.mfu:5.1f}% {eff:>6} {e.memory_GB:7.1f} {'yes' if e.fits else 'NO':>4} "
+                     f"{_short(e.strategies):>10}  {e.bottleneck}")
     return "\n".join(lines)
 
 
@@ -133,6 +140,9 @@ def parse_args(argv):
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--no-replicate", action="store_true", help="only weights stored once per model group")
     ap.add_argument("--headroom", type=float, default=0.0, help="fraction of GPU memory to keep free")
+    ap.add_argument("--strategy", nargs="*", metavar="[KIND=]STRATEGY",
+                    help="mesh.strategy (token_mixing=stationary, or one strategy for every kind); default: "
+                         "the job file's mesh.strategy, else auto (each layer's cost model per layout)")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--json", help="write every ranked row as JSON here")
     ap.add_argument("--emit-config", help="write the job file of --row of the (last) world size here")
@@ -143,7 +153,12 @@ def parse_args(argv):
 def plan(args) -> tuple[dict, Planner, dict]:
     cfg, base = _model_config(args)
     hw = load_hardware(args.hardware)
-    planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype)
+    if args.strategy is not None:
+        strategy = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.strategy)
+    else:
+        strategy = base.get("weathermixer", {}).get("mesh", {}).get("strategy", {})
+    MeshConfig(strategy=strategy)  # validates the names (a ValidationError is a ValueError)
+    planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy)
     limits = Constraints(zero=tuple(args.zero), micro_batches=tuple(args.micro_batches),
                          replicate=not args.no_replicate, headroom=args.headroom)
     results = {}
@@ -197,9 +212,11 @@ def paper_weak_scaling(world: int = 256) -> dict:
     """The Jigsaw paper's weak-scaling runs as the planner sees them: paper_1b in fp32 on its
     cluster profile, ZeRO-0 (plain data parallelism with DDP's 25 MB gradient buckets), the same
     work per GPU at every size (micro-batch n per n-way model group), one node (4 GPUs) against
-    `world` GPUs. Efficiency = step time on one node / step time on `world` GPUs."""
+    `world` GPUs. Efficiency = step time on one node / step time on `world` GPUs. The paper's scheme
+    gathers the weights in every layer (mesh.strategy gather)."""
     hw = load_hardware("a100-40gb-4pernode-2xhdr200")
-    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES)
+    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES,
+                      strategy={"*": "gather"})
     out = {}
     for ways, (domain, tp) in PAPER_LAYOUTS.items():
         node, big = (planner.estimate(Candidate(n // ways, domain, tp, 0, (), ways, 1, "float32"))

@@ -79,6 +79,7 @@ class Estimate:
     memory: dict = field(default_factory=dict)       # GB per kind
     comm_bytes: dict = field(default_factory=dict)   # bytes per rank per optimizer step, by kind and tier
     efficiency: float | None = None                  # weak scaling vs one node (set by search)
+    strategies: dict = field(default_factory=dict)   # layer kind -> how it meets its data (set by search)
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from ..layers import resolved_strategies
 from ..mesh import Mesh, MeshConfig
 from .cost import Candidate, Estimate, estimate
 from .hardware import Hardware
@@ -25,8 +26,9 @@ class PlanModel(Protocol):
     def check_mesh(self, mesh: MeshConfig) -> None:
         """Raise ValueError if the model cannot be split over this mesh."""
 
-    def build(self, mesh: Mesh, dtype: torch.dtype) -> nn.Module:
-        """The model on the meta device for this (fake) mesh."""
+    def build(self, mesh: Mesh, dtype: torch.dtype, micro_batch: int) -> nn.Module:
+        """The model on the meta device for this (fake) mesh, its layers' strategies chosen for
+        `micro_batch` (mesh.strategy 'auto')."""
 
     def step(self, model: nn.Module, mesh: Mesh, micro_batch: int, dtype: torch.dtype) -> torch.Tensor:
         """One forward on meta inputs of this rank's shape; returns this rank's loss term."""
@@ -48,30 +50,47 @@ class Constraints:
 
 
 class Planner:
+    """strategy: the job's mesh.strategy (per layer kind; {} = 'auto' everywhere, chosen per
+    micro-batch by the layers' own cost model, as train.py would)."""
+
     def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True,
-                 dp_bucket_bytes: int | None = None):
+                 dp_bucket_bytes: int | None = None, strategy: dict | None = None):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
         self.overlap_comm, self.dp_bucket_bytes = overlap_comm, dp_bucket_bytes
+        self.strategy = dict(strategy or {})
         self._traces: dict = {}
 
-    def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> StepTrace:
-        key = (domain, tp, replicate, micro_batch)
-        if key not in self._traces and micro_batch > 3:  # exact: see trace.extrapolate
-            self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2),
-                                            self.trace(domain, tp, replicate, 3), 2, micro_batch)
+    def strategies(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> dict:
+        """What each layer kind runs with on this layout and micro-batch ({kind: strategy})."""
+        cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy)
+        return resolved_strategies(self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch))
+
+    def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int,
+              forced: tuple = ()) -> StepTrace:
+        """One micro-step's trace; above micro-batch 3 extrapolated (exact: see trace.extrapolate) from
+        micro-batches 2 and 3 run with the strategies chosen for this micro-batch (`forced`)."""
+        if micro_batch > 3 and not forced:
+            forced = tuple(sorted(self.strategies(domain, tp, replicate, micro_batch).items()))
+        key = (domain, tp, replicate, micro_batch, forced)
+        if key not in self._traces and micro_batch > 3:
+            self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2, forced),
+                                            self.trace(domain, tp, replicate, 3, forced), 2, micro_batch)
         if key not in self._traces:
-            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate))
+            strategy = dict(forced) if forced else self.strategy
+            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy)
             mesh = fake_mesh(cfg, 0)
             dtype = getattr(torch, self.dtype)
-            model = self.model.build(mesh, dtype)
+            model = self.model.build(mesh, dtype, micro_batch)
             self._traces[key] = trace_step(model, lambda m: self.model.step(m, mesh, micro_batch, dtype))
         return self._traces[key]
 
     def estimate(self, cand: Candidate) -> Estimate:
         tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
-        return estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
-                        self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm, self.dp_bucket_bytes)
+        est = estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
+                       self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm, self.dp_bucket_bytes)
+        est.strategies = self.strategies(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
+        return est
 
     # ------------------------------------------------------------------------------------------
     def candidates(self, world: int, global_batch: int, limits: Constraints):

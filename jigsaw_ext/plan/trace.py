@@ -36,7 +36,8 @@ PURPOSES = {  # autograd function (qualified name prefix) -> purpose of the coll
     "_GatheredLinear.forward": "weight_gather",
     "_ReduceScatter": "activation",
     "_AllGather": "activation",
-    "_CopyTo": "small_param_grad",
+    "_CopyTo": "small_param_grad",  # and _CopyToMany (the bucket)
+    "_SumPartials": "activation",
     "_SplitLayerNorm": "norm_stats",
 }
 

@@ -14,40 +14,31 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
-from jigsaw_ext.layers import BlockLinear, DistLayerNorm
+from jigsaw_ext.layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
 from .geometry import Geometry
 
 
-class MLP(nn.Module):
-    def __init__(self, fc1: BlockLinear, fc2: BlockLinear):
-        super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class MixerBlock(nn.Module):
     """Pre-norm MLP-Mixer block on x of shape (B, T, D):
     token mixing   x += W2 . GELU(W1 . LN1(x)^T)      (over tokens, split over DOMAIN)
-    channel mixing x += GELU(LN2(x) A1^T) A2^T        (over features, split over TP)"""
+    channel mixing x += GELU(LN2(x) A1^T) A2^T        (over features, split over TP)
+    Each MLP picks how it meets its data on this mesh and micro-batch (jigsaw_ext.layers.BlockMLP)."""
 
-    def __init__(self, geo: Geometry, **kw):
+    def __init__(self, geo: Geometry, micro_batch: int = 1, **kw):
         super().__init__()
         mesh, D = geo.mesh, geo.cfg.hidden
-        features, hidden_c = geo.feature_split(D), geo.feature_split(geo.channel_hidden)
-        tokens, hidden_s = geo.token_split, geo.token_hidden_split()
+        features, tokens = geo.feature_split(D), geo.token_split
         self.norm1 = DistLayerNorm(mesh, [features], **kw)
         # no bias on the token-mixing output: it would add a per-token constant across all features,
         # which every following LayerNorm removes (a dead parameter whose gradient is exactly 0)
-        self.token_mixing = MLP(BlockLinear(mesh, [tokens], hidden_s, contract="domain", **kw),
-                                BlockLinear(mesh, [hidden_s], tokens, contract="domain", bias=False, **kw))
+        self.token_mixing = BlockMLP(mesh, "token_mixing", tokens, geo.token_hidden, row_split=features, row_dim=1,
+                                     contract="domain", fc2_bias=False, micro_batch=micro_batch, **kw)
         self.norm2 = DistLayerNorm(mesh, [features], **kw)
-        self.channel_mixing = MLP(BlockLinear(mesh, [features], hidden_c, contract="tp", **kw),
-                                  BlockLinear(mesh, [hidden_c], features, contract="tp", **kw))
+        self.channel_mixing = BlockMLP(mesh, "channel_mixing", features, geo.channel_hidden, row_split=tokens,
+                                       row_dim=1, contract="tp", micro_batch=micro_batch, **kw)
 
     def forward(self, x):
         x = x + self.token_mixing(self.norm1(x).transpose(1, 2)).transpose(1, 2)
@@ -75,7 +66,8 @@ def next_window(window: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
 
 
 class WeatherMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, device=None, dtype=None, micro_batch: int = 1):
+        """micro_batch: the samples per forward the mixing MLPs choose their strategy for (mesh.strategy)."""
         super().__init__()
         mesh = mesh or Mesh.single()
         self.cfg, self.mesh = cfg, mesh
@@ -89,12 +81,13 @@ class WeatherMixer(nn.Module):
         patch_out = geo.patch_feature_split(ch.n_fields)
 
         self.embed = BlockLinear(mesh, inputs, features, contract="tp", **kw)
-        self.blocks = nn.ModuleList(MixerBlock(geo, **kw) for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(MixerBlock(geo, micro_batch, **kw) for _ in range(cfg.blocks))
         self.norm = DistLayerNorm(mesh, [features], **kw)
         self.recovery = BlockLinear(mesh, [features, features], patch_out, contract="tp", **kw)
         self.blend = BlendHead(geo, **kw) if cfg.head == "blend" else None
         if device is None or torch.device(device).type != "meta":
             init_parameters(self, mesh, cfg.seed)
+        bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
 
     # ------------------------------------------------------------------------------------------
     def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None, steps: int | None = None,

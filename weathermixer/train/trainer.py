@@ -84,7 +84,14 @@ class Trainer:
         self.run_folder = open_run_folder(job, self.device, self.log)
         self.mesh = mesh = init_mesh(job.mesh)
 
-        self.model = WeatherMixer(job.model, mesh, device=self.device)
+        # the mixing MLPs choose how they meet their data for this micro-batch (mesh.strategy "auto")
+        self.model = WeatherMixer(job.model, mesh, device=self.device,
+                                  micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1))
+        if self.rank == 0:
+            from jigsaw_ext.layers import resolved_strategies
+
+            self.log(f"layer strategies on {mesh.config}: " + ", ".join(
+                f"{k} {v}" for k, v in resolved_strategies(self.model).items()))
         if job.checkpoint.init_from:
             from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
@@ -205,18 +212,33 @@ class Trainer:
             return K
         return int(np.random.default_rng([self.job.train.seed, 7919, step]).integers(1, K + 1))
 
-    def forecast(self, fields, static, k: int) -> list[torch.Tensor]:
+    def forecast(self, fields, static, k: int, times=None) -> list[torch.Tensor]:
         """k leads through the engine's forward (ZeRO-3 micro-step counting and prefetch, timers,
-        profilers and autocast all hang off it): latent rollout or autoregressive in data space."""
-        return self.engine(fields, static, steps=k, every_lead=True,
-                           autoregressive=self.job.train.rollout_mode == "autoregressive",
-                           checkpoint=self.job.train.checkpoint_rollout and torch.is_grad_enabled())
+        profilers and autocast all hang off it): latent rollout or autoregressive in data space.
+        Autoregressive with time features among the static inputs and the samples' start `times`
+        given: one engine forward per step, the hour of day / day of year following each input's
+        valid time as in the forecast (weathermixer.inference.rollout), not frozen at the start time."""
+        ar = self.job.train.rollout_mode == "autoregressive"
+        ckpt = self.job.train.checkpoint_rollout and torch.is_grad_enabled()
+        if not (ar and k > 1 and static is not None and times is not None and self.train_data._time_static):
+            return self.engine(fields, static, steps=k, every_lead=True, autoregressive=ar, checkpoint=ckpt)
+        import pandas as pd
+
+        from ..inference.rollout import static_at
+        from ..model.mixer import next_window
+
+        dt, x, leads = pd.Timedelta(hours=self.data_cfg.dt_hours), fields, []
+        for j in range(k):
+            s = static if j == 0 else static_at(static, self.train_data, [t + j * dt for t in times])
+            leads.append(self.engine(x, s, steps=1, every_lead=True, checkpoint=ckpt)[0])
+            x = next_window(x, leads[-1]) if self.job.model.history else leads[-1]
+        return leads
 
     def micro_step_loss(self, sample, k: int) -> torch.Tensor:
         """This rank's share of the replica's loss on one micro batch, a weighted mean over the k leads
         (train.lead_weights, equal by default)."""
         f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
-        preds = self.forecast(f, s, k)
+        preds = self.forecast(f, s, k, sample.times)
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
         return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
                    for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k]))
