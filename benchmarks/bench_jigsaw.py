@@ -31,6 +31,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from jigsaw_ext.commstats import KINDS, count_comm  # noqa: E402
+from jigsaw_ext.layers import bucket_small_gradients  # noqa: E402
 from jigsaw_ext.layout import Layout  # noqa: E402
 from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
@@ -155,7 +156,7 @@ def _full(shape, seed: int) -> torch.Tensor:
 
 def ours_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
     """The whole WeatherMixer (embed, blocks, decoder, tendency head) on this rank's grid block."""
-    model = WeatherMixer(cfg, mesh)
+    model = WeatherMixer(cfg, mesh, micro_batch=batch)
     C, S = cfg.channels.n_fields, cfg.channels.n_static
     fields, static = _full((batch, C, *cfg.grid), 1), _full((batch, S, *cfg.grid), 2)
     target = fields + 0.1 * _full(fields.shape, 3)
@@ -172,8 +173,9 @@ def _latent(cfg: ModelConfig, batch: int):
 
 def ours_blocks_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
     """Only the N mixer blocks of WeatherMixer, on a latent block (batch, tokens/domain, D/tp)."""
-    model = WeatherMixer(cfg, mesh)
+    model = WeatherMixer(cfg, mesh, micro_batch=batch)
     blocks = nn.Sequential(*model.blocks)
+    bucket_small_gradients(blocks, mesh)  # as in the whole model: one gradient all-reduce per axis
     geo = model.geo
     layout = Layout((batch, geo.tokens, cfg.hidden), (None, geo.token_split, geo.feature_split(cfg.hidden)))
     z, target = _latent(cfg, batch)
@@ -189,9 +191,11 @@ class MegatronMixerBlock(nn.Module):
     channel mixing: LN -> ColumnParallel(D->Hc, sequence_parallel: all-gathers tokens) -> GELU ->
                     RowParallel(Hc->D, sequence_parallel: reduce-scatters tokens)
     token mixing:   LN -> all-gather tokens -> transpose -> ColumnParallel(T->Hs, no SP; input-grad
-                    reduction left to the gather's reduce-scatter dual) -> GELU ->
-                    RowParallel(Hs->T, no SP: all-reduce) -> transpose -> keep own tokens
-    Megatron has no reduce-scatter along the feature axis, hence the all-reduce in token mixing."""
+                    reduction left to the gather's reduce-scatter dual) -> GELU -> the row-parallel
+                    weight shard's product, its partial sums reduce-scattered along the last (token)
+                    axis with megatron-core's reduce_scatter_last_dim_to_tensor_parallel_region ->
+                    transpose: back to the sequence-parallel layout, with no all-reduce anywhere
+    (benchmarks/bench_comm.py's megatron_block_bytes is what this sends, checked in tests/test_comm.py)."""
 
     def __init__(self, tokens: int, hidden: int, token_hidden: int, channel_hidden: int, group):
         super().__init__()
@@ -225,12 +229,14 @@ class MegatronMixerBlock(nn.Module):
 
     def forward(self, x):
         from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
-                                                            scatter_to_sequence_parallel_region)
+                                                            reduce_scatter_last_dim_to_tensor_parallel_region)
 
         y = gather_from_sequence_parallel_region(self.norm1(x), True, self.group)  # [T, B, D]
         y, _ = self.token_fc1(y.transpose(0, 2))                                # [D, B, Hs/P]
-        y, _ = self.token_fc2(F.gelu(y))                                        # [D, B, T]
-        x = x + scatter_to_sequence_parallel_region(y.transpose(0, 2), self.group)
+        y = F.linear(F.gelu(y), self.token_fc2.weight)                          # [D, B, T] partial sums
+        if self.group.size() > 1:
+            y = reduce_scatter_last_dim_to_tensor_parallel_region(y, self.group)  # [D, B, T/P]
+        x = x + y.transpose(0, 2)
         y, _ = self.channel_fc1(self.norm2(x))                                  # [T, B, Hc/P]
         y, _ = self.channel_fc2(F.gelu(y))                                      # [T/P, B, D]
         return x + y
@@ -392,9 +398,9 @@ BASELINE = {
     "token_mixer": "LN -> gather_from_sequence_parallel_region (all-gather tokens; backward reduce-scatter) -> "
                    "transpose -> ColumnParallel(T->Hs, no SP, disable_grad_reduce=True: its partial input gradient "
                    "is summed by the gather's reduce-scatter, the cheapest correct choice) -> GELU -> "
-                   "RowParallel(Hs->T, input_is_parallel, no SP: all-reduce) -> transpose -> "
-                   "scatter_to_sequence_parallel_region (keep own tokens; backward all-gather). Megatron has no "
-                   "reduce-scatter along the feature axis, hence the all-reduce",
+                   "the RowParallel(Hs->T) weight shard's partial product -> "
+                   "reduce_scatter_last_dim_to_tensor_parallel_region (reduce-scatter along tokens; backward "
+                   "all-gather) -> transpose: the sequence-parallel layout again, no all-reduce (a fair baseline)",
     "grad_reduction": "LayerNorm weights/biases and the sequence-parallel RowParallel bias are replicated: their "
                       "gradients are all-reduced over the group in one flat all-reduce, as megatron's "
                       "finalize_model_grads does (counted)",

@@ -1,0 +1,96 @@
+"""How the mixing MLPs meet their data (jigsaw_ext.layers.BlockMLP strategies), and the counts the
+communication benchmark (benchmarks/bench_comm.py) rests on: its Megatron baseline formula equals
+what the real megatron-core block sends on gloo, and the layers' cost model picks the strategy the
+traced step shows to be cheaper."""
+import pytest
+import torch
+
+from benchmarks.bench_comm import megatron_block_bytes, trace_block
+from jigsaw_ext.layers import BlockMLP, choose_strategy, mlp_traffic
+from jigsaw_ext.layout import Split, even_split
+from jigsaw_ext.mesh import Mesh, MeshConfig
+from jigsaw_ext.testing import run_workers
+from weathermixer.config import ModelConfig
+
+SMALL = dict(grid=(32, 64), patch=(1, 8), hidden=48, blocks=1, token_fraction=0.5, channel_fraction=1.0, seed=0)
+
+
+def megatron_block_comm(rank, world, model_kwargs, batch):
+    """commstats of one training step of the megatron-core baseline block (bench_jigsaw) on `world` ranks."""
+    from benchmarks.bench_jigsaw import megatron_blocks_step
+    from jigsaw_ext.commstats import count_comm
+    from jigsaw_ext.mesh import init_mesh
+
+    mesh = init_mesh(MeshConfig(tp=world))
+    step = megatron_blocks_step(ModelConfig(**model_kwargs), mesh, batch)
+    step()  # warm-up: megatron's global memory buffer
+    with count_comm() as stats:
+        step()
+    return stats.as_dict()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_megatron_baseline_formula_equals_what_megatron_core_sends(world):
+    batch = 3
+    measured = run_workers(megatron_block_comm, world, SMALL, batch, timeout=240,
+                           preload=["megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"])
+    cfg = ModelConfig(**SMALL)
+    tokens = (cfg.grid[0] // cfg.patch[0]) * (cfg.grid[1] // cfg.patch[1])
+    expected = megatron_block_bytes(tokens, cfg.hidden, batch, world)
+    for rank, stats in enumerate(measured):
+        assert stats["total_bytes"] == expected["total"], (rank, stats, expected)
+        assert stats["calls"]["all_reduce"] == 1, stats  # the small parameters, in one flat all-reduce
+
+
+def _mesh(domain, tp, **kw):
+    return Mesh.virtual(MeshConfig(domain=domain, tp=tp, **kw))
+
+
+def test_auto_picks_the_cheaper_strategy_and_the_trace_agrees():
+    """At the paper's C1 shapes (one block, meta device): on 2x2 at batch 1 the token mixer's weights
+    (T x Hs) outweigh its activations, so it keeps them stationary; at batch 4 it gathers them; the
+    channel mixer (D x Hc weights) gathers. The traced bytes order the strategies the same way."""
+    from benchmarks.bench_comm import C1
+
+    cfg = ModelConfig(**C1)
+    for batch, token in ((1, "stationary"), (4, "gather")):
+        auto, chosen = trace_block(cfg, 2, 2, batch, {})
+        assert chosen == {"token_mixing": token, "channel_mixing": "gather"}
+        traced = {s: sum(trace_block(cfg, 2, 2, batch, {"*": s})[0].bytes_by_kind().values())
+                  for s in ("gather", "stationary")}
+        assert sum(auto.bytes_by_kind().values()) <= min(traced.values())
+
+
+def test_cost_model_formula_matches_the_trace_of_one_mlp():
+    """mlp_traffic (elements; fp32 here) equals the traced bytes of one BlockMLP, both strategies,
+    uneven shards and several meshes."""
+    from jigsaw_ext.plan.trace import fake_mesh, trace_step
+
+    rows_per_sample, features, hidden, batch = 13, 22, 17, 2
+    for domain, tp in ((2, 3), (3, 1), (1, 4), (2, 2)):
+        for strategy in ("gather", "stationary"):
+            mesh = fake_mesh(MeshConfig(domain=domain, tp=tp, strategy={"*": strategy}), 0)
+            rows = Split("domain", even_split(rows_per_sample, domain))
+            feats = Split("tp", even_split(features, tp))
+            mlp = BlockMLP(mesh, "channel_mixing", feats, hidden, row_split=rows, row_dim=1, contract="tp",
+                           fc2_bias=False, device="meta")
+            x = torch.empty(batch, rows.sizes[0], feats.sizes[0], device="meta", requires_grad=True)
+            tr = trace_step(mlp, lambda m: m(x).sum())
+            predicted = mlp_traffic(strategy, batch * rows_per_sample, features, hidden, domain, tp) * 4
+            if domain * tp > 1 and (features % tp or rows_per_sample % domain or hidden % max(domain, tp)):
+                # uneven shards are padded to the largest inside the collective: the trace is >= the formula
+                assert sum(tr.bytes_by_kind().values()) >= predicted * 0.999
+            else:
+                assert sum(tr.bytes_by_kind().values()) == pytest.approx(predicted, rel=1e-9), (domain, tp, strategy)
+
+
+def test_job_can_force_a_strategy_and_bound_its_memory():
+    mesh = _mesh(2, 2, strategy={"token_mixing": "gather"})
+    assert choose_strategy(mesh, "token_mixing", 4320, 17280, 8640, "domain") == "gather"
+    assert choose_strategy(_mesh(2, 2), "token_mixing", 4320, 17280, 8640, "domain") == "stationary"
+    assert choose_strategy(_mesh(2, 2, strategy={"*": "stationary"}), "channel_mixing", 17280, 4320, 4320,
+                           "tp") == "stationary"
+    # stationary keeps the gathered rows and the hidden activations of all rows: over 1 MiB here
+    assert choose_strategy(_mesh(2, 2, strategy_memory_mb=1), "token_mixing", 4320, 17280, 8640, "domain") == "gather"
+    with pytest.raises(ValueError, match="strategy"):
+        MeshConfig(strategy={"token_mixing": "scatter"})
