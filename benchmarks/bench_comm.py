@@ -66,9 +66,10 @@ def megatron_block_bytes(tokens: int, hidden: int, batch: int, n: int, elem_byte
     return {"activations": act, "small_params": small, "total": act + small}
 
 
-def trace_block(cfg: ModelConfig, domain: int, tp: int, batch: int, strategy: dict) -> tuple:
-    """(trace, strategies) of one training step of one MixerBlock for rank 0 of domain x tp."""
-    mesh = fake_mesh(MeshConfig(domain=domain, tp=tp, strategy=strategy), 0)
+def trace_block(cfg: ModelConfig, domain: int, tp: int, batch: int, strategy: dict, keep: bool = False) -> tuple:
+    """(trace, strategies) of one training step of one MixerBlock for rank 0 of domain x tp
+    (keep: mesh.keep_gathered_weights)."""
+    mesh = fake_mesh(MeshConfig(domain=domain, tp=tp, strategy=strategy, keep_gathered_weights=keep), 0)
     geo = Geometry(cfg, mesh)
     block = MixerBlock(geo, batch, device="meta")
     bucket_small_gradients(block, mesh)
@@ -100,13 +101,14 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         n = domain * tp
         for batch in BATCHES:
             row = {"mesh": f"{domain}x{tp}", "domain": domain, "tp": tp, "batch": batch}
-            for name, strategy in (("auto", {}), ("gather", {"*": "gather"}), ("stationary", {"*": "stationary"})):
-                tr, chosen = trace_block(cfg, domain, tp, batch, strategy)
+            for name, strategy, keep in (("auto", {}, False), ("gather", {"*": "gather"}, False),
+                                         ("stationary", {"*": "stationary"}, False), ("auto_keep", {}, True)):
+                tr, chosen = trace_block(cfg, domain, tp, batch, strategy, keep)
                 row[name] = summarise(tr) | {"strategies": chosen}
             base = megatron_block_bytes(T, D, batch, n)
             strict = megatron_block_bytes(T, D, batch, n, regather=False)
             row["megatron_core"], row["megatron_strict"] = base, strict
-            for name in ("auto", "gather", "stationary"):
+            for name in ("auto", "gather", "stationary", "auto_keep"):
                 row[name]["ratio_vs_strict"] = row[name]["total_bytes"] / strict["total"]
                 row[name]["ratio_vs_megatron_core"] = row[name]["total_bytes"] / base["total"]
                 row[name]["peak_memory_vs_serial_share"] = row[name]["peak_live_bytes"] / (serial[batch] / n)
@@ -122,6 +124,7 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         "ratio_2x2_batch1": next(r["auto"]["ratio_vs_strict"] for r in b1 if r["mesh"] == "2x2"),
         "ratio_4x2_batch1": next(r["auto"]["ratio_vs_strict"] for r in b1 if r["mesh"] == "4x2"),
         "collectives_per_block": max(r["auto"]["calls_total"] for r in rows),
+        "collectives_per_block_keep_gathered": max(r["auto_keep"]["calls_total"] for r in rows),
         "fully_sharded_peak_memory": max(r["gather"]["peak_memory_vs_serial_share"] for r in rows),
         "worst_ratio_any_batch": worst,
     }
@@ -133,6 +136,8 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 "ratio_vs_strict": "our bytes sent / megatron_strict (8 (n-1)/n B T D b + small all-reduce)",
                 "ratio_vs_megatron_core": "our bytes sent / megatron-core as it runs (9 units: it re-gathers "
                                           "the channel fc1 input in backward)",
+                "auto_keep": "auto with mesh.keep_gathered_weights (the gathered weights kept from forward to "
+                             "backward: no re-gather; one gather per optimizer step with accumulation)",
                 "calls": "collectives with a group of > 1 rank issued by one block application (forward, backward), "
                          "the block's small-parameter gradients bucketed (1 all-reduce per split axis)",
                 "peak_memory_vs_serial_share": "peak of every tensor the traced step creates on the rank / "

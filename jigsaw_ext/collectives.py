@@ -250,20 +250,34 @@ def _compute_dtype(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _GatheredLinear(torch.autograd.Function):
-    """y = x @ W^T where W (out, in_local) is stored as row blocks spread over `group`."""
+    """y = x @ W^T where W (out, in_local) is stored as row blocks spread over `group`.
+
+    keep: None (gather in forward, gather again in backward: nothing gathered outlives its use), or
+    a dict owned by the layer that keeps the gathered weight until the layer clears it (once per
+    optimizer step, jigsaw_ext.layers.clear_gathered_weights) or the block changes in place: one
+    gather per optimizer step instead of two per micro-batch, for one full-row weight of memory."""
 
     @staticmethod
-    def forward(ctx, x, w_block, group, sizes, gather):
+    def forward(ctx, x, w_block, group, sizes, gather, keep):
         ctx.save_for_backward(x, w_block)
         ctx.args = (group, sizes, gather)
+        ctx.w_full = None
         if not gather:
             return F.linear(x, w_block)
-        pending = start_all_gather(_compute_dtype(w_block, x), group, sizes)  # bf16 under autocast
-        own = F.linear(x, w_block)  # overlaps with the transfer of the other blocks
-        w_full = pending.wait()
-        me, pieces, offset = _rank(group), [], 0
+        w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
+        me, offset = _rank(group), 0
+        if keep is not None and keep.get("key") == (w_block._version, w_compute.dtype):
+            w_full, own = keep["w"], None
+        else:
+            pending = start_all_gather(w_compute, group, sizes)
+            own = F.linear(x, w_block)  # overlaps with the transfer of the other blocks
+            w_full = pending.wait()
+            if keep is not None:
+                keep.update(key=(w_block._version, w_compute.dtype), w=w_full)
+        ctx.w_full = w_full if keep is not None else None
+        pieces = []
         for r, s in enumerate(sizes):
-            pieces.append(own if r == me else F.linear(x, w_full[offset: offset + s]))
+            pieces.append(own if (r == me and own is not None) else F.linear(x, w_full[offset: offset + s]))
             offset += s
         return torch.cat(pieces, dim=-1)
 
@@ -273,9 +287,10 @@ class _GatheredLinear(torch.autograd.Function):
         group, sizes, gather = ctx.args
         need_x = ctx.needs_input_grad[0]
         # backward runs outside autocast: compute in the dtype of the incoming gradient (that of the
-        # forward's matmul), reduce weight gradients in the parameter's dtype
+        # forward's matmul), reduce weight gradients in fp32
         w_compute = w_block.to(grad.dtype)
-        pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x) else None
+        kept = ctx.w_full
+        pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x and kept is None) else None
         rows = math.prod(grad.shape[:-1])
         grad_w = grad.reshape(rows, grad.shape[-1]).t().mm(x.to(grad.dtype).reshape(rows, x.shape[-1]))
         grad_w = grad_w.float()  # summed over the group in fp32 (a bf16 sum of partials loses bits)
@@ -283,20 +298,23 @@ class _GatheredLinear(torch.autograd.Function):
                       else start_all_reduce(grad_w, group))
         grad_x = None
         if need_x:
-            grad_x = grad.matmul(pending_w.wait() if gather else w_compute).to(x.dtype)
-        return grad_x, pending_gw.wait().to(w_block.dtype), None, None, None
+            w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
+            grad_x = grad.matmul(w).to(x.dtype)
+        ctx.w_full = None
+        return grad_x, pending_gw.wait().to(w_block.dtype), None, None, None, None
 
 
 def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
-                    gather: bool = True) -> torch.Tensor:
+                    gather: bool = True, keep: dict | None = None) -> torch.Tensor:
     """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
 
     gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).
     gather=False: w_block holds every row (replicated over `group`; gradients all-reduced).
+    keep: see _GatheredLinear (None: re-gather in backward).
     """
     if group is None:
         return F.linear(x, w_block)
-    return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather)
+    return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather, keep)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:

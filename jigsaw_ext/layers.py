@@ -76,6 +76,15 @@ def bucket_small_gradients(module: nn.Module, mesh: Mesh) -> None:
     module.register_forward_hook(lambda mod, args, out: close_bucket())
 
 
+def clear_gathered_weights(module: nn.Module) -> None:
+    """Drop the weights kept since their last gather (mesh.keep_gathered_weights): call after every
+    optimizer step (train.py does), so the next forward gathers the updated blocks."""
+    for m in module.modules():
+        for keep in getattr(m, "_kept", ()):
+            if keep is not None:
+                keep.clear()
+
+
 def replicated_axes(layout: Layout) -> tuple[str, ...]:
     """Model axes over which a parameter with this layout is replicated."""
     return tuple(a for a in MODEL_AXES if a not in layout.split_axes)
@@ -106,12 +115,15 @@ class BlockLinear(nn.Module):
             for s in in_splits])
         self.bias = shared_param(Layout((out,), (out_split,)), mesh, ("uniform", bound), device, dtype) \
             if bias else None
+        # mesh.keep_gathered_weights: each gathered weight kept until clear_gathered_weights (per step)
+        keep = mesh.keep_gathered_weights and not self.replicate and mesh.size(self.storage) > 1
+        self._kept = [{} if keep else None for _ in in_splits]
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         storage = self.mesh.group(self.storage)
         partial = None
-        for x, w in zip(xs, self.weights, strict=True):
-            y = gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate)
+        for x, w, keep in zip(xs, self.weights, self._kept, strict=True):
+            y = gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
             partial = y if partial is None else partial + y
         out = reduce_scatter(partial, self.mesh.group(self.contract), self.out_split.sizes, dim=-1)
         if self.bias is not None:

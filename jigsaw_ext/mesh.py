@@ -36,6 +36,10 @@ class MeshConfig(BaseModel):
         description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
                     "(Jigsaw), 'stationary' keeps them and moves the activations (Megatron-style), "
                     "'auto' (the default for kinds not listed) picks the one that sends fewer bytes")
+    keep_gathered_weights: bool = Field(
+        False, description="keep each gathered weight from its forward to its backward and across the "
+                           "micro-batches of an optimizer step (one gather per step instead of two per "
+                           "micro-batch; memory: every gathered full-row weight stays allocated)")
     strategy_memory_mb: float | None = Field(
         None, ge=0, description="auto picks 'stationary' only if its extra saved activations per layer "
                                 "and rank stay under this many MiB (no limit when unset)")
@@ -57,6 +61,7 @@ class Mesh:
     replicate_weights_over: frozenset = frozenset()
     strategy: dict = field(default_factory=dict)
     strategy_memory_mb: float | None = None
+    keep_gathered_weights: bool = False
 
     @staticmethod
     def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -72,7 +77,8 @@ class Mesh:
             raise ValueError(f"rank {rank} outside mesh {config}")
         return cls(sizes, cls.coords_of(rank, sizes), rank,
                    replicate_weights_over=frozenset(config.replicate_weights_over),
-                   strategy=dict(config.strategy), strategy_memory_mb=config.strategy_memory_mb)
+                   strategy=dict(config.strategy), strategy_memory_mb=config.strategy_memory_mb,
+                   keep_gathered_weights=config.keep_gathered_weights)
 
     @classmethod
     def single(cls) -> "Mesh":
@@ -82,7 +88,8 @@ class Mesh:
     @property
     def config(self) -> MeshConfig:
         return MeshConfig(**self.sizes, replicate_weights_over=sorted(self.replicate_weights_over),
-                          strategy=dict(self.strategy), strategy_memory_mb=self.strategy_memory_mb)
+                          strategy=dict(self.strategy), strategy_memory_mb=self.strategy_memory_mb,
+                          keep_gathered_weights=self.keep_gathered_weights)
 
     @property
     def model_size(self) -> int:

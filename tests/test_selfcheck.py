@@ -15,7 +15,8 @@ MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2), (1, 
 
 
 def _errors(dp, domain, tp, **kw):
-    mesh = dict(dp=dp, domain=domain, tp=tp, replicate_weights_over=kw.pop("replicate", []))
+    mesh = dict(dp=dp, domain=domain, tp=tp, replicate_weights_over=kw.pop("replicate", []),
+                keep_gathered_weights=kw.pop("keep", False))
     return run_workers(workers.selfcheck, dp * domain * tp, mesh, kw.pop("dtype", "fp32"),
                        kw.pop("overrides", None), kw.pop("defect", None), kw.pop("strategies", (None,)),
                        timeout=300, preload=["weathermixer.model"])[0]
@@ -32,6 +33,13 @@ def test_every_mesh_and_strategy_is_the_same_model(mesh):
 def test_replicated_weights_tendency_head_and_other_patches():
     errors = _errors(1, 2, 2, replicate=["domain", "tp"],
                      overrides=dict(head="tendency", patch=(1, 6), rollout=1, grid=(24, 24), pad_to_patch=False))
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+def test_gathered_weights_kept_across_micro_batches_are_the_same_model():
+    """mesh.keep_gathered_weights: one gather per optimizer step (the optimizer's in-place update
+    invalidates what was kept), every weight gathered (strategy gather), uneven shards."""
+    errors = _errors(1, 2, 3, strategies=("gather",), keep=True)["gather"]
     assert max(errors.values()) <= FP32_TOL, errors
 
 

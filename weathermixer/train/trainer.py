@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jigsaw_ext.layers import clear_gathered_weights
+
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
 from .config import TrainJobConfig
@@ -367,6 +369,7 @@ class Trainer:
             self.watch.add(step, loss)
             self.engine.backward(loss)
             self.engine.step()
+        clear_gathered_weights(self.model)  # mesh.keep_gathered_weights: the next step gathers the new blocks
         self.window["flops"] += self._flops(k) * self.global_batch
         self.window["samples"] += self.global_batch
         self.progress.update(1)
