@@ -59,6 +59,13 @@ def _rank(group) -> int:
     return dist.get_rank(group)
 
 
+def _async(requested: bool) -> bool:
+    """Async collectives (a Work handle to wait on later) except under torch.compile, which traces
+    synchronous collectives into its graph (as functional collectives) but breaks the graph at an
+    async one: compiled, the model has no graph break at its collectives."""
+    return requested and not torch.compiler.is_compiling()
+
+
 def _view3(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     """x as (pre, n_dim, post) (a view for contiguous x), and the normalised dim."""
     dim = dim % x.dim()
@@ -74,7 +81,7 @@ def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
     pre, s, post = x3.shape
     send = x3 if s == m else torch.cat([x3, x3.new_zeros(pre, m - s, post)], dim=1)
     buf = x.new_empty((n, pre, m, post))  # rank-major: each rank's chunk is contiguous
-    work = _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=async_op)
+    work = _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=_async(async_op))
     shape = lambda total: (*x.shape[:dim], total, *x.shape[dim + 1:])  # noqa: E731
 
     def finish():
@@ -101,7 +108,7 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
             send[r, :, :sz] = x3[:, offset: offset + sz]
             offset += sz
     out = x.new_empty((pre, m, post))
-    work = _reduce_scatter_single(out.view(-1), send.reshape(-1), group=group, async_op=async_op)
+    work = _reduce_scatter_single(out.view(-1), send.reshape(-1), group=group, async_op=_async(async_op))
     me = _rank(group)
     shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1:])
     return _Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
@@ -109,7 +116,7 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
 
 def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
     x = x.contiguous()
-    work = _all_reduce(x, group=group, async_op=async_op)
+    work = _all_reduce(x, group=group, async_op=_async(async_op))
     return _Pending(work, lambda: x)
 
 
@@ -184,6 +191,8 @@ def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
     a view made by one `_CopyToMany` per group, so the gradients of all of them are summed in one
     collective per group per backward instead of one per use (jigsaw_ext.layers.bucket_small_gradients
     opens it around a model's forward)."""
+    if torch.compiler.is_compiling():  # torch.compile cannot trace a ContextVar: per-use reductions
+        return
     by_group: dict[int, tuple[object, list]] = {}
     for p, group in shared:
         if group is not None:
@@ -196,14 +205,15 @@ def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
 
 
 def close_bucket() -> None:
-    _BUCKET.set(None)
+    if not torch.compiler.is_compiling():
+        _BUCKET.set(None)
 
 
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
     """Mark `x` (a parameter replicated over `group`) as one logical variable: gradients are summed."""
     if group is None:
         return x
-    views = _BUCKET.get()
+    views = None if torch.compiler.is_compiling() else _BUCKET.get()
     if views is not None and (id(x), id(group)) in views:
         return views[(id(x), id(group))]
     return _CopyTo.apply(x, group)
