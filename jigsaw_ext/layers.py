@@ -223,12 +223,19 @@ def resolved_strategies(model: nn.Module) -> dict[str, str]:
 
 
 class _Affine(nn.Module):
-    """The parameters of one linear map, stored in the stationary layout (weights and bias)."""
+    """One linear map of a stationary BlockMLP: its weight and bias blocks, used only through this
+    module's own calls (DeepSpeed ZeRO-3 materialises a module's parameters around its forward)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
         self.weights = nn.ParameterList([weight])
         self.bias = bias
+
+    def forward(self, x: torch.Tensor, bias_group=None, matmul: bool = True) -> torch.Tensor:
+        """x @ W^T (matmul=True), or x + bias (the bias replicated over `bias_group`)."""
+        if matmul:
+            return F.linear(x, self.weights[0])
+        return x if self.bias is None else x + copy_to(self.bias, bias_group)
 
 
 class BlockMLP(nn.Module):
@@ -278,7 +285,6 @@ class BlockMLP(nn.Module):
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
         rows = self.row_split.sizes
         x_rows = all_gather(x, storage, rows, dim=self.row_dim)
-        h = sum_partials(F.linear(x_rows, self.fc1.weights[0]), contract)
-        h = F.gelu(h + copy_to(self.fc1.bias, contract))
-        y = reduce_scatter(F.linear(h, self.fc2.weights[0]), storage, rows, dim=self.row_dim)
-        return y if self.fc2.bias is None else y + copy_to(self.fc2.bias, storage)
+        h = F.gelu(self.fc1(sum_partials(self.fc1(x_rows), contract), contract, matmul=False))
+        y = reduce_scatter(self.fc2(h), storage, rows, dim=self.row_dim)
+        return self.fc2(y, storage, matmul=False)

@@ -180,7 +180,7 @@ def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=Non
 
 
 # ---------------------------------------------------------------------------------- deepspeed
-def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
+def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0, strategy=None):
     """DeepSpeed engine with our mpu: ZeRO partitions and averages over the dp axis only. After 3
     steps every rank's parameter blocks equal the serial twin trained on the global batch."""
     import deepspeed
@@ -194,11 +194,14 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = default_model_config(rollout=1, history=0)  # one input state: the fields below are (B, C, H, W)
-    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
+    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp, strategy={"*": strategy} if strategy else {}))
     model, serial = WeatherMixer(cfg, mesh), WeatherMixer(cfg, Mesh.single())
     ds_config = {"train_batch_size": 2 * dp, "train_micro_batch_size_per_gpu": 2,
-                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-                 "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
+                 # ZeRO-3: partition every parameter, however small (the default keeps those under 1e5
+                 # elements whole, which would hide a parameter used outside its own module's forward)
+                 "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0}
+                                                          if stage == 3 else {})},
+                 "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
                  "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                       mpu=mesh.mpu())
@@ -226,9 +229,8 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0):
     ref = dict(serial.named_parameters())
     errs = {}
     for name, p in model.named_parameters():
-        mine = p.detach()
-        if stage == 3:
-            raise NotImplementedError
+        # under ZeRO-3 the rank holds a dp partition of its block: assemble the block (collective)
+        mine = deepspeed.utils.safe_get_full_fp32_param(p).detach() if stage == 3 else p.detach()
         errs[name] = relative_error(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
     return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()),
             "worst": max(errs, key=errs.get)}
