@@ -35,9 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 
 class _Peak:
-    """RssAnon of this process, sampled every 10 ms; `phase()` restarts the peak."""
+    """RssAnon of this process, sampled every 10 ms; `phase()` restarts the peak. The sampler and
+    `phase()` hold a lock: without it a sample taken across a restart wrote the previous phase's
+    peak back (the measurements before 2026-11-30 could carry a phase's peak into the next one)."""
 
     def __init__(self):
+        self.lock = threading.Lock()
         self.peak = self.now()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -51,12 +54,18 @@ class _Peak:
 
     def _run(self):
         while True:
-            self.peak = max(self.peak, self.now())
+            with self.lock:
+                self.peak = max(self.peak, self.now())
             time.sleep(0.01)
 
     def phase(self) -> int:
-        self.peak = base = self.now()
+        with self.lock:
+            self.peak = base = self.now()
         return base
+
+    def read(self) -> int:
+        with self.lock:
+            return max(self.peak, self.now())
 
 
 def _engine(cfg, mesh_str: str, micro: int = 1):
@@ -97,7 +106,7 @@ def _timed(peak, fn) -> dict:
     t0 = time.perf_counter()
     fn()
     dist.barrier()
-    return {"seconds": time.perf_counter() - t0, "peak_extra_bytes": peak.peak - base, "share_bytes": base}
+    return {"seconds": time.perf_counter() - t0, "peak_extra_bytes": peak.read() - base, "share_bytes": base}
 
 
 def _best(runs: list[dict]) -> dict:

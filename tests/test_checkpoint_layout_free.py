@@ -158,7 +158,16 @@ def test_old_format_checkpoints_are_named_with_how_to_convert(runs, tmp_path):
     from jigsaw_ext.checkpoint import Consolidated, consolidate, full_tensors
 
     tag = runs["fp32"]["out"] / "checkpoints" / "step00000003"
-    c = Consolidated(consolidate(tag, tmp_path / "c", log=None))
+    side = tag.parent / "forecast_defaults.json"  # the re-encoding default validation keeps beside the tags
+    had = side.read_text() if side.is_file() else None
+    side.write_text('{"reencode_every": 3}')
+    try:
+        c = Consolidated(consolidate(tag, tmp_path / "c", log=None))
+    finally:
+        side.unlink() if had is None else side.write_text(had)
+    from weathermixer.inference.inputs import forecast_defaults
+
+    assert forecast_defaults(c.dir) == (3, str(c.dir / "forecast_defaults.json"))
     assert c.index["step"] == 3 and c.index["optimizer"]["step"] == 3 and c.index["source"]["mesh"]["tp"] == 2
     for kind in ("param", "exp_avg_sq"):
         for name, t in full_tensors(tag, kind):

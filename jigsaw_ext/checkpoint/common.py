@@ -12,10 +12,55 @@ OLD_FORMATS = ("jigsaw-consolidated/1",)
 JIGSAW_KEYS = ("mesh", "zero_stage", "world_size", "dtype", "layouts", "param_groups", "deepspeed", "step", "tag",
                "state", "client_state")
 KINDS = ("param", "exp_avg", "exp_avg_sq")
+# small JSON files an application keeps in the checkpoint root beside the tags (weathermixer: the
+# forecast's re-encoding default, weathermixer.train.validation.FORECAST_DEFAULTS): `consolidate`
+# copies them into the consolidated directory, where the application's readers look too
+ROOT_SIDE_FILES = ("forecast_defaults.json",)
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint that cannot be read as asked: names the file or tensor."""
+
+
+class RankFailure(CheckpointFormatError):
+    """Raised on every rank when a rank failed outside DCP during a collective save or load (DCP
+    reports its own failures to every rank; anything else would leave the other ranks waiting in the
+    next collective). `failures`: {rank: exception}, as in DCP's CheckpointException, so
+    sharded.failing_rank names the lowest failing rank."""
+
+    def __init__(self, what: str, failures: dict):
+        self.failures = failures
+        r = min(failures)
+        super().__init__(f"{what}: rank {r} failed ({type(failures[r]).__name__}: {failures[r]})")
+
+
+def agree(err: BaseException | None, what: str, value: int = 0, own: bool = True) -> int:
+    """Collective over the world: if any rank passed an error, every rank raises (the failing rank its
+    own exception if `own`, else RankFailure like the others, naming the rank and its message); else
+    the largest `value` of all ranks. Also a barrier."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if err is not None:
+            if own:
+                raise err
+            raise RankFailure(what, {0: err}) from err
+        return value
+    t = torch.tensor([int(err is not None), value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if not t[0]:
+        return int(t[1])
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if err is None else (type(err).__name__, str(err)))
+    if err is not None and own:
+        raise err
+    raise RankFailure(what, {r: _remote(*m) for r, m in enumerate(msgs) if m}) from err
+
+
+def _remote(kind: str, message: str) -> Exception:
+    """Another rank's exception as one of this process: a RuntimeError named like the original."""
+    return type(kind, (RuntimeError,), {"__module__": "remote"})(message)
 
 
 def resolve(path: str | Path) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..layout import Layout
-from .common import (FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, is_layout_free, read_index,
-                     read_job_info, resolve)
+from .common import (FORMAT, KINDS, ROOT_SIDE_FILES, CheckpointFormatError, app_keys, is_consolidated,
+                     is_layout_free, read_index, read_job_info, resolve)
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
 from .manifest import ALGORITHM, check, describe, expected, verify_tree, warn_unverified
@@ -63,6 +63,12 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
              "engine": {"global_steps": st0.get("global_steps"), "global_samples": st0.get("global_samples"),
                         "skipped_steps": st0.get("skipped_steps")},
              "trainer_state": tag.trainer_state(), "tensors": tensors}
+    for name in ROOT_SIDE_FILES:  # the application's files beside the tags (the tag's own first)
+        side = next((d / name for d in (src_dir, src_dir.parent) if (d / name).is_file()), None)
+        if side is not None:
+            shutil.copyfile(side, tmp / name)
+            if log:
+                log(f"consolidate: copied {side}")
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     os.replace(tmp, out)
     return out

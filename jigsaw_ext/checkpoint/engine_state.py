@@ -1,6 +1,9 @@
 """The training state of a DeepSpeed engine as plain tensors and JSON, through DeepSpeed's public
 accessors (deepspeed.utils.safe_get/set_full_fp32_param and _optimizer_state), never its files.
 
+    state_fragment(engine, p)           the flat range of p's block whose master weights and moments this
+                                        rank's optimizer partition holds, as views of the engine's own
+                                        storage (no copy, no collective); None: use fp32_blocks
     fp32_blocks(engine, p)              {kind: this rank's fp32 block}: master weights and AdamW moments
     set_fp32_block(engine, p, kind, block)  one of them into the engine (any ZeRO stage, fp32 or bf16)
     needed_rows(engine, p, kind)        the rows of the block this rank keeps (a load reads only those)
@@ -8,12 +11,19 @@ accessors (deepspeed.utils.safe_get/set_full_fp32_param and _optimizer_state), n
                                         optimizer step, lr-scheduler state, the engine's counters (JSON)
 
 Under ZeRO-1/2/3 with dp > 1 a block's master weights and moments are spread over the dp ranks:
-reading one is a collective over the dp group (every dp rank calls it for every parameter, in the
-same order). With ZeRO-0 in fp32 the torch optimizer holds the parameter itself and its state.
+reading a whole one (fp32_blocks) is a collective over the dp group (every dp rank calls it for
+every parameter, in the same order). state_fragment reads only this rank's part, without
+communicating: ZeRO-3 through DeepSpeed's public `safe_get_local_*` accessors; ZeRO-1/2 (and the bf16
+optimizer) have no public local accessor in DeepSpeed 0.19, so `zero12_fragment` reads the
+parameter's fragment mapping (`p._hp_mapping`, deepspeed/utils/tensor_fragment.py), the one place a
+private attribute is used; where it is missing or changed it raises FragmentMappingError naming the
+DeepSpeed version and the caller falls back to the accessors (fp32_blocks). With ZeRO-0 in fp32 the
+torch optimizer holds the parameter itself and its state.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +60,99 @@ def create_moments(engine) -> None:
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+class FragmentMappingError(RuntimeError):
+    """DeepSpeed's per-parameter fragment mapping is not what this code was written for."""
+
+
+@dataclass
+class Fragment:
+    """The flat range [start, start + numel) (row-major) of a parameter's block whose master weights
+    and moments this rank holds; `views[kind]` are 1-D fp32 tensors of numel elements sharing the
+    engine's storage (writing into them sets the state). dp_replicated: every dp rank holds the same
+    range (ZeRO-0); otherwise the dp ranks hold disjoint ranges (ZeRO's partitions)."""
+
+    start: int
+    numel: int
+    views: dict = field(default_factory=dict)
+    dp_replicated: bool = False
+
+
+def deepspeed_version() -> str:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def zero12_fragment(p) -> Fragment:
+    """This dp rank's fragment of a ZeRO-1/2 (or bf16-optimizer) parameter, from DeepSpeed's mapping
+    `p._hp_mapping` (a tensor_fragment: `lp_fragment_address` = the flat range of p, `get_hp_fragment(key)`
+    = the fp32 master weights (key None) or an optimizer state over that range, views of the flat
+    partition). DeepSpeed 0.19 has no public accessor for it (its safe_get_local_* are ZeRO-3 only).
+    Raises FragmentMappingError naming the DeepSpeed version if the mapping is not the one of 0.19.8."""
+    if not hasattr(p, "_hp_mapping"):
+        raise FragmentMappingError(f"parameter of shape {tuple(p.shape)} has no `_hp_mapping` (DeepSpeed "
+                                   f"{deepspeed_version()}; written for 0.19.8's deepspeed/utils/tensor_fragment.py)")
+    m = p._hp_mapping
+    if m is None:  # no part of p in this dp rank's partition
+        return Fragment(0, 0)
+    try:
+        address = m.lp_fragment_address
+        start, numel = int(address.start), int(address.numel)
+        views = {"param": m.get_hp_fragment()}
+        for k in KINDS[1:]:
+            views[k] = m.get_hp_fragment(k)
+    except Exception as err:  # noqa: BLE001 - an attribute or method changed, or the moments are not linked
+        raise FragmentMappingError(f"parameter of shape {tuple(p.shape)}: DeepSpeed {deepspeed_version()}'s "
+                                   f"`_hp_mapping` is not the fragment mapping of 0.19.8 ({type(err).__name__}: "
+                                   f"{err})") from None
+    for k, v in views.items():
+        if not (torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() == 1 and v.numel() == numel
+                and v.is_contiguous()) or not 0 <= start <= start + numel <= p.numel():
+            raise FragmentMappingError(
+                f"parameter of shape {tuple(p.shape)}: DeepSpeed {deepspeed_version()}'s `_hp_mapping` gives "
+                f"{k} as {getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))} for the flat range "
+                f"[{start}, {start + numel}) (expected a contiguous 1-D fp32 view of it; written for 0.19.8)")
+    return Fragment(start, numel, {k: v.detach() for k, v in views.items()})
+
+
+def state_fragment(engine, p) -> Fragment | None:
+    """This rank's fragment of p's master weights and moments as views of the engine's storage (no
+    copy, no collective); None where only the full-block accessors apply (then fp32_blocks /
+    set_fp32_block). Raises FragmentMappingError (ZeRO-1/2: DeepSpeed's mapping not the expected one)."""
+    shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+    n = math.prod(shape)
+    if _plain_torch(engine):
+        st = base_optimizer(engine).state.get(p, {})
+        views = {"param": p.detach()}
+        views.update({k: st.get(k) for k in KINDS[1:]})
+        if not all(torch.is_tensor(v) and v.dtype == torch.float32 and v.is_contiguous() and v.numel() == n
+                   for v in views.values()):
+            return None
+        return Fragment(0, n, {k: v.detach().view(-1) for k, v in views.items()}, dp_replicated=True)
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if getattr(engine.optimizer, "offload_optimizer", False) or not p.requires_grad:
+            return None  # offloaded (safe_get_local_* return copies on the device) or not the optimizer's
+        pn = p.ds_tensor.numel()
+        start = _dp_rank(engine) * pn
+        numel = min(pn, max(0, n - start))
+        if numel == 0:
+            return Fragment(0, 0)
+        views = {"param": safe_get_local_fp32_param(p)}
+        views.update({k: safe_get_local_optimizer_state(p, k) for k in KINDS[1:]})
+        if not all(torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() == 1 and v.numel() >= numel
+                   for v in views.values()):
+            return None
+        return Fragment(start, numel, {k: v.detach()[:numel] for k, v in views.items()})
+    if not _managed(p):
+        raise RuntimeError(f"parameter of shape {shape} is not managed by DeepSpeed's optimizer (frozen?)")
+    return zero12_fragment(p)
 
 
 def _managed(p) -> bool:

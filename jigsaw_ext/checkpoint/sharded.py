@@ -1,15 +1,20 @@
 """Block-sharded tensors written layout-free, in parallel: megatron-core dist_checkpointing
 ShardedTensors with explicit global offsets, stored by torch.distributed.checkpoint (DCP).
 
-Saving: every rank describes the part of each logical tensor it writes. The ranks holding the same
-block (its replicas: the dp axis and the model axes the block is not split over) share it: the
-block is cut along its first dimension into as many row ranges as it has holders and holder r
-writes range r. So no rank writes a whole block that others also hold, and each element is
-written once. Loading: every rank describes the block its NEW layout needs (any mesh) and DCP
-reads it from whichever saved pieces overlap it.
+Saving (fragment_parts): every rank writes, of each block it holds, the flat range its optimizer
+partition holds (its ZeRO fragment; the whole block under ZeRO-0), straight from the engine's
+storage: the block is cut into chunks of rows (chunk_rows, at most CHUNK_MAX elements) and the
+ranks holding the same fragment (the model axes the block is not split over; dp too under ZeRO-0)
+take the chunks in turn; a rank's part of a chunk is written as boxes of the global tensor
+(flat_boxes: a partial first row, whole rows, a partial last row), so rows straddling two ZeRO
+partitions need no exchange and every element is written once. `tight` hands DCP views that it
+writes without copying. Where the fragments are unavailable (to_write), the holders of a block cut
+it into row ranges instead. Loading: every rank describes the block (or the flat range) its NEW
+layout needs (any mesh) and DCP reads it from whichever saved pieces overlap it, into the engine's
+storage where it can (fragment_reads).
 
 Large models are written in batches (`batches`): each batch is its own DCP directory
-(`<dir>/NNNNN/`), so a rank never holds more than one batch of copies besides the largest tensor.
+(`<dir>/NNNNN/`).
 
 DCP keeps its `.metadata` as a pickle. It is never unpickled freely: `read_metadata` reads it
 with `MetadataUnpickler`, which builds only the DCP metadata classes in METADATA_GLOBALS (and torch
@@ -34,7 +39,7 @@ from typing import Mapping
 import torch
 
 from ..layout import Layout, even_split
-from .common import CheckpointFormatError
+from .common import CheckpointFormatError, agree
 
 BACKEND, BACKEND_VERSION = "torch_dist", 1
 MIN_BATCH_BYTES = 64 << 20  # see `batches`
@@ -124,12 +129,13 @@ def _safe_readers():
 
 # ------------------------------------------------------------------------------------------------
 # which rank writes which part
-def holders(layout: Layout, sizes: Mapping[str, int], coords: Mapping[str, int]) -> tuple[int, int]:
+def holders(layout: Layout, sizes: Mapping[str, int], coords: Mapping[str, int],
+            with_dp: bool = True) -> tuple[int, int]:
     """(r, R): this rank is holder r of the R ranks holding the same block of `layout` (dp and the
-    model axes the layout does not split)."""
+    model axes the layout does not split; without dp if `with_dp` is False)."""
     r, count = 0, 1
     for axis in ("dp", "domain", "tp"):
-        if axis == "dp" or axis not in layout.split_axes:
+        if (axis == "dp" and with_dp) or (axis != "dp" and axis not in layout.split_axes):
             r, count = r * sizes[axis] + coords[axis], count * sizes[axis]
     return r, count
 
@@ -169,6 +175,121 @@ def to_write(key: str, block: torch.Tensor, layout: Layout, sizes, coords):
                          (offset[0] + start, *offset[1:]), None)
 
 
+def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tuple, tuple]]:
+    """The flat (row-major) range [start, stop) of a tensor of `shape` as boxes: [(flat start, offset,
+    size)], in order, each a contiguous run of the range (so a view of a flat buffer of it): a partial
+    first row, whole rows, a partial last row, recursively (at most 2 ndim - 1 boxes)."""
+    shape = tuple(shape)
+    if stop <= start:
+        return []
+    if not shape:
+        return [(0, (), ())]
+    if len(shape) == 1:
+        return [(start, (start,), (stop - start,))]
+    row = math.prod(shape[1:])
+    if row == 0:
+        return []
+
+    def sub(r, a, b):  # [a, b) within row r
+        return [(r * row + f, (r, *o), (1, *z)) for f, o, z in flat_boxes(shape[1:], a, b)]
+
+    r0, c0 = divmod(start, row)
+    r1, c1 = divmod(stop, row)
+    if r0 == r1:
+        return sub(r0, c0, c1)
+    out = []
+    if c0:
+        out += sub(r0, c0, row)
+        r0 += 1
+    if r1 > r0:
+        out.append((r0 * row, (r0, *(0,) * (len(shape) - 1)), (r1 - r0, *shape[1:])))
+    if c1:
+        out += sub(r1, 0, c1)
+    return out
+
+
+def tight(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as one whose storage is exactly its bytes, sharing its memory. DCP's writer
+    clones every tensor whose storage is larger than itself (a view of a flat optimizer partition,
+    a row range) and keeps each clone until the rank's file is written: with these it copies nothing."""
+    if not t.is_contiguous():
+        raise ValueError("tight: a contiguous tensor expected")
+    if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
+        return t
+    off = t.storage_offset() * t.element_size()
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off:off + t.nbytes], 0, t.shape)
+
+
+CHUNK_MAX = 16 << 20  # elements (64 MiB fp32): the largest item written; DCP reads a whole item to load any part
+CHUNK_MIN = 1 << 20   # elements: smaller blocks are one item
+
+
+def chunk_rows(shape: tuple[int, ...], holders_count: int) -> int:
+    """Rows per written chunk of a block: about a quarter of a holder's share (so the holders' shares
+    even out), at least CHUNK_MIN and at most CHUNK_MAX elements (a row at least)."""
+    if not shape:
+        return 1
+    row = max(1, math.prod(shape[1:]))
+    want = min(CHUNK_MAX, max(CHUNK_MIN, -(-math.prod(shape) // (4 * holders_count))))
+    return max(1, want // row)
+
+
+def fragment_parts(key: str, flat: torch.Tensor, start: int, layout: Layout, sizes, coords,
+                   dp_replicated: bool = False) -> list:
+    """ShardedTensors (views of `flat`, no copies) of what this rank writes of its fragment: the flat
+    range [start, start + len(flat)) of its block of `layout` (row-major). The block is cut into
+    chunks of rows (chunk_rows); chunk j is written by holder (j + crc32(key)) % R of the R ranks
+    holding the same fragment: the model axes the layout does not split, and dp too if
+    `dp_replicated` (ZeRO-0; under ZeRO the dp ranks hold disjoint fragments). Each rank writes the
+    part of its fragment inside its chunks, as boxes (flat_boxes: rows straddling two ZeRO
+    partitions become partial-row boxes with exact offsets), so every element is written once
+    whatever the fragments (which may differ between the model-axis replicas) and nothing is
+    exchanged."""
+    import zlib
+
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    offset, shape = block_box(layout, coords)
+    numel = flat.numel()
+    if numel == 0:
+        return []
+    total = math.prod(shape)
+    if start < 0 or start + numel > total:
+        raise CheckpointFormatError(f"{key}: this rank's fragment [{start}, {start + numel}) lies outside its "
+                                    f"block of shape {tuple(shape)}")
+    if not shape:  # a scalar: its first holder writes it
+        r, _ = holders(layout, sizes, coords, with_dp=dp_replicated)
+        return [ShardedTensor(key, tight(flat.view(())), flat.dtype, (), (), (), None)] if r == 0 else []
+    r, count = holders(layout, sizes, coords, with_dp=dp_replicated)
+    row = math.prod(shape[1:])
+    step = chunk_rows(shape, count) * row
+    h = zlib.crc32(key.encode())
+    out = []
+    for j in range(start // step, -(-(start + numel) // step)):
+        if (j + h) % count != r:
+            continue
+        lo, hi = max(start, j * step), min(start + numel, (j + 1) * step)
+        for f, o, z in flat_boxes(shape, lo, hi):
+            data = tight(flat[f - start:f - start + math.prod(z)].view(z))
+            out.append(ShardedTensor(key, data, data.dtype, tuple(z), tuple(layout.shape),
+                                     tuple(a + b for a, b in zip(offset, o)), None))
+    return out
+
+
+def fragment_reads(key: str, flat: torch.Tensor, start: int, layout: Layout, coords) -> list:
+    """ShardedTensors to load the flat range [start, start + len(flat)) of this rank's block of
+    `layout` straight into `flat` (views of it: DCP copies into them)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    offset, shape = block_box(layout, coords)
+    out = []
+    for f, o, z in flat_boxes(shape, start, start + flat.numel()):
+        data = flat[f - start:f - start + max(1, math.prod(z))].view(z)
+        out.append(ShardedTensor(key, data, data.dtype, tuple(z), tuple(layout.shape),
+                                 tuple(a + b for a, b in zip(offset, o)), None))
+    return out
+
+
 def to_read(key: str, layout: Layout, coords, rows: tuple[int, int] | None = None, out=None):
     """The ShardedTensor of this rank's block (or of its rows [r0, r1) only), for loading into `out`
     (a new fp32 tensor of the block's shape if None; only those rows are written)."""
@@ -185,9 +306,9 @@ def to_read(key: str, layout: Layout, coords, rows: tuple[int, int] | None = Non
 def batches(layouts: Mapping[str, Layout], kinds: int, budget: int | None = None) -> list[list[str]]:
     """Consecutive groups of tensor names of at most `budget` global fp32 bytes (x kinds) each, a
     larger tensor alone; the same on every rank (global shapes only). Default budget: the largest
-    tensor's bytes x kinds (at least MIN_BATCH_BYTES): a rank holding a 1/n share of a batch's blocks
-    holds 3/n of the largest tensor's size in copies (half that budget measured no lower peak, and
-    more DCP rounds; benchmarks/bench_checkpoint.py)."""
+    tensor's bytes x kinds (at least MIN_BATCH_BYTES). Saving copies nothing (fragment_parts), so
+    the batch bounds only the buffers of a load that cannot read into the engine (bf16 parameters,
+    the accessors' fallback)."""
     if budget is None:
         budget = max(MIN_BATCH_BYTES, 4 * kinds * max((math.prod(v.shape) for v in layouts.values()), default=0))
     out, size = [[]], 0
@@ -277,11 +398,17 @@ def load(tensors: dict, directory: str | Path) -> dict:
     from ..megatron_cpu import install
 
     install()
-    verify_dir(directory)
-    missing = [k for k in tensors if k not in stored_keys(directory)]
-    if missing:
-        raise CheckpointFormatError(f"{directory}: holds no tensor {missing[0]!r} ({len(missing)} missing; "
-                                    f"another model config?)")
+    err = None
+    try:  # agreed on: a rank that cannot read must not leave the others waiting in DCP
+        verify_dir(directory)
+        stored = stored_keys(directory)
+        missing = sorted({st.key for st in tensors.values() if st.key not in stored})
+        if missing:
+            raise CheckpointFormatError(f"{directory}: holds no tensor {missing[0]!r} ({len(missing)} missing; "
+                                        f"another model config?)")
+    except Exception as e:  # noqa: BLE001
+        err = e
+    agree(err, f"reading {directory}")
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
