@@ -101,3 +101,18 @@ def test_wrong_static_or_block_shape_is_a_clear_error():
         model(fields, None)
     with pytest.raises(ValueError, match=r"input block has \(31, 64\)"):
         model(fields[:, :, 1:], static[:, :, 1:])
+
+
+def test_hidden_multiple_rounds_the_mixing_hidden_sizes_up():
+    from weathermixer.model.geometry import Geometry
+    from weathermixer.model.mixer import num_parameters
+
+    cfg = ModelConfig(grid=(12, 40), patch=(1, 4), hidden=20, token_fraction=0.3, channel_fraction=1.3,
+                      hidden_multiple=8, blocks=1)
+    geo = Geometry(cfg, Mesh.single())
+    assert (geo.tokens, geo.token_hidden, geo.channel_hidden) == (120, 40, 32)  # 36 -> 40, 26 -> 32
+    model = WeatherMixer(cfg)
+    block = model.blocks[0]
+    assert tuple(block.token_mixing.fc1.weights[0].shape) == (40, 120)
+    assert tuple(block.channel_mixing.fc1.weights[0].shape) == (32, 20)
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(cfg)

@@ -58,6 +58,10 @@ class ModelConfig(_Strict):
     hidden: int = Field(64, ge=1, description="token embedding size D")
     token_fraction: float = Field(0.5, gt=0, description="token-mixing hidden size / number of tokens")
     channel_fraction: float = Field(1.0, gt=0, description="channel-mixing hidden size / D")
+    hidden_multiple: int = Field(1, ge=1, description="round the token- and channel-mixing hidden sizes up to "
+                                                      "a multiple of this (128: every shard a multiple of 8 on "
+                                                      "up to 16 ranks; bf16 GEMMs with a dimension that is not "
+                                                      "run at about a third of the speed on H100/H200)")
     blocks: int = Field(2, ge=1, description="mixer blocks N_b")
     rollout: int = Field(1, ge=1, description="latent rollout steps k: the block stack is applied k times")
     history: int = Field(0, ge=0, description="previous states t-dt .. t-history*dt embedded beside the state "

@@ -60,11 +60,16 @@ class Geometry:
 
     @property
     def token_hidden(self) -> int:
-        return max(1, round(self.cfg.token_fraction * self.tokens))
+        return self._multiple(max(1, round(self.cfg.token_fraction * self.tokens)))
 
     @property
     def channel_hidden(self) -> int:
-        return max(1, round(self.cfg.channel_fraction * self.cfg.hidden))
+        return self._multiple(max(1, round(self.cfg.channel_fraction * self.cfg.hidden)))
+
+    def _multiple(self, n: int) -> int:
+        """n rounded up to model.hidden_multiple (GEMM-friendly shard sizes)."""
+        m = self.cfg.hidden_multiple
+        return -(-n // m) * m
 
     # splits over the mesh -----------------------------------------------------------------------
     def _split(self, axis: str, n: int) -> Split:
