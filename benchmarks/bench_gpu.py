@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     report["model_step"] = bench_model_step(gemm_profile)
     log(f"model step {report['model_step']}")
     # the same model with its mixing hidden sizes rounded up to a multiple of 128 (model.hidden_multiple:
-    # H_s 8652 -> 8704): the planner predicts 1.56 x on one H100 from the misaligned-GEMM rates
+    # H_s 8652 -> 8704, H_c 4320 -> 4352): the planner predicts 1.55 x on one H100 from the GEMM rates
     report["model_step_hidden_multiple_128"] = bench_model_step(
         gemm_profile, PRESETS[PRESET].model_copy(update={"hidden_multiple": 128}))
     log(f"model step, hidden_multiple 128 {report['model_step_hidden_multiple_128']}")
