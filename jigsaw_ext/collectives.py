@@ -236,6 +236,71 @@ def sum_partials(x: torch.Tensor, group) -> torch.Tensor:
     return x if group is None else _SumPartials.apply(x, group)
 
 
+class _GatherBlocks(torch.autograd.Function):
+    """All-gather along `dim`, returned as the collective's own rank-major buffer (n, pre, m, post)
+    (shards padded to the largest m): for row-wise computations, whose rows can stay in that order
+    until a _ScatterBlocks, with no concatenation and no transposing copy in between."""
+
+    @staticmethod
+    def forward(ctx, x, group, sizes, dim):
+        x3, d = _view3(x, dim)
+        pre, s_, post = x3.shape
+        n, m = len(sizes), max(sizes)
+        send = x3 if s_ == m else torch.cat([x3, x3.new_zeros(pre, m - s_, post)], dim=1)
+        buf = x.new_empty((n, pre, m, post))
+        _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=False)
+        ctx.args = (group, sizes, x.shape, s_)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, sizes, shape, s_ = ctx.args
+        n, pre, m, post = grad.shape
+        out = grad.new_empty((pre, m, post))
+        _reduce_scatter_single(out.view(-1), grad.contiguous().view(-1), group=group, async_op=False)
+        return out[:, :s_].reshape(shape), None, None, None
+
+
+class _ScatterBlocks(torch.autograd.Function):
+    """The dual: a rank-major buffer (n, pre, m, post) of partial sums reduce-scattered; this rank's
+    (pre, sizes[me], post) block reshaped to `shape`."""
+
+    @staticmethod
+    def forward(ctx, buf, group, sizes, shape):
+        n, pre, m, post = buf.shape
+        out = buf.new_empty((pre, m, post))
+        _reduce_scatter_single(out.view(-1), buf.contiguous().view(-1), group=group, async_op=False)
+        me = _rank(group)
+        ctx.args = (group, n, pre, sizes[me], m, post)
+        return out[:, : sizes[me]].reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, n, pre, s_, m, post = ctx.args
+        g3 = grad.contiguous().view(pre, s_, post)
+        if s_ != m:
+            g3 = torch.cat([g3, g3.new_zeros(pre, m - s_, post)], dim=1)
+        buf = grad.new_empty((n, pre, m, post))
+        _all_gather_single(buf.view(-1), g3.reshape(-1), group=group, async_op=False)
+        return buf, None, None, None
+
+
+def gather_blocks(x: torch.Tensor, group, sizes: Sequence[int], dim: int) -> torch.Tensor:
+    """x's shards along `dim` from every rank of `group` as the rank-major (n, pre, m, post) buffer
+    (see _GatherBlocks); with no group, x as (1, pre, size, post)."""
+    if group is None:
+        x3, _ = _view3(x, dim)
+        return x3.unsqueeze(0)
+    return _GatherBlocks.apply(x, group, tuple(sizes), dim)
+
+
+def scatter_blocks(buf: torch.Tensor, group, sizes: Sequence[int], shape) -> torch.Tensor:
+    """Sum a rank-major buffer of partial sums over `group`; this rank's block, as `shape`."""
+    if group is None:
+        return buf[0].reshape(shape)
+    return _ScatterBlocks.apply(buf, group, tuple(sizes), tuple(shape))
+
+
 def reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:
     return x if group is None else _ReduceScatter.apply(x, group, tuple(sizes), dim)
 
@@ -325,6 +390,76 @@ def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequen
     if group is None:
         return F.linear(x, w_block)
     return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather, keep)
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """sum_j x_j @ W_j^T reduce-scattered over `group` along the output features, for weights held
+    whole (their rows not spread over another axis, or replicated over it: then `replicas` is that
+    axis's group and the weight gradients are all-reduced over it in fp32). The products are written
+    straight into the reduce-scatter's rank-major buffer (one product per destination rank's output
+    block) and the backward uses the all-gathered gradient's blocks in place: no transposing copy of
+    the partial sums, no concatenation of the gathered gradient."""
+
+    @staticmethod
+    def forward(ctx, group, sizes, replicas, n_seg, *tensors):
+        xs, ws = tensors[:n_seg], tensors[n_seg:]
+        dtype = autocast_dtype(xs[0].device) or xs[0].dtype
+        lead = xs[0].shape[:-1]
+        x2 = [x.reshape(math.prod(lead), x.shape[-1]).to(dtype) for x in xs]  # (shards may be empty)
+        wc = [w.to(dtype) for w in ws]
+        n, m, pre = len(sizes), max(sizes), x2[0].shape[0]
+        even = all(sz == m for sz in sizes)
+        send = x2[0].new_empty((n, pre, m)) if even else x2[0].new_zeros((n, pre, m))
+        offset = 0
+        for r, sz in enumerate(sizes):
+            block = None
+            for x, w in zip(x2, wc):
+                prod = x.mm(w[offset: offset + sz].t())
+                block = prod if block is None else block.add_(prod)
+            send[r, :, :sz] = block
+            offset += sz
+        out = x2[0].new_empty((pre, m))
+        _pending = _reduce_scatter_single(out.view(-1), send.view(-1), group=group, async_op=False)
+        me = _rank(group)
+        ctx.save_for_backward(*x2, *ws)
+        ctx.args = (group, sizes, replicas, n_seg, [x.shape for x in xs], [x.dtype for x in xs])
+        return (out if sizes[me] == m else out[:, : sizes[me]]).reshape(*lead, sizes[me])
+
+    @staticmethod
+    def backward(ctx, dy):
+        group, sizes, replicas, n_seg, shapes, x_dtypes = ctx.args
+        saved = ctx.saved_tensors
+        x2, ws = saved[:n_seg], saved[n_seg:]
+        n, m = len(sizes), max(sizes)
+        dtype = dy.dtype
+        d2 = dy.reshape(x2[0].shape[0], dy.shape[-1])
+        if d2.shape[1] != m:
+            d2 = torch.cat([d2, d2.new_zeros(d2.shape[0], m - d2.shape[1])], dim=1)
+        buf = d2.new_empty((n, d2.shape[0], m))
+        _all_gather_single(buf.view(-1), d2.contiguous().view(-1), group=group, async_op=False)
+        dxs, dws = [], []
+        for x, w in zip(x2, ws):
+            wc = w.to(dtype)
+            dx, dw, offset = None, torch.empty(w.shape, dtype=torch.float32, device=w.device), 0
+            for r, sz in enumerate(sizes):
+                g = buf[r, :, :sz]
+                part = g.mm(wc[offset: offset + sz])
+                dx = part if dx is None else dx.add_(part)
+                dw[offset: offset + sz] = g.t().mm(x.to(dtype))
+                offset += sz
+            dxs.append(dx)
+            dws.append(dw)
+        if replicas is not None:  # the weights are replicated over another axis: sum their gradients
+            dws = [start_all_reduce(dw, replicas, async_op=False).wait() for dw in dws]
+        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes)]
+        return (None, None, None, None, *dxs, *[dw.to(w.dtype) for dw, w in zip(dws, ws)])
+
+
+def linear_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group, sizes: Sequence[int],
+                          replicas=None) -> torch.Tensor:
+    """reduce_scatter(sum_j F.linear(xs[j], ws[j]), group, sizes, dim=-1) without its copies (see
+    _LinearReduceScatter); `replicas`: the group the weights are replicated over, if any."""
+    return _LinearReduceScatter.apply(group, tuple(sizes), replicas, len(xs), *xs, *ws)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gathered_linear, open_bucket,
-                          reduce_scatter, split_layer_norm, sum_partials)
+from .collectives import (autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
+                          linear_reduce_scatter, open_bucket, reduce_scatter, scatter_blocks, split_layer_norm,
+                          sum_partials)
 from .layout import Layout, Split, even_split
 from .mesh import STRATEGIES, Mesh
 
@@ -120,12 +121,17 @@ class BlockLinear(nn.Module):
         self._kept = [{} if keep else None for _ in in_splits]
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        storage = self.mesh.group(self.storage)
-        partial = None
-        for x, w, keep in zip(xs, self.weights, self._kept, strict=True):
-            y = gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
-            partial = y if partial is None else partial + y
-        out = reduce_scatter(partial, self.mesh.group(self.contract), self.out_split.sizes, dim=-1)
+        storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
+        if contract is not None and (storage is None or self.replicate):
+            # no weight to gather: the products go straight into the reduce-scatter's buffer
+            out = linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
+                                        replicas=storage if self.replicate else None)
+        else:
+            partial = None
+            for x, w, keep in zip(xs, self.weights, self._kept, strict=True):
+                y = gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
+                partial = y if partial is None else partial + y
+            out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:
             out = out + copy_to(self.bias, storage)
         return out
@@ -283,8 +289,11 @@ class BlockMLP(nn.Module):
         if self.strategy == "gather":
             return self.fc2(F.gelu(self.fc1(x)))
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
+        # every row is independent: the rows stay in the all-gather's rank-major order (its buffer)
+        # through both products and are reduce-scattered from that same layout: no copy in between
         rows = self.row_split.sizes
-        x_rows = all_gather(x, storage, rows, dim=self.row_dim)
+        x_rows = gather_blocks(x, storage, rows, dim=self.row_dim)
         h = F.gelu(self.fc1(sum_partials(self.fc1(x_rows), contract), contract, matmul=False))
-        y = reduce_scatter(self.fc2(h), storage, rows, dim=self.row_dim)
+        shape = (*x.shape[:-1], self.fc2.weights[0].shape[0])
+        y = scatter_blocks(self.fc2(h), storage, rows, shape)
         return self.fc2(y, storage, matmul=False)

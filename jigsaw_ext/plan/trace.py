@@ -38,6 +38,9 @@ PURPOSES = {  # autograd function (qualified name prefix) -> purpose of the coll
     "_AllGather": "activation",
     "_CopyTo": "small_param_grad",  # and _CopyToMany (the bucket)
     "_SumPartials": "activation",
+    "_LinearReduceScatter": "activation",
+    "_GatherBlocks": "activation",
+    "_ScatterBlocks": "activation",
     "_SplitLayerNorm": "norm_stats",
 }
 
@@ -133,6 +136,8 @@ def _purpose(kind: str) -> str:
         name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
         if name == "_GatheredLinear.backward":
             return "weight_gather" if kind == "all_gather" else "weight_grad"
+        if name == "_LinearReduceScatter.backward":
+            return "weight_grad" if kind == "all_reduce" else "activation"
         for prefix, purpose in PURPOSES.items():
             if name.startswith(prefix):
                 return purpose
