@@ -178,3 +178,28 @@ def test_leaving_a_finite_iteration_early_never_blocks(store):
         t.start()
         t.join(10)
         assert not t.is_alive(), "leaving the iteration early hung"
+
+
+def test_small_data_set_kept_in_memory_once_read(store, monkeypatch):
+    """A data set whose block fits in KEEP_BYTES is read from the store once per time step; the samples
+    are the same as without keeping (a fresh loader with the limit at 0 reads every batch anew)."""
+    import weathermixer.data.loader as loader_mod
+
+    cs = CountingStore.local(store)
+    ld = _loader(cs, 1, 1, 0, shuffle=False)
+    assert ld._keep is not None
+    first = ld.load_batch([0, 1])
+    cs.reset()
+    again = ld.load_batch([1, 0])  # the same times: nothing read
+    assert not cs.chunk_keys()
+    torch.testing.assert_close(again.fields, first.fields[[1, 0]])
+    ld.load_batch([2])  # one new time step (t + 2 leads): only its chunks
+    assert cs.chunk_keys() and all(k.split("/c/")[1].startswith("4/") for k in cs.chunk_keys())
+    monkeypatch.setattr(loader_mod, "KEEP_BYTES", 0)
+    fresh = _loader(cs, 1, 1, 0, shuffle=False)
+    assert fresh._keep is None
+    cs.reset()
+    again = fresh.load_batch([1, 0])
+    assert cs.chunk_keys()
+    torch.testing.assert_close(again.fields, first.fields[[1, 0]])
+    torch.testing.assert_close(again.targets[1], first.targets[1][[1, 0]])

@@ -180,3 +180,74 @@ def test_config_and_mesh_errors(store, tmp_path):
 def test_remote_url_needs_fsspec_extras():
     with pytest.raises(DataError, match=r"cannot open gs://bucket/era5.zarr: .*gcsfs"):
         GriddedDataset(DataConfig(path="gs://bucket/era5.zarr"), CH, (32, 64))
+
+
+def _daily_cycle_store(tmp_path):
+    """Hourly 2 m temperature with a known per-pixel daily cycle (amplitude and phase vary by pixel)."""
+    times = pd.date_range("2021-03-01", periods=24 * 6, freq="1h")
+    lat, lon = np.linspace(50, 58, 5), np.linspace(-6, 2, 7)
+    rng = np.random.default_rng(1)
+    mean, a1, b1 = (rng.normal(280, 3, (5, 7)), rng.normal(0, 4, (5, 7)), rng.normal(0, 2, (5, 7)))
+    om = 2 * np.pi * times.hour.values / 24
+    val = (mean + a1 * np.cos(om)[:, None, None] + b1 * np.sin(om)[:, None, None]
+           + rng.normal(0, 0.01, (len(times), 5, 7)))
+    ds = xr.Dataset({"t2m": (("time", "latitude", "longitude"), val.astype(np.float32))},
+                    coords={"time": times, "latitude": lat, "longitude": lon})
+    path = tmp_path / "hourly.zarr"
+    ds.to_zarr(path, consolidated=False)
+    # rows north to south, as the model sees them
+    return str(path), mean[::-1], a1[::-1], b1[::-1]
+
+
+def test_daily_cycle_static_inputs_from_training_period_stats(tmp_path):
+    path, mean, a1, b1 = _daily_cycle_store(tmp_path)
+    static = ["daily_cycle_mean_2m_temperature", "daily_cycle_cos1_2m_temperature",
+              "daily_cycle_sin1_2m_temperature", "daily_cycle_cos2_2m_temperature", "cos_latitude"]
+    ch = ChannelsConfig(surface=["2m_temperature"], atmospheric=[], levels=[], static=static)
+    model = ModelConfig(grid=(5, 7), patch=(1, 1), channels=ch)
+    splits = {"train": ["2021-03-01", "2021-03-03T23"], "val": ["2021-03-05", "2021-03-05T12"]}
+    job = {"weathermixer": {"model": model.model_dump(mode="json"), "data": {
+        "path": path, "dt_hours": 1, "variables": {"2m_temperature": "t2m"}, "splits": splits}}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    out = tmp_path / "stats.json"
+    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
+                "--end", "2021-03-03T23", "--out", str(out)]) == 0
+    stats = json.loads(out.read_text())
+    dc = stats["daily_cycle"]
+    assert (dc["start"], dc["end"]) == ("2021-03-01 00:00:00", "2021-03-03 23:00:00") and len(dc["hours_seen"]) == 24
+    coef = dc["channels"]["2m_temperature"]
+    np.testing.assert_allclose(coef["mean"], mean, atol=0.01)
+    np.testing.assert_allclose(coef["cos1"], a1, atol=0.01)
+    np.testing.assert_allclose(coef["sin1"], b1, atol=0.01)
+    np.testing.assert_allclose(coef["cos2"], 0, atol=0.01)
+    # the loader serves them normalised like the channel (mean term by mean and std, harmonics by std)
+    cfg = DataConfig(path=path, dt_hours=1, variables={"2m_temperature": "t2m"}, stats=str(out), splits=splits,
+                     leads=2)
+    s = next(iter(ShardedSampleLoader(cfg, model, Mesh.single(), batch=3, shuffle=False))).static
+    m, sd = stats["channels"]["2m_temperature"]["mean"], stats["channels"]["2m_temperature"]["std"]
+    assert s.shape == (3, 5, 5, 7)
+    np.testing.assert_allclose(s[1, 0].numpy(), (mean - m) / sd, atol=0.01 / sd)
+    np.testing.assert_allclose(s[2, 1].numpy(), a1 / sd, atol=0.01 / sd)
+    np.testing.assert_allclose(s[0, 2].numpy(), b1 / sd, atol=0.01 / sd)
+    # only from the stats file's period: one overlapping the validation split is refused
+    late = tmp_path / "late.json"
+    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
+                "--end", "2021-03-05T06", "--out", str(late)]) == 0
+    with pytest.raises(DataError, match="overlaps the validation split"):
+        ShardedSampleLoader(cfg.model_copy(update={"stats": str(late)}), model, Mesh.single(), batch=1)
+    # up to the first validation init (an input state, never a target) is allowed
+    edge = tmp_path / "edge.json"
+    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
+                "--end", "2021-03-05T00", "--out", str(edge)]) == 0
+    ShardedSampleLoader(cfg.model_copy(update={"stats": str(edge)}), model, Mesh.single(), batch=1)
+    # a forecast's loader (only a test split of init times) has no validation split to check against
+    fc = cfg.model_copy(update={"stats": str(late), "splits": {"test": ["2021-03-05", "2021-03-05"]}})
+    ShardedSampleLoader(fc, model, Mesh.single(), "test", batch=1)
+    # stats without the daily cycle, and a daily cycle of something that is not a predicted channel
+    plain = {k: v for k, v in stats.items() if k != "daily_cycle"}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    with pytest.raises(ValueError, match="no per-pixel daily cycle of '2m_temperature'"):
+        ShardedSampleLoader(cfg.model_copy(update={"stats": str(tmp_path / "plain.json")}), model, Mesh.single())
+    bad = ModelConfig(grid=(5, 7), patch=(1, 1), channels=ch.model_copy(update={"static": ["daily_cycle_mean_u10"]}))
+    with pytest.raises(DataError, match="'u10' is not a predicted channel"):
+        ShardedSampleLoader(cfg, bad, Mesh.single())

@@ -133,6 +133,47 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
     assert t.micro_step_loss(sample, 2).item() == pytest.approx(1.0)  # w_1..w_2 = 1, 0
 
 
+def test_autoregressive_training_advances_the_hour_of_day():
+    """rollout_mode=autoregressive: each step's static time features follow its input's valid time, as in
+    the forecast (inference.rollout.static_at), instead of staying at the start time; latent unchanged."""
+    from types import SimpleNamespace
+
+    from weathermixer.config import parse
+    from weathermixer.data.loader import _computed
+    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.train.trainer import Trainer
+
+    ch = {"surface": ["t2m"], "atmospheric": [], "levels": [], "static": ["cos_latitude", "sin_hour_of_day",
+                                                                         "cos_hour_of_day"]}
+    job = parse(TrainJobConfig, {"model": {"grid": [4, 8], "patch": [1, 2], "hidden": 16, "blocks": 1, "channels": ch},
+                                 "train": {"rollout": 3, "rollout_mode": "autoregressive"}})
+    model = WeatherMixer(job.model).eval()
+    lat, lon = np.linspace(60, 30, 4), np.arange(8) * 45.0
+    t = Trainer(job, {})
+    t.engine, t.data_cfg = model, SimpleNamespace(dt_hours=6.0)
+    t.train_data = SimpleNamespace(_time_static=[1, 2], static_names=ch["static"], lat=lat, lon=lon)
+    times = [pd.Timestamp("2020-01-01T00"), pd.Timestamp("2020-01-01T06")]
+
+    def static(ts):
+        return torch.tensor(np.stack([[np.broadcast_to(_computed(n, lat, lon, x), (4, 8)) for n in ch["static"]]
+                                      for x in ts]), dtype=torch.float32)
+
+    x = torch.randn(2, 1, 4, 8)
+    with torch.no_grad():
+        got = t.forecast(x, static(times), 3, times)
+        ref, y = [], x
+        for j in range(3):
+            y = model(y, static([s + pd.Timedelta(hours=6 * j) for s in times]), steps=1)
+            ref.append(y)
+        frozen = model(x, static(times), steps=3, every_lead=True, autoregressive=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+        assert not torch.allclose(got[2], frozen[2])  # the start time's hour for every step differs
+        t.job = job.model_copy(update={"train": job.train.model_copy(update={"rollout_mode": "latent"})})
+        for a, b in zip(t.forecast(x, static(times), 3, times), model(x, static(times), steps=3, every_lead=True)):
+            torch.testing.assert_close(a, b)
+
+
 # the real ERA5 samples -----------------------------------------------------------------------------
 def _uk_data_config(**kw):
     from weathermixer.data.config import DataConfig
@@ -261,7 +302,8 @@ def test_data_cli_set_and_computed_static_and_size_honours_the_mesh(capsys):
     assert data_main(["inspect", "--config", job, "--set", f"data.path={UK_GRIB}", "--set", "model.history=2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["history"] == 2 and out["n_times"] == 744 and out["channels"] == {"2m_temperature": "t2m"}
-    assert set(out["static_computed"]) == {"sin_hour_of_day", "cos_hour_of_day", "cos_latitude", "sin_longitude"}
+    assert set(out["static_computed"]) == {"sin_hour_of_day", "cos_hour_of_day", "cos_latitude", "sin_longitude"} | {
+        f"daily_cycle_{term}_2m_temperature" for term in ("mean", "cos1", "sin1", "cos2", "sin2")}
     assert data_main(["inspect", "--config", job, "--set", "data.nope=1"]) == 2
     assert "data.nope: unknown key" in capsys.readouterr().err
     assert size_main(["--config", "quickstart_cpu"]) == 0  # the job's mesh: 1 x 2 x 2
@@ -286,12 +328,17 @@ def uk_run(tmp_path_factory):
     wm = job["weathermixer"]
     wm["model"].update(hidden=16, blocks=1)
     wm["train"].update(steps=6, warmup=1, curriculum=[[1, 1], [4, 2]], lead_weights=[1, 2])
-    wm["data"].update(path=str(UK_GRIB), stats=None,
+    wm["data"].update(path=str(UK_GRIB), stats=str(d / "stats.json"),
                       splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-18T00", "2019-03-18T11"]})
     wm["validation"].update(samples=4, batch=4, every=0, reencode_candidates=[1, 2], reencode_steps=3)
     wm["log"].update(dir=str(d / "run"), plot=False)
     (d / "job.json").write_text(json.dumps(job))
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # the job's daily-cycle static inputs come from statistics over its training period only
+    from weathermixer.data.__main__ import main as data_main
+
+    assert data_main(["stats", "--config", str(d / "job.json"), "--start", "2019-03-01", "--end", "2019-03-05T23",
+                      "--out", str(d / "stats.json")]) == 0
     run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(d / "job.json")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

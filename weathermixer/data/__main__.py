@@ -43,9 +43,9 @@ def _inspect(data, job) -> dict:
     """What `inspect` prints: the data set, its time axis, and where every channel comes from."""
     import pandas as pd
 
-    from .config import COMPUTED_STATIC
+    from .config import is_computed_static
 
-    computed = [n for n in job.model.channels.static if n in COMPUTED_STATIC]
+    computed = [n for n in job.model.channels.static if is_computed_static(n)]
     return {"source": data.where, "times": [str(data.times[0]), str(data.times[-1])],
             "n_times": len(data.times), "step_hours": data.step / pd.Timedelta(hours=1),
             "dt_steps": data.k, "latitude_flipped_on_read": data.flip, "history": job.model.history,

@@ -8,7 +8,8 @@ channels, which times form train/val/test, and how samples are built.
 
 Model channel names (`model.channels`) are the keys of `variables`; a channel or static field that is
 not listed is looked up under its own name. Static channels named in COMPUTED_STATIC are computed,
-not read (cos/sin of latitude and longitude, sin/cos of the hour of day and the day of the year).
+not read (cos/sin of latitude and longitude, sin/cos of the hour of day and the day of the year), and so
+are daily_cycle_<term>_<channel> (a predicted channel's per-pixel mean daily cycle, from the stats file).
 """
 from __future__ import annotations
 
@@ -22,6 +23,26 @@ from ..config import JobConfig, _Strict
 COMPUTED_STATIC = ("cos_latitude", "sin_latitude", "cos_longitude", "sin_longitude",
                    "sin_hour_of_day", "cos_hour_of_day", "sin_day_of_year", "cos_day_of_year")
 TIME_FEATURES = COMPUTED_STATIC[4:]
+# Per-pixel mean daily cycle of a predicted channel over the statistics' period (`weathermixer.data
+# stats` fits x = mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h) per pixel,
+# h = UTC hour, w = 2 pi / 24 h): static input daily_cycle_<term>_<channel>, e.g.
+# daily_cycle_mean_2m_temperature, normalised by the channel's mean and std (terms other than mean by
+# the std only). Computed from the stats file, not read from the data set.
+DAILY_CYCLE_TERMS = ("mean", "cos1", "sin1", "cos2", "sin2")
+DAILY_CYCLE_PREFIX = "daily_cycle_"
+
+
+def daily_cycle_static(name: str) -> tuple[str, str] | None:
+    """(term, channel) of a daily_cycle_<term>_<channel> static name, else None."""
+    if not name.startswith(DAILY_CYCLE_PREFIX):
+        return None
+    term, sep, channel = name[len(DAILY_CYCLE_PREFIX):].partition("_")
+    return (term, channel) if sep and term in DAILY_CYCLE_TERMS and channel else None
+
+
+def is_computed_static(name: str) -> bool:
+    """A static channel the loader computes (coordinates, time features, daily cycle) instead of reading."""
+    return name in COMPUTED_STATIC or daily_cycle_static(name) is not None
 WB2_ALIASES = {"orography": "geopotential_at_surface"}
 
 

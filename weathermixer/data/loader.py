@@ -25,10 +25,13 @@ from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
 from ..model.geometry import Geometry
-from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig
+from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig, daily_cycle_static, is_computed_static
 from .reader import DataError, GriddedDataset, NonFiniteWarning, check_finite
 from .sampler import ReplicaSampler
 from .stats import Normalizer
+
+
+KEEP_BYTES = 256 * 2 ** 20
 
 
 class Sample(NamedTuple):
@@ -133,10 +136,17 @@ class ShardedSampleLoader:
         except ValueError as err:
             raise DataError(f"split '{split}': {err}") from None
         self.batch = batch
+        # a data set whose normalised fields (this rank's block) fit in KEEP_BYTES is kept in memory once
+        # read (an hourly regional sample: every state is read by ~2 (history + leads) samples); with
+        # data.nonfinite='zero' every read is counted, so nothing is kept
+        local = (self.rows.stop - self.rows.start) * len(self.lon) * len(self.field_names) * 4
+        self._keep: dict | None = ({} if self.data is not None and data_cfg.nonfinite == "error"
+                                   and len(self.data.times) * local <= KEEP_BYTES else None)
 
         # normalisation of this rank's channels
         self._norm = None
-        store_static = [n for n in self.static_names if n not in COMPUTED_STATIC]
+        store_static = [n for n in self.static_names if not is_computed_static(n)]
+        norm = None
         if data_cfg.stats and not data_cfg.fake:
             norm = Normalizer.load(data_cfg.stats)
             mean, std = norm.fields(self.field_names)
@@ -144,7 +154,7 @@ class ShardedSampleLoader:
             s_norm = norm.static(store_static) if store_static else None
         else:
             s_norm = None
-        self._static_fixed = self._build_static(store_static, s_norm)
+        self._static_fixed = self._build_static(store_static, s_norm, norm)
         if data_cfg.fake:
             g = torch.Generator().manual_seed(seed)
             shape = (batch, len(self.field_names), self.rows.stop - self.rows.start, model_cfg.grid[1])
@@ -167,7 +177,31 @@ class ShardedSampleLoader:
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
 
-    def _build_static(self, store_static, s_norm) -> np.ndarray | None:
+    def _daily_cycle(self, name: str, norm: Normalizer | None) -> np.ndarray:
+        """This rank's rows of a daily_cycle_<term>_<channel> static input, normalised like the channel
+        (the mean term by its mean and std, the harmonics by its std). Refuses a daily cycle fitted over
+        a period that holds a time a validation sample is scored on (it would leak validation targets
+        into the inputs; a validation sample's input states may lie inside it, as they may in training)."""
+        term, channel = daily_cycle_static(name)
+        if norm is None:
+            raise DataError(f"static channel '{name}' is computed from the stats file's per-pixel daily cycle: "
+                            f"set data.stats (python -m weathermixer.data stats over the training period)")
+        arr, meta = norm.daily_cycle(channel, term, self.model_cfg.grid)
+        if "val" in self.cfg.splits and "train" in self.cfg.splits:
+            dt = pd.Timedelta(hours=self.cfg.dt_hours)
+            a, b = (pd.Timestamp(x) for x in self.cfg.splits["val"])
+            lo, hi = a + dt, b + self.leads * dt  # every target time of a validation sample
+            start, end = pd.Timestamp(meta["start"]), pd.Timestamp(meta["end"])
+            if start <= hi and end >= lo:
+                raise DataError(f"static channel '{name}': the per-pixel daily cycle in {norm.source} was fitted over "
+                                f"{start} .. {end}, which overlaps the validation split's target times {lo} .. {hi}; "
+                                f"compute the stats over the training period only (--start/--end of "
+                                f"`python -m weathermixer.data stats`)")
+        mean, std = norm.fields([channel])
+        arr = arr[self.rows]
+        return (arr - mean[0]) / std[0] if term == "mean" else arr / std[0]
+
+    def _build_static(self, store_static, s_norm, norm: Normalizer | None = None) -> np.ndarray | None:
         if not self.model_cfg.channels.n_static:
             return None
         lat, lon = self.lat[self.rows], self.lon
@@ -178,7 +212,9 @@ class ShardedSampleLoader:
             if s_norm is not None:
                 raw = (raw - s_norm[0][:, None, None]) / s_norm[1][:, None, None]
         for i, n in enumerate(self.static_names):
-            if n in COMPUTED_STATIC and n not in TIME_FEATURES:
+            if daily_cycle_static(n) is not None:
+                out[i] = 0.0 if self.cfg.fake else self._daily_cycle(n, norm)
+            elif n in COMPUTED_STATIC and n not in TIME_FEATURES:
                 out[i] = _computed(n, lat, lon, None)
             elif n not in COMPUTED_STATIC:
                 out[i] = 0.0 if self.cfg.fake else raw[store_static.index(n)]
@@ -200,7 +236,7 @@ class ShardedSampleLoader:
 
     def load_batch(self, sample_ids) -> Sample:
         """The blocks of the given samples (indices into this split's sample list)."""
-        k, h, cache = self.data.k, self.history, {}
+        k, h, cache = self.data.k, self.history, {} if self._keep is None else self._keep
         starts = [int(self.starts[i]) for i in sample_ids]
         if h:
             fields = np.stack([np.stack([self._fields(t - j * k, cache) for j in range(h, -1, -1)])

@@ -19,7 +19,7 @@ import pandas as pd
 import xarray as xr
 
 from ..config import ChannelsConfig
-from .config import COMPUTED_STATIC, DataConfig
+from .config import DataConfig, daily_cycle_static, is_computed_static
 
 
 class DataError(ValueError):
@@ -93,7 +93,17 @@ class GriddedDataset:
         self._read_grid()
         self._read_time()
         self.channels = self._resolve(channels)
-        self.static = [self._static_channel(n) for n in channels.static if n not in COMPUTED_STATIC]
+        self.static = [self._static_channel(n) for n in channels.static if not is_computed_static(n)]
+        # predicted channels whose per-pixel mean daily cycle is a static input (fitted by compute_stats)
+        self.daily_cycle: list[str] = []
+        for n in channels.static:
+            if (dc := daily_cycle_static(n)) is None:
+                continue
+            if dc[1] not in channels.names:
+                raise DataError(f"static channel '{n}': '{dc[1]}' is not a predicted channel of the model "
+                                f"(model.channels: {channels.names})")
+            if dc[1] not in self.daily_cycle:
+                self.daily_cycle.append(dc[1])
 
     # validation ---------------------------------------------------------------------------------
     def _coord(self, dim: str) -> np.ndarray:

@@ -32,11 +32,44 @@ class _Moments:
         return np.sqrt(self.m2 / max(self.n, 1))
 
 
+def daily_cycle_basis(times) -> np.ndarray:
+    """(len(times), 5): 1, cos(w h), sin(w h), cos(2 w h), sin(2 w h) with h the UTC hour of day."""
+    t = pd.DatetimeIndex(times)
+    om = 2 * np.pi * (t.hour.values + t.minute.values / 60) / 24
+    return np.stack([np.ones_like(om), np.cos(om), np.sin(om), np.cos(2 * om), np.sin(2 * om)], axis=1)
+
+
+class _DailyCycle:
+    """Per-pixel least-squares fit of the mean daily cycle (DAILY_CYCLE_TERMS) of some channels,
+    streamed: the normal equations (the 5 x 5 Gram matrix is the same for every pixel) are summed one
+    time step at a time. Terms the period's hours cannot resolve (e.g. 6-hourly data: sin(2 w h) = 0)
+    get the minimum-norm solution (0)."""
+
+    def __init__(self, channels: list[int], shape: tuple[int, int]):
+        self.channels = channels
+        self.gram = np.zeros((5, 5))
+        self.rhs = np.zeros((5, len(channels), *shape))
+
+    def add(self, x: np.ndarray, time) -> None:
+        f = daily_cycle_basis([time])[0]
+        self.gram += np.outer(f, f)
+        self.rhs += f[:, None, None, None] * x[self.channels].astype(np.float64)[None]
+
+    def solve(self) -> np.ndarray:
+        """(5, channels, H, W) coefficients."""
+        return np.tensordot(np.linalg.pinv(self.gram, rcond=1e-10), self.rhs, axes=1)
+
+
 def compute_stats(data: GriddedDataset, start: str | None = None, end: str | None = None,
-                  log=None) -> dict:
+                  log=None, daily_cycle: list[str] | None = None) -> dict:
     """Mean and std of every model channel (per variable and level) over times [start, end], std of
     the dt-differences x(t+dt) - x(t) with both times inside the period, and mean/std of the static
-    fields read from the store."""
+    fields read from the store. For the channels in `daily_cycle` (default: those the model's
+    daily_cycle_* static inputs name, data.daily_cycle) also the per-pixel mean daily cycle over the
+    same period (section "daily_cycle": coefficients of DAILY_CYCLE_TERMS, physical units, rows north
+    to south): compute the stats over the training period only, since these become model inputs."""
+    from .config import DAILY_CYCLE_TERMS
+
     times = data.times
     lo = pd.Timestamp(start) if start else times[0]
     hi = pd.Timestamp(end) if end else times[-1]
@@ -47,11 +80,18 @@ def compute_stats(data: GriddedDataset, start: str | None = None, end: str | Non
     names = [c.name for c in data.channels]
     full = slice(0, data.grid[0])
     mom, dmom = _Moments(len(names)), _Moments(len(names))
+    cycle_names = list(getattr(data, "daily_cycle", []) if daily_cycle is None else daily_cycle)
+    unknown = [n for n in cycle_names if n not in names]
+    if unknown:
+        raise ValueError(f"daily cycle asked for {unknown}, not channels of the model ({names})")
+    cycle = _DailyCycle([names.index(n) for n in cycle_names], data.grid) if cycle_names else None
     ring: dict[int, np.ndarray] = {}
     for j, t in enumerate(idx):
         x = data.read_fields(int(t), full, slice(None))
         check_finite(x, names, times[t], data.lat, data.lon, data.where)
         mom.add(x)
+        if cycle is not None:
+            cycle.add(x, times[t])
         if t - data.k in ring:
             dmom.add(x - ring.pop(t - data.k))
         ring[int(t)] = x
@@ -68,8 +108,18 @@ def compute_stats(data: GriddedDataset, start: str | None = None, end: str | Non
         for i, c in enumerate(data.static):
             static[c.name] = {"variable": c.var, "mean": float(s[i].astype(np.float64).mean()),
                               "std": float(s[i].astype(np.float64).std())}
-    return {"source": data.where, "start": str(times[idx[0]]), "end": str(times[idx[-1]]),
-            "time_steps": int(len(idx)), "dt_hours": data.cfg.dt_hours, "channels": chan, "static": static}
+    out = {"source": data.where, "start": str(times[idx[0]]), "end": str(times[idx[-1]]),
+           "time_steps": int(len(idx)), "dt_hours": data.cfg.dt_hours, "channels": chan, "static": static}
+    if cycle is not None:
+        coef = cycle.solve()
+        hours = sorted({round(h, 4) for h in (times[idx].hour + times[idx].minute / 60)})
+        out["daily_cycle"] = {
+            "start": out["start"], "end": out["end"], "grid": list(data.grid), "hours_seen": hours,
+            "basis": "mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h), h = UTC hour, "
+                     "w = 2 pi / 24 h; per pixel, least squares over the period; rows north to south",
+            "channels": {n: {term: np.round(coef[j, i], 5).tolist() for j, term in enumerate(DAILY_CYCLE_TERMS)}
+                         for i, n in enumerate(cycle_names)}}
+    return out
 
 
 class Normalizer:
@@ -99,6 +149,21 @@ class Normalizer:
 
     def fields(self, names: list[str]):
         return self._arrays("channels", names)
+
+    def daily_cycle(self, channel: str, term: str, grid: tuple[int, int]) -> tuple[np.ndarray, dict]:
+        """(H, W) coefficient `term` of `channel`'s per-pixel mean daily cycle (physical units) and the
+        section's metadata (period)."""
+        section = self.stats.get("daily_cycle") or {}
+        table = (section.get("channels") or {}).get(channel)
+        if table is None:
+            raise ValueError(f"{self.source}: no per-pixel daily cycle of '{channel}' (a daily_cycle_*_{channel} "
+                             f"static input needs it); recompute the stats with `python -m weathermixer.data stats` "
+                             f"over the training period for this job (its static inputs name the channel)")
+        arr = np.asarray(table[term], dtype=np.float32)
+        if arr.shape != tuple(grid):
+            raise ValueError(f"{self.source}: daily cycle of '{channel}' is on a {arr.shape} grid, the model's is "
+                             f"{tuple(grid)}")
+        return arr, section
 
     def static(self, names: list[str]):
         return self._arrays("static", names)

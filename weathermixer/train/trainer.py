@@ -240,7 +240,7 @@ class Trainer:
         """This rank's share of the replica's loss on one micro batch, a weighted mean over the k leads
         (train.lead_weights, equal by default)."""
         f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
-        preds = self.forecast(f, s, k, sample.times)
+        preds = self.forecast(f, s, k, getattr(sample, "times", None))
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
         return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
                    for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k]))

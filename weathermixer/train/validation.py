@@ -45,7 +45,8 @@ def _sums(trainer, quota: int):
         if seen >= quota:
             break
         seen += len(sample.times)
-        preds = trainer.forecast(trainer._to(sample.fields, trainer.dtype), trainer._to(sample.static, trainer.dtype), K)
+        preds = trainer.forecast(trainer._to(sample.fields, trainer.dtype), trainer._to(sample.static, trainer.dtype), K,
+                                 sample.times)
         x0 = trainer._to(sample.fields if sample.fields.dim() == 4 else sample.fields[:, -1])  # the state at t
         for lead, (p, y) in enumerate(zip(preds, sample.targets)):
             y = trainer._to(y)
