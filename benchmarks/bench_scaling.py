@@ -6,8 +6,8 @@ logging included): the quickstart job with a compute-bound width, the same globa
 
 The settings alternate (order reversed every repetition); samples/s over the logged windows after
 the first (bench_train's definition); speed-up = samples/s of a setting / samples/s of 1 rank x
-1 thread, the median over repetitions of the ratio measured side by side. Data: the job's synthetic
-ERA5-like data made on the fly (data.fake), so the loader runs but no store is read. A machine
+1 thread, the median over repetitions of the ratio measured side by side. Data: the quickstart's
+synthetic ERA5-like Zarr store (made on the first run, read by every rank's loader). A machine
 that runs anything else meanwhile gives meaningless ratios: run it on a quiet machine.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     settings = [s for s in RUN_SETTINGS if not s.startswith("log.every")] + variant_settings(0, "fp32") + [
-        f"model.hidden={args.hidden}", f"train.steps={args.steps}", f"log.every={args.every}", "data.fake=true"]
+        f"model.hidden={args.hidden}", f"train.steps={args.steps}", f"log.every={args.every}"]
     measured = {label: [] for label, _, _ in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return round(statistics.median(a["samples_per_s"] / b["samples_per_s"]
                                        for a, b in zip(measured[label], measured[ref])), 3)
 
-    doc = {"benchmark": "strong scaling of train.py (quickstart job, ZeRO-0 fp32, global batch 8, data.fake)",
+    doc = {"benchmark": "strong scaling of train.py (quickstart job, ZeRO-0 fp32, global batch 8)",
            "settings": settings,
            "samples_per_s": {k: [round(x["samples_per_s"], 4) for x in v] for k, v in measured.items()},
            "speedup_vs_1_rank_1_thread": {k: speedup(k) for k, _, _ in RUNS[1:]},

@@ -412,11 +412,14 @@ class _LinearReduceScatter(torch.autograd.Function):
         send = x2[0].new_empty((n, pre, m)) if even else x2[0].new_zeros((n, pre, m))
         offset = 0
         for r, sz in enumerate(sizes):
-            block = None
-            for x, w in zip(x2, wc):
-                prod = x.mm(w[offset: offset + sz].t())
-                block = prod if block is None else block.add_(prod)
-            send[r, :, :sz] = block
+            slot = send[r] if sz == m else send[r, :, :sz]
+            for j, (x, w) in enumerate(zip(x2, wc)):
+                if j == 0 and slot.is_contiguous():
+                    torch.mm(x, w[offset: offset + sz].t(), out=slot)  # straight into the buffer
+                elif j == 0:
+                    slot.copy_(x.mm(w[offset: offset + sz].t()))
+                else:
+                    slot.addmm_(x, w[offset: offset + sz].t())
             offset += sz
         out = x2[0].new_empty((pre, m))
         _pending = _reduce_scatter_single(out.view(-1), send.view(-1), group=group, async_op=False)
@@ -445,7 +448,10 @@ class _LinearReduceScatter(torch.autograd.Function):
                 g = buf[r, :, :sz]
                 part = g.mm(wc[offset: offset + sz])
                 dx = part if dx is None else dx.add_(part)
-                dw[offset: offset + sz] = g.t().mm(x.to(dtype))
+                if dtype == torch.float32:
+                    torch.mm(g.t(), x, out=dw[offset: offset + sz])
+                else:
+                    dw[offset: offset + sz] = g.t().mm(x.to(dtype))
                 offset += sz
             dxs.append(dx)
             dws.append(dw)
