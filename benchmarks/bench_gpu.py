@@ -10,7 +10,7 @@ reads (`python -m weathermixer.plan --hardware profile.json ...`):
    1x1, 2x1, 1x2, 2x2, 4x2, 2x4, 1x4, 4x1, 1x8, 8x1 (domain x tp): the shapes come from the
    planner's own meta-device trace of the model; plus TF32 for the 1x1 shapes;
 2. memory bandwidth (device-to-device copy);
-3. the elementwise cost of the split LayerNorm (jigsaw_ext.collectives.split_layer_norm) against
+3. the elementwise cost of the split LayerNorm (jigsaw_ext.layernorm.split_layer_norm) against
    torch's fused F.layer_norm on the per-rank activation shapes, forward + backward;
 4. one forward + backward of the 1.06 B model (1x1x1, bf16, micro-batch 1) as a plain module: the
    time not spent in matmuls (at the measured GEMM rates) calibrates the elementwise efficiency;
@@ -112,7 +112,7 @@ def bench_copy() -> float:
 
 
 def bench_layer_norm() -> list[dict]:
-    from jigsaw_ext.collectives import split_layer_norm
+    from jigsaw_ext.layernorm import split_layer_norm
 
     out = []
     for rows, d in ((17304, 4320), (8652, 2160), (2 * 17304, 4320)):

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .collectives import (autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
-                          linear_reduce_scatter, open_bucket, reduce_scatter, scatter_blocks, split_layer_norm,
-                          sum_partials)
+                          linear_reduce_scatter, open_bucket, reduce_scatter, scatter_blocks, sum_partials)
+from .layernorm import split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import STRATEGIES, Mesh
 

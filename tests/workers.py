@@ -160,13 +160,13 @@ def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=Non
     """weathermixer.selfcheck's comparison, optionally with one of the published implementation's
     defects re-introduced, to prove the check catches it. With several `strategies` (mesh.strategy
     for every layer kind) the comparison runs once per strategy in this one spawn: {strategy: errors}."""
-    from jigsaw_ext import collectives, init
+    from jigsaw_ext import init, layernorm
     from jigsaw_ext.mesh import MeshConfig
     from weathermixer import selfcheck as sc
 
     if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
-        row_stats = collectives._row_stats
-        collectives._row_stats = lambda xs, counts, group: row_stats(xs, counts, None)
+        row_stats = layernorm._row_stats
+        layernorm._row_stats = lambda xs, counts, group: row_stats(xs, counts, None)
     elif defect == "per_rank_seed":  # every rank draws its shard from its own seed
         original = init.fill_block
         init.fill_block = lambda p, lay, coords, ini, seed, name: original(p, lay, coords, ini, seed + rank, name)

@@ -1,0 +1,74 @@
+"""The exact LayerNorm of a feature axis split over a mesh axis, as an autograd function with its
+dual (the collective side of jigsaw_ext.layers.DistLayerNorm; the collectives come from
+jigsaw_ext.collectives).
+
+    forward: one all-gather of every rank's row (mean, M2), combined with Chan et al.'s formula
+    backward: one all-reduce of the two row sums the input gradient needs
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .collectives import _gather_dim, _sum_over
+
+
+def _row_stats(xs: Sequence[torch.Tensor], counts: Sequence[int], group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) over the full feature axis of every row, from ONE all-gather of each rank's
+    row (mean, M2) combined with Chan et al.'s pairwise formula: as stable as a two-pass variance
+    (no sum-of-squares cancellation), one collective instead of two. counts[r]: features on rank r."""
+    acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+    n_local = sum(x.shape[-1] for x in acc)
+    mean = sum(x.sum(-1, keepdim=True) for x in acc) / max(n_local, 1)
+    m2 = sum((x - mean).square().sum(-1, keepdim=True) for x in acc)
+    if group is None:
+        return mean, m2 / n_local
+    stats = _gather_dim(torch.cat([mean, m2], dim=-1), group, [2] * len(counts), -1)
+    stats = stats.view(*stats.shape[:-1], len(counts), 2)
+    c = torch.tensor(counts, dtype=stats.dtype, device=stats.device)
+    total = float(sum(counts))
+    means, m2s = stats[..., 0], stats[..., 1]
+    full_mean = (means * c).sum(-1, keepdim=True) / total
+    full_m2 = m2s.sum(-1, keepdim=True) + ((means - full_mean).square() * c).sum(-1, keepdim=True)
+    return full_mean, full_m2 / total
+
+
+class _SplitLayerNorm(torch.autograd.Function):
+    """LayerNorm over a feature axis whose segments are split over `group`: statistics over all
+    features, combined across ranks. Saves what F.layer_norm saves: the input (in its own dtype),
+    the row mean and 1/std; the normalised input is recomputed in backward. Forward: one all-gather
+    of the row statistics; backward: one all-reduce of the two row sums the input gradient needs."""
+
+    @staticmethod
+    def forward(ctx, group, counts, eps, out_dtype, n_seg, *tensors):
+        xs, ws, bs = tensors[:n_seg], tensors[n_seg:2 * n_seg], tensors[2 * n_seg:]
+        mean, var = _row_stats(xs, counts, group)
+        inv = torch.rsqrt(var + eps)
+        ctx.save_for_backward(mean, inv, *xs, *ws)
+        ctx.args = (group, sum(counts), n_seg)
+        return tuple(((x.to(mean.dtype) - mean) * inv * w + b).to(out_dtype) for x, w, b in zip(xs, ws, bs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, n, n_seg = ctx.args
+        mean, inv, *rest = ctx.saved_tensors
+        xs, ws = rest[:n_seg], rest[n_seg:]
+        normed = [(x.to(mean.dtype) - mean) * inv for x in xs]
+        g_hat = [g.to(h.dtype) * w for g, h, w in zip(grads, normed, ws)]
+        sums = torch.cat([sum(g.sum(-1, keepdim=True) for g in g_hat),
+                          sum((g * h).sum(-1, keepdim=True) for g, h in zip(g_hat, normed))], dim=-1)
+        sums = _sum_over(sums, group) / n
+        mean_g, mean_gh = sums[..., :1], sums[..., 1:]
+        dxs = [(inv * (g - mean_g - h * mean_gh)).to(x.dtype) for g, h, x in zip(g_hat, normed, xs)]
+        lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        dws = [(lead(g.to(h.dtype)) * lead(h)).sum(0).to(w.dtype) for g, h, w in zip(grads, normed, ws)]
+        dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(grads, ws)]
+        return (None, None, None, None, None, *dxs, *dws, *dbs)
+
+
+def split_layer_norm(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
+                     group, counts: Sequence[int], eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """LayerNorm of the concatenation of `xs` along the last dim, whose features are split over
+    `group` (counts[r]: the features rank r of the group holds); ws/bs are the matching affine segments."""
+    return _SplitLayerNorm.apply(group, tuple(counts), eps, out_dtype, len(xs), *xs, *ws, *bs)
