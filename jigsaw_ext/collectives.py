@@ -28,7 +28,6 @@ Layers never call torch.distributed directly; everything goes through this modul
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from typing import Iterable, Sequence
@@ -73,15 +72,33 @@ def _view3(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     return x.view(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])), dim
 
 
+def _gather_into_blocks(x3: torch.Tensor, group, n: int, m: int, async_op: bool = False):
+    """(buf, work): every rank's (pre, s_r, post) shard, padded to m, all-gathered into the rank-major
+    buffer (n, pre, m, post) (each rank's chunk contiguous)."""
+    pre, s, post = x3.shape
+    send = x3 if s == m else torch.cat([x3, x3.new_zeros(pre, m - s, post)], dim=1)
+    buf = x3.new_empty((n, pre, m, post))
+    work = _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=_async(async_op))
+    return buf, work
+
+
+def _scatter_from_blocks(send: torch.Tensor, group, async_op: bool = False):
+    """(out, work): a rank-major buffer (n, pre, m, post) of partial sums reduce-scattered; this
+    rank's (pre, m, post) chunk (padding included)."""
+    n, pre, m, post = send.shape
+    out = send.new_empty((pre, m, post))
+    work = _reduce_scatter_single(out.view(-1), send.contiguous().view(-1), group=group,
+                                  async_op=_async(async_op))
+    return out, work
+
+
 def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
                      async_op: bool = True) -> _Pending:
     """Concatenate every rank's shard along `dim` (shard r has sizes[r] entries) on every rank."""
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
-    pre, s, post = x3.shape
-    send = x3 if s == m else torch.cat([x3, x3.new_zeros(pre, m - s, post)], dim=1)
-    buf = x.new_empty((n, pre, m, post))  # rank-major: each rank's chunk is contiguous
-    work = _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=_async(async_op))
+    pre = x3.shape[0]
+    buf, work = _gather_into_blocks(x3, group, n, m, async_op)
     shape = lambda total: (*x.shape[:dim], total, *x.shape[dim + 1:])  # noqa: E731
 
     def finish():
@@ -97,18 +114,15 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
     pre, total, post = x3.shape
-    if pre == 1 and all(sz == m for sz in sizes):
-        send = x3
-    elif all(sz == m for sz in sizes):
-        send = x3.view(pre, n, m, post).transpose(0, 1).contiguous()
+    if all(sz == m for sz in sizes):
+        send = x3.view(pre, n, m, post).transpose(0, 1)  # a view for pre == 1, else copied once
     else:
         send = x3.new_zeros((n, pre, m, post))
         offset = 0
         for r, sz in enumerate(sizes):
             send[r, :, :sz] = x3[:, offset: offset + sz]
             offset += sz
-    out = x.new_empty((pre, m, post))
-    work = _reduce_scatter_single(out.view(-1), send.reshape(-1), group=group, async_op=_async(async_op))
+    out, work = _scatter_from_blocks(send, group, async_op)
     me = _rank(group)
     shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1:])
     return _Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
@@ -243,22 +257,14 @@ class _GatherBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, sizes, dim):
-        x3, d = _view3(x, dim)
-        pre, s_, post = x3.shape
-        n, m = len(sizes), max(sizes)
-        send = x3 if s_ == m else torch.cat([x3, x3.new_zeros(pre, m - s_, post)], dim=1)
-        buf = x.new_empty((n, pre, m, post))
-        _all_gather_single(buf.view(-1), send.reshape(-1), group=group, async_op=False)
-        ctx.args = (group, sizes, x.shape, s_)
-        return buf
+        x3, _ = _view3(x, dim)
+        ctx.args = (group, x.shape, x3.shape[1])
+        return _gather_into_blocks(x3, group, len(sizes), max(sizes))[0]
 
     @staticmethod
     def backward(ctx, grad):
-        group, sizes, shape, s_ = ctx.args
-        n, pre, m, post = grad.shape
-        out = grad.new_empty((pre, m, post))
-        _reduce_scatter_single(out.view(-1), grad.contiguous().view(-1), group=group, async_op=False)
-        return out[:, :s_].reshape(shape), None, None, None
+        group, shape, s = ctx.args
+        return _scatter_from_blocks(grad, group)[0][:, :s].reshape(shape), None, None, None
 
 
 class _ScatterBlocks(torch.autograd.Function):
@@ -268,21 +274,14 @@ class _ScatterBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf, group, sizes, shape):
         n, pre, m, post = buf.shape
-        out = buf.new_empty((pre, m, post))
-        _reduce_scatter_single(out.view(-1), buf.contiguous().view(-1), group=group, async_op=False)
-        me = _rank(group)
-        ctx.args = (group, n, pre, sizes[me], m, post)
-        return out[:, : sizes[me]].reshape(shape)
+        s = sizes[_rank(group)]
+        ctx.args = (group, n, pre, s, m, post)
+        return _scatter_from_blocks(buf, group)[0][:, :s].reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
-        group, n, pre, s_, m, post = ctx.args
-        g3 = grad.contiguous().view(pre, s_, post)
-        if s_ != m:
-            g3 = torch.cat([g3, g3.new_zeros(pre, m - s_, post)], dim=1)
-        buf = grad.new_empty((n, pre, m, post))
-        _all_gather_single(buf.view(-1), g3.reshape(-1), group=group, async_op=False)
-        return buf, None, None, None
+        group, n, pre, s, m, post = ctx.args
+        return _gather_into_blocks(grad.contiguous().view(pre, s, post), group, n, m)[0], None, None, None
 
 
 def gather_blocks(x: torch.Tensor, group, sizes: Sequence[int], dim: int) -> torch.Tensor:
@@ -421,12 +420,11 @@ class _LinearReduceScatter(torch.autograd.Function):
                 else:
                     slot.addmm_(x, w[offset: offset + sz].t())
             offset += sz
-        out = x2[0].new_empty((pre, m))
-        _pending = _reduce_scatter_single(out.view(-1), send.view(-1), group=group, async_op=False)
+        out = _scatter_from_blocks(send.unsqueeze(-1), group)[0]
         me = _rank(group)
         ctx.save_for_backward(*x2, *ws)
         ctx.args = (group, sizes, replicas, n_seg, [x.shape for x in xs], [x.dtype for x in xs])
-        return (out if sizes[me] == m else out[:, : sizes[me]]).reshape(*lead, sizes[me])
+        return out[:, : sizes[me]].reshape(*lead, sizes[me])
 
     @staticmethod
     def backward(ctx, dy):
@@ -435,11 +433,8 @@ class _LinearReduceScatter(torch.autograd.Function):
         x2, ws = saved[:n_seg], saved[n_seg:]
         n, m = len(sizes), max(sizes)
         dtype = dy.dtype
-        d2 = dy.reshape(x2[0].shape[0], dy.shape[-1])
-        if d2.shape[1] != m:
-            d2 = torch.cat([d2, d2.new_zeros(d2.shape[0], m - d2.shape[1])], dim=1)
-        buf = d2.new_empty((n, d2.shape[0], m))
-        _all_gather_single(buf.view(-1), d2.contiguous().view(-1), group=group, async_op=False)
+        d3 = dy.contiguous().view(x2[0].shape[0], dy.shape[-1], 1)
+        buf = _gather_into_blocks(d3, group, n, m)[0].squeeze(-1)
         dxs, dws = [], []
         for x, w in zip(x2, ws):
             wc = w.to(dtype)

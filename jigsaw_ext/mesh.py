@@ -54,14 +54,10 @@ class MeshConfig(BaseModel):
 
 @dataclass
 class Mesh:
-    sizes: dict[str, int]
+    config: MeshConfig                  # what the mesh was built from (sizes and layer options)
     coords: dict[str, int]
     rank: int = 0
     groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
-    replicate_weights_over: frozenset = frozenset()
-    strategy: dict = field(default_factory=dict)
-    strategy_memory_mb: float | None = None
-    keep_gathered_weights: bool = False
 
     @staticmethod
     def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -72,24 +68,36 @@ class Mesh:
 
     @classmethod
     def virtual(cls, config: MeshConfig, rank: int = 0) -> "Mesh":
-        sizes = {"dp": config.dp, "domain": config.domain, "tp": config.tp}
         if not 0 <= rank < config.world_size:
             raise ValueError(f"rank {rank} outside mesh {config}")
-        return cls(sizes, cls.coords_of(rank, sizes), rank,
-                   replicate_weights_over=frozenset(config.replicate_weights_over),
-                   strategy=dict(config.strategy), strategy_memory_mb=config.strategy_memory_mb,
-                   keep_gathered_weights=config.keep_gathered_weights)
+        config = config.model_copy(deep=True)
+        return cls(config, cls.coords_of(rank, {"dp": config.dp, "domain": config.domain, "tp": config.tp}), rank)
 
     @classmethod
     def single(cls) -> "Mesh":
         """The 1x1x1 mesh: every collective is a no-op; used for the serial twin of any model."""
         return cls.virtual(MeshConfig())
 
+    # the layer options of the job's mesh section, read by jigsaw_ext.layers
     @property
-    def config(self) -> MeshConfig:
-        return MeshConfig(**self.sizes, replicate_weights_over=sorted(self.replicate_weights_over),
-                          strategy=dict(self.strategy), strategy_memory_mb=self.strategy_memory_mb,
-                          keep_gathered_weights=self.keep_gathered_weights)
+    def sizes(self) -> dict[str, int]:
+        return {"dp": self.config.dp, "domain": self.config.domain, "tp": self.config.tp}
+
+    @property
+    def replicate_weights_over(self) -> frozenset:
+        return frozenset(self.config.replicate_weights_over)
+
+    @property
+    def strategy(self) -> dict:
+        return self.config.strategy
+
+    @property
+    def strategy_memory_mb(self) -> float | None:
+        return self.config.strategy_memory_mb
+
+    @property
+    def keep_gathered_weights(self) -> bool:
+        return self.config.keep_gathered_weights
 
     @property
     def model_size(self) -> int:
