@@ -218,6 +218,16 @@ def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int
     return min(costs, key=lambda k: (costs[k], k != "gather"))
 
 
+def check_strategy_keys(model: nn.Module, mesh: Mesh) -> None:
+    """A mesh.strategy key that names no layer kind of the model is an error (a typo would otherwise
+    silently leave that layer on 'auto')."""
+    kinds = set(resolved_strategies(model))
+    unknown = sorted(set(mesh.strategy) - kinds - {"*"})
+    if unknown:
+        raise ValueError(f"mesh.strategy: unknown layer kind(s) {', '.join(unknown)}; this model has "
+                         f"{', '.join(sorted(kinds)) or 'no strategy layers'} (or '*' for every kind)")
+
+
 def resolved_strategies(model: nn.Module) -> dict[str, str]:
     """{layer kind: strategy} of the BlockMLPs of a built model (one entry per kind; kinds whose
     layers differ map to 'mixed')."""

@@ -94,3 +94,13 @@ def test_job_can_force_a_strategy_and_bound_its_memory():
     assert choose_strategy(_mesh(2, 2, strategy_memory_mb=1), "token_mixing", 4320, 17280, 8640, "domain") == "gather"
     with pytest.raises(ValueError, match="strategy"):
         MeshConfig(strategy={"token_mixing": "scatter"})
+
+
+def test_a_misspelt_layer_kind_is_an_error_naming_it():
+    from weathermixer.model import WeatherMixer
+
+    cfg = ModelConfig(**SMALL)
+    with pytest.raises(ValueError, match="mesh.strategy: unknown layer kind.*tokenmixing.*channel_mixing"):
+        WeatherMixer(cfg, Mesh.virtual(MeshConfig(domain=2, strategy={"tokenmixing": "gather"})), device="meta")
+    WeatherMixer(cfg, Mesh.virtual(MeshConfig(domain=2, strategy={"token_mixing": "gather", "*": "auto"})),
+                 device="meta")

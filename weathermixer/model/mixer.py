@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
-from jigsaw_ext.layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients
+from jigsaw_ext.layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients, check_strategy_keys
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
@@ -87,6 +87,7 @@ class WeatherMixer(nn.Module):
         self.blend = BlendHead(geo, **kw) if cfg.head == "blend" else None
         if device is None or torch.device(device).type != "meta":
             init_parameters(self, mesh, cfg.seed)
+        check_strategy_keys(self, mesh)
         bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
 
     # ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jigsaw_ext.layers import clear_gathered_weights
+from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
@@ -90,8 +90,6 @@ class Trainer:
         self.model = WeatherMixer(job.model, mesh, device=self.device,
                                   micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1))
         if self.rank == 0:
-            from jigsaw_ext.layers import resolved_strategies
-
             self.log(f"layer strategies on {mesh.config}: " + ", ".join(
                 f"{k} {v}" for k, v in resolved_strategies(self.model).items()))
         if job.checkpoint.init_from:
