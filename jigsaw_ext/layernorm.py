@@ -4,6 +4,9 @@ jigsaw_ext.collectives).
 
     forward: one all-gather of every rank's row (mean, M2), combined with Chan et al.'s formula
     backward: one all-reduce of the two row sums the input gradient needs
+
+and the LayerNorm of a feature axis that a layer has gathered whole into the rank-major buffer of
+jigsaw_ext.collectives.gather_blocks (no collective at all: `blocks_layer_norm`).
 """
 from __future__ import annotations
 
@@ -72,3 +75,63 @@ def split_layer_norm(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], bs:
     """LayerNorm of the concatenation of `xs` along the last dim, whose features are split over
     `group` (counts[r]: the features rank r of the group holds); ws/bs are the matching affine segments."""
     return _SplitLayerNorm.apply(group, tuple(counts), eps, out_dtype, len(xs), *xs, *ws, *bs)
+
+
+def _padded(v: torch.Tensor, sizes: Sequence[int], m: int) -> torch.Tensor:
+    """A vector of sum(sizes) entries as the (n, 1, m, 1) blocks of a rank-major buffer, zero padded."""
+    out = v.new_zeros(len(sizes), m)
+    offset = 0
+    for r, s in enumerate(sizes):
+        out[r, :s] = v[offset: offset + s]
+        offset += s
+    return out.view(len(sizes), 1, m, 1)
+
+
+def _unpadded(blocks: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    return torch.cat([blocks[r, :s] for r, s in enumerate(sizes)])
+
+
+class _BlocksLayerNorm(torch.autograd.Function):
+    """LayerNorm over dimensions (0, 2) of a rank-major buffer (n, pre, m, post) whose block r holds
+    sizes[r] rows of the feature axis (then zero padding): every feature is on this rank, so the
+    statistics need no collective. Saves what F.layer_norm saves (the input, the mean and 1/std);
+    padded rows come out 0 and get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, buf, w, b, sizes, eps, out_dtype):
+        n, pre, m, post = buf.shape
+        total = sum(sizes)
+        x = buf.to(torch.promote_types(buf.dtype, torch.float32))
+        mask = None if all(s == m for s in sizes) else \
+            (torch.arange(m, device=buf.device) < torch.tensor(sizes, device=buf.device)[:, None]).view(n, 1, m, 1)
+        mean = x.sum((0, 2), keepdim=True) / total  # the padding is zero
+        centred = x - mean if mask is None else (x - mean) * mask
+        inv = torch.rsqrt(centred.square().sum((0, 2), keepdim=True) / total + eps)
+        ctx.save_for_backward(buf, mean, inv, w)
+        ctx.args = (tuple(sizes), mask)
+        return (centred * inv * _padded(w.to(x.dtype), sizes, m) + _padded(b.to(x.dtype), sizes, m)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf, mean, inv, w = ctx.saved_tensors
+        sizes, mask = ctx.args
+        total, m = sum(sizes), buf.shape[2]
+        x = buf.to(mean.dtype)
+        normed = (x - mean) * inv if mask is None else (x - mean) * inv * mask
+        g = grad.to(mean.dtype)
+        g_hat = g * _padded(w.to(mean.dtype), sizes, m)
+        mean_g = g_hat.sum((0, 2), keepdim=True) / total
+        mean_gh = (g_hat * normed).sum((0, 2), keepdim=True) / total
+        dx = inv * (g_hat - mean_g - normed * mean_gh)
+        if mask is not None:
+            dx = dx * mask
+        dw = _unpadded((g * normed).sum((1, 3)), sizes).to(w.dtype)
+        db = _unpadded(g.sum((1, 3)), sizes).to(w.dtype)
+        return dx.to(buf.dtype), dw, db, None, None, None
+
+
+def blocks_layer_norm(buf: torch.Tensor, w: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], eps: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm of the feature axis held as the rank-major row blocks (n, pre, m, post) of
+    jigsaw_ext.collectives.gather_blocks (block r: sizes[r] features); w, b: the whole affine."""
+    return _BlocksLayerNorm.apply(buf, w, b, tuple(sizes), eps, out_dtype)

@@ -23,9 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import (autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
-                          linear_reduce_scatter, open_bucket, reduce_scatter, scatter_blocks, sum_partials)
-from .layernorm import split_layer_norm
+from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
+                          open_bucket, reduce_scatter, scatter_blocks, sum_partials)
+from .chunked import (chunked_gathered_linear, chunked_linear_reduce_scatter, gathered_weight, row_chunks,
+                      weight_chunks)
+from .layernorm import blocks_layer_norm, split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import STRATEGIES, Mesh
 
@@ -52,12 +54,13 @@ def make_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None)
 
 
 def shared_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None) -> nn.Parameter:
-    """A small parameter (bias, LayerNorm affine) replicated over one model axis and used through
-    `copy_to` over that axis: `bucket_small_gradients` sums its gradient with all the others in one
-    collective per axis per backward."""
+    """A small parameter (bias, LayerNorm affine) replicated over one model axis (or both: then over
+    the 'model' group, unless one of them has size 1) and used through `copy_to` over that group
+    (`p.shared_over`): `bucket_small_gradients` sums its gradient with all the others in one
+    collective per group per backward."""
     p = make_param(layout, mesh, init, device, dtype)
-    axes = replicated_axes(layout)
-    p.shared_over = axes[0] if len(axes) == 1 else None
+    axes = [a for a in replicated_axes(layout) if mesh.size(a) > 1] or list(replicated_axes(layout))[:1]
+    p.shared_over = axes[0] if len(axes) == 1 else "model" if len(axes) == 2 else None
     return p
 
 
@@ -119,17 +122,32 @@ class BlockLinear(nn.Module):
         # mesh.keep_gathered_weights: each gathered weight kept until clear_gathered_weights (per step)
         keep = mesh.keep_gathered_weights and not self.replicate and mesh.size(self.storage) > 1
         self._kept = [{} if keep else None for _ in in_splits]
+        # mesh.chunk_mb: each gathered weight moved in pipelined chunks (jigsaw_ext.chunked)
+        gathered = not (keep or self.replicate) and mesh.size(self.storage) > 1
+        # (sized by the largest shard: every rank of the model group makes the same choice)
+        self._chunks = [weight_chunks(out, max(s.sizes), mesh.chunk_mb, max(self.row_sizes))
+                        if gathered else 1 for s in in_splits]
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
+        # mesh.chunk_mb: partial sums over the bound are computed and reduce-scattered in row chunks
+        rows = row_chunks(math.prod(xs[0].shape[:-1]), self.out_split.total, self.mesh.chunk_mb) \
+            if contract is not None else 1
+        whole = all(k is None for k in self._kept) and max(self._chunks) == 1
         if contract is not None and (storage is None or self.replicate):
             # no weight to gather: the products go straight into the reduce-scatter's buffer
-            out = linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
-                                        replicas=storage if self.replicate else None)
+            out = chunked_linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
+                                                storage if self.replicate else None, rows)
+        elif contract is not None and self.mesh.chunk_mb is not None and whole:
+            # weights under the bound: each gathered once for all row chunks (and kept to backward);
+            # every rank of the storage group takes this branch whatever its rows (uneven shards)
+            ws = [gathered_weight(w, storage, self.row_sizes) for w in self.weights]
+            out = chunked_linear_reduce_scatter(xs, ws, contract, self.out_split.sizes, None, rows)
         else:
             partial = None
-            for x, w, keep in zip(xs, self.weights, self._kept, strict=True):
-                y = gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
+            for x, w, keep, chunks in zip(xs, self.weights, self._kept, self._chunks, strict=True):
+                y = chunked_gathered_linear(x, w, storage, self.row_sizes, chunks) if chunks > 1 else \
+                    gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
                 partial = y if partial is None else partial + y
             out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:
@@ -140,27 +158,38 @@ class BlockLinear(nn.Module):
 class DistLayerNorm(nn.Module):
     """Exact LayerNorm over a feature axis split over `axis`: mean and variance are taken over the
     full (concatenated) feature axis, combined across ranks, so every mesh computes the same
-    function. Several segments normalise a concatenation without materialising it."""
+    function. Several segments normalise a concatenation without materialising it.
 
-    def __init__(self, mesh: Mesh, splits: Sequence[Split], eps: float = 1e-5, device=None, dtype=None):
+    local=True: the layer that consumes this LayerNorm gathers the whole feature axis first and
+    normalises it itself (`BlockMLP`'s fused norm): the affine is then stored whole on every rank
+    (replicated over both model axes), no statistics are exchanged, and `forward` takes the gathered
+    features: a tensor with every feature in its last dimension, or the rank-major buffer of
+    `gather_blocks` (`blocks`: the row counts of its blocks)."""
+
+    def __init__(self, mesh: Mesh, splits: Sequence[Split], eps: float = 1e-5, local: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        self.mesh, self.eps = mesh, eps
+        self.mesh, self.eps, self.local = mesh, eps, local
         self.axis = splits[0].axis
         self.n = sum(s.total for s in splits)
         self.counts = [sum(s.sizes[r] for s in splits) for r in range(mesh.size(self.axis))]
-        self.weights = nn.ParameterList(
-            [shared_param(Layout((s.total,), (s,)), mesh, ("const", 1.0), device, dtype) for s in splits])
-        self.biases = nn.ParameterList(
-            [shared_param(Layout((s.total,), (s,)), mesh, ("const", 0.0), device, dtype) for s in splits])
+        if local and len(splits) != 1:
+            raise ValueError("a locally normalised LayerNorm has one feature segment")
+        layouts = [Layout((s.total,), (None,) if local else (s,)) for s in splits]
+        self.weights = nn.ParameterList([shared_param(lay, mesh, ("const", 1.0), device, dtype) for lay in layouts])
+        self.biases = nn.ParameterList([shared_param(lay, mesh, ("const", 0.0), device, dtype) for lay in layouts])
 
-    def forward(self, *xs: torch.Tensor):
-        replicas = self.mesh.group(other_axis(self.axis))
+    def forward(self, *xs: torch.Tensor, blocks: Sequence[int] | None = None):
+        replicas = self.mesh.group(self.weights[0].shared_over) if self.local else \
+            self.mesh.group(other_axis(self.axis))
         ws = [copy_to(w, replicas) for w in self.weights]
         bs = [copy_to(b, replicas) for b in self.biases]
-        group = self.mesh.group(self.axis)
-        if group is None and len(xs) == 1:  # feature axis not split: the fused kernel is exact
-            return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
         out_dtype = torch.float32 if autocast_dtype(xs[0].device) is not None else xs[0].dtype
+        if blocks is not None:
+            return blocks_layer_norm(xs[0], ws[0], bs[0], blocks, self.eps, out_dtype)
+        group = None if self.local else self.mesh.group(self.axis)
+        if group is None and len(xs) == 1:  # every feature here: the fused kernel is exact
+            return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
         out = split_layer_norm(xs, ws, bs, group, self.counts, self.eps, out_dtype)
         return out[0] if len(out) == 1 else tuple(out)
 
@@ -172,13 +201,15 @@ def mlp_traffic(strategy: str, rows: int, features: int, hidden: int, storage: i
                 replicate: bool = False) -> float:
     """Elements one rank sends (ring volumes, as jigsaw_ext.commstats counts them) in one forward +
     backward of a BlockMLP on `rows` rows (micro-batch x rows per sample) of `features` features,
-    hidden size `hidden`, storage / contract axes of these sizes.
+    hidden size `hidden`, storage / contract axes of these sizes (its LayerNorm: `norm_traffic`).
 
     gather:     per weight matrix (hidden x features / contract): all-gather over storage forward and
                 again backward, reduce-scatter of its gradient (all-reduce with replicate=True);
                 activations: reduce-scatter over contract of each product, all-gather backward.
     stationary: all-gather of the rows over storage, all-reduce over contract of the hidden partial
-                sums, reduce-scatter over storage of the output; the same three backward."""
+                sums, reduce-scatter over storage of the output; the same three backward.
+    features:   all-gather of the features over contract, reduce-scatter of the output; the same two
+                backward (weights replicated over storage, if it has ranks: their gradients all-reduced)."""
     s, c, R, I, H = storage, contract, rows, features, hidden
     fs, fc = (s - 1) / s, (c - 1) / c
     if strategy == "gather":
@@ -186,35 +217,82 @@ def mlp_traffic(strategy: str, rows: int, features: int, hidden: int, storage: i
         return weights + 2 * fc * R * H / s + 2 * fc * R * I / s
     if strategy == "stationary":
         return 4 * fs * R * I / c + 4 * fc * R * H / s
+    if strategy == "features":
+        return 4 * fc * R * I / s + 2 * (2 * fs * H * I / c)
     raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
 
 
-def mlp_extra_memory(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int) -> float:
-    """Elements saved for backward beyond the gather strategy's (which keeps only this rank's block:
-    its input rows and its hidden block): the stationary strategy keeps the gathered rows and the
-    hidden activations of all rows."""
-    if strategy == "gather":
-        return 0.0
+def norm_traffic(vectors: float, group_size: int) -> float:
+    """Elements one rank sends for a split LayerNorm of `vectors` vectors over a group of this size:
+    the all-gather of each rank's (mean, M2) forward, the all-reduce of two sums backward."""
+    g = group_size
+    return 2 * (g - 1) * vectors + 2 * (g - 1) / g * 2 * vectors
+
+
+def fuses_norm(strategy: str, norm: str | None) -> bool:
+    """Whether the strategy gathers the whole axis its LayerNorm normalises ('rows' or 'features'), so
+    that the LayerNorm is computed locally with no statistics exchanged."""
+    return (strategy, norm) in (("stationary", "rows"), ("features", "features"))
+
+
+def mlp_saved(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
+              fused: bool = False) -> float:
+    """Elements one rank saves for backward in a BlockMLP and its LayerNorm: the LayerNorm's input,
+    fc1's input and the hidden activation before and after GELU, in the layout the strategy has them
+    (fused: the LayerNorm saves the gathered input instead of this rank's block)."""
     s, c, R, I, H = storage, contract, rows, features, hidden
-    return (R * I / c + 2 * R * H / s) - (R * I / (s * c) + 2 * R * H / (s * c))
+    own = R * I / (s * c)
+    if strategy == "gather":
+        return 2 * own + 2 * R * H / (s * c)
+    if strategy == "stationary":
+        return (R * I / c if fused else own) + R * I / c + 2 * R * H / s
+    return (R * I / s if fused else own) + R * I / s + 2 * R * H / (s * c)
 
 
-def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str) -> str:
-    """The job's strategy for this layer kind (mesh.strategy; key '*': every kind not listed), or
-    with 'auto' the one that sends the
-    fewest bytes (`mlp_traffic`; ties keep the weights gathered: the fully sharded layout) among those
-    whose extra activation memory fits mesh.strategy_memory_mb."""
-    requested = mesh.strategy.get(kind, mesh.strategy.get("*", "auto"))
-    if requested != "auto":
+def mlp_extra_memory(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
+                     fused: bool = False) -> float:
+    """Elements saved for backward beyond the gather strategy's (which keeps only this rank's blocks)."""
+    shape = (rows, features, hidden, storage, contract)
+    return mlp_saved(strategy, *shape, fused) - mlp_saved("gather", *shape)
+
+
+def strategy_available(mesh: Mesh, strategy: str, contract: str) -> bool:
+    """'features' keeps whole weight rows (hidden / contract x features) on every rank of the storage
+    axis: only where that axis has one rank or the job replicates weights over it."""
+    storage = other_axis(contract)
+    return strategy != "features" or mesh.size(storage) == 1 or storage in mesh.replicate_weights_over
+
+
+def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str,
+                    norm: str | None = None, batch: int = 1) -> str:
+    """The job's strategy for this layer kind (mesh.strategy; key '*': every kind not listed, where
+    that strategy is available), or with 'auto' the one that sends the fewest bytes (`mlp_traffic`
+    plus its LayerNorm's statistics unless it fuses the LayerNorm; ties keep the weights gathered:
+    the fully sharded layout) among those available whose extra activation memory fits
+    mesh.strategy_memory_mb. norm: the axis the MLP's LayerNorm normalises ('rows' or 'features')."""
+    storage = other_axis(contract)
+    requested = mesh.strategy.get(kind)
+    if requested is not None and not strategy_available(mesh, requested, contract):
+        raise ValueError(f"mesh.strategy: {kind}={requested} needs mesh.{storage}=1 or '{storage}' in "
+                         f"mesh.replicate_weights_over (mesh: domain={mesh.size('domain')}, tp={mesh.size('tp')})")
+    requested = requested or mesh.strategy.get("*", "auto")
+    if requested != "auto" and strategy_available(mesh, requested, contract):
         return requested
-    shape = dict(rows=rows, features=features, hidden=hidden, storage=mesh.size(other_axis(contract)),
-                 contract=mesh.size(contract))
-    replicate = other_axis(contract) in mesh.replicate_weights_over
-    costs = {"gather": mlp_traffic("gather", replicate=replicate, **shape),
-             "stationary": mlp_traffic("stationary", **shape)}
-    if mesh.strategy_memory_mb is not None and \
-            mlp_extra_memory("stationary", **shape) * 4 > mesh.strategy_memory_mb * 2 ** 20:
-        costs.pop("stationary")
+    s, c = mesh.size(storage), mesh.size(contract)
+    shape = dict(rows=rows, features=features, hidden=hidden, storage=s, contract=c)
+    replicate = storage in mesh.replicate_weights_over
+    # the LayerNorm's statistics, when not fused: over `storage` for the rows (vectors: the batch's
+    # columns this rank holds), over `contract` for the features (vectors: this rank's rows)
+    vectors, group = (batch * features / c, s) if norm == "rows" else (rows / s, c)
+    costs = {}
+    for name in STRATEGIES:
+        if not strategy_available(mesh, name, contract):
+            continue
+        extra = mlp_extra_memory(name, **shape, fused=fuses_norm(name, norm))
+        if name != "gather" and mesh.strategy_memory_mb is not None and extra * 4 > mesh.strategy_memory_mb * 2 ** 20:
+            continue
+        costs[name] = mlp_traffic(name, replicate=replicate, **shape) + \
+            (0.0 if norm is None or fuses_norm(name, norm) else norm_traffic(vectors, group))
     return min(costs, key=lambda k: (costs[k], k != "gather"))
 
 
@@ -239,25 +317,31 @@ def resolved_strategies(model: nn.Module) -> dict[str, str]:
 
 
 class _Affine(nn.Module):
-    """One linear map of a stationary BlockMLP: its weight and bias blocks, used only through this
-    module's own calls (DeepSpeed ZeRO-3 materialises a module's parameters around its forward)."""
+    """One linear map of a stationary or features BlockMLP: its weight and bias blocks, used only
+    through this module's own calls (DeepSpeed ZeRO-3 materialises a module's parameters around its
+    forward)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
         self.weights = nn.ParameterList([weight])
         self.bias = bias
 
-    def forward(self, x: torch.Tensor, bias_group=None, matmul: bool = True) -> torch.Tensor:
-        """x @ W^T (matmul=True), or x + bias (the bias replicated over `bias_group`)."""
-        if matmul:
+    def forward(self, x: torch.Tensor, bias_group=None, matmul=True) -> torch.Tensor:
+        """x @ W^T (matmul=True; or matmul(x, W) for a callable), or x + bias (the bias replicated over
+        `bias_group`)."""
+        if matmul is True:
             return F.linear(x, self.weights[0])
+        if matmul:
+            return matmul(x, self.weights[0])
         return x if self.bias is None else x + copy_to(self.bias, bias_group)
 
 
 class BlockMLP(nn.Module):
-    """fc2(GELU(fc1(x))) over the last dimension of a block-sharded x whose features are split over
-    `contract` (in_split) and whose rows (dimension `row_dim`: tokens for channel mixing, features
-    for token mixing) are split over the other model axis, `storage` (row_split).
+    """fc2(GELU(fc1(LN(x)))) over the last dimension of a block-sharded x whose features are split
+    over `contract` (in_split) and whose rows (dimension `row_dim`: tokens for channel mixing,
+    features for token mixing) are split over the other model axis, `storage` (row_split). The
+    LayerNorm (`norm`: 'rows' or 'features', the axis it normalises; the DistLayerNorm is passed to
+    forward) belongs to the block; the strategy decides where it is computed.
 
     strategy "gather" (Jigsaw): two BlockLinears contracting over `contract`; each weight is stored
         once per model group, its row blocks gathered over `storage` on use; partial sums are
@@ -267,42 +351,82 @@ class BlockMLP(nn.Module):
         this rank's (hidden/storage x features/contract) weight block, the hidden partial sums are
         all-reduced over `contract`; GELU; fc2 multiplies its (features/contract x hidden/storage)
         block and the output partial sums are reduce-scattered over `storage`, back to x's layout.
-        Weight gradients need no communication at all.
-    Both compute the same function with the same logical parameters (fc1.weights.0, fc1.bias,
+        Weight gradients need no communication at all. A LayerNorm over the rows is computed on the
+        gathered rows (whole there): no statistics exchanged.
+    strategy "features" (Megatron tensor parallelism over `contract`): the features are all-gathered
+        over `contract`, fc1 multiplies this rank's (hidden/contract x features) rows, GELU, fc2 its
+        (features x hidden/contract) columns, written straight into the reduce-scatter over
+        `contract` that returns x's layout. A LayerNorm over the features is computed on the gathered
+        features. The weights are replicated over `storage` (available where it has one rank or the
+        job replicates over it).
+    All compute the same function with the same logical parameters (fc1.weights.0, fc1.bias,
     fc2.weights.0, fc2.bias), stored in different blocks; checkpoints are layout-free."""
 
     def __init__(self, mesh: Mesh, kind: str, in_split: Split, hidden: int, row_split: Split, row_dim: int,
-                 contract: str, fc2_bias: bool = True, micro_batch: int = 1, device=None, dtype=None):
+                 contract: str, fc2_bias: bool = True, micro_batch: int = 1, norm: str | None = None,
+                 device=None, dtype=None):
         super().__init__()
         self.mesh, self.kind, self.contract, self.storage = mesh, kind, contract, other_axis(contract)
         if row_split.axis != self.storage or in_split.axis != contract:
             raise ValueError(f"{kind}: rows must be split over '{self.storage}' and features over '{contract}'")
-        self.row_split, self.row_dim = row_split, row_dim
-        self.strategy = choose_strategy(mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract)
+        self.row_split, self.row_dim, self.in_split, self.norm = row_split, row_dim, in_split, norm
+        self.strategy = choose_strategy(mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract,
+                                        norm=norm, batch=micro_batch)
+        self.fuses_norm = fuses_norm(self.strategy, norm)
         kw = dict(device=device, dtype=dtype)
         if self.strategy == "gather":
             hidden_split = Split(contract, even_split(hidden, mesh.size(contract)))
             self.fc1 = BlockLinear(mesh, [in_split], hidden_split, contract=contract, **kw)
             self.fc2 = BlockLinear(mesh, [hidden_split], in_split, contract=contract, bias=fc2_bias, **kw)
             return
-        hidden_split = Split(self.storage, even_split(hidden, mesh.size(self.storage)))
+        # stationary: the hidden axis split over storage; features: over contract, the rest whole
+        split_axis = self.storage if self.strategy == "stationary" else contract
+        hidden_split = Split(split_axis, even_split(hidden, mesh.size(split_axis)))
+        features = in_split if self.strategy == "stationary" else None
         b1, b2 = 1.0 / math.sqrt(in_split.total), 1.0 / math.sqrt(hidden)
-        self.fc1 = _Affine(make_param(Layout((hidden, in_split.total), (hidden_split, in_split)), mesh,
+        self.fc1 = _Affine(make_param(Layout((hidden, in_split.total), (hidden_split, features)), mesh,
                                       ("uniform", b1), **kw),
                            shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw))
-        self.fc2 = _Affine(make_param(Layout((in_split.total, hidden), (in_split, hidden_split)), mesh,
+        self.fc2 = _Affine(make_param(Layout((in_split.total, hidden), (features, hidden_split)), mesh,
                                       ("uniform", b2), **kw),
                            shared_param(Layout((in_split.total,), (in_split,)), mesh, ("uniform", b2), **kw)
                            if fc2_bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _normed(self, x: torch.Tensor, norm) -> torch.Tensor:
+        """The LayerNorm applied to x's block (with its statistics exchanged where its axis is split)."""
+        if norm is None:
+            return x
+        if self.norm == "features":
+            return norm(x)
+        return norm(x.transpose(self.row_dim, -1)).transpose(self.row_dim, -1)
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """fc2(GELU(fc1(norm(x)))); norm: the block's DistLayerNorm (built with local=self.fuses_norm)."""
+        if norm is not None and (self.norm is None or norm.local != self.fuses_norm):
+            raise ValueError(f"{self.kind}: built for " + ("no LayerNorm" if self.norm is None else
+                             f"a LayerNorm over its {self.norm} with local={self.fuses_norm}"))
         if self.strategy == "gather":
-            return self.fc2(F.gelu(self.fc1(x)))
+            return self.fc2(F.gelu(self.fc1(self._normed(x, norm))))
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
-        # every row is independent: the rows stay in the all-gather's rank-major order (its buffer)
-        # through both products and are reduce-scattered from that same layout: no copy in between
+        fused = norm is not None and self.fuses_norm
+        if self.strategy == "features":
+            # weights replicated over storage: their gradients are summed over it (when it has ranks)
+            local = lambda v, w: gathered_linear(v, w, storage, (w.shape[0],), gather=False)  # noqa: E731
+            xf = all_gather(x if fused else self._normed(x, norm), contract, self.in_split.sizes, dim=-1)
+            h = F.gelu(self.fc1(self.fc1(norm(xf) if fused else xf, matmul=local), storage, matmul=False))
+            if contract is None:
+                y = self.fc2(h, matmul=local)
+            else:
+                chunks = row_chunks(math.prod(h.shape[:-1]), self.in_split.total, self.mesh.chunk_mb)
+                y = self.fc2(h, matmul=lambda v, w: chunked_linear_reduce_scatter(
+                    [v], [w], contract, self.in_split.sizes, storage, chunks))
+            return self.fc2(y, storage, matmul=False)
+        # stationary: every row is independent: the rows stay in the all-gather's rank-major order
+        # (its buffer) through both products and are reduce-scattered from that same layout
         rows = self.row_split.sizes
-        x_rows = gather_blocks(x, storage, rows, dim=self.row_dim)
+        x_rows = gather_blocks(x if fused else self._normed(x, norm), storage, rows, dim=self.row_dim)
+        if fused:
+            x_rows = norm(x_rows, blocks=rows)
         h = F.gelu(self.fc1(sum_partials(self.fc1(x_rows), contract), contract, matmul=False))
         shape = (*x.shape[:-1], self.fc2.weights[0].shape[0])
         y = scatter_blocks(self.fc2(h), storage, rows, shape)

@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AXES = ("dp", "domain", "tp")  # slowest to fastest varying
-STRATEGIES = ("gather", "stationary")  # how a block MLP meets its data (jigsaw_ext.layers.BlockMLP)
+STRATEGIES = ("gather", "stationary", "features")  # how a block MLP meets its data (jigsaw_ext.layers.BlockMLP)
 
 
 class MeshConfig(BaseModel):
@@ -31,18 +31,34 @@ class MeshConfig(BaseModel):
         default_factory=list,
         description="keep weight matrices replicated over these axes instead of stored once per model "
                     "group and gathered on use: less communication, more memory")
-    strategy: dict[str, Literal["auto", "gather", "stationary"]] = Field(
+    strategy: dict[str, Literal["auto", "gather", "stationary", "features"]] = Field(
         default_factory=dict,
         description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
-                    "(Jigsaw), 'stationary' keeps them and moves the activations (Megatron-style), "
-                    "'auto' (the default for kinds not listed) picks the one that sends fewer bytes")
+                    "(Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
+                    "contracted features (Megatron tensor parallelism over the contract axis; needs the other "
+                    "axis of size 1 or in replicate_weights_over), 'auto' (the default for kinds not listed) "
+                    "picks the one that sends the fewest bytes")
     keep_gathered_weights: bool = Field(
         False, description="keep each gathered weight from its forward to its backward and across the "
                            "micro-batches of an optimizer step (one gather per step instead of two per "
                            "micro-batch; memory: every gathered full-row weight stays allocated)")
+    chunk_mb: float | None = Field(
+        None, gt=0, description="bound the transient buffers of the 'gather' strategy: each gathered weight "
+                                "and its weight gradient move in pipelined chunks of at most this many MiB "
+                                "(each chunk's transfer overlapping the previous chunk's products), and the "
+                                "partial sums before a reduce-scatter are computed and reduced in row chunks "
+                                "of at most this size; more, smaller collectives; not with "
+                                "keep_gathered_weights. Unset: one piece each")
     strategy_memory_mb: float | None = Field(
         None, ge=0, description="auto picks 'stationary' only if its extra saved activations per layer "
                                 "and rank stay under this many MiB (no limit when unset)")
+
+    @model_validator(mode="after")
+    def _chunks_or_keep(self):
+        if self.chunk_mb is not None and self.keep_gathered_weights:
+            raise ValueError("mesh.chunk_mb bounds the gathered weights' memory and "
+                             "mesh.keep_gathered_weights keeps them whole: set one of them")
+        return self
 
     @property
     def world_size(self) -> int:
@@ -98,6 +114,10 @@ class Mesh:
     @property
     def keep_gathered_weights(self) -> bool:
         return self.config.keep_gathered_weights
+
+    @property
+    def chunk_mb(self) -> float | None:
+        return self.config.chunk_mb
 
     @property
     def model_size(self) -> int:

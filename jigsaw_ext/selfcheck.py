@@ -75,13 +75,13 @@ class _Mixer(nn.Module):
         self.embed = BlockLinear(mesh, [self.features], d, contract="tp")
         self.blocks = nn.ModuleList()
         for _ in range(blocks):
+            token = BlockMLP(mesh, "token_mixing", self.tokens, max(1, tokens // 2), row_split=d, row_dim=1,
+                             contract="domain", fc2_bias=False, norm="rows")
+            channel = BlockMLP(mesh, "channel_mixing", d, 2 * hidden - 1, row_split=self.tokens, row_dim=1,
+                               contract="tp", norm="features")
             self.blocks.append(nn.ModuleDict(dict(
-                norm1=DistLayerNorm(mesh, [d]),
-                token=BlockMLP(mesh, "token_mixing", self.tokens, max(1, tokens // 2), row_split=d, row_dim=1,
-                               contract="domain", fc2_bias=False),
-                norm2=DistLayerNorm(mesh, [d]),
-                channel=BlockMLP(mesh, "channel_mixing", d, 2 * hidden - 1, row_split=self.tokens, row_dim=1,
-                                 contract="tp"))))
+                norm1=DistLayerNorm(mesh, [d], local=token.fuses_norm), token=token,
+                norm2=DistLayerNorm(mesh, [d], local=channel.fuses_norm), channel=channel)))
         self.norm = DistLayerNorm(mesh, [d, self.features])
         self.head = BlockLinear(mesh, [d, self.features], self.features, contract="tp")
         init_parameters(self, mesh, seed)
@@ -90,8 +90,8 @@ class _Mixer(nn.Module):
     def forward(self, x):
         z = self.embed(x)
         for b in self.blocks:
-            z = z + b["token"](b["norm1"](z).transpose(1, 2)).transpose(1, 2)
-            z = z + b["channel"](b["norm2"](z))
+            z = z + b["token"](z.transpose(1, 2), b["norm1"]).transpose(1, 2)
+            z = z + b["channel"](z, b["norm2"])
         return x + self.head(*self.norm(z, x))
 
 

@@ -10,7 +10,7 @@ def _inputs(model, mesh, cfg, batch, seed=0):
     return x, s
 
 
-def model_step_comm(rank, world, mesh_kwargs, overrides, batch, strategies=("gather", "stationary")):
+def model_step_comm(rank, world, mesh_kwargs, overrides, batch, strategies=("gather", "stationary", "features")):
     """Bytes and calls per collective kind of one forward + backward of the model on a real mesh,
     for each strategy forced on every layer kind: {strategy: stats}."""
     from jigsaw_ext.commstats import count_comm

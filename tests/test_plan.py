@@ -30,13 +30,14 @@ def _trace(cfg, mesh_kwargs, rank, batch=BATCH, dtype=torch.float32):
 
 
 MESHES = [dict(domain=2, tp=1), dict(domain=1, tp=2), dict(domain=2, tp=2), dict(domain=3, tp=1),
-          dict(domain=1, tp=3), dict(domain=2, tp=2, replicate_weights_over=["tp"])]
+          dict(domain=1, tp=3), dict(domain=2, tp=2, replicate_weights_over=["tp"]),
+          dict(domain=2, tp=2, chunk_mb=0.002)]
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m['domain']}x{m['tp']}" + (
-    "_rep" if m.get("replicate_weights_over") else ""))
+    "_rep" if m.get("replicate_weights_over") else "") + ("_chunks" if m.get("chunk_mb") else ""))
 def test_traced_communication_equals_a_real_run_on_every_rank(mesh):
-    """For both strategies of the mixing MLPs (weights gathered / stationary), small-parameter
+    """For every strategy of the mixing MLPs (weights gathered, stationary, features where offered), small-parameter
     gradients bucketed as in training."""
     world = mesh["domain"] * mesh["tp"]
     real = run_workers(plan_workers.model_step_comm, world, mesh, OVERRIDES, BATCH, timeout=240,

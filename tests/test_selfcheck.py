@@ -16,7 +16,7 @@ MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2), (1, 
 
 def _errors(dp, domain, tp, **kw):
     mesh = dict(dp=dp, domain=domain, tp=tp, replicate_weights_over=kw.pop("replicate", []),
-                keep_gathered_weights=kw.pop("keep", False))
+                keep_gathered_weights=kw.pop("keep", False), chunk_mb=kw.pop("chunk_mb", None))
     return run_workers(workers.selfcheck, dp * domain * tp, mesh, kw.pop("dtype", "fp32"),
                        kw.pop("overrides", None), kw.pop("defect", None), kw.pop("strategies", (None,)),
                        timeout=300, preload=["weathermixer.model"])[0]
@@ -24,16 +24,20 @@ def _errors(dp, domain, tp, **kw):
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_every_mesh_and_strategy_is_the_same_model(mesh):
-    """Both ways a mixing MLP can meet its data (weights gathered, weights stationary) on every mesh."""
-    errors = _errors(*mesh, strategies=("gather", "stationary"))
+    """Every way a mixing MLP can meet its data (weights gathered, weights stationary, features
+    gathered where that is available: the others there) on every mesh, with their LayerNorms."""
+    errors = _errors(*mesh, strategies=("gather", "stationary", "features"))
     for strategy, errs in errors.items():
         assert max(errs.values()) <= FP32_TOL, (strategy, errs)
 
 
 def test_replicated_weights_tendency_head_and_other_patches():
-    errors = _errors(1, 2, 2, replicate=["domain", "tp"],
+    """Weights replicated over both axes: 'features' is available to both mixers (its weight
+    gradients all-reduced over the storage axis)."""
+    errors = _errors(1, 2, 2, replicate=["domain", "tp"], strategies=(None, "features"),
                      overrides=dict(head="tendency", patch=(1, 6), rollout=1, grid=(24, 24), pad_to_patch=False))
-    assert max(errors.values()) <= FP32_TOL, errors
+    for strategy, errs in errors.items():
+        assert max(errs.values()) <= FP32_TOL, (strategy, errs)
 
 
 def test_gathered_weights_kept_across_micro_batches_are_the_same_model():
@@ -43,8 +47,23 @@ def test_gathered_weights_kept_across_micro_batches_are_the_same_model():
     assert max(errors.values()) <= FP32_TOL, errors
 
 
+@pytest.mark.parametrize("mesh", [(1, 2, 3), (1, 3, 1), (1, 1, 3), (2, 2, 1)], ids=lambda m: "x".join(map(str, m)))
+def test_chunked_weights_and_partial_sums_are_the_same_model(mesh):
+    """mesh.chunk_mb so small that every gathered weight, weight gradient and buffer of partial sums
+    moves in several (uneven) chunks: weight chunks pipelined, rows reduce-scattered in chunks."""
+    errors = _errors(*mesh, strategies=("gather",), chunk_mb=0.002)["gather"]
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+def test_chunked_partial_sums_with_replicated_weights_are_the_same_model():
+    """Replicated weights (their gradients all-reduced once, not per chunk), gathered and features."""
+    errors = _errors(1, 2, 3, replicate=["domain"], strategies=("gather", "features"), chunk_mb=0.002)
+    for strategy, errs in errors.items():
+        assert max(errs.values()) <= FP32_TOL, (strategy, errs)
+
+
 def test_bf16_autocast_stays_close():
-    for strategy, errors in _errors(1, 2, 2, dtype="bf16", strategies=("gather", "stationary")).items():
+    for strategy, errors in _errors(1, 2, 2, dtype="bf16", strategies=("gather", "stationary", "features")).items():
         assert max(errors.values()) <= 5e-2, (strategy, errors)
         assert errors["loss"] <= 1e-3, (strategy, errors)
 

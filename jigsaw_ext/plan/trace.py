@@ -34,6 +34,9 @@ from ..mesh import Mesh, MeshConfig
 aten = torch.ops.aten
 PURPOSES = {  # autograd function (qualified name prefix) -> purpose of the collectives it issues
     "_GatheredLinear.forward": "weight_gather",
+    "_ChunkedGatheredLinear.forward": "weight_gather",
+    "_GatheredWeight.forward": "weight_gather",
+    "_GatheredWeight.backward": "weight_grad",
     "_ReduceScatter": "activation",
     "_AllGather": "activation",
     "_CopyTo": "small_param_grad",  # and _CopyToMany (the bucket)
@@ -134,7 +137,7 @@ def _purpose(kind: str) -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-        if name == "_GatheredLinear.backward":
+        if name in ("_GatheredLinear.backward", "_ChunkedGatheredLinear.backward"):
             return "weight_gather" if kind == "all_gather" else "weight_grad"
         if name == "_LinearReduceScatter.backward":
             return "weight_grad" if kind == "all_reduce" else "activation"

@@ -31,18 +31,21 @@ class MixerBlock(nn.Module):
         super().__init__()
         mesh, D = geo.mesh, geo.cfg.hidden
         features, tokens = geo.feature_split(D), geo.token_split
-        self.norm1 = DistLayerNorm(mesh, [features], **kw)
         # no bias on the token-mixing output: it would add a per-token constant across all features,
         # which every following LayerNorm removes (a dead parameter whose gradient is exactly 0)
-        self.token_mixing = BlockMLP(mesh, "token_mixing", tokens, geo.token_hidden, row_split=features, row_dim=1,
-                                     contract="domain", fc2_bias=False, micro_batch=micro_batch, **kw)
-        self.norm2 = DistLayerNorm(mesh, [features], **kw)
-        self.channel_mixing = BlockMLP(mesh, "channel_mixing", features, geo.channel_hidden, row_split=tokens,
-                                       row_dim=1, contract="tp", micro_batch=micro_batch, **kw)
+        token_mixing = BlockMLP(mesh, "token_mixing", tokens, geo.token_hidden, row_split=features, row_dim=1,
+                                contract="domain", fc2_bias=False, micro_batch=micro_batch, norm="rows", **kw)
+        channel_mixing = BlockMLP(mesh, "channel_mixing", features, geo.channel_hidden, row_split=tokens,
+                                  row_dim=1, contract="tp", micro_batch=micro_batch, norm="features", **kw)
+        # each LayerNorm is computed where its MLP's strategy has the whole feature axis (local=True)
+        self.norm1 = DistLayerNorm(mesh, [features], local=token_mixing.fuses_norm, **kw)
+        self.token_mixing = token_mixing
+        self.norm2 = DistLayerNorm(mesh, [features], local=channel_mixing.fuses_norm, **kw)
+        self.channel_mixing = channel_mixing
 
     def forward(self, x):
-        x = x + self.token_mixing(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.channel_mixing(self.norm2(x))
+        x = x + self.token_mixing(x.transpose(1, 2), self.norm1).transpose(1, 2)
+        return x + self.channel_mixing(x, self.norm2)
 
 
 class BlendHead(nn.Module):
