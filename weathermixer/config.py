@@ -67,6 +67,21 @@ class ModelConfig(_Strict):
     history: int = Field(0, ge=0, description="previous states t-dt .. t-history*dt embedded beside the state "
                                               "at t (the loader serves them: data.history follows it)")
     head: Literal["tendency", "blend"] = "tendency"
+    pixel_skip: int = Field(0, ge=0, description="leads 1..pixel_skip get a per-pixel linear skip head (the state "
+                                                 "the tendency is added to: a learned per-grid-point linear "
+                                                 "function of x(t), the history states, the static time "
+                                                 "features and 1; weathermixer.model.skip); 0 = off. A latent "
+                                                 "rollout past it must re-encode")
+    pixel_skip_inputs: Literal["all", "states"] = Field("all", description="the skip head's features: the input "
+                                                                         "states, the static time features and 1 "
+                                                                         "(all), or the input states only")
+    pixel_skip_scale: float = Field(1.0, gt=0, description="the skip coefficients are this times their stored "
+                                                           "parameter (their per-step change is scale x lr; 1 "
+                                                           "chosen on the UK validation days over 10 and 0.1)")
+    pixel_skip_init: str | None = Field(None, description="initial skip coefficients: an .npz written by `python -m "
+                                                          "weathermixer.model.skip_fit` (the per-pixel least-squares "
+                                                          "fit on the training split); None: zero (the plain "
+                                                          "tendency head)")
     seed: int = 0
 
     @model_validator(mode="after")

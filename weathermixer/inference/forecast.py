@@ -187,6 +187,10 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     out, partial = Path(args.out), partial_path(args.out)
     per_encode = steps if args.mode == "latent" else (args.reencode_every or job.reencode_every or job.trained_leads)
+    skip = job.model.pixel_skip
+    if skip and min(per_encode, steps) > skip:
+        raise ForecastError(f"{min(per_encode, steps)} latent steps per encode, but model.pixel_skip={skip}: the "
+                            f"skip head has coefficients for leads 1..{skip}; use --reencode-every <= {skip}")
     plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch, args.zarr_format)
     run = _load_on_every_rank(job, mesh, inits, device, rank)
     _start_store(partial, job, run, plan, rank, world)

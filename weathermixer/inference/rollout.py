@@ -61,7 +61,8 @@ def load(job: Job, mesh, inits: pd.DatetimeIndex, device) -> Loaded:
     data, loader, mean, std = open_data(job, mesh, inits)
     if job.stats_origin == "checkpoint" and os.path.exists(job.data.stats):
         os.unlink(job.data.stats)  # read by now (the loader keeps the arrays)
-    model = WeatherMixer(job.model, mesh, device=device)
+    # the checkpoint holds every weight: no initial skip coefficients to read (their file may be gone)
+    model = WeatherMixer(job.model.model_copy(update={"pixel_skip_init": None}), mesh, device=device)
     try:
         load_into_model(model, job.checkpoint)
     except CheckpointFormatError as e:

@@ -19,6 +19,7 @@ from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
 from .geometry import Geometry
+from .skip import PixelSkip, load_initial_coefficients, skip_num_parameters
 
 
 class MixerBlock(nn.Module):
@@ -88,8 +89,11 @@ class WeatherMixer(nn.Module):
         self.norm = DistLayerNorm(mesh, [features], **kw)
         self.recovery = BlockLinear(mesh, [features, features], patch_out, contract="tp", **kw)
         self.blend = BlendHead(geo, **kw) if cfg.head == "blend" else None
+        self.skip = PixelSkip(geo, **kw) if cfg.pixel_skip else None
         if device is None or torch.device(device).type != "meta":
             init_parameters(self, mesh, cfg.seed)
+            if self.skip is not None and cfg.pixel_skip_init:
+                load_initial_coefficients(self.skip, cfg.pixel_skip_init)
         check_strategy_keys(self, mesh)
         bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
 
@@ -132,7 +136,7 @@ class WeatherMixer(nn.Module):
         for step in range(1, steps + 1):
             z = torch_checkpoint(self.block_stack, z, use_reentrant=False) if checkpoint else self.block_stack(z)
             if every_lead or step == steps:
-                leads.append(self.decode(z, z0, states[-1]))
+                leads.append(self.decode(z, z0, states[-1], states, static, step))
         return leads
 
     def block_stack(self, z):
@@ -151,8 +155,12 @@ class WeatherMixer(nn.Module):
                              + f", got {tuple(fields.shape)} (data.history must match model.history)")
         return list(fields.unbind(1))
 
-    def decode(self, z, z0, fields):
+    def decode(self, z, z0, fields, states=None, static=None, lead: int = 1):
+        """The state at lead `lead`: the decoded tendency added to (or blended with) `fields`, or with
+        model.pixel_skip to the skip head's per-pixel linear function of the input `states` (t - h dt .. t)."""
         pred = self.geo.unpatchify(self.recovery(self.norm(z), z0))
+        if self.skip is not None:
+            fields = self.skip(states if states is not None else [fields], static, lead)
         return pred + fields if self.blend is None else self.blend(pred, fields)
 
     # exact sizes -------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def num_parameters(cfg: ModelConfig) -> int:
     block = 2 * T * Hs + Hs + 2 * D * Hc + Hc + D + 4 * D  # the paper's count has + T (see MixerBlock)
     recovery = 2 * D * C * P + C * P
     head = 0 if cfg.head == "tendency" else 2 * C + 4 * C + 2 * C * C + C
-    return embed + cfg.blocks * block + 2 * D + recovery + head
+    return embed + cfg.blocks * block + 2 * D + recovery + head + skip_num_parameters(cfg)
 
 
 def flops_per_sample(cfg: ModelConfig, steps: int | None = None, all_leads: bool = False) -> int:

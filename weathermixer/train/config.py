@@ -189,6 +189,12 @@ class TrainJobConfig(JobConfig):
             if len(tc.lead_weights) != self.rollout or min(tc.lead_weights) < 0 or sum(tc.lead_weights) <= 0:
                 raise ValueError(f"train.lead_weights has {len(tc.lead_weights)} value(s); expected {self.rollout} "
                                  f"non-negative weights (one per lead 1..{self.rollout}) with a positive sum")
+        skip = self.model.pixel_skip
+        longest = max([self.rollout] + list(self.validation.reencode_candidates or []))
+        if skip and longest > skip:
+            raise ValueError(f"model.pixel_skip={skip} has coefficients for leads 1..{skip}, but the job rolls out "
+                             f"or re-encodes every {longest} steps (train.curriculum / train.rollout / "
+                             f"validation.reencode_candidates): set model.pixel_skip >= {longest}")
         return self
 
 
