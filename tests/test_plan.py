@@ -129,6 +129,29 @@ def test_emitted_job_file_is_accepted_by_train(tmp_path, capsys):
     assert [best["dp"], best["domain"], best["tp"]] == [mesh.dp, mesh.domain, mesh.tp]
 
 
+def test_chunk_mb_is_priced_and_emitted(tmp_path):
+    """mesh.chunk_mb: the planner traces the chunked layers (lower peak memory on a layout that
+    gathers weights, the same bytes) and pins it in the job file it emits."""
+    from jigsaw_ext.plan.search import Planner
+    from weathermixer.train.config import load_train_job
+
+    from benchmarks.bench_comm import C1
+    from weathermixer.config import ModelConfig
+
+    cfg = ModelConfig(**C1)  # the paper's C1 block: the gathered token-mixing weights dominate on 1x4
+    plain, chunked = (Planner(WeatherPlanModel(cfg, rollout=1), load_hardware("cpu-gloo-2core"), "fp32",
+                              strategy={"*": "gather"}, chunk_mb=mb).trace(1, 4, (), 1) for mb in (None, 32))
+    assert chunked.peak_live_bytes < 0.8 * plain.peak_live_bytes
+    assert len(chunked.collectives) > len(plain.collectives)
+    assert sum(chunked.bytes_by_kind().values()) == sum(plain.bytes_by_kind().values())
+    out = tmp_path / "planned.json"
+    assert plan_main(["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware", "cpu-gloo-2core",
+                      "--world", "4", "--global-batch", "8", "--dtype", "fp32", "--top", "1", "--zero", "0",
+                      "--micro-batches", "1", "--chunk-mb", "16", "--emit-config", str(out)]) == 0
+    job, _ = load_train_job(out)
+    assert job.mesh.chunk_mb == 16
+
+
 def test_larger_micro_batches_extrapolate_exactly():
     from jigsaw_ext.plan.search import Planner
 

@@ -85,12 +85,14 @@ def _model_config(args) -> tuple[ModelConfig, dict]:
     return ModelConfig.model_validate(section.get("model", {})), base
 
 
-def emit_config(base: dict, est: Estimate, path: Path, dtype: str) -> None:
+def emit_config(base: dict, est: Estimate, path: Path, dtype: str, chunk_mb: float | None = None) -> None:
     """The job file of one planned layout: `base` with its mesh, ZeRO stage, batch and precision set."""
     c, job = est.candidate, copy.deepcopy(base)
     section = job.setdefault("weathermixer", {})
     section["mesh"] = {"dp": c.dp, "domain": c.domain, "tp": c.tp, "replicate_weights_over": list(c.replicate),
                        "strategy": dict(est.strategies)}  # what the plan priced, pinned
+    if chunk_mb is not None:
+        section["mesh"]["chunk_mb"] = chunk_mb
     job["train_micro_batch_size_per_gpu"] = c.micro_batch
     job["gradient_accumulation_steps"] = c.accumulation
     job.pop("train_batch_size", None)
@@ -143,6 +145,8 @@ def parse_args(argv):
     ap.add_argument("--strategy", nargs="*", metavar="[KIND=]STRATEGY",
                     help="mesh.strategy (token_mixing=stationary, or one strategy for every kind); default: "
                          "the job file's mesh.strategy, else auto (each layer's cost model per layout)")
+    ap.add_argument("--chunk-mb", type=float, help="mesh.chunk_mb (gathered weights and partial sums in chunks of "
+                                                   "at most this many MiB); default: the job file's")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--json", help="write every ranked row as JSON here")
     ap.add_argument("--emit-config", help="write the job file of --row of the (last) world size here")
@@ -157,8 +161,10 @@ def plan(args) -> tuple[dict, Planner, dict]:
         strategy = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.strategy)
     else:
         strategy = base.get("weathermixer", {}).get("mesh", {}).get("strategy", {})
-    MeshConfig(strategy=strategy)  # validates the names (a ValidationError is a ValueError)
-    planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy)
+    chunk_mb = args.chunk_mb if args.chunk_mb is not None else \
+        base.get("weathermixer", {}).get("mesh", {}).get("chunk_mb")
+    MeshConfig(strategy=strategy, chunk_mb=chunk_mb)  # validates them (a ValidationError is a ValueError)
+    planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy, chunk_mb=chunk_mb)
     limits = Constraints(zero=tuple(args.zero), micro_batches=tuple(args.micro_batches),
                          replicate=not args.no_replicate, headroom=args.headroom)
     results = {}
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
         if not 1 <= args.row <= len(rows):
             print(f"error: --row {args.row}: the table has {len(rows)} rows", file=sys.stderr)
             return 2
-        emit_config(base, rows[args.row - 1], Path(args.emit_config), planner.dtype)
+        emit_config(base, rows[args.row - 1], Path(args.emit_config), planner.dtype, planner.chunk_mb)
         print(f"\nwrote {args.emit_config} (row {args.row} of {args.world[-1]} GPUs)")
     return 0
 

@@ -54,30 +54,34 @@ class Planner:
     micro-batch by the layers' own cost model, as train.py would)."""
 
     def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True,
-                 dp_bucket_bytes: int | None = None, strategy: dict | None = None):
+                 dp_bucket_bytes: int | None = None, strategy: dict | None = None, chunk_mb: float | None = None):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
         self.overlap_comm, self.dp_bucket_bytes = overlap_comm, dp_bucket_bytes
-        self.strategy = dict(strategy or {})
+        self.strategy, self.chunk_mb = dict(strategy or {}), chunk_mb  # mesh.strategy, mesh.chunk_mb
         self._traces: dict = {}
 
     def strategies(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> dict:
         """What each layer kind runs with on this layout and micro-batch ({kind: strategy})."""
-        cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy)
+        cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy,
+                         chunk_mb=self.chunk_mb)
         return resolved_strategies(self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch))
 
     def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int,
               forced: tuple = ()) -> StepTrace:
         """One micro-step's trace; above micro-batch 3 extrapolated (exact: see trace.extrapolate) from
-        micro-batches 2 and 3 run with the strategies chosen for this micro-batch (`forced`)."""
+        micro-batches 2 and 3 run with the strategies chosen for this micro-batch (`forced`), except
+        with chunk_mb."""
         if micro_batch > 3 and not forced:
             forced = tuple(sorted(self.strategies(domain, tp, replicate, micro_batch).items()))
         key = (domain, tp, replicate, micro_batch, forced)
-        if key not in self._traces and micro_batch > 3:
+        # (with mesh.chunk_mb the number of row chunks grows with the micro-batch: traced directly)
+        if key not in self._traces and micro_batch > 3 and self.chunk_mb is None:
             self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2, forced),
                                             self.trace(domain, tp, replicate, 3, forced), 2, micro_batch)
         if key not in self._traces:
             strategy = dict(forced) if forced else self.strategy
-            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy)
+            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy,
+                             chunk_mb=self.chunk_mb)
             mesh = fake_mesh(cfg, 0)
             dtype = getattr(torch, self.dtype)
             model = self.model.build(mesh, dtype, micro_batch)
