@@ -20,6 +20,8 @@ transposes of the forward maps:
 
 Reductions of gradients (weight gradients, small-parameter buckets) accumulate in fp32 whatever the
 parameter dtype (Megatron's grad_reduce_in_fp32); activations move in the dtype they are computed in.
+Forwards run inside `defer_gradient_reductions()` leave those reductions to the last micro-batch of
+the optimizer step (jigsaw_ext.accumulate: one reduction per step instead of one per micro-batch).
 
 Shards may be uneven (and empty): the collectives pad every shard to the largest one inside the
 collective, so gloo (which rejects uneven all_gather lists) and NCCL take the same path. A group of
@@ -35,6 +37,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .accumulate import defer_gradient_reductions, deferred_inputs, local_gradient  # noqa: F401 (re-exported)
 
 # torch >= 2.13 names; older releases (the GPU machines' 2.11) only have the *_tensor spellings
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -144,13 +148,16 @@ def _scatter_dim(x, group, sizes, dim):
 
 class _CopyTo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, deferral, anchor):
+        ctx.group, ctx.deferral = group, deferral
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return start_all_reduce(grad.to(torch.float32, copy=True), ctx.group, async_op=False).wait().to(grad.dtype), None
+        local = local_gradient(ctx.deferral, grad.to(torch.float32, copy=True))
+        if local is None:  # deferred to the last micro-batch of the optimizer step
+            return None, None, None, None
+        return start_all_reduce(local, ctx.group, async_op=False).wait().to(grad.dtype), None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -182,19 +189,21 @@ class _CopyToMany(torch.autograd.Function):
     backward pass)."""
 
     @staticmethod
-    def forward(ctx, group, *params):
-        ctx.group = group
+    def forward(ctx, group, deferral, anchor, *params):
+        ctx.group, ctx.deferral = group, deferral
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
     def backward(ctx, *grads):
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        flat = start_all_reduce(flat, ctx.group, async_op=False).wait()
+        local = [local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None))
+                 for c, g in zip(ctx.deferral, grads)]  # None: deferred to the step's last micro-batch
+        now = [x for x in local if x is not None]
+        flat = start_all_reduce(torch.cat(now), ctx.group, async_op=False).wait() if now else None
         out, offset = [], 0
-        for g in grads:
-            out.append(flat[offset: offset + g.numel()].view_as(g).to(g.dtype))
-            offset += g.numel()
-        return (None, *out)
+        for g, x in zip(grads, local):
+            out.append(None if x is None else flat[offset: offset + g.numel()].view_as(g).to(g.dtype))
+            offset += 0 if x is None else g.numel()
+        return (None, None, None, *out)
 
 
 _BUCKET: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jigsaw_bucket", default=None)
@@ -213,7 +222,8 @@ def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
             by_group.setdefault(id(group), (group, []))[1].append(p)
     views = {}
     for group, params in by_group.values():
-        for p, v in zip(params, _CopyToMany.apply(group, *params)):
+        deferral, tensors, anchor = deferred_inputs(params)
+        for p, v in zip(params, _CopyToMany.apply(group, deferral, anchor, *tensors)):
             views[(id(p), id(group))] = v
     _BUCKET.set(views)
 
@@ -230,7 +240,8 @@ def copy_to(x: torch.Tensor, group) -> torch.Tensor:
     views = None if torch.compiler.is_compiling() else _BUCKET.get()
     if views is not None and (id(x), id(group)) in views:
         return views[(id(x), id(group))]
-    return _CopyTo.apply(x, group)
+    deferral, (t,), anchor = deferred_inputs([x])
+    return _CopyTo.apply(t, group, deferral[0], anchor)
 
 
 class _SumPartials(torch.autograd.Function):
@@ -332,10 +343,10 @@ class _GatheredLinear(torch.autograd.Function):
     gather per optimizer step instead of two per micro-batch, for one full-row weight of memory."""
 
     @staticmethod
-    def forward(ctx, x, w_block, group, sizes, gather, keep):
+    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor):
         ctx.save_for_backward(x, w_block)
         ctx.args = (group, sizes, gather)
-        ctx.w_full = None
+        ctx.w_full, ctx.deferral = None, deferral
         if not gather:
             return F.linear(x, w_block)
         w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
@@ -368,14 +379,16 @@ class _GatheredLinear(torch.autograd.Function):
         rows = math.prod(grad.shape[:-1])
         grad_w = grad.reshape(rows, grad.shape[-1]).t().mm(x.to(grad.dtype).reshape(rows, x.shape[-1]))
         grad_w = grad_w.float()  # summed over the group in fp32 (a bf16 sum of partials loses bits)
-        pending_gw = (start_reduce_scatter(grad_w, group, sizes) if gather
+        grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
+        pending_gw = (None if grad_w is None else start_reduce_scatter(grad_w, group, sizes) if gather
                       else start_all_reduce(grad_w, group))
         grad_x = None
         if need_x:
             w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
             grad_x = grad.matmul(w).to(x.dtype)
         ctx.w_full = None
-        return grad_x, pending_gw.wait().to(w_block.dtype), None, None, None, None
+        grad_w = None if pending_gw is None else pending_gw.wait().to(w_block.dtype)
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
@@ -388,7 +401,8 @@ def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequen
     """
     if group is None:
         return F.linear(x, w_block)
-    return _GatheredLinear.apply(x, w_block, group, tuple(sizes), gather, keep)
+    deferral, (w,), anchor = deferred_inputs([w_block])
+    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor)
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -400,7 +414,7 @@ class _LinearReduceScatter(torch.autograd.Function):
     the partial sums, no concatenation of the gathered gradient."""
 
     @staticmethod
-    def forward(ctx, group, sizes, replicas, n_seg, *tensors):
+    def forward(ctx, group, sizes, replicas, n_seg, deferral, anchor, *tensors):
         xs, ws = tensors[:n_seg], tensors[n_seg:]
         dtype = autocast_dtype(xs[0].device) or xs[0].dtype
         lead = xs[0].shape[:-1]
@@ -424,6 +438,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         me = _rank(group)
         ctx.save_for_backward(*x2, *ws)
         ctx.args = (group, sizes, replicas, n_seg, [x.shape for x in xs], [x.dtype for x in xs])
+        ctx.deferral = deferral
         return out[:, : sizes[me]].reshape(*lead, sizes[me])
 
     @staticmethod
@@ -451,16 +466,20 @@ class _LinearReduceScatter(torch.autograd.Function):
             dxs.append(dx)
             dws.append(dw)
         if replicas is not None:  # the weights are replicated over another axis: sum their gradients
-            dws = [start_all_reduce(dw, replicas, async_op=False).wait() for dw in dws]
+            for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
+                local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
+                dws[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
         dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes)]
-        return (None, None, None, None, *dxs, *[dw.to(w.dtype) for dw, w in zip(dws, ws)])
+        return (None,) * 6 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws)])
 
 
 def linear_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group, sizes: Sequence[int],
                           replicas=None) -> torch.Tensor:
     """reduce_scatter(sum_j F.linear(xs[j], ws[j]), group, sizes, dim=-1) without its copies (see
     _LinearReduceScatter); `replicas`: the group the weights are replicated over, if any."""
-    return _LinearReduceScatter.apply(group, tuple(sizes), replicas, len(xs), *xs, *ws)
+    # weights replicated over `replicas`: their gradient reduction may be deferred (jigsaw_ext.accumulate)
+    deferral, ws, anchor = deferred_inputs(ws) if replicas is not None else ([None] * len(ws), ws, None)
+    return _LinearReduceScatter.apply(group, tuple(sizes), replicas, len(xs), deferral, anchor, *xs, *ws)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:

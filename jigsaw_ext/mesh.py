@@ -42,6 +42,11 @@ class MeshConfig(BaseModel):
         False, description="keep each gathered weight from its forward to its backward and across the "
                            "micro-batches of an optimizer step (one gather per step instead of two per "
                            "micro-batch; memory: every gathered full-row weight stays allocated)")
+    reduce_gradients_once: bool = Field(
+        False, description="with gradient accumulation, reduce the gradients of gathered, replicated and small "
+                           "parameters over domain/tp once per optimizer step (on its last micro-batch) instead "
+                           "of once per micro-batch; memory: one fp32 accumulator per such parameter, the "
+                           "full-row gradient of each gathered weight (ZeRO-3 partitioned parameters exempt)")
     chunk_mb: float | None = Field(
         None, gt=0, description="bound the transient buffers of the 'gather' strategy: each gathered weight "
                                 "and its weight gradient move in pipelined chunks of at most this many MiB "
@@ -118,6 +123,10 @@ class Mesh:
     @property
     def chunk_mb(self) -> float | None:
         return self.config.chunk_mb
+
+    @property
+    def reduce_gradients_once(self) -> bool:
+        return self.config.reduce_gradients_once
 
     @property
     def model_size(self) -> int:

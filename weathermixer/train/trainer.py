@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
@@ -360,13 +361,17 @@ class Trainer:
 
     def _train_step(self, step: int) -> None:
         """One optimizer step: `gas` micro batches through engine forward/backward/step. The loss
-        stays on the device (no host round trip per micro step); LossWatch checks it at reports."""
+        stays on the device (no host round trip per micro step); LossWatch checks it at reports.
+        mesh.reduce_gradients_once: the forwards of all but the last defer their model-axis gradient
+        reductions to the last (jigsaw_ext.accumulate; accumulators emptied on leaving, even on error)."""
         k = self.rollout_length(step)
-        for _ in range(self.gas):
-            loss = self.micro_step_loss(next(self.batches), k)
-            self.watch.add(step, loss)
-            self.engine.backward(loss)
-            self.engine.step()
+        with accumulation(self.model, self.gas, self.mesh.reduce_gradients_once, self.engine) as defer:
+            for i in range(self.gas):
+                with defer(i):
+                    loss = self.micro_step_loss(next(self.batches), k)
+                self.watch.add(step, loss)
+                self.engine.backward(loss)
+                self.engine.step()
         clear_gathered_weights(self.model)  # mesh.keep_gathered_weights: the next step gathers the new blocks
         self.window["flops"] += self._flops(k) * self.global_batch
         self.window["samples"] += self.global_batch
