@@ -102,31 +102,38 @@ class _BlocksLayerNorm(torch.autograd.Function):
         n, pre, m, post = buf.shape
         total = sum(sizes)
         x = buf.to(torch.promote_types(buf.dtype, torch.float32))
-        mask = None if all(s == m for s in sizes) else \
-            (torch.arange(m, device=buf.device) < torch.tensor(sizes, device=buf.device)[:, None]).view(n, 1, m, 1)
-        mean = x.sum((0, 2), keepdim=True) / total  # the padding is zero
-        centred = x - mean if mask is None else (x - mean) * mask
-        inv = torch.rsqrt(centred.square().sum((0, 2), keepdim=True) / total + eps)
+        if all(s == m for s in sizes):
+            mask = None
+            var, mean = torch.var_mean(x, dim=(0, 2), correction=0, keepdim=True)
+            centred = x - mean
+        else:
+            mask = (torch.arange(m, device=buf.device) < torch.tensor(sizes, device=buf.device)[:, None]).view(n, 1, m, 1)
+            mean = x.sum((0, 2), keepdim=True) / total  # the padding is zero
+            centred = (x - mean).mul_(mask)
+            var = centred.square().sum((0, 2), keepdim=True) / total
+        inv = torch.rsqrt(var + eps)
         ctx.save_for_backward(buf, mean, inv, w)
         ctx.args = (tuple(sizes), mask)
-        return (centred * inv * _padded(w.to(x.dtype), sizes, m) + _padded(b.to(x.dtype), sizes, m)).to(out_dtype)
+        out = centred.mul_(inv).mul_(_padded(w.to(x.dtype), sizes, m)).add_(_padded(b.to(x.dtype), sizes, m))
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         buf, mean, inv, w = ctx.saved_tensors
         sizes, mask = ctx.args
         total, m = sum(sizes), buf.shape[2]
-        x = buf.to(mean.dtype)
-        normed = (x - mean) * inv if mask is None else (x - mean) * inv * mask
+        normed = (buf.to(mean.dtype) - mean).mul_(inv)
+        if mask is not None:
+            normed.mul_(mask)
         g = grad.to(mean.dtype)
+        dw = _unpadded((g * normed).sum((1, 3)), sizes).to(w.dtype)
+        db = _unpadded(g.sum((1, 3)), sizes).to(w.dtype)
         g_hat = g * _padded(w.to(mean.dtype), sizes, m)
         mean_g = g_hat.sum((0, 2), keepdim=True) / total
         mean_gh = (g_hat * normed).sum((0, 2), keepdim=True) / total
-        dx = inv * (g_hat - mean_g - normed * mean_gh)
+        dx = g_hat.sub_(mean_g).sub_(normed.mul_(mean_gh)).mul_(inv)
         if mask is not None:
-            dx = dx * mask
-        dw = _unpadded((g * normed).sum((1, 3)), sizes).to(w.dtype)
-        db = _unpadded(g.sum((1, 3)), sizes).to(w.dtype)
+            dx.mul_(mask)
         return dx.to(buf.dtype), dw, db, None, None, None
 
 

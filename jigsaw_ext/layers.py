@@ -229,10 +229,11 @@ def norm_traffic(vectors: float, group_size: int) -> float:
     return 2 * (g - 1) * vectors + 2 * (g - 1) / g * 2 * vectors
 
 
-def fuses_norm(strategy: str, norm: str | None) -> bool:
+def fuses_norm(strategy: str, norm: str | None, split: bool = True) -> bool:
     """Whether the strategy gathers the whole axis its LayerNorm normalises ('rows' or 'features'), so
-    that the LayerNorm is computed locally with no statistics exchanged."""
-    return (strategy, norm) in (("stationary", "rows"), ("features", "features"))
+    that the LayerNorm is computed locally with no statistics exchanged (only worth it when that axis
+    is `split`: otherwise the block's own LayerNorm is already local and runs the fused kernel)."""
+    return split and (strategy, norm) in (("stationary", "rows"), ("features", "features"))
 
 
 def mlp_saved(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
@@ -288,11 +289,12 @@ def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int
     for name in STRATEGIES:
         if not strategy_available(mesh, name, contract):
             continue
-        extra = mlp_extra_memory(name, **shape, fused=fuses_norm(name, norm))
+        fused = fuses_norm(name, norm, group > 1)
+        extra = mlp_extra_memory(name, **shape, fused=fused)
         if name != "gather" and mesh.strategy_memory_mb is not None and extra * 4 > mesh.strategy_memory_mb * 2 ** 20:
             continue
         costs[name] = mlp_traffic(name, replicate=replicate, **shape) + \
-            (0.0 if norm is None or fuses_norm(name, norm) else norm_traffic(vectors, group))
+            (0.0 if norm is None or fused else norm_traffic(vectors, group))
     return min(costs, key=lambda k: (costs[k], k != "gather"))
 
 
@@ -372,7 +374,8 @@ class BlockMLP(nn.Module):
         self.row_split, self.row_dim, self.in_split, self.norm = row_split, row_dim, in_split, norm
         self.strategy = choose_strategy(mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract,
                                         norm=norm, batch=micro_batch)
-        self.fuses_norm = fuses_norm(self.strategy, norm)
+        norm_axis = self.storage if norm == "rows" else contract
+        self.fuses_norm = fuses_norm(self.strategy, norm, mesh.size(norm_axis) > 1)
         kw = dict(device=device, dtype=dtype)
         if self.strategy == "gather":
             hidden_split = Split(contract, even_split(hidden, mesh.size(contract)))
