@@ -1,7 +1,11 @@
-"""Transient buffers bounded by chunking (mesh.chunk_mb).
+"""Products written straight into collective buffers, in pipelined chunks (mesh.chunk_mb bounds
+their size): autograd functions with their duals, built on jigsaw_ext.collectives.
 
-A gathered weight moved in chunks: the memory-bounded, pipelined form of
-jigsaw_ext.collectives.gathered_linear, as an autograd function with its dual.
+`linear_reduce_scatter`: the partial sums of a linear map reduce-scattered over the contract axis,
+in row chunks (chunk i's reduce-scatter in flight while chunk i + 1 is computed).
+
+`chunked_gathered_linear`: a gathered weight moved in chunks, the memory-bounded, pipelined form of
+jigsaw_ext.collectives.gathered_linear:
 
     forward:  chunk k of every rank's row block all-gathered (asynchronously, while chunk k - 1's
               products are computed), its output columns computed, the chunk freed
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from . import collectives
-from .collectives import (_compute_dtype, _gather_dim, _scatter_dim, copy_to, linear_reduce_scatter,
-                          start_all_gather, start_reduce_scatter)
+from .accumulate import deferred_inputs, local_gradient
+from .collectives import (_compute_dtype, _gather_dim, _gather_into_blocks, _scatter_dim, _scatter_from_blocks,
+                          autocast_dtype, start_all_gather, start_all_reduce, start_reduce_scatter)
 from .layout import even_split
 
 
@@ -121,23 +126,114 @@ def row_chunks(rows: int, cols: int, chunk_mb: float | None) -> int:
     return max(1, min(rows, math.ceil(rows * cols * 4 / (chunk_mb * 2 ** 20))))
 
 
-def chunked_linear_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group,
-                                  sizes: Sequence[int], replicas, chunks: int) -> torch.Tensor:
-    """linear_reduce_scatter on `chunks` row chunks in turn: each chunk's buffer of partial sums (and
-    in backward its gathered output gradient) is 1/chunks of the whole; the same bytes in chunks
-    times as many reduce-scatters (every row is independent)."""
-    if chunks == 1:
-        return linear_reduce_scatter(xs, ws, group, sizes, replicas=replicas)
-    # replicated weights: their gradient, summed over the chunks by autograd, all-reduced once
-    ws = [copy_to(w, replicas) for w in ws]
-    lead = xs[0].shape[:-1]
-    flat = [x.reshape(math.prod(lead), x.shape[-1]) for x in xs]  # (shards may be empty)
+def _row_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
     bounds = [0]
-    for c in even_split(flat[0].shape[0], chunks):
+    for c in even_split(rows, chunks):
         bounds.append(bounds[-1] + c)
-    outs = [linear_reduce_scatter([x[lo:hi] for x in flat], ws, group, sizes)
-            for lo, hi in zip(bounds, bounds[1:])]
-    return torch.cat(outs).reshape(*lead, outs[0].shape[-1])
+    return list(zip(bounds, bounds[1:]))
+
+
+def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], sizes) -> None:
+    """send[r] (rows x m) = sum_j xs[j] @ ws[j][rows of output block r]^T: each destination rank's
+    partial sums written straight into the reduce-scatter's rank-major buffer."""
+    offset, m = 0, send.shape[-1]
+    for r, sz in enumerate(sizes):
+        slot = send[r] if sz == m else send[r, :, :sz]
+        for j, (x, w) in enumerate(zip(xs, ws)):
+            if j == 0 and slot.is_contiguous():
+                torch.mm(x, w[offset: offset + sz].t(), out=slot)
+            elif j == 0:
+                slot.copy_(x.mm(w[offset: offset + sz].t()))
+            else:
+                slot.addmm_(x, w[offset: offset + sz].t())
+        offset += sz
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """sum_j x_j @ W_j^T reduce-scattered over `group` along the output features, for weights held
+    whole (their rows not spread over another axis, or replicated over it: then `replicas` is that
+    axis's group and the weight gradients are all-reduced over it once, in fp32). The products are
+    written straight into the reduce-scatter's rank-major buffer (one product per destination rank's
+    output block) and the backward uses the all-gathered gradient's blocks in place: no transposing
+    copy. In `chunks` row chunks (mesh.chunk_mb): chunk i's reduce-scatter is in flight while chunk
+    i + 1's products are computed, at most two buffers alive; backward, chunk i + 1's gradient is
+    all-gathered while chunk i's input and weight gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, group, sizes, replicas, n_seg, chunks, deferral, anchor, *tensors):
+        xs, ws = tensors[:n_seg], tensors[n_seg:]
+        dtype = autocast_dtype(xs[0].device) or xs[0].dtype
+        lead = xs[0].shape[:-1]
+        x2 = [x.reshape(math.prod(lead), x.shape[-1]).to(dtype) for x in xs]  # (shards may be empty)
+        wc = [w.to(dtype) for w in ws]
+        n, m, pre = len(sizes), max(sizes), x2[0].shape[0]
+        me = collectives._rank(group)
+        out = x2[0].new_empty((pre, sizes[me]))
+        in_flight = []
+        for lo, hi in _row_bounds(pre, chunks):
+            send = x2[0].new_empty((n, hi - lo, m)) if all(sz == m for sz in sizes) else x2[0].new_zeros((n, hi - lo, m))
+            _products_into(send, [x[lo:hi] for x in x2], wc, sizes)
+            in_flight.append((lo, hi, *_scatter_from_blocks(send.unsqueeze(-1), group, async_op=True)))
+            while len(in_flight) > (1 if hi < pre else 0):
+                a, b, part, work = in_flight.pop(0)
+                if work is not None:
+                    work.wait()
+                out[a:b] = part[:, : sizes[me], 0]
+        ctx.save_for_backward(*x2, *ws)
+        ctx.args = (group, sizes, replicas, n_seg, chunks, [x.shape for x in xs], [x.dtype for x in xs])
+        ctx.deferral = deferral
+        return out.reshape(*lead, sizes[me])
+
+    @staticmethod
+    def backward(ctx, dy):
+        group, sizes, replicas, n_seg, chunks, shapes, x_dtypes = ctx.args
+        saved = ctx.saved_tensors
+        x2, ws = saved[:n_seg], saved[n_seg:]
+        n, m, pre, dtype = len(sizes), max(sizes), x2[0].shape[0], dy.dtype
+        d2 = dy.contiguous().view(pre, dy.shape[-1])
+        bounds = _row_bounds(pre, chunks)
+        start = lambda i: _gather_into_blocks(d2[bounds[i][0]: bounds[i][1]].unsqueeze(-1), group, n, m,  # noqa: E731
+                                              async_op=True)
+        wc = [w.to(dtype) for w in ws]
+        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws)]
+        dws = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in ws]
+        pending = start(0)
+        for i, (lo, hi) in enumerate(bounds):
+            buf, work = pending
+            if work is not None:
+                work.wait()
+            if i + 1 < len(bounds):
+                pending = start(i + 1)  # in flight while this chunk's gradients are computed
+            buf = buf.squeeze(-1)
+            for x, w, dx, dw in zip(x2, wc, dxs, dws):
+                offset = 0
+                for r, sz in enumerate(sizes):
+                    g = buf[r, :, :sz]
+                    if r == 0:
+                        torch.mm(g, w[offset: offset + sz], out=dx[lo:hi])
+                    else:
+                        dx[lo:hi].addmm_(g, w[offset: offset + sz])
+                    if dtype == torch.float32:
+                        dw[offset: offset + sz].addmm_(g.t(), x[lo:hi])
+                    else:
+                        dw[offset: offset + sz].add_(g.t().mm(x[lo:hi].to(dtype)))
+                    offset += sz
+        if replicas is not None:  # the weights are replicated over another axis: sum their gradients
+            for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
+                local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
+                dws[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
+        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes)]
+        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws)])
+
+
+def linear_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group, sizes: Sequence[int],
+                          replicas=None, chunks: int = 1) -> torch.Tensor:
+    """reduce_scatter(sum_j F.linear(xs[j], ws[j]), group, sizes, dim=-1) without its copies (see
+    _LinearReduceScatter); `replicas`: the group the weights are replicated over, if any; `chunks`:
+    row chunks, pipelined (every row is independent)."""
+    # weights replicated over `replicas`: their gradient reduction may be deferred (jigsaw_ext.accumulate)
+    deferral, ws, anchor = deferred_inputs(ws) if replicas is not None else ([None] * len(ws), ws, None)
+    return _LinearReduceScatter.apply(group, tuple(sizes), replicas, len(xs), chunks, deferral, anchor, *xs, *ws)
 
 
 class _GatheredWeight(torch.autograd.Function):

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
                           open_bucket, reduce_scatter, scatter_blocks, sum_partials)
-from .chunked import (chunked_gathered_linear, chunked_linear_reduce_scatter, gathered_weight, row_chunks,
-                      weight_chunks)
+from .chunked import chunked_gathered_linear, gathered_weight, linear_reduce_scatter, row_chunks, weight_chunks
 from .layernorm import blocks_layer_norm, split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import STRATEGIES, Mesh
@@ -136,13 +135,13 @@ class BlockLinear(nn.Module):
         whole = all(k is None for k in self._kept) and max(self._chunks) == 1
         if contract is not None and (storage is None or self.replicate):
             # no weight to gather: the products go straight into the reduce-scatter's buffer
-            out = chunked_linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
-                                                storage if self.replicate else None, rows)
+            out = linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
+                                        storage if self.replicate else None, rows)
         elif contract is not None and self.mesh.chunk_mb is not None and whole:
             # weights under the bound: each gathered once for all row chunks (and kept to backward);
             # every rank of the storage group takes this branch whatever its rows (uneven shards)
             ws = [gathered_weight(w, storage, self.row_sizes) for w in self.weights]
-            out = chunked_linear_reduce_scatter(xs, ws, contract, self.out_split.sizes, None, rows)
+            out = linear_reduce_scatter(xs, ws, contract, self.out_split.sizes, None, rows)
         else:
             partial = None
             for x, w, keep, chunks in zip(xs, self.weights, self._kept, self._chunks, strict=True):
@@ -421,7 +420,7 @@ class BlockMLP(nn.Module):
                 y = self.fc2(h, matmul=local)
             else:
                 chunks = row_chunks(math.prod(h.shape[:-1]), self.in_split.total, self.mesh.chunk_mb)
-                y = self.fc2(h, matmul=lambda v, w: chunked_linear_reduce_scatter(
+                y = self.fc2(h, matmul=lambda v, w: linear_reduce_scatter(
                     [v], [w], contract, self.in_split.sizes, storage, chunks))
             return self.fc2(y, storage, matmul=False)
         # stationary: every row is independent: the rows stay in the all-gather's rank-major order

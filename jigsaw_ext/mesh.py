@@ -51,8 +51,8 @@ class MeshConfig(BaseModel):
         None, gt=0, description="bound the transient buffers of the 'gather' strategy: each gathered weight "
                                 "and its weight gradient move in pipelined chunks of at most this many MiB "
                                 "(each chunk's transfer overlapping the previous chunk's products), and the "
-                                "partial sums before a reduce-scatter are computed and reduced in row chunks "
-                                "of at most this size; more, smaller collectives; not with "
+                                "partial sums before a reduce-scatter are computed and reduced in pipelined "
+                                "row chunks of at most this size; more, smaller collectives; not with "
                                 "keep_gathered_weights. Unset: one piece each")
     strategy_memory_mb: float | None = Field(
         None, ge=0, description="auto picks 'stationary' only if its extra saved activations per layer "
