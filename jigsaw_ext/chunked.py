@@ -43,13 +43,7 @@ def weight_chunks(rows: int, cols: int, chunk_mb: float | None, max_chunks: int)
 
 def _bounds(sizes: Sequence[int], chunks: int) -> list[list[int]]:
     """bounds[r][k]: first row of chunk k inside rank r's block (bounds[r][chunks] = sizes[r])."""
-    out = []
-    for s in sizes:
-        b = [0]
-        for c in even_split(s, chunks):
-            b.append(b[-1] + c)
-        out.append(b)
-    return out
+    return [[lo for lo, _ in _row_bounds(s, chunks)] + [s] for s in sizes]
 
 
 class _ChunkedGatheredLinear(torch.autograd.Function):

@@ -228,7 +228,7 @@ def norm_traffic(vectors: float, group_size: int) -> float:
     return 2 * (g - 1) * vectors + 2 * (g - 1) / g * 2 * vectors
 
 
-def fuses_norm(strategy: str, norm: str | None, split: bool = True) -> bool:
+def fuses_norm(strategy: str, norm: str | None, split: bool) -> bool:
     """Whether the strategy gathers the whole axis its LayerNorm normalises ('rows' or 'features'), so
     that the LayerNorm is computed locally with no statistics exchanged (only worth it when that axis
     is `split`: otherwise the block's own LayerNorm is already local and runs the fused kernel)."""

@@ -220,3 +220,11 @@ def test_job_whose_rollout_outruns_the_skip_leads_fails_at_load():
     with pytest.raises(ConfigError, match=r"model.pixel_skip=3 has coefficients for leads 1..3.*set model.pixel_skip >= 6"):
         load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=3"])
     load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=6"])
+
+
+def test_skip_head_knows_the_loaders_time_features():
+    """skip.py repeats the names (the model does not import the data package): they must agree."""
+    from weathermixer.data.config import TIME_FEATURES
+    from weathermixer.model.skip import TIME_FEATURES as SKIP_TIME_FEATURES
+
+    assert tuple(SKIP_TIME_FEATURES) == tuple(TIME_FEATURES)
