@@ -38,16 +38,23 @@ def _sample_at(ld, t: int) -> int:
     return int(np.flatnonzero(ld.starts == t)[0])
 
 
-def test_missing_chunk_named_with_variable_and_time(store):
+@pytest.mark.parametrize("keep", [False, True], ids=["per_batch", "kept"])
+def test_missing_chunk_named_with_variable_and_time(store, keep, monkeypatch):
+    """Per-batch reads fail at the batch that reads the chunk, and other times are fine; a data set
+    kept in memory (read whole at the first batch) fails at its first batch, whichever it is."""
+    import weathermixer.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "KEEP_BYTES", loader_mod.KEEP_BYTES if keep else 0)
     os.remove(store / "geopotential" / "c" / "5" / "1" / "0" / "0")  # time 5, level 850, rows 0-7
     ld = _loader(store)
     with pytest.raises(DataError) as err:
-        ld.load_batch([_sample_at(ld, 5)])
+        ld.load_batch([_sample_at(ld, 5 if not keep else 1)])
     msg = str(err.value)
     assert str(store) in msg and "chunk 'geopotential/c/5/1/0/0'" in msg and "variable 'geopotential'" in msg
     assert "time 2020-01-02T06:00" in msg and "missing from the store" in msg
     assert "non-finite" not in msg  # not reported as NaN data
-    assert _loader(store).load_batch([_sample_at(ld, 1)]).fields.isfinite().all()  # other times are fine
+    if not keep:
+        assert _loader(store).load_batch([_sample_at(ld, 1)]).fields.isfinite().all()  # other times are fine
 
 
 def test_missing_chunk_through_a_store_object(store):
@@ -118,11 +125,17 @@ def test_nonfinite_zero_summary_every_n_samples(nan_store):
     assert ld.nonfinite.totals == {"geopotential_500": [8, 3]}
 
 
-def test_clean_reads_ask_the_store_nothing_more(store):
-    """The chunk check costs no store request on clean data: the same keys are fetched as the read."""
+@pytest.mark.parametrize("keep", [False, True], ids=["per_batch", "kept"])
+def test_clean_reads_ask_the_store_nothing_more(store, keep, monkeypatch):
+    """The chunk check costs no store request on clean data: the same keys are fetched as the read
+    (per batch: the batch's 2 times; kept: every time of the split, at the first batch)."""
+    import weathermixer.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "KEEP_BYTES", loader_mod.KEEP_BYTES if keep else 0)
     cs = CountingStore.local(store)
     ld = ShardedSampleLoader(DataConfig(path="mem", prefetch=0), MODEL, Mesh.single(), store=cs, shuffle=False)
     cs.reset()
     ld.load_batch([0])
     assert cs.keys and all("/c/" in k for k in cs.keys)  # chunk reads only, no exists / metadata
-    assert len(cs.keys) == len(set(cs.keys)) == 2 * (2 + 2 * 2)  # 2 times x (t2m + z500 + z850) x 2 row chunks
+    times = int(ld.starts[-1]) + 2 if keep else 2
+    assert len(cs.keys) == len(set(cs.keys)) == times * (2 + 2 * 2)  # times x (t2m + z500 + z850) x 2 row chunks

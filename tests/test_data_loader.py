@@ -58,9 +58,15 @@ def test_blocks_of_all_ranks_tile_the_full_sample(store):
     assert full_lat[0] == 90 and full_lat[-1] == -90
 
 
-def test_each_rank_fetches_only_chunks_of_its_rows_and_channels(store):
+@pytest.mark.parametrize("keep", [False, True], ids=["per_batch", "kept"])
+def test_each_rank_fetches_only_chunks_of_its_rows_and_channels(store, keep, monkeypatch):
     """2x2 domain x tp (and 4x1): the chunks a rank reads are exactly those overlapping its latitude
-    rows (store rows are flipped: ascending on disk) and its variables/levels."""
+    rows (store rows are flipped: ascending on disk) and its variables/levels; at the times of the
+    batch's samples, or (a data set whose block fits in KEEP_BYTES) at every time a sample of the split
+    reads, all read at the first batch."""
+    import weathermixer.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "KEEP_BYTES", loader_mod.KEEP_BYTES if keep else 0)
     data = GriddedDataset(DataConfig(path=store), CH, MODEL.grid)
     level_index = {500: 0, 700: 1, 850: 2}
     ids, seen = [5], {}
@@ -74,13 +80,15 @@ def test_each_rank_fetches_only_chunks_of_its_rows_and_channels(store):
             srows = data.store_rows(ld.rows)
             lat_chunks = range(srows.start // 8, (srows.stop - 1) // 8 + 1)
             t0 = int(ld.starts[ids[0]])
+            times = range(int(ld.starts[0]), int(ld.starts[-1]) + 3) if keep else [t0, t0 + 1, t0 + 2]
             expect = set()
             for name in ld.field_names:
                 var, lev = (name, None) if name in CH.surface else name.rsplit("_", 1)
-                for t, c in itertools.product([t0, t0 + 1, t0 + 2], lat_chunks):
+                for t, c in itertools.product(times, lat_chunks):
                     expect.add(f"{var}/c/{t}/{c}/0" if lev is None else f"{var}/c/{t}/{level_index[int(lev)]}/{c}/0")
             assert got == expect, (dom, tp, rank, sorted(got ^ expect))
-            assert not any("/c/1/" in k and k.startswith(("geopotential/", "temperature/")) for k in got)  # 700 hPa
+            assert not any(k.startswith(("geopotential/", "temperature/")) and k.split("/")[3] == "1"
+                           for k in got)  # 700 hPa (keys: var/c/time/level/lat/lon)
             assert len(lat_chunks) == 4 // dom  # 32 rows = 4 chunks of 8; each rank reads 4/dom of them
             seen[(dom, tp, rank)] = got
     # tp ranks of one domain rank read disjoint chunk sets; domain ranks of one tp rank too
@@ -181,20 +189,23 @@ def test_leaving_a_finite_iteration_early_never_blocks(store):
 
 
 def test_small_data_set_kept_in_memory_once_read(store, monkeypatch):
-    """A data set whose block fits in KEEP_BYTES is read from the store once per time step; the samples
-    are the same as without keeping (a fresh loader with the limit at 0 reads every batch anew)."""
+    """A data set whose block fits in KEEP_BYTES is read from the store once, whole, at the first batch
+    (every time step a sample of the split reads); the samples are the same as without keeping (a fresh
+    loader with the limit at 0 reads every batch anew)."""
     import weathermixer.data.loader as loader_mod
 
     cs = CountingStore.local(store)
     ld = _loader(cs, 1, 1, 0, shuffle=False)
     assert ld._keep is not None
     first = ld.load_batch([0, 1])
+    read = cs.chunk_keys()
+    assert {int(k.split("/c/")[1].split("/")[0]) for k in read} == set(range(int(ld.starts[-1]) + 3))
     cs.reset()
     again = ld.load_batch([1, 0])  # the same times: nothing read
     assert not cs.chunk_keys()
     torch.testing.assert_close(again.fields, first.fields[[1, 0]])
-    ld.load_batch([2])  # one new time step (t + 2 leads): only its chunks
-    assert cs.chunk_keys() and all(k.split("/c/")[1].startswith("4/") for k in cs.chunk_keys())
+    ld.load_batch([len(ld.starts) - 1])  # the last sample: read at the first batch as well
+    assert not cs.chunk_keys()
     monkeypatch.setattr(loader_mod, "KEEP_BYTES", 0)
     fresh = _loader(cs, 1, 1, 0, shuffle=False)
     assert fresh._keep is None

@@ -32,6 +32,7 @@ from .stats import Normalizer
 
 
 KEEP_BYTES = 256 * 2 ** 20
+READ_TIMES = 64  # time steps per read request (bounds one request's buffer)
 
 
 class Sample(NamedTuple):
@@ -136,9 +137,10 @@ class ShardedSampleLoader:
         except ValueError as err:
             raise DataError(f"split '{split}': {err}") from None
         self.batch = batch
-        # a data set whose normalised fields (this rank's block) fit in KEEP_BYTES is kept in memory once
-        # read (an hourly regional sample: every state is read by ~2 (history + leads) samples); with
-        # data.nonfinite='zero' every read is counted, so nothing is kept
+        # a data set whose normalised fields (this rank's block) fit in KEEP_BYTES is read whole, in a
+        # few requests, at the first batch and kept in memory (an hourly regional sample: every state is
+        # read by ~2 (history + leads) samples); with data.nonfinite='zero' every read is counted, so
+        # nothing is kept and each batch reads its states in one request per variable
         local = (self.rows.stop - self.rows.start) * len(self.lon) * len(self.field_names) * 4
         self._keep: dict | None = ({} if self.data is not None and data_cfg.nonfinite == "error"
                                    and len(self.data.times) * local <= KEEP_BYTES else None)
@@ -220,30 +222,43 @@ class ShardedSampleLoader:
                 out[i] = 0.0 if self.cfg.fake else raw[store_static.index(n)]
         return out
 
-    def _fields(self, t: int, cache: dict) -> np.ndarray:
-        if t not in cache:
-            x = self.data.read_fields(t, self.rows, self.chans)
-            if self.cfg.nonfinite == "error":
-                check_finite(x, self.field_names, self.data.times[t], self.lat[self.rows], self.lon,
-                             self.data.where)
-            if self._norm is not None:
-                x = (x - self._norm[0]) / self._norm[1]
-            if self.cfg.nonfinite == "zero" and not np.isfinite(x).all():
-                self.nonfinite.add(x, self.field_names, self.data.times[t])
-                x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            cache[t] = x
-        return cache[t]
+    def _prepare(self, t: int, x: np.ndarray) -> np.ndarray:
+        """The block read at time index t, checked and normalised."""
+        if self.cfg.nonfinite == "error":
+            check_finite(x, self.field_names, self.data.times[t], self.lat[self.rows], self.lon, self.data.where)
+        if self._norm is not None:
+            x = (x - self._norm[0]) / self._norm[1]
+        if self.cfg.nonfinite == "zero" and not np.isfinite(x).all():
+            self.nonfinite.add(x, self.field_names, self.data.times[t])
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return x
+
+    def _fill(self, times, cache: dict) -> None:
+        """Read the time indices not yet in `cache`, READ_TIMES per request (the per-request overhead of
+        zarr and xarray, ~1 ms per variable, is what a batch of small blocks costs, not their bytes)."""
+        need = sorted({int(t) for t in times} - cache.keys())
+        for a in range(0, len(need), READ_TIMES):
+            part = need[a: a + READ_TIMES]
+            for t, x in zip(part, self.data.read_fields(part, self.rows, self.chans)):
+                cache[t] = self._prepare(t, x)
+
+    def _times(self, starts) -> np.ndarray:
+        """Every time index the samples starting at `starts` read (history, input and leads)."""
+        k = self.data.k
+        return np.unique(np.asarray(starts)[:, None] + np.arange(-self.history, self.leads + 1) * k)
 
     def load_batch(self, sample_ids) -> Sample:
         """The blocks of the given samples (indices into this split's sample list)."""
         k, h, cache = self.data.k, self.history, {} if self._keep is None else self._keep
         starts = [int(self.starts[i]) for i in sample_ids]
+        if self._keep is not None and not self._keep:  # the split's every state, in a few requests
+            self._fill(self._times(self.starts), cache)
+        self._fill(self._times(starts), cache)
         if h:
-            fields = np.stack([np.stack([self._fields(t - j * k, cache) for j in range(h, -1, -1)])
-                               for t in starts])
+            fields = np.stack([np.stack([cache[t - j * k] for j in range(h, -1, -1)]) for t in starts])
         else:
-            fields = np.stack([self._fields(t, cache) for t in starts])
-        targets = [torch.from_numpy(np.stack([self._fields(t + lead * k, cache) for t in starts]))
+            fields = np.stack([cache[t] for t in starts])
+        targets = [torch.from_numpy(np.stack([cache[t + lead * k] for t in starts]))
                    for lead in range(1, self.leads + 1)]
         times = [self.data.times[t] for t in starts]
         static = None
