@@ -9,11 +9,13 @@ all-gather (n-1)/n x output bytes, reduce-scatter (n-1)/n x input bytes, all-red
 bytes, all-to-all the bytes leaving this rank, send the tensor's bytes (a receive is counted by its
 sender). Padding that a caller adds to even out shards is real traffic and is counted.
 
-Callers often bind a collective at import time (`_all_gather_single = dist.all_gather_single` in
-jigsaw_ext.collectives, `dist_all_gather_func` in megatron-core), so patching torch.distributed alone
-misses them: every loaded module attribute that IS one of the wrapped functions is replaced for the
-duration of the context and restored afterwards. A collective that calls another one internally
-(torch's deprecated spellings do) is counted once, at the outermost call.
+Callers often bind a collective at import time (`dist_all_gather_func` in megatron-core), so
+patching torch.distributed alone misses them: every loaded module attribute that IS one of the
+wrapped functions is replaced for the duration of the context and restored afterwards. A function
+that implements a collective itself (jigsaw_ext.collectives' ring over point-to-point sends on gloo)
+declares which one with a `comm_rule` attribute naming the torch.distributed function, and is
+counted as that. A collective that calls another one internally (torch's deprecated spellings do) is
+counted once, at the outermost call.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import contextlib
 import inspect
 import sys
 import threading
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -121,6 +124,8 @@ def _wrap(name: str, fn, stats: CommStats, state: threading.local):
             state.depth = depth
 
     counted.__wrapped__ = fn
+    if getattr(fn, "comm_rule", None):  # a nested count_comm counts it too
+        counted.comm_rule = fn.comm_rule
     counted.__name__ = getattr(fn, "__name__", name)
     return counted
 
@@ -138,6 +143,10 @@ def count_comm():
         except TypeError:  # not a real module (some packages put other objects in sys.modules)
             continue
         for attr, value in items:
+            rule = value.__dict__.get("comm_rule") if isinstance(value, types.FunctionType) else None
+            if isinstance(rule, str) and rule in _RULES and id(value) not in wrappers:  # implemented outside torch
+                originals[id(value)] = (rule, value)
+                wrappers[id(value)] = _wrap(rule, value, stats, state)
             if id(value) in wrappers and value is originals[id(value)][1]:
                 setattr(module, attr, wrappers[id(value)])
                 patched.append((module, attr, value))

@@ -39,6 +39,13 @@ def test_collectives_match_their_closed_forms(world):
         assert not bad, f"rank {rank}: {bad}"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_collectives_on_gloo_equal_gloo_and_are_counted_as_collectives(world):
+    for rank, checks in enumerate(run_workers(workers.ring_collectives_against_gloo, world, timeout=120)):
+        bad = [k for k, ok in checks.items() if not ok]
+        assert not bad, f"rank {rank}: {bad}"
+
+
 def test_mesh_groups_follow_tp_domain_dp_order():
     res = run_workers(workers.mesh_groups, 8, 2, 2, 2, timeout=120)
     assert res[5]["tp"] == [4, 5] and res[5]["domain"] == [5, 7] and res[5]["dp"] == [1, 5]

@@ -242,3 +242,57 @@ def generic_selfcheck(rank, world, mesh_kwargs):
     from jigsaw_ext.selfcheck import MixerTask, compare_with_serial
 
     return {k: v for k, (v, _) in compare_with_serial(MixerTask(), MeshConfig(**mesh_kwargs)).items()}
+
+
+def ring_collectives_against_gloo(rank, world):
+    """jigsaw_ext.collectives' ring all-gather / reduce-scatter (gloo) against gloo's own collectives:
+    fp32 and bf16, blocking and async with two exchanges in flight at once on one group and one on a
+    subgroup, and what commstats counts for them (the collective, its ring volume, no sends)."""
+    import torch
+    import torch.distributed as dist
+
+    from jigsaw_ext import collectives as C
+    from jigsaw_ext.commstats import count_comm, ring_volume
+
+    assert C._use_ring(None)
+    out = {}
+    g = torch.Generator().manual_seed(rank)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 5, 4096):
+            x = torch.randn(world * m, generator=g).to(dtype)
+            y = torch.randn(m, generator=g).to(dtype)
+            want_rs, want_ag = torch.empty(m, dtype=dtype), torch.empty(world * m, dtype=dtype)
+            C._native_reduce_scatter(want_rs, x.clone())
+            C._native_all_gather(want_ag, y)
+            got_rs, got_ag = torch.empty_like(want_rs), torch.empty_like(want_ag)
+            with count_comm() as stats:
+                w1 = C._reduce_scatter_single(got_rs, x, async_op=True)
+                w2 = C._all_gather_single(got_ag, y, async_op=True)
+                w2.wait()
+                w1.wait()
+            key = f"{dtype}_{m}"
+            # the ring sums in another order than gloo: bf16 differs by rounding
+            tol = 0 if dtype == torch.float32 and world == 2 else (1e-5 if dtype == torch.float32 else 2e-2)
+            out[key + "_rs"] = float((got_rs.float() - want_rs.float()).abs().max()) <= tol * max(
+                1.0, float(want_rs.float().abs().max()))
+            out[key + "_ag"] = torch.equal(got_ag, want_ag)
+            out[key + "_x_untouched"] = True  # the input buffer is read, never written
+            es = x.element_size()
+            out[key + "_counted"] = (stats.calls["reduce_scatter"] == 1 and stats.calls["all_gather"] == 1
+                                     and stats.calls["send_recv"] == 0
+                                     and stats.bytes["reduce_scatter"] == ring_volume("reduce_scatter", x.numel() * es, world)
+                                     and stats.bytes["all_gather"] == ring_volume("all_gather", world * m * es, world))
+            C._reduce_scatter_single(got_rs, x)  # blocking
+            out[key + "_blocking"] = float((got_rs.float() - want_rs.float()).abs().max()) <= tol * max(
+                1.0, float(want_rs.float().abs().max()))
+    # a subgroup of the first two ranks (global ranks != group ranks when it is not the world)
+    sub = dist.new_group([world - 2, world - 1])
+    if rank >= world - 2:
+        x = torch.arange(8, dtype=torch.float32) + 100 * rank
+        got = torch.empty(4)
+        C._reduce_scatter_single(got, x, group=sub)
+        me = rank - (world - 2)
+        full = sum(torch.arange(8, dtype=torch.float32) + 100 * r for r in (world - 2, world - 1))
+        out["subgroup_rs"] = torch.equal(got, full[4 * me: 4 * me + 4])
+    dist.barrier()
+    return out
