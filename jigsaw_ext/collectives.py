@@ -426,12 +426,14 @@ class _GatheredLinear(torch.autograd.Function):
     gather per optimizer step instead of two per micro-batch, for one full-row weight of memory."""
 
     @staticmethod
-    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor):
+    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor, prefetched=None):
         ctx.save_for_backward(x, w_block)
         ctx.args = (group, sizes, gather)
         ctx.w_full, ctx.deferral = None, deferral
         if not gather:
             return F.linear(x, w_block)
+        if prefetched is not None:  # gathered while the previous layer computed (mesh.prefetch_weights)
+            return F.linear(x, prefetched.wait())
         w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
         me, offset = _rank(group), 0
         if keep is not None and keep.get("key") == (w_block._version, w_compute.dtype):
@@ -471,21 +473,31 @@ class _GatheredLinear(torch.autograd.Function):
             grad_x = grad.matmul(w).to(x.dtype)
         ctx.w_full = None
         grad_w = None if pending_gw is None else pending_gw.wait().to(w_block.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
-                    gather: bool = True, keep: dict | None = None) -> torch.Tensor:
+                    gather: bool = True, keep: dict | None = None, prefetched: _Pending | None = None) -> torch.Tensor:
     """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
 
     gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).
     gather=False: w_block holds every row (replicated over `group`; gradients all-reduced).
     keep: see _GatheredLinear (None: re-gather in backward).
+    prefetched: the forward gather of this weight, started earlier by `start_weight_gather`.
     """
     if group is None:
         return F.linear(x, w_block)
     deferral, (w,), anchor = deferred_inputs([w_block])
-    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor)
+    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor, prefetched)
+
+
+def start_weight_gather(w_block: torch.Tensor, group, sizes: Sequence[int]) -> tuple[tuple, _Pending]:
+    """(key, pending): the async all-gather of a weight's row blocks in the dtype the forward will
+    compute in (autocast's, if on), for `gathered_linear(..., prefetched=pending)`; the key (the
+    block's version and that dtype) tells the consumer whether it still matches."""
+    with torch.no_grad():
+        w = _compute_dtype(w_block.detach(), w_block)
+        return (w_block._version, w.dtype), start_all_gather(w, group, sizes)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:

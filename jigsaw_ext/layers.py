@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
-                          open_bucket, reduce_scatter, scatter_blocks, sum_partials)
+                          open_bucket, reduce_scatter, scatter_blocks, start_weight_gather, sum_partials)
 from .chunked import chunked_gathered_linear, gathered_weight, linear_reduce_scatter, row_chunks, weight_chunks
 from .layernorm import blocks_layer_norm, split_layer_norm
 from .layout import Layout, Split, even_split
@@ -80,12 +80,36 @@ def bucket_small_gradients(module: nn.Module, mesh: Mesh) -> None:
 
 
 def clear_gathered_weights(module: nn.Module) -> None:
-    """Drop the weights kept since their last gather (mesh.keep_gathered_weights): call after every
-    optimizer step (train.py does), so the next forward gathers the updated blocks."""
+    """Drop the weights kept since their last gather (mesh.keep_gathered_weights) and any prefetched
+    gather not yet used (mesh.prefetch_weights): call after every optimizer step (train.py does), so
+    the next forward gathers the updated blocks."""
     for m in module.modules():
         for keep in getattr(m, "_kept", ()):
             if keep is not None:
                 keep.clear()
+        if isinstance(m, BlockLinear):
+            m.drop_prefetched()
+
+
+def link_weight_prefetch(model: nn.Module) -> int:
+    """mesh.prefetch_weights: chain the model's BlockLinears whose weights are gathered whole on use
+    (strategy 'gather', weights neither replicated, kept nor chunked), in the order the model
+    registers them, which must be the order its forward runs them (WeatherMixer: embedding, each
+    block's token then channel MLP, fc1 then fc2, the recovery head). Each then starts the gather of
+    the next one's weights before computing its own products. A prefetch is good for the forward that
+    issued it only: the model's forward drops what is left (so no gather survives an optimizer step).
+    Returns the number of layers chained."""
+    chain = [m for m in model.modules() if isinstance(m, BlockLinear) and m.prefetchable]
+    for a, b in zip(chain, chain[1:]):
+        a.__dict__["_next_gathered"] = b  # not a submodule
+    for m in chain:
+        m.__dict__["_chained"] = True
+    if chain:
+        def drop(mod, args):
+            for m in chain:
+                m.drop_prefetched()
+        model.register_forward_pre_hook(drop)
+    return len(chain)
 
 
 def replicated_axes(layout: Layout) -> tuple[str, ...]:
@@ -126,6 +150,41 @@ class BlockLinear(nn.Module):
         # (sized by the largest shard: every rank of the model group makes the same choice)
         self._chunks = [weight_chunks(out, max(s.sizes), mesh.chunk_mb, max(self.row_sizes))
                         if gathered else 1 for s in in_splits]
+        # mesh.prefetch_weights (link_weight_prefetch): (key, pending gather) per weight, started by the
+        # layer before this one
+        self._prefetched: list = [None for _ in in_splits]
+        self.__dict__["_next_gathered"] = None
+        self.prefetchable = (gathered and not keep and max(self._chunks) == 1
+                             and not (mesh.chunk_mb is not None and mesh.size(contract) > 1))
+
+    def prefetch(self) -> None:
+        """Start the forward gathers of this layer's weights (mesh.prefetch_weights). Not under
+        torch.compile, not in backward (activation checkpointing's recompute), not for weights DeepSpeed
+        ZeRO-3 partitions (their data exists only inside their module's forward)."""
+        if (torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
+                or any(hasattr(w, "ds_id") for w in self.weights)):
+            return
+        storage = self.mesh.group(self.storage)
+        for i, w in enumerate(self.weights):
+            if self._prefetched[i] is None:
+                self._prefetched[i] = start_weight_gather(w, storage, self.row_sizes)
+
+    def drop_prefetched(self) -> None:
+        for i, slot in enumerate(self._prefetched):
+            if slot is not None:
+                slot[1].wait()  # completed, so no transfer is left in flight
+                self._prefetched[i] = None
+
+    def _take_prefetched(self, i: int, w: torch.Tensor, x: torch.Tensor):
+        slot, self._prefetched[i] = self._prefetched[i], None
+        if slot is None:
+            return None
+        key, pending = slot
+        dtype = autocast_dtype(x.device) or w.dtype
+        if key != (w._version, dtype):  # the block changed in place, or the compute dtype did
+            pending.wait()
+            return None
+        return pending
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
@@ -143,10 +202,17 @@ class BlockLinear(nn.Module):
             ws = [gathered_weight(w, storage, self.row_sizes) for w in self.weights]
             out = linear_reduce_scatter(xs, ws, contract, self.out_split.sizes, None, rows)
         else:
+            nxt = self.__dict__["_next_gathered"]
+            if self.__dict__.get("_chained"):
+                self.prefetch()  # (unless the layer before did) this layer's gathers go first
+            mine = [self._take_prefetched(i, w, x) for i, (w, x) in enumerate(zip(self.weights, xs))]
+            if nxt is not None:
+                nxt.prefetch()  # the next layer's weights move while this one computes
             partial = None
-            for x, w, keep, chunks in zip(xs, self.weights, self._kept, self._chunks, strict=True):
+            for x, w, keep, chunks, pre in zip(xs, self.weights, self._kept, self._chunks, mine, strict=True):
                 y = chunked_gathered_linear(x, w, storage, self.row_sizes, chunks) if chunks > 1 else \
-                    gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep)
+                    gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep,
+                                    prefetched=pre)
                 partial = y if partial is None else partial + y
             out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:

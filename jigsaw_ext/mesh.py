@@ -42,6 +42,11 @@ class MeshConfig(BaseModel):
         False, description="keep each gathered weight from its forward to its backward and across the "
                            "micro-batches of an optimizer step (one gather per step instead of two per "
                            "micro-batch; memory: every gathered full-row weight stays allocated)")
+    prefetch_weights: bool = Field(
+        False, description="'gather' strategy: each layer starts the forward gather of the next layer's weight "
+                           "blocks before its own products, so the transfer overlaps a whole layer's compute "
+                           "(memory: one more gathered full-row weight alive at a time; not with ZeRO-3 "
+                           "partitioned weights, kept or chunked weights, nor in backward)")
     reduce_gradients_once: bool = Field(
         False, description="with gradient accumulation, reduce the gradients of gathered, replicated and small "
                            "parameters over domain/tp once per optimizer step (on its last micro-batch) instead "
@@ -119,6 +124,10 @@ class Mesh:
     @property
     def keep_gathered_weights(self) -> bool:
         return self.config.keep_gathered_weights
+
+    @property
+    def prefetch_weights(self) -> bool:
+        return self.config.prefetch_weights
 
     @property
     def chunk_mb(self) -> float | None:

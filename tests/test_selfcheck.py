@@ -16,7 +16,8 @@ MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2), (1, 
 
 def _errors(dp, domain, tp, **kw):
     mesh = dict(dp=dp, domain=domain, tp=tp, replicate_weights_over=kw.pop("replicate", []),
-                keep_gathered_weights=kw.pop("keep", False), chunk_mb=kw.pop("chunk_mb", None))
+                keep_gathered_weights=kw.pop("keep", False), chunk_mb=kw.pop("chunk_mb", None),
+                prefetch_weights=kw.pop("prefetch", False))
     return run_workers(workers.selfcheck, dp * domain * tp, mesh, kw.pop("dtype", "fp32"),
                        kw.pop("overrides", None), kw.pop("defect", None), kw.pop("strategies", (None,)),
                        timeout=300, preload=["weathermixer.model"])[0]
@@ -45,6 +46,22 @@ def test_gathered_weights_kept_across_micro_batches_are_the_same_model():
     invalidates what was kept), every weight gathered (strategy gather), uneven shards."""
     errors = _errors(1, 2, 3, strategies=("gather",), keep=True)["gather"]
     assert max(errors.values()) <= FP32_TOL, errors
+
+
+@pytest.mark.parametrize("mesh", [(1, 2, 3), (1, 3, 1)], ids=lambda m: "x".join(map(str, m)))
+def test_prefetched_weight_gathers_are_the_same_model_and_all_used(mesh):
+    """mesh.prefetch_weights: each gathered layer starts the next one's weight gather (latent rollout
+    of 2 steps, every lead decoded; activation checkpointing off and on), uneven shards. In one
+    forward every prefetch is used by its layer, none is started in backward (the checkpointed
+    recompute gathers for itself) and none is left in flight."""
+    dp, domain, tp = mesh
+    for rank, r in enumerate(run_workers(workers.prefetch_against_serial, dp * domain * tp,
+                                         dict(dp=dp, domain=domain, tp=tp), timeout=300,
+                                         preload=["weathermixer.model"])):
+        assert r["max_err_checkpoint_False"] <= FP32_TOL and r["max_err_checkpoint_True"] <= FP32_TOL, (rank, r)
+        assert r["chained"] > 4 and r["forward"]["started"] > r["chained"], (rank, r)  # blocks run twice
+        assert r["forward"]["used"] == r["forward"]["started"], (rank, r)
+        assert r["after_backward"] == r["forward"] and r["left"] == 0, (rank, r)
 
 
 @pytest.mark.parametrize("mesh", [(1, 2, 3), (1, 3, 1), (1, 1, 3), (2, 2, 1)], ids=lambda m: "x".join(map(str, m)))

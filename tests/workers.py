@@ -296,3 +296,51 @@ def ring_collectives_against_gloo(rank, world):
         out["subgroup_rs"] = torch.equal(got, full[4 * me: 4 * me + 4])
     dist.barrier()
     return out
+
+
+def prefetch_against_serial(rank, world, mesh_kwargs):
+    """mesh.prefetch_weights: the selfcheck against the serial twin (activation checkpointing off and
+    on), and in one forward + backward of the model: how many weight gathers were prefetched, how many
+    of them a layer used, how many were started in backward, and what is left in flight."""
+    import torch
+
+    from jigsaw_ext import layers
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer import selfcheck as sc
+    from weathermixer.model import WeatherMixer
+
+    config = MeshConfig(**mesh_kwargs, strategy={"*": "gather"}, prefetch_weights=True)
+    cfg = sc.default_model_config()
+    out = {}
+    for ckpt in (False, True):
+        errors = sc.compare_with_serial(config, cfg, checkpoint=ckpt)
+        out[f"max_err_checkpoint_{ckpt}"] = max(v for v, _ in errors.values())
+    counts = {"started": 0, "used": 0}
+    start, linear = layers.start_weight_gather, layers.gathered_linear
+
+    def counting_start(*a):
+        counts["started"] += 1
+        return start(*a)
+
+    def counting_linear(*a, prefetched=None, **kw):
+        counts["used"] += prefetched is not None
+        return linear(*a, prefetched=prefetched, **kw)
+
+    layers.start_weight_gather, layers.gathered_linear = counting_start, counting_linear
+    try:
+        model = WeatherMixer(cfg, init_mesh(config))
+        batch = sc.WeatherTask(cfg).batch(2, torch.Generator().manual_seed(0))
+        x = [t if t is None else model.geo.grid_layout(t.shape[-3], 2) for t in batch.inputs]  # noqa: F841
+        task = sc.WeatherTask(cfg, checkpoint=True)
+        lay = task.layouts(model, 2)
+        inputs = [None if t is None else l.shard(t, model.mesh.coords) for t, l in zip(batch.inputs, lay.inputs)]
+        targets = [l.shard(t, model.mesh.coords) for t, l in zip(batch.targets, lay.targets)]
+        _, loss = task.forward_loss(model, sc.Batch(inputs, targets), 2 * 1000)
+        out["forward"] = dict(counts)
+        loss.backward()
+        out["after_backward"] = dict(counts)
+    finally:
+        layers.start_weight_gather, layers.gathered_linear = start, linear
+    out["chained"] = sum(1 for m in model.modules() if isinstance(m, layers.BlockLinear) and m.__dict__.get("_chained"))
+    out["left"] = sum(s is not None for m in model.modules() if isinstance(m, layers.BlockLinear) for s in m._prefetched)
+    return out

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
-from jigsaw_ext.layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients, check_strategy_keys
+from jigsaw_ext.layers import (BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients, check_strategy_keys,
+                               link_weight_prefetch)
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
@@ -96,6 +97,8 @@ class WeatherMixer(nn.Module):
                 load_initial_coefficients(self.skip, cfg.pixel_skip_init)
         check_strategy_keys(self, mesh)
         bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
+        if mesh.prefetch_weights:  # each gathered layer starts the next one's weight gather
+            link_weight_prefetch(self)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None, steps: int | None = None,
