@@ -578,7 +578,13 @@ FIGURES = ("parameter_memory", "activation_memory", "communication", "serial_ove
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (< 3 min)")
+    ap.add_argument("--figures", default=",".join(FIGURES),
+                    help=f"comma-separated subset of {', '.join(FIGURES)} (default: all)")
     args = ap.parse_args(argv)
+    figures = [f for f in args.figures.split(",") if f]
+    unknown = sorted(set(figures) - set(FIGURES))
+    if unknown:
+        ap.error(f"--figures: unknown {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     settings = SETTINGS["quick" if args.quick else "full"]
     # stdout carries only the JSON document: anything else (workers inherit fd 1) goes to stderr
     json_out = os.fdopen(os.dup(1), "w")
@@ -587,8 +593,14 @@ def main(argv=None) -> int:
     if load_start > 0.5:
         log(f"warning: load average {load_start} before start: other processes will distort the timings")
 
-    log(f"memory and communication on {len(MESHES)} meshes x {len(WEIGHT_MODES)} weight modes")
-    runs = _measure_all_meshes(settings["batch"])
+    runs = None
+    if {"parameter_memory", "activation_memory", "communication", "sanity"} & set(figures):
+        log(f"memory and communication on {len(MESHES)} meshes x {len(WEIGHT_MODES)} weight modes")
+        runs = _measure_all_meshes(settings["batch"])
+    make = {"parameter_memory": lambda: parameter_figure(runs), "activation_memory": lambda: activation_figure(runs),
+            "communication": lambda: communication_figure(runs),
+            "serial_overhead": lambda: serial_overhead_figure(settings),
+            "strong_scaling": lambda: strong_scaling_figure(settings), "sanity": lambda: sanity_figure(runs)}
     report = {
         "benchmark": "jigsaw-weathermixer versus megatron-core tensor + sequence parallelism",
         "quick": args.quick,
@@ -601,14 +613,11 @@ def main(argv=None) -> int:
         "baseline": BASELINE,
         "variants": VARIANTS,
         "targets": TARGETS,
-        "parameter_memory": parameter_figure(runs),
-        "activation_memory": activation_figure(runs),
-        "communication": communication_figure(runs),
-        "serial_overhead": serial_overhead_figure(settings),
-        "strong_scaling": strong_scaling_figure(settings),
-        "sanity": sanity_figure(runs),
     }
-    report["pass"] = {k: report[k]["pass"] for k in FIGURES}
+    for name in FIGURES:  # in this order, whatever the order asked
+        if name in figures:
+            report[name] = make[name]()
+    report["pass"] = {k: report[k]["pass"] for k in FIGURES if k in report}
     report["machine"]["load_average_1min_at_start_and_end"] = [load_start, round(os.getloadavg()[0], 2)]
     report["machine"]["note"] = "timings are only meaningful on an otherwise idle machine (load average ~0 at start)"
     report["elapsed_s"] = round(time.perf_counter() - start, 1)

@@ -30,8 +30,8 @@ from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
 from .config import TrainJobConfig
-from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
-                     limit_malloc_arenas, register_list_parameters, release_free_memory, set_threads)
+from .engine import (PEAK_TFLOPS, current_memory_bytes, keep_freed_blocks, limit_malloc_arenas, lr_lambda,
+                     param_groups, peak_memory_bytes, register_list_parameters, release_free_memory, set_threads)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, latitude_weights, lead_weights, weighted_loss_term
@@ -74,6 +74,8 @@ class Trainer:
         cuda = torch.cuda.is_available()
         set_threads()
         limit_malloc_arenas()
+        if not cuda:
+            keep_freed_blocks()
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
