@@ -384,6 +384,9 @@ def _matmul_worker(rank, world, n, reps):
 
 
 def _scaling_worker(rank, world, mesh_kwargs, model_kwargs, batch, reps, warmup):
+    from weathermixer.train.engine import keep_freed_blocks
+
+    keep_freed_blocks()  # the allocator setting train.py runs CPU jobs with, in every setting alike
     mesh = init_mesh(MeshConfig(**mesh_kwargs))
     step = ours_step(ModelConfig(**model_kwargs), mesh, batch)
     return time_interleaved({"step": step}, reps, warmup)["step"]
