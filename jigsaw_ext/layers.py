@@ -170,10 +170,10 @@ class BlockLinear(nn.Module):
                 self._prefetched[i] = start_weight_gather(w, storage, self.row_sizes)
 
     def drop_prefetched(self) -> None:
-        for i, slot in enumerate(self._prefetched):
+        for slot in self._prefetched:
             if slot is not None:
                 slot[1].wait()  # completed, so no transfer is left in flight
-                self._prefetched[i] = None
+        self._prefetched = [None] * len(self._prefetched)
 
     def _take_prefetched(self, i: int, w: torch.Tensor, x: torch.Tensor):
         slot, self._prefetched[i] = self._prefetched[i], None
@@ -202,12 +202,11 @@ class BlockLinear(nn.Module):
             ws = [gathered_weight(w, storage, self.row_sizes) for w in self.weights]
             out = linear_reduce_scatter(xs, ws, contract, self.out_split.sizes, None, rows)
         else:
-            nxt = self.__dict__["_next_gathered"]
             if self.__dict__.get("_chained"):
                 self.prefetch()  # (unless the layer before did) this layer's gathers go first
             mine = [self._take_prefetched(i, w, x) for i, (w, x) in enumerate(zip(self.weights, xs))]
-            if nxt is not None:
-                nxt.prefetch()  # the next layer's weights move while this one computes
+            if self.__dict__["_next_gathered"] is not None:  # its weights move while this layer computes
+                self.__dict__["_next_gathered"].prefetch()
             partial = None
             for x, w, keep, chunks, pre in zip(xs, self.weights, self._kept, self._chunks, mine, strict=True):
                 y = chunked_gathered_linear(x, w, storage, self.row_sizes, chunks) if chunks > 1 else \

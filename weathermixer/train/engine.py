@@ -107,15 +107,17 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         lib.mallopt(M_ARENA_MAX, arenas)
 
 
-def keep_freed_blocks(mmap_threshold: int = 32 * 2 ** 20, trim_threshold: int = 2 ** 31 - 1) -> bool:
+def keep_freed_blocks(enabled: bool = True, mmap_threshold: int = 32 * 2 ** 20,
+                      trim_threshold: int = 2 ** 31 - 1) -> bool:
     """CPU runs: serve allocations up to 32 MiB (activations, gathered weights, collective buffers)
     from glibc's heap and keep freed heap memory instead of handing it back after every free (unless
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set). PyTorch's CPU allocator is malloc, and by
     default each such tensor is a fresh mmap whose pages the kernel zeroes and faults in again on
     every step (on 2 ranks x 1 thread, quickstart job with model.hidden=1024: 5 % of a step in page
-    faults). release_free_memory still trims the heap after validation and checkpoints. True if set."""
+    faults). release_free_memory still trims the heap after validation and checkpoints. enabled: False
+    on GPU runs. True if set."""
     lib = _libc()
-    if not lib or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+    if not enabled or not lib or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return False
     return bool(lib.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(lib.mallopt(M_TRIM_THRESHOLD, trim_threshold))
 

@@ -74,8 +74,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         set_threads()
         limit_malloc_arenas()
-        if not cuda:
-            keep_freed_blocks()
+        keep_freed_blocks(enabled=not cuda)
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
