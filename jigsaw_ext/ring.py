@@ -65,7 +65,7 @@ def ring_reduce_scatter_steps(output: torch.Tensor, input: torch.Tensor, group):
 def use_ring(group) -> bool:
     """Gloo (the CPU backend) groups gather and reduce-scatter over a ring of point-to-point sends:
     gloo's own reduce-scatter reduces the whole buffer and its all-gather copies through staging
-    buffers (benchmarks/bench_collectives.py: on 2 and 3 ranks x 4-8 MB the ring takes 0.3-0.8x
+    buffers (benchmarks/bench_collectives.py: on 2 and 3 ranks x 1-8 MB the ring takes 0.3-0.65x
     gloo's wall time). NCCL keeps its collectives; under torch.compile the functional ones are
     traced into the graph."""
     return (not torch.compiler.is_compiling() and dist.get_backend(group) == "gloo"
