@@ -400,3 +400,75 @@ def test_report_has_the_linear_anchor_regions_and_the_climatology_choice(uk_run,
     summary = (out / "summary.txt").read_text()
     assert "+-15 days (automatic" in summary and "linear" in summary and "model beats all" in summary
     assert summary in capsys.readouterr().out
+
+
+# the level-free anchor end to end: skip_fit (ridge chosen on validation) -> train.py with the head frozen ->
+# forecast --skip-only is the fitted per-pixel linear forecast --------------------------------------------
+def test_the_anchor_fit_trains_frozen_and_forecasts_alone(tmp_path):
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    from weathermixer.data.__main__ import main as data_main
+    from weathermixer.data.stats import Normalizer, daily_cycle_basis
+    from weathermixer.inference import forecast
+    from weathermixer.model.skip_fit import main as fit_main
+
+    pytest.importorskip("cfgrib", reason="cfgrib (the [grib] extra) is not installed: the GRIB sample cannot be read")
+    if not UK_GRIB.exists():
+        pytest.skip(f"{UK_GRIB} is missing (../shared/data/real)")
+    job = json.loads((ROOT / "deepspeed_configs" / "era5_uk_t2m_cpu.json").read_text())
+    wm = job["weathermixer"]
+    wm["model"].update(hidden=16, blocks=1, pixel_skip=2, pixel_skip_inputs="changes", pixel_skip_day=24)
+    wm["train"].update(steps=2, warmup=0, curriculum=[[1, 2]], lead_weights=[1, 1],
+                       param_groups=[{"match": ["skip.*"], "lr_scale": 0, "weight_decay": 0},
+                                     {"match": ["*.bias", "*norm*"], "weight_decay": 0}])
+    wm["data"].update(path=str(UK_GRIB), stats=str(tmp_path / "stats.json"),
+                      splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-08T00", "2019-03-08T23"]})
+    wm["validation"].update(samples=4, batch=4, every=0, reencode_candidates=[2], reencode_steps=2)
+    wm["log"].update(dir=str(tmp_path / "run"), plot=False)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert data_main(["stats", "--config", str(tmp_path / "job.json"), "--start", "2019-03-01", "--end",
+                      "2019-03-05T23", "--out", str(tmp_path / "stats.json")]) == 0
+    fit = tmp_path / "fit.npz"
+    assert fit_main(["--config", str(tmp_path / "job.json"), "--leads", "2", "--ridge", "1e-3,10",
+                     "--out", str(fit)]) == 0
+    f = np.load(fit)
+    assert f["val_mse"].shape == (2, 2) and float(f["ridge"]) == [1e-3, 10][int(np.argmin(f["val_mse"].mean(1)))]
+    assert list(f["features"]) == ["x(t - dt) - x(t)", "daily-cycle climatology at t + l dt - at t",
+                                   "sin_hour_of_day", "cos_hour_of_day"]
+    wm["model"]["pixel_skip_init"] = str(fit)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(tmp_path / "job.json")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "fc.zarr"
+    inits = pd.DatetimeIndex(["2019-03-25T05", "2019-03-25T17"])
+    assert forecast.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--init-times",
+                          ",".join(f"{t:%Y-%m-%dT%H}" for t in inits), "--lead-hours", "2", "--out", str(out),
+                          "--skip-only", "--quiet"]) == 0
+    fc = xr.open_zarr(out)
+    assert fc.attrs["model_part"].startswith("the per-pixel skip head alone")
+
+    # the same forecast written out: x(t) + w_l . features, in the model's normalised units
+    truth = xr.open_dataset(UK_GRIB, engine="cfgrib", backend_kwargs={"indexpath": ""})["t2m"]
+    norm = Normalizer.load(str(tmp_path / "stats.json"))
+    mean, std = (float(a[0]) for a in norm.fields(["2m_temperature"]))
+    cycle = np.stack([norm.daily_cycle("2m_temperature", t, (33, 49))[0]
+                      for t in ("mean", "cos1", "sin1", "cos2", "sin2")])  # physical, rows as the data's
+    assert np.all(np.diff(truth.latitude.values) < 0)  # north first, as the loader and the stats hold it
+    coef = f["coef"][:, :, 0]  # (lead, F, lat, lon)
+    for i, t in enumerate(inits):
+        x, xm1 = (truth.sel(time=s).values.astype(np.float64) for s in (t, t - pd.Timedelta(hours=1)))
+        hour = 2 * np.pi * t.hour / 24
+        for lead in (1, 2):
+            clim = [np.einsum("k,khw->hw", daily_cycle_basis([s])[0], cycle)
+                    for s in (t + pd.Timedelta(hours=lead), t)]
+            feats = [(xm1 - x) / std, (clim[0] - clim[1]) / std, np.full_like(x, np.sin(hour)),
+                     np.full_like(x, np.cos(hour))]
+            expected = x + std * sum(c * v for c, v in zip(coef[lead - 1], feats))
+            got = fc["t2m"].isel(time=i, prediction_timedelta=lead - 1).values
+            np.testing.assert_allclose(got, expected, atol=2e-3)  # K; float32 model
+    assert mean > 0  # the stats are physical (K)

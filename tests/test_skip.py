@@ -118,6 +118,34 @@ def test_initial_coefficients_from_a_fit_file_on_every_mesh(tmp_path):
         WeatherMixer(cfg)
 
 
+def test_zero_start_makes_the_model_its_fitted_head(tmp_path):
+    """model.pixel_skip_zero_start: the decoder starts at 0, so every lead of the untrained model is the
+    skip head's x(t) + w . features (the same forecast with the network's tendency removed by hand);
+    without it the network adds its tendency; without a fit file it is a config error."""
+    import numpy as np
+
+    cfg = ModelConfig(**UK, pixel_skip=2)
+    coef = 0.1 * np.random.default_rng(0).standard_normal((2, 5, 1, 33, 49)).astype(np.float32)
+    path = tmp_path / "fit.npz"
+    np.savez(path, coef=coef, static=np.array(["sin_hour_of_day", "cos_hour_of_day"]))
+    g = torch.Generator().manual_seed(0)
+    fields = torch.randn(2, cfg.history + 1, 1, 33, 49, generator=g)
+    static = torch.randn(2, len(cfg.channels.static), 33, 49, generator=g)
+    outs = {}
+    for zero in (False, True):
+        model = WeatherMixer(cfg.model_copy(update={"pixel_skip_init": str(path), "pixel_skip_zero_start": zero}))
+        with torch.no_grad():
+            outs[zero] = model(fields, static, steps=2, every_lead=True)
+            for p in model.recovery.parameters():
+                p.zero_()
+            outs[(zero, "head")] = model(fields, static, steps=2, every_lead=True)
+    for a, b in zip(outs[True], outs[(True, "head")]):
+        assert torch.equal(a, b)
+    assert not torch.allclose(outs[False][0], outs[(False, "head")][0])
+    with pytest.raises(ValueError, match="pixel_skip_zero_start"):
+        ModelConfig(**UK, pixel_skip=2, pixel_skip_zero_start=True)
+
+
 def test_a_forecast_that_re_encodes_starts_each_segment_at_lead_1_with_its_own_hour():
     """weathermixer.inference.rollout: each segment of `per_encode` steps is leads 1..per_encode of the
     skip head, with the time features of the segment's start (static_at)."""
@@ -228,3 +256,216 @@ def test_skip_head_knows_the_loaders_time_features():
     from weathermixer.model.skip import TIME_FEATURES as SKIP_TIME_FEATURES
 
     assert tuple(SKIP_TIME_FEATURES) == tuple(TIME_FEATURES)
+
+
+# the anchor inputs (model.pixel_skip_inputs = "anchor") -----------------------------------------------
+DAY = 4  # model steps in a day: small, so history DAY - 1 = 3 keeps the test grids small
+CYCLE = [f"daily_cycle_{t}_t2m" for t in ("mean", "cos1", "sin1", "cos2", "sin2")]
+ANCHOR_STATIC = ["lsm", "sin_hour_of_day", CYCLE[0], "cos_hour_of_day", *CYCLE[1:]]
+
+
+def _head_only(cfg):
+    """The model with random skip coefficients and the decoder at 0: its forecast is the head's."""
+    model = WeatherMixer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == model.num_parameters()
+    with torch.no_grad():
+        for p in model.recovery.parameters():
+            p.zero_()
+        model.skip.weight.normal_()
+    return model
+
+
+def _anchor_cfg(**kw):
+    base = dict(UK, history=DAY - 1, pixel_skip=DAY, pixel_skip_inputs="anchor", pixel_skip_day=DAY, rollout=DAY,
+                channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=ANCHOR_STATIC))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _anchor_inputs(cfg, hour=5.0, batch=2, seed=0):
+    import math
+
+    fields, static = _inputs(cfg, batch, seed)
+    static[:, 1] = math.sin(2 * math.pi * hour / 24)  # the start hour, as the loader computes it
+    static[:, 3] = math.cos(2 * math.pi * hour / 24)
+    return fields, static
+
+
+def _climatology(static, hour):
+    """The daily cycle (static terms mean, cos1, sin1, cos2, sin2) at `hour`, written out."""
+    import math
+
+    w = 2 * math.pi / 24
+    m, c1, s1, c2, s2 = static[:, 2], static[:, 4], static[:, 5], static[:, 6], static[:, 7]
+    return (m + c1 * math.cos(w * hour) + s1 * math.sin(w * hour) + c2 * math.cos(2 * w * hour)
+            + s2 * math.sin(2 * w * hour))
+
+
+def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regression_ones():
+    """y_l = x(t) + w_l . (x(t - dt), x(t), x(t + l dt - 1 day), clim(valid hour), sin h, cos h, 1), the
+    climatology evaluated at the valid hour t + l dt (l x 24 / DAY hours after the start hour)."""
+    from weathermixer.model.skip import skip_feature_names, skip_features
+
+    cfg = _anchor_cfg()
+    assert skip_features(cfg) == 7 and skip_feature_names(cfg) == [
+        "x(t - dt)", "x(t)", "x(t + l dt - 1 day)", "daily-cycle climatology at t + l dt", "sin_hour_of_day",
+        "cos_hour_of_day", "1"]
+    model = _head_only(cfg)
+    hour = 5.0
+    fields, static = _anchor_inputs(cfg, hour)
+    w = model.skip.weight.detach()
+    with torch.no_grad():
+        leads = model.forecast_leads(fields, static, DAY)
+    x = fields[:, -1, 0]
+    for lead, y in enumerate(leads, start=1):
+        clim = _climatology(static, hour + lead * 24 / DAY)
+        feats = [fields[:, -2, 0], x, fields[:, -1 - (DAY - lead), 0], clim, static[:, 1], static[:, 3],
+                 torch.ones_like(x)]
+        expected = x + sum(w[lead - 1, f, 0] * v for f, v in enumerate(feats))
+        assert torch.allclose(y[:, 0], expected, atol=1e-5), lead
+
+    # the three baselines are points of the anchor's space
+    def with_weights(**named):
+        with torch.no_grad():
+            model.skip.weight.zero_()
+            for f, v in named.items():
+                model.skip.weight[:, ["xm1", "x", "yday", "clim"].index(f)] = v
+            return model.forecast_leads(fields, static, DAY)
+
+    for lead, y in enumerate(with_weights(), start=1):  # persistence
+        assert torch.equal(y[:, 0], x)
+    for lead, y in enumerate(with_weights(x=-1.0, clim=1.0), start=1):  # the daily-cycle climatology
+        assert torch.allclose(y[:, 0], _climatology(static, hour + lead * 24 / DAY), atol=1e-5)
+    for lead, y in enumerate(with_weights(x=-1.0, yday=1.0), start=1):  # the same hour one day earlier
+        assert torch.allclose(y[:, 0], fields[:, -1 - (DAY - lead), 0], atol=1e-6)
+
+
+def test_anchor_settings_are_checked():
+    from pydantic import ValidationError
+
+    for kw, match in ((dict(pixel_skip_day=0), "needs model.pixel_skip_day"),
+                      (dict(history=0), r"needs model.history >= 1"),
+                      (dict(pixel_skip=DAY + 1, rollout=1), r"model.pixel_skip <= model.pixel_skip_day = 4"),
+                      (dict(channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=CYCLE)),
+                       "add sin_hour_of_day and cos_hour_of_day")):
+        with pytest.raises(ValidationError, match=match):
+            _anchor_cfg(**kw)
+
+
+def test_the_skip_heads_copy_of_the_daily_cycle_names_is_the_loaders():
+    from weathermixer.data.config import DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS
+    from weathermixer.model import skip
+
+    assert skip.DAILY_CYCLE_TERMS == DAILY_CYCLE_TERMS and skip.DAILY_CYCLE_PREFIX == DAILY_CYCLE_PREFIX
+
+
+def test_a_fit_file_of_other_inputs_is_refused(tmp_path):
+    import numpy as np
+
+    cfg = _anchor_cfg()
+    coef = np.zeros((DAY, 7, 1, 33, 49), np.float32)
+    path = tmp_path / "fit.npz"
+    np.savez(path, coef=coef, static=np.array(["sin_hour_of_day", "cos_hour_of_day"]), inputs="anchor", day=DAY)
+    WeatherMixer(cfg.model_copy(update={"pixel_skip_init": str(path)}))
+    np.savez(path, coef=coef, static=np.array(["sin_hour_of_day", "cos_hour_of_day"]), inputs="anchor", day=2 * DAY)
+    with pytest.raises(ValueError, match=r"fitted for pixel_skip_inputs=anchor, pixel_skip_day=8"):
+        WeatherMixer(cfg.model_copy(update={"pixel_skip_init": str(path)}))
+
+
+# the anchor on every mesh: daily-cycle terms of some channels only, spread over the TP ranks with the hour
+ANCHOR_SKIP = dict(pixel_skip=2, pixel_skip_inputs="anchor", pixel_skip_day=3, history=2,
+                   channels=ChannelsConfig(surface=["t2m", "u10"], atmospheric=["z", "t", "q"], levels=[500, 850],
+                                           static=["lsm", "sin_hour_of_day", "daily_cycle_mean_t2m",
+                                                   "daily_cycle_cos1_z_500", "cos_hour_of_day",
+                                                   "daily_cycle_sin1_t2m", "daily_cycle_mean_q_850",
+                                                   "daily_cycle_sin2_z_500"]))
+
+
+@pytest.mark.parametrize("mesh,head", [((1, 1, 1), "tendency"), ((1, 2, 2), "tendency"), ((1, 3, 1), "blend"),
+                                       ((1, 1, 3), "tendency")], ids=lambda m: "x".join(map(str, m)) if
+                         isinstance(m, tuple) else m)
+def test_every_mesh_is_the_same_model_with_the_anchor_head(mesh, head):
+    """weathermixer.selfcheck's comparison (25 x 24 grid zero-padded, uneven shards, 2-step latent rollout)
+    with the anchor: history 2, yesterday = t + l dt - 3 steps, daily-cycle terms of three of the eight
+    channels, held by different TP ranks than the hour of day."""
+    dp, domain, tp = mesh
+    errors = run_workers(workers.selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), "fp32",
+                         dict(ANCHOR_SKIP, head=head), timeout=300, preload=["weathermixer.model"])[0]
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+def _anchor_rollout_variants(rank, world, mesh_kwargs):
+    from weathermixer import selfcheck as sc
+
+    out = {}
+    for name, task in (("autoregressive_checkpoint", dict(autoregressive=True, checkpoint=True)),
+                       ("latent_checkpoint", dict(checkpoint=True))):
+        errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs),
+                                        sc.default_model_config(**ANCHOR_SKIP, head="tendency"), **task)
+        out[name] = {k: v for k, (v, _) in errors.items()}
+    return out
+
+
+def test_autoregressive_and_checkpointed_rollouts_with_the_anchor_on_an_uneven_mesh():
+    errors = run_workers(_anchor_rollout_variants, 3, dict(domain=1, tp=3), timeout=300,
+                         preload=["weathermixer.model"])[0]
+    for name, errs in errors.items():
+        assert max(errs.values()) <= FP32_TOL, (name, errs)
+
+
+def test_without_a_days_history_the_anchor_leaves_yesterday_out():
+    """history < pixel_skip_day - 1: x(t - dt), x(t), the climatology at the valid hour, the hour, 1."""
+    from weathermixer.model.skip import skip_feature_names
+
+    cfg = _anchor_cfg(history=1, pixel_skip=DAY + 2, rollout=DAY + 2)  # no yesterday: leads past a day are fine
+    assert skip_feature_names(cfg) == ["x(t - dt)", "x(t)", "daily-cycle climatology at t + l dt",
+                                       "sin_hour_of_day", "cos_hour_of_day", "1"]
+    model = WeatherMixer(cfg)
+    with torch.no_grad():
+        for p in model.recovery.parameters():
+            p.zero_()
+        model.skip.weight.zero_()
+        model.skip.weight[:, 1], model.skip.weight[:, 2] = -1.0, 1.0  # the climatology
+    fields, static = _anchor_inputs(cfg, 7.0)
+    with torch.no_grad():
+        for lead, y in enumerate(model.forecast_leads(fields, static, DAY + 2), start=1):
+            assert torch.allclose(y[:, 0], _climatology(static, 7.0 + lead * 24 / DAY), atol=1e-5)
+
+
+def test_the_changes_anchor_is_level_free():
+    """pixel_skip_inputs=changes: y_l = x(t) + w_l . (x(t - dt) - x(t), yesterday - x(t), clim(t + l dt) -
+    clim(t), sin h, cos h), no constant; a uniform shift of the input states shifts the head by the same."""
+    from weathermixer.model.skip import skip_feature_names
+
+    cfg = _anchor_cfg(pixel_skip_inputs="changes")
+    assert skip_feature_names(cfg) == ["x(t - dt) - x(t)", "x(t + l dt - 1 day) - x(t)",
+                                       "daily-cycle climatology at t + l dt - at t", "sin_hour_of_day",
+                                       "cos_hour_of_day"]
+    model = _head_only(cfg)
+    hour = 13.0
+    fields, static = _anchor_inputs(cfg, hour)
+    w = model.skip.weight.detach()
+    with torch.no_grad():
+        leads = model.forecast_leads(fields, static, DAY)
+        shifted = model.forecast_leads(fields + 3.0, static, DAY)
+    x = fields[:, -1, 0]
+    for lead, (y, z) in enumerate(zip(leads, shifted), start=1):
+        dclim = _climatology(static, hour + lead * 24 / DAY) - _climatology(static, hour)
+        feats = [fields[:, -2, 0] - x, fields[:, -1 - (DAY - lead), 0] - x, dclim, static[:, 1], static[:, 3]]
+        assert torch.allclose(y[:, 0], x + sum(w[lead - 1, f, 0] * v for f, v in enumerate(feats)), atol=1e-5)
+        assert torch.allclose(z, y + 3.0, atol=1e-4)
+    with torch.no_grad():  # the daily-cycle change: x(t) + clim(t + l dt) - clim(t)
+        model.skip.weight.zero_()
+        model.skip.weight[:, 2] = 1.0
+        for lead, y in enumerate(model.forecast_leads(fields, static, DAY), start=1):
+            expected = x + _climatology(static, hour + lead * 24 / DAY) - _climatology(static, hour)
+            assert torch.allclose(y[:, 0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [(1, 1, 1), (1, 2, 2), (1, 3, 1), (1, 1, 3)], ids=lambda m: "x".join(map(str, m)))
+def test_every_mesh_is_the_same_model_with_the_changes_anchor(mesh):
+    dp, domain, tp = mesh
+    errors = run_workers(workers.selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), "fp32",
+                         dict(ANCHOR_SKIP, pixel_skip_inputs="changes", head="tendency"), timeout=300,
+                         preload=["weathermixer.model"])[0]
+    assert max(errors.values()) <= FP32_TOL, errors

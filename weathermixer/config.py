@@ -72,9 +72,22 @@ class ModelConfig(_Strict):
                                                  "function of x(t), the history states, the static time "
                                                  "features and 1; weathermixer.model.skip); 0 = off. A latent "
                                                  "rollout past it must re-encode")
-    pixel_skip_inputs: Literal["all", "states"] = Field("all", description="the skip head's features: the input "
-                                                                         "states, the static time features and 1 "
-                                                                         "(all), or the input states only")
+    pixel_skip_inputs: Literal["all", "states", "anchor", "changes"] = Field(
+        "all", description="the skip head's features: the input states, the static time features and 1 (all); the "
+                           "input states only (states); or anchor: x(t - dt), x(t), the state one day before the "
+                           "valid time, the channel's per-pixel daily-cycle climatology at the valid hour "
+                           "(daily_cycle_* static inputs), the static time features and 1 (persistence, the "
+                           "daily-cycle climatology, same-hour-yesterday and the regression baseline are special "
+                           "cases; needs model.pixel_skip_day; the yesterday state only when model.history >= "
+                           "pixel_skip_day - 1); or changes: the anchor without the level, y = x(t) + w . (x(t - dt) "
+                           "- x(t), yesterday - x(t), clim(t + l dt) - clim(t), time features), no constant: a "
+                           "uniform shift of the inputs shifts the forecast by the same (persistence, yesterday "
+                           "and the daily-cycle change are special cases; nothing reverts to the training level)")
+    pixel_skip_day: int = Field(0, ge=0, description="model steps in one day (24 / data.dt_hours) for "
+                                                     "pixel_skip_inputs anchor/changes: the yesterday state's lag "
+                                                     "(read when model.history >= pixel_skip_day - 1; then pixel_skip "
+                                                     "<= pixel_skip_day) and the valid-hour phase of lead l "
+                                                     "(2 pi l / pixel_skip_day past the start hour)")
     pixel_skip_scale: float = Field(1.0, gt=0, description="the skip coefficients are this times their stored "
                                                            "parameter (their per-step change is scale x lr; 1 "
                                                            "chosen on the UK validation days over 10 and 0.1)")
@@ -82,6 +95,9 @@ class ModelConfig(_Strict):
                                                           "weathermixer.model.skip_fit` (the per-pixel least-squares "
                                                           "fit on the training split); None: zero (the plain "
                                                           "tendency head)")
+    pixel_skip_zero_start: bool = Field(False, description="with pixel_skip_init: the network's output layer (the "
+                                                           "decoder) starts at zero, so the model starts as the "
+                                                           "fitted head and the network learns a residual from 0")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -91,6 +107,22 @@ class ModelConfig(_Strict):
             raise ValueError(f"model.grid {self.grid} and model.patch {self.patch} must be positive")
         if ph > h or pw > w:
             raise ValueError(f"model.patch {self.patch} is larger than model.grid {self.grid}")
+        if self.pixel_skip_zero_start and not (self.pixel_skip and self.pixel_skip_init and self.head == "tendency"):
+            raise ValueError("model.pixel_skip_zero_start starts the model as its fitted skip head: it needs "
+                             "model.pixel_skip > 0, model.pixel_skip_init and model.head='tendency'")
+        if self.pixel_skip and self.pixel_skip_inputs in ("anchor", "changes"):
+            day, what = self.pixel_skip_day, f"model.pixel_skip_inputs={self.pixel_skip_inputs}"
+            if day < 1:
+                raise ValueError(f"{what} needs model.pixel_skip_day (model steps in a day: 24 / data.dt_hours)")
+            if self.history < 1:
+                raise ValueError(f"{what} reads x(t - dt): it needs model.history >= 1")
+            if self.history >= day - 1 and self.pixel_skip > day:
+                raise ValueError(f"{what} with model.history >= pixel_skip_day - 1 reads the state one day before "
+                                 f"each valid time among the inputs: it needs model.pixel_skip <= "
+                                 f"model.pixel_skip_day = {day} (got {self.pixel_skip})")
+            if not {"sin_hour_of_day", "cos_hour_of_day"} <= set(self.channels.static):
+                raise ValueError(f"{what} evaluates the daily-cycle climatology at the valid hour from the start "
+                                 f"hour: add sin_hour_of_day and cos_hour_of_day to model.channels.static")
         if not self.pad_to_patch and (h % ph or w % pw):
             raise ValueError(
                 f"model.patch {self.patch} does not tile model.grid {self.grid} "

@@ -17,6 +17,8 @@ Checkpoints are read without unpickling code (jigsaw_ext.safe_load).
         --init-every 12 --lead-hours 240 --out fc.zarr
     ... --init-times 2020-05-16T00,2020-05-20T12          (an explicit list)
     torchrun --nproc_per_node 8 -m weathermixer.forecast ... --dp 2 --domain 2 --tp 2
+    ... --skip-only --reencode-every 6      (a model with the per-pixel skip head: the head alone, i.e.
+                                             its least-squares anchor when trained with the head frozen)
 
 One model step is the data's dt (data.dt_hours): a lead must be a multiple of it. Rollout:
   autoregressive (default)  encode the state, apply the block stack `--reencode-every` times and
@@ -88,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="init times per forward pass")
     p.add_argument("--data-path", help="data set to read the initial conditions from (default: the job's)")
     p.add_argument("--stats", help="normalisation statistics (default: the job's)")
+    p.add_argument("--skip-only", action="store_true",
+                   help="the per-pixel skip head alone (model.pixel_skip): the network's tendency set to 0, so the "
+                        "forecast is the head's linear anchor / regression as the checkpoint holds it")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     p.add_argument("--timings", metavar="JSON", help="write throughput figures to this file (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -188,11 +193,14 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
     out, partial = Path(args.out), partial_path(args.out)
     per_encode = steps if args.mode == "latent" else (args.reencode_every or job.reencode_every or job.trained_leads)
     skip = job.model.pixel_skip
+    if args.skip_only and (not skip or job.model.head != "tendency"):
+        raise ForecastError(f"--skip-only needs a checkpoint with the skip head (model.pixel_skip > 0, got {skip}) "
+                            f"and the tendency head (got {job.model.head})")
     if skip and min(per_encode, steps) > skip:
         raise ForecastError(f"{min(per_encode, steps)} latent steps per encode, but model.pixel_skip={skip}: the "
                             f"skip head has coefficients for leads 1..{skip}; use --reencode-every <= {skip}")
-    plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch, args.zarr_format)
-    run = _load_on_every_rank(job, mesh, inits, device, rank)
+    plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch, args.zarr_format, args.skip_only)
+    run = _load_on_every_rank(job, mesh, inits, device, rank, tendency=not args.skip_only)
     _start_store(partial, job, run, plan, rank, world)
     writer = StoreWriter(partial, job, run.data.flip, run.mean, run.std, steps) if mesh.coord("model") == 0 else None
     times = forecast_all(run, mesh, plan, device, args.bf16, writer, rank == 0 and not args.quiet, world)
@@ -202,11 +210,11 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
     return 0
 
 
-def _load_on_every_rank(job: Job, mesh, inits, device, rank: int) -> Loaded:
+def _load_on_every_rank(job: Job, mesh, inits, device, rank: int, tendency: bool = True) -> Loaded:
     """The model and data on every rank, or the first failing rank's error (the others: _PeerFailed)."""
     run, err = None, None
     try:
-        run = load(job, mesh, inits, device)
+        run = load(job, mesh, inits, device, tendency=tendency)
     except Exception as e:  # noqa: BLE001 - agreed on below, then raised on the rank that had it
         err = e
     _agree(err, rank, device)
@@ -219,7 +227,8 @@ def _start_store(partial: Path, job: Job, run: Loaded, plan: Plan, rank: int, wo
 
     leads = pd.TimedeltaIndex([plan.dt * (i + 1) for i in range(plan.steps)])
     if rank == 0:
-        create_store(partial, job, run.data, plan.inits, leads, store_attributes(job, plan.mode, plan.per_encode),
+        create_store(partial, job, run.data, plan.inits, leads, store_attributes(job, plan.mode, plan.per_encode,
+                                                                               plan.skip_only),
                      zarr_format=plan.zarr_format)
     if world > 1:
         dist.barrier()
@@ -237,6 +246,7 @@ def _report(args, job: Job, mesh, plan: Plan, times: LoopTimes, device, out: Pat
     if args.timings:
         Path(args.timings).write_text(json.dumps(timings, indent=1))
     print(f"wrote {out}: {n_inits} init(s) x {plan.steps} lead(s) of {job.data.dt_hours:g} h ({plan.mode}, "
+          + ("the skip head alone, " if args.skip_only else "") +
           f"{plan.per_encode} latent step(s) per encode) on mesh {mesh.config}; {t_loop:.1f} s, "
           f"{n / t_loop:.1f} model steps/s", flush=True)
 

@@ -33,6 +33,7 @@ class Plan:
     per_encode: int
     batch: int
     zarr_format: int = 3
+    skip_only: bool = False  # the skip head alone (--skip-only)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class Loaded:
     model: WeatherMixer  # in eval mode
 
 
-def load(job: Job, mesh, inits: pd.DatetimeIndex, device) -> Loaded:
-    """The geometry of the mesh, the data set, and the model with the checkpoint's weights."""
+def load(job: Job, mesh, inits: pd.DatetimeIndex, device, tendency: bool = True) -> Loaded:
+    """The geometry of the mesh, the data set, and the model with the checkpoint's weights.
+    tendency=False: the decoder's weights and bias set to 0, so the network adds nothing and a model with
+    the skip head (model.pixel_skip) forecasts with the head's per-pixel linear function alone."""
     from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
     from ..model.geometry import Geometry, MeshMismatch
@@ -67,6 +70,12 @@ def load(job: Job, mesh, inits: pd.DatetimeIndex, device) -> Loaded:
         load_into_model(model, job.checkpoint)
     except CheckpointFormatError as e:
         raise ForecastError(f"--checkpoint: {e}") from None
+    if not tendency:
+        import torch
+
+        with torch.no_grad():
+            for p in model.recovery.parameters():
+                p.zero_()
     model.eval()
     return Loaded(geo, data, loader, mean, std, model)
 

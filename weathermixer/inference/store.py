@@ -139,9 +139,10 @@ def publish(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
-def store_attributes(job: Job, mode: str, per_encode: int) -> dict:
+def store_attributes(job: Job, mode: str, per_encode: int, skip_only: bool = False) -> dict:
     """The store's global attributes: the checkpoint, how the forecast was rolled out, from what data."""
-    return {"title": "WeatherMixer forecast", "source_checkpoint": str(job.checkpoint.resolve()),
+    extra = {"model_part": "the per-pixel skip head alone (network tendency set to 0)"} if skip_only else {}
+    return {"title": "WeatherMixer forecast", **extra, "source_checkpoint": str(job.checkpoint.resolve()),
             "checkpoint_step": int(job.info.get("step", -1)), "forecast_mode": mode,
             "latent_steps_per_encode": per_encode, "dt_hours": job.data.dt_hours,
             "reencode_default_from": job.reencode_origin or "the trained rollout length",

@@ -95,6 +95,10 @@ class WeatherMixer(nn.Module):
             init_parameters(self, mesh, cfg.seed)
             if self.skip is not None and cfg.pixel_skip_init:
                 load_initial_coefficients(self.skip, cfg.pixel_skip_init)
+                if cfg.pixel_skip_zero_start:  # the network's tendency starts at 0: the model is the fit
+                    with torch.no_grad():
+                        for p in self.recovery.parameters():
+                            p.zero_()
         check_strategy_keys(self, mesh)
         bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
         if mesh.prefetch_weights:  # each gathered layer starts the next one's weight gather
