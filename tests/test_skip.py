@@ -47,9 +47,8 @@ def test_the_head_is_the_per_pixel_regression_of_each_lead():
     per pixel: the regression baseline's features (weathermixer.evaluation.baselines), one set per lead."""
     cfg = ModelConfig(**UK, rollout=2, pixel_skip=2)
     model = WeatherMixer(cfg)
+    model.zero_tendency()
     with torch.no_grad():
-        for p in model.recovery.parameters():
-            p.zero_()
         model.skip.weight.normal_()
     fields, static = _inputs(cfg)
     w = model.skip.weight.detach() * cfg.pixel_skip_scale  # (lead, F, C, lat, lon)
@@ -136,8 +135,7 @@ def test_zero_start_makes_the_model_its_fitted_head(tmp_path):
         model = WeatherMixer(cfg.model_copy(update={"pixel_skip_init": str(path), "pixel_skip_zero_start": zero}))
         with torch.no_grad():
             outs[zero] = model(fields, static, steps=2, every_lead=True)
-            for p in model.recovery.parameters():
-                p.zero_()
+            model.zero_tendency()
             outs[(zero, "head")] = model(fields, static, steps=2, every_lead=True)
     for a, b in zip(outs[True], outs[(True, "head")]):
         assert torch.equal(a, b)
@@ -268,9 +266,8 @@ def _head_only(cfg):
     """The model with random skip coefficients and the decoder at 0: its forecast is the head's."""
     model = WeatherMixer(cfg)
     assert sum(p.numel() for p in model.parameters()) == model.num_parameters()
+    model.zero_tendency()
     with torch.no_grad():
-        for p in model.recovery.parameters():
-            p.zero_()
         model.skip.weight.normal_()
     return model
 
@@ -421,9 +418,8 @@ def test_without_a_days_history_the_anchor_leaves_yesterday_out():
     assert skip_feature_names(cfg) == ["x(t - dt)", "x(t)", "daily-cycle climatology at t + l dt",
                                        "sin_hour_of_day", "cos_hour_of_day", "1"]
     model = WeatherMixer(cfg)
+    model.zero_tendency()
     with torch.no_grad():
-        for p in model.recovery.parameters():
-            p.zero_()
         model.skip.weight.zero_()
         model.skip.weight[:, 1], model.skip.weight[:, 2] = -1.0, 1.0  # the climatology
     fields, static = _anchor_inputs(cfg, 7.0)

@@ -71,11 +71,7 @@ def load(job: Job, mesh, inits: pd.DatetimeIndex, device, tendency: bool = True)
     except CheckpointFormatError as e:
         raise ForecastError(f"--checkpoint: {e}") from None
     if not tendency:
-        import torch
-
-        with torch.no_grad():
-            for p in model.recovery.parameters():
-                p.zero_()
+        model.zero_tendency()
     model.eval()
     return Loaded(geo, data, loader, mean, std, model)
 

@@ -96,9 +96,7 @@ class WeatherMixer(nn.Module):
             if self.skip is not None and cfg.pixel_skip_init:
                 load_initial_coefficients(self.skip, cfg.pixel_skip_init)
                 if cfg.pixel_skip_zero_start:  # the network's tendency starts at 0: the model is the fit
-                    with torch.no_grad():
-                        for p in self.recovery.parameters():
-                            p.zero_()
+                    self.zero_tendency()
         check_strategy_keys(self, mesh)
         bucket_small_gradients(self, mesh)  # one gradient all-reduce per axis for all biases and norms
         if mesh.prefetch_weights:  # each gathered layer starts the next one's weight gather
@@ -169,6 +167,13 @@ class WeatherMixer(nn.Module):
         if self.skip is not None:
             fields = self.skip(states if states is not None else [fields], static, lead)
         return pred + fields if self.blend is None else self.blend(pred, fields)
+
+    @torch.no_grad()
+    def zero_tendency(self) -> None:
+        """The decoder's weights and bias (this rank's blocks) set to 0: the network adds nothing, and a
+        model with the skip head forecasts with the head alone (pixel_skip_zero_start, --skip-only)."""
+        for p in self.recovery.parameters():
+            p.zero_()
 
     # exact sizes -------------------------------------------------------------------------------
     def num_parameters(self) -> int:
