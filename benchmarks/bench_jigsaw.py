@@ -384,9 +384,10 @@ def _matmul_worker(rank, world, n, reps):
 
 
 def _scaling_worker(rank, world, mesh_kwargs, model_kwargs, batch, reps, warmup):
-    from weathermixer.train.engine import keep_freed_blocks
+    from weathermixer.train.engine import bind_cores, keep_freed_blocks
 
-    keep_freed_blocks()  # the allocator setting train.py runs CPU jobs with, in every setting alike
+    bind_cores()  # train.py's CPU settings, in every setting alike: 2 ranks each on its own core,
+    keep_freed_blocks()  # and freed blocks kept in the heap
     mesh = init_mesh(MeshConfig(**mesh_kwargs))
     step = ours_step(ModelConfig(**model_kwargs), mesh, batch)
     return time_interleaved({"step": step}, reps, warmup)["step"]

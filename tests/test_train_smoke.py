@@ -38,6 +38,9 @@ def test_two_process_domain_run_trains_and_reports_skill(tmp_path):
     assert list((tmp_path / "synthetic").glob("*.zarr")) and list((tmp_path / "synthetic").glob("*.stats.json"))
     final = re.search(r"final: model_rmse=(\S+) persistence_rmse=(\S+) ratio=(\S+)", run.stdout)
     assert final and all(float(v) > 0 for v in final.groups())
+    # train.bind_cores: 2 ranks x 1 thread each get their own slice of the cores (when there are 2)
+    cores = len(os.sched_getaffinity(0))
+    assert (f"each local rank bound to {cores // 2} core(s)" in run.stdout) == (cores >= 2), run.stdout[-2000:]
 
 
 def test_single_process_run_and_bad_key(tmp_path):

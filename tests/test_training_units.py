@@ -3,6 +3,7 @@ rollout draws, config checks, checkpoint pointers, the run log."""
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from weathermixer.train.loss import (channel_loss_weights, headline_channels, la
 from weathermixer.model import WeatherMixer
 from weathermixer.train.runlog import RunLog
 from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
+from weathermixer.train import engine
 from weathermixer.train.engine import lr_lambda, param_groups
 from weathermixer.train.job import check_job
 
@@ -73,6 +75,32 @@ def test_loss_terms_on_shards_add_up_to_the_serial_loss(domain, tp):
     ref = (coslat[None, None, :, None] / coslat.mean() * w_c.double().numpy()[None, :, None, None]
            * (pred.double().numpy() - target.double().numpy()) ** 2).mean()
     assert abs(total - ref) <= 1e-6 * ref
+
+
+@pytest.mark.parametrize("cores,env,expected", [
+    ([0, 1], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, [1]),
+    ([4, 5, 6, 7], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, [6, 7]),  # threads default: cores / ranks
+    ([0, 1, 2, 3], {"LOCAL_RANK": "0", "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, [0, 1]),  # deepspeed's name
+    ([0, 1], {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "2"}, None),  # would share cores
+    ([0, 1], {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"}, None),  # more ranks than cores
+    ([3], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, None),  # launcher bound it already
+    ([0, 1], {"LOCAL_RANK": "0"}, None),  # one local rank
+])
+def test_bind_cores_gives_each_local_rank_its_own_cores(monkeypatch, cores, env, expected):
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr(engine.os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, list(cpus))))
+    assert engine.bind_cores() == expected
+    if expected is None:
+        assert not calls
+    else:  # every thread of the process, so those it starts later inherit the binding
+        assert {int(t) for t in os.listdir("/proc/self/task")} <= {pid for pid, _ in calls}
+        assert all(cpus == expected for _, cpus in calls)
+    assert engine.bind_cores(enabled=False) is None
 
 
 def test_schedule_groups_and_rollout_draws():

@@ -66,6 +66,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="sample-order and rollout-length seed")
     dist_timeout_s: float = Field(300.0, gt=0, description="timeout of every collective: a dead rank "
                                                            "stops the others after at most this")
+    bind_cores: bool = Field(True, description="CPU runs with several ranks per node: bind each rank to its own "
+                                               "slice of the cores (skipped when the ranks' threads would not "
+                                               "fit on the cores without sharing)")
 
 
 class LossConfig(_Strict):

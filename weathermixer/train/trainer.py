@@ -30,8 +30,8 @@ from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
 from .config import TrainJobConfig
-from .engine import (PEAK_TFLOPS, current_memory_bytes, keep_freed_blocks, limit_malloc_arenas, lr_lambda,
-                     param_groups, peak_memory_bytes, register_list_parameters, release_free_memory, set_threads)
+from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
+                     register_list_parameters, release_free_memory, setup_host)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, latitude_weights, lead_weights, weighted_loss_term
@@ -72,9 +72,7 @@ class Trainer:
 
         job, tc = self.job, self.job.train
         cuda = torch.cuda.is_available()
-        set_threads()
-        limit_malloc_arenas()
-        keep_freed_blocks(enabled=not cuda)
+        bound = setup_host(cuda, tc.bind_cores)  # before any thread of ours starts
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
@@ -93,7 +91,8 @@ class Trainer:
                                   micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1))
         if self.rank == 0:
             self.log(f"layer strategies on {mesh.config}: " + ", ".join(
-                f"{k} {v}" for k, v in resolved_strategies(self.model).items()))
+                f"{k} {v}" for k, v in resolved_strategies(self.model).items())
+                + (f"; each local rank bound to {len(bound)} core(s) (train.bind_cores)" if bound else ""))
         if job.checkpoint.init_from:
             from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
