@@ -17,25 +17,44 @@ import torch
 from .collectives import _gather_dim, _sum_over
 
 
-def _row_stats(xs: Sequence[torch.Tensor], counts: Sequence[int], group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, variance) over the full feature axis of every row, from ONE all-gather of each rank's
-    row (mean, M2) combined with Chan et al.'s pairwise formula: as stable as a two-pass variance
-    (no sum-of-squares cancellation), one collective instead of two. counts[r]: features on rank r."""
-    acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
-    n_local = sum(x.shape[-1] for x in acc)
-    # two passes (sum, then the centred squares): torch.var_mean over the last dim is ~6x slower on CPU
-    mean = sum(x.sum(-1, keepdim=True) for x in acc) / max(n_local, 1)
-    m2 = sum((x - mean).square().sum(-1, keepdim=True) for x in acc)
+def _segment_moments(x: torch.Tensor, eps: float):
+    """(x normalised by its own row statistics, row mean, row M2) of one feature segment, from one
+    fused LayerNorm kernel: it reads x twice where sum, centre, square, sum read it four times and
+    write two temporaries. M2 = n (1 / rstd^2 - eps), exact to rounding; None for an empty segment."""
+    n = x.shape[-1]
+    if n == 0:
+        return None
+    out, mean, rstd = torch.native_layer_norm(x, (n,), None, None, eps)
+    return out, mean, rstd, rstd.pow(-2).sub_(eps).clamp_(min=0).mul_(n)
+
+
+def _chan(means: torch.Tensor, m2s: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (mean, M2) of the union of parts with row means `means`, M2s `m2s` (..., k) and sizes c (k,):
+    Chan et al.'s pairwise formula, as stable as a two-pass variance."""
+    total = c.sum().clamp(min=1)
+    mean = (means * c).sum(-1, keepdim=True) / total
+    return mean, m2s.sum(-1, keepdim=True) + ((means - mean).square() * c).sum(-1, keepdim=True)
+
+
+def _row_stats(xs: Sequence[torch.Tensor], counts: Sequence[int], group, eps: float):
+    """(mean, variance, parts) over the full feature axis of every row: each segment's (mean, M2) from
+    the fused kernel, combined over the segments and then over the ranks from ONE all-gather of each
+    rank's row (mean, M2) (_chan). counts[r]: features on rank r; parts: _segment_moments per segment."""
+    parts = [_segment_moments(x, eps) for x in xs]
+    present = [p for p in parts if p is not None]
+    lead = xs[0].shape[:-1]
+    if present:
+        sizes = torch.tensor([float(x.shape[-1]) for x in xs if x.shape[-1]], device=xs[0].device)
+        mean, m2 = _chan(torch.cat([p[1] for p in present], -1), torch.cat([p[3] for p in present], -1), sizes)
+    else:
+        mean = m2 = torch.zeros(*lead, 1, dtype=torch.float32, device=xs[0].device)
     if group is None:
-        return mean, m2 / n_local
+        return mean, m2 / max(sum(x.shape[-1] for x in xs), 1), parts
     stats = _gather_dim(torch.cat([mean, m2], dim=-1), group, [2] * len(counts), -1)
     stats = stats.view(*stats.shape[:-1], len(counts), 2)
     c = torch.tensor(counts, dtype=stats.dtype, device=stats.device)
-    total = float(sum(counts))
-    means, m2s = stats[..., 0], stats[..., 1]
-    full_mean = (means * c).sum(-1, keepdim=True) / total
-    full_m2 = m2s.sum(-1, keepdim=True) + ((means - full_mean).square() * c).sum(-1, keepdim=True)
-    return full_mean, full_m2 / total
+    mean, m2 = _chan(stats[..., 0], stats[..., 1], c)
+    return mean, m2 / float(sum(counts)), parts
 
 
 class _SplitLayerNorm(torch.autograd.Function):
@@ -47,15 +66,22 @@ class _SplitLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, counts, eps, out_dtype, n_seg, *tensors):
         xs, ws, bs = tensors[:n_seg], tensors[n_seg:2 * n_seg], tensors[2 * n_seg:]
-        mean, var = _row_stats(xs, counts, group)
+        acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+        mean, var, parts = _row_stats(acc, counts, group, eps)
         inv = torch.rsqrt(var + eps)
         ctx.save_for_backward(mean, inv, *xs, *ws)
         ctx.args = (group, sum(counts), n_seg)
-        # (x - mean) * inv as one fused multiply-add per element (x * inv + (-mean * inv)), then the
-        # affine in place: one full-size buffer per segment, where the plain expression made four
-        shift = -mean * inv
-        return tuple(torch.addcmul(shift, x.to(mean.dtype), inv).mul_(w).add_(b).to(out_dtype)
-                     for x, w, b in zip(xs, ws, bs))
+        outs = []
+        for x, w, b, part in zip(acc, ws, bs, parts):
+            if part is None:
+                outs.append(x.to(out_dtype))
+                continue
+            # from the segment's own normalisation, in its buffer: (x - mean) inv = own inv / rstd_s +
+            # (mean_s - mean) inv, then the affine (in place: addcmul with a broadcast bias is 5x slower on CPU)
+            own, mean_s, rstd_s, _ = part
+            normed = own.mul_(inv / rstd_s).add_((mean_s - mean).mul_(inv))
+            outs.append(normed.mul_(w).add_(b).to(out_dtype))
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -66,15 +92,18 @@ class _SplitLayerNorm(torch.autograd.Function):
         normed = [torch.addcmul(shift, x.to(mean.dtype), inv) for x in xs]
         lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         gs = [g.to(h.dtype) for g, h in zip(grads, normed)]
-        dws = [(lead(g) * lead(h)).sum(0).to(w.dtype) for g, h, w in zip(gs, normed, ws)]
+        ghs = [g * h for g, h in zip(gs, normed)]
+        dws = [lead(gh).sum(0).to(w.dtype) for gh, w in zip(ghs, ws)]
         dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(gs, ws)]
-        g_hat = [g * w for g, w in zip(gs, ws)]
-        sums = torch.cat([sum(g.sum(-1, keepdim=True) for g in g_hat),
-                          sum((g * h).sum(-1, keepdim=True) for g, h in zip(g_hat, normed))], dim=-1)
+        # the row sums of g w and g w normed as products with w (no full-size g * w temporary)
+        wf = [w.to(h.dtype) for w, h in zip(ws, normed)]
+        sums = torch.stack([sum(g.matmul(w) for g, w in zip(gs, wf)),
+                            sum(gh.matmul(w) for gh, w in zip(ghs, wf))], dim=-1)
         sums = _sum_over(sums, group) / n
         mean_g, mean_gh = sums[..., :1], sums[..., 1:]
-        # inv * (g_hat - mean_g - normed * mean_gh), in place in g_hat
-        dxs = [g.sub_(mean_g).sub_(h.mul_(mean_gh)).mul_(inv).to(x.dtype) for g, h, x in zip(g_hat, normed, xs)]
+        # inv * (g w - mean_g - normed mean_gh): three passes, in the buffer of g * normed
+        dxs = [torch.addcmul(-mean_g, h, -mean_gh, out=gh).addcmul_(g, w).mul_(inv).to(x.dtype)
+               for g, h, gh, w, x in zip(gs, normed, ghs, wf, xs)]
         return (None, None, None, None, None, *dxs, *dws, *dbs)
 
 

@@ -166,7 +166,7 @@ def selfcheck(rank, world, mesh_kwargs, dtype="fp32", overrides=None, defect=Non
 
     if defect == "per_shard_layernorm":  # statistics of each rank's feature slice only
         row_stats = layernorm._row_stats
-        layernorm._row_stats = lambda xs, counts, group: row_stats(xs, counts, None)
+        layernorm._row_stats = lambda xs, counts, group, eps: row_stats(xs, counts, None, eps)
     elif defect == "per_rank_seed":  # every rank draws its shard from its own seed
         original = init.fill_block
         init.fill_block = lambda p, lay, coords, ini, seed, name: original(p, lay, coords, ini, seed + rank, name)
