@@ -13,6 +13,7 @@ import torch
 from jigsaw_ext.selfcheck import FP32_TOL
 from jigsaw_ext.testing import run_workers
 from weathermixer.config import ChannelsConfig, ModelConfig
+from weathermixer.inference.ensemble import main as ens_main
 from weathermixer.model.mixer import WeatherMixer, num_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,10 +316,13 @@ def test_data_cli_set_and_computed_static_and_size_honours_the_mesh(capsys):
 # end to end on the real UK sample: the chosen re-encoding interval, the WB2-clean store, the report ----
 @pytest.fixture(scope="module")
 def uk_run(tmp_path_factory):
-    """The UK job, tiny: 6 steps (curriculum 1 -> 2 leads, checkpointed rollout, history 1), then the
-    re-encoding interval chosen on its validation split."""
+    """The UK job's whole workflow, tiny: statistics and the anchor's fit (ridge chosen on validation) over the training
+    split, 6 steps (curriculum 1 -> 2 leads, fit frozen, decoder from 0), the re-encoding chosen on validation."""
     import subprocess
     import sys
+
+    from weathermixer.data.__main__ import main as data_main
+    from weathermixer.model.skip_fit import main as fit_main
 
     pytest.importorskip("cfgrib", reason="cfgrib (the [grib] extra) is not installed: the GRIB sample cannot be read")
     if not UK_GRIB.exists():
@@ -326,7 +330,8 @@ def uk_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("uk")
     job = json.loads((ROOT / "deepspeed_configs" / "era5_uk_t2m_cpu.json").read_text())
     wm = job["weathermixer"]
-    wm["model"].update(hidden=16, blocks=1)
+    assert wm["model"]["pixel_skip_zero_start"] and wm["model"]["pixel_skip"] == 6  # the job file's recipe
+    wm["model"].update(hidden=16, blocks=1, pixel_skip_init=str(d / "fit.npz"))
     wm["train"].update(steps=6, warmup=1, curriculum=[[1, 1], [4, 2]], lead_weights=[1, 2])
     wm["data"].update(path=str(UK_GRIB), stats=str(d / "stats.json"),
                       splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-18T00", "2019-03-18T11"]})
@@ -334,11 +339,10 @@ def uk_run(tmp_path_factory):
     wm["log"].update(dir=str(d / "run"), plot=False)
     (d / "job.json").write_text(json.dumps(job))
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    # the job's daily-cycle static inputs come from statistics over its training period only
-    from weathermixer.data.__main__ import main as data_main
-
     assert data_main(["stats", "--config", str(d / "job.json"), "--start", "2019-03-01", "--end", "2019-03-05T23",
                       "--out", str(d / "stats.json")]) == 0
+    assert fit_main(["--config", str(d / "job.json"), "--leads", "6", "--ridge", "1e-3,1",
+                     "--out", str(d / "fit.npz")]) == 0
     run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(d / "job.json")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -369,6 +373,28 @@ def test_reencode_interval_is_chosen_on_validation_and_used_by_forecast(uk_run, 
         assert ds["t2m"].attrs["units"] == "K" and not any(k.startswith("GRIB_") for k in ds["t2m"].attrs)
         stores[fmt] = ds.load()
     xr.testing.assert_identical(stores[2], stores[3])
+
+
+def test_ensemble_mean_of_forecast_stores(tmp_path, capsys):
+    """weathermixer.inference.ensemble: the member-wise mean in the same layout; mismatched members are refused."""
+    import xarray as xr
+
+    def store(name, inits=pd.date_range("2019-03-18", periods=2, freq="3h"), leads=pd.to_timedelta([1, 2, 3], "h")):
+        coords = {"time": inits, "prediction_timedelta": leads, "latitude": [60.0, 55, 50], "longitude": [-8.0, 2],
+                  "valid_time": (("time", "prediction_timedelta"), np.add.outer(inits.values, leads.values))}
+        t2m = (tuple(coords)[:4], np.random.default_rng(ord(name)).normal(280, 3, (2, 3, 3, 2)), {"units": "K"})
+        ds = xr.Dataset({"t2m": t2m}, coords=coords, attrs={"latent_steps_per_encode": 6})
+        ds.to_zarr(tmp_path / name, consolidated=True)
+        return ds, str(tmp_path / name)
+
+    (a, pa), (b, pb), (_, pc) = store("a"), store("b"), store("c", pd.date_range("2019-03-18T01", periods=2, freq="3h"))
+    assert ens_main(["--members", pa, pb, "--out", str(tmp_path / "mean")]) == 0
+    mean = xr.open_zarr(tmp_path / "mean", consolidated=True).load()
+    np.testing.assert_allclose(mean["t2m"], (a["t2m"].astype(np.float64) + b["t2m"]) / 2, rtol=0, atol=1e-4)
+    assert mean["t2m"].dtype == np.float32 and mean["t2m"].attrs["units"] == "K" and mean.attrs["ensemble_size"] == 2
+    assert mean.valid_time.equals(a.valid_time) and mean.attrs["latent_steps_per_encode"] == 6
+    assert ens_main(["--members", pa, pc, "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
+    assert "coordinate 'time' differs" in capsys.readouterr().err and ens_main(["--members", pa, "--out", pb]) == 2
 
 
 def test_store_drops_attributes_that_describe_the_truths_values():

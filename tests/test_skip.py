@@ -212,6 +212,7 @@ def test_the_least_squares_fit_is_the_regression_baseline_on_the_uk_sample(tmp_p
     job = str(Path(__file__).resolve().parents[1] / "deepspeed_configs" / "era5_uk_t2m_cpu.json")
     sets = ["--set", f"data.path={grib}", "--set", f"data.stats={tmp_path / 'stats.json'}",
             "--set", 'model.channels.static=["sin_hour_of_day", "cos_hour_of_day"]',
+            "--set", "model.pixel_skip_inputs=all",  # the regression's features (the job file's head is `changes`)
             "--set", 'data.splits={"train": ["2019-03-01T01", "2019-03-06T23"], "val": ["2019-03-08", "2019-03-09"]}']
     assert data_main(["stats", "--config", job, *sets, "--start", "2019-03-01", "--end", "2019-03-06T23",
                       "--out", str(tmp_path / "stats.json")]) == 0
@@ -246,6 +247,27 @@ def test_job_whose_rollout_outruns_the_skip_leads_fails_at_load():
     with pytest.raises(ConfigError, match=r"model.pixel_skip=3 has coefficients for leads 1..3.*set model.pixel_skip >= 6"):
         load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=3"])
     load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=6"])
+
+
+def test_the_uk_job_file_starts_from_its_frozen_fitted_anchor_and_names_a_missing_fit(tmp_path):
+    """deepspeed_configs/era5_uk_t2m_cpu.json is the recipe chosen on the UK validation days: the level-free
+    anchor (`changes`, 6 leads) fitted beside the job's statistics, frozen (lr 0), the decoder starting at 0.
+    Training it before the fit step is an error that names the command writing the fit."""
+    import re
+    from pathlib import Path
+
+    from weathermixer.train.config import load_train_job
+
+    job, _ = load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json")
+    m = job.model
+    assert (m.pixel_skip, m.pixel_skip_inputs, m.pixel_skip_day, m.pixel_skip_zero_start) == (6, "changes", 24, True)
+    assert Path(m.pixel_skip_init).parent == Path(job.data.stats).parent
+    frozen = [g for g in job.train.param_groups if "skip.*" in g.match]
+    assert len(frozen) == 1 and frozen[0].lr_scale == 0 and frozen[0].weight_decay == 0
+    missing = re.escape(str(tmp_path / "fit.npz"))
+    with pytest.raises(FileNotFoundError, match=rf"pixel_skip_init={missing}: no such fit file.*"
+                                                rf"skip_fit --config JOB --leads 6 --out {missing}"):
+        WeatherMixer(m.model_copy(update={"pixel_skip_init": str(tmp_path / "fit.npz")}))
 
 
 def test_skip_head_knows_the_loaders_time_features():

@@ -245,8 +245,14 @@ FEATURE_NAMES = "features (skip_feature_names): the states, [anchor: yesterday, 
 @torch.no_grad()
 def load_initial_coefficients(skip: PixelSkip, path: str) -> None:
     """Fill this rank's block of the skip coefficients from a fit file (the full logical tensor)."""
+    import os
+
     import numpy as np
 
+    if not os.path.isfile(path):  # a step of the job's workflow was skipped: say which
+        raise FileNotFoundError(f"model.pixel_skip_init={path}: no such fit file; write it first with `python -m "
+                                f"weathermixer.model.skip_fit --config JOB --leads {skip.leads} --out {path}` "
+                                "(after the job's stats file: the fit reads its normalisation and daily cycle)")
     with np.load(path) as f:
         coef, statics = f["coef"], [str(s) for s in f["static"]]
         inputs = str(f["inputs"]) if "inputs" in f else None  # fits from before the anchor inputs: not stored
