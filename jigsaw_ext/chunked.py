@@ -162,9 +162,11 @@ class _LinearReduceScatter(torch.autograd.Function):
         wc = [w.to(dtype) for w in ws]
         n, m, pre = len(sizes), max(sizes), x2[0].shape[0]
         me = collectives._rank(group)
-        out = x2[0].new_empty((pre, sizes[me]))
+        bounds = _row_bounds(pre, chunks)
+        # one chunk: the reduce-scatter's own output buffer is the result (no copy unless padded)
+        out = None if len(bounds) == 1 else x2[0].new_empty((pre, sizes[me]))
         in_flight = []
-        for lo, hi in _row_bounds(pre, chunks):
+        for lo, hi in bounds:
             send = x2[0].new_empty((n, hi - lo, m)) if all(sz == m for sz in sizes) else x2[0].new_zeros((n, hi - lo, m))
             _products_into(send, [x[lo:hi] for x in x2], wc, sizes)
             in_flight.append((lo, hi, *_scatter_from_blocks(send.unsqueeze(-1), group, async_op=True)))
@@ -172,7 +174,10 @@ class _LinearReduceScatter(torch.autograd.Function):
                 a, b, part, work = in_flight.pop(0)
                 if work is not None:
                     work.wait()
-                out[a:b] = part[:, : sizes[me], 0]
+                if out is None:
+                    out = part[:, : sizes[me], 0].contiguous()
+                else:
+                    out[a:b] = part[:, : sizes[me], 0]
         ctx.save_for_backward(*x2, *ws)
         ctx.args = (group, sizes, replicas, n_seg, chunks, [x.shape for x in xs], [x.dtype for x in xs])
         ctx.deferral = deferral
