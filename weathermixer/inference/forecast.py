@@ -185,10 +185,11 @@ def main(argv=None) -> int:
 def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> int:
     import torch
 
-    from ..train.engine import set_threads
+    from ..train.engine import bind_cores, set_threads
 
-    set_threads()
     cuda = torch.cuda.is_available()
+    bind_cores(enabled=not cuda)  # as train.py: each CPU rank on its own cores
+    set_threads()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     out, partial = Path(args.out), partial_path(args.out)
     per_encode = steps if args.mode == "latent" else (args.reencode_every or job.reencode_every or job.trained_leads)
