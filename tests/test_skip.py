@@ -23,10 +23,6 @@ def _inputs(cfg, batch=2, seed=0):
 
 
 def test_off_by_default_exact_size_and_the_tendency_model_at_initialisation():
-    from weathermixer.data.config import TIME_FEATURES
-    from weathermixer.model.skip import TIME_FEATURES as SKIP_TIME_FEATURES
-
-    assert SKIP_TIME_FEATURES == TIME_FEATURES  # the model's copy of the loader's time-feature names
     assert ModelConfig().pixel_skip == 0 and WeatherMixer(ModelConfig()).skip is None
     plain = ModelConfig(**UK, rollout=3)
     cfg = plain.model_copy(update={"pixel_skip": 3})
@@ -270,14 +266,6 @@ def test_the_uk_job_file_starts_from_its_frozen_fitted_anchor_and_names_a_missin
         WeatherMixer(m.model_copy(update={"pixel_skip_init": str(tmp_path / "fit.npz")}))
 
 
-def test_skip_head_knows_the_loaders_time_features():
-    """skip.py repeats the names (the model does not import the data package): they must agree."""
-    from weathermixer.data.config import TIME_FEATURES
-    from weathermixer.model.skip import TIME_FEATURES as SKIP_TIME_FEATURES
-
-    assert tuple(SKIP_TIME_FEATURES) == tuple(TIME_FEATURES)
-
-
 # the anchor inputs (model.pixel_skip_inputs = "anchor") -----------------------------------------------
 DAY = 4  # model steps in a day: small, so history DAY - 1 = 3 keeps the test grids small
 CYCLE = [f"daily_cycle_{t}_t2m" for t in ("mean", "cos1", "sin1", "cos2", "sin2")]
@@ -310,6 +298,15 @@ def _anchor_inputs(cfg, hour=5.0, batch=2, seed=0):
     return fields, static
 
 
+def _head_forecast(cfg, hour):
+    """(model, fields, static, coefficients, leads 1..DAY) of the head-only model from the start hour `hour`."""
+    model = _head_only(cfg)
+    fields, static = _anchor_inputs(cfg, hour)
+    with torch.no_grad():
+        leads = model.forecast_leads(fields, static, DAY)
+    return model, fields, static, model.skip.weight.detach(), leads
+
+
 def _climatology(static, hour):
     """The daily cycle (static terms mean, cos1, sin1, cos2, sin2) at `hour`, written out."""
     import math
@@ -329,12 +326,8 @@ def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regre
     assert skip_features(cfg) == 7 and skip_feature_names(cfg) == [
         "x(t - dt)", "x(t)", "x(t + l dt - 1 day)", "daily-cycle climatology at t + l dt", "sin_hour_of_day",
         "cos_hour_of_day", "1"]
-    model = _head_only(cfg)
     hour = 5.0
-    fields, static = _anchor_inputs(cfg, hour)
-    w = model.skip.weight.detach()
-    with torch.no_grad():
-        leads = model.forecast_leads(fields, static, DAY)
+    model, fields, static, w, leads = _head_forecast(cfg, hour)
     x = fields[:, -1, 0]
     for lead, y in enumerate(leads, start=1):
         clim = _climatology(static, hour + lead * 24 / DAY)
@@ -369,13 +362,6 @@ def test_anchor_settings_are_checked():
                        "add sin_hour_of_day and cos_hour_of_day")):
         with pytest.raises(ValidationError, match=match):
             _anchor_cfg(**kw)
-
-
-def test_the_skip_heads_copy_of_the_daily_cycle_names_is_the_loaders():
-    from weathermixer.data.config import DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS
-    from weathermixer.model import skip
-
-    assert skip.DAILY_CYCLE_TERMS == DAILY_CYCLE_TERMS and skip.DAILY_CYCLE_PREFIX == DAILY_CYCLE_PREFIX
 
 
 def test_a_fit_file_of_other_inputs_is_refused(tmp_path):
@@ -459,12 +445,9 @@ def test_the_changes_anchor_is_level_free():
     assert skip_feature_names(cfg) == ["x(t - dt) - x(t)", "x(t + l dt - 1 day) - x(t)",
                                        "daily-cycle climatology at t + l dt - at t", "sin_hour_of_day",
                                        "cos_hour_of_day"]
-    model = _head_only(cfg)
     hour = 13.0
-    fields, static = _anchor_inputs(cfg, hour)
-    w = model.skip.weight.detach()
+    model, fields, static, w, leads = _head_forecast(cfg, hour)
     with torch.no_grad():
-        leads = model.forecast_leads(fields, static, DAY)
         shifted = model.forecast_leads(fields + 3.0, static, DAY)
     x = fields[:, -1, 0]
     for lead, (y, z) in enumerate(zip(leads, shifted), start=1):

@@ -18,18 +18,8 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..config import JobConfig, _Strict
-
-COMPUTED_STATIC = ("cos_latitude", "sin_latitude", "cos_longitude", "sin_longitude",
-                   "sin_hour_of_day", "cos_hour_of_day", "sin_day_of_year", "cos_day_of_year")
-TIME_FEATURES = COMPUTED_STATIC[4:]
-# Per-pixel mean daily cycle of a predicted channel over the statistics' period (`weathermixer.data
-# stats` fits x = mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h) per pixel,
-# h = UTC hour, w = 2 pi / 24 h): static input daily_cycle_<term>_<channel>, e.g.
-# daily_cycle_mean_2m_temperature, normalised by the channel's mean and std (terms other than mean by
-# the std only). Computed from the stats file, not read from the data set.
-DAILY_CYCLE_TERMS = ("mean", "cos1", "sin1", "cos2", "sin2")
-DAILY_CYCLE_PREFIX = "daily_cycle_"
+from ..config import (COMPUTED_STATIC, DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, TIME_FEATURES,  # noqa: F401
+                      JobConfig, _Strict)
 
 
 def daily_cycle_static(name: str) -> tuple[str, str] | None:

@@ -66,16 +66,8 @@ from jigsaw_ext.collectives import sum_partials
 from jigsaw_ext.layers import make_param
 from jigsaw_ext.layout import Layout
 
+from ..config import DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, TIME_FEATURES
 from .geometry import Geometry
-
-# the scalar time features a static channel may be (weathermixer.data.config.TIME_FEATURES; repeated
-# here so the model does not import the data package)
-TIME_FEATURES = ("sin_hour_of_day", "cos_hour_of_day", "sin_day_of_year", "cos_day_of_year")
-
-
-# the per-pixel daily-cycle static inputs (weathermixer.data.config.DAILY_CYCLE_TERMS / DAILY_CYCLE_PREFIX)
-DAILY_CYCLE_TERMS = ("mean", "cos1", "sin1", "cos2", "sin2")
-DAILY_CYCLE_PREFIX = "daily_cycle_"
 
 
 def skip_time_features(cfg) -> list[int]:

@@ -83,7 +83,8 @@ def bind_cores(enabled: bool = True) -> list[int] | None:
     if not enabled or local < 2 or not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(cores) // local
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = (int(omp) if omp.strip().isdigit() else 0) or len(cores) // local
     if threads < 1 or threads * local > len(cores) or local_rank >= local:
         return None
     per = len(cores) // local
