@@ -549,20 +549,22 @@ def serial_overhead_figure(settings) -> dict:
             "target": "ratio <= 1.10", "pass": ours / plain <= 1.10}
 
 
-def strong_scaling_figure(settings) -> dict:
-    step_s = {}
+def strong_scaling_figure(settings, hidden: int = COMPUTE_BOUND["hidden"]) -> dict:
+    """The strong-scaling figure for the compute-bound model at this width (model.hidden)."""
+    model, step_s = dict(COMPUTE_BOUND, hidden=hidden), {}
     for label, (dp, domain, tp), threads in (("1_rank_1_thread", (1, 1, 1), 1), ("1_rank_2_threads", (1, 1, 1), 2),
                                              ("2_ranks_domain_1x2x1", (1, 2, 1), 1),
                                              ("2_ranks_tp_1x1x2", (1, 1, 2), 1)):
-        log(f"strong scaling: {label}")
-        per_rank = _run(_scaling_worker, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), COMPUTE_BOUND,
+        log(f"strong scaling, hidden {hidden}: {label}")
+        per_rank = _run(_scaling_worker, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), model,
                         settings["scaling_batch"], settings["scaling_reps"], settings["warmup"], threads=threads)
         step_s[label] = statistics.median(max(step) for step in zip(*per_rank))  # slowest rank of each step
     log("strong scaling: matmul throughput of 1 and 2 concurrent single-thread processes")
     gflops = {w: sum(_run(_matmul_worker, w, 1024, settings["matmul_reps"])) for w in (1, 2)}
     two_ranks = [k for k in step_s if "ranks" in k]
     speedup = {k: round(step_s["1_rank_1_thread"] / t, 3) for k, t in step_s.items() if k != "1_rank_1_thread"}
-    return {"definition": "median over steps of the slowest rank's seconds per training step of the compute-bound "
+    return {"hidden": hidden, "batch": settings["scaling_batch"], "reps": settings["scaling_reps"],
+            "definition": "median over steps of the slowest rank's seconds per training step of the compute-bound "
                           "model, same global batch; speed-up = time(1 rank x 1 thread) / time(setting); the 2-rank "
                           "settings run 1 thread per rank on this machine's 2 cores",
             "step_s": {k: round(v, 4) for k, v in step_s.items()}, "speedup": speedup,
@@ -576,6 +578,14 @@ def strong_scaling_figure(settings) -> dict:
             "pass": all(speedup[k] >= 1.7 for k in two_ranks)}
 
 
+def scaling_widths(settings, widths: list[int]) -> dict:
+    """One strong-scaling figure per width; a single width keeps the figure's own layout."""
+    if len(widths) == 1:
+        return strong_scaling_figure(settings, widths[0])
+    by_hidden = {str(h): strong_scaling_figure(settings, h) for h in widths}
+    return {"by_hidden": by_hidden, "pass": all(f["pass"] for f in by_hidden.values())}
+
+
 FIGURES = ("parameter_memory", "activation_memory", "communication", "serial_overhead", "strong_scaling", "sanity")
 
 
@@ -584,12 +594,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (< 3 min)")
     ap.add_argument("--figures", default=",".join(FIGURES),
                     help=f"comma-separated subset of {', '.join(FIGURES)} (default: all)")
+    ap.add_argument("--scaling-hidden", default=str(COMPUTE_BOUND["hidden"]),
+                    help="strong_scaling: model.hidden values, comma-separated (the paper's width is 4320); with "
+                         "several, one figure per width under 'by_hidden'")
+    ap.add_argument("--scaling-batch", type=int, help="strong_scaling: global batch (default 16, --quick 6)")
+    ap.add_argument("--scaling-reps", type=int, help="strong_scaling: timed steps per setting (default 15, --quick 4)")
     args = ap.parse_args(argv)
     figures = [f for f in args.figures.split(",") if f]
     unknown = sorted(set(figures) - set(FIGURES))
     if unknown:
         ap.error(f"--figures: unknown {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    settings = SETTINGS["quick" if args.quick else "full"]
+    settings = dict(SETTINGS["quick" if args.quick else "full"])
+    settings.update({k: v for k, v in (("scaling_batch", args.scaling_batch), ("scaling_reps", args.scaling_reps))
+                     if v is not None})
+    widths = [int(h) for h in args.scaling_hidden.split(",")]
     # stdout carries only the JSON document: anything else (workers inherit fd 1) goes to stderr
     json_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -604,7 +622,7 @@ def main(argv=None) -> int:
     make = {"parameter_memory": lambda: parameter_figure(runs), "activation_memory": lambda: activation_figure(runs),
             "communication": lambda: communication_figure(runs),
             "serial_overhead": lambda: serial_overhead_figure(settings),
-            "strong_scaling": lambda: strong_scaling_figure(settings), "sanity": lambda: sanity_figure(runs)}
+            "strong_scaling": lambda: scaling_widths(settings, widths), "sanity": lambda: sanity_figure(runs)}
     report = {
         "benchmark": "jigsaw-weathermixer versus megatron-core tensor + sequence parallelism",
         "quick": args.quick,
@@ -613,7 +631,8 @@ def main(argv=None) -> int:
         "config": {"model": MEDIUM, "batch": settings["batch"], "meshes_dp_domain_tp": [mesh_name(m) for m in MESHES],
                    "weight_modes": WEIGHT_MODES, "dtype": "float32", "optimizer": "SGD, one step per training step",
                    "loss": "mean squared error against a fixed random target",
-                   "strong_scaling_model": COMPUTE_BOUND, "strong_scaling_batch": settings["scaling_batch"]},
+                   "strong_scaling_model": COMPUTE_BOUND, "strong_scaling_hidden": widths,
+                   "strong_scaling_batch": settings["scaling_batch"]},
         "baseline": BASELINE,
         "variants": VARIANTS,
         "targets": TARGETS,
