@@ -214,3 +214,40 @@ def test_small_data_set_kept_in_memory_once_read(store, monkeypatch):
     assert cs.chunk_keys()
     torch.testing.assert_close(again.fields, first.fields[[1, 0]])
     torch.testing.assert_close(again.targets[1], first.targets[1][[1, 0]])
+
+
+def test_pin_memory_in_the_prefetch_thread(store, monkeypatch):
+    """data.pin_memory: every tensor of a served batch was page-locked, in the prefetch thread (not the
+    consumer's), with values unchanged; true without CUDA is an error naming the key. Pinning itself
+    needs CUDA, so here Tensor.pin_memory is replaced by a copy that records the thread it ran in."""
+    import threading
+
+    import weathermixer.data.loader as loader_mod
+
+    with pytest.raises(loader_mod.DataError, match="data.pin_memory=true needs a CUDA device"):
+        _loader(store, 1, 1, 0, cfg={"pin_memory": True})
+    assert not _loader(store, 1, 1, 0).pin  # null: on only where CUDA is available
+    ref = next(iter(_loader(store, 1, 1, 0, batch=2, shuffle=False)))
+    pinned, threads = set(), set()
+
+    def fake_pin(t):
+        threads.add(threading.current_thread().name)
+        out = t.clone()
+        pinned.add(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ld = _loader(store, 1, 1, 0, batch=2, shuffle=False, prefetch=2)
+    assert ld.pin
+    got = next(iter(ld))
+    served = [got.fields, got.static, *got.targets]
+    assert all(t.data_ptr() in pinned for t in served) and threads == {"data-prefetch"}
+    for a, b in zip(served, [ref.fields, ref.static, *ref.targets]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: page-locked memory")
+def test_pin_memory_on_cuda(store):
+    got = next(iter(_loader(store, 1, 1, 0, batch=2, prefetch=1)))
+    assert got.fields.is_pinned() and got.static.is_pinned() and all(t.is_pinned() for t in got.targets)

@@ -80,6 +80,10 @@ class DataConfig(_Strict):
         1000, ge=1, description="with nonfinite='zero': samples between warnings that sum up the values set to "
                                 "0 (each channel's first occurrence is warned at once)")
     prefetch: int = Field(2, ge=0, description="batches loaded ahead in a background thread (0 = inline)")
+    pin_memory: bool | None = Field(
+        None, description="copy each batch into page-locked host memory as it is loaded (in the prefetch "
+                          "thread), so its copy to the GPU runs asynchronously at full bandwidth instead of "
+                          "synchronously from pageable memory; null = on when CUDA is available; true needs CUDA")
     fake: bool = Field(False, description="no I/O: the same random tensors every step (loader benchmarks)")
 
     @field_validator("splits")

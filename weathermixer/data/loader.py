@@ -42,6 +42,15 @@ class Sample(NamedTuple):
     times: list[pd.Timestamp]  # start time t of each sample of the batch
 
 
+def pin_sample(sample: Sample) -> Sample:
+    """The sample with its tensors in page-locked memory (data.pin_memory): a copy made where the batch
+    is loaded (the prefetch thread), so that `.to(cuda, non_blocking=True)` is an asynchronous DMA. The
+    pinned blocks come from torch's caching host allocator, which keeps a block until the copies
+    reading it have completed."""
+    return Sample(sample.fields.pin_memory(), None if sample.static is None else sample.static.pin_memory(),
+                  [t.pin_memory() for t in sample.targets], sample.times)
+
+
 def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | None) -> np.ndarray:
     la, lo = np.deg2rad(lat)[:, None], np.deg2rad(lon)[None, :]
     shape = (len(lat), len(lon))
@@ -170,6 +179,10 @@ class ShardedSampleLoader:
             self._fake = Sample(f, s, [torch.randn(tshape, generator=g) for _ in range(self.leads)],
                                 [pd.Timestamp("2000-01-01")] * batch)
         self._thread = None
+        if data_cfg.pin_memory and not torch.cuda.is_available():
+            raise DataError("data.pin_memory=true needs a CUDA device (torch.cuda.is_available() is False): "
+                            "set it to null (on when CUDA is available) or false")
+        self.pin = torch.cuda.is_available() if data_cfg.pin_memory is None else data_cfg.pin_memory
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -272,9 +285,8 @@ class ShardedSampleLoader:
         return Sample(torch.from_numpy(fields), static, targets, times)
 
     def _load_at(self, epoch: int, step: int) -> Sample:
-        if self.cfg.fake:
-            return self._fake
-        return self.load_batch(self.sampler.indices(epoch, step))
+        sample = self._fake if self.cfg.fake else self.load_batch(self.sampler.indices(epoch, step))
+        return pin_sample(sample) if self.pin else sample
 
     # iteration with background prefetch -------------------------------------------------------
     def _positions(self, epoch, step):

@@ -203,9 +203,10 @@ class Trainer:
 
     # helpers -------------------------------------------------------------------------------------
     def _to(self, t, dtype=None):
+        """On the device first (from data.pin_memory's pinned memory: an asynchronous copy), then cast."""
         if t is None:
             return None
-        return t.to(self.device, dtype=dtype or t.dtype, non_blocking=True)
+        return t.to(self.device, non_blocking=True).to(dtype or t.dtype)
 
     def rollout_length(self, step: int) -> int:
         K = self.job.rollout_cap(step)  # the curriculum stage's K (train.curriculum), else the rollout
