@@ -53,9 +53,10 @@ def _all_gather_single(output_tensor: torch.Tensor, input_tensor: torch.Tensor, 
 
 
 def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None, async_op=False):
-    """reduce_scatter_tensor (sum): the ring on gloo, the backend's collective elsewhere."""
+    """reduce_scatter_tensor (sum): the ring on gloo, the backend's collective elsewhere. output is
+    contiguous; input may be a strided (n, ...) view (the ring copies only what it sends)."""
     if not use_ring(group) or output.numel() == 0:
-        return _native_reduce_scatter(output, input, group=group, async_op=async_op)
+        return _native_reduce_scatter(output.view(-1), input.contiguous().view(-1), group=group, async_op=async_op)
     work = RingWork(ring_reduce_scatter_steps(output, input, group))
     return work if async_op else work.wait() and None
 
@@ -111,8 +112,8 @@ def _scatter_from_blocks(send: torch.Tensor, group, async_op: bool = False):
     rank's (pre, m, post) chunk (padding included)."""
     n, pre, m, post = send.shape
     out = send.new_empty((pre, m, post))
-    work = _reduce_scatter_single(out.view(-1), send.contiguous().view(-1), group=group,
-                                  async_op=_async(async_op))
+    # send as it is: a transposed view is made contiguous by the backend's path, chunk-wise by the ring
+    work = _reduce_scatter_single(out, send, group=group, async_op=_async(async_op))
     return out, work
 
 
@@ -139,7 +140,7 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
     x3, dim = _view3(x, dim)
     pre, total, post = x3.shape
     if all(sz == m for sz in sizes):
-        send = x3.view(pre, n, m, post).transpose(0, 1)  # a view for pre == 1, else copied once
+        send = x3.view(pre, n, m, post).transpose(0, 1)  # a view (the ring copies only what it sends)
     else:
         send = x3.new_zeros((n, pre, m, post))
         offset = 0
@@ -354,60 +355,99 @@ def _compute_dtype(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return w if dtype is None else w.to(dtype)
 
 
+def _operand(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(x as its products read it, t). t: x has 3+ dims with its last two transposed in memory (token
+    mixing's blocks, x = block.transpose(1, 2)): the products are then taken per sample as W @ x^T on
+    the contiguous (batch, in, F) transpose (a view), so neither x nor the output nor the gradients
+    are copied into the other layout. Else x as (rows, in) (a view, or one copy for every product)."""
+    if x.dim() >= 3 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
+        return x.transpose(-1, -2).reshape(math.prod(x.shape[:-2]), x.shape[-1], x.shape[-2]), True
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), False  # (shards may be empty)
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, t: bool) -> torch.Tensor:
+    """x @ w^T for an operand of `_operand`: (rows, out), or with t (batch, out, F)."""
+    return torch.bmm(w.expand(x.shape[0], *w.shape), x) if t else F.linear(x, w)
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool) -> torch.Tensor:
+    """dL/dw of `_product` from its output gradient g (in its layout, x's dtype). With t, one product
+    of the 2-d (rows, .) copies of both: per-sample products would be rounded one by one in bf16, a
+    batched product summed after holds batch x weight (2.4 GB for the C1 token mixer at batch 4), and
+    a loop over the samples would give the planner's trace a structure that changes with the batch."""
+    if not t:
+        return g.t().mm(x)
+    rows = lambda v: v.transpose(1, 2).reshape(-1, v.shape[1])  # noqa: E731
+    return rows(g).t().mm(rows(x))
+
+
+def _input_grad(g: torch.Tensor, w: torch.Tensor, t: bool) -> torch.Tensor:
+    """dL/dx of `_product` in the operand's layout: (rows, in), or with t (batch, in, F)."""
+    return torch.bmm(w.t().expand(g.shape[0], *w.t().shape), g) if t else g.mm(w)
+
+
 class _GatheredLinear(torch.autograd.Function):
     """y = x @ W^T where W (out, in_local) is stored as row blocks spread over `group`.
 
     keep: None (gather in forward, gather again in backward: nothing gathered outlives its use), or
     a dict owned by the layer that keeps the gathered weight until the layer clears it (once per
     optimizer step, jigsaw_ext.layers.clear_gathered_weights) or the block changes in place: one
-    gather per optimizer step instead of two per micro-batch, for one full-row weight of memory."""
+    gather per optimizer step instead of two per micro-batch, for one full-row weight of memory.
+    x is read in its own layout (`_operand`); y has x's layout."""
 
     @staticmethod
     def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor, prefetched=None):
-        ctx.save_for_backward(x, w_block)
-        ctx.args = (group, sizes, gather)
+        shape, (x, t) = x.shape, _operand(x)
+        ctx.save_for_backward(x, w_block)  # the operand: what backward's products read, with no copy
+        ctx.args = (group, sizes, gather, shape, t)
         ctx.w_full, ctx.deferral = None, deferral
-        if not gather:
-            return F.linear(x, w_block)
-        if prefetched is not None:  # gathered while the previous layer computed (mesh.prefetch_weights)
-            return F.linear(x, prefetched.wait())
+        lead = shape[:-2] if t else shape[:-1]
+        out = lambda y: (y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2) if t  # noqa: E731
+                         else y.view(*lead, y.shape[-1]))
         w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
+        if not gather:
+            return out(_product(x, w_compute, t))
+        if prefetched is not None:  # gathered while the previous layer computed (mesh.prefetch_weights)
+            return out(_product(x, prefetched.wait(), t))
         me, offset = _rank(group), 0
         if keep is not None and keep.get("key") == (w_block._version, w_compute.dtype):
             w_full, own = keep["w"], None
         else:
             pending = start_all_gather(w_compute, group, sizes)
-            own = F.linear(x, w_block)  # overlaps with the transfer of the other blocks
+            own = _product(x, w_compute, t)  # overlaps with the transfer of the other blocks
             w_full = pending.wait()
             if keep is not None:
                 keep.update(key=(w_block._version, w_compute.dtype), w=w_full)
         ctx.w_full = w_full if keep is not None else None
         pieces = []
         for r, s in enumerate(sizes):
-            pieces.append(own if (r == me and own is not None) else F.linear(x, w_full[offset: offset + s]))
+            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset: offset + s], t))
             offset += s
-        return torch.cat(pieces, dim=-1)
+        return out(torch.cat(pieces, dim=1 if t else -1))
 
     @staticmethod
     def backward(ctx, grad):
         x, w_block = ctx.saved_tensors
-        group, sizes, gather = ctx.args
+        group, sizes, gather, shape, t = ctx.args
         need_x = ctx.needs_input_grad[0]
         # backward runs outside autocast: compute in the dtype of the incoming gradient (that of the
         # forward's matmul), reduce weight gradients in fp32
         w_compute = w_block.to(grad.dtype)
         kept = ctx.w_full
         pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x and kept is None) else None
-        rows = math.prod(grad.shape[:-1])
-        grad_w = grad.reshape(rows, grad.shape[-1]).t().mm(x.to(grad.dtype).reshape(rows, x.shape[-1]))
-        grad_w = grad_w.float()  # summed over the group in fp32 (a bf16 sum of partials loses bits)
+        # the gradient in the operand's layout: a view with t, else (rows, out) (one copy if transposed)
+        g = grad.transpose(-1, -2).reshape(x.shape[0], grad.shape[-1], grad.shape[-2]) if t else \
+            grad.reshape(x.shape[0], grad.shape[-1])
+        # summed over the group in fp32 (a bf16 sum of partials loses bits)
+        grad_w = _weight_grad(g, x.to(grad.dtype), t).float()
         grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
         pending_gw = (None if grad_w is None else start_reduce_scatter(grad_w, group, sizes) if gather
                       else start_all_reduce(grad_w, group))
         grad_x = None
         if need_x:
             w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
-            grad_x = grad.matmul(w).to(x.dtype)
+            dx = _input_grad(g, w, t).to(x.dtype)
+            grad_x = dx.view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if t else dx.view(shape)
         ctx.w_full = None
         grad_w = None if pending_gw is None else pending_gw.wait().to(w_block.dtype)
         return grad_x, grad_w, None, None, None, None, None, None, None

@@ -91,7 +91,10 @@ class _SplitLayerNorm(torch.autograd.Function):
         shift = -mean * inv
         normed = [torch.addcmul(shift, x.to(mean.dtype), inv) for x in xs]
         lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        gs = [g.to(h.dtype) for g, h in zip(grads, normed)]
+        # one copy of a transposed gradient (the token-mixing LayerNorm's comes back as the transpose
+        # of fc1's input gradient): otherwise g * normed inherits its strides, and the two row-sum
+        # products and the two reshapes below would each copy g or g * normed
+        gs = [g.to(h.dtype).contiguous() for g, h in zip(grads, normed)]
         ghs = [g * h for g, h in zip(gs, normed)]
         dws = [lead(gh).sum(0).to(w.dtype) for gh, w in zip(ghs, ws)]
         dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(gs, ws)]

@@ -49,15 +49,19 @@ def ring_all_gather_steps(output: torch.Tensor, input: torch.Tensor, group):
 
 
 def ring_reduce_scatter_steps(output: torch.Tensor, input: torch.Tensor, group):
+    """input: contiguous, or any view whose first dimension holds the n chunks (a rank-major view of
+    a transposed buffer): only the chunk sent first is made contiguous, every other one is read in
+    place by the additions, so no whole transposing copy precedes the collective."""
     n, r, nxt, prv = _ring_neighbours(group)
-    chunks = input.view(n, -1)
-    bufs = [torch.empty_like(chunks[0]) for _ in range(min(n - 1, 2))]
-    send = chunks[(r - 1) % n]
+    chunks = input.view(n, -1) if input.is_contiguous() else input
+    output = output.view(chunks.shape[1:])
+    bufs = [chunks.new_empty(chunks.shape[1:]) for _ in range(min(n - 1, 2))]
+    send = chunks[(r - 1) % n].contiguous()
     for s in range(n - 1):  # receive the running sum of chunk c, add this rank's term, pass it on
         c, recv = (r - s - 2) % n, bufs[s % 2]
         yield _exchange(send, recv, nxt, prv, group)
         if s == n - 2:  # c == r: the sum over every rank
-            torch.add(recv, chunks[c], out=output.view(-1))
+            torch.add(recv, chunks[c], out=output)
         else:
             send = recv.add_(chunks[c])
 
