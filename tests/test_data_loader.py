@@ -251,3 +251,14 @@ def test_pin_memory_in_the_prefetch_thread(store, monkeypatch):
 def test_pin_memory_on_cuda(store):
     got = next(iter(_loader(store, 1, 1, 0, batch=2, prefetch=1)))
     assert got.fields.is_pinned() and got.static.is_pinned() and all(t.is_pinned() for t in got.targets)
+
+
+def test_pin_memory_fake_data_pinned_once(monkeypatch):
+    """data.fake serves the same tensors every step: with pinning they are pinned once, not per step."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append(1) or t.clone())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ld = ShardedSampleLoader(DataConfig(fake=True, prefetch=2), MODEL, Mesh.single(), batch=2)
+    it = iter(ld)
+    a, b = next(it), next(it)
+    assert a.fields is b.fields and len(calls) == 2 + MODEL.rollout  # fields, static, one per target

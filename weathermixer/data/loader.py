@@ -183,6 +183,8 @@ class ShardedSampleLoader:
             raise DataError("data.pin_memory=true needs a CUDA device (torch.cuda.is_available() is False): "
                             "set it to null (on when CUDA is available) or false")
         self.pin = torch.cuda.is_available() if data_cfg.pin_memory is None else data_cfg.pin_memory
+        if self.pin and data_cfg.fake:  # the same tensors every step: pinned once
+            self._fake = pin_sample(self._fake)
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -285,7 +287,9 @@ class ShardedSampleLoader:
         return Sample(torch.from_numpy(fields), static, targets, times)
 
     def _load_at(self, epoch: int, step: int) -> Sample:
-        sample = self._fake if self.cfg.fake else self.load_batch(self.sampler.indices(epoch, step))
+        if self.cfg.fake:
+            return self._fake
+        sample = self.load_batch(self.sampler.indices(epoch, step))
         return pin_sample(sample) if self.pin else sample
 
     # iteration with background prefetch -------------------------------------------------------
