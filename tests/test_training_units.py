@@ -228,3 +228,19 @@ def test_monitor_sections_default_to_the_run_folder_and_name_a_missing_package(t
                                           r"installed; pip install 'jigsaw-weathermixer\[monitor\]'"):
         _check(["log.tensorboard=true"])
     assert "tensorboard" not in _check(['log.tensorboard="auto"'])  # auto: quietly off without the package
+
+
+def test_peak_follows_dtype_and_tf32():
+    """MFU is read against the peak the GEMMs run at: bf16, TF32 (fp32 with train.tf32) or plain fp32."""
+    import torch
+
+    from weathermixer.train.engine import apply_tf32, chip_peak_tflops, resolve_tf32
+
+    assert chip_peak_tflops("NVIDIA A100-SXM4-40GB", torch.bfloat16, tf32=False) == 312.0
+    assert chip_peak_tflops("NVIDIA A100-SXM4-40GB", torch.float32, tf32=True) == 156.0
+    assert chip_peak_tflops("NVIDIA A100-SXM4-40GB", torch.float32, tf32=False) == 19.5
+    assert chip_peak_tflops("NVIDIA H100 80GB HBM3", torch.float32, tf32=False) == 66.9
+    assert chip_peak_tflops("Some Unknown GPU", torch.bfloat16, tf32=False) is None
+    assert chip_peak_tflops("Tesla V100-SXM2-16GB", torch.float32, tf32=True) is None  # no TF32 units
+    assert resolve_tf32(True, cuda=False) is False and apply_tf32(None, cuda=False) is False
+    assert resolve_tf32(False, cuda=True) is False and resolve_tf32(True, cuda=True) is True

@@ -69,6 +69,10 @@ class TrainConfig(_Strict):
     bind_cores: bool = Field(True, description="CPU runs with several ranks per node: bind each rank to its own "
                                                "slice of the cores (skipped when the ranks' threads would not "
                                                "fit on the cores without sharing)")
+    tf32: bool | None = Field(
+        None, description="fp32 matmuls and convolutions in TF32 on GPUs that have it (torch's "
+                          "allow_tf32 switches); null = on for compute capability 8.0 (Ampere) and newer. "
+                          "No effect on CPU or on bf16/fp16 GEMMs")
 
 
 class LossConfig(_Strict):

@@ -12,7 +12,29 @@ import torch
 
 # dense peak TFLOP/s per GPU for MFU (bf16/fp16 tensor cores; fp32 runs report no MFU unless
 # log.peak_tflops is set)
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+# dense peak TFLOP/s per chip, keyed by the math the GEMMs run in: "bf16" (and fp16), "tf32" (fp32
+# tensors with train.tf32 on), "fp32" (fp32 tensors, TF32 off). Vendor data sheets, SXM parts.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores; no bf16 or TF32 units
+}
+
+
+def math_mode(dtype: torch.dtype, tf32: bool) -> str:
+    """The key of PEAK_TFLOPS that GEMMs in this dtype run at."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+def chip_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> float | None:
+    """The dense peak of the named chip for this dtype and math mode; None for an unknown chip."""
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    return None if peaks is None else peaks.get(math_mode(dtype, tf32))
 
 
 def lr_lambda(cfg):
@@ -154,6 +176,25 @@ def keep_freed_blocks(enabled: bool = True, mmap_threshold: int = 32 * 2 ** 20,
     if not enabled or not lib or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return False
     return bool(lib.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(lib.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def resolve_tf32(setting: bool | None, cuda: bool) -> bool:
+    """Whether fp32 matmuls run in TF32: train.tf32 (null = on for compute capability 8.0 and
+    newer); never on CPU."""
+    if not cuda:
+        return False
+    if setting is not None:
+        return setting
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def apply_tf32(setting: bool | None, cuda: bool) -> bool:
+    """Set torch's TF32 switches for matmuls and cuDNN from train.tf32; returns the mode in force."""
+    on = resolve_tf32(setting, cuda)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 def setup_host(cuda: bool, bind: bool = True) -> list[int] | None:

@@ -30,8 +30,8 @@ from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 from ..config import ConfigError
 from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
 from .config import TrainJobConfig
-from .engine import (PEAK_TFLOPS, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
-                     register_list_parameters, release_free_memory, setup_host)
+from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
+                     register_list_parameters, release_free_memory, setup_host, apply_tf32)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, latitude_weights, lead_weights, weighted_loss_term
@@ -79,6 +79,7 @@ class Trainer:
                                        timeout=datetime.timedelta(seconds=tc.dist_timeout_s))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.tf32 = apply_tf32(tc.tf32, cuda)  # fp32 GEMMs in TF32 (and the peak MFU is read against)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # before the mesh, the model, DeepSpeed and the data: the folders are writable, no other run
@@ -259,10 +260,9 @@ class Trainer:
     def _peak_tflops(self) -> float | None:
         if self.job.log.peak_tflops:
             return self.job.log.peak_tflops
-        if self.device.type != "cuda" or self.dtype == torch.float32:
+        if self.device.type != "cuda":
             return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return chip_peak_tflops(torch.cuda.get_device_name(self.device), self.dtype, self.tf32)
 
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> Result:
