@@ -53,7 +53,7 @@ class Options:
     """How the scores are computed (besides what is scored: the Plan)."""
 
     rmse_form: str = "wb2"
-    weighting: str = "cos"  # latitude weights: cos | area
+    weighting: str = M.DEFAULT_WEIGHTING  # latitude weights: area (WeatherBench 2) | cos
     linear: bool = True  # the per-pixel linear regression baseline
     block: int = 1
 
@@ -185,7 +185,7 @@ def climatology_window(period: ClimatologyPeriod, window_days: int | None) -> tu
 
 def evaluate(fc: xr.Dataset, tr: xr.Dataset, plan: Plan, clim_start=None, clim_end=None, *,
              rmse_form: str = "wb2", window_days: int | None = None, fallback: str = "nearest",
-             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None, weighting: str = "cos",
+             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None, weighting: str = M.DEFAULT_WEIGHTING,
              linear: bool = True) -> dict:
     """Scores of the model and the baselines: the content of metrics.json (see write_report).
     The climatology period (also the linear baseline's training period) defaults to the truth times
@@ -243,8 +243,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clim-window-days", type=int, default=None,
                    help=f"smooth the climatology over +-N days (default: {SHORT_RECORD_WINDOW} with fewer than "
                         f"{SHORT_RECORD_YEARS} training years, else 0; the report says which)")
-    p.add_argument("--lat-weights", choices=sorted(M.WEIGHTINGS), default="cos",
-                   help="cos: cos(lat) (default); area: WeatherBench 2 cell-area weights")
+    p.add_argument("--lat-weights", choices=sorted(M.WEIGHTINGS), default=M.DEFAULT_WEIGHTING,
+                   help="area: WeatherBench 2 cell-area weights, non-zero on pole rows (default); cos: cos(lat), "
+                        "zero on pole rows (metrics.json names the weights under definitions.latitude_weights)")
     p.add_argument("--no-linear-baseline", action="store_true",
                    help="skip the per-pixel linear regression baseline (fitted on the climatology period)")
     p.add_argument("--clim-fallback", choices=["nearest", "error"], default="nearest",

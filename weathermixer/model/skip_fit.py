@@ -96,8 +96,9 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
 def _validation_mse(head, data_cfg, model_cfg, leads: int, coefs, batch: int) -> np.ndarray:
     """(ridge, lead) latitude-weighted MSE (normalised units) of each fit on every validation sample."""
     loader = _loader(data_cfg, model_cfg, leads, "val")
-    w = np.cos(np.deg2rad(loader.lat))
-    w = (w / w.mean())[:, None]
+    from weathermixer.evaluation.metrics import latitude_weights
+
+    w = latitude_weights(loader.lat)[:, None]  # the loss's and evaluate's cell-area weights
     sums, count = np.zeros((len(coefs), leads)), 0
     for b0 in range(0, len(loader.starts), batch):
         s = loader.load_batch(range(b0, min(len(loader.starts), b0 + batch)))
