@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from jigsaw_ext.files import make_output_folders
+
 from . import metrics as M
 from .baselines import (ClimatologyPeriod, LinearBaseline, climatology_forecast, climatology_period, fit_linear,
                         persistence_forecast, region_rows, variable_climatology)
@@ -185,8 +187,8 @@ def climatology_window(period: ClimatologyPeriod, window_days: int | None) -> tu
 
 def evaluate(fc: xr.Dataset, tr: xr.Dataset, plan: Plan, clim_start=None, clim_end=None, *,
              rmse_form: str = "wb2", window_days: int | None = None, fallback: str = "nearest",
-             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None, weighting: str = M.DEFAULT_WEIGHTING,
-             linear: bool = True) -> dict:
+             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None,
+             weighting: str = M.DEFAULT_WEIGHTING, linear: bool = True) -> dict:
     """Scores of the model and the baselines: the content of metrics.json (see write_report).
     The climatology period (also the linear baseline's training period) defaults to the truth times
     before the first init; window_days None = automatic (climatology_window)."""
@@ -230,7 +232,7 @@ def _names(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forecast", required=True, help="forecast zarr store or netCDF file (WB2 forecast layout)")
     p.add_argument("--truth", required=True, help="truth zarr store or netCDF file (dims time, [level], lat, lon)")
@@ -267,7 +269,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         if args.climatology_years and args.clim_end:
