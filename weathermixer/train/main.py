@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     import torch
 
     from jigsaw_ext.checkpoint import CheckpointFormatError
-    from weathermixer.train.checkpointing import CheckpointError
+    from weathermixer.train.checkpointing import CheckpointError, finished_at
     from weathermixer.train.job import check_job
     from weathermixer.train.trainer import Trainer
 
@@ -106,6 +106,13 @@ def main(argv=None) -> int:
             print(f"{PROG}: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
 
+    done = finished_at(job)  # before any process group, engine or data: a rerun of a finished run
+    if done is not None:
+        if rank == 0:
+            print(f"{PROG}: the run is complete at step {done[0]} ({done[1]}; train.steps={job.train.steps}): "
+                  f"nothing to train. To train further, raise --steps; to start afresh, give another --output-dir "
+                  f"or --resume never", flush=True)
+        return 0
     trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
     try:
         result = trainer.run()
