@@ -76,16 +76,23 @@ def test_every_console_script_refuses_abbreviations(monkeypatch, capsys):
 
 
 def test_train_takes_deepspeeds_flags_refuses_abbreviations_and_a_finished_run_says_so(tmp_path):
-    """`python train.py --deepspeed --deepspeed_config X` trains; the same command again says the run is
-    complete and exits 0 before any engine or data; with more --steps it resumes and trains on."""
+    """`python train.py --deepspeed --deepspeed_config X` trains (and says once that TensorBoard is off
+    where its package is missing); the same command again says the run is complete and exits 0 before
+    any engine or data; with more --steps it resumes and trains on."""
     from tests.test_training_runs import small_job
 
     job = small_job(tmp_path, rollout=1, resume="auto")
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--deepspeed", "--deepspeed_config", str(job), "--domain", "1", "--tp", "1",
-           "--output-dir", str(out), "--set", "checkpoint.every=2", "--steps", "2"]
-    run = _run(cmd)
+           "--output-dir", str(out), "--set", "checkpoint.every=2", "--set", 'log.tensorboard="auto"', "--steps", "2"]
+    hide = tmp_path / "no_tensorboard"  # a Python without the tensorboard package
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
+    run = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, PYTHONPATH=f"{ROOT}:{hide}"), capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("TensorBoard logging is off") == 1, run.stdout[-3000:]  # said once, not silently skipped
+    assert not (out / "tensorboard").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
     again = _run(cmd)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -121,8 +128,8 @@ def test_other_writers_create_their_folders(tmp_path):
     from weathermixer.data.__main__ import main as data_main
 
     js, cfg = tmp_path / "a" / "b" / "plan.json", tmp_path / "c" / "job.json"
-    assert plan.main(["--preset", "paper_1b", "--hardware", "a100-40gb-4pernode-2xhdr200", "--world", "4", "--json", str(js),
-                      "--emit-config", str(cfg), "--top", "1"]) == 0
+    assert plan.main(["--preset", "paper_1b", "--hardware", "a100-40gb-4pernode-2xhdr200", "--world", "4",
+                      "--json", str(js), "--emit-config", str(cfg), "--top", "1"]) == 0
     assert js.stat().st_size > 0 and cfg.stat().st_size > 0
     store = tmp_path / "d" / "e" / "s.zarr"
     assert data_main(["synth", "--out", str(store), "--grid", "4x8", "--start", "2020-01-01",

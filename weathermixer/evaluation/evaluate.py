@@ -142,13 +142,14 @@ def _score_all(fc, tr, plan: Plan, period: ClimatologyPeriod, window_days: int, 
                progress: bool) -> tuple[dict, dict, M.Climatology | None, dict]:
     """The scores of every field (metrics.json's "scores" and "regions"), the last variable's
     climatology and what the linear baseline was fitted on."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_display
 
     scores: dict[str, dict] = {k: {lead_str(h): {} for h in plan.lead_hours} for k in plan.keys}
     regions: dict[str, dict] = {}
     clim, linear_info = None, {}  # n_times and filled cells are the same for every variable
     dt = model_step(fc)
-    for var in tqdm(plan.levels, desc="evaluate", unit="variable", disable=not progress, file=sys.stderr):
+    bar = progress_display(len(plan.levels), "evaluate", "variable", enabled=progress)
+    for var in plan.levels:
         clim = variable_climatology(tr, plan, var, period, window_days, fallback)
         linear = None
         if opt.linear:
@@ -161,6 +162,8 @@ def _score_all(fc, tr, plan: Plan, period: ClimatologyPeriod, window_days: int, 
                                "fitted_on": f"{period.start:%Y-%m-%dT%H:%M} .. {period.end:%Y-%m-%dT%H:%M}",
                                "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples))}
         _store_scores(scores, regions, _score_variable(fc, tr, plan, var, clim, linear, opt), plan, var)
+        bar.update(1)
+    bar.close()
     return scores, regions, clim, linear_info
 
 

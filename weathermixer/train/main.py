@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     from jigsaw_ext.checkpoint import CheckpointFormatError
     from weathermixer.train.checkpointing import CheckpointError, finished_at
-    from weathermixer.train.job import check_job
+    from weathermixer.train.job import check_job, monitor_note
     from weathermixer.train.trainer import Trainer
 
     try:
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
                   f"nothing to train. To train further, raise --steps; to start afresh, give another --output-dir "
                   f"or --resume never", flush=True)
         return 0
+    note = monitor_note(job, ds)
+    if note and rank == 0:
+        print(f"{PROG}: {note}", flush=True)
     trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
     try:
         result = trainer.run()
