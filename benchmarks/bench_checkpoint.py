@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
+
 
 class _Peak:
     """RssAnon of this process, sampled every 10 ms; `phase()` restarts the peak. The sampler and
@@ -165,7 +167,8 @@ def _summary(results: list[dict], key: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["paper_1b", "small"], default="paper_1b")
     ap.add_argument("--blocks", type=int, default=None, help="mixer blocks (paper_1b: 3)")
     ap.add_argument("--mesh", default="1x2x2", help="dp x domain x tp of the run that saves")
@@ -174,6 +177,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    make_output_folders(ap, {"--out": args.out})
 
     import deepspeed
     import megatron.core

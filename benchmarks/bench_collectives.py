@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
 
@@ -65,12 +66,14 @@ def _time(rank, world, sizes_mb, reps):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="2,3")
     ap.add_argument("--mb", default="1,4,8")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     sizes = [float(s) for s in args.mb.split(",")]
     doc = {"benchmark": "gloo collectives vs the ring over point-to-point sends (jigsaw_ext.collectives)",
            "threads_per_rank": 1, "reps": args.reps, "by_world": {}}

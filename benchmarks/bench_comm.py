@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.layers import bucket_small_gradients, resolved_strategies  # noqa: E402
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh, trace_step  # noqa: E402
@@ -164,9 +165,11 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     doc = run()
     text = json.dumps(doc, indent=1)
     print(text)

@@ -31,6 +31,7 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.mesh import Mesh, MeshConfig  # noqa: E402
 from weathermixer.config import ChannelsConfig, ModelConfig  # noqa: E402
 from weathermixer.data import DataConfig, ShardedSampleLoader  # noqa: E402
@@ -69,12 +70,13 @@ def write_store(path: str, n_times: int, lat_chunk: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--times", type=int, default=6)
     p.add_argument("--lat-chunk", type=int, default=16)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--out", help="directory for the store (default: a temporary one)")
     args = p.parse_args()
+    make_output_folders(p, {"--out": args.out})
     tmp = None if args.out else tempfile.TemporaryDirectory()
     path = os.path.join(args.out or tmp.name, "era5_0p25.zarr")
     t0 = time.perf_counter()

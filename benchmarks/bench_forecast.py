@@ -179,7 +179,8 @@ def bench(name: str, work: Path, steps: int, quick: bool, env: dict, repeat: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150, help="training steps per model (default 150)")
     ap.add_argument("--work", help="working directory (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="few inits (smoke run)")

@@ -40,6 +40,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
+
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)]
 PRESET = "paper_1b"
 
@@ -217,7 +219,8 @@ def build_profile(base_name: str, report: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="hardware profile JSON to write")
     ap.add_argument("--report", help="all measurements as JSON")
     ap.add_argument("--base", default="h200-8pernode", help="profile whose link figures are kept")
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
         return 2

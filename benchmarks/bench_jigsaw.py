@@ -590,7 +590,8 @@ FIGURES = ("parameter_memory", "activation_memory", "communication", "serial_ove
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (< 3 min)")
     ap.add_argument("--figures", default=",".join(FIGURES),
                     help=f"comma-separated subset of {', '.join(FIGURES)} (default: all)")

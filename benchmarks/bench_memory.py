@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 
 def run(args, out: Path) -> list[dict]:
@@ -89,13 +93,15 @@ def plot(summary: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=200, help="validation and checkpoint interval")
     ap.add_argument("--mesh", type=int, nargs=3, default=[1, 2, 1], metavar=("DP", "DOMAIN", "TP"))
     ap.add_argument("--port", type=int, default=29561)
     ap.add_argument("--plot", help="PNG of the memory curve")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--plot": args.plot})
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args, Path(tmp))
     summary = summarise(rows, args.every)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.plan.cost import Candidate  # noqa: E402
 from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
 from jigsaw_ext.plan.search import Constraints, Planner  # noqa: E402
@@ -234,10 +235,12 @@ def memory(batch=4) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="paper,gpu,table,cpu,memory")
     ap.add_argument("--out", help="write the JSON here too (workers' libraries may print on stdout)")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     parts = {"table": table, "paper": paper, "gpu": gpu, "cpu": cpu, "memory": memory}
     out = {}
     for name in args.parts.split(","):

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from benchmarks.bench_train import RUN_SETTINGS, _windows, train, variant_settings  # noqa: E402
 
 RUNS = [("1x1x1_1thread", (1, 1, 1), 1), ("1x1x1_2threads", (1, 1, 1), 2),
@@ -32,7 +33,8 @@ RUNS = [("1x1x1_1thread", (1, 1, 1), 1), ("1x1x1_2threads", (1, 1, 1), 2),
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", default="1024,2048", help="model.hidden values, comma-separated (compute-bound "
                                                             "from 1024 on)")
     ap.add_argument("--steps", type=int, default=16)
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     base = [s for s in RUN_SETTINGS if not s.startswith("log.every")] + variant_settings(0, "fp32") + [
         f"train.steps={args.steps}", f"log.every={args.every}"]
     doc = {"benchmark": "strong scaling of train.py (quickstart job, ZeRO-0 fp32, global batch 8)", "settings": base,

@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
 CONFIG = ROOT / "deepspeed_configs" / "quickstart_cpu.json"
@@ -470,7 +471,8 @@ def prepare_data(base: list[str]) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 meshes x 2 variants x 3 steps on 20 days of data, "
                                                          "memory on 2x1x1 ZeRO 0/2, one short throughput pass")
     ap.add_argument("--out", help="also write the JSON document to this file")
@@ -478,6 +480,7 @@ def main(argv=None) -> int:
                                        "directory removed at the end")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
         ap.error(f"--parts: unknown {sorted(unknown)}; allowed: {', '.join(PARTS)}")

@@ -19,3 +19,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     tmp.write_text(text)
     replace_synced(tmp, path)
     return path
+
+
+def make_output_folders(parser, outputs: dict) -> None:
+    """Create the folder of every output path in `outputs` ({option as the user types it: path or None})
+    before a CLI does any work, so a result is never lost at the end for a missing folder. A folder that
+    cannot be made stops the CLI through `parser.error` (exit 2), naming the option and the folder."""
+    for option, value in outputs.items():
+        if value is None:
+            continue
+        folder = Path(value).expanduser().absolute().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+            parser.error(f"{option} {value}: cannot create its folder {folder} ({why or err})")

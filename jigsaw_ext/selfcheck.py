@@ -251,7 +251,8 @@ def _positive(text: str) -> int:
 
 def main(argv=None, task: SelfCheckTask | None = None, prog: str = "python -m jigsaw_ext.selfcheck",
          doc: str = __doc__, preload: tuple = ()) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dp", type=_positive, default=1)
     ap.add_argument("--domain", type=_positive, default=1)
     ap.add_argument("--tp", type=_positive, default=1)

@@ -92,6 +92,40 @@ def test_trained_model_beats_persistence_end_to_end(trained, tmp_path):
     assert max(ratios.values()) < 1.0, ratios
 
 
+def test_units_and_plain_progress_lines_in_a_log_file(trained, tmp_path):
+    """`python -m weathermixer.forecast` and `python -m weathermixer.evaluate` with their output going to
+    a log file (not a terminal): plain progress lines, no carriage-return redraws; every forecast
+    variable has a `units` attribute, from the data set or, where it has none, from the known variables."""
+    from weathermixer.data.units import KNOWN_UNITS
+
+    store = tmp_path / "truth.zarr"
+    xr.open_zarr(trained["store"], chunks=None, consolidated=False).to_zarr(store, consolidated=False)
+    group = zarr.open_group(str(store), mode="r+")
+    assert group["temperature"].attrs["units"] == "K"  # the synthetic data carry units
+    del group["temperature"].attrs["units"]  # a data set without them
+    group["2m_temperature"].attrs.update(units="kelvin")  # the data set's own spelling is kept
+    fc_path, log = tmp_path / "fc.zarr", tmp_path / "forecast.log"
+    with open(log, "w") as out:
+        run = subprocess.run([sys.executable, "-m", "weathermixer.forecast", "--checkpoint", str(trained["checkpoint"]),
+                              "--init-times", f"{VAL_START}T00,2020-02-20T06,2020-02-25T18", "--lead-hours",
+                              "12", "--data-path", str(store), "--out", str(fc_path)], cwd=ROOT, env=ENV,
+                             stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert run.returncode == 0, text[-3000:]
+    assert "\r" not in text and "forecast: 3/3 init(s)" in text, text[-2000:]
+    fc = xr.open_zarr(fc_path, chunks=None, consolidated=False)
+    units = {v: fc[v].attrs.get("units") for v in fc.data_vars}
+    assert units == {**{v: KNOWN_UNITS[v] for v in fc.data_vars}, "2m_temperature": "kelvin"}, units
+    log = tmp_path / "evaluate.log"
+    with open(log, "w") as out:
+        run = subprocess.run([sys.executable, "-m", "weathermixer.evaluate", "--forecast", str(fc_path), "--truth",
+                              str(store), "--out", str(tmp_path / "report"), "--no-plots"], cwd=ROOT, env=ENV,
+                             stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert run.returncode == 0, text[-3000:]
+    assert "\r" not in text and f"evaluate: {len(fc.data_vars)}/{len(fc.data_vars)} variable(s)" in text, text[-2000:]
+
+
 def test_forecast_equals_a_rollout_written_out_by_hand(trained, tmp_path):
     """One init, 24 h, against the model called directly on the store's fields: normalisation with
     the training statistics, rows north to south, hour-of-day features at the valid time of each

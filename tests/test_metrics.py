@@ -29,16 +29,22 @@ def random_pair(seed=0, nt=5, lat=np.linspace(-87.5, 87.5, 8), nlon=16):
 
 
 def test_latitude_weights_on_real_latitudes():
-    np.testing.assert_allclose(M.latitude_weights(LAT3), [0.75, 1.5, 0.75])
-    lat = np.linspace(-90, 90, 32)  # a grid with poles: weights vanish there, mean stays 1
-    w = M.latitude_weights(lat)
+    np.testing.assert_allclose(M.latitude_weights(LAT3, "cos"), [0.75, 1.5, 0.75])
+    # cell areas (the default): bounds -90, -30, 30, 90 -> sin differences 0.5, 1, 0.5; mean 2/3
+    np.testing.assert_allclose(M.latitude_weights(LAT3), [0.75, 1.5, 0.75], rtol=1e-12)
+    lat = np.linspace(-90, 90, 32)  # a grid with poles: cos weights vanish there, mean stays 1
+    area = M.latitude_weights(lat)
+    half = np.deg2rad(90.0 / 31)  # a pole row's cell: from the pole to halfway to the next row
+    assert area[0] == area[-1] == pytest.approx((1 - np.cos(half)) * 32 / 2, rel=1e-12) and area[0] > 0.01
+    assert area.mean() == pytest.approx(1.0)
+    w = M.latitude_weights(lat, "cos")
     assert w[0] == 0.0 and w[-1] == 0.0
     c = np.cos(lat * np.pi / 180.0)
     np.testing.assert_allclose(w, np.clip(c, 0, None) * lat.size / np.clip(c, 0, None).sum(), atol=1e-15)
     assert w.mean() == pytest.approx(1.0)
     for bad in ([], [91.0], [[0.0, 1.0]], [90.0, -90.0]):
         with pytest.raises(ValueError):
-            M.latitude_weights(bad)
+            M.latitude_weights(bad, "cos")
 
 
 def test_zero_error_and_constant_bias():
@@ -67,9 +73,12 @@ def test_hand_worked_3x4_grid():
     # the latitudes in the other order give the same numbers
     flipped = lambda a: field(a.values[::-1], LAT3[::-1])  # noqa: E731
     assert float(M.rmse(flipped(fc), flipped(truth))) == pytest.approx(np.sqrt(0.75))
-    # with poles on the grid: w = 0, 3, 0 -> only the equator row counts: 3 * 4 / 12 = 1
+    # with poles on the grid, cos: w = 0, 3, 0 -> only the equator row counts: 3 * 4 / 12 = 1
     poles = np.array([-90.0, 0.0, 90.0])
-    assert float(M.mse(field(fc.values, poles), field(truth.values, poles))) == pytest.approx(1.0)
+    assert float(M.mse(field(fc.values, poles), field(truth.values, poles), weighting="cos")) == pytest.approx(1.0)
+    # cell areas: bounds -90, -45, 45, 90 -> 1 - sin 45, 2 sin 45, 1 - sin 45 over their mean 2/3: the pole row counts
+    wp, we = 1.5 * (1 - np.sqrt(0.5)), 1.5 * np.sqrt(2)
+    assert float(M.mse(field(fc.values, poles), field(truth.values, poles))) == pytest.approx((4 * wp + 4 * we) / 12)
     # ACC: f' = 1 at (-60, 0); o' = 1 at (-60, 0) and (0, 90 deg lon)
     # sum w f'o' = 0.75; sum w f'^2 = 0.75; sum w o'^2 = 0.75 + 1.5 = 2.25 -> 0.75 / sqrt(1.6875) = 1/sqrt(3)
     fa = field([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
@@ -100,14 +109,18 @@ def test_wb1_and_wb2_forms_on_two_times():
 
 def test_against_xarray_weighted_and_loops():
     f, o = random_pair(4, nt=6)
-    cosw = xr.DataArray(np.cos(np.deg2rad(f.latitude.values)), dims="latitude")
-    mse_t = ((f - o) ** 2).weighted(cosw).mean(("latitude", "longitude"))
+    # WeatherBench 2's get_lat_weights: cell bounds -90, the midpoints, 90; weight sin(upper) - sin(lower)
+    lat = np.deg2rad(f.latitude.values)
+    bounds = np.concatenate([[-np.pi / 2], (lat[:-1] + lat[1:]) / 2, [np.pi / 2]])
+    area = np.sin(bounds[1:]) - np.sin(bounds[:-1])
+    areaw = xr.DataArray(area, dims="latitude")
+    mse_t = ((f - o) ** 2).weighted(areaw).mean(("latitude", "longitude"))
     np.testing.assert_allclose(M.mse(f, o).values, mse_t.values, rtol=1e-12)
     assert float(M.rmse(f, o)) == pytest.approx(float(np.sqrt(mse_t.mean())), rel=1e-12)
     assert float(M.rmse(f, o, form="wb1")) == pytest.approx(float(np.sqrt(mse_t).mean()), rel=1e-12)
-    me_t = (f - o).weighted(cosw).mean(("latitude", "longitude"))
+    me_t = (f - o).weighted(areaw).mean(("latitude", "longitude"))
     assert float(M.bias(f, o)) == pytest.approx(float(me_t.mean()), rel=1e-12)
-    w = np.cos(np.deg2rad(f.latitude.values))[:, None]
+    w = area[:, None]
     per_t = [np.sum(w * a * b) / np.sqrt(np.sum(w * a * a) * np.sum(w * b * b)) for a, b in zip(f.values, o.values)]
     assert float(M.acc(f, o)) == pytest.approx(np.mean(per_t), rel=1e-12)
     # numpy input: (time, latitude, longitude) with explicit latitudes

@@ -27,6 +27,14 @@ CH = ChannelsConfig(surface=["2m_temperature", "10m_u_component_of_wind"], atmos
 STATS = {"channels": {n: {"mean": 0.0, "std": 2.0 + i, "diff_std": 0.5 + 0.1 * i} for i, n in enumerate(CH.names)}}
 
 
+def wb2_area_weights(lat_deg: torch.Tensor) -> np.ndarray:
+    """WeatherBench 2's get_lat_weights on ascending latitudes: cell bounds -90, the midpoints, 90; a row's
+    weight is sin(upper) - sin(lower), here normalised to mean 1."""
+    rad = np.deg2rad(lat_deg.double().numpy())
+    area = np.diff(np.sin(np.concatenate([[-np.pi / 2], (rad[:-1] + rad[1:]) / 2, [np.pi / 2]])))
+    return area / area.mean()
+
+
 def test_channel_weights_variable_level_pressure_and_tendency():
     names = CH.names  # 2 surface + 2 x 3 levels = 8
     w = channel_loss_weights(CH, LossConfig())
@@ -71,10 +79,23 @@ def test_loss_terms_on_shards_add_up_to_the_serial_loss(domain, tp):
         chans = geo.channel_split(8).slice(mesh.coords["tp"])
         total += weighted_loss_term(pred[:, chans, rows], target[:, chans, rows], latitude_weights(lat)[rows],
                                     w_c[chans], count).item()
-    coslat = np.cos(np.deg2rad(lat.double().numpy()))
-    ref = (coslat[None, None, :, None] / coslat.mean() * w_c.double().numpy()[None, :, None, None]
+    area = wb2_area_weights(lat)
+    ref = (area[None, None, :, None] * w_c.double().numpy()[None, :, None, None]
            * (pred.double().numpy() - target.double().numpy()) ** 2).mean()
     assert abs(total - ref) <= 1e-6 * ref
+
+
+@pytest.mark.parametrize("rows", [32, 721])  # the quickstart's grid, ERA5 at 0.25 deg: both hold the poles
+def test_every_latitude_row_receives_gradient(rows):
+    """The loss weights are WeatherBench 2's cell areas (bounds at +-90 and the midpoints, as evaluate
+    scores), so the pole rows get a gradient; cos(latitude) would give them exactly none."""
+    lat = torch.linspace(-90.0, 90.0, rows, dtype=torch.float64)
+    w = latitude_weights(lat)
+    np.testing.assert_allclose(w.double().numpy(), wb2_area_weights(lat), rtol=1e-6)
+    pred = torch.randn(2, 3, rows, 4, requires_grad=True)
+    weighted_loss_term(pred, torch.zeros_like(pred), w, torch.ones(3), pred.numel()).backward()
+    per_row = pred.grad.abs().sum(dim=(0, 1, 3))
+    assert bool((per_row > 0).all()), f"rows without gradient: {torch.nonzero(per_row == 0).flatten().tolist()}"
 
 
 @pytest.mark.parametrize("cores,env,expected", [

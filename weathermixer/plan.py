@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from jigsaw_ext.files import make_output_folders
 from jigsaw_ext.mesh import Mesh, MeshConfig
 from jigsaw_ext.plan.cost import Candidate, Estimate
 from jigsaw_ext.plan.hardware import load_hardware, profile_names
@@ -126,7 +127,7 @@ def table(rows: list[Estimate], top: int) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m weathermixer.plan", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))
@@ -151,7 +152,9 @@ def parse_args(argv):
     ap.add_argument("--json", help="write every ranked row as JSON here")
     ap.add_argument("--emit-config", help="write the job file of --row of the (last) world size here")
     ap.add_argument("--row", type=int, default=1, help="row of the table for --emit-config (1 = best)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    make_output_folders(ap, {"--json": args.json, "--emit-config": args.emit_config})
+    return args
 
 
 def plan(args) -> tuple[dict, Planner, dict]:

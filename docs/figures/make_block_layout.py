@@ -120,9 +120,11 @@ def draw_weight(ax):
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("block_layout.png"))
     args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plt.rcParams.update({"font.family": "DejaVu Sans", "hatch.linewidth": 1.0, "svg.hashsalt": "jigsaw"})
     fig = plt.figure(figsize=(13.5, 6.6))
     ax_a = fig.add_axes([0.115, 0.06, 0.25, 0.74])

@@ -10,6 +10,7 @@ from . import __doc__ as DOC
 from .common import CheckpointFormatError, resolve
 from .consolidated import consolidate, inspect, verify
 from .export import export
+from ..files import make_output_folders
 
 
 RESHARD_GONE = ("`reshard` is gone: a checkpoint of this version is layout-free and resumes on any mesh, ZeRO "
@@ -55,26 +56,31 @@ def _verify(ckpt: str, as_json: bool) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jigsaw_ext.checkpoint", description=DOC,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jigsaw_ext.checkpoint", description=DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="mesh, ZeRO stage, step, parameter count, per-tensor shapes")
+    p = sub.add_parser("inspect", allow_abbrev=False,
+                       help="mesh, ZeRO stage, step, parameter count, per-tensor shapes")
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true",
                    help="check every file against the checkpoint's checksums (a root: every complete tag); exit 1 "
                         "naming each damaged file")
-    p = sub.add_parser("export", help="weights only: one safetensors file, or a sharded set (--max-shard-gb)")
+    p = sub.add_parser("export", allow_abbrev=False,
+                       help="weights only: one safetensors file, or a sharded set (--max-shard-gb)")
     p.add_argument("ckpt")
     p.add_argument("out", help="a .safetensors file, or a new directory with --max-shard-gb")
     p.add_argument("--max-shard-gb", type=float, default=None, help="write shards of at most this size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p = sub.add_parser("consolidate", help="convert a checkpoint of the earlier per-rank DeepSpeed format")
+    p = sub.add_parser("consolidate", allow_abbrev=False,
+                       help="convert a checkpoint of the earlier per-rank DeepSpeed format")
     p.add_argument("ckpt")
     p.add_argument("out")
-    p = sub.add_parser("reshard", help="(gone: layout-free checkpoints resume on any mesh directly)")
+    p = sub.add_parser("reshard", allow_abbrev=False,
+                       help="(gone: layout-free checkpoints resume on any mesh directly)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"out": getattr(args, "out", None)})
     try:
         if args.cmd == "inspect" and args.verify:
             return _verify(args.ckpt, args.json)

@@ -18,7 +18,9 @@ optimizer) have no public local accessor in DeepSpeed 0.19, so `zero12_fragment`
 parameter's fragment mapping (`p._hp_mapping`, deepspeed/utils/tensor_fragment.py), the one place a
 private attribute is used; where it is missing or changed it raises FragmentMappingError naming the
 DeepSpeed version and the caller falls back to the accessors (fp32_blocks). With ZeRO-0 in fp32 the
-torch optimizer holds the parameter itself and its state.
+torch optimizer holds the parameter itself and its state. With ZeRO-0 in bf16/fp16 DeepSpeed wraps the torch
+optimizer in its FP16_Optimizer (flat fp32 masters, `fp32_groups_flat`) or FP16_UnfusedOptimizer (one fp32
+master per parameter, `fp32_groups`): `_lp_master` finds p's master there, replicated on every dp rank.
 """
 from __future__ import annotations
 
@@ -37,6 +39,34 @@ def base_optimizer(engine):
 def _plain_torch(engine) -> bool:
     """ZeRO-0 in fp32: DeepSpeed hands the torch optimizer the parameters themselves."""
     return engine.optimizer is base_optimizer(engine)
+
+
+def _lp_master(engine, p):
+    """ZeRO-0 with bf16/fp16 parameters: (p's fp32 master weights as a 1-D view, the torch-optimizer key whose
+    state holds its moments, p's offset in that key's flat state); None under any other optimizer.
+    DeepSpeed 0.19's FP16_UnfusedOptimizer keeps `fp16_groups[i][j]` -> `fp32_groups[i][j]`, its
+    FP16_Optimizer `fp16_groups[i]` laid out back to back in `fp32_groups_flat[i]`."""
+    opt = engine.optimizer
+    lp_groups = getattr(opt, "fp16_groups", None)
+    per_param, flats = getattr(opt, "fp32_groups", None), getattr(opt, "fp32_groups_flat", None)
+    if lp_groups is None or (per_param is None and flats is None):
+        return None
+    for i, group in enumerate(lp_groups):
+        offset = 0
+        for j, q in enumerate(group):
+            if q is p:
+                if per_param is not None:
+                    master = per_param[i][j]
+                    return master.detach().view(-1), master, 0
+                return flats[i].detach()[offset:offset + p.numel()], flats[i], offset
+            offset += q.numel()
+    return None
+
+
+def _lp_moment(engine, p, kind: str):
+    """p's `kind` moment as a 1-D view of the FP16 wrapper's torch-optimizer state (create_moments first)."""
+    _, key, offset = _lp_master(engine, p)
+    return base_optimizer(engine).state[key][kind].detach().view(-1)[offset:offset + p.numel()]
 
 
 def create_moments(engine) -> None:
@@ -134,6 +164,9 @@ def state_fragment(engine, p) -> Fragment | None:
                    for v in views.values()):
             return None
         return Fragment(0, n, {k: v.detach().view(-1) for k, v in views.items()}, dp_replicated=True)
+    if _lp_master(engine, p) is not None:  # ZeRO-0 bf16/fp16: the wrapper's fp32 master and its moments
+        views = {"param": _lp_master(engine, p)[0], **{k: _lp_moment(engine, p, k) for k in KINDS[1:]}}
+        return Fragment(0, n, views, dp_replicated=True)
     if hasattr(p, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
@@ -172,6 +205,10 @@ def fp32_blocks(engine, p) -> dict:
         st = base_optimizer(engine).state.get(p, {})
         return {"param": p.detach().float(), **{k: st[k].detach().float() if k in st else torch.zeros(shape)
                                                 for k in KINDS[1:]}}
+    if _lp_master(engine, p) is not None:
+        create_moments(engine)
+        return {"param": _lp_master(engine, p)[0].clone().reshape(shape),
+                **{k: _lp_moment(engine, p, k).clone().reshape(shape) for k in KINDS[1:]}}
     if not _managed(p):
         raise RuntimeError(f"parameter of shape {shape} is not managed by DeepSpeed's optimizer (frozen?)")
     out = {"param": safe_get_full_fp32_param(p)}
@@ -199,6 +236,10 @@ def set_fp32_block(engine, p, kind: str, block: torch.Tensor) -> None:
     if _plain_torch(engine):  # the torch optimizer holds p itself (set above) and its state
         if kind != "param":
             base_optimizer(engine).state[p][kind] = block.to(p.dtype).clone()
+    elif _lp_master(engine, p) is not None:  # ZeRO-0 bf16/fp16: the wrapper's fp32 master or moment
+        create_moments(engine)
+        target = _lp_master(engine, p)[0] if kind == "param" else _lp_moment(engine, p, kind)
+        target.copy_(block.reshape(-1))
     elif zero3 or getattr(p, "_hp_mapping", None) is not None:
         if kind == "param":
             safe_set_full_fp32_param(p, block)
@@ -220,7 +261,7 @@ def needed_rows(engine, p, kind: str) -> tuple[int, int] | None:
     load on a mesh with dp > 1 reads those rows instead of the dp-fold redundant whole block. Every
     dp rank needs the whole low-precision parameter under ZeRO-1/2."""
     shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
-    if len(shape) == 0 or _plain_torch(engine):
+    if len(shape) == 0 or _plain_torch(engine) or _lp_master(engine, p) is not None:
         return None
     if hasattr(p, "ds_id"):
         pn = p.ds_tensor.numel()

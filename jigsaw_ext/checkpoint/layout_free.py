@@ -187,8 +187,11 @@ def _plan_reads(engine, name, p, f, mesh, direct: dict, after: list, needed: dic
 
     for k in KINDS[1:]:
         add(k, f.views.get(k, torch.empty(0)), f.start)
-    if f.dp_replicated:  # ZeRO-0 fp32: the fragment is the parameter itself
-        add("param", f.views["param"], 0)
+    if f.dp_replicated:  # ZeRO-0: the parameter itself (fp32), or its fp32 master (bf16/fp16) then the parameter
+        master = f.views["param"]
+        add("param", master, 0)
+        if master.data_ptr() != p.data_ptr():
+            after.append(lambda: p.copy_(master.view(p.shape)))
     elif hasattr(p, "ds_id"):  # ZeRO-3: the master partition, then the parameter's partition from it
         add("param", f.views.get("param", torch.empty(0)), f.start)
         after.append(lambda: _zero3_param_from_master(p, f))

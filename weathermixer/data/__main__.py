@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from jigsaw_ext.files import make_output_folders
+
 
 def _grid(text: str) -> tuple[int, int]:
     try:
@@ -55,9 +57,10 @@ def _inspect(data, job) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.data", description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.data", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write a synthetic ERA5-like zarr store (WeatherBench 2 layout)")
+    s = sub.add_parser("synth", allow_abbrev=False,
+                       help="write a synthetic ERA5-like zarr store (WeatherBench 2 layout)")
     s.add_argument("--out", required=True)
     s.add_argument("--grid", type=_grid, default=(32, 64), help="ROWSxCOLS (latitude x longitude)")
     s.add_argument("--start", default="2020-01-01")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     s.add_argument("--level-chunk", type=int, default=1)
     s.add_argument("--lat-chunk", type=int, default=None, help="latitude rows per chunk (default all)")
     s.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("stats", help="per-channel mean/std (and dt-difference std) over a period")
+    t = sub.add_parser("stats", allow_abbrev=False, help="per-channel mean/std (and dt-difference std) over a period")
     t.add_argument("--config", required=True, help="job JSON with weathermixer.{model,data}")
     t.add_argument("--data", help="data set path/URL (overrides data.path)")
     t.add_argument("--start")
@@ -77,12 +80,13 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
-    i = sub.add_parser("inspect", help="validate a data set against a job and summarise it")
+    i = sub.add_parser("inspect", allow_abbrev=False, help="validate a data set against a job and summarise it")
     i.add_argument("--config", required=True)
     i.add_argument("--data")
     i.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
     args = p.parse_args(argv)
+    make_output_folders(p, {"--out": getattr(args, "out", None)})
 
     from ..config import ConfigError
     from .reader import DataError

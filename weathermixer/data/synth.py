@@ -15,6 +15,7 @@ import xarray as xr
 
 from ..config import ChannelsConfig, ModelConfig
 from .synthetic import SyntheticWeather
+from .units import with_units
 
 SURFACE = {  # name -> (offset, scale)
     "2m_temperature": (288.0, 12.0), "10m_u_component_of_wind": (2.0, 5.0),
@@ -99,6 +100,7 @@ def write_synthetic(out: str, grid=(32, 64), start="2020-01-01", end="2020-03-01
                                              rows(unit(st[1]) * G * 3000.0).astype(np.float32))
             enc = {}
             for v in ds.data_vars:
+                ds[v].attrs = with_units(v, ds[v].attrs)
                 dims = ds[v].dims
                 enc[v] = {"chunks": tuple({"time": 1, "level": level_chunk, "latitude": lat_chunk}.get(d, ds.sizes[d])
                                           for d in dims)}

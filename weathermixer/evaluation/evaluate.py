@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from jigsaw_ext.files import make_output_folders
+
 from . import metrics as M
 from .baselines import (ClimatologyPeriod, LinearBaseline, climatology_forecast, climatology_period, fit_linear,
                         persistence_forecast, region_rows, variable_climatology)
@@ -53,7 +55,7 @@ class Options:
     """How the scores are computed (besides what is scored: the Plan)."""
 
     rmse_form: str = "wb2"
-    weighting: str = "cos"  # latitude weights: cos | area
+    weighting: str = M.DEFAULT_WEIGHTING  # latitude weights: area (WeatherBench 2) | cos
     linear: bool = True  # the per-pixel linear regression baseline
     block: int = 1
 
@@ -140,13 +142,14 @@ def _score_all(fc, tr, plan: Plan, period: ClimatologyPeriod, window_days: int, 
                progress: bool) -> tuple[dict, dict, M.Climatology | None, dict]:
     """The scores of every field (metrics.json's "scores" and "regions"), the last variable's
     climatology and what the linear baseline was fitted on."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_display
 
     scores: dict[str, dict] = {k: {lead_str(h): {} for h in plan.lead_hours} for k in plan.keys}
     regions: dict[str, dict] = {}
     clim, linear_info = None, {}  # n_times and filled cells are the same for every variable
     dt = model_step(fc)
-    for var in tqdm(plan.levels, desc="evaluate", unit="variable", disable=not progress, file=sys.stderr):
+    bar = progress_display(len(plan.levels), "evaluate", "variable", enabled=progress)
+    for var in plan.levels:
         clim = variable_climatology(tr, plan, var, period, window_days, fallback)
         linear = None
         if opt.linear:
@@ -159,6 +162,8 @@ def _score_all(fc, tr, plan: Plan, period: ClimatologyPeriod, window_days: int, 
                                "fitted_on": f"{period.start:%Y-%m-%dT%H:%M} .. {period.end:%Y-%m-%dT%H:%M}",
                                "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples))}
         _store_scores(scores, regions, _score_variable(fc, tr, plan, var, clim, linear, opt), plan, var)
+        bar.update(1)
+    bar.close()
     return scores, regions, clim, linear_info
 
 
@@ -185,8 +190,8 @@ def climatology_window(period: ClimatologyPeriod, window_days: int | None) -> tu
 
 def evaluate(fc: xr.Dataset, tr: xr.Dataset, plan: Plan, clim_start=None, clim_end=None, *,
              rmse_form: str = "wb2", window_days: int | None = None, fallback: str = "nearest",
-             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None, weighting: str = "cos",
-             linear: bool = True) -> dict:
+             max_block_bytes: int = 2 ** 28, progress: bool = False, log=None,
+             weighting: str = M.DEFAULT_WEIGHTING, linear: bool = True) -> dict:
     """Scores of the model and the baselines: the content of metrics.json (see write_report).
     The climatology period (also the linear baseline's training period) defaults to the truth times
     before the first init; window_days None = automatic (climatology_window)."""
@@ -230,7 +235,7 @@ def _names(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forecast", required=True, help="forecast zarr store or netCDF file (WB2 forecast layout)")
     p.add_argument("--truth", required=True, help="truth zarr store or netCDF file (dims time, [level], lat, lon)")
@@ -243,8 +248,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clim-window-days", type=int, default=None,
                    help=f"smooth the climatology over +-N days (default: {SHORT_RECORD_WINDOW} with fewer than "
                         f"{SHORT_RECORD_YEARS} training years, else 0; the report says which)")
-    p.add_argument("--lat-weights", choices=sorted(M.WEIGHTINGS), default="cos",
-                   help="cos: cos(lat) (default); area: WeatherBench 2 cell-area weights")
+    p.add_argument("--lat-weights", choices=sorted(M.WEIGHTINGS), default=M.DEFAULT_WEIGHTING,
+                   help="area: WeatherBench 2 cell-area weights, non-zero on pole rows (default); cos: cos(lat), "
+                        "zero on pole rows (metrics.json names the weights under definitions.latitude_weights)")
     p.add_argument("--no-linear-baseline", action="store_true",
                    help="skip the per-pixel linear regression baseline (fitted on the climatology period)")
     p.add_argument("--clim-fallback", choices=["nearest", "error"], default="nearest",
@@ -266,7 +272,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         if args.climatology_years and args.clim_end:

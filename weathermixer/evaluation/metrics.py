@@ -1,8 +1,10 @@
 """Forecast verification scores on a latitude-longitude grid (definitions: docs/metrics.md, and the
 published scores to compare with: docs/reference_scores.md, both in the source repository).
 
-Weights: w_i = cos(lat_i) / mean(cos(lat)) over the grid's real latitudes, applied ONCE, inside the
-spatial mean: MSE_t = mean_{lat,lon} w (f - o)^2 for each init time t. RMSE comes in two forms that
+Weights (WeatherBench 2's, the default): w_i = the area of row i's cell on the sphere / the mean cell
+area, cell bounds halfway between latitudes (non-zero on pole rows); weighting="cos" gives cos(lat_i) /
+mean(cos(lat)) (WeatherBench 1's; zero on pole rows). Applied ONCE, inside the spatial mean:
+MSE_t = mean_{lat,lon} w (f - o)^2 for each init time t. RMSE comes in two forms that
 differ when the error varies between inits:
 
     "wb2" (WeatherBench 2, the default)  sqrt(mean_t MSE_t)
@@ -39,14 +41,16 @@ class EvaluationError(ValueError):
 
 
 # weights and spatial means --------------------------------------------------------------------------
+DEFAULT_WEIGHTING = "area"
 WEIGHTINGS = {"cos": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes",
               "area": "w = cell area / mean cell area, cell bounds halfway between latitudes and half a spacing "
                       "beyond the outer ones, clipped to +-90 (WeatherBench 2's get_lat_weights on a global grid)"}
 
 
-def latitude_weights(lat, weighting: str = "cos") -> np.ndarray:
-    """cos(lat) / mean(cos(lat)) over the given latitudes (degrees); mean 1, zero at the poles.
-    weighting="area": the cell area (sin of the upper minus sin of the lower cell bound), mean 1."""
+def latitude_weights(lat, weighting: str = DEFAULT_WEIGHTING) -> np.ndarray:
+    """weighting="area": each row's cell area (sin of the upper minus sin of the lower cell bound) over
+    the given latitudes (degrees), mean 1, non-zero on pole rows; "cos": cos(lat) / mean(cos(lat)), zero
+    at the poles."""
     lat = np.asarray(lat, dtype=np.float64)
     if lat.ndim != 1 or lat.size == 0:
         raise ValueError(f"latitudes must be a non-empty 1-D array, got shape {lat.shape}")
@@ -87,7 +91,7 @@ def _as_da(x) -> xr.DataArray:
     return xr.DataArray(x, dims=(TIME, LAT, LON)[3 - x.ndim:] if x.ndim > 1 else (LAT,))
 
 
-def _weights(x: xr.DataArray, lat, weighting: str = "cos") -> xr.DataArray:
+def _weights(x: xr.DataArray, lat, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     if LAT not in x.dims:
         raise ValueError(f"array has no '{LAT}' dimension (dims {x.dims})")
     if lat is None:
@@ -108,14 +112,14 @@ def _pair(forecast, truth) -> tuple[xr.DataArray, xr.DataArray]:
         raise ValueError(f"forecast and truth coordinates differ: {err}") from None
 
 
-def spatial_mean(x, lat=None, weighting: str = "cos") -> xr.DataArray:
+def spatial_mean(x, lat=None, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """mean_{lat,lon} w x: the latitude-weighted mean, keeping every other dimension."""
     x = _as_da(x)
     dims = [d for d in (LAT, LON) if d in x.dims]
     return (x * _weights(x, lat, weighting)).mean(dims)
 
 
-def mse(forecast, truth, lat=None, weighting: str = "cos") -> xr.DataArray:
+def mse(forecast, truth, lat=None, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """MSE_t = mean_{lat,lon} w (f - o)^2 per init time (and level, lead, ...)."""
     f, o = _pair(forecast, truth)
     return spatial_mean((f - o) ** 2, lat, weighting)
@@ -130,12 +134,13 @@ def rmse_from_mse(mse_t: xr.DataArray, form: str = "wb2", time_dim: str = TIME) 
     return np.sqrt(mse_t.mean(time_dim)) if form == "wb2" else np.sqrt(mse_t).mean(time_dim)
 
 
-def rmse(forecast, truth, lat=None, form: str = "wb2", time_dim: str = TIME) -> xr.DataArray:
+def rmse(forecast, truth, lat=None, form: str = "wb2", time_dim: str = TIME,
+         weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """Latitude-weighted RMSE; `form` "wb2" = sqrt(mean_t MSE_t), "wb1" = mean_t sqrt(MSE_t)."""
-    return rmse_from_mse(mse(forecast, truth, lat), form, time_dim)
+    return rmse_from_mse(mse(forecast, truth, lat, weighting), form, time_dim)
 
 
-def mean_error(forecast, truth, lat=None, weighting: str = "cos") -> xr.DataArray:
+def mean_error(forecast, truth, lat=None, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """mean_{lat,lon} w (f - o) per init time."""
     f, o = _pair(forecast, truth)
     return spatial_mean(f - o, lat, weighting)
@@ -146,12 +151,12 @@ def bias_from_mean_error(mean_error_t: xr.DataArray, time_dim: str = TIME) -> xr
     return mean_error_t.mean(time_dim) if time_dim in mean_error_t.dims else mean_error_t
 
 
-def bias(forecast, truth, lat=None, time_dim: str = TIME) -> xr.DataArray:
+def bias(forecast, truth, lat=None, time_dim: str = TIME, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """mean_t mean_{lat,lon} w (f - o)."""
-    return bias_from_mean_error(mean_error(forecast, truth, lat), time_dim)
+    return bias_from_mean_error(mean_error(forecast, truth, lat, weighting), time_dim)
 
 
-def acc_per_time(fc_anom, truth_anom, lat=None, weighting: str = "cos") -> xr.DataArray:
+def acc_per_time(fc_anom, truth_anom, lat=None, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """sum w f'o' / sqrt(sum w f'^2 sum w o'^2) per init; NaN where either anomaly is all zero."""
     f, o = _pair(fc_anom, truth_anom)
     num = spatial_mean(f * o, lat, weighting)
@@ -164,9 +169,9 @@ def acc_from_per_time(acc_t: xr.DataArray, time_dim: str = TIME) -> xr.DataArray
     return acc_t.mean(time_dim, skipna=False) if time_dim in acc_t.dims else acc_t
 
 
-def acc(fc_anom, truth_anom, lat=None, time_dim: str = TIME) -> xr.DataArray:
+def acc(fc_anom, truth_anom, lat=None, time_dim: str = TIME, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
     """Anomaly correlation coefficient, WB2 form: the mean over inits of acc_per_time."""
-    return acc_from_per_time(acc_per_time(fc_anom, truth_anom, lat), time_dim)
+    return acc_from_per_time(acc_per_time(fc_anom, truth_anom, lat, weighting), time_dim)
 
 
 # climatology ------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ def json_number(x) -> float | None:
 def definitions(rmse_form: str) -> dict:
     """What each score means, in words, as written into metrics.json."""
     return {
-        "latitude_weights": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes, applied once inside "
-                            "the spatial mean",
+        "latitude_weights": M.WEIGHTINGS[M.DEFAULT_WEIGHTING] + ", applied once inside the spatial mean",
+        "latitude_weighting": M.DEFAULT_WEIGHTING,
         "mse_t": "mean over latitude and longitude of w (f - o)^2, per init time t",
         "rmse": M.RMSE_FORMS[rmse_form], "rmse_form": rmse_form,
         "bias": "mean over inits of the mean over latitude and longitude of w (f - o)",

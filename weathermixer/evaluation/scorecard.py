@@ -159,7 +159,7 @@ def scorecard_text(metrics: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.scorecard", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.scorecard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", help="REPORT_DIR/metrics.json written by python -m weathermixer.evaluate")
     p.add_argument("--strict", action="store_true", help="exit 1 when the set does not match the reference set")

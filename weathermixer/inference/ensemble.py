@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jigsaw_ext.files import make_output_folders
+
 from .store import partial_path, publish
 
 EXIT_BAD_INPUT = 2
@@ -56,12 +58,13 @@ def ensemble_mean(members: list[str | Path], out: str | Path, zarr_format: int =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.inference.ensemble",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.inference.ensemble",
                                 description="the ensemble mean of forecast stores with the same inits, leads and grid")
     p.add_argument("--members", nargs="+", required=True, help="forecast stores (python -m weathermixer.forecast)")
     p.add_argument("--out", required=True, help="the mean's zarr store")
     p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3)
     args = p.parse_args(argv)
+    make_output_folders(p, {"--out": args.out})
     missing = [m for m in args.members if not Path(m).exists()]
     try:
         if missing:

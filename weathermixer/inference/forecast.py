@@ -55,6 +55,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from jigsaw_ext.files import make_output_folders
+
 from .inputs import ForecastError, Job, check_mesh, lead_steps, parse_init_times, read_job
 from .rollout import Loaded, LoopTimes, Plan, forecast_all, load
 from .store import StoreWriter, create_store, partial_path, publish, store_attributes
@@ -69,7 +71,7 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 # ------------------------------------------------------------------------------------------------
 # the command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weathermixer.forecast", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.forecast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint tag dir, checkpoint root (latest) or "
                                                        "consolidated checkpoint")
@@ -135,7 +137,9 @@ def _agree(err: BaseException | None, rank: int, device) -> None:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out, "--timings": args.timings})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)

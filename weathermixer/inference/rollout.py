@@ -5,7 +5,6 @@ full leads to the store writer (timed for --timings)."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -159,13 +158,12 @@ def forecast_all(run: Loaded, mesh, plan: Plan, device, bf16: bool, writer: Stor
     rank is done. `bar`: show a progress bar of the inits of all replicas."""
     import torch
     import torch.distributed as dist
-    from tqdm import tqdm
+    from ..progress import progress as progress_display
 
     B, dp = plan.batch, mesh.size("dp")
     batches = [(i, min(i + B, len(plan.inits))) for i in range(0, len(plan.inits), B)]
     mine = batches[mesh.coord("dp")::dp]
-    progress = tqdm(total=len(plan.inits), desc="forecast", unit="init", disable=not bar, file=sys.stderr,
-                    dynamic_ncols=True, mininterval=1.0)
+    progress = progress_display(len(plan.inits), "forecast", "init", enabled=bar)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     cuda, times = device.type == "cuda", LoopTimes()
     if cuda:

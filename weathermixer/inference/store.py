@@ -1,5 +1,6 @@
 """The output store: a zarr store in the WeatherBench 2 forecast layout (time, prediction_timedelta,
-[level,] latitude, longitude; the data set's variable names, latitude order and attributes), built
+[level,] latitude, longitude; the data set's variable names, latitude order and attributes, with a
+`units` attribute from weathermixer.data.units where the data set has none), built
 under OUT.partial and renamed to OUT when it is complete. A chunk holds one init and a block of its
 leads, so the writers of different inits never share a chunk."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.units import with_units
 from .inputs import Job
 
 LEAD, LEVEL, LAT, LON, TIME, VALID = "prediction_timedelta", "level", "latitude", "longitude", "time", "valid_time"
@@ -84,7 +86,7 @@ def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, at
     for var in output_variables(job):
         dims = [TIME, LEAD] + ([LEVEL] if var.levels else []) + [LAT, LON]
         shape = [len(inits), len(leads)] + ([len(levels)] if var.levels else []) + [H, W]
-        attributes = _attrs(ds[var.name].attrs, STALE_ATTRS)
+        attributes = with_units(var.name, _attrs(ds[var.name].attrs, STALE_ATTRS))
         if zarr_format == 2:  # xarray's dimension names in format 2
             group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
                                attributes={**attributes, "_ARRAY_DIMENSIONS": dims})

@@ -38,7 +38,7 @@ def size_report(cfg, mesh_config: MeshConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m weathermixer.size", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.size", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))

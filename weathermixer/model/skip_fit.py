@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from jigsaw_ext.files import make_output_folders
+
 from .skip import FEATURE_NAMES, PixelSkip, skip_feature_names, skip_features, skip_time_features
 
 
@@ -96,8 +98,9 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
 def _validation_mse(head, data_cfg, model_cfg, leads: int, coefs, batch: int) -> np.ndarray:
     """(ridge, lead) latitude-weighted MSE (normalised units) of each fit on every validation sample."""
     loader = _loader(data_cfg, model_cfg, leads, "val")
-    w = np.cos(np.deg2rad(loader.lat))
-    w = (w / w.mean())[:, None]
+    from weathermixer.evaluation.metrics import latitude_weights
+
+    w = latitude_weights(loader.lat)[:, None]  # the loss's and evaluate's cell-area weights
     sums, count = np.zeros((len(coefs), leads)), 0
     for b0 in range(0, len(loader.starts), batch):
         s = loader.load_batch(range(b0, min(len(loader.starts), b0 + batch)))
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
 
     from ..data.__main__ import _job
 
-    ap = argparse.ArgumentParser(prog="python -m weathermixer.model.skip_fit",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.model.skip_fit",
                                  description="fit the per-pixel linear skip head by least squares on the job's "
                                              "training split (model.pixel_skip_init)")
     ap.add_argument("--config", required=True)
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
                                                     "separated list: chosen on the validation split")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
     job = _job(args)
     ridges = [float(r) for r in args.ridge.split(",")]
     coef, statics, n, info = fit(job.data, job.model, args.leads, ridge=ridges if len(ridges) > 1 else ridges[0],

@@ -177,6 +177,26 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
+def checkpoint_root(job) -> Path:
+    """The run's checkpoint folder: checkpoint.dir, else log.dir/checkpoints."""
+    return Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")
+
+
+def finished_at(job) -> tuple[int, Path] | None:
+    """(step, tag) when the checkpoint that checkpoint.resume names was written at or after train.steps:
+    the run is complete and a rerun has nothing to train. Reads only the pointer files and the tag's
+    name (no process group, engine or data). None: steps are left, nothing to resume from, or a
+    pointer this check cannot follow (the run's own resume then reports it)."""
+    try:
+        where = CheckpointManager(checkpoint_root(job), job.checkpoint.keep_last).resolve(job.checkpoint.resume)
+    except (CheckpointError, OSError):
+        return None
+    key = tag_key(where[1]) if where and where[1] else None
+    if key is None or key[0] < job.train.steps:
+        return None
+    return key[0], where[0] / where[1]
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2):
         self.root = Path(root)

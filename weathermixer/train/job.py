@@ -145,6 +145,17 @@ def monitor_sections(job: TrainJobConfig, ds: dict) -> dict:
     return out
 
 
+def monitor_note(job: TrainJobConfig, ds: dict) -> str | None:
+    """What to say once (rank 0) when log.tensorboard="auto" found no tensorboard package: no
+    TensorBoard files will be written. None when TensorBoard is on or was switched off on purpose."""
+    if job.log.tensorboard != "auto" or (ds.get("tensorboard") or {}).get("enabled"):
+        return None
+    csv = f"; the metrics go to {Path(job.log.dir) / 'metrics.csv'} as always" if job.log.csv else ""
+    return ("TensorBoard logging is off: log.tensorboard is \"auto\" and the tensorboard package is not installed "
+            "(pip install 'jigsaw-weathermixer[monitor]' to turn it on, or set log.tensorboard=false to silence "
+            f"this){csv}")
+
+
 def prepare_data(job: TrainJobConfig, rank: int):
     """The gridded data config to read. For the embedded synthetic default, rank 0 writes the store
     and its statistics once (into a temporary name, renamed when complete, so an interrupted run

@@ -5,9 +5,13 @@ import torch
 
 
 def latitude_weights(lat_deg: torch.Tensor) -> torch.Tensor:
-    """cos(latitude) on the grid's real latitudes, normalised to mean 1 (applied once, not squared)."""
-    w = torch.cos(torch.deg2rad(lat_deg.double()))
-    return (w / w.mean()).float()
+    """WeatherBench 2's cell-area weights on the grid's real latitudes, normalised to mean 1 (applied
+    once, not squared): the same weights as evaluate's. cos(latitude) would be exactly 0 on pole rows,
+    which then never receive a gradient; a pole row's cell (from the pole to halfway to the next row)
+    has a small but non-zero area."""
+    from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+
+    return torch.as_tensor(evaluation_weights(lat_deg.double().cpu().numpy(), "area")).float()
 
 
 def weighted_mse_term(pred: torch.Tensor, target: torch.Tensor, lat_weights_local: torch.Tensor,

@@ -38,10 +38,17 @@ warnings.filterwarnings("ignore", message="absl.logging is not installed")  # me
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deepspeed_config", required=True,
-                    help="JSON: DeepSpeed settings + 'weathermixer' section; a path, or a packaged job file by "
-                         "name (quickstart_cpu, era5_5.625deg, ...)")
+    """The project's flags plus DeepSpeed's own (--deepspeed, --deepspeed_config, via
+    deepspeed.add_config_arguments); no abbreviations, so `--deepspeed` is never read as `--deepspeed_config`."""
+    import deepspeed
+
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog=PROG, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    deepspeed.add_config_arguments(ap)
+    for action in ap._actions:  # DeepSpeed's help line says nothing of the packaged job files
+        if "--deepspeed_config" in action.option_strings:
+            action.help = ("JSON: DeepSpeed settings + 'weathermixer' section; a path, or a packaged job file by "
+                           "name (quickstart_cpu, era5_5.625deg, ...). Required")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("--steps", type=int, help="override weathermixer.train.steps")
     ap.add_argument("--dp", type=int, help="override weathermixer.mesh.dp")
@@ -53,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--init-from", dest="init_from", help="override weathermixer.checkpoint.init_from (weights only)")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="set any key (JSON value), e.g. train.lr=1e-3; prefix ds. for DeepSpeed's keys")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.deepspeed_config = args.deepspeed_config or args.deepscale_config
+    if args.deepspeed_config is None:
+        ap.error("the following arguments are required: --deepspeed_config")
+    return args
 
 
 def single_process_env() -> None:
@@ -83,8 +94,8 @@ def main(argv=None) -> int:
     import torch
 
     from jigsaw_ext.checkpoint import CheckpointFormatError
-    from weathermixer.train.checkpointing import CheckpointError
-    from weathermixer.train.job import check_job
+    from weathermixer.train.checkpointing import CheckpointError, finished_at
+    from weathermixer.train.job import check_job, monitor_note
     from weathermixer.train.trainer import Trainer
 
     try:
@@ -95,6 +106,16 @@ def main(argv=None) -> int:
             print(f"{PROG}: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
 
+    done = finished_at(job)  # before any process group, engine or data: a rerun of a finished run
+    if done is not None:
+        if rank == 0:
+            print(f"{PROG}: the run is complete at step {done[0]} ({done[1]}; train.steps={job.train.steps}): "
+                  f"nothing to train. To train further, raise --steps; to start afresh, give another --output-dir "
+                  f"or --resume never", flush=True)
+        return 0
+    note = monitor_note(job, ds)
+    if note and rank == 0:
+        print(f"{PROG}: {note}", flush=True)
     trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
     try:
         result = trainer.run()

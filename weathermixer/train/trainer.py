@@ -28,7 +28,8 @@ from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
-from .checkpointing import CheckpointError, CheckpointManager, rng_state, sampler_for, set_rng_state
+from .checkpointing import (CheckpointError, CheckpointManager, checkpoint_root, rng_state, sampler_for,
+                            set_rng_state)
 from .config import TrainJobConfig
 from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
                      register_list_parameters, release_free_memory, setup_host, apply_tf32)
@@ -124,8 +125,7 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed computed dp={e.dp_world_size}, train_batch_size={e.train_batch_size()} "
                                f"but the mesh has dp={dp} (micro={self.micro}, accumulation={self.gas})")
         self.dtype = torch.bfloat16 if e.bfloat16_enabled() else torch.float16 if e.fp16_enabled() else torch.float32
-        ck_root = Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")
-        self.ckpt = CheckpointManager(ck_root, job.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(checkpoint_root(job), job.checkpoint.keep_last)
         self.flops_per_sample = {}
 
     def _setup_data(self):
