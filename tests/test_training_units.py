@@ -265,3 +265,23 @@ def test_peak_follows_dtype_and_tf32():
     assert chip_peak_tflops("Tesla V100-SXM2-16GB", torch.float32, tf32=True) is None  # no TF32 units
     assert resolve_tf32(True, cuda=False) is False and apply_tf32(None, cuda=False) is False
     assert resolve_tf32(False, cuda=True) is False and resolve_tf32(True, cuda=True) is True
+
+
+def test_loss_row_weights_choice_keeps_validation_on_cell_areas():
+    """loss.latitude_weights changes the training loss's rows only: validation scores with cell areas."""
+    import numpy as np
+    import torch
+
+    from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+    from weathermixer.train.loss import row_weights
+
+    lat = np.linspace(-90, 90, 32)
+    rows = slice(0, 16)
+    area = torch.as_tensor(evaluation_weights(lat, "area")).float()[rows]
+    for name in ("area", "cos", "uniform"):
+        score, loss = row_weights(lat, rows, name, "cpu")
+        torch.testing.assert_close(score, area)
+        expected = {"area": area, "uniform": torch.ones(16),
+                    "cos": torch.as_tensor(evaluation_weights(lat, "cos")).float()[rows]}[name]
+        torch.testing.assert_close(loss, expected)
+    assert row_weights(lat, rows, "uniform", "cpu")[1][0] == 1.0 and area[0] < 0.05  # the pole row

@@ -84,6 +84,10 @@ class LossConfig(_Strict):
     level_weights: dict[int, float] | Literal["pressure"] = Field(
         default_factory=dict, description="pressure level -> weight of the atmospheric channels at that "
                                           "level (default 1); \"pressure\" = proportional to the level")
+    latitude_weights: Literal["area", "cos", "uniform"] = Field(
+        "area", description="row weights of the training loss: WeatherBench 2 cell areas (as validation and "
+                            "evaluate score), cos(latitude) (pole rows get no gradient) or uniform (every row "
+                            "alike: pole rows, whose cells are tiny, train as fast as the others)")
     tendency: bool = Field(False, description="loss on normalised tendencies (pred - x0) / std(x(t+dt) - "
                                               "x(t)) instead of normalised states (needs data stats)")
 

@@ -14,6 +14,22 @@ def latitude_weights(lat_deg: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(evaluation_weights(lat_deg.double().cpu().numpy(), "area")).float()
 
 
+def row_weights(lat_deg, rows, loss_weighting: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows' weights: (the cell-area weights that validation scores with, the weights the
+    training loss uses: loss.latitude_weights "area" (the same), "cos" (zero on pole rows) or "uniform")."""
+    lat = torch.as_tensor(lat_deg).double()
+    area = latitude_weights(lat)
+    if loss_weighting == "area":
+        loss = area
+    elif loss_weighting == "uniform":
+        loss = torch.ones_like(area)
+    else:
+        from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+
+        loss = torch.as_tensor(evaluation_weights(lat.numpy(), loss_weighting)).float()
+    return area[rows].to(device), loss[rows].to(device)
+
+
 def weighted_mse_term(pred: torch.Tensor, target: torch.Tensor, lat_weights_local: torch.Tensor,
                       count: int) -> torch.Tensor:
     """This rank's term of mean_{b,c,lat,lon} w_lat (pred - target)^2; `count` is the number of

@@ -35,7 +35,7 @@ from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_gr
                      register_list_parameters, release_free_memory, setup_host, apply_tf32)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
-from .loss import channel_loss_weights, headline_channels, latitude_weights, lead_weights, weighted_loss_term
+from .loss import channel_loss_weights, headline_channels, lead_weights, row_weights, weighted_loss_term
 from .runlog import LossWatch, Progress, RunLog
 from .validation import choose_reencode_every, validate
 
@@ -153,7 +153,8 @@ class Trainer:
         self._agree(err, "opening the data")
 
         chans = self.train_data.chans
-        self.w_lat = latitude_weights(torch.as_tensor(self.train_data.lat.copy()))[self.train_data.rows].to(self.device)
+        self.w_lat, self.w_loss_lat = row_weights(self.train_data.lat.copy(), self.train_data.rows,
+                                                  self.job.loss.latitude_weights, self.device)
         self.w_chan = weights[chans].to(self.device)
         self.chans = chans
         names = cfg.channels.names
@@ -243,7 +244,7 @@ class Trainer:
         f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
         preds = self.forecast(f, s, k, getattr(sample, "times", None))
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
-        return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_lat, self.w_chan, count)
+        return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_loss_lat, self.w_chan, count)
                    for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k]))
 
     def _flops(self, k: int) -> int:
