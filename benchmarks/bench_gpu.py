@@ -7,8 +7,8 @@ single-GPU options, a plain PyTorch MLP-Mixer as the ceiling, and a profile of o
 
 Parts, side by side in one run, each with its own time budget (`--budget PART=SECONDS`); a part that
 fails or runs out of time records its error and the others still run:
-  before     train.py on the job file (default era5_0.25deg_1b) at 1x1x1, fake data, with the settings
-             the GPU job files had before the single-GPU options (BEFORE: --set overrides that restore them)
+  before     train.py on the job file (default era5_0.25deg_1b) at 1x1x1, fake data, with the single-GPU
+             options off (BEFORE: the --set overrides that turn them off)
   after      the same job file as it ships: aligned GEMMs (mesh.gemm_multiple), batches copied one step
              ahead on a side stream (data.device_prefetch), fused AdamW, blocks compiled
              (train.compile_blocks); with train.sync_debug=warn (host synchronisations inside a step
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from benchmarks.gpu_timing import log  # noqa: E402
 
 JOB = "era5_0.25deg_1b"
-# The GPU job files as shipped before the single-GPU options, restored by overrides
+# The GPU job files with the single-GPU options off
 BEFORE = ("mesh.gemm_multiple=1", "data.device_prefetch=false", "train.compile_blocks=false",
           "ds.optimizer.params.fused=false", "ds.zero_optimization.overlap_comm=false")
 # Both train.py runs: one GPU, fake data (no I/O), no validation / checkpoint / plot cost in the window

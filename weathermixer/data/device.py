@@ -8,7 +8,7 @@ and each tensor is marked as used by the compute stream (`record_stream`), so th
 does not hand its memory to the side stream's next copy while the step still reads it.
 
 The stream calls sit behind a small interface: `CudaCopyStream` on a GPU, `InlineCopy` (a plain
-`.to(device)`, today's path) elsewhere, so the ordering logic is tested on the CPU with a fake.
+`.to(device)`) elsewhere, so the ordering logic is tested on the CPU with a fake.
 """
 from __future__ import annotations
 
