@@ -14,6 +14,7 @@ fails or runs out of time records its error and the others still run:
              (train.compile_blocks); with train.sync_debug=warn (host synchronisations inside a step
              are counted) and log.profile_step on its last step
   reference  a plain PyTorch MLP-Mixer of the same aligned shapes, bf16, fused AdamW (gpu_reference.py)
+  after_eager  only when after fails early: the same with train.compile_blocks=false, in the time left
   profile    the breakdown of the after run's profiled step (GEMM, elementwise, copies, optimizer,
              communication, idle, top kernels); its chrome trace is copied beside --out
   planner    the planner's step time, MFU and memory for the after run's layout (predicted, not measured)
@@ -106,7 +107,7 @@ def read_train_rows(run: Path, profile_step: int | None) -> list[dict]:
 
 def train_run(args, name: str, extra: list[str], steps: int, every: int, timeout: float, peak) -> dict:
     """train.py end to end in a subprocess; the last log window's throughput and MFU."""
-    profile_step = steps if name == "after" else None
+    profile_step = steps if name.startswith("after") else None
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_gpu_{name}_"))
     sets = list(COMMON) + job_settings(args) + list(extra) + [f"log.every={every}"]
     if profile_step:
@@ -172,12 +173,14 @@ def planner_part(job, ds: dict, env: dict) -> dict:
 
 
 def summary(report: dict) -> dict:
-    mfu = {k: (report.get(k) or {}).get("mfu") for k in ("before", "after", "reference")}
-    rate = {k: (report.get(k) or {}).get("samples_per_s") for k in ("before", "after", "reference")}
+    runs = ("before", "after", "after_eager", "reference")
+    mfu = {k: (report.get(k) or {}).get("mfu") for k in runs if k in report}
+    rate = {k: (report.get(k) or {}).get("samples_per_s") for k in runs if k in report}
+    rate.setdefault("after", None)
     out = {"mfu": mfu, "samples_per_s": rate}
-    if rate["after"] and rate["reference"]:
+    if rate["after"] and rate.get("reference"):
         out["after_over_reference"] = rate["after"] / rate["reference"]
-    if rate["after"] and rate["before"]:
+    if rate["after"] and rate.get("before"):
         out["after_over_before"] = rate["after"] / rate["before"]
     mem, plan = (report.get("after") or {}).get("peak_mem_GB"), (report.get("planner") or {}).get("memory_GB")
     if mem and plan:
@@ -286,8 +289,15 @@ def main(argv=None) -> int:
                                                 budgets["before"], peak))
     if "after" in parts or "profile" in parts:
         report.part("after", lambda: train_run(args, "after", [], 3 * every + 1, every, budgets["after"], peak))
+        after = report.doc["after"]
+        if "error" in after and after.get("wall_s", budgets["after"]) < budgets["after"] / 2:
+            # failed early (a compiler error, say): the same run with the blocks eager, in the time left
+            report.part("after_eager", lambda: train_run(args, "after_eager", ["train.compile_blocks=false"],
+                                                         3 * every + 1, every, budgets["after"] - after["wall_s"],
+                                                         peak))
     if "profile" in parts:
-        report.part("profile", lambda: profile_part(report.doc["after"], Path(args.out)))
+        report.part("profile", lambda: profile_part(report.doc.get("after_eager", report.doc["after"]),
+                                                    Path(args.out)))
     job, ds = load_job(args)
     if "reference" in parts:
         from benchmarks.gpu_reference import run_reference

@@ -38,3 +38,17 @@ def test_without_a_gpu_and_without_smoke_it_says_so():
     proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--out", "/dev/null"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--smoke" in proc.stderr
+
+
+def test_a_failing_part_records_its_error_and_the_rest_still_run(tmp_path):
+    """The after run fails at start-up (no such compiler backend): its error is kept, the same run with
+    the blocks eager takes its place in the time left, and the profile comes from that run."""
+    out = tmp_path / "fail.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--out", str(out), "--parts",
+                           "after,profile,planner", "--set", "train.compile_backend=no_such_backend"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert "no_such_backend" in doc["after"]["stderr_tail"] and "error" in doc["after"]
+    assert doc["after_eager"]["samples_per_s"] > 0
+    assert "error" not in doc["profile"] and "error" not in doc["planner"]

@@ -49,9 +49,8 @@ class CudaCopyStream:
         self.stream = torch.cuda.Stream(device=device)
 
     def copy(self, sample: Sample):
-        # the side stream first waits for the compute stream's work issued so far: memory the
-        # allocator freed there may be reused by this copy
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        # (the copy's device memory comes from the side stream's own pool: no wait on the compute
+        # stream is needed before it; record_stream in hand_over covers its use there)
         with torch.cuda.stream(self.stream):
             moved = move_sample(sample, lambda t: t.to(self.device, non_blocking=True))
             ready = torch.cuda.Event()
