@@ -44,7 +44,7 @@ def bench_gemms(shapes, dtype: torch.dtype, budget_s: float, device) -> list[dic
             break
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        t = timed(lambda: torch.mm(a, b), device, reps=5, warmup=2)
+        t = timed(lambda a=a, b=b: torch.mm(a, b), device, reps=5, warmup=2)
         out.append({"m": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
                     "tflops": float(f"{2 * m * n * k / t / 1e12:.4g}")})
         del a, b
@@ -102,7 +102,6 @@ def bench_model_step(gemm_profile, cfg, device) -> dict:
     matmul_s = sum(gemm_profile.matmul_seconds(m.m, m.n, m.k, m.dtype, m.batch) for m in trace.matmuls)
     other = sum(trace.other_bytes.values())
     residual = max(t - matmul_s, 1e-6)
-    del model
     return {"step_s": t, "matmul_s_at_measured_rates": matmul_s, "other_bytes": other,
             "elementwise_GBps": other / residual / 1e9, "train_flops": trace.matmul_flops,
             "achieved_tflops": trace.matmul_flops / t / 1e12}

@@ -92,5 +92,4 @@ def run_reference(cfg, micro_batch: int, multiple: int, device, budget_s: float,
            "parameters": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del model, opt
     return out
