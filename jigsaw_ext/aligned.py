@@ -48,3 +48,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, multiple: int = 1) -> torch.Tensor:
     ap, bp = pad_dim(a, -1, multiple), pad_dim(pad_dim(b, -2, multiple), -1, multiple)
     y = ap @ bp
     return y if y.shape[-1] == cols else y[..., :cols]
+
+
+def weight_bmm(w: torch.Tensor, x: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """w @ x[b] for every b: one 2-d weight (N, K) against a batch x (B, K, F) -> (B, N, F). The weight
+    is padded before it is expanded over the batch, so the padding copies one weight, not B."""
+    if multiple <= 1:
+        return torch.bmm(w.expand(x.shape[0], *w.shape), x)
+    cols = x.shape[-1]
+    wp, xp = pad_dim(w, -1, multiple), pad_dim(pad_dim(x, -2, multiple), -1, multiple)
+    y = torch.bmm(wp.expand(x.shape[0], *wp.shape), xp)
+    return y if y.shape[-1] == cols else y[..., :cols]

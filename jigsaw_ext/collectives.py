@@ -368,7 +368,7 @@ def _operand(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _product(x: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
     """x @ w^T for an operand of `_operand`: (rows, out), or with t (batch, out, F). align: the GEMM's
     inner and output dimensions padded to this multiple (jigsaw_ext.aligned)."""
-    return aligned.matmul(w.expand(x.shape[0], *w.shape), x, align) if t else aligned.linear(x, w, align)
+    return aligned.weight_bmm(w, x, align) if t else aligned.linear(x, w, align)
 
 
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
@@ -384,7 +384,7 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool, align: int = 1) -> t
 
 def _input_grad(g: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
     """dL/dx of `_product` in the operand's layout: (rows, in), or with t (batch, in, F)."""
-    return aligned.matmul(w.t().expand(g.shape[0], *w.t().shape), g, align) if t else aligned.matmul(g, w, align)
+    return aligned.weight_bmm(w.t(), g, align) if t else aligned.matmul(g, w, align)
 
 
 class _GatheredLinear(torch.autograd.Function):

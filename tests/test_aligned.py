@@ -70,6 +70,10 @@ def test_pad_dim_and_products_are_exact_and_pad_only_when_needed():
         assert torch.equal(a, b)
     a, b = torch.randn(2, 5, 13, dtype=torch.float64), torch.randn(13, 11, dtype=torch.float64)
     assert torch.allclose(aligned.matmul(a, b, 8), a @ b, rtol=0, atol=1e-12)
+    w, xb = torch.randn(7, 13, dtype=torch.float64), torch.randn(3, 13, 5, dtype=torch.float64)
+    ref = torch.bmm(w.expand(3, 7, 13), xb)
+    assert torch.allclose(aligned.weight_bmm(w, xb, 8), ref, rtol=0, atol=1e-12)
+    assert torch.allclose(aligned.weight_bmm(w.t().t(), xb, 1), ref, rtol=0, atol=0)
 
 
 def test_padded_model_is_the_unpadded_model_on_one_rank(monkeypatch):
