@@ -155,6 +155,15 @@ def profile_part(after: dict, out_path: Path) -> dict:
     return doc
 
 
+def reference_part(args, device, budget: float, peak) -> dict:
+    """The plain Mixer at the job's shapes rounded up to its mesh.gemm_multiple (at least 8)."""
+    from benchmarks.gpu_reference import run_reference
+
+    job, ds = load_job(args)
+    mb = int(ds.get("train_micro_batch_size_per_gpu") or 1)
+    return run_reference(job.model, mb, max(job.mesh.gemm_multiple, 8), device, budget, peak)
+
+
 def planner_part(job, ds: dict, env: dict) -> dict:
     """The planner's prediction for the after run's layout (1x1x1, its ZeRO stage and micro-batch)."""
     from jigsaw_ext.plan.cost import Candidate
@@ -299,15 +308,10 @@ def main(argv=None) -> int:
     if "profile" in parts:
         report.part("profile", lambda: profile_part(report.doc.get("after_eager", report.doc["after"]),
                                                     Path(args.out)))
-    job, ds = load_job(args)
     if "reference" in parts:
-        from benchmarks.gpu_reference import run_reference
-
-        mb = int(ds.get("train_micro_batch_size_per_gpu") or 1)
-        report.part("reference", lambda: run_reference(job.model, mb, max(job.mesh.gemm_multiple, 8), device,
-                                                       budgets["reference"], peak))
+        report.part("reference", lambda: reference_part(args, device, budgets["reference"], peak))
     if "planner" in parts:
-        report.part("planner", lambda: planner_part(job, ds, env))
+        report.part("planner", lambda: planner_part(*load_job(args), env))
     if args.calibrate or args.smoke:
         report.part("calibration", lambda: calibration_part(args, device, budgets["calibrate"]))
     report.write()
