@@ -36,8 +36,8 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from . import aligned
 from .accumulate import defer_gradient_reductions, deferred_inputs, local_gradient  # noqa: F401 (re-exported)
 from .ring import RingWork, ring_all_gather_steps, ring_reduce_scatter_steps, use_ring
 
@@ -365,25 +365,26 @@ def _operand(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), False  # (shards may be empty)
 
 
-def _product(x: torch.Tensor, w: torch.Tensor, t: bool) -> torch.Tensor:
-    """x @ w^T for an operand of `_operand`: (rows, out), or with t (batch, out, F)."""
-    return torch.bmm(w.expand(x.shape[0], *w.shape), x) if t else F.linear(x, w)
+def _product(x: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
+    """x @ w^T for an operand of `_operand`: (rows, out), or with t (batch, out, F). align: the GEMM's
+    inner and output dimensions padded to this multiple (jigsaw_ext.aligned)."""
+    return aligned.weight_bmm(w, x, align) if t else aligned.linear(x, w, align)
 
 
-def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool) -> torch.Tensor:
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
     """dL/dw of `_product` from its output gradient g (in its layout, x's dtype). With t, one product
     of the 2-d (rows, .) copies of both: per-sample products would be rounded one by one in bf16, a
     batched product summed after holds batch x weight (2.4 GB for the C1 token mixer at batch 4), and
     a loop over the samples would give the planner's trace a structure that changes with the batch."""
     if not t:
-        return g.t().mm(x)
+        return aligned.matmul(g.t(), x, align)
     rows = lambda v: v.transpose(1, 2).reshape(-1, v.shape[1])  # noqa: E731
-    return rows(g).t().mm(rows(x))
+    return aligned.matmul(rows(g).t(), rows(x), align)
 
 
-def _input_grad(g: torch.Tensor, w: torch.Tensor, t: bool) -> torch.Tensor:
+def _input_grad(g: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
     """dL/dx of `_product` in the operand's layout: (rows, in), or with t (batch, in, F)."""
-    return torch.bmm(w.t().expand(g.shape[0], *w.t().shape), g) if t else g.mm(w)
+    return aligned.weight_bmm(w.t(), g, align) if t else aligned.matmul(g, w, align)
 
 
 class _GatheredLinear(torch.autograd.Function):
@@ -396,39 +397,39 @@ class _GatheredLinear(torch.autograd.Function):
     x is read in its own layout (`_operand`); y has x's layout."""
 
     @staticmethod
-    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor, prefetched=None):
+    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor, prefetched=None, align=1):
         shape, (x, t) = x.shape, _operand(x)
         ctx.save_for_backward(x, w_block)  # the operand: what backward's products read, with no copy
-        ctx.args = (group, sizes, gather, shape, t)
+        ctx.args = (group, sizes, gather, shape, t, align)
         ctx.w_full, ctx.deferral = None, deferral
         lead = shape[:-2] if t else shape[:-1]
         out = lambda y: (y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2) if t  # noqa: E731
                          else y.view(*lead, y.shape[-1]))
         w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
         if not gather:
-            return out(_product(x, w_compute, t))
+            return out(_product(x, w_compute, t, align))
         if prefetched is not None:  # gathered while the previous layer computed (mesh.prefetch_weights)
-            return out(_product(x, prefetched.wait(), t))
+            return out(_product(x, prefetched.wait(), t, align))
         me, offset = _rank(group), 0
         if keep is not None and keep.get("key") == (w_block._version, w_compute.dtype):
             w_full, own = keep["w"], None
         else:
             pending = start_all_gather(w_compute, group, sizes)
-            own = _product(x, w_compute, t)  # overlaps with the transfer of the other blocks
+            own = _product(x, w_compute, t, align)  # overlaps with the transfer of the other blocks
             w_full = pending.wait()
             if keep is not None:
                 keep.update(key=(w_block._version, w_compute.dtype), w=w_full)
         ctx.w_full = w_full if keep is not None else None
         pieces = []
         for r, s in enumerate(sizes):
-            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset: offset + s], t))
+            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset: offset + s], t, align))
             offset += s
         return out(torch.cat(pieces, dim=1 if t else -1))
 
     @staticmethod
     def backward(ctx, grad):
         x, w_block = ctx.saved_tensors
-        group, sizes, gather, shape, t = ctx.args
+        group, sizes, gather, shape, t, align = ctx.args
         need_x = ctx.needs_input_grad[0]
         # backward runs outside autocast: compute in the dtype of the incoming gradient (that of the
         # forward's matmul), reduce weight gradients in fp32
@@ -439,33 +440,35 @@ class _GatheredLinear(torch.autograd.Function):
         g = grad.transpose(-1, -2).reshape(x.shape[0], grad.shape[-1], grad.shape[-2]) if t else \
             grad.reshape(x.shape[0], grad.shape[-1])
         # summed over the group in fp32 (a bf16 sum of partials loses bits)
-        grad_w = _weight_grad(g, x.to(grad.dtype), t).float()
+        grad_w = _weight_grad(g, x.to(grad.dtype), t, align).float()
         grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
         pending_gw = (None if grad_w is None else start_reduce_scatter(grad_w, group, sizes) if gather
                       else start_all_reduce(grad_w, group))
         grad_x = None
         if need_x:
             w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
-            dx = _input_grad(g, w, t).to(x.dtype)
+            dx = _input_grad(g, w, t, align).to(x.dtype)
             grad_x = dx.view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if t else dx.view(shape)
         ctx.w_full = None
         grad_w = None if pending_gw is None else pending_gw.wait().to(w_block.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
-                    gather: bool = True, keep: dict | None = None, prefetched: _Pending | None = None) -> torch.Tensor:
+                    gather: bool = True, keep: dict | None = None, prefetched: _Pending | None = None,
+                    align: int = 1) -> torch.Tensor:
     """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
 
     gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).
     gather=False: w_block holds every row (replicated over `group`; gradients all-reduced).
     keep: see _GatheredLinear (None: re-gather in backward).
     prefetched: the forward gather of this weight, started earlier by `start_weight_gather`.
+    align: the products' inner and output dimensions padded to this multiple (mesh.gemm_multiple).
     """
     if group is None:
-        return F.linear(x, w_block)
+        return aligned.linear(x, w_block, align)
     deferral, (w,), anchor = deferred_inputs([w_block])
-    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor, prefetched)
+    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor, prefetched, align)
 
 
 def start_weight_gather(w_block: torch.Tensor, group, sizes: Sequence[int]) -> tuple[tuple, _Pending]:

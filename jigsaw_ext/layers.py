@@ -23,18 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import aligned
 from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
                           open_bucket, reduce_scatter, scatter_blocks, start_weight_gather, sum_partials)
 from .chunked import chunked_gathered_linear, gathered_weight, linear_reduce_scatter, row_chunks, weight_chunks
+from .fused import layer_norm as fused_layer_norm
 from .layernorm import blocks_layer_norm, split_layer_norm
 from .layout import Layout, Split, even_split
-from .mesh import STRATEGIES, Mesh
+from .mesh import Mesh
+from .strategy import (choose_strategy, fuses_norm, mlp_extra_memory, mlp_saved, mlp_traffic,  # noqa: F401
+                       norm_traffic, other_axis, strategy_available)
 
 MODEL_AXES = ("domain", "tp")
-
-
-def other_axis(axis: str) -> str:
-    return {"domain": "tp", "tp": "domain"}[axis]
 
 
 def make_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None) -> nn.Parameter:
@@ -211,7 +211,7 @@ class BlockLinear(nn.Module):
             for x, w, keep, chunks, pre in zip(xs, self.weights, self._kept, self._chunks, mine, strict=True):
                 y = chunked_gathered_linear(x, w, storage, self.row_sizes, chunks) if chunks > 1 else \
                     gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep,
-                                    prefetched=pre)
+                                    prefetched=pre, align=self.mesh.gemm_multiple)
                 partial = y if partial is None else partial + y
             out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:
@@ -253,7 +253,7 @@ class DistLayerNorm(nn.Module):
             return blocks_layer_norm(xs[0], ws[0], bs[0], blocks, self.eps, out_dtype)
         group = None if self.local else self.mesh.group(self.axis)
         if group is None and len(xs) == 1:  # every feature here: the fused kernel is exact
-            return F.layer_norm(xs[0], (self.n,), ws[0], bs[0], self.eps)
+            return fused_layer_norm(xs[0], self.n, ws[0], bs[0], self.eps)
         out = split_layer_norm(xs, ws, bs, group, self.counts, self.eps, out_dtype)
         return out[0] if len(out) == 1 else tuple(out)
 
@@ -261,107 +261,6 @@ class DistLayerNorm(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # An MLP of two block linears, with a per-layer strategy
 # ------------------------------------------------------------------------------------------------
-def mlp_traffic(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-                replicate: bool = False) -> float:
-    """Elements one rank sends (ring volumes, as jigsaw_ext.commstats counts them) in one forward +
-    backward of a BlockMLP on `rows` rows (micro-batch x rows per sample) of `features` features,
-    hidden size `hidden`, storage / contract axes of these sizes (its LayerNorm: `norm_traffic`).
-
-    gather:     per weight matrix (hidden x features / contract): all-gather over storage forward and
-                again backward, reduce-scatter of its gradient (all-reduce with replicate=True);
-                activations: reduce-scatter over contract of each product, all-gather backward.
-    stationary: all-gather of the rows over storage, all-reduce over contract of the hidden partial
-                sums, reduce-scatter over storage of the output; the same three backward.
-    features:   all-gather of the features over contract, reduce-scatter of the output; the same two
-                backward (weights replicated over storage, if it has ranks: their gradients all-reduced)."""
-    s, c, R, I, H = storage, contract, rows, features, hidden
-    fs, fc = (s - 1) / s, (c - 1) / c
-    if strategy == "gather":
-        weights = 2 * (2 * fs * H * I / c) if replicate else 2 * 3 * fs * H * I / c
-        return weights + 2 * fc * R * H / s + 2 * fc * R * I / s
-    if strategy == "stationary":
-        return 4 * fs * R * I / c + 4 * fc * R * H / s
-    if strategy == "features":
-        return 4 * fc * R * I / s + 2 * (2 * fs * H * I / c)
-    raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-
-
-def norm_traffic(vectors: float, group_size: int) -> float:
-    """Elements one rank sends for a split LayerNorm of `vectors` vectors over a group of this size:
-    the all-gather of each rank's (mean, M2) forward, the all-reduce of two sums backward."""
-    g = group_size
-    return 2 * (g - 1) * vectors + 2 * (g - 1) / g * 2 * vectors
-
-
-def fuses_norm(strategy: str, norm: str | None, split: bool) -> bool:
-    """Whether the strategy gathers the whole axis its LayerNorm normalises ('rows' or 'features'), so
-    that the LayerNorm is computed locally with no statistics exchanged (only worth it when that axis
-    is `split`: otherwise the block's own LayerNorm is already local and runs the fused kernel)."""
-    return split and (strategy, norm) in (("stationary", "rows"), ("features", "features"))
-
-
-def mlp_saved(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-              fused: bool = False) -> float:
-    """Elements one rank saves for backward in a BlockMLP and its LayerNorm: the LayerNorm's input,
-    fc1's input and the hidden activation before and after GELU, in the layout the strategy has them
-    (fused: the LayerNorm saves the gathered input instead of this rank's block)."""
-    s, c, R, I, H = storage, contract, rows, features, hidden
-    own = R * I / (s * c)
-    if strategy == "gather":
-        return 2 * own + 2 * R * H / (s * c)
-    if strategy == "stationary":
-        return (R * I / c if fused else own) + R * I / c + 2 * R * H / s
-    return (R * I / s if fused else own) + R * I / s + 2 * R * H / (s * c)
-
-
-def mlp_extra_memory(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-                     fused: bool = False) -> float:
-    """Elements saved for backward beyond the gather strategy's (which keeps only this rank's blocks)."""
-    shape = (rows, features, hidden, storage, contract)
-    return mlp_saved(strategy, *shape, fused) - mlp_saved("gather", *shape)
-
-
-def strategy_available(mesh: Mesh, strategy: str, contract: str) -> bool:
-    """'features' keeps whole weight rows (hidden / contract x features) on every rank of the storage
-    axis: only where that axis has one rank or the job replicates weights over it."""
-    storage = other_axis(contract)
-    return strategy != "features" or mesh.size(storage) == 1 or storage in mesh.replicate_weights_over
-
-
-def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str,
-                    norm: str | None = None, batch: int = 1) -> str:
-    """The job's strategy for this layer kind (mesh.strategy; key '*': every kind not listed, where
-    that strategy is available), or with 'auto' the one that sends the fewest bytes (`mlp_traffic`
-    plus its LayerNorm's statistics unless it fuses the LayerNorm; ties keep the weights gathered:
-    the fully sharded layout) among those available whose extra activation memory fits
-    mesh.strategy_memory_mb. norm: the axis the MLP's LayerNorm normalises ('rows' or 'features')."""
-    storage = other_axis(contract)
-    requested = mesh.strategy.get(kind)
-    if requested is not None and not strategy_available(mesh, requested, contract):
-        raise ValueError(f"mesh.strategy: {kind}={requested} needs mesh.{storage}=1 or '{storage}' in "
-                         f"mesh.replicate_weights_over (mesh: domain={mesh.size('domain')}, tp={mesh.size('tp')})")
-    requested = requested or mesh.strategy.get("*", "auto")
-    if requested != "auto" and strategy_available(mesh, requested, contract):
-        return requested
-    s, c = mesh.size(storage), mesh.size(contract)
-    shape = dict(rows=rows, features=features, hidden=hidden, storage=s, contract=c)
-    replicate = storage in mesh.replicate_weights_over
-    # the LayerNorm's statistics, when not fused: over `storage` for the rows (vectors: the batch's
-    # columns this rank holds), over `contract` for the features (vectors: this rank's rows)
-    vectors, group = (batch * features / c, s) if norm == "rows" else (rows / s, c)
-    costs = {}
-    for name in STRATEGIES:
-        if not strategy_available(mesh, name, contract):
-            continue
-        fused = fuses_norm(name, norm, group > 1)
-        extra = mlp_extra_memory(name, **shape, fused=fused)
-        if name != "gather" and mesh.strategy_memory_mb is not None and extra * 4 > mesh.strategy_memory_mb * 2 ** 20:
-            continue
-        costs[name] = mlp_traffic(name, replicate=replicate, **shape) + \
-            (0.0 if norm is None or fused else norm_traffic(vectors, group))
-    return min(costs, key=lambda k: (costs[k], k != "gather"))
-
-
 def check_strategy_keys(model: nn.Module, mesh: Mesh) -> None:
     """A mesh.strategy key that names no layer kind of the model is an error (a typo would otherwise
     silently leave that layer on 'auto')."""
@@ -387,16 +286,16 @@ class _Affine(nn.Module):
     through this module's own calls (DeepSpeed ZeRO-3 materialises a module's parameters around its
     forward)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, align: int = 1):
         super().__init__()
         self.weights = nn.ParameterList([weight])
-        self.bias = bias
+        self.bias, self.align = bias, align
 
     def forward(self, x: torch.Tensor, bias_group=None, matmul=True) -> torch.Tensor:
         """x @ W^T (matmul=True; or matmul(x, W) for a callable), or x + bias (the bias replicated over
         `bias_group`)."""
         if matmul is True:
-            return F.linear(x, self.weights[0])
+            return aligned.linear(x, self.weights[0], self.align)
         if matmul:
             return matmul(x, self.weights[0])
         return x if self.bias is None else x + copy_to(self.bias, bias_group)
@@ -453,11 +352,12 @@ class BlockMLP(nn.Module):
         b1, b2 = 1.0 / math.sqrt(in_split.total), 1.0 / math.sqrt(hidden)
         self.fc1 = _Affine(make_param(Layout((hidden, in_split.total), (hidden_split, features)), mesh,
                                       ("uniform", b1), **kw),
-                           shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw))
+                           shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw),
+                           mesh.gemm_multiple)
         self.fc2 = _Affine(make_param(Layout((in_split.total, hidden), (features, hidden_split)), mesh,
                                       ("uniform", b2), **kw),
                            shared_param(Layout((in_split.total,), (in_split,)), mesh, ("uniform", b2), **kw)
-                           if fc2_bias else None)
+                           if fc2_bias else None, mesh.gemm_multiple)
 
     def _normed(self, x: torch.Tensor, norm) -> torch.Tensor:
         """The LayerNorm applied to x's block (with its statistics exchanged where its axis is split)."""
@@ -478,7 +378,8 @@ class BlockMLP(nn.Module):
         fused = norm is not None and self.fuses_norm
         if self.strategy == "features":
             # weights replicated over storage: their gradients are summed over it (when it has ranks)
-            local = lambda v, w: gathered_linear(v, w, storage, (w.shape[0],), gather=False)  # noqa: E731
+            local = lambda v, w: gathered_linear(v, w, storage, (w.shape[0],), gather=False,  # noqa: E731
+                                                 align=self.mesh.gemm_multiple)
             xf = all_gather(x if fused else self._normed(x, norm), contract, self.in_split.sizes, dim=-1)
             h = F.gelu(self.fc1(self.fc1(norm(xf) if fused else xf, matmul=local), storage, matmul=False))
             if contract is None:

@@ -84,6 +84,10 @@ class DataConfig(_Strict):
         None, description="copy each batch into page-locked host memory as it is loaded (in the prefetch "
                           "thread), so its copy to the GPU runs asynchronously at full bandwidth instead of "
                           "synchronously from pageable memory; null = on when CUDA is available; true needs CUDA")
+    device_prefetch: bool | None = Field(
+        None, description="copy each training batch to the GPU one step ahead on a side CUDA stream, so the copy "
+                          "overlaps the step before it (weathermixer.data.device); null = on when training on "
+                          "a GPU; true needs CUDA")
     fake: bool = Field(False, description="no I/O: the same random tensors every step (loader benchmarks)")
 
     @field_validator("splits")

@@ -462,3 +462,20 @@ def sampler_for(loader: dict, micro: int, dp: int, where) -> dict:
                               f"global batch size")
     return {"epoch": st["epoch"], "step": samples // per_step, "seed": st["seed"], "n": st["n"], "batch": micro,
             "dp": dp, "shuffle": st["shuffle"]}
+
+
+def job_info(job, ds: dict, world: int, dtype, model, group_names, stats, data_cfg) -> dict:
+    """What a checkpoint records besides DeepSpeed's files: enough to read it on any mesh
+    (every parameter's block layout, the optimizer's groups by name) without the model code, and
+    to forecast from it without the training config or stats file: the normalisation statistics
+    the run trained with, the gridded data config it read (variables, levels and dims mapping,
+    dt), package versions and the git commit."""
+    from .job import zero_stage
+
+    return {"mesh": job.mesh.model_dump(mode="json"), "model": job.model.model_dump(mode="json"),
+            "zero_stage": zero_stage(ds), "world_size": world, "dtype": str(dtype).replace("torch.", ""),
+            "weathermixer": job.model_dump(mode="json"), "deepspeed": ds,
+            "layouts": {n: p.block_layout.to_json() for n, p in model.named_parameters()},
+            "param_groups": group_names, "stats": stats,
+            "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
+            "provenance": provenance()}

@@ -73,6 +73,15 @@ class TrainConfig(_Strict):
         None, description="fp32 matmuls and convolutions in TF32 on GPUs that have it (torch's "
                           "allow_tf32 switches); null = on for compute capability 8.0 (Ampere) and newer. "
                           "No effect on CPU or on bf16/fp16 GEMMs")
+    compile_blocks: bool = Field(
+        False, description="regional torch.compile: each mixer block compiled on its own (one graph per block, "
+                           "compiled once and reused by every block of the same shapes), fusing its LayerNorm, "
+                           "GELU, bias and residual passes; the first steps pay the compilation")
+    compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks")
+    sync_debug: Literal["warn", "error"] | None = Field(
+        None, description="GPU: torch.cuda.set_sync_debug_mode during every training step after the first: "
+                          "'warn' prints each host-device synchronisation inside a step, 'error' raises; "
+                          "null = off")
 
 
 class LossConfig(_Strict):
@@ -133,6 +142,10 @@ class LogConfig(_Strict):
     plot: bool = Field(True, description="loss curve PNG at the end")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (null = known GPUs "
                                                                "only; no MFU on CPU)")
+    profile_step: int | None = Field(None, ge=1, description="profile this training step with torch.profiler: "
+                                                             "<log.dir>/profile/ gets its trace (chrome format) and "
+                                                             "a breakdown (GEMM, elementwise, copies, optimizer, "
+                                                             "communication, idle; top kernels) per rank")
     break_lock: bool = Field(False, description="take over the RUN.lock of log.dir / checkpoint.dir when its "
                                                 "holder runs on another host (or container), whose liveness "
                                                 "cannot be checked from here; only when that run is known to "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -206,3 +207,12 @@ class LossWatch:
         steps = self.steps
         self.steps, self.sums = [], []
         return steps, values[:n], bad
+
+
+def write_memory_json(log_dir, device: torch.device, peaks: list) -> None:
+    """<log.dir>/memory.json: the peak memory of every rank at the end of a run."""
+    from jigsaw_ext.files import atomic_write_text
+
+    atomic_write_text(Path(log_dir, "memory.json"), json.dumps(
+        {"device": str(device), "peak_bytes_per_rank": peaks,
+         "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS"}, indent=1))

@@ -12,7 +12,6 @@ and DeepSpeed averages over dp, so the loss and every gradient equal the single-
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -28,7 +27,8 @@ from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
-from .checkpointing import (CheckpointError, CheckpointManager, checkpoint_root, rng_state, sampler_for,
+from ..data.device import device_batches
+from .checkpointing import (CheckpointError, CheckpointManager, checkpoint_root, job_info, rng_state, sampler_for,
                             set_rng_state)
 from .config import TrainJobConfig
 from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
@@ -36,7 +36,8 @@ from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_gr
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, lead_weights, row_weights, weighted_loss_term
-from .runlog import LossWatch, Progress, RunLog
+from .runlog import LossWatch, Progress, RunLog, write_memory_json
+from .speed import compile_blocks, kernels_line, step_context
 from .validation import choose_reencode_every, validate
 
 
@@ -91,10 +92,12 @@ class Trainer:
         # the mixing MLPs choose how they meet their data for this micro-batch (mesh.strategy "auto")
         self.model = WeatherMixer(job.model, mesh, device=self.device,
                                   micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1))
+        compiled = compile_blocks(self.model, tc.compile_backend) if tc.compile_blocks else 0
         if self.rank == 0:
             self.log(f"layer strategies on {mesh.config}: " + ", ".join(
                 f"{k} {v}" for k, v in resolved_strategies(self.model).items())
                 + (f"; each local rank bound to {len(bound)} core(s) (train.bind_cores)" if bound else ""))
+            self.log(kernels_line(self.ds, compiled, tc.compile_backend))
         if job.checkpoint.init_from:
             from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
@@ -185,23 +188,8 @@ class Trainer:
             raise TrainingFailed(f"rank {min(bad)} failed while {what} (its message is above)")
 
     def _job_info(self) -> dict:
-        """What a checkpoint records besides DeepSpeed's files: enough to read it on any mesh
-        (every parameter's block layout, the optimizer's groups by name) without the model code, and
-        to forecast from it without the training config or stats file: the normalisation statistics
-        the run trained with, the gridded data config it read (variables, levels and dims mapping,
-        dt), package versions and the git commit."""
-        from .checkpointing import provenance
-
-        data_cfg = getattr(self, "data_cfg", None)
-        return {"mesh": self.job.mesh.model_dump(mode="json"), "model": self.job.model.model_dump(mode="json"),
-                "zero_stage": zero_stage(self.ds), "world_size": self.world,
-                "dtype": str(self.dtype).replace("torch.", ""),
-                "weathermixer": self.job.model_dump(mode="json"), "deepspeed": self.ds,
-                "layouts": {n: p.block_layout.to_json() for n, p in self.model.named_parameters()},
-                "param_groups": self.group_names,
-                "stats": getattr(self, "stats", None),
-                "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
-                "provenance": provenance()}
+        return job_info(self.job, self.ds, self.world, self.dtype, self.model, self.group_names,
+                        getattr(self, "stats", None), getattr(self, "data_cfg", None))
 
     # helpers -------------------------------------------------------------------------------------
     def _to(self, t, dtype=None):
@@ -275,10 +263,11 @@ class Trainer:
         end = min(self.job.train.steps, result.start_step + self.job.train.stop_after) \
             if self.job.train.stop_after else self.job.train.steps
         self.engine.train()
-        self.batches = iter(self.train_data)
+        self.batches = device_batches(self.train_data, self.device, self.data_cfg.device_prefetch)
         try:
             for step in range(result.start_step + 1, end + 1):
-                self._train_step(step)
+                with step_context(self.job, step, result.start_step + 1, self.device, self.rank, self.log):
+                    self._train_step(step)
                 if step % self.job.log.every == 0 or step == end:
                     self._report(step, result)
                 self._validate_and_save(step, end, result)
@@ -480,10 +469,7 @@ class Trainer:
             self.runlog.close()
             if job.log.plot and (png := self.runlog.plot()):
                 self.log(f"loss curve: {png}")
-            Path(job.log.dir, "memory.json").write_text(json.dumps(
-                {"device": str(self.device), "peak_bytes_per_rank": mem.tolist(),
-                 "measure": "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "max RSS"},
-                indent=1))
+            write_memory_json(job.log.dir, self.device, mem.tolist())
         if not math.isfinite(v["rmse_norm_lead1"]):
             result.exit_code = 1
         return result
@@ -491,7 +477,7 @@ class Trainer:
     def _save(self, step: int, best: float, pointers: list[str], bar) -> None:
         t0 = time.perf_counter()
         client = {"step": step, "best": best}
-        mine = {"loader": self.train_data.state_dict(), "rng": rng_state(), "step": step}
+        mine = {"loader": self.batches.state_dict(), "rng": rng_state(), "step": step}
         try:  # collective; a failed write (a full disk) is agreed on by every rank
             path = self.ckpt.save(self.engine, step, client, mine, self._job_info(), pointers=pointers)
         except CheckpointError as err:  # the previous checkpoint is kept: stop, saying so
