@@ -153,8 +153,8 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                              "backward: no re-gather; one gather per optimizer step with accumulation)",
                 "calls": "collectives with a group of > 1 rank issued by one block application (forward, backward); "
                          "'bucket': the small-parameter gradient all-reduces, which the whole model issues once "
-                         "per backward (one per axis), not per block; calls_total excludes them (the issue's "
-                         "definition), calls_with_bucket includes them as if the model had one block",
+                         "per backward (one per axis), not per block; calls_total excludes them (the "
+                         "target's definition), calls_with_bucket includes them as if the model had one block",
                 "peak_memory_vs_serial_share": "peak of every tensor the traced step creates on the rank / "
                                                "(the serial block's peak / (domain x tp))",
                 "features": "'features' forced where it is offered (the other axis of size 1), auto elsewhere",

@@ -1,4 +1,4 @@
-"""Is per-rank memory flat over a long run with validation and checkpoints? (issue 15, item 7)
+"""Is per-rank memory flat over a long run with validation and checkpoints?
 
     python benchmarks/bench_memory.py                      # 2000 steps, 2 ranks (1x2x1), JSON on stdout
     python benchmarks/bench_memory.py --steps 500 --nproc 4 --mesh 1 2 2 --plot mem.png

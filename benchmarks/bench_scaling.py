@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     base = [s for s in RUN_SETTINGS if not s.startswith("log.every")] + variant_settings(0, "fp32") + [
         f"train.steps={args.steps}", f"log.every={args.every}"]
     doc = {"benchmark": "strong scaling of train.py (quickstart job, ZeRO-0 fp32, global batch 8)", "settings": base,
-           "by_hidden": {}, "target": "2 ranks x 1 thread vs 1 rank x 1 thread >= 1.7 (issue 12)"}
+           "by_hidden": {}, "target": "2 ranks x 1 thread vs 1 rank x 1 thread >= 1.7"}
     for hidden in [int(h) for h in args.hidden.split(",")]:
         doc["by_hidden"][str(hidden)] = measure(base + [f"model.hidden={hidden}"], args.reps)
     text = json.dumps(doc, indent=1)

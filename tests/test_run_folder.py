@@ -1,4 +1,4 @@
-"""The run folder: nothing lost, nothing silent (issue 15, items 3 and 6).
+"""The run folder: nothing lost, nothing silent.
 
 Two runs on one folder (the second stops naming the holder, on every rank, before any setup; a
 lock left by a dead run is taken over), an unwritable log.dir / checkpoint.dir found before any

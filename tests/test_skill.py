@@ -1,4 +1,4 @@
-"""Skill at every lead (issue 16): history inputs on every mesh, the rollout curriculum and per-lead
+"""Skill at every lead: history inputs on every mesh, the rollout curriculum and per-lead
 weights, activation checkpointing across rollout steps, the re-encoding interval chosen on the
 validation set, and the real ERA5 samples (GRIB reading, the irregular-time error)."""
 import json

@@ -287,7 +287,7 @@ class Trainer:
     # phases of the loop, in the order they run ------------------------------------------------------
     def _resume(self) -> int:
         """Load the checkpoint checkpoint.resume names (a layout-free tag, or a consolidated one converted
-        from the earlier format) on this run's mesh; returns the step it was written at (0: fresh start)."""
+        from the DeepSpeed 0.19 per-rank format) on this run's mesh; returns the step it was written at (0: fresh start)."""
         job, rank = self.job, self.rank
         self.best = math.inf
         err, where = None, None
