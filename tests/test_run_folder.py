@@ -250,3 +250,21 @@ def test_the_last_line_names_the_rank_that_failed_or_died_first(tmp_path):
     leave(1, "peer", 4.0, dead=[2])  # a survivor found rank 2 gone before rank 3's error
     line = rankwatch.report(record, 1)
     assert "rank 2 (host gpu08, pid 102) died first; it left no message" in line and "ranks [0, 1, 3]" in line
+
+
+def test_two_runs_creating_the_same_synthetic_store_at_once_both_train(tmp_path):
+    """Two runs (their own --output-dir) started together on one data.path with no store yet: one
+    writes the store, the other waits for it and reads it; both finish, the store is written once
+    and nothing partial is left. Each log names the store's absolute path."""
+    job = small_job(tmp_path, rollout=1, resume="never")  # data under tmp_path/synthetic, not written yet
+    runs = [subprocess.Popen(_launch(job, tmp_path / f"run{i}", 1, *ONE, "--set", "train.steps=1",
+                                     launcher="python"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [r.communicate(timeout=300) for r in runs]
+    for r, (out, err) in zip(runs, outs):
+        assert r.returncode == 0, out[-2000:] + err[-2000:]
+    logs = "".join(out for out, _ in outs)
+    store = next((tmp_path / "synthetic").glob("*.zarr"))
+    assert logs.count(f"writing the synthetic ERA5-like store {store}") == 1, logs[-3000:]
+    assert f"synthetic data: {store} (data.path=" in logs, logs[-3000:]
+    assert not [p for p in (tmp_path / "synthetic").iterdir() if ".partial" in p.name]
