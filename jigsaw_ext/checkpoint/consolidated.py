@@ -17,7 +17,7 @@ from .common import (FORMAT, KINDS, ROOT_SIDE_FILES, CheckpointFormatError, app_
                      is_layout_free, read_index, read_job_info, resolve)
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
-from .manifest import ALGORITHM, check, describe, expected, verify_tree, warn_unverified
+from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
 
 
 def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
@@ -97,11 +97,10 @@ class Consolidated:
             raise CheckpointFormatError(f"{self.dir / 'index.json'}: file {rel!r} of {name} is outside the checkpoint")
         if not path.is_file():
             raise CheckpointFormatError(f"{path}: missing (the consolidated checkpoint is incomplete)")
-        digest = entry.get("digests", {}).get(kind)
-        if digest is None:
-            warn_unverified(self.dir)
-        else:
-            check(path, digest, str(self.dir / "index.json"), f"tensor {name}, {kind}")
+        digest = (entry.get("digests") or {}).get(kind)
+        if not isinstance(digest, dict):
+            raise missing_digest(self.dir, name, kind)
+        check(path, digest, str(self.dir / "index.json"), f"tensor {name}, {kind}")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 if kind not in f.keys():

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
+from jigsaw_ext.checkpoint.common import read_pointer
 from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
 from jigsaw_ext.checkpoint.sharded import failing_rank
 from jigsaw_ext.files import atomic_write_text
@@ -196,7 +197,10 @@ class CheckpointManager:
         path = self.root / name
         if not path.is_file():
             return None
-        tag = path.read_text().strip()
+        try:
+            tag = read_pointer(path)
+        except CheckpointFormatError as err:
+            raise CheckpointError(str(err)) from None
         if not (self.root / tag / "COMPLETE").is_file():
             raise CheckpointError(f"{path} names tag '{tag}' but {self.root / tag} is not a complete checkpoint")
         return tag
@@ -321,7 +325,7 @@ class CheckpointManager:
         for name in POINTERS:
             p = self.root / name
             if p.is_file():
-                keep.add(p.read_text().strip())
+                keep.add(p.read_text(errors="replace").strip())
         keep.update(self._tags()[-self.keep_last:] if self.keep_last > 0 else [])
         for d in self.root.iterdir():
             stale = d.name.endswith(PARTIAL) and tag_key(d.name[:-len(PARTIAL)]) is not None
@@ -394,8 +398,8 @@ class CheckpointManager:
         tag_dir = root / tag
         self.verify(tag_dir, root)
         try:
-            info = json.loads((tag_dir / "job.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as err:
+            info = json.loads((tag_dir / "job.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{tag_dir / 'job.json'}: unreadable ({err})") from None
         if "state" not in info:
             raise CheckpointError(old_format_message(tag_dir))
