@@ -174,3 +174,24 @@ def test_missing_chunk_of_a_store_whose_fill_value_is_not_nan(store, tmp_path):
     assert r.returncode == 2 and "chunk '2m_temperature/c/7/1/0' of variable '2m_temperature'" in r.stderr, \
         r.stdout[-2000:] + r.stderr[-2000:]
     assert not (tmp_path / "stats.json").exists()
+
+
+def test_a_data_fault_met_while_training_says_what_to_fix(tmp_path):
+    """A chunk lost from the training store after a run started: train.py stops (exit 2) naming the
+    chunk and saying to fix the data before rerunning, not just to rerun the same command."""
+    import shutil
+    import subprocess
+
+    from tests.test_training_runs import ENV, ROOT, _launch, small_job
+
+    job = small_job(tmp_path, rollout=1, resume="auto")
+    one = ("--domain", "1", "--tp", "1")
+    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=1", launcher="python"),
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    store = next((tmp_path / "synthetic").glob("*.zarr"))
+    shutil.rmtree(store / "2m_temperature" / "c")  # every time of one variable
+    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=3", launcher="python"),
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "chunk '2m_temperature/c/" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "fix the data named above first" in run.stderr and "Rerun the same command" not in run.stderr
