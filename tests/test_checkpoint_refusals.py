@@ -137,3 +137,19 @@ def test_json_files_that_are_not_utf8_are_named(base, tmp_path):
     job.write_bytes(job.read_bytes().replace(b'"mesh"', b'"m\xffsh"', 1))
     r = _cli("inspect", root / "step00000002")
     assert r.returncode == 2 and f"{job}: checksum mismatch" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_file_size_limit_is_named_when_a_checkpoint_write_fails(base, tmp_path):
+    """ulimit -f of 650 bytes (torch's writer then reports only "iostream error" / "unexpected pos"):
+    the checkpoint error names EFBIG and the limit, the partial tag is removed."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (650, 650))
+
+    cmd = _launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=2", "--set", "log.every=100",
+                  launcher="python")
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240, preexec_fn=limit)
+    assert run.returncode == 1 and "writing checkpoint step 2 failed" in run.stderr, run.stderr[-3000:]
+    assert "EFBIG: File too large" in run.stderr or "[Errno 27] File too large" in run.stderr, run.stderr[-3000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
