@@ -153,3 +153,26 @@ def test_a_file_size_limit_is_named_when_a_checkpoint_write_fails(base, tmp_path
     assert run.returncode == 1 and "writing checkpoint step 2 failed" in run.stderr, run.stderr[-3000:]
     assert "EFBIG: File too large" in run.stderr or "[Errno 27] File too large" in run.stderr, run.stderr[-3000:]
     assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
+
+
+def _limited(cmd: list, size: int):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240, preexec_fn=limit)
+
+
+def test_consolidate_and_forecast_that_cannot_write_leave_nothing_and_say_why(base, tmp_path):
+    """A file size limit (as a quota or a full disk would) under `consolidate` and `forecast`: one
+    line naming the errno, no traceback, no OUT.partial left."""
+    root = base["out"] / "checkpoints"
+    c = _limited([sys.executable, "-m", "jigsaw_ext.checkpoint", "consolidate", str(root), str(tmp_path / "cons")],
+                 40_000)
+    assert c.returncode == 2 and "File too large" in c.stderr and "Traceback" not in c.stderr, c.stderr[-3000:]
+    assert not list(tmp_path.glob("cons*"))
+    f = _limited([sys.executable, "-m", "weathermixer.forecast", "--checkpoint", str(root), "--init-times",
+                  "2020-02-20T00", "--lead-hours", "12", "--out", str(tmp_path / "fc.zarr"), "--quiet"], 3_000)
+    assert f.returncode == 1 and "writing " in f.stderr and "File too large" in f.stderr, f.stderr[-3000:]
+    assert "Traceback" not in f.stderr and not list(tmp_path.glob("fc.zarr*"))

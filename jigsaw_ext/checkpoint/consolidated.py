@@ -35,6 +35,24 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
         tag = DeepSpeedTag(src_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tag, src_dir, tmp, log)
+        os.replace(tmp, out)
+    except BaseException as err:
+        from safetensors import SafetensorError
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, CheckpointFormatError) or not isinstance(err, (OSError, RuntimeError, SafetensorError)):
+            raise
+        from ..safe_load import write_failure
+
+        raise CheckpointFormatError(f"writing {out} failed ({write_failure(err)}); nothing was left behind "
+                                    f"({tmp} removed); free space there or choose another output folder") from None
+    return out
+
+
+def _write(tag, src_dir: Path, tmp: Path, log) -> None:
+    """The consolidated checkpoint of `tag` into `tmp` (tensor by tensor, then index.json)."""
     (tmp / "tensors").mkdir(parents=True)
     from safetensors.torch import save_file
 
@@ -70,8 +88,6 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
             if log:
                 log(f"consolidate: copied {side}")
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out)
-    return out
 
 
 class Consolidated:
