@@ -176,3 +176,16 @@ def test_consolidate_and_forecast_that_cannot_write_leave_nothing_and_say_why(ba
                   "2020-02-20T00", "--lead-hours", "12", "--out", str(tmp_path / "fc.zarr"), "--quiet"], 3_000)
     assert f.returncode == 1 and "writing " in f.stderr and "File too large" in f.stderr, f.stderr[-3000:]
     assert "Traceback" not in f.stderr and not list(tmp_path.glob("fc.zarr*"))
+
+
+def test_an_explicit_resume_tag_since_pruned_points_at_latest(base, tmp_path):
+    """`--resume ROOT/step00000002` rerun after that tag was pruned (keep_last) by the run it started:
+    exit 2 naming the checkpoint root's latest and how to continue from it."""
+    import shutil
+
+    root = _copy(base, tmp_path / "run")
+    shutil.rmtree(root / "step00000002")  # as checkpoint.keep_last removes it once newer tags exist
+    run = _resume(base, tmp_path / "run", "--resume", str(root / "step00000002"))
+    assert run.returncode == 2 and "step00000002 is gone from" in run.stderr, run.stderr[-3000:]
+    assert f"whose latest is {root / 'step00000004'}: to continue, use --resume {root} (its latest) or --resume " \
+           f"auto" in run.stderr, run.stderr[-3000:]

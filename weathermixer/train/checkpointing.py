@@ -349,8 +349,14 @@ class CheckpointManager:
         if (path / "latest").is_file():
             mgr = CheckpointManager(path, self.keep_last)
             return path, mgr.pointer("latest")
+        hint = ""
+        if tag_key(path.name) is not None and (path.parent / "latest").is_file():
+            newest = CheckpointManager(path.parent).describe("latest")
+            hint = (f"; {path.name} is gone from {path.parent} (removed by checkpoint.keep_last once newer "
+                    f"checkpoints were saved?), whose latest is {newest}: to continue, use --resume {path.parent} "
+                    f"(its latest) or --resume auto")
         raise CheckpointError(f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
-                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer")
+                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer{hint}")
 
     def verify(self, path: Path, root: Path | None = None) -> None:
         """Collective: check every file of a checkpoint (a tag or a consolidated directory) against
