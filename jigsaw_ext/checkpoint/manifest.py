@@ -15,15 +15,16 @@ so a file read twice is hashed once. A mismatch raises ChecksumError naming the 
 zip file also the damaged record and the tensor(s) stored in it: torch writes a CRC-32 per record)
 and nothing is loaded.
 
-Absent checksums are never taken as "unchecked": a layout-free tag (format 2: `state/` holds its
-tensors) was always written with its MANIFEST.json, and a consolidated checkpoint's index.json always
-lists the digests of its tensor files, so a tag without a manifest or an index without digests is
-refused (ChecksumError), not read unverified: deleting the checksums cannot downgrade a damaged
-checkpoint to an accepted one. Only a tag of the per-rank DeepSpeed format (format 1, the converter's
-input; DeepSpeed itself writes no manifest) is read without one, with an
-UnverifiedCheckpointWarning, once per directory. The manifest lists every file (DCP's `.metadata`
-included): a file removed, renamed or added is named by `verify_tree`, which also reads each DCP
-`.metadata` to check that the files it points at lie inside the tag (sharded.read_metadata).
+Absent checksums are never taken as "unchecked": a layout-free tag (jigsaw-layout-free/1: `state/`
+holds its tensors) was always written with its MANIFEST.json, and a consolidated checkpoint's
+index.json (jigsaw-consolidated/2) lists the digests of its tensor files, so a tag without a manifest
+or an index without digests is refused (ChecksumError), not read unverified: deleting the checksums
+cannot downgrade a damaged checkpoint to an accepted one. Only a tag of the per-rank DeepSpeed format
+(mp_rank_* / zero_pp_rank_* files, the converter's input; DeepSpeed writes no manifest) is read
+without one, with an UnverifiedCheckpointWarning, once per directory. The manifest lists every file
+(DCP's `.metadata` included): a file removed, renamed or added is named by `verify_tree`, which also
+reads each DCP `.metadata` to check that the files it points at lie inside the tag
+(sharded.read_metadata).
 """
 from __future__ import annotations
 
