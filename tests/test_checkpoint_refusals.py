@@ -189,3 +189,26 @@ def test_an_explicit_resume_tag_since_pruned_points_at_latest(base, tmp_path):
     assert run.returncode == 2 and "step00000002 is gone from" in run.stderr, run.stderr[-3000:]
     assert f"whose latest is {root / 'step00000004'}: to continue, use --resume {root} (its latest) or --resume " \
            f"auto" in run.stderr, run.stderr[-3000:]
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(base, tmp_path):
+    """checkpoint.dir on a 1 MiB tmpfs, a tag of about 1.9 MiB: the save stops before writing a byte,
+    naming the estimate and the free space; nothing partial is left."""
+    import uuid
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        root = mnt / "checkpoints"
+        run = _run(_launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=2", "--set",
+                           f"checkpoint.dir={json.dumps(str(root))}", launcher="python"))
+        msg = run.stdout + run.stderr
+        assert run.returncode == 1 and f"no space left on {mnt} (" in msg, msg[-3000:]
+        assert "this checkpoint needs about 1.9 MiB" in msg and "MiB are free; nothing was written" in msg, msg[-3000:]
+        assert not [p for p in root.iterdir() if p.is_dir()]  # no tag, no partial folder
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -19,7 +19,10 @@ crash-safe and checksummed, with the trainer's own state beside them.
       latest                        name of the newest complete tag (replaced atomically)
       best                          name of the tag with the best validation loss
 
-A save never touches an existing tag: every rank writes into `stepNNNNNNNN.partial`, the ranks
+Before anything is written, rank 0 compares the tag's size (estimate_bytes: the fp32 master weights
+and two moments) with the free space of the checkpoint folder's file system and stops the save
+there, naming both, when it cannot fit. A save never touches an existing tag: every rank writes
+into `stepNNNNNNNN.partial`, the ranks
 share the hashing of the files, rank 0 writes MANIFEST.json and COMPLETE, renames the directory to
 a name that is not taken (`stepNNNNNNNN`, else `stepNNNNNNNN.1`, ...) and only then moves the
 pointers. A crash or a full disk at any point leaves every pointer naming a complete checkpoint;
@@ -174,6 +177,14 @@ def trainer_state_base(tag_dir: Path, rank: int) -> Path:
     return Path(tag_dir) / f"trainer_rank{rank:05d}"
 
 
+def estimate_bytes(model) -> int:
+    """The size of a tag of `model`, from below: per parameter its fp32 master weights and two AdamW
+    moments (global shapes), plus 64 KiB for the JSON and trainer state files."""
+    import math
+
+    return sum(12 * math.prod(p.block_layout.shape) for p in model.parameters()) + (64 << 10)
+
+
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
@@ -231,8 +242,10 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)  # left by an interrupted save of this step
             final = self._free_name(tag_of(step))
+            made = self._too_big(engine.module)
             try:
-                work_dir.mkdir(parents=True)
+                if made is None:
+                    work_dir.mkdir(parents=True)
             except OSError as err:
                 made = save_error(work_dir, err)
         final, made = _broadcast((final, made))  # also: nobody writes before the stale directory is gone
@@ -264,6 +277,22 @@ class CheckpointManager:
                 outcome = save_error(work_dir, err)
         self._stop_if_failed(step, work_dir, [_broadcast(outcome)])
         return self.root / final
+
+    def _too_big(self, model) -> dict | None:
+        """Before anything is written: a failure (as save_error reports one) if the file system holding
+        the checkpoints has less free space than the tag will take (estimate_bytes), else None."""
+        need = estimate_bytes(model)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.root)
+        except OSError:
+            return None  # the save itself will name the problem
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free >= need:
+            return None
+        return {"path": str(self.root), "no_space": True,
+                "error": f"this checkpoint needs about {need / 2**20:,.1f} MiB (fp32 master weights and two AdamW "
+                         f"moments), {free / 2**20:,.1f} MiB are free; nothing was written"}
 
     def _free_name(self, tag: str) -> str:
         """tag, or tag.1, tag.2, ... : a directory name nothing has (a pointer may name `tag`)."""
