@@ -207,8 +207,8 @@ def no_space_left(err: BaseException, path) -> bool:
 
 def write_failure(err: BaseException) -> str:
     """`err` as one line that names the errno: torch.save reports a failed write as a RuntimeError
-    without one ("unexpected pos 704 vs 598", "basic_ios::clear: iostream error"), so the cause is looked for in the exception chain and
-    in this process's file size limit (EFBIG)."""
+    without one ("unexpected pos 704 vs 598", "basic_ios::clear: iostream error"), so the cause is
+    looked for in the exception chain and in this process's file size limit (EFBIG)."""
     import resource
 
     text = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__

@@ -89,8 +89,9 @@ def _point_metadata_at(batch: Path, target: str) -> None:
 
 @pytest.mark.parametrize("where", ["parent", "absolute"])
 def test_dcp_metadata_pointing_outside_the_tag_is_refused(base, tmp_path, where):
-    """`.metadata` rewritten to read rank 0's tensors from `../../../outside.distcp` (the checkpoint root) or an absolute
-    path (a readable copy lies there): every loader refuses it, `inspect --verify` too."""
+    """`.metadata` rewritten to read rank 0's tensors from `../../../outside.distcp` (the checkpoint
+    root) or an absolute path (a readable copy lies there): every loader refuses it, `inspect
+    --verify` too."""
     root = _copy(base, tmp_path / "run")
     tag = root / "step00000004"
     batch = (tag / DATA).parent

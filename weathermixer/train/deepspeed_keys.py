@@ -145,7 +145,8 @@ def _recorded_walk(node: dict, rec, always: frozenset, path: str, errors: list[s
     for key, value in node.items():
         where = f"{path}.{key}"
         if key not in allowed:
-            errors.append(f"  {where}: unknown DeepSpeed key (DeepSpeed would ignore it); {_nearest(str(key), allowed)}")
+            errors.append(f"  {where}: unknown DeepSpeed key (DeepSpeed would ignore it); "
+                          f"{_nearest(str(key), allowed)}")
         elif isinstance(value, dict) and isinstance(rec, _Recorder):
             _recorded_walk(value, rec.get(key), frozenset(), where, errors)
 
