@@ -205,9 +205,33 @@ def no_space_left(err: BaseException, path) -> bool:
     return free < (16 << 20) or (st.f_files > 0 and st.f_favail == 0)
 
 
+def write_failure(err: BaseException) -> str:
+    """`err` as one line that names the errno: torch.save reports a failed write as a RuntimeError
+    without one ("unexpected pos 704 vs 598", "basic_ios::clear: iostream error"), so the cause is
+    looked for in the exception chain and in this process's file size limit (EFBIG)."""
+    import resource
+
+    text = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
+    e = err
+    while e is not None:
+        code = getattr(e, "errno", None)
+        if code in errno.errorcode:
+            return text if errno.errorcode[code] in text or f"[Errno {code}]" in text else \
+                f"{text} ({errno.errorcode[code]}: {os.strerror(code)})"
+        e = e.__cause__ or e.__context__
+    if isinstance(err, OSError) or not isinstance(err, RuntimeError):
+        return text
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        return (f"{text} (EFBIG: {os.strerror(errno.EFBIG)}: this process may write files of at most {soft} bytes, "
+                f"ulimit -f)")
+    return (f"{text} (torch names no errno: a write failed: a full disk (ENOSPC), a quota (EDQUOT) or a file size "
+            f"limit (EFBIG))")
+
+
 def save_error(path, err: BaseException) -> dict:
     """What a rank tells the others about a failed checkpoint write."""
-    return {"path": str(path), "error": f"{type(err).__name__}: {err}", "no_space": no_space_left(err, path)}
+    return {"path": str(path), "error": write_failure(err), "no_space": no_space_left(err, path)}
 
 
 def _load_checked(path: str, map_location=None):

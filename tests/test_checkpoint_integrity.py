@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
@@ -105,11 +104,11 @@ def _verify_cli(path: Path):
                           env=ENV, capture_output=True, text=True, timeout=120)
 
 
-def test_bit_flips_are_refused_naming_the_file(base, tmp_path, capsys):
+def test_bit_flips_are_refused_naming_the_file(base, tmp_path):
     """Bytes flipped inside the tensors of the latest checkpoint: consolidate and resume refuse naming
     the file (and the tensor it held), `inspect --verify` exits 1 naming it, and the resume error
     points at the older complete checkpoint. The consolidated format is checked the same way
-    (index.json digests). Checkpoints without checksums still load, with a warning."""
+    (index.json digests)."""
     root = _copy(base, tmp_path / "run")
     bad = root / "step00000004" / DATA
     _flip(bad)
@@ -124,7 +123,7 @@ def test_bit_flips_are_refused_naming_the_file(base, tmp_path, capsys):
     assert f"--resume {root / 'step00000002'}" in run.stderr and "resuming from" not in run.stdout, run.stderr[-3000:]
 
     # consolidated: a flipped byte in one tensor file; index.json names the tensor
-    from jigsaw_ext.checkpoint import UnverifiedCheckpointWarning, verify
+    from jigsaw_ext.checkpoint import verify
 
     cons = consolidate(root / "step00000002", tmp_path / "good", log=None)
     idx = json.loads((cons / "index.json").read_text())
@@ -137,22 +136,6 @@ def test_bit_flips_are_refused_naming_the_file(base, tmp_path, capsys):
         Consolidated(cons).full(name, "exp_avg")
     assert verify(cons)["problems"] and str(victim) in verify(cons)["problems"][0]
     assert verify(root / "step00000002") == dict(verify(root / "step00000002"), verified=True, problems=[])
-
-    # written before checksums existed: loaded, with a warning saying so
-    old = tmp_path / "old"
-    shutil.copytree(root / "step00000002", old)
-    (old / "MANIFEST.json").unlink()
-    with pytest.warns(UnverifiedCheckpointWarning, match="UNVERIFIED"):
-        old_cons = consolidate(old, tmp_path / "old-cons", log=None)
-    for t in idx["tensors"].values():
-        t.pop("digests")
-    (old_cons / "index.json").write_text(json.dumps(dict(json.loads((old_cons / "index.json").read_text()),
-                                                         tensors=idx["tensors"])))
-    with pytest.warns(UnverifiedCheckpointWarning):
-        Consolidated(old_cons).full(name)
-    from jigsaw_ext.checkpoint import main as checkpoint_cli
-
-    assert checkpoint_cli(["inspect", "--verify", str(old)]) == 0 and "UNVERIFIED" in capsys.readouterr().out
 
 
 def test_a_crash_while_resaving_the_latest_tag_keeps_it(base, tmp_path):
@@ -186,8 +169,7 @@ def test_a_crash_while_resaving_the_latest_tag_keeps_it(base, tmp_path):
 
 def test_truncated_shard_at_resume_names_the_file_and_an_older_checkpoint(base, tmp_path):
     """The latest tag's optimizer shard cut short: the resume stops naming the file and says which
-    older complete checkpoint to resume from; without a manifest (older checkpoints) the loader still
-    names the file instead of a raw torch error."""
+    older complete checkpoint to resume from; the tools name it too."""
     root = _copy(base, tmp_path / "run")
     shard = root / "step00000004" / DATA
     shard.write_bytes(shard.read_bytes()[:100_000])
@@ -195,13 +177,10 @@ def test_truncated_shard_at_resume_names_the_file_and_an_older_checkpoint(base, 
     assert run.returncode != 0 and f"{shard}: truncated: 100000 bytes" in run.stderr, run.stderr[-3000:]
     assert f"--resume {root / 'step00000002'}" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
 
-    from jigsaw_ext.checkpoint import UnverifiedCheckpointWarning, full_tensors
+    from jigsaw_ext.checkpoint import full_tensors
 
-    (root / "step00000004" / "MANIFEST.json").unlink()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
-        with pytest.raises(CheckpointFormatError, match=f"{shard.parent}: unreadable .*corrupt or truncated"):
-            list(full_tensors(root / "step00000004", "exp_avg"))
+    with pytest.raises(CheckpointFormatError, match=f"{shard}: truncated: 100000 bytes"):
+        list(full_tensors(root / "step00000004", "exp_avg"))
 
 
 @pytest.fixture(scope="module")

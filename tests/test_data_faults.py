@@ -127,8 +127,9 @@ def test_nonfinite_zero_summary_every_n_samples(nan_store):
 
 @pytest.mark.parametrize("keep", [False, True], ids=["per_batch", "kept"])
 def test_clean_reads_ask_the_store_nothing_more(store, keep, monkeypatch):
-    """The chunk check costs no store request on clean data: the same keys are fetched as the read
-    (per batch: the batch's 2 times; kept: every time of the split, at the first batch)."""
+    """The chunk check costs no store request per read: the chunks fetched are the read's (per batch:
+    the batch's 2 times; kept: every time of the split, at the first batch), beside one metadata read
+    of each variable's array when the check lists its keys (once per process)."""
     import weathermixer.data.loader as loader_mod
 
     monkeypatch.setattr(loader_mod, "KEEP_BYTES", loader_mod.KEEP_BYTES if keep else 0)
@@ -136,6 +137,61 @@ def test_clean_reads_ask_the_store_nothing_more(store, keep, monkeypatch):
     ld = ShardedSampleLoader(DataConfig(path="mem", prefetch=0), MODEL, Mesh.single(), store=cs, shuffle=False)
     cs.reset()
     ld.load_batch([0])
-    assert cs.keys and all("/c/" in k for k in cs.keys)  # chunk reads only, no exists / metadata
+    chunks = [k for k in cs.keys if "/c/" in k]
+    assert sorted(set(cs.keys) - set(chunks)) == ["2m_temperature/zarr.json", "geopotential/zarr.json"]
     times = int(ld.starts[-1]) + 2 if keep else 2
-    assert len(cs.keys) == len(set(cs.keys)) == times * (2 + 2 * 2)  # times x (t2m + z500 + z850) x 2 row chunks
+    assert len(chunks) == len(set(chunks)) == times * (2 + 2 * 2)  # times x (t2m + z500 + z850) x 2 row chunks
+    if not keep:
+        cs.reset()
+        ld.load_batch([1])
+        assert cs.keys and all("/c/" in k for k in cs.keys)  # listed once: nothing but the chunks now
+
+
+def test_missing_chunk_of_a_store_whose_fill_value_is_not_nan(store, tmp_path):
+    """A store whose float variables have fill value 0 (as some writers choose) with a chunk gone:
+    zarr would serve 0 K at that time; the read names the chunk, the variable and the time, and
+    `python -m weathermixer.data stats` (which reads every training time) exits 2 saying so."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_training_runs import ENV, ROOT
+
+    meta = store / "2m_temperature" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["fill_value"] = 0.0
+    meta.write_text(json.dumps(doc))
+    os.remove(store / "2m_temperature" / "c" / "7" / "1" / "0")
+    ld = _loader(store)
+    with pytest.raises(DataError, match=r"chunk '2m_temperature/c/7/1/0' of variable '2m_temperature' \(time "
+                                        r"2020-01-02T18:00\) is missing from the store.*fill value \(0\.0 here\)"):
+        ld.load_batch([_sample_at(ld, 6)])
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"weathermixer": {"model": MODEL.model_dump(mode="json"),
+                                                "data": {"source": "gridded", "path": str(store)}}}))
+    r = subprocess.run([sys.executable, "-m", "weathermixer.data", "stats", "--config", str(job), "--out",
+                        str(tmp_path / "stats.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "chunk '2m_temperature/c/7/1/0' of variable '2m_temperature'" in r.stderr, \
+        r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (tmp_path / "stats.json").exists()
+
+
+def test_a_data_fault_met_while_training_says_what_to_fix(tmp_path):
+    """A chunk lost from the training store after a run started: train.py stops (exit 2) naming the
+    chunk and saying to fix the data before rerunning, not just to rerun the same command."""
+    import shutil
+    import subprocess
+
+    from tests.test_training_runs import ENV, ROOT, _launch, small_job
+
+    job = small_job(tmp_path, rollout=1, resume="auto")
+    one = ("--domain", "1", "--tp", "1")
+    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=1", launcher="python"),
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    store = next((tmp_path / "synthetic").glob("*.zarr"))
+    shutil.rmtree(store / "2m_temperature" / "c")  # every time of one variable
+    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=3", launcher="python"),
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "chunk '2m_temperature/c/" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "fix the data named above first" in run.stderr and "Rerun the same command" not in run.stderr

@@ -32,6 +32,14 @@ def _check(settings):
     ("ds.optimizer.parms={}", r"optimizer.parms: unknown DeepSpeed key; did you mean params\?"),
     ("ds.flops_profiler.enabeld=true", r"flops_profiler.enabeld: .*did you mean enabled\?"),
     ("ds.elasticity={}", r"elasticity: Elastic training has been removed"),
+    ('ds.data_types.grad_accum_dtypee="fp32"',
+     r"data_types.grad_accum_dtypee: unknown DeepSpeed key .*did you mean grad_accum_dtype"),
+    ('ds.checkpoint.tag_validaton="Warn"', r"checkpoint.tag_validaton: unknown DeepSpeed key .*did you mean tag_valid"),
+    ('ds.torch_autocast={"enabled": false, "dtyp": "bf16"}', r"torch_autocast.dtyp: .*did you mean dtype\?"),
+    ("ds.optimizer.params.betass=[0.9,0.9]", r"optimizer.params.betass: not an argument .*did you mean betas\?"),
+    ("ds.optimizer.params.weight_decayy=0.1", r"optimizer.params.weight_decayy: .*did you mean weight_decay\?"),
+    ('ds.gradient_clipping="abc"', r"gradient_clipping: 'abc'; a number >= 0"),
+    ("ds.optimizer.params.betas=[0.9,1.5]", r"optimizer.params: ValueError: Invalid beta parameter at index 1: 1.5"),
 ])
 def test_misspelt_keys_rejected_with_the_nearest_name(setting, message):
     with pytest.raises(ConfigError, match=message):
@@ -86,3 +94,25 @@ def test_cli_exits_2_before_any_collective(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "zero_optimizaton: unknown DeepSpeed key" in res.stderr and "did you mean zero_optimization?" in res.stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_sections_read_key_by_key_are_recorded_from_deepspeed():
+    """The sections DeepSpeed's reader looks into key by key, and their keys, come from running it."""
+    from weathermixer.train.deepspeed_keys import adam_param_keys, recorded_sections
+
+    rec = recorded_sections()
+    assert {"data_types", "checkpoint", "aio", "torch_autocast"} <= set(rec)
+    assert {"grad_accum_dtype", "param_dtype"} <= rec["data_types"] and "tag_validation" in rec["checkpoint"]
+    assert {"betas", "eps", "weight_decay", "torch_adam", "amsgrad", "bias_correction"} <= adam_param_keys()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ('ds.data_types.grad_accum_dtypee="fp32"', "data_types.grad_accum_dtypee: unknown DeepSpeed key"),
+    ('ds.gradient_clipping="abc"', "gradient_clipping: 'abc'; a number >= 0"),
+])
+def test_cli_exits_2_before_setup_on_nested_keys_and_values(tmp_path, setting, message):
+    cmd = [sys.executable, "train.py", "--deepspeed_config", "deepspeed_configs/quickstart_cpu.json", "--domain", "1",
+           "--tp", "1", "--output-dir", str(tmp_path / "run"), "--set", setting]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -191,8 +191,36 @@ def test_lock_rules_other_host_reused_pid_live_holder_and_break_lock(tmp_path):
     lock.acquire()
     assert not said and json.loads((tmp_path / "run" / "RUN.lock").read_text())["started"] != "2026-01-01T00:00:00+00:00"
     lock.release()
-    # checkpoint.dir inside log.dir: one lock
-    assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "ck"}).folders) == ["log.dir"]
+    # checkpoint.dir inside log.dir: locked too (another run may name it as its checkpoint.dir); one folder once
+    assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "ck"}).folders) == \
+        ["log.dir", "checkpoint.dir"]
+    assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "."}).folders) == ["log.dir"]
+
+
+def test_a_run_whose_checkpoint_dir_lies_in_a_running_runs_log_dir_stops(job, tmp_path):
+    """Run A trains with its checkpoints in A/checkpoints (inside its log.dir); run B, another
+    --output-dir, names A/checkpoints as checkpoint.dir: B stops before any setup (exit 2) naming A's
+    lock there, and A's checkpoints are untouched."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    lock = a / "checkpoints" / "RUN.lock"
+    first = subprocess.Popen(_launch(job, a, 1, *ONE, "--set", "train.steps=400", launcher="python"), cwd=ROOT,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (lock.exists() or (a / "metrics.csv").exists()):
+            assert first.poll() is None and time.time() < deadline, "the first run ended or stalled"
+            time.sleep(0.1)
+        assert lock.exists(), "run A trains without a RUN.lock in its checkpoint folder"
+        second = _run(_launch(job, b, 1, *ONE, "--set", f"checkpoint.dir={a / 'checkpoints'}", launcher="python"),
+                      timeout=120)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"checkpoint.dir={a / 'checkpoints'} is in use by another run: {lock} is held by pid {first.pid}" \
+            in second.stderr and "mesh " not in second.stdout, second.stderr[-2000:]
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        assert not (b / "RUN.lock").exists()  # all or none
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_the_last_line_names_the_rank_that_failed_or_died_first(tmp_path):
@@ -222,3 +250,21 @@ def test_the_last_line_names_the_rank_that_failed_or_died_first(tmp_path):
     leave(1, "peer", 4.0, dead=[2])  # a survivor found rank 2 gone before rank 3's error
     line = rankwatch.report(record, 1)
     assert "rank 2 (host gpu08, pid 102) died first; it left no message" in line and "ranks [0, 1, 3]" in line
+
+
+def test_two_runs_creating_the_same_synthetic_store_at_once_both_train(tmp_path):
+    """Two runs (their own --output-dir) started together on one data.path with no store yet: one
+    writes the store, the other waits for it and reads it; both finish, the store is written once
+    and nothing partial is left. Each log names the store's absolute path."""
+    job = small_job(tmp_path, rollout=1, resume="never")  # data under tmp_path/synthetic, not written yet
+    runs = [subprocess.Popen(_launch(job, tmp_path / f"run{i}", 1, *ONE, "--set", "train.steps=1",
+                                     launcher="python"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [r.communicate(timeout=300) for r in runs]
+    for r, (out, err) in zip(runs, outs):
+        assert r.returncode == 0, out[-2000:] + err[-2000:]
+    logs = "".join(out for out, _ in outs)
+    store = next((tmp_path / "synthetic").glob("*.zarr"))
+    assert logs.count(f"writing the synthetic ERA5-like store {store}") == 1, logs[-3000:]
+    assert f"synthetic data: {store} (data.path=" in logs, logs[-3000:]
+    assert not [p for p in (tmp_path / "synthetic").iterdir() if ".partial" in p.name]

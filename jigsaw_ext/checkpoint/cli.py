@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __doc__ as DOC
-from .common import CheckpointFormatError, resolve
+from .common import CheckpointFormatError, read_pointer, resolve
 from .consolidated import consolidate, inspect, verify
 from .export import export
 from ..files import make_output_folders
@@ -26,7 +26,7 @@ def _tags_to_verify(ckpt: str) -> list[tuple[Path, list[str]]]:
     named: dict[str, list[str]] = {}
     for p in ("latest", "best"):
         if (root / p).is_file():
-            named.setdefault((root / p).read_text().strip(), []).append(p)
+            named.setdefault(read_pointer(root / p), []).append(p)
     tags = sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "COMPLETE").is_file())
     tags += sorted(t for t in named if t not in tags)  # a pointer to a tag that is not complete: reported
     return [(root / t, named.get(t, [])) for t in tags]

@@ -71,10 +71,22 @@ def resolve(path: str | Path) -> Path:
     if (path / "index.json").is_file() or (path / "job.json").is_file():
         return path
     if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-        return resolve(path / tag)
+        return resolve(path / read_pointer(path / "latest"))
     raise CheckpointFormatError(f"{path}: neither a checkpoint tag directory (job.json), a checkpoint root "
                                 f"(latest) nor a consolidated checkpoint (index.json)")
+
+
+def read_pointer(path: Path) -> str:
+    """The tag a pointer file (`latest`, `best`) names: a directory name in the pointer's own folder,
+    never a path that leads elsewhere (`../other_run/...`, an absolute path)."""
+    try:
+        tag = Path(path).read_text().strip()
+    except UnicodeDecodeError:
+        raise CheckpointFormatError(f"{path}: not a text file naming a tag (damaged?)") from None
+    if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or "\0" in tag:
+        raise CheckpointFormatError(f"{path}: names {tag!r}, not a tag directory inside {Path(path).parent}; "
+                                    f"a pointer holds a tag name only (edit it to one of the tags there)")
+    return tag
 
 
 def is_consolidated(path: Path) -> bool:
@@ -88,11 +100,11 @@ def is_layout_free(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointFormatError(f"{path}: missing") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointFormatError(f"{path}: corrupt JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointFormatError(f"{path}: corrupt JSON ({type(err).__name__}: {err})") from None
 
 
 def read_index(path: Path) -> dict:

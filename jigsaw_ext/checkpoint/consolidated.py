@@ -17,7 +17,7 @@ from .common import (FORMAT, KINDS, ROOT_SIDE_FILES, CheckpointFormatError, app_
                      is_layout_free, read_index, read_job_info, resolve)
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
-from .manifest import ALGORITHM, check, describe, expected, verify_tree, warn_unverified
+from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
 
 
 def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
@@ -35,6 +35,24 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
         tag = DeepSpeedTag(src_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tag, src_dir, tmp, log)
+        os.replace(tmp, out)
+    except BaseException as err:
+        from safetensors import SafetensorError
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, CheckpointFormatError) or not isinstance(err, (OSError, RuntimeError, SafetensorError)):
+            raise
+        from ..safe_load import write_failure
+
+        raise CheckpointFormatError(f"writing {out} failed ({write_failure(err)}); nothing was left behind "
+                                    f"({tmp} removed); free space there or choose another output folder") from None
+    return out
+
+
+def _write(tag, src_dir: Path, tmp: Path, log) -> None:
+    """The consolidated checkpoint of `tag` into `tmp` (tensor by tensor, then index.json)."""
     (tmp / "tensors").mkdir(parents=True)
     from safetensors.torch import save_file
 
@@ -70,8 +88,6 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
             if log:
                 log(f"consolidate: copied {side}")
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out)
-    return out
 
 
 class Consolidated:
@@ -97,11 +113,10 @@ class Consolidated:
             raise CheckpointFormatError(f"{self.dir / 'index.json'}: file {rel!r} of {name} is outside the checkpoint")
         if not path.is_file():
             raise CheckpointFormatError(f"{path}: missing (the consolidated checkpoint is incomplete)")
-        digest = entry.get("digests", {}).get(kind)
-        if digest is None:
-            warn_unverified(self.dir)
-        else:
-            check(path, digest, str(self.dir / "index.json"), f"tensor {name}, {kind}")
+        digest = (entry.get("digests") or {}).get(kind)
+        if not isinstance(digest, dict):
+            raise missing_digest(self.dir, name, kind)
+        check(path, digest, str(self.dir / "index.json"), f"tensor {name}, {kind}")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 if kind not in f.keys():

@@ -13,8 +13,18 @@ reads it: torch.load memory-maps and seeks (no single sequential pass to hash), 
 then never reach a parser. A process remembers the digest of a file by (path, inode, size, mtime),
 so a file read twice is hashed once. A mismatch raises ChecksumError naming the file (for a torch
 zip file also the damaged record and the tensor(s) stored in it: torch writes a CRC-32 per record)
-and nothing is loaded. A checkpoint written before manifests existed is read with an
-UnverifiedCheckpointWarning, once per directory.
+and nothing is loaded.
+
+Absent checksums are never taken as "unchecked": a layout-free tag (jigsaw-layout-free/1: `state/`
+holds its tensors) was always written with its MANIFEST.json, and a consolidated checkpoint's
+index.json (jigsaw-consolidated/2) lists the digests of its tensor files, so a tag without a manifest
+or an index without digests is refused (ChecksumError), not read unverified: deleting the checksums
+cannot downgrade a damaged checkpoint to an accepted one. Only a tag of the per-rank DeepSpeed format
+(mp_rank_* / zero_pp_rank_* files, the converter's input; DeepSpeed writes no manifest) is read
+without one, with an UnverifiedCheckpointWarning, once per directory. The manifest lists every file
+(DCP's `.metadata` included): a file removed, renamed or added is named by `verify_tree`, which also
+reads each DCP `.metadata` to check that the files it points at lie inside the tag
+(sharded.read_metadata).
 """
 from __future__ import annotations
 
@@ -45,7 +55,19 @@ class ChecksumError(CheckpointFormatError):
 
 
 class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint without checksums (written before manifests existed): read unverified."""
+    """A per-rank DeepSpeed tag without checksums (DeepSpeed writes none): read unverified."""
+
+
+def requires_manifest(tag: Path) -> bool:
+    """A layout-free tag (its tensors under state/): it was written with a MANIFEST.json."""
+    return (Path(tag) / "state").is_dir()
+
+
+def _no_manifest(tag: Path) -> ChecksumError:
+    return ChecksumError(f"{Path(tag) / MANIFEST}: missing; a layout-free checkpoint is always written with it (and "
+                         f"COMPLETE after it), so the tag was damaged or edited after it was written and its files "
+                         f"cannot be verified; refusing it (resume from another checkpoint; `python -m "
+                         f"jigsaw_ext.checkpoint inspect --verify ROOT` checks every tag)")
 
 
 def _key(path: Path) -> tuple:
@@ -127,20 +149,25 @@ def check(path: Path, entry: dict, source: str, what: str = "") -> None:
 
 
 def _tag_dir(path: Path) -> Path | None:
-    """The checkpoint directory holding `path`: the nearest parent with a MANIFEST.json or COMPLETE."""
+    """The checkpoint directory holding `path`: the nearest parent with a MANIFEST.json, COMPLETE,
+    job.json or a layout-free state/ folder."""
     for d in list(path.parents)[:4]:
-        if (d / MANIFEST).is_file() or (d / "COMPLETE").is_file():
+        if (d / MANIFEST).is_file() or (d / "COMPLETE").is_file() or (d / "job.json").is_file() \
+                or requires_manifest(d):
             return d
     return None
 
 
 def verify_file(path: str | Path) -> bool:
     """Check a file of a DeepSpeed tag against the tag's manifest before it is loaded. True if
-    verified; False (with a warning) for a checkpoint without a manifest. ChecksumError otherwise."""
+    verified; False (with a warning) for a per-rank DeepSpeed tag without a manifest. ChecksumError
+    otherwise (a layout-free tag without its manifest too)."""
     path = Path(path)
     tag = _tag_dir(path)
     files = read_manifest(tag) if tag is not None else None
     if files is None:
+        if tag is not None and requires_manifest(tag):
+            raise _no_manifest(tag)
         warn_unverified(tag or path.parent)
         return False
     rel = path.relative_to(tag).as_posix()
@@ -153,7 +180,8 @@ def verify_file(path: str | Path) -> bool:
 
 def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
     """({relative path: entry}, {relative path: what it holds}, where they are recorded) of a tag or a
-    consolidated checkpoint; None if it has no checksums."""
+    consolidated checkpoint; None for a per-rank DeepSpeed tag without a manifest. ChecksumError for
+    a layout-free tag without its manifest and a consolidated index without a tensor's digests."""
     d = Path(directory)
     if (d / "index.json").is_file():
         from .common import read_index
@@ -161,13 +189,22 @@ def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
         files, what = {}, {}
         for name, t in read_index(d)["tensors"].items():
             digests = t.get("digests")
-            if not digests:
-                return None
             for kind, rel in t["files"].items():
+                if not isinstance(digests, dict) or not isinstance(digests.get(kind), dict):
+                    raise missing_digest(d, name, kind)
                 files[rel], what[rel] = digests[kind], f"tensor {name}, {kind}"
         return files, what, str(d / "index.json")
     files = read_manifest(d)
+    if files is None and requires_manifest(d):
+        raise _no_manifest(d)
     return None if files is None else (files, {}, str(d / MANIFEST))
+
+
+def missing_digest(directory: Path, name: str, kind: str) -> ChecksumError:
+    return ChecksumError(f"{Path(directory) / 'index.json'}: lists no checksum for tensor {name} ({kind}); "
+                         f"`consolidate` records one for every tensor file, so the index was damaged or edited "
+                         f"and the files cannot be verified; refusing it (re-run `python -m jigsaw_ext.checkpoint "
+                         f"consolidate` on the original checkpoint)")
 
 
 def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[str] | None:
@@ -189,11 +226,28 @@ def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[st
                 check(path, {"size": entry.get("size")}, source, what.get(rel, ""))
         except ChecksumError as err:
             problems.append(str(err))
+    problems += _metadata_problems(d, files, problems)
     if not (d / "index.json").is_file():
         extra = sorted(set(list_files(d)) - set(files))
         problems += [f"{d / rel}: not listed in {source} (not written by the save that made this checkpoint)"
                      for rel in extra]
     return problems
+
+
+def _metadata_problems(d: Path, files: dict, found: list[str]) -> list[str]:
+    """Every intact DCP `.metadata` of the checkpoint read (through the allowlist): the data files it
+    points at must lie inside its directory (sharded.read_metadata refuses anything else)."""
+    from .sharded import read_metadata
+
+    out = []
+    for rel in sorted(files):
+        if Path(rel).name != ".metadata" or any(str(d / rel) in p for p in found):
+            continue
+        try:
+            read_metadata((d / rel).parent)
+        except CheckpointFormatError as err:
+            out.append(str(err))
+    return out
 
 
 def mark_verified(directory: str | Path) -> None:

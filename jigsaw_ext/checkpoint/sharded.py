@@ -93,7 +93,21 @@ def read_metadata(directory: str | Path):
         raise CheckpointFormatError(f"{path}: unreadable DCP metadata ({type(err).__name__}: {err})") from None
     if getattr(md, "storage_meta", None) is None:
         md.storage_meta = StorageMeta()
+    _confine(md, path)
     return md
+
+
+def _confine(md, path: Path) -> None:
+    """Every data file the metadata points at is a plain file name inside its directory (DCP writes
+    `__R_K.distcp`): an absolute path or `..` would make the loaders read outside the checkpoint while
+    the checksums cover the files inside it."""
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = str(getattr(info, "relative_path", ""))
+        if not rel or "/" in rel or "\\" in rel or rel in (".", "..") or Path(rel).is_absolute():
+            fqn = getattr(index, "fqn", index)
+            raise UnsafeMetadataError(f"{path}: refused: tensor {fqn} points at {rel!r}, outside the checkpoint "
+                                      f"directory {path.parent} (DCP writes plain file names there); the "
+                                      f"metadata was damaged or edited")
 
 
 def _safe_reader_class():

@@ -258,7 +258,7 @@ class GriddedDataset:
             if named is err:
                 raise
             raise named from err
-        if self.chunks.enabled and not np.isfinite(x).all():  # an absent chunk reads as NaN: name it
+        if self.chunks.enabled:  # an absent chunk reads as its fill value (NaN, 0, ...): name it
             self.chunks.check_present(var, sel, fatal=self.cfg.nonfinite == "error")
         return x
 
@@ -300,23 +300,41 @@ class NonFiniteWarning(UserWarning):
 
 class ChunkCheck:
     """Names the zarr chunks behind a block read. zarr serves an absent chunk as its fill value (NaN
-    for floats written by xarray: it would look like NaN data) and a truncated or corrupt one as a
-    bare codec error ("Zstd decompression error"); neither names the chunk. The store is asked only
-    when a block holds a non-finite value (one `exists` per chunk of that read, a present chunk is
-    asked once) or a read fails: clean blocks cost no store request."""
+    for floats written by xarray, but 0 or any other value a writer chose: it would look like data)
+    and a truncated or corrupt one as a bare codec error ("Zstd decompression error"); neither names
+    the chunk. The keys of each variable this process reads are listed once (one `list_prefix` per
+    variable, cached) and every read's chunks are looked up in that set: no request per read, and an
+    absent chunk is found whatever its fill value."""
 
     def __init__(self, data: GriddedDataset, store=None):
         self.data, self._store, self._group = data, store, None
         self.enabled = store is not None or data.cfg.resolved_format() == "zarr"
-        self._present: set[str] = set()
+        self._listed: dict[str, frozenset[str]] = {}
         self._warned: set[str] = set()
+
+    def _stored(self, var: str, arr) -> frozenset[str]:
+        """Every key the store holds under the array of `var` (listed once)."""
+        from zarr.core.sync import sync
+
+        if var not in self._listed:
+            prefix = arr.store_path.path.strip("/")
+            store = arr.store_path.store
+
+            async def collect():
+                return frozenset([k async for k in store.list_prefix(f"{prefix}/" if prefix else "")])
+
+            self._listed[var] = sync(collect())
+        return self._listed[var]
 
     def _array(self, var: str):
         import zarr
 
         if self._group is None:
             self._group = zarr.open_group(self._store if self._store is not None else self.data.cfg.path, mode="r")
-        return self._group[var]
+            self._arrays = {}
+        if var not in self._arrays:  # opening reads the array's metadata: once
+            self._arrays[var] = self._group[var]
+        return self._arrays[var]
 
     def _keys(self, var: str, sel: dict) -> tuple[object, list[tuple[str, tuple[int, ...]]]]:
         """(zarr array, [(store key, chunk coordinates)]) of the chunks (shards) a selection touches."""
@@ -326,8 +344,12 @@ class ChunkCheck:
         grid = arr.shards or arr.chunks
         per_dim = []
         for dim, n, c in zip(self.data.ds[var].dims, arr.shape, grid):
-            idx = np.atleast_1d(np.arange(n)[sel.get(dim, slice(None))])
-            per_dim.append(np.unique(idx // c).tolist())
+            s = sel.get(dim, slice(None))
+            if isinstance(s, slice) and s.indices(n)[2] == 1:
+                a, b, _ = s.indices(n)
+                per_dim.append(list(range(a // c, (b - 1) // c + 1)) if b > a else [])
+            else:
+                per_dim.append(np.unique(np.atleast_1d(np.arange(n)[s]) // c).tolist())
         prefix = arr.store_path.path.strip("/")
         return arr, [((f"{prefix}/" if prefix else "") + arr.metadata.encode_chunk_key(coords), coords)
                      for coords in itertools.product(*per_dim)]
@@ -346,19 +368,17 @@ class ChunkCheck:
 
     def check_present(self, var: str, sel: dict, fatal: bool) -> None:
         """Raise (fatal) or warn once per variable naming a chunk of this read absent from the store."""
-        from zarr.core.sync import sync
-
         arr, keys = self._keys(var, sel)
-        store = arr.store_path.store
-        missing = [(k, c) for k, c in keys if k not in self._present and not sync(store.exists(k))]
-        absent = {k for k, _ in missing}
-        self._present.update(k for k, _ in keys if k not in absent)
+        stored = self._stored(var, arr)
+        missing = [(k, c) for k, c in keys if k not in stored]
         if not missing or (not fatal and var in self._warned):
             return
         k, c = missing[0]
+        fill = arr.fill_value.item() if hasattr(arr.fill_value, "item") else arr.fill_value
         msg = (f"{self.data.where}: chunk '{k}' of variable '{var}' ({self._where(var, arr, c)}) is missing from "
-               f"the store ({len(missing)} of the {len(keys)} chunk(s) of this read): zarr serves it as its "
-               f"fill value (NaN here). Lost, or an all-fill chunk zarr did not write (write_empty_chunks=False)")
+               f"the store ({len(missing)} of the {len(keys)} chunk(s) of this read): zarr would serve it as its "
+               f"fill value ({fill!r} here) as if it were data. Lost, or an all-fill chunk zarr did not "
+               f"write (write_empty_chunks=False: write the store with write_empty_chunks=True)")
         if fatal:
             raise DataError(msg + "; re-write it, or leave those times out of data.splits")
         self._warned.add(var)

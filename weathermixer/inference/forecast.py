@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -173,6 +174,17 @@ def main(argv=None) -> int:
     except _PeerFailed as err:
         code = err.code
     except Exception as err:  # noqa: BLE001 - an I/O error, a dead peer: bring the job down
+        if _out_of_space(err, args.out):  # one line, and no OUT.partial left behind
+            if rank == 0:
+                shutil.rmtree(partial_path(args.out), ignore_errors=True)
+            from jigsaw_ext.safe_load import write_failure
+
+            print(f"forecast (rank {rank}): writing {args.out} failed ({write_failure(err)}); "
+                  f"{partial_path(args.out)} removed; free space there or choose another --out", file=sys.stderr,
+                  flush=True)
+            if world > 1:
+                os._exit(EXIT_FAILED)
+            return EXIT_FAILED
         traceback.print_exc()
         print(f"forecast (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         if world > 1:
@@ -182,6 +194,20 @@ def main(argv=None) -> int:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
     return code
+
+
+def _out_of_space(err: BaseException, out) -> bool:
+    """A write that failed for a full disk, a quota or a file size limit (ENOSPC, EDQUOT, EFBIG)."""
+    import errno
+
+    from jigsaw_ext.safe_load import no_space_left
+
+    e = err
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        e = e.__cause__ or e.__context__
+    return isinstance(err, OSError) and no_space_left(err, out)
 
 
 # ------------------------------------------------------------------------------------------------

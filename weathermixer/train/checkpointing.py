@@ -19,7 +19,10 @@ crash-safe and checksummed, with the trainer's own state beside them.
       latest                        name of the newest complete tag (replaced atomically)
       best                          name of the tag with the best validation loss
 
-A save never touches an existing tag: every rank writes into `stepNNNNNNNN.partial`, the ranks
+Before anything is written, rank 0 compares the tag's size (estimate_bytes: the fp32 master weights
+and two moments) with the free space of the checkpoint folder's file system and stops the save
+there, naming both, when it cannot fit. A save never touches an existing tag: every rank writes
+into `stepNNNNNNNN.partial`, the ranks
 share the hashing of the files, rank 0 writes MANIFEST.json and COMPLETE, renames the directory to
 a name that is not taken (`stepNNNNNNNN`, else `stepNNNNNNNN.1`, ...) and only then moves the
 pointers. A crash or a full disk at any point leaves every pointer naming a complete checkpoint;
@@ -51,6 +54,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
+from jigsaw_ext.checkpoint.common import read_pointer
 from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
 from jigsaw_ext.checkpoint.sharded import failing_rank
 from jigsaw_ext.files import atomic_write_text
@@ -173,6 +177,14 @@ def trainer_state_base(tag_dir: Path, rank: int) -> Path:
     return Path(tag_dir) / f"trainer_rank{rank:05d}"
 
 
+def estimate_bytes(model) -> int:
+    """The size of a tag of `model`, from below: per parameter its fp32 master weights and two AdamW
+    moments (global shapes), plus 64 KiB for the JSON and trainer state files."""
+    import math
+
+    return sum(12 * math.prod(p.block_layout.shape) for p in model.parameters()) + (64 << 10)
+
+
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
@@ -216,7 +228,10 @@ class CheckpointManager:
         path = self.root / name
         if not path.is_file():
             return None
-        tag = path.read_text().strip()
+        try:
+            tag = read_pointer(path)
+        except CheckpointFormatError as err:
+            raise CheckpointError(str(err)) from None
         if not (self.root / tag / "COMPLETE").is_file():
             raise CheckpointError(f"{path} names tag '{tag}' but {self.root / tag} is not a complete checkpoint")
         return tag
@@ -247,8 +262,10 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)  # left by an interrupted save of this step
             final = self._free_name(tag_of(step))
+            made = self._too_big(engine.module)
             try:
-                work_dir.mkdir(parents=True)
+                if made is None:
+                    work_dir.mkdir(parents=True)
             except OSError as err:
                 made = save_error(work_dir, err)
         final, made = _broadcast((final, made))  # also: nobody writes before the stale directory is gone
@@ -280,6 +297,22 @@ class CheckpointManager:
                 outcome = save_error(work_dir, err)
         self._stop_if_failed(step, work_dir, [_broadcast(outcome)])
         return self.root / final
+
+    def _too_big(self, model) -> dict | None:
+        """Before anything is written: a failure (as save_error reports one) if the file system holding
+        the checkpoints has less free space than the tag will take (estimate_bytes), else None."""
+        need = estimate_bytes(model)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.root)
+        except OSError:
+            return None  # the save itself will name the problem
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free >= need:
+            return None
+        return {"path": str(self.root), "no_space": True,
+                "error": f"this checkpoint needs about {need / 2**20:,.1f} MiB (fp32 master weights and two AdamW "
+                         f"moments), {free / 2**20:,.1f} MiB are free; nothing was written"}
 
     def _free_name(self, tag: str) -> str:
         """tag, or tag.1, tag.2, ... : a directory name nothing has (a pointer may name `tag`)."""
@@ -341,7 +374,7 @@ class CheckpointManager:
         for name in POINTERS:
             p = self.root / name
             if p.is_file():
-                keep.add(p.read_text().strip())
+                keep.add(p.read_text(errors="replace").strip())
         keep.update(self._tags()[-self.keep_last:] if self.keep_last > 0 else [])
         for d in self.root.iterdir():
             stale = d.name.endswith(PARTIAL) and tag_key(d.name[:-len(PARTIAL)]) is not None
@@ -365,8 +398,14 @@ class CheckpointManager:
         if (path / "latest").is_file():
             mgr = CheckpointManager(path, self.keep_last)
             return path, mgr.pointer("latest")
+        hint = ""
+        if tag_key(path.name) is not None and (path.parent / "latest").is_file():
+            newest = CheckpointManager(path.parent).describe("latest")
+            hint = (f"; {path.name} is gone from {path.parent} (removed by checkpoint.keep_last once newer "
+                    f"checkpoints were saved?), whose latest is {newest}: to continue, use --resume {path.parent} "
+                    f"(its latest) or --resume auto")
         raise CheckpointError(f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
-                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer")
+                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer{hint}")
 
     def verify(self, path: Path, root: Path | None = None) -> None:
         """Collective: check every file of a checkpoint (a tag or a consolidated directory) against
@@ -414,8 +453,8 @@ class CheckpointManager:
         tag_dir = root / tag
         self.verify(tag_dir, root)
         try:
-            info = json.loads((tag_dir / "job.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as err:
+            info = json.loads((tag_dir / "job.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{tag_dir / 'job.json'}: unreadable ({err})") from None
         if "state" not in info:
             raise CheckpointError(old_format_message(tag_dir))

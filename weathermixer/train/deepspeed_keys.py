@@ -11,9 +11,18 @@ Where the knowledge comes from (DeepSpeed 0.19.8; nothing here is a copy that co
     offload_* / zenflow sub-sections, fp16, bf16, the monitors, compile, comms_logger, hybrid_engine,
     tensor_parallel, timers.throughput): the model's field names and aliases, nested models recursed;
   * sections read through constants (flops_profiler, activation_checkpointing, optimizer, scheduler):
-    the module's string constants of that section.
+    the module's string constants of that section;
+  * every other section DeepSpeedConfig's reader looks into key by key (data_types, checkpoint, aio,
+    autotuning, data_efficiency with its nested sections, torch_autocast, ...): recorded by running the
+    reader with that section as a recording dict, once empty (the keys it always asks for) and once
+    with the job's own values (keys asked only when another is set; nested sections). A section the
+    reader takes whole (iterates, copies) is DeepSpeed's to check;
+  * optimizer.params: the constructor arguments of the optimizers DeepSpeed builds for Adam/AdamW
+    (torch.optim.AdamW/Adam, FusedAdam, DeepSpeedCPUAdam) and the keys DeepSpeed takes out before.
 Removed features DeepSpeed itself rejects (elasticity, amp, ...) are reported with DeepSpeed's message.
-Values are not checked here (DeepSpeed's models check them in deepspeed.initialize).
+Values that DeepSpeed would only reject after the engine is built are checked here too
+(deepspeed_value_errors: gradient_clipping, the optimizer's arguments through torch's own checks);
+the rest is checked by DeepSpeed's models in deepspeed.initialize.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ class _Recorder(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.asked: set[str] = set()
+        self.opened = False  # iterated or copied: every key may be read
 
     def get(self, key, *default):
         self.asked.add(key)
@@ -49,6 +59,22 @@ class _Recorder(dict):
     def __contains__(self, key):
         self.asked.add(key)
         return super().__contains__(key)
+
+    def items(self):
+        self.opened = True
+        return super().items()
+
+    def values(self):
+        self.opened = True
+        return super().values()
+
+    def __iter__(self):
+        self.opened = True
+        return super().__iter__()
+
+    def copy(self):
+        self.opened = True
+        return dict(self)
 
     def keys(self):
         outer = self
@@ -73,6 +99,64 @@ def recorded_top_level_keys() -> frozenset[str]:
     cfg._configure_train_batch_size()
     cfg._do_sanity_check()
     return frozenset(k for k in rec.asked if isinstance(k, str))
+
+
+def _run_reader(section: str, value) -> bool:
+    """Run DeepSpeedConfig's reader on {section: value} (recording dicts note what it asks); False if
+    it raised (a value it rejects)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    rec = _Recorder({"train_micro_batch_size_per_gpu": 1, section: value})
+    cfg = object.__new__(DeepSpeedConfig)
+    cfg._param_dict, cfg.world_size, cfg.global_rank = rec, 1, 0
+    try:
+        cfg._initialize_params(rec)
+        cfg._configure_train_batch_size()
+        cfg._do_sanity_check()
+    except Exception:  # noqa: BLE001 - DeepSpeed reports its own value errors at initialize
+        return False
+    return True
+
+
+@functools.cache
+def recorded_sections() -> dict[str, frozenset[str]]:
+    """Top-level sections (without a pydantic model) that DeepSpeedConfig's reader looks into key by
+    key -> the keys it asks for when the section is empty."""
+    out = {}
+    for key in sorted(recorded_top_level_keys() - set(section_schemas())):
+        probe = _Recorder()
+        if _run_reader(key, probe) and probe.asked and not probe.opened:
+            out[key] = frozenset(k for k in probe.asked if isinstance(k, str))
+    return out
+
+
+def _wrap(value):
+    return _Recorder({k: _wrap(v) for k, v in value.items()}) if isinstance(value, dict) else value
+
+
+def _recorded_walk(node: dict, rec, always: frozenset, path: str, errors: list[str]) -> None:
+    """Unknown keys of a recorded section: keys the reader did not ask for (with the job's values) and
+    does not always ask for; nested dicts the reader looked into are walked the same way."""
+    if rec is not None and rec.opened:
+        return
+    allowed = always | (rec.asked if rec is not None else frozenset())
+    if not allowed:
+        return  # not looked into key by key
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if key not in allowed:
+            errors.append(f"  {where}: unknown DeepSpeed key (DeepSpeed would ignore it); "
+                          f"{_nearest(str(key), allowed)}")
+        elif isinstance(value, dict) and isinstance(rec, _Recorder):
+            _recorded_walk(value, rec.get(key), frozenset(), where, errors)
+
+
+def _recorded_section_errors(ds: dict, errors: list[str]) -> None:
+    for key, always in recorded_sections().items():
+        node = ds.get(key)
+        if isinstance(node, dict):
+            rec = _wrap(node)
+            _recorded_walk(node, rec if _run_reader(key, rec) else None, always, key, errors)
 
 
 def _constant_keys(module, prefix: str, section: str) -> frozenset[str]:
@@ -178,11 +262,73 @@ def deepspeed_key_errors(ds: dict) -> list[str]:
         if isinstance(node, dict):
             _walk({k: v for k, v in node.items() if not (path == "zero_optimization" and k in
                                                         _REMOVED_ZERO_CONFIG_KEYS)}, schema, path, errors)
+    _recorded_section_errors(ds, errors)
+    errors += optimizer_param_errors(ds)
+    return errors
+
+
+# what DeepSpeed's _configure_basic_optimizer / get_optimizer_configuration take out of optimizer.params
+# before handing the rest to the Adam class it builds
+DEEPSPEED_ADAM_KEYS = frozenset({"adam_w_mode", "torch_adam", "fp32_optimizer_states", "foreach"})
+
+
+@functools.cache
+def adam_param_keys() -> frozenset[str]:
+    """optimizer.params keys accepted for Adam/AdamW: the constructor arguments of every class DeepSpeed
+    may build for them, and the keys DeepSpeed takes out itself."""
+    import inspect
+
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    keys = set(DEEPSPEED_ADAM_KEYS)
+    for cls in (torch.optim.AdamW, torch.optim.Adam, FusedAdam, DeepSpeedCPUAdam):
+        keys |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                 if n not in ("self", "params", "model_params") and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return frozenset(keys)
+
+
+def optimizer_param_errors(ds: dict) -> list[str]:
+    """Unknown optimizer.params keys of Adam/AdamW (DeepSpeed would fail on them after the engine is
+    built, or pass them to the optimizer that ignores none of them)."""
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or str(opt.get("type", "AdamW")).lower() not in ("adam", "adamw"):
+        return []
+    params = opt.get("params")
+    allowed = adam_param_keys()
+    return [f"  optimizer.params.{k}: not an argument of DeepSpeed's {opt.get('type', 'AdamW')} optimizer; "
+            f"{_nearest(str(k), allowed)}" for k in (params if isinstance(params, dict) else {}) if k not in allowed]
+
+
+def deepspeed_value_errors(ds: dict) -> list[str]:
+    """Values DeepSpeed would reject only after the engine is built: gradient_clipping (a number >= 0)
+    and Adam's arguments (torch's own constructor checks, on a one-element parameter)."""
+    import inspect
+
+    import torch
+
+    errors = []
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        errors.append(f"  gradient_clipping: {clip!r}; a number >= 0 (0: no clipping)")
+    opt = ds.get("optimizer")
+    params = opt.get("params") if isinstance(opt, dict) else None
+    if isinstance(params, dict) and not optimizer_param_errors(ds):
+        cls = torch.optim.Adam if str(opt.get("type", "AdamW")).lower() == "adam" else torch.optim.AdamW
+        kwargs = {k: v for k, v in params.items() if k not in DEEPSPEED_ADAM_KEYS and k in
+                  inspect.signature(cls.__init__).parameters and k != "fused"}
+        try:
+            cls([torch.zeros(1, requires_grad=True)], **kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            names = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            errors.append(f"  optimizer.params: {type(err).__name__}: {err} (torch.optim.{cls.__name__} with {names})")
     return errors
 
 
 def check_deepspeed_keys(ds: dict, source: str = "the job file's DeepSpeed keys and --set ds.*") -> None:
-    """ConfigError listing every unknown key of `ds` (top level and inside sections DeepSpeed models)."""
+    """ConfigError listing every unknown key of `ds` (every section DeepSpeed reads), else every value
+    DeepSpeed would reject only after the engine is built."""
     errors = deepspeed_key_errors(ds)
+    errors = errors or deepspeed_value_errors(ds)
     if errors:
         raise ConfigError(f"invalid DeepSpeed configuration ({source}):\n" + "\n".join(errors))

@@ -7,9 +7,15 @@ DeepSpeed config completed from the project section, and the data the job reads.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
+import os
 import shutil
 from pathlib import Path
+
+from jigsaw_ext.files import atomic_write_text
 
 from ..config import ConfigError
 from .config import TrainJobConfig
@@ -156,22 +162,29 @@ def monitor_note(job: TrainJobConfig, ds: dict) -> str | None:
             f"this){csv}")
 
 
-def prepare_data(job: TrainJobConfig, rank: int):
+def prepare_data(job: TrainJobConfig, rank: int, log=functools.partial(print, flush=True)):
     """The gridded data config to read. For the embedded synthetic default, rank 0 writes the store
-    and its statistics once (into a temporary name, renamed when complete, so an interrupted run
-    never leaves a half-written store behind) while the other ranks wait."""
+    and its statistics once, under a lock on the store (two runs started at once from one folder share
+    data.path: the second waits, then reads what the first wrote), into names of its own that are
+    renamed when complete, so an interrupted run never leaves a half-written store behind; the other
+    ranks wait. The log names the store's absolute path, written or reused."""
     if job.data.source != "synthetic":
         return job.data
     syn = job.data
     data_cfg = syn.gridded(job.model, job.rollout)
     store = syn.store_path(job.model)
-    if rank == 0 and not (store.exists() and Path(data_cfg.stats).exists()):
+    if rank != 0:
+        return data_cfg
+    with _store_lock(store, log):
+        if store.exists() and Path(data_cfg.stats).exists():
+            log(f"synthetic data: {store.resolve()} (data.path={syn.path}; written earlier, reused)")
+            return data_cfg
         from ..data import GriddedDataset, compute_stats
         from ..data.synth import write_synthetic
 
         ch = job.model.channels
-        print(f"writing the synthetic ERA5-like store {store} (once)", flush=True)
-        tmp = store.with_name(store.name + ".partial")
+        log(f"writing the synthetic ERA5-like store {store.resolve()} (once; data.path={syn.path})")
+        tmp = store.with_name(f"{store.name}.partial.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         store.parent.mkdir(parents=True, exist_ok=True)
         write_synthetic(str(tmp), job.model.grid, syn.start, syn.end, syn.dt_hours,
@@ -182,6 +195,21 @@ def prepare_data(job: TrainJobConfig, rank: int):
         train = data_cfg.splits["train"]
         stats = compute_stats(GriddedDataset(data_cfg.model_copy(update={"stats": None}), ch, job.model.grid),
                               *train)
-        Path(data_cfg.stats + ".partial").write_text(json.dumps(stats, indent=1))
-        Path(data_cfg.stats + ".partial").rename(data_cfg.stats)
+        atomic_write_text(Path(data_cfg.stats), json.dumps(stats, indent=1))
     return data_cfg
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, log):
+    """An exclusive lock on `<store>.lock` (released by the kernel if the holder dies)."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run writing the synthetic store {store.resolve()}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

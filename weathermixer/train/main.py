@@ -116,9 +116,20 @@ def main(argv=None) -> int:
     note = monitor_note(job, ds)
     if note and rank == 0:
         print(f"{PROG}: {note}", flush=True)
+
+    from weathermixer.data import DataError
+
     trainer = Trainer(job, ds, log=lambda *a, **k: print(*a, **k, flush=True))
     try:
         result = trainer.run()
+    except DataError as err:  # a fault in the data itself: the same command alone would meet it again
+        _claim_exit()
+        ckpt = trainer.ckpt.describe("latest") if hasattr(trainer, "ckpt") else "none"
+        print(f"{PROG} (rank {rank}): {err}\n  fix the data named above first (re-write it, or leave those times out "
+              f"of data.splits); then the same command resumes from the last checkpoint: {ckpt}", file=sys.stderr,
+              flush=True)
+        rankwatch.finish(EXIT_CONFIG, str(err))
+        os._exit(EXIT_CONFIG)
     except (ConfigError, CheckpointError, CheckpointFormatError) as err:  # bad input met after the start
         _claim_exit()
         print(f"{PROG} (rank {rank}): {err}", file=sys.stderr, flush=True)

@@ -2,10 +2,12 @@
 
     folder = open_run_folder(job, device, log)   # collective, right after the process group exists
 
-1. Every rank checks that log.dir (and checkpoint.dir when set) can be written: a
+1. Every rank checks that log.dir and the checkpoint folder can be written: a
    folder under a file, a read-only mount or a full disk is named with its key before the data is
    prepared, the model built or DeepSpeed initialised.
-2. Rank 0 takes RUN.lock in log.dir (and in checkpoint.dir when that lies elsewhere): a small JSON
+2. Rank 0 takes RUN.lock in log.dir and in the checkpoint folder (checkpoint.dir, else
+   log.dir/checkpoints), wherever it lies, so a run whose checkpoint.dir lies inside another run's
+   log.dir meets that run's lock instead of writing beside its checkpoints: a small JSON
    file with the holder's host, pid, process start time, boot id and pid namespace, created
    atomically (a complete temporary file hard-linked to the name, O_EXCL where links are not
    supported), so two runs never share a folder. It is released at the end (Trainer.run) and on every
@@ -98,11 +100,9 @@ def describe(p: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # writable folders
 def run_folders(job) -> dict[str, Path]:
-    """{key: folder} this run writes: log.dir, and checkpoint.dir when set (else log.dir/checkpoints)."""
-    folders = {"log.dir": Path(job.log.dir)}
-    if job.checkpoint.dir:
-        folders["checkpoint.dir"] = Path(job.checkpoint.dir)
-    return folders
+    """{key: folder} this run writes: log.dir and checkpoint.dir (unset: log.dir/checkpoints)."""
+    return {"log.dir": Path(job.log.dir),
+            "checkpoint.dir": Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")}
 
 
 def check_writable(folders: dict[str, Path]) -> None:
@@ -128,11 +128,12 @@ def check_writable(folders: dict[str, Path]) -> None:
 # ------------------------------------------------------------------------------------------------
 # the lock
 def _lock_folders(folders: dict[str, Path]) -> dict[str, Path]:
-    """The folders that get a RUN.lock: log.dir, and checkpoint.dir when it is not inside log.dir."""
-    log_dir = folders["log.dir"].resolve()
-    out = {"log.dir": folders["log.dir"]}
+    """The folders that get a RUN.lock: each folder the run writes, once (the checkpoint folder even
+    inside log.dir: another run may name it as its checkpoint.dir)."""
+    out, seen = {}, set()
     for key, folder in folders.items():
-        if key != "log.dir" and not folder.resolve().is_relative_to(log_dir):
+        if folder.resolve() not in seen:
+            seen.add(folder.resolve())
             out[key] = folder
     return out
 

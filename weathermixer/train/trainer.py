@@ -138,7 +138,7 @@ class Trainer:
         # rank 0 may write the synthetic store; a failure there must stop every rank
         err = None
         try:
-            self.data_cfg = prepare_data(job, self.rank)
+            self.data_cfg = prepare_data(job, self.rank, self.log)
             if (self.data_cfg.leads or 0) < job.rollout:
                 self.data_cfg = self.data_cfg.model_copy(update={"leads": job.rollout})
         except (ConfigError, ValueError, OSError) as e:
