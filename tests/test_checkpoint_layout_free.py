@@ -142,7 +142,7 @@ def test_a_malicious_dcp_metadata_is_refused(runs, tmp_path):
 
 
 def test_old_format_checkpoints_are_named_with_how_to_convert(runs, tmp_path):
-    """A tag of the earlier per-rank DeepSpeed format (job.json without a layout-free state) is refused
+    """A tag of the DeepSpeed 0.19 per-rank format (job.json without a layout-free state) is refused
     at resume with the conversion command. `consolidate` (the converter's output format) of a
     layout-free tag writes the same tensors (weights and moments) as one directory of safetensors,
     and a run started from it on 2x1x1 ZeRO-3 continues the source's curve."""

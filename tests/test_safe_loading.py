@@ -2,7 +2,7 @@
 
 A pickle whose unpickling would create a marker file is put in place of every kind of file the
 project reads (the DCP metadata and a DCP data file of a layout-free checkpoint, the trainer state, a
-consolidated tensor file of the old and the new format, the --init-from and the forecast
+consolidated tensor file of formats 1 and 2, the --init-from and the forecast
 checkpoint): each is refused with an error naming the file, and no marker ever appears. A forecast from a checkpoint
 whose training config and stats file are gone equals the one made with them present."""
 import json
@@ -141,7 +141,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
     with pytest.raises(CheckpointFormatError, match="trainer_rank00000.safetensors: not a readable safetensors"):
         consolidate(bad_state_st, tmp_path / "cons-state-st", log=None)
 
-    # consolidated: the current format with a pickle for a safetensors file, and the old format
+    # consolidated: the current format with a pickle for a safetensors file, and format 1
     good = consolidate(ckpt["tag"], tmp_path / "good", log=None)
     names = list(Consolidated(good).index["tensors"])
     bad_cons = tmp_path / "bad_cons"

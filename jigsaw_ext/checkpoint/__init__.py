@@ -5,7 +5,7 @@ rank in parallel and loaded on any mesh, plus the tools on top.
     python -m jigsaw_ext.checkpoint inspect --verify CKPT      every file against its checksum; exit 1 naming the bad ones
     python -m jigsaw_ext.checkpoint export CKPT OUT.safetensors [--max-shard-gb G] [--dtype bfloat16]
     python -m jigsaw_ext.checkpoint consolidate CKPT OUT       one directory of safetensors (weights + moments);
-                                                               the converter for the earlier per-rank format
+                                                               the converter of the DeepSpeed 0.19 per-rank format
 
 CKPT is a checkpoint tag directory (`<run>/checkpoints/step00000100`), a checkpoint root (its
 `latest` pointer is followed) or a consolidated directory.
@@ -28,7 +28,7 @@ Consolidated format ("jigsaw-consolidated/2"), framework-neutral, JSON and safet
                                    param (fp32 master weights), exp_avg, exp_avg_sq, full logical
                                    shapes; a loader that needs one block reads only that block
 A consolidated directory starts a run on any mesh (`--resume OUT`). It is also how a checkpoint of
-the earlier per-rank DeepSpeed format (mp_rank_*/zero_pp_rank_* files) is converted: deepspeed_files.py
+the DeepSpeed 0.19 per-rank format (mp_rank_*/zero_pp_rank_* files) is converted: deepspeed_files.py
 reads DeepSpeed 0.19's files (ZeRO 0-3, fp32 or bf16), memory-mapped and streaming, with
 torch.load(weights_only=True) and the allowlist of jigsaw_ext.safe_load. Format 1 (tensors as torch
 pickles) is not read: re-run `consolidate` on the original checkpoint.

@@ -15,7 +15,7 @@ from ..files import make_output_folders
 
 RESHARD_GONE = ("`reshard` is gone: a checkpoint of this version is layout-free and resumes on any mesh, ZeRO "
                 "stage and dp directly (train.py --resume CKPT with the new --dp/--domain/--tp). A checkpoint of the "
-                "earlier per-rank DeepSpeed format: `consolidate` it once, then --resume the result on any mesh")
+                "DeepSpeed 0.19 per-rank format: `consolidate` it once, then --resume the result on any mesh")
 
 
 def _tags_to_verify(ckpt: str) -> list[tuple[Path, list[str]]]:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=None, help="write shards of at most this size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p = sub.add_parser("consolidate", allow_abbrev=False,
-                       help="convert a checkpoint of the earlier per-rank DeepSpeed format")
+                       help="convert a checkpoint of the DeepSpeed 0.19 per-rank format")
     p.add_argument("ckpt")
     p.add_argument("out")
     p = sub.add_parser("reshard", allow_abbrev=False,

@@ -1,5 +1,5 @@
 """The consolidated checkpoint (one directory of safetensors + index.json, one process): written
-tensor by tensor from a layout-free tag or from a tag of the earlier per-rank DeepSpeed format (the
+tensor by tensor from a layout-free tag or from a tag of the DeepSpeed 0.19 per-rank format (the
 converter), read whole or one block at a time, loaded into a model on any mesh."""
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def inspect(path: str | Path) -> dict:
     layouts = info["layouts"]
     n = sum(math.prod(d["shape"]) for d in layouts.values())
     kind = ("consolidated" if is_consolidated(path) else "layout-free" if is_layout_free(path)
-            else "deepspeed (old format)")
+            else "deepspeed 0.19 per-rank")
     files = [p for p in path.rglob("*") if p.is_file()]
     prov = info.get("provenance") or {}
     return {"path": str(path), "kind": kind, "mesh": info["mesh"], "zero_stage": info["zero_stage"],

@@ -1,5 +1,5 @@
 """Start a run from a consolidated checkpoint (what `python -m jigsaw_ext.checkpoint consolidate`
-makes of a checkpoint of the earlier per-rank DeepSpeed format), on any mesh and any ZeRO stage:
+makes of a checkpoint of the DeepSpeed 0.19 per-rank format), on any mesh and any ZeRO stage:
 weights and AdamW moments (each rank reads only its block), the optimizer step, the schedule
 position, DeepSpeed's counters and the data position, in that order. The run's own checkpoints are
 layout-free from then on."""

@@ -28,13 +28,13 @@ from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
 from ..data.device import device_batches
-from .checkpointing import (CheckpointError, CheckpointManager, checkpoint_root, job_info, rng_state, sampler_for,
-                            set_rng_state)
+from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
 from .config import TrainJobConfig
 from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
                      register_list_parameters, release_free_memory, setup_host, apply_tf32)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
+from .run_record import job_info, rng_state, set_rng_state
 from .loss import channel_loss_weights, headline_channels, lead_weights, row_weights, weighted_loss_term
 from .runlog import LossWatch, Progress, RunLog, write_memory_json
 from .speed import compile_blocks, kernels_line, step_context
