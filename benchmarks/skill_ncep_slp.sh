@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The NCEP/NCAR daily sea-level pressure skill recipe, end to end (docs/skill.md):
+#   data inspect -> statistics on the training years -> the anchor's fit -> train.py -> forecasts for every
+#   day of the scored years (leads 1-10 days) -> weathermixer.evaluate against persistence, climatology and
+#   the per-pixel linear regression fitted on the training years only -> OUT/report/metrics.csv
+#
+#   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N]
+#
+# Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
+# --validation scores 2008 (every choice of the recipe is made there). --seeds N trains N seeds and
+# scores the mean of their forecasts. --steps and --days shrink the run (CI: a few steps, a few days).
+# Data: NCEP/NCAR Reanalysis 1 (Kalnay et al. 1996), provided by NOAA PSL, Boulder, Colorado, USA;
+# see ../shared/data/real/ATTRIBUTION.md.
+set -euo pipefail
+
+usage() { sed -n 7p "$0" | sed 's/^#   //' >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+JOB=deepspeed_configs/ncep_slp_daily_cpu.json
+SPLIT=test SEEDS=1 STEPS= DAYS=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --validation) SPLIT=val ;;
+    --job) JOB=$2; shift ;;
+    --seeds) SEEDS=$2; shift ;;
+    --steps) STEPS=$2; shift ;;
+    --days) DAYS=$2; shift ;;
+    *) echo "skill_ncep_slp.sh: unknown option $1" >&2; usage ;;
+  esac
+  shift
+done
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+TRUTH=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weathermixer']['data']['path'])" "$JOB")
+SKIP=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weathermixer']['model'].get('pixel_skip', 0))" "$JOB")
+TRAIN_START=2001-01-01 TRAIN_END=2007-12-31
+if [ "$SPLIT" = val ]; then FIRST=2008-01-01 LAST=2008-12-21; else FIRST=2009-01-01 LAST=2010-12-21; fi
+if [ -n "$DAYS" ]; then LAST=$($PY -c "import pandas as pd,sys; print((pd.Timestamp(sys.argv[1]) + pd.Timedelta(days=int(sys.argv[2]) - 1)).date())" "$FIRST" "$DAYS"); fi
+mkdir -p "$OUT"
+start=$(date +%s)
+log() { echo "[skill_ncep_slp $(( $(date +%s) - start )) s] $*"; }
+
+log "inspect $TRUTH"
+$PY -m weathermixer.data inspect --config "$JOB" > "$OUT/inspect.json"
+log "statistics over the training years $TRAIN_START .. $TRAIN_END"
+$PY -m weathermixer.data stats --config "$JOB" --start $TRAIN_START --end $TRAIN_END --out "$OUT/stats.json" > "$OUT/stats.log"
+SETS=(--set "data.stats=$OUT/stats.json")
+if [ "$SKIP" -gt 0 ]; then
+  log "anchor fit on the training years, $SKIP lead(s), ridge chosen on validation 2008"
+  $PY -m weathermixer.model.skip_fit --config "$JOB" "${SETS[@]}" --leads "$SKIP" \
+      --ridge 1e-6,1e-3,1e-2,1e-1,1 --out "$OUT/skip_fit.npz" > "$OUT/skip_fit.log"
+  SETS+=(--set "model.pixel_skip_init=$OUT/skip_fit.npz")
+fi
+[ -n "$STEPS" ] && SETS+=(--set "train.steps=$STEPS" --set "train.warmup=0" --set "validation.every=0")
+MEMBERS=()
+for ((s = 0; s < SEEDS; s++)); do
+  RUN="$OUT/seed$s"
+  log "train seed $s -> $RUN"
+  t0=$(date +%s)
+  $PY train.py --deepspeed_config "$JOB" --output-dir "$RUN" "${SETS[@]}" --set "model.seed=$s" --set "train.seed=$s" \
+      > "$RUN.train.log" 2>&1 || { tail -30 "$RUN.train.log" >&2; exit 1; }
+  echo $(( $(date +%s) - t0 )) > "$RUN.train_seconds"
+  grep -m1 "parameters" "$RUN.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$RUN.parameters"
+  log "forecast seed $s: inits $FIRST .. $LAST daily, leads 1-10 days"
+  $PY -m weathermixer.forecast --checkpoint "$RUN/checkpoints" --init-times $FIRST $LAST --init-every 24 \
+      --lead-hours 240 --batch 64 --out "$RUN/forecast.zarr" --overwrite --quiet > "$RUN.forecast.log" 2>&1 \
+      || { tail -30 "$RUN.forecast.log" >&2; exit 1; }
+  MEMBERS+=("$RUN/forecast.zarr")
+done
+FC=${MEMBERS[0]}
+if [ "$SEEDS" -gt 1 ]; then
+  FC="$OUT/forecast_mean.zarr"
+  $PY -m weathermixer.inference.ensemble --members "${MEMBERS[@]}" --out "$FC"
+fi
+log "evaluate $FC ($SPLIT) against persistence, climatology and the linear regression on $TRAIN_START .. $TRAIN_END"
+$PY -m weathermixer.evaluate --forecast "$FC" --truth "$TRUTH" --out "$OUT/report" --clim-start $TRAIN_START \
+    --clim-end $TRAIN_END --leads 24,48,72,120,240 --quiet
+log "done: $OUT/report/metrics.csv"
