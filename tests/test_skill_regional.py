@@ -1,8 +1,11 @@
 """Skill on a regional daily record: the linear baseline on large raw values, the recipe's plumbing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 
 def _daily_pressure(days=800, seed=0):
@@ -40,3 +43,86 @@ def test_linear_baseline_is_the_least_squares_fit_on_raw_pressure_values():
         k = lin.coef[0, :, r * 4 + c]  # at 00 UTC only, cos(hour) = 1 shares the intercept
         got = np.array([k[0], k[1], k[4], k[5], k[3] + k[6]])
         np.testing.assert_allclose(X @ got, X @ ref, rtol=0, atol=1e-3)  # Pa: the same fitted values
+
+
+ROOT = Path(__file__).resolve().parents[1]
+NCEP = ROOT.parent / "shared" / "data" / "real" / "ncep_slp_natl_daily_2001_2010.zarr"
+
+
+def _forecast_store(truth, inits, leads, make):
+    """A forecast store in the WeatherBench 2 layout with values make(truth at the valid times)."""
+    import xarray as xr
+
+    valid = np.add.outer(inits.values, leads.values)
+    o = truth.sel(time=pd.DatetimeIndex(valid.ravel())).values.reshape(len(inits), len(leads), *truth.shape[1:])
+    return xr.Dataset({"slp": (("time", "prediction_timedelta", "latitude", "longitude"), make(o))},
+                      coords={"time": inits, "prediction_timedelta": leads, "latitude": truth.latitude.values,
+                              "longitude": truth.longitude.values})
+
+
+def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there():
+    from weathermixer.evaluation import metrics as M
+    from weathermixer.inference.damping import DampingError, apply, fit, references
+
+    truth = _daily_pressure(days=1200)
+    tr = truth.to_dataset(name="slp")
+    inits = pd.date_range("2003-01-01", "2003-03-31", freq="D")
+    leads = pd.to_timedelta([1, 3, 10], unit="D")
+    rng = np.random.default_rng(1)
+    fc = _forecast_store(truth, inits, leads, lambda o: o + 300 * rng.normal(size=o.shape) * np.arange(1, 4)[:, None,
+                                                                                                          None])
+    res = fit(fc, tr, "2001-01-01", "2002-12-31")
+    blend = apply(fc, tr, res)
+    f, c, g, o, _ = references(fc, tr, "slp", "2001-01-01", "2002-12-31", None)
+    o = _forecast_store(truth, inits, leads, lambda x: x)["slp"].values
+    w = M.latitude_weights(truth.latitude.values)[:, None]
+    mse = {name: (w * (x - o) ** 2).mean(axis=(0, 2, 3)) for name, x in
+           (("forecast", f), ("clim", c), ("linear", g), ("blend", blend["slp"].values))}
+    for other in ("forecast", "clim", "linear"):  # each is a point of the blend's family: least squares beats it
+        assert (mse["blend"] <= mse[other] * (1 + 1e-6)).all(), (other, mse)
+    assert mse["blend"][2] < 0.9 * mse["forecast"][2]  # the noisiest lead is pulled towards the baselines
+    perfect = _forecast_store(truth, inits, leads, lambda x: x)
+    ab = np.array(list(fit(perfect, tr, "2001-01-01", "2002-12-31")["weights"]["slp"].values()))
+    np.testing.assert_allclose(ab, [[1, 0]] * 3, atol=1e-6)  # a perfect forecast is left as it is
+    with pytest.raises(DampingError, match="reaches the first init"):
+        fit(fc, tr, "2001-01-01", "2003-01-31")
+    with pytest.raises(DampingError, match="lead"):
+        apply(fc.isel(prediction_timedelta=[0]).assign_coords(prediction_timedelta=pd.to_timedelta([2], unit="D")),
+              tr, res)
+
+
+def test_autoregressive_training_needs_skip_coefficients_for_lead_one_only():
+    from weathermixer.config import ConfigError, parse, read_job_file
+    from weathermixer.train.config import TrainJobConfig
+
+    job = read_job_file(ROOT / "deepspeed_configs" / "ncep_slp_daily_cpu.json")["weathermixer"]
+    assert job["train"]["rollout_mode"] == "autoregressive" and job["model"]["pixel_skip"] == 1
+    parse(TrainJobConfig, job, "job")
+    job["train"]["rollout_mode"] = "latent"
+    with pytest.raises(ConfigError, match="pixel_skip >= 4"):
+        parse(TrainJobConfig, job, "job")
+
+
+@pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
+def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
+    """bash benchmarks/skill_ncep_slp.sh at 2 steps, 2 days, 1 seed: every stage runs and metrics.csv has the
+    model and the three baselines at 1, 2, 3, 5 and 10 days on the scored split."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "skill"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--validation", "--seeds", "1",
+                          "--steps", "2", "--days", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    m = pd.read_csv(out / "report" / "metrics.csv")
+    assert set(m.system) == {"model", "persistence", "climatology", "linear"}
+    assert sorted(m.lead_hours.unique()) == [24, 48, 72, 120, 240]
+    assert m.rmse.notna().all() and (m.rmse > 0).all()
+    assert (out / "report_raw" / "metrics.csv").exists() and (out / "damping.json").exists()
+    assert int((out / "seed0.parameters").read_text().replace(",", "")) > 0
+    bad = subprocess.run(["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
