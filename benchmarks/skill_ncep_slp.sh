@@ -5,13 +5,15 @@
 #   forecasts -> weathermixer.evaluate against persistence, climatology and the per-pixel linear regression
 #   fitted on the training years only -> OUT/report/metrics.csv
 #
-#   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N]
+#   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N] [--reuse]
 #
 # Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
 # --validation scores 2008 (every choice of the recipe is made there; the blend weights are then fitted
 # and scored on the same year, so its 2008 rows are in-sample for those 2 numbers per lead). --seeds N
 # (default 3) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
-# (CI: a few steps, a few days). OUT/report_raw holds the scores before the blend.
+# (CI: a few steps, a few days). --reuse keeps the seeds already trained in OUT (the same job; training
+# never sees the scored years, so a --validation run's models can then score the test years).
+# OUT/report_raw holds the scores before the blend.
 # Data: NCEP/NCAR Reanalysis 1 (Kalnay et al. 1996), provided by NOAA PSL, Boulder, Colorado, USA;
 # see ../shared/data/real/ATTRIBUTION.md.
 set -euo pipefail
@@ -20,7 +22,7 @@ usage() { sed -n 7p "$0" | sed 's/^#   //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 JOB=deepspeed_configs/ncep_slp_daily_cpu.json
-SPLIT=test SEEDS=3 STEPS= DAYS=
+SPLIT=test SEEDS=3 STEPS= DAYS= REUSE=
 while [ $# -gt 0 ]; do
   case $1 in
     --validation) SPLIT=val ;;
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS=$2; shift ;;
     --steps) STEPS=$2; shift ;;
     --days) DAYS=$2; shift ;;
+    --reuse) REUSE=1 ;;
     *) echo "skill_ncep_slp.sh: unknown option $1" >&2; usage ;;
   esac
   shift
@@ -64,12 +67,16 @@ forecast() {  # RUN FIRST LAST OUT
 MEMBERS=() VAL_MEMBERS=()
 for ((s = 0; s < SEEDS; s++)); do
   RUN="$OUT/seed$s"
-  log "train seed $s -> $RUN"
-  t0=$(date +%s)
-  $PY train.py --deepspeed_config "$JOB" --output-dir "$RUN" "${SETS[@]}" --set "model.seed=$s" --set "train.seed=$s" \
-      > "$RUN.train.log" 2>&1 || { tail -30 "$RUN.train.log" >&2; exit 1; }
-  echo $(( $(date +%s) - t0 )) > "$RUN.train_seconds"
-  grep -m1 "parameters" "$RUN.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$RUN.parameters"
+  if [ -n "$REUSE" ] && [ -s "$RUN.train_seconds" ] && [ -e "$RUN/checkpoints/latest" ]; then
+    log "reuse the trained seed $s in $RUN"
+  else
+    log "train seed $s -> $RUN"
+    t0=$(date +%s)
+    $PY train.py --deepspeed_config "$JOB" --output-dir "$RUN" "${SETS[@]}" --set "model.seed=$s" \
+        --set "train.seed=$s" > "$RUN.train.log" 2>&1 || { tail -30 "$RUN.train.log" >&2; exit 1; }
+    echo $(( $(date +%s) - t0 )) > "$RUN.train_seconds"
+    grep -m1 "parameters" "$RUN.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$RUN.parameters"
+  fi
   log "forecast seed $s: inits $VAL_FIRST .. $VAL_LAST (blend weights) and $FIRST .. $LAST daily, leads 1-10 days"
   forecast "$RUN" $VAL_FIRST $VAL_LAST "$RUN/forecast_val.zarr"
   VAL_MEMBERS+=("$RUN/forecast_val.zarr")
