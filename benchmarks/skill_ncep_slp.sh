@@ -37,12 +37,19 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-TRUTH=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weathermixer']['data']['path'])" "$JOB")
-SKIP=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weathermixer']['model'].get('pixel_skip', 0))" "$JOB")
+job_key() {  # SECTION KEY DEFAULT -> weathermixer.SECTION.KEY of the job file
+  $PY -c "import json, sys; job = json.load(open(sys.argv[1]))['weathermixer']
+print(job[sys.argv[2]].get(sys.argv[3], sys.argv[4]))" "$JOB" "$1" "$2" "$3"
+}
+TRUTH=$(job_key data path "")
+SKIP=$(job_key model pixel_skip 0)
 TRAIN_START=2001-01-01 TRAIN_END=2007-12-31
 VAL_FIRST=2008-01-01 VAL_LAST=2008-12-21
 if [ "$SPLIT" = val ]; then FIRST=$VAL_FIRST LAST=$VAL_LAST; else FIRST=2009-01-01 LAST=2010-12-21; fi
-last_of() { $PY -c "import pandas as pd,sys; print((pd.Timestamp(sys.argv[1]) + pd.Timedelta(days=int(sys.argv[2]) - 1)).date())" "$1" "$2"; }
+last_of() {  # FIRST DAYS -> the DAYS-th day from FIRST
+  $PY -c "import pandas as pd, sys; t = pd.Timestamp(sys.argv[1]) + pd.Timedelta(days=int(sys.argv[2]) - 1)
+print(t.date())" "$1" "$2"
+}
 if [ -n "$DAYS" ]; then LAST=$(last_of $FIRST "$DAYS"); VAL_LAST=$(last_of $VAL_FIRST "$DAYS"); fi
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -51,7 +58,8 @@ log() { echo "[skill_ncep_slp $(( $(date +%s) - start )) s] $*"; }
 log "inspect $TRUTH"
 $PY -m weathermixer.data inspect --config "$JOB" > "$OUT/inspect.json"
 log "statistics over the training years $TRAIN_START .. $TRAIN_END"
-$PY -m weathermixer.data stats --config "$JOB" --start $TRAIN_START --end $TRAIN_END --out "$OUT/stats.json" > "$OUT/stats.log"
+$PY -m weathermixer.data stats --config "$JOB" --start $TRAIN_START --end $TRAIN_END --out "$OUT/stats.json" \
+    > "$OUT/stats.log"
 SETS=(--set "data.stats=$OUT/stats.json")
 if [ "$SKIP" -gt 0 ]; then
   log "anchor fit on the training years, $SKIP lead(s), ridge chosen on validation 2008"
@@ -77,7 +85,7 @@ for ((s = 0; s < SEEDS; s++)); do
     echo $(( $(date +%s) - t0 )) > "$RUN.train_seconds"
     grep -m1 "parameters" "$RUN.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$RUN.parameters"
   fi
-  log "forecast seed $s: inits $VAL_FIRST .. $VAL_LAST (blend weights) and $FIRST .. $LAST daily, leads 1-10 days"
+  log "forecast seed $s: inits $VAL_FIRST .. $VAL_LAST (blend weights) and $FIRST .. $LAST, leads 1-10 days"
   forecast "$RUN" $VAL_FIRST $VAL_LAST "$RUN/forecast_val.zarr"
   VAL_MEMBERS+=("$RUN/forecast_val.zarr")
   if [ "$SPLIT" = test ]; then forecast "$RUN" $FIRST $LAST "$RUN/forecast.zarr"; MEMBERS+=("$RUN/forecast.zarr"); fi
