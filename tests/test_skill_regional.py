@@ -126,3 +126,30 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+@pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
+def test_the_regional_grid_is_weighted_and_patched_as_a_region_not_the_globe():
+    """The NCEP job's loader serves the data's own latitudes (70 .. 30 N), the loss weights are cos of those
+    rows normalised over them, and 3 x 3 patches pad the 17 rows to 18 and crop back exactly."""
+    import torch
+
+    from jigsaw_ext.mesh import Mesh
+    from weathermixer.data.loader import ShardedSampleLoader
+    from weathermixer.model.geometry import Geometry
+    from weathermixer.train.config import load_train_job
+    from weathermixer.train.loss import latitude_weights
+
+    job, _ = load_train_job(ROOT / "deepspeed_configs" / "ncep_slp_daily_cpu.json",
+                            settings=[f"data.path={NCEP}", "data.stats=null", "model.pixel_skip=0",
+                                      "model.pixel_skip_init=null", "model.pixel_skip_zero_start=false"])
+    loader = ShardedSampleLoader(job.data, job.model, Mesh.single(), "val", batch=1, shuffle=False, infinite=False)
+    np.testing.assert_allclose(loader.lat, np.arange(70.0, 29.0, -2.5))
+    np.testing.assert_allclose(loader.lon, np.arange(-70.0, 11.0, 2.5))
+    w = latitude_weights(torch.as_tensor(loader.lat.copy())).double().numpy()
+    cos = np.cos(np.deg2rad(loader.lat))
+    np.testing.assert_allclose(w, cos / cos.mean(), rtol=1e-6)  # no pole rows, no global normalisation
+    geo = Geometry(job.model, Mesh.single())
+    assert geo.tokens == 6 * 11
+    x = torch.randn(2, 1, 17, 33)
+    np.testing.assert_array_equal(geo.unpatchify(geo.patchify(x)).numpy(), x.numpy())
