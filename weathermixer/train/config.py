@@ -214,7 +214,9 @@ class TrainJobConfig(JobConfig):
                 raise ValueError(f"train.lead_weights has {len(tc.lead_weights)} value(s); expected {self.rollout} "
                                  f"non-negative weights (one per lead 1..{self.rollout}) with a positive sum")
         skip = self.model.pixel_skip
-        longest = max([self.rollout] + list(self.validation.reencode_candidates or []))
+        # an autoregressive rollout re-encodes every step: each of its steps is lead 1 of the skip head
+        latent = self.rollout if tc.rollout_mode == "latent" else 1
+        longest = max([latent] + list(self.validation.reencode_candidates or []))
         if skip and longest > skip:
             raise ValueError(f"model.pixel_skip={skip} has coefficients for leads 1..{skip}, but the job rolls out "
                              f"or re-encodes every {longest} steps (train.curriculum / train.rollout / "
