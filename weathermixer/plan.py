@@ -14,6 +14,7 @@ a hardware profile (jigsaw_ext/plan/profiles/*.json, or a JSON file; benchmarks/
 writes one from measurements). `--emit-config` writes the job file of the chosen row, which
 `train.py --deepspeed_config` accepts unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ from .model.geometry import Geometry
 from .model.mixer import WeatherMixer, flops_per_sample
 from .model.presets import PRESETS
 
-BASE_JOB = "era5_0.25deg_1b"   # the job file a preset's emitted config starts from
-DATA_BYTES = 4                 # training data on disk: float32
+BASE_JOB = "era5_0.25deg_1b"  # the job file a preset's emitted config starts from
+DATA_BYTES = 4  # training data on disk: float32
 
 
 class WeatherPlanModel:
@@ -56,8 +57,11 @@ class WeatherPlanModel:
         fields = torch.empty(geo.grid_layout(ch.n_fields, batch).local_shape(mesh.coords), device="meta", dtype=dtype)
         if self.cfg.history:
             fields = fields.unsqueeze(1).expand(-1, self.cfg.history + 1, -1, -1, -1)
-        static = torch.empty(geo.grid_layout(ch.n_static, batch).local_shape(mesh.coords), device="meta",
-                             dtype=dtype) if ch.n_static else None
+        static = (
+            torch.empty(geo.grid_layout(ch.n_static, batch).local_shape(mesh.coords), device="meta", dtype=dtype)
+            if ch.n_static
+            else None
+        )
         return fields, static
 
     def step(self, model: WeatherMixer, mesh: Mesh, micro_batch: int, dtype) -> torch.Tensor:
@@ -71,8 +75,9 @@ class WeatherPlanModel:
         """Input state(s), static fields and the target(s) of this rank's block, float32 on disk."""
         geo, ch = Geometry(self.cfg, Mesh.virtual(mesh)), self.cfg.channels
         rows, lon = geo.pixel_row_split.size(0), self.cfg.grid[1]
-        channels = geo.channel_split(ch.n_fields).size(0) * (self.cfg.history + 1 + self.rollout) \
-            + geo.channel_split(ch.n_static).size(0)
+        channels = geo.channel_split(ch.n_fields).size(0) * (self.cfg.history + 1 + self.rollout) + geo.channel_split(
+            ch.n_static
+        ).size(0)
         return micro_batch * channels * rows * lon * DATA_BYTES
 
 
@@ -90,8 +95,13 @@ def emit_config(base: dict, est: Estimate, path: Path, dtype: str, chunk_mb: flo
     """The job file of one planned layout: `base` with its mesh, ZeRO stage, batch and precision set."""
     c, job = est.candidate, copy.deepcopy(base)
     section = job.setdefault("weathermixer", {})
-    section["mesh"] = {"dp": c.dp, "domain": c.domain, "tp": c.tp, "replicate_weights_over": list(c.replicate),
-                       "strategy": dict(est.strategies)}  # what the plan priced, pinned
+    section["mesh"] = {
+        "dp": c.dp,
+        "domain": c.domain,
+        "tp": c.tp,
+        "replicate_weights_over": list(c.replicate),
+        "strategy": dict(est.strategies),
+    }  # what the plan priced, pinned
     if chunk_mb is not None:
         section["mesh"]["chunk_mb"] = chunk_mb
     job["train_micro_batch_size_per_gpu"] = c.micro_batch
@@ -113,22 +123,30 @@ def _short(strategies: dict) -> str:
 
 
 def table(rows: list[Estimate], top: int) -> str:
-    head = (f"{'#':>3} {'dp x dom x tp':>13} {'ZeRO':>4} {'replicate':>9} {'mb x acc':>8} {'step s':>8} "
-            f"{'samples/s':>9} {'MFU':>6} {'eff':>6} {'GB/GPU':>7} {'fits':>4} {'token/chan':>10}  bottleneck")
+    head = (
+        f"{'#':>3} {'dp x dom x tp':>13} {'ZeRO':>4} {'replicate':>9} {'mb x acc':>8} {'step s':>8} "
+        f"{'samples/s':>9} {'MFU':>6} {'eff':>6} {'GB/GPU':>7} {'fits':>4} {'token/chan':>10}  bottleneck"
+    )
     lines = [head]
     for i, e in enumerate(rows[:top], 1):
         c = e.candidate
         eff = "-" if e.efficiency is None else f"{100 * e.efficiency:.0f}%"
-        lines.append(f"{i:>3} {c.mesh:>13} {c.zero:>4} {'+'.join(c.replicate) or '-':>9} "
-                     f"{c.micro_batch:>3} x {c.accumulation:<3} {e.step_s:8.3f} {e.samples_per_s:9.2f} "
-                     f"{100 * e.mfu:5.1f}% {eff:>6} {e.memory_GB:7.1f} {'yes' if e.fits else 'NO':>4} "
-                     f"{_short(e.strategies):>10}  {e.bottleneck}")
+        lines.append(
+            f"{i:>3} {c.mesh:>13} {c.zero:>4} {'+'.join(c.replicate) or '-':>9} "
+            f"{c.micro_batch:>3} x {c.accumulation:<3} {e.step_s:8.3f} {e.samples_per_s:9.2f} "
+            f"{100 * e.mfu:5.1f}% {eff:>6} {e.memory_GB:7.1f} {'yes' if e.fits else 'NO':>4} "
+            f"{_short(e.strategies):>10}  {e.bottleneck}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))
     src.add_argument("--config", help="job JSON file (its weathermixer.model section)")
@@ -143,11 +161,19 @@ def parse_args(argv):
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--no-replicate", action="store_true", help="only weights stored once per model group")
     ap.add_argument("--headroom", type=float, default=0.0, help="fraction of GPU memory to keep free")
-    ap.add_argument("--strategy", nargs="*", metavar="[KIND=]STRATEGY",
-                    help="mesh.strategy (token_mixing=stationary, or one strategy for every kind); default: "
-                         "the job file's mesh.strategy, else auto (each layer's cost model per layout)")
-    ap.add_argument("--chunk-mb", type=float, help="mesh.chunk_mb (gathered weights and partial sums in chunks of "
-                                                   "at most this many MiB); default: the job file's")
+    ap.add_argument(
+        "--strategy",
+        nargs="*",
+        metavar="[KIND=]STRATEGY",
+        help="mesh.strategy (token_mixing=stationary, or one strategy for every kind); default: "
+        "the job file's mesh.strategy, else auto (each layer's cost model per layout)",
+    )
+    ap.add_argument(
+        "--chunk-mb",
+        type=float,
+        help="mesh.chunk_mb (gathered weights and partial sums in chunks of "
+        "at most this many MiB); default: the job file's",
+    )
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--json", help="write every ranked row as JSON here")
     ap.add_argument("--emit-config", help="write the job file of --row of the (last) world size here")
@@ -164,12 +190,17 @@ def plan(args) -> tuple[dict, Planner, dict]:
         strategy = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.strategy)
     else:
         strategy = base.get("weathermixer", {}).get("mesh", {}).get("strategy", {})
-    chunk_mb = args.chunk_mb if args.chunk_mb is not None else \
-        base.get("weathermixer", {}).get("mesh", {}).get("chunk_mb")
+    chunk_mb = (
+        args.chunk_mb if args.chunk_mb is not None else base.get("weathermixer", {}).get("mesh", {}).get("chunk_mb")
+    )
     MeshConfig(strategy=strategy, chunk_mb=chunk_mb)  # validates them (a ValidationError is a ValueError)
     planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy, chunk_mb=chunk_mb)
-    limits = Constraints(zero=tuple(args.zero), micro_batches=tuple(args.micro_batches),
-                         replicate=not args.no_replicate, headroom=args.headroom)
+    limits = Constraints(
+        zero=tuple(args.zero),
+        micro_batches=tuple(args.micro_batches),
+        replicate=not args.no_replicate,
+        headroom=args.headroom,
+    )
     results = {}
     for world in args.world:
         nodes = max(1, -(-world // hw.devices_per_node))
@@ -195,9 +226,15 @@ def main(argv=None) -> int:
         print(f"\n{world} x {hw.name}  global batch {res['global_batch']}  dtype {planner.dtype}")
         print(table(res["rows"], args.top))
     if args.json:
-        doc = {"hardware": hw.model_dump(), "model": planner.model.cfg.model_dump(), "dtype": planner.dtype,
-               "worlds": {str(w): {"global_batch": r["global_batch"], "rows": [e.as_dict() for e in r["rows"]]}
-                          for w, r in results.items()}}
+        doc = {
+            "hardware": hw.model_dump(),
+            "model": planner.model.cfg.model_dump(),
+            "dtype": planner.dtype,
+            "worlds": {
+                str(w): {"global_batch": r["global_batch"], "rows": [e.as_dict() for e in r["rows"]]}
+                for w, r in results.items()
+            },
+        }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.emit_config:
         rows = results[args.world[-1]]["rows"]
@@ -213,8 +250,8 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-PAPER_LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}   # n-way model parallelism -> (domain, tp)
-DDP_BUCKET_BYTES = 25 * 2 ** 20                      # PyTorch DDP's default bucket_cap_mb
+PAPER_LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}  # n-way model parallelism -> (domain, tp)
+DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb
 
 
 def paper_weak_scaling(world: int = 256) -> dict:
@@ -224,13 +261,20 @@ def paper_weak_scaling(world: int = 256) -> dict:
     `world` GPUs. Efficiency = step time on one node / step time on `world` GPUs. The paper's scheme
     gathers the weights in every layer (mesh.strategy gather)."""
     hw = load_hardware("a100-40gb-4pernode-2xhdr200")
-    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES,
-                      strategy={"*": "gather"})
+    planner = Planner(
+        WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES, strategy={"*": "gather"}
+    )
     out = {}
     for ways, (domain, tp) in PAPER_LAYOUTS.items():
-        node, big = (planner.estimate(Candidate(n // ways, domain, tp, 0, (), ways, 1, "float32"))
-                     for n in (hw.devices_per_node, world))
-        out[ways] = {"efficiency": node.step_s / big.step_s, "one_node_step_s": node.step_s, "step_s": big.step_s,
-                     "tflops_per_gpu_one_node": node.mfu * hw.peak_tflops["float32"],
-                     "seconds": big.seconds}
+        node, big = (
+            planner.estimate(Candidate(n // ways, domain, tp, 0, (), ways, 1, "float32"))
+            for n in (hw.devices_per_node, world)
+        )
+        out[ways] = {
+            "efficiency": node.step_s / big.step_s,
+            "one_node_step_s": node.step_s,
+            "step_s": big.step_s,
+            "tflops_per_gpu_one_node": node.mfu * hw.peak_tflops["float32"],
+            "seconds": big.seconds,
+        }
     return out

@@ -28,6 +28,7 @@ node's NICs carry the traffic of all of its concurrent groups (hierarchical coll
 and collective, (N-1)/N x the full buffer for all-gather/reduce-scatter, twice that for all-reduce,
 N = nodes the group spans).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -36,10 +37,10 @@ from .hardware import Hardware
 from .trace import StepTrace
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-ADAM_STATE_BYTES = 8            # exp_avg + exp_avg_sq in fp32
-MASTER_BYTES = 4                # fp32 master copy under bf16/fp16
-OPTIMIZER_PASSES_BYTES = 40     # Adam step: reads/writes param, grad, master, two moments (~40 B/param)
-DEEPSPEED_BUCKET_ELEMENTS = 500_000_000   # DeepSpeed's default reduce/allgather bucket (elements)
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+MASTER_BYTES = 4  # fp32 master copy under bf16/fp16
+OPTIMIZER_PASSES_BYTES = 40  # Adam step: reads/writes param, grad, master, two moments (~40 B/param)
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket (elements)
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ class Estimate:
     memory_GB: float
     fits: bool
     bottleneck: str
-    seconds: dict = field(default_factory=dict)      # exposed time per part of a step
-    memory: dict = field(default_factory=dict)       # GB per kind
-    comm_bytes: dict = field(default_factory=dict)   # bytes per rank per optimizer step, by kind and tier
-    efficiency: float | None = None                  # weak scaling vs one node (set by search)
-    strategies: dict = field(default_factory=dict)   # layer kind -> how it meets its data (set by search)
+    seconds: dict = field(default_factory=dict)  # exposed time per part of a step
+    memory: dict = field(default_factory=dict)  # GB per kind
+    comm_bytes: dict = field(default_factory=dict)  # bytes per rank per optimizer step, by kind and tier
+    efficiency: float | None = None  # weak scaling vs one node (set by search)
+    strategies: dict = field(default_factory=dict)  # layer kind -> how it meets its data (set by search)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -87,8 +88,9 @@ class Estimate:
         return d
 
 
-def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int,
-                       calls: int = 1) -> tuple[float, str]:
+def collective_seconds(
+    hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int, calls: int = 1
+) -> tuple[float, str]:
     """(seconds, tier) of `calls` ring collectives of which this rank sends `sent_bytes` in all
     (ring volume) in a group of n ranks `stride` global ranks apart. Latency: alpha per ring step,
     n - 1 steps (2(n - 1) for an all-reduce) per call: a flat ring over every rank of the group,
@@ -100,9 +102,9 @@ def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, strid
     if span <= hw.devices_per_node:
         return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
     dpn = hw.devices_per_node
-    local = max(1, dpn // stride) if stride < dpn else 1     # members of this group in one node
+    local = max(1, dpn // stride) if stride < dpn else 1  # members of this group in one node
     nodes = max(2, n // local)
-    concurrent = dpn // local                                 # groups of this axis per node
+    concurrent = dpn // local  # groups of this axis per node
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
     return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
 
@@ -136,7 +138,7 @@ def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict) ->
     return exposed, sent
 
 
-ZERO3_PERSISTENCE = 100_000      # DeepSpeed's stage3_param_persistence_threshold default (elements)
+ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
 
 
 def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, float]]:
@@ -159,8 +161,10 @@ def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, floa
     if cand.zero in (1, 2):
         return {"per_micro": {}, "per_step": {"all_reduce": 2 * ring(total) + scalar, "all_gather": ring(total)}}
     persistent = sum(x for x in numels if x < ZERO3_PERSISTENCE) * b
-    return {"per_micro": {"all_gather": 2 * ring(total - persistent), "reduce_scatter": ring(total)},
-            "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar}}
+    return {
+        "per_micro": {"all_gather": 2 * ring(total - persistent), "reduce_scatter": ring(total)},
+        "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar},
+    }
 
 
 def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
@@ -168,8 +172,11 @@ def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
     workspace for the largest buffer (a model collective, or a ZeRO gradient bucket)."""
     work = sorted(hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1)
     if cand.dp > 1:  # ZeRO's gradient all-reduce of one bucket
-        work.append(hw.comm_workspace.get("all_reduce", 0.0) *
-                    min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS) * BYTES[cand.dtype])
+        work.append(
+            hw.comm_workspace.get("all_reduce", 0.0)
+            * min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS)
+            * BYTES[cand.dtype]
+        )
     if not work:
         return 0.0
     # at most two collectives are in flight at once: a gathered linear's backward re-gathers its
@@ -196,9 +203,15 @@ def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
     return out
 
 
-def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sample: float,
-             read_bytes_per_micro: int = 0, overlap_comm: bool = True,
-             dp_bucket_bytes: int | None = None) -> Estimate:
+def estimate(
+    hw: Hardware,
+    cand: Candidate,
+    trace: StepTrace,
+    train_flops_per_sample: float,
+    read_bytes_per_micro: int = 0,
+    overlap_comm: bool = True,
+    dp_bucket_bytes: int | None = None,
+) -> Estimate:
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
     rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0).
     dp_bucket_bytes: size of the data-parallel gradient buckets (default DeepSpeed's)."""
@@ -221,12 +234,12 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
         for kind, nbytes in kinds.items():
             t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
             comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
-            if when == "per_micro":   # ZeRO-3: prefetched gathers, reduce-scatters during backward
+            if when == "per_micro":  # ZeRO-3: prefetched gathers, reduce-scatters during backward
                 hide = forward + backward if kind == "all_gather" else backward
                 exposed = max(0.0, t - (hide if overlap_comm else 0.0))
             elif cand.zero in (1, 2) and kind == "all_reduce":  # bucketed during the last backward
                 exposed = max(0.0, t - (backward if overlap_comm else 0.0))
-            else:                     # ZeRO-0's all-reduce after backward; gathers after the step
+            else:  # ZeRO-0's all-reduce after backward; gathers after the step
                 exposed = t
             dp_t[tier] += reps * exposed
     opt_params = trace.param_count / (cand.dp if cand.zero >= 1 else 1)
@@ -245,9 +258,10 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
     fits = total_mem <= hw.memory_GB
     peak = hw.peak_tflops.get(cand.dtype, hw.peak_tflops.get("float32")) * 1e12
     mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * peak)
-    parts = {"compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
-             "intra-node comm": seconds["intra_comm"],
-             "inter-node comm": seconds["inter_comm"]}
+    parts = {
+        "compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
+        "intra-node comm": seconds["intra_comm"],
+        "inter-node comm": seconds["inter_comm"],
+    }
     bottleneck = "memory" if not fits else max(parts, key=parts.get)
-    return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem,
-                    comm_bytes)
+    return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem, comm_bytes)

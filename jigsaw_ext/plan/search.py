@@ -2,6 +2,7 @@
 
 A model package describes its model with a `PlanModel`; nothing here knows what the model is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,14 @@ from .cost import Candidate, Estimate, estimate
 from .hardware import Hardware
 from .trace import StepTrace, extrapolate, fake_mesh, trace_step
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 class PlanModel(Protocol):
@@ -44,17 +51,25 @@ class PlanModel(Protocol):
 class Constraints:
     zero: tuple[int, ...] = (0, 1, 2, 3)
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
-    replicate: bool = True          # also try weights replicated over one model axis
+    replicate: bool = True  # also try weights replicated over one model axis
     max_model_group: int = 64
-    headroom: float = 0.0           # fraction of device memory kept free
+    headroom: float = 0.0  # fraction of device memory kept free
 
 
 class Planner:
     """strategy: the job's mesh.strategy (per layer kind; {} = 'auto' everywhere, chosen per
     micro-batch by the layers' own cost model, as train.py would)."""
 
-    def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True,
-                 dp_bucket_bytes: int | None = None, strategy: dict | None = None, chunk_mb: float | None = None):
+    def __init__(
+        self,
+        model: PlanModel,
+        hw: Hardware,
+        dtype: str = "bf16",
+        overlap_comm: bool = True,
+        dp_bucket_bytes: int | None = None,
+        strategy: dict | None = None,
+        chunk_mb: float | None = None,
+    ):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
         self.overlap_comm, self.dp_bucket_bytes = overlap_comm, dp_bucket_bytes
         self.strategy, self.chunk_mb = dict(strategy or {}), chunk_mb  # mesh.strategy, mesh.chunk_mb
@@ -62,12 +77,14 @@ class Planner:
 
     def strategies(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> dict:
         """What each layer kind runs with on this layout and micro-batch ({kind: strategy})."""
-        cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy,
-                         chunk_mb=self.chunk_mb)
+        cfg = MeshConfig(
+            domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy, chunk_mb=self.chunk_mb
+        )
         return resolved_strategies(self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch))
 
-    def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int,
-              forced: tuple = ()) -> StepTrace:
+    def trace(
+        self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int, forced: tuple = ()
+    ) -> StepTrace:
         """One micro-step's trace; above micro-batch 3 extrapolated (exact: see trace.extrapolate) from
         micro-batches 2 and 3 run with the strategies chosen for this micro-batch (`forced`), except
         with chunk_mb."""
@@ -76,12 +93,17 @@ class Planner:
         key = (domain, tp, replicate, micro_batch, forced)
         # (with mesh.chunk_mb the number of row chunks grows with the micro-batch: traced directly)
         if key not in self._traces and micro_batch > 3 and self.chunk_mb is None:
-            self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2, forced),
-                                            self.trace(domain, tp, replicate, 3, forced), 2, micro_batch)
+            self._traces[key] = extrapolate(
+                self.trace(domain, tp, replicate, 2, forced),
+                self.trace(domain, tp, replicate, 3, forced),
+                2,
+                micro_batch,
+            )
         if key not in self._traces:
             strategy = dict(forced) if forced else self.strategy
-            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy,
-                             chunk_mb=self.chunk_mb)
+            cfg = MeshConfig(
+                domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy, chunk_mb=self.chunk_mb
+            )
             mesh = fake_mesh(cfg, 0)
             dtype = getattr(torch, self.dtype)
             model = self.model.build(mesh, dtype, micro_batch)
@@ -91,8 +113,15 @@ class Planner:
     def estimate(self, cand: Candidate) -> Estimate:
         tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
-        est = estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
-                       self.model.read_bytes(mesh, cand.micro_batch), self.overlap_comm, self.dp_bucket_bytes)
+        est = estimate(
+            self.hw,
+            cand,
+            tr,
+            self.model.train_flops_per_sample(),
+            self.model.read_bytes(mesh, cand.micro_batch),
+            self.overlap_comm,
+            self.dp_bucket_bytes,
+        )
         est.strategies = self.strategies(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         return est
 
@@ -109,8 +138,11 @@ class Planner:
                     self.model.check_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
                 except ValueError:
                     continue
-                reps = [()] + ([("domain",)] if limits.replicate and domain > 1 else []) + \
-                    ([("tp",)] if limits.replicate and tp > 1 else [])
+                reps = (
+                    [()]
+                    + ([("domain",)] if limits.replicate and domain > 1 else [])
+                    + ([("tp",)] if limits.replicate and tp > 1 else [])
+                )
                 for micro in limits.micro_batches:
                     if per_replica % micro:
                         continue
@@ -139,8 +171,9 @@ class Planner:
         dp_small = max(1, nodes * dpn // group)
         if dp_small >= c.dp:
             return 1.0
-        small = Candidate(dp_small, c.domain, c.tp, c.zero if dp_small > 1 else 0, c.replicate,
-                          c.micro_batch, c.accumulation, c.dtype)
+        small = Candidate(
+            dp_small, c.domain, c.tp, c.zero if dp_small > 1 else 0, c.replicate, c.micro_batch, c.accumulation, c.dtype
+        )
         base = self.estimate(small)
         return base.step_s / est.step_s
 
