@@ -115,6 +115,18 @@ class LinearBaseline:
         return np.einsum("ipk,lpk->ilk", X, self.coef).reshape(shape)
 
 
+def _solve_normal(A: np.ndarray, B: np.ndarray, rcond: float) -> np.ndarray:
+    """x with A x = B for stacks of normal matrices A (..., p, p): the pseudo-inverse's least-squares solution,
+    and the minimum-norm one where a feature is constant or collinear (data at one hour of day: sin(hour) = 0,
+    cos(hour) = the intercept). The features are scaled to unit root mean square first: raw states (1e5 Pa)
+    beside harmonics (1) put the normal matrix's eigenvalues 1e10 apart, and the unscaled pseudo-inverse then
+    returns coefficients far from the least-squares fit."""
+    d = np.sqrt(np.diagonal(A, axis1=-2, axis2=-1))
+    d = np.where(d > 0, d, 1.0)
+    scaled = A / d[..., :, None] / d[..., None, :]
+    return (np.linalg.pinv(scaled, rcond=rcond, hermitian=True) @ (B / d)[..., None])[..., 0] / d
+
+
 def fit_linear(
     truth: xr.DataArray,
     period: ClimatologyPeriod,
@@ -157,9 +169,7 @@ def fit_linear(
             f"than {2 * p} (t - dt, t, t + lead) triples for lead(s) {', '.join(short)}; give a "
             f"longer period (--clim-start/--clim-end) or --no-linear-baseline"
         )
-    # the pseudo-inverse: the least-squares solution, and the minimum-norm one where a feature is constant
-    # or collinear (data at one hour of day: sin(hour) = 0, cos(hour) = the intercept)
-    coef = (np.linalg.pinv(A, rcond=rcond, hermitian=True) @ B[..., None])[..., 0]  # (lead, pixel, p)
+    coef = _solve_normal(A, B, rcond)
     return LinearBaseline(coef.transpose(0, 2, 1), dt, bool(annual), counts)
 
 

@@ -276,7 +276,9 @@ class TrainJobConfig(JobConfig):
                     f"non-negative weights (one per lead 1..{self.rollout}) with a positive sum"
                 )
         skip = self.model.pixel_skip
-        longest = max([self.rollout] + list(self.validation.reencode_candidates or []))
+        # an autoregressive rollout re-encodes every step: each of its steps is lead 1 of the skip head
+        latent = self.rollout if tc.rollout_mode == "latent" else 1
+        longest = max([latent] + list(self.validation.reencode_candidates or []))
         if skip and longest > skip:
             raise ValueError(
                 f"model.pixel_skip={skip} has coefficients for leads 1..{skip}, but the job rolls out "
