@@ -34,7 +34,8 @@ from jigsaw_ext.plan.cost import Candidate  # noqa: E402
 from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
 from jigsaw_ext.plan.search import Constraints, Planner  # noqa: E402
 from weathermixer.model.presets import PRESETS  # noqa: E402
-from weathermixer.plan import WeatherPlanModel, paper_weak_scaling  # noqa: E402
+from weathermixer.plan import WeatherPlanModel  # noqa: E402
+from weathermixer.plan_validation import leave_one_out, paper_weak_scaling  # noqa: E402
 
 MODELS = ("paper_1b", "jigsaw_3b", "weathermixer_10b")
 WORLDS = (8, 64, 256, 1024, 4096, 8192)
