@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig
-from jigsaw_ext.plan.cost import Candidate, Estimate
+from jigsaw_ext.plan.cost import Estimate
 from jigsaw_ext.plan.hardware import load_hardware, profile_names
 from jigsaw_ext.plan.search import Constraints, Planner
 

@@ -178,7 +178,6 @@ class Planner:
         ref = self.reference(est, limits)
         return (est.samples_per_s / est.candidate.world) / (ref.samples_per_s / ref.candidate.world)
 
-    one_node_efficiency = efficiency
 
 
 def _divisors(n: int) -> list[int]:
