@@ -116,7 +116,8 @@ def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
     out = {"forward": 0.0, "backward": 0.0}
     counts = {"forward": 0, "backward": 0}
     for m in trace.matmuls:
-        out[m.phase] += m.flops / (hw.matmul_tflops(m.batch * m.m, m.n, m.k, math_mode(m.dtype, tf32)) * 1e12)
+        if m.flops:  # (an empty shard's product: nothing to run)
+            out[m.phase] += m.flops / (hw.matmul_tflops(m.batch * m.m, m.n, m.k, math_mode(m.dtype, tf32)) * 1e12)
         counts[m.phase] += 1
     mean = {p: out[p] / counts[p] if counts[p] else 0.0 for p in out}
     elem = {p: trace.other_bytes.get(p, 0) / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency) for p in out}
