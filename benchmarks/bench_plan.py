@@ -65,7 +65,8 @@ def gpu() -> dict:
                      "predicted_GB": round(est["peak_memory_GB"], 2)})
     step = measured.get("model_step", {})
     return {"device": measured["env"]["device"], "train_py": rows,
-            "model_forward_backward_s": step.get("step_s"), "matmul_s_at_measured_rates": step.get("matmul_s_at_measured_rates")}
+            "model_forward_backward_s": step.get("step_s"),
+            "matmul_s_at_measured_rates": step.get("matmul_s_at_measured_rates")}
 
 
 def _cpu_step(rank, world, domain, tp, reps, warmup):
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="gpu,cpu,memory")
     ap.add_argument("--out", help="write the JSON here too (workers' libraries may print on stdout)")
     ap.add_argument("--tables", nargs="*", metavar="NAME",
-                    help="instead: regenerate docs/planner.md's tables (all, or these of benchmarks/plan_tables.TABLES) "
+                    help="instead: regenerate docs/planner.md's tables (all, or these of plan_tables.TABLES) "
                          "and benchmarks/results_plan_tables.json")
     args = ap.parse_args(argv)
     if args.tables is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results_plan_tables.json"
+CPU_RESULTS = ROOT / "benchmarks" / "results_plan_cpu_2core.json"   # benchmarks/bench_plan_cpu.py (measured)
 DOCS = ROOT / "docs" / "planner.md"
 ISSUE_EXAMPLE = ["--preset", "paper_1b", "--hardware", "a100-40gb-4pernode-2xhdr200", "--world", "256",
                  "--batch-per-node", "4", "--dtype", "fp32"]
@@ -114,10 +115,20 @@ def render_single_gpu(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_cpu(doc: dict) -> str:
+    lines = [doc["what"] + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions.", "",
+             "| mesh | measured s/step | predicted s/step | predicted / measured - 1 |", "|---|---|---|---|"]
+    for mesh, r in doc["meshes"].items():
+        lines.append(f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {100 * r['error']:+.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def render_all(results: dict) -> dict[str, str]:
     out = {name: render_plan(doc) for name, doc in results["cli"].items()}
     out["paper_leave_one_out"] = render_paper(results["paper_leave_one_out"])
     out["single_gpu"] = render_single_gpu(results["single_gpu"])
+    if "cpu_train" in results:
+        out["cpu_train"] = render_cpu(results["cpu_train"])
     return out
 
 
@@ -128,6 +139,8 @@ def generate(names=None) -> dict:
     results["paper_leave_one_out"] = {k: {**v, "efficiency": {str(w): e for w, e in v["efficiency"].items()}}
                                       for k, v in leave_one_out().items()}
     results["single_gpu"] = [single_gpu_prediction(micro_batch=mb, zero=z) for z, mb in ((0, 1), (1, 1), (0, 2))]
+    if CPU_RESULTS.is_file():
+        results["cpu_train"] = json.loads(CPU_RESULTS.read_text())
     return json.loads(json.dumps(results))  # JSON types (string keys) as a reader of the file sees them
 
 

@@ -280,7 +280,7 @@ def test_docs_tables_are_the_json_rendered_and_the_cli_still_gives_them():
     results = json.loads(plan_tables.RESULTS.read_text())
     rendered = plan_tables.render_all(results)
     in_docs = plan_tables.blocks(plan_tables.DOCS.read_text())
-    assert set(in_docs) == set(rendered) == set(plan_tables.TABLES) | {"paper_leave_one_out", "single_gpu"}
+    assert set(in_docs) == set(rendered) >= set(plan_tables.TABLES) | {"paper_leave_one_out", "single_gpu"}
     for name, text in rendered.items():
         assert in_docs[name] == text, name
     for name in plan_tables.QUICK:
