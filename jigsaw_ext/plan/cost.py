@@ -203,6 +203,15 @@ def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
     return out
 
 
+def useful_flops(cand: Candidate, trace: StepTrace, train_flops_per_sample: float) -> float:
+    """FLOPs per sample that MFU counts: the model's, or the FLOPs the layout executes where that is
+    fewer (rank 0, the largest shard, times the model group, per sample). Some block-sharded layers
+    run fewer products than the serial model's count; MFU then stays what the GEMMs achieved on the
+    work done, never above the GEMM efficiency ceiling."""
+    executed = trace.matmul_flops * cand.domain * cand.tp / cand.micro_batch
+    return min(train_flops_per_sample, executed)
+
+
 @dataclass(frozen=True)
 class Settings:
     """How a job runs beyond its layout: ZeRO's overlap_comm, the data-parallel gradient bucket size
@@ -271,7 +280,8 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
     total_mem = sum(mem.values())
     fits = total_mem <= hw.memory_GB
     mode = math_mode(cand.dtype, run.tf32)
-    mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * hw.peak(mode) * 1e12)
+    flops = useful_flops(cand, trace, train_flops_per_sample) * cand.global_batch
+    mfu = flops / (step * cand.world * hw.peak(mode) * 1e12)
     parts = {"compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
              "intra-node comm": seconds["intra_comm"],
              "inter-node comm": seconds["inter_comm"]}
