@@ -163,7 +163,8 @@ class Planner:
             world += dpn
         world = min(world, c.world)
         batch = c.global_batch * world // c.world
-        key = (world, batch, c.zero, c.dp, limits.zero, limits.micro_batches, limits.replicate)
+        key = (world, batch, c.zero, c.dp, limits.micro_batches, limits.replicate, c.domain, c.tp, c.replicate,
+               c.micro_batch)
         if key not in self._references:
             small = Constraints(zero=(0,), micro_batches=limits.micro_batches, replicate=limits.replicate,
                                 max_model_group=max(limits.max_model_group, group))
