@@ -119,7 +119,8 @@ def render_cpu(doc: dict) -> str:
     lines = [doc["what"] + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions.", "",
              "| mesh | measured s/step | predicted s/step | predicted / measured - 1 |", "|---|---|---|---|"]
     for mesh, r in doc["meshes"].items():
-        lines.append(f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {100 * r['error']:+.0f} % |")
+        lines.append(f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
+                     f"| {100 * r['error']:+.0f} % |")
     return "\n".join(lines) + "\n"
 
 
