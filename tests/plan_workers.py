@@ -73,6 +73,8 @@ def model_step_flops(rank, world, meshes, overrides, batch, configs):
     out = {}
     for dims in meshes:
         for name, settings in configs.items():
+            if any(dims[1 if axis == "domain" else 2] == 1 for axis in settings.get("replicate_weights_over", ())):
+                continue  # nothing to replicate over
             mesh = init_mesh(MeshConfig(dp=dims[0], domain=dims[1], tp=dims[2], **settings))
             model = WeatherMixer(cfg, mesh, micro_batch=batch)
             x, s = _inputs(model, mesh, cfg, batch)

@@ -73,13 +73,16 @@ FLOP_MESHES = [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 1), (1, 1, 4)]
 FLOP_CONFIGS = {"gather": dict(strategy={"*": "gather"}), "stationary": dict(strategy={"*": "stationary"}),
                 "features": dict(strategy={"*": "features"}), "auto": dict(strategy={"*": "auto"}),
                 "gather_chunks": dict(strategy={"*": "gather"}, chunk_mb=0.002),
-                "stationary_chunks": dict(strategy={"*": "stationary"}, chunk_mb=0.002)}
+                "stationary_chunks": dict(strategy={"*": "stationary"}, chunk_mb=0.002),
+                "replicate_tp_gather": dict(strategy={"*": "gather"}, replicate_weights_over=["tp"]),
+                "replicate_domain": dict(replicate_weights_over=["domain"])}
 
 
 def test_traced_flops_equal_flop_counter_on_every_mesh_and_strategy():
-    """Every rank of six meshes, every strategy and mesh.chunk_mb, forward and forward + backward: the
-    planner's traced FLOPs equal FlopCounterMode's count of the real gloo run within 1 %. One spawn of
-    8 ranks: the smaller model groups run with dp = 8 / (domain x tp) (dp does not change a model step)."""
+    """Every rank of six meshes, every strategy, mesh.chunk_mb and weights replicated over a model axis
+    (where that axis has more than one rank), forward and forward + backward: the planner's traced
+    FLOPs equal FlopCounterMode's count of the real gloo run within 1 %. One spawn of 8 ranks: the
+    smaller model groups run with dp = 8 / (domain x tp) (dp does not change a model step)."""
     world = 8
     meshes = [(world // (d * t), d, t) for _, d, t in FLOP_MESHES]
     real = run_workers(plan_workers.model_step_flops, world, meshes, OVERRIDES, BATCH, FLOP_CONFIGS,
