@@ -9,6 +9,7 @@ this file keeps the launch commands that name a script working from the reposito
 
 `python train.py --help` lists every flag.
 """
+
 import sys
 
 from weathermixer.train.main import main

@@ -18,6 +18,7 @@ share: parameters, master weights, moments), to be compared with the largest sin
 Per-rank engines of the 1.06 B model need about 17 GB at 1x2x2 before any checkpoint buffer, more
 than this 24 GB machine shared with other jobs can hold (and 2x2x2 holds the weights twice).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,11 +87,16 @@ def _engine(cfg, mesh_str: str, micro: int = 1):
     mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
     torch.manual_seed(mesh.rank)
     model = WeatherMixer(cfg, mesh)
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-          "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, TrainConfig().param_groups,
-                                      1e-3), config=ds, mpu=mesh.mpu())
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, TrainConfig().param_groups, 1e-3), config=ds, mpu=mesh.mpu()
+    )
     create_moments(engine)
     with torch.no_grad():
         for st in base_optimizer(engine).state.values():
@@ -114,8 +120,11 @@ def _timed(peak, fn) -> dict:
 def _best(runs: list[dict]) -> dict:
     """The fastest time of repeated runs of a phase (this machine is shared: the others are noise),
     the highest memory peak."""
-    return dict(min(runs, key=lambda r: r["seconds"]), repeats=len(runs),
-                peak_extra_bytes=max(r["peak_extra_bytes"] for r in runs))
+    return dict(
+        min(runs, key=lambda r: r["seconds"]),
+        repeats=len(runs),
+        peak_extra_bytes=max(r["peak_extra_bytes"] for r in runs),
+    )
 
 
 def _worker(rank, world, cfg, mesh_str, work, phases, repeat):
@@ -132,26 +141,40 @@ def _worker(rank, world, cfg, mesh_str, work, phases, repeat):
     runs, work = {}, Path(work)
     desc_path = work / "ours0" / "desc.json"
     for r in range(repeat if "save" in phases else 0):  # alternating, each writing its own directory
-        runs.setdefault("native_save", []).append(_timed(peak, lambda: engine.save_checkpoint(
-            str(work / f"native{r}"), tag="t", save_latest=False)))
+        runs.setdefault("native_save", []).append(
+            _timed(peak, lambda: engine.save_checkpoint(str(work / f"native{r}"), tag="t", save_latest=False))
+        )
         holder = {}
-        runs.setdefault("ours_save", []).append(_timed(peak, lambda: holder.update(
-            d=save_layout_free(engine, model, work / f"ours{r}" / "state"))))
+        runs.setdefault("ours_save", []).append(
+            _timed(peak, lambda: holder.update(d=save_layout_free(engine, model, work / f"ours{r}" / "state")))
+        )
         if rank == 0:
             (work / f"ours{r}" / "desc.json").write_text(json.dumps(holder["d"]))
-        runs.setdefault("native_load", []).append(_timed(peak, lambda: engine.load_checkpoint(
-            str(work / f"native{r}"), tag="t")))
+        runs.setdefault("native_load", []).append(
+            _timed(peak, lambda: engine.load_checkpoint(str(work / f"native{r}"), tag="t"))
+        )
         dist.barrier()
-        runs.setdefault("ours_load", []).append(_timed(peak, lambda: load_layout_free(
-            engine, model, work / f"ours{r}" / "state", json.loads((work / f"ours{r}" / "desc.json").read_text()))))
+        runs.setdefault("ours_load", []).append(
+            _timed(
+                peak,
+                lambda: load_layout_free(
+                    engine,
+                    model,
+                    work / f"ours{r}" / "state",
+                    json.loads((work / f"ours{r}" / "desc.json").read_text()),
+                ),
+            )
+        )
     if "save" not in phases:
         desc = json.loads(desc_path.read_text())
         for _ in range(repeat):
-            runs.setdefault("ours_load", []).append(_timed(peak, lambda: load_layout_free(
-                engine, model, work / "ours0" / "state", desc)))
+            runs.setdefault("ours_load", []).append(
+                _timed(peak, lambda: load_layout_free(engine, model, work / "ours0" / "state", desc))
+            )
     else:  # last: its writes would push the others' files out of the page cache
-        runs["ours_save_fsync"] = [_timed(peak, lambda: save_layout_free(engine, model, work / "fsync" / "state",
-                                                                         sync=True))]
+        runs["ours_save_fsync"] = [
+            _timed(peak, lambda: save_layout_free(engine, model, work / "fsync" / "state", sync=True))
+        ]
     return {k: _best(v) for k, v in runs.items()}
 
 
@@ -161,14 +184,18 @@ def du(path: Path) -> int:
 
 def _summary(results: list[dict], key: str) -> dict:
     rs = [r[key] for r in results]
-    return {"seconds": round(max(r["seconds"] for r in rs), 2), "repeats": rs[0]["repeats"],
-            "peak_extra_bytes_max": max(r["peak_extra_bytes"] for r in rs),
-            "share_bytes_max": max(r["share_bytes"] for r in rs)}
+    return {
+        "seconds": round(max(r["seconds"] for r in rs), 2),
+        "repeats": rs[0]["repeats"],
+        "peak_extra_bytes_max": max(r["peak_extra_bytes"] for r in rs),
+        "share_bytes_max": max(r["share_bytes"] for r in rs),
+    }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=["paper_1b", "small"], default="paper_1b")
     ap.add_argument("--blocks", type=int, default=None, help="mixer blocks (paper_1b: 3)")
     ap.add_argument("--mesh", default="1x2x2", help="dp x domain x tp of the run that saves")
@@ -198,34 +225,54 @@ def main() -> int:
     world = lambda m: math.prod(int(x) for x in m.split("x"))  # noqa: E731
     pre = ["deepspeed", "weathermixer.model", "megatron.core.dist_checkpointing"]
     try:
-        same = run_workers(_worker, world(args.mesh), cfg, args.mesh, str(work), ("save",), args.repeat,
-                           timeout=3600, preload=pre)
-        other = run_workers(_worker, world(args.other), cfg, args.other, str(work), (), args.repeat, timeout=3600,
-                            preload=pre)
-        from jigsaw_ext.mesh import Mesh, MeshConfig
+        same = run_workers(
+            _worker, world(args.mesh), cfg, args.mesh, str(work), ("save",), args.repeat, timeout=3600, preload=pre
+        )
+        other = run_workers(
+            _worker, world(args.other), cfg, args.other, str(work), (), args.repeat, timeout=3600, preload=pre
+        )
+        from jigsaw_ext.mesh import Mesh
         from weathermixer.model import WeatherMixer
 
         meta = WeatherMixer(cfg, Mesh.single(), device="meta")
         largest = 4 * max(p.numel() for p in meta.parameters())
-        out = {"benchmark": "checkpoint save/load: DeepSpeed native vs layout-free", "preset": args.preset,
-               "blocks": cfg.blocks, "parameters": num_parameters(cfg), "mesh": args.mesh, "other_mesh": args.other,
-               "zero_stage": 1, "dtype": "float32", "largest_tensor_bytes": largest,
-               "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                            "megatron-core": megatron.core.__version__},
-               "bytes_on_disk": {"native": du(work / "native0"), "ours": du(work / "ours0" / "state")},
-               "native_save": _summary(same, "native_save"), "ours_save": _summary(same, "ours_save"),
-               "ours_save_with_fsync": _summary(same, "ours_save_fsync"),
-               "native_load_same_mesh": _summary(same, "native_load"),
-               "ours_load_same_mesh": _summary(same, "ours_load"),
-               "ours_load_other_mesh": _summary(other, "ours_load")}
+        out = {
+            "benchmark": "checkpoint save/load: DeepSpeed native vs layout-free",
+            "preset": args.preset,
+            "blocks": cfg.blocks,
+            "parameters": num_parameters(cfg),
+            "mesh": args.mesh,
+            "other_mesh": args.other,
+            "zero_stage": 1,
+            "dtype": "float32",
+            "largest_tensor_bytes": largest,
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__,
+                "megatron-core": megatron.core.__version__,
+            },
+            "bytes_on_disk": {"native": du(work / "native0"), "ours": du(work / "ours0" / "state")},
+            "native_save": _summary(same, "native_save"),
+            "ours_save": _summary(same, "ours_save"),
+            "ours_save_with_fsync": _summary(same, "ours_save_fsync"),
+            "native_load_same_mesh": _summary(same, "native_load"),
+            "ours_load_same_mesh": _summary(same, "ours_load"),
+            "ours_load_other_mesh": _summary(other, "ours_load"),
+        }
         n = out["native_save"]["seconds"], out["native_load_same_mesh"]["seconds"]
-        out["ratios"] = {"save": round(out["ours_save"]["seconds"] / n[0], 2),
-                         "save_with_fsync": round(out["ours_save_with_fsync"]["seconds"] / n[0], 2),
-                         "load_same_mesh": round(out["ours_load_same_mesh"]["seconds"] / n[1], 2),
-                         "load_other_mesh_vs_native_same": round(out["ours_load_other_mesh"]["seconds"] / n[1], 2),
-                         "peak_extra_vs_largest_tensor": round(max(
-                             out[k]["peak_extra_bytes_max"] for k in ("ours_save", "ours_load_same_mesh",
-                                                                      "ours_load_other_mesh")) / largest, 2)}
+        out["ratios"] = {
+            "save": round(out["ours_save"]["seconds"] / n[0], 2),
+            "save_with_fsync": round(out["ours_save_with_fsync"]["seconds"] / n[0], 2),
+            "load_same_mesh": round(out["ours_load_same_mesh"]["seconds"] / n[1], 2),
+            "load_other_mesh_vs_native_same": round(out["ours_load_other_mesh"]["seconds"] / n[1], 2),
+            "peak_extra_vs_largest_tensor": round(
+                max(
+                    out[k]["peak_extra_bytes_max"] for k in ("ours_save", "ours_load_same_mesh", "ours_load_other_mesh")
+                )
+                / largest,
+                2,
+            ),
+        }
         print(json.dumps(out, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -10,6 +10,7 @@ wall ms per call on rank 0 and the process CPU ms per call (all its threads: glo
 the figure that matters on a machine with no spare core). The layers use the ring on gloo groups and
 the backend's collectives elsewhere (NCCL); the all-reduce stays gloo's (the ring is slower there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def _time(rank, world, sizes_mb, reps):
 
     out = {}
     for mb in sizes_mb:
-        n = int(mb * 2 ** 20) // 4 // world * world
+        n = int(mb * 2**20) // 4 // world * world
         x, shard = torch.randn(n), torch.randn(n // world)
         gathered, scattered = torch.empty(n), torch.empty(n // world)
         variants = {
@@ -66,8 +67,9 @@ def _time(rank, world, sizes_mb, reps):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--worlds", default="2,3")
     ap.add_argument("--mb", default="1,4,8")
     ap.add_argument("--reps", type=int, default=20)
@@ -75,14 +77,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     sizes = [float(s) for s in args.mb.split(",")]
-    doc = {"benchmark": "gloo collectives vs the ring over point-to-point sends (jigsaw_ext.collectives)",
-           "threads_per_rank": 1, "reps": args.reps, "by_world": {}}
+    doc = {
+        "benchmark": "gloo collectives vs the ring over point-to-point sends (jigsaw_ext.collectives)",
+        "threads_per_rank": 1,
+        "reps": args.reps,
+        "by_world": {},
+    }
     for world in (int(w) for w in args.worlds.split(",")):
         res = run_workers(_time, world, sizes, args.reps, threads=1, timeout=600)[0]
         for row in res.values():
             for kind in ("all_gather", "reduce_scatter"):
-                row[f"{kind}_ring_over_gloo_wall"] = round(row[f"{kind}_ring"]["wall_ms"] /
-                                                           row[f"{kind}_gloo"]["wall_ms"], 3)
+                row[f"{kind}_ring_over_gloo_wall"] = round(
+                    row[f"{kind}_ring"]["wall_ms"] / row[f"{kind}_gloo"]["wall_ms"], 3
+                )
         doc["by_world"][str(world)] = res
         print(f"[collectives] world {world} done", file=sys.stderr, flush=True)
     text = json.dumps(doc, indent=1)

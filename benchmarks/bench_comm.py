@@ -27,6 +27,7 @@ choose, and each strategy forced; every weight gathered with mesh.chunk_mb = 32,
 fully sharded policy), the baseline, the ratio, collectives issued per block application (forward,
 backward), and the block's peak memory per rank against the serial block / (DOMAIN x TP).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,21 @@ from weathermixer.model.geometry import Geometry  # noqa: E402
 from weathermixer.model.mixer import MixerBlock  # noqa: E402
 
 C1 = dict(grid=(720, 1440), patch=(1, 60), hidden=4320, token_fraction=0.5, channel_fraction=1.0, blocks=1)
-MESHES = [(2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)]   # (domain, tp)
+MESHES = [(2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)]  # (domain, tp)
 BATCHES = (1, 4)
 CHUNK_MB = 32  # mesh.chunk_mb of the fully sharded policy's memory-bounded row (gather_chunked)
-TARGETS = {"ratio_every_mesh_batch1": 1.0, "ratio_2x2_batch1": 0.7, "ratio_4x2_batch1": 0.5,
-           "collectives_per_block": 24, "fully_sharded_peak_memory": 1.25}
+TARGETS = {
+    "ratio_every_mesh_batch1": 1.0,
+    "ratio_2x2_batch1": 0.7,
+    "ratio_4x2_batch1": 0.5,
+    "collectives_per_block": 24,
+    "fully_sharded_peak_memory": 1.25,
+}
 
 
-def megatron_block_bytes(tokens: int, hidden: int, batch: int, n: int, elem_bytes: int = 4,
-                         regather: bool = True) -> dict:
+def megatron_block_bytes(
+    tokens: int, hidden: int, batch: int, n: int, elem_bytes: int = 4, regather: bool = True
+) -> dict:
     """Bytes one rank sends in one training step of one mixer block under megatron-core TP + SP over
     n ranks (see the module docstring): activations, and the small-parameter all-reduce (the two
     LayerNorms' weight and bias and the channel fc2 bias: 5 D elements, one flat all-reduce)."""
@@ -69,12 +76,20 @@ def megatron_block_bytes(tokens: int, hidden: int, batch: int, n: int, elem_byte
     return {"activations": act, "small_params": small, "total": act + small}
 
 
-def trace_block(cfg: ModelConfig, domain: int, tp: int, batch: int, strategy: dict, keep: bool = False,
-                chunk_mb: float | None = None) -> tuple:
+def trace_block(
+    cfg: ModelConfig,
+    domain: int,
+    tp: int,
+    batch: int,
+    strategy: dict,
+    keep: bool = False,
+    chunk_mb: float | None = None,
+) -> tuple:
     """(trace, strategies) of one training step of one MixerBlock for rank 0 of domain x tp
     (keep: mesh.keep_gathered_weights; chunk_mb: mesh.chunk_mb)."""
-    mesh = fake_mesh(MeshConfig(domain=domain, tp=tp, strategy=strategy, keep_gathered_weights=keep,
-                                chunk_mb=chunk_mb), 0)
+    mesh = fake_mesh(
+        MeshConfig(domain=domain, tp=tp, strategy=strategy, keep_gathered_weights=keep, chunk_mb=chunk_mb), 0
+    )
     geo = Geometry(cfg, mesh)
     block = MixerBlock(geo, batch, device="meta")
     bucket_small_gradients(block, mesh)
@@ -93,10 +108,15 @@ def summarise(tr) -> dict:
     by_purpose = {}
     for c in tr.collectives:
         by_purpose[c.purpose] = by_purpose.get(c.purpose, 0) + c.sent_bytes
-    return {"bytes": dict(tr.bytes_by_kind()), "total_bytes": sum(tr.bytes_by_kind().values()),
-            "bytes_by_purpose": by_purpose, "calls": calls, "calls_total": calls["forward"] + calls["backward"],
-            "calls_with_bucket": sum(calls.values()),
-            "peak_live_bytes": tr.peak_live_bytes}
+    return {
+        "bytes": dict(tr.bytes_by_kind()),
+        "total_bytes": sum(tr.bytes_by_kind().values()),
+        "bytes_by_purpose": by_purpose,
+        "calls": calls,
+        "calls_total": calls["forward"] + calls["backward"],
+        "calls_with_bucket": sum(calls.values()),
+        "peak_live_bytes": tr.peak_live_bytes,
+    }
 
 
 def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
@@ -110,9 +130,13 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         for batch in BATCHES:
             row = {"mesh": f"{domain}x{tp}", "domain": domain, "tp": tp, "batch": batch}
             for name, strategy, keep, chunk in (
-                    ("auto", {}, False, None), ("gather", {"*": "gather"}, False, None),
-                    ("stationary", {"*": "stationary"}, False, None), ("features", {"*": "features"}, False, None),
-                    ("auto_keep", {}, True, None), ("gather_chunked", {"*": "gather"}, False, CHUNK_MB)):
+                ("auto", {}, False, None),
+                ("gather", {"*": "gather"}, False, None),
+                ("stationary", {"*": "stationary"}, False, None),
+                ("features", {"*": "features"}, False, None),
+                ("auto_keep", {}, True, None),
+                ("gather_chunked", {"*": "gather"}, False, CHUNK_MB),
+            ):
                 tr, chosen = trace_block(cfg, domain, tp, batch, strategy, keep, chunk)
                 row[name] = summarise(tr) | {"strategies": chosen}
             base = megatron_block_bytes(T, D, batch, n)
@@ -122,10 +146,12 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 row[name]["ratio_vs_strict"] = row[name]["total_bytes"] / strict["total"]
                 row[name]["ratio_vs_megatron_core"] = row[name]["total_bytes"] / base["total"]
                 row[name]["peak_memory_vs_serial_share"] = row[name]["peak_live_bytes"] / (serial[batch] / n)
-            log(f"{row['mesh']} batch {batch}: auto {row['auto']['strategies']} "
+            log(
+                f"{row['mesh']} batch {batch}: auto {row['auto']['strategies']} "
                 f"{row['auto']['ratio_vs_strict']:.3f} x strict megatron, gather {row['gather']['ratio_vs_strict']:.3f}, "
                 f"stationary {row['stationary']['ratio_vs_strict']:.3f}, features where offered "
-                f"{row['features']['ratio_vs_strict']:.3f}; calls {row['auto']['calls']}")
+                f"{row['features']['ratio_vs_strict']:.3f}; calls {row['auto']['calls']}"
+            )
             rows.append(row)
     b1 = [r for r in rows if r["batch"] == 1]
     worst = max(r["auto"]["ratio_vs_strict"] for r in rows)
@@ -142,31 +168,42 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         "worst_ratio_any_batch": worst,
     }
     verdict["pass"] = {k: verdict[k] <= t for k, t in TARGETS.items()}
-    return {"benchmark": "communication of one mixer block at the paper's C1 shapes, per rank per training step",
-            "shapes": {"tokens": T, "hidden": D, "token_hidden": geo.token_hidden, "channel_hidden": geo.channel_hidden,
-                       "dtype": "float32"},
-            "definitions": {
-                "ratio_vs_strict": "our bytes sent / megatron_strict (8 (n-1)/n B T D b + small all-reduce)",
-                "ratio_vs_megatron_core": "our bytes sent / megatron-core as it runs (9 units: it re-gathers "
-                                          "the channel fc1 input in backward)",
-                "auto_keep": "auto with mesh.keep_gathered_weights (the gathered weights kept from forward to "
-                             "backward: no re-gather; one gather per optimizer step with accumulation)",
-                "calls": "collectives with a group of > 1 rank issued by one block application (forward, backward); "
-                         "'bucket': the small-parameter gradient all-reduces, which the whole model issues once "
-                         "per backward (one per axis), not per block; calls_total excludes them (the "
-                         "target's definition), calls_with_bucket includes them as if the model had one block",
-                "peak_memory_vs_serial_share": "peak of every tensor the traced step creates on the rank / "
-                                               "(the serial block's peak / (domain x tp))",
-                "features": "'features' forced where it is offered (the other axis of size 1), auto elsewhere",
-                "gather_chunked": f"every weight gathered with mesh.chunk_mb = {CHUNK_MB}: weights and their "
-                                  "gradients in pipelined chunks, partial sums reduce-scattered in row chunks "
-                                  "(the fully sharded policy whose memory the target bounds)"},
-            "targets": TARGETS, "verdict": verdict, "rows": rows}
+    return {
+        "benchmark": "communication of one mixer block at the paper's C1 shapes, per rank per training step",
+        "shapes": {
+            "tokens": T,
+            "hidden": D,
+            "token_hidden": geo.token_hidden,
+            "channel_hidden": geo.channel_hidden,
+            "dtype": "float32",
+        },
+        "definitions": {
+            "ratio_vs_strict": "our bytes sent / megatron_strict (8 (n-1)/n B T D b + small all-reduce)",
+            "ratio_vs_megatron_core": "our bytes sent / megatron-core as it runs (9 units: it re-gathers "
+            "the channel fc1 input in backward)",
+            "auto_keep": "auto with mesh.keep_gathered_weights (the gathered weights kept from forward to "
+            "backward: no re-gather; one gather per optimizer step with accumulation)",
+            "calls": "collectives with a group of > 1 rank issued by one block application (forward, backward); "
+            "'bucket': the small-parameter gradient all-reduces, which the whole model issues once "
+            "per backward (one per axis), not per block; calls_total excludes them (the "
+            "target's definition), calls_with_bucket includes them as if the model had one block",
+            "peak_memory_vs_serial_share": "peak of every tensor the traced step creates on the rank / "
+            "(the serial block's peak / (domain x tp))",
+            "features": "'features' forced where it is offered (the other axis of size 1), auto elsewhere",
+            "gather_chunked": f"every weight gathered with mesh.chunk_mb = {CHUNK_MB}: weights and their "
+            "gradients in pipelined chunks, partial sums reduce-scattered in row chunks "
+            "(the fully sharded policy whose memory the target bounds)",
+        },
+        "targets": TARGETS,
+        "verdict": verdict,
+        "rows": rows,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})

@@ -15,6 +15,7 @@ after the loader is open (coordinates and static fields are read once, at open).
 with prefetch=2 (background thread) for --seconds; samples/s and MB/s (decoded float32 bytes of
 its blocks). Prints one JSON document.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ from weathermixer.data.testing import CountingStore  # noqa: E402
 
 MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 2), (1, 4, 1)]
 H, W = 721, 1440
-CH = ChannelsConfig(surface=["2m_temperature", "mean_sea_level_pressure"], atmospheric=["geopotential", "temperature"],
-                    levels=[500, 850], static=["land_sea_mask", "cos_latitude"])
+CH = ChannelsConfig(
+    surface=["2m_temperature", "mean_sea_level_pressure"],
+    atmospheric=["geopotential", "temperature"],
+    levels=[500, 850],
+    static=["land_sea_mask", "cos_latitude"],
+)
 
 
 def write_store(path: str, n_times: int, lat_chunk: int) -> None:
@@ -55,17 +60,31 @@ def write_store(path: str, n_times: int, lat_chunk: int) -> None:
 
     times = pd.date_range("2020-01-01", periods=n_times, freq="6h")
     ds = xr.Dataset(
-        {"2m_temperature": (("time", "latitude", "longitude"), np.stack([field(t, 288, 10) for t in range(n_times)])),
-         "mean_sea_level_pressure": (("time", "latitude", "longitude"),
-                                     np.stack([field(t, 101325, 1000) for t in range(n_times)])),
-         "geopotential": (("time", "level", "latitude", "longitude"),
-                          np.stack([[field(t, z, 2000) for z in (5.5e4, 1.4e4)] for t in range(n_times)])),
-         "temperature": (("time", "level", "latitude", "longitude"),
-                         np.stack([[field(t, k, 8) for k in (255, 280)] for t in range(n_times)])),
-         "land_sea_mask": (("latitude", "longitude"), (base > 0.3).astype(np.float32))},
-        coords={"time": times, "level": [500, 850], "latitude": lat, "longitude": lon})
-    enc = {v: {"chunks": tuple({"time": 1, "level": 1, "latitude": lat_chunk}.get(d, ds.sizes[d])
-                               for d in ds[v].dims)} for v in ds.data_vars}
+        {
+            "2m_temperature": (
+                ("time", "latitude", "longitude"),
+                np.stack([field(t, 288, 10) for t in range(n_times)]),
+            ),
+            "mean_sea_level_pressure": (
+                ("time", "latitude", "longitude"),
+                np.stack([field(t, 101325, 1000) for t in range(n_times)]),
+            ),
+            "geopotential": (
+                ("time", "level", "latitude", "longitude"),
+                np.stack([[field(t, z, 2000) for z in (5.5e4, 1.4e4)] for t in range(n_times)]),
+            ),
+            "temperature": (
+                ("time", "level", "latitude", "longitude"),
+                np.stack([[field(t, k, 8) for k in (255, 280)] for t in range(n_times)]),
+            ),
+            "land_sea_mask": (("latitude", "longitude"), (base > 0.3).astype(np.float32)),
+        },
+        coords={"time": times, "level": [500, 850], "latitude": lat, "longitude": lon},
+    )
+    enc = {
+        v: {"chunks": tuple({"time": 1, "level": 1, "latitude": lat_chunk}.get(d, ds.sizes[d]) for d in ds[v].dims)}
+        for v in ds.data_vars
+    }
     ds.to_zarr(path, mode="w", consolidated=False, encoding=enc)
 
 
@@ -95,9 +114,16 @@ def main() -> None:
             ld = ShardedSampleLoader(cfg, model, Mesh.virtual(mc, rank), batch=1, store=cs)
             cs.reset()
             b = ld.load_batch([sample_id])
-            per_rank.append({"rank": rank, "bytes": cs.nbytes, "chunks": len(cs.chunk_keys()),
-                             "rows": ld.rows.stop - ld.rows.start, "channels": len(ld.field_names),
-                             "decoded_bytes": int(b.fields.numel() + sum(t.numel() for t in b.targets)) * 4})
+            per_rank.append(
+                {
+                    "rank": rank,
+                    "bytes": cs.nbytes,
+                    "chunks": len(cs.chunk_keys()),
+                    "rows": ld.rows.stop - ld.rows.start,
+                    "channels": len(ld.field_names),
+                    "decoded_bytes": int(b.fields.numel() + sum(t.numel() for t in b.targets)) * 4,
+                }
+            )
         if full_bytes is None:
             full_bytes = per_rank[0]["bytes"]
         share = full_bytes / (dom * tp)
@@ -114,8 +140,12 @@ def main() -> None:
         dt = time.perf_counter() - start
         worst = max(r["ratio"] for r in per_rank)
         results[f"{dp}x{dom}x{tp}"] = {
-            "bytes_per_rank_per_sample": per_rank, "max_ratio": worst, "pass": worst <= 1.1,
-            "rank0_samples_per_s": round(n / dt, 2), "rank0_MB_per_s": round(nbytes / dt / 1e6, 1)}
+            "bytes_per_rank_per_sample": per_rank,
+            "max_ratio": worst,
+            "pass": worst <= 1.1,
+            "rank0_samples_per_s": round(n / dt, 2),
+            "rank0_MB_per_s": round(nbytes / dt / 1e6, 1),
+        }
         print(f"{dp}x{dom}x{tp}: max ratio {worst:.3f}, {n / dt:.1f} samples/s", file=sys.stderr)
     # overlap: a simulated compute step (sleep, releases the GIL like a torch op) as long as one load
     mc = MeshConfig(domain=2, tp=2)
@@ -134,17 +164,29 @@ def main() -> None:
             next(it)
         overlap[f"prefetch={prefetch}"] = round((time.perf_counter() - t1) / steps, 3)
     overlap["compute_s_per_step"] = round(compute, 3)
-    overlap["definition"] = ("1x2x2 rank 0: seconds per step of (simulated compute of one load's duration "
-                             "+ next batch); perfect overlap = compute_s_per_step, none = 2x that")
-    out = {"store": {"grid": [H, W], "channels": CH.names, "times": args.times,
-                     "chunks": {"time": 1, "level": 1, "latitude": args.lat_chunk, "longitude": W},
-                     "codec": "zarr v3 default (bytes + zstd)", "latitude_on_disk": "ascending (read flipped)"},
-           "sample": "input at t + 1 target at t+6h, batch 1",
-           "sample_bytes_1x1x1": full_bytes,
-           "definition": "ratio = compressed bytes a rank fetches for one sample / (1x1x1 bytes / (domain*tp)); "
-                         "coordinates and static fields are read once at open and not counted",
-           "target": "ratio <= 1.1", "meshes": results, "prefetch_overlap": overlap,
-           "cpu": os.cpu_count(), "loadavg": os.getloadavg()}
+    overlap["definition"] = (
+        "1x2x2 rank 0: seconds per step of (simulated compute of one load's duration "
+        "+ next batch); perfect overlap = compute_s_per_step, none = 2x that"
+    )
+    out = {
+        "store": {
+            "grid": [H, W],
+            "channels": CH.names,
+            "times": args.times,
+            "chunks": {"time": 1, "level": 1, "latitude": args.lat_chunk, "longitude": W},
+            "codec": "zarr v3 default (bytes + zstd)",
+            "latitude_on_disk": "ascending (read flipped)",
+        },
+        "sample": "input at t + 1 target at t+6h, batch 1",
+        "sample_bytes_1x1x1": full_bytes,
+        "definition": "ratio = compressed bytes a rank fetches for one sample / (1x1x1 bytes / (domain*tp)); "
+        "coordinates and static fields are read once at open and not counted",
+        "target": "ratio <= 1.1",
+        "meshes": results,
+        "prefetch_overlap": overlap,
+        "cpu": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
     print(json.dumps(out, indent=1))
     if tmp:
         tmp.cleanup()

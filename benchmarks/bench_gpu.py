@@ -23,6 +23,7 @@ model's own FLOPs for every part. The JSON is rewritten after each part, so a ru
 what it measured. Needs no network: deepspeed and megatron-core are imported from the Python that
 runs this script (docs/gpu.md: carrying them to a machine without them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,40 @@ from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 JOB = "era5_0.25deg_1b"
 # The GPU job files with the single-GPU options off
-BEFORE = ("mesh.gemm_multiple=1", "data.device_prefetch=false", "train.compile_blocks=false",
-          "ds.optimizer.params.fused=false", "ds.zero_optimization.overlap_comm=false")
+BEFORE = (
+    "mesh.gemm_multiple=1",
+    "data.device_prefetch=false",
+    "train.compile_blocks=false",
+    "ds.optimizer.params.fused=false",
+    "ds.zero_optimization.overlap_comm=false",
+)
 # Both train.py runs: one GPU, fake data (no I/O), no validation / checkpoint / plot cost in the window
-COMMON = ("ds.gradient_accumulation_steps=1", "data.fake=true", "validation.every=0", "validation.samples=1",
-          "validation.batch=1", "log.tensorboard=false", "log.plot=false", "checkpoint.every=0",
-          "checkpoint.at_end=false", "checkpoint.best=false", "train.random_rollout=false", "train.rollout=1",
-          "train.warmup=1")
+COMMON = (
+    "ds.gradient_accumulation_steps=1",
+    "data.fake=true",
+    "validation.every=0",
+    "validation.samples=1",
+    "validation.batch=1",
+    "log.tensorboard=false",
+    "log.plot=false",
+    "checkpoint.every=0",
+    "checkpoint.at_end=false",
+    "checkpoint.best=false",
+    "train.random_rollout=false",
+    "train.rollout=1",
+    "train.warmup=1",
+)
 # --smoke: the same job file at tiny shapes on the CPU; the blocks compile with aot_eager (no C++ build)
-SMOKE = ("model.grid=[6,24]", "model.patch=[1,6]", "model.hidden=20", "model.blocks=2",
-         'model.channels={"surface": ["mean_sea_level_pressure", "10m_u_component_of_wind", "2m_temperature"], '
-         '"atmospheric": ["geopotential", "temperature"], "levels": [500, 850], "static": ["land_sea_mask"]}',
-         "train.compile_backend=aot_eager", "train.bind_cores=false")
+SMOKE = (
+    "model.grid=[6,24]",
+    "model.patch=[1,6]",
+    "model.hidden=20",
+    "model.blocks=2",
+    'model.channels={"surface": ["mean_sea_level_pressure", "10m_u_component_of_wind", "2m_temperature"], '
+    '"atmospheric": ["geopotential", "temperature"], "levels": [500, 850], "static": ["land_sea_mask"]}',
+    "train.compile_backend=aot_eager",
+    "train.bind_cores=false",
+)
 BUDGETS = {"before": 130.0, "after": 200.0, "reference": 60.0, "calibrate": 150.0}
 SMOKE_BUDGETS = {"before": 300.0, "after": 300.0, "reference": 60.0, "calibrate": 120.0}
 # planner hardware profile per chip name (others: the H100's)
@@ -76,8 +99,11 @@ def environment(device: torch.device) -> dict:
             env[name] = f"not importable: {type(err).__name__}: {err}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=torch.cuda.get_device_name(device), memory_GB=props.total_memory / 1e9,
-                   sms=props.multi_processor_count)
+        env.update(
+            device=torch.cuda.get_device_name(device),
+            memory_GB=props.total_memory / 1e9,
+            sms=props.multi_processor_count,
+        )
     return env
 
 
@@ -113,8 +139,24 @@ def train_run(args, name: str, extra: list[str], steps: int, every: int, timeout
     sets = list(COMMON) + job_settings(args) + list(extra) + [f"log.every={every}"]
     if profile_step:
         sets += [f"log.profile_step={profile_step}", "train.sync_debug=warn"]
-    cmd = [sys.executable, str(ROOT / "train.py"), "--deepspeed_config", args.job, "--dp", "1", "--domain", "1",
-           "--tp", "1", "--steps", str(steps), "--output-dir", str(tmp / "run"), "--resume", "never"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--deepspeed_config",
+        args.job,
+        "--dp",
+        "1",
+        "--domain",
+        "1",
+        "--tp",
+        "1",
+        "--steps",
+        str(steps),
+        "--output-dir",
+        str(tmp / "run"),
+        "--resume",
+        "never",
+    ]
     for kv in sets:
         cmd += ["--set", kv]
     out: dict = {"command": " ".join(cmd[1:]), "settings": sets}
@@ -124,8 +166,11 @@ def train_run(args, name: str, extra: list[str], steps: int, every: int, timeout
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"")[-3000:]
-        out.update(error=f"timed out after {timeout:.0f} s (budget)", wall_s=time.perf_counter() - t0,
-                   stderr_tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+        out.update(
+            error=f"timed out after {timeout:.0f} s (budget)",
+            wall_s=time.perf_counter() - t0,
+            stderr_tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        )
         return out
     out["wall_s"] = time.perf_counter() - t0
     if proc.returncode:
@@ -134,9 +179,15 @@ def train_run(args, name: str, extra: list[str], steps: int, every: int, timeout
     rows = read_train_rows(tmp / "run", profile_step)
     last = rows[-1]
     sps, tflops = float(last["samples_per_s"]), float(last["tflops_per_rank"])
-    out.update(step=int(last["step"]), samples_per_s=sps, tflops=tflops, mfu=tflops / peak if peak else None,
-               peak_mem_GB=float(last["peak_mem_gb_max"]) * 2 ** 30 / 1e9, rows=len(rows),
-               log_lines=[ln for ln in proc.stdout.splitlines() if ln.startswith(("kernels:", "layer strategies"))])
+    out.update(
+        step=int(last["step"]),
+        samples_per_s=sps,
+        tflops=tflops,
+        mfu=tflops / peak if peak else None,
+        peak_mem_GB=float(last["peak_mem_gb_max"]) * 2**30 / 1e9,
+        rows=len(rows),
+        log_lines=[ln for ln in proc.stdout.splitlines() if ln.startswith(("kernels:", "layer strategies"))],
+    )
     if profile_step:
         syncs = [ln for ln in proc.stderr.splitlines() if "synchroniz" in ln.lower()]
         out["sync_warnings"] = {"count": len(syncs), "first": list(dict.fromkeys(syncs))[:5]}
@@ -176,10 +227,20 @@ def planner_part(job, ds: dict, env: dict) -> dict:
     chip = next((k for k in HARDWARE if k in env["device"]), "H100")
     mb = int(ds.get("train_micro_batch_size_per_gpu") or 1)
     planner = Planner(WeatherPlanModel(job.model), load_hardware(HARDWARE[chip]), "bf16")
-    est = planner.estimate(Candidate(dp=1, domain=1, tp=1, zero=zero_stage(ds), replicate=(), micro_batch=mb,
-                                     accumulation=1, dtype="bfloat16"))
-    return {"hardware": HARDWARE[chip], "micro_batch": mb, "zero": zero_stage(ds), "predicted": True,
-            "step_s": est.step_s, "mfu": est.mfu, "memory_GB": est.memory_GB}
+    est = planner.estimate(
+        Candidate(
+            dp=1, domain=1, tp=1, zero=zero_stage(ds), replicate=(), micro_batch=mb, accumulation=1, dtype="bfloat16"
+        )
+    )
+    return {
+        "hardware": HARDWARE[chip],
+        "micro_batch": mb,
+        "zero": zero_stage(ds),
+        "predicted": True,
+        "step_s": est.step_s,
+        "mfu": est.mfu,
+        "memory_GB": est.memory_GB,
+    }
 
 
 def summary(report: dict) -> dict:
@@ -220,8 +281,11 @@ class Report:
         except Exception as err:  # noqa: BLE001 - one failing part must not cost the others
             self.doc[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
         self.doc.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-        brief = {k: v for k, v in self.doc[name].items() if k in ("mfu", "samples_per_s", "error", "step_s")} \
-            if isinstance(self.doc[name], dict) else self.doc[name]
+        brief = (
+            {k: v for k, v in self.doc[name].items() if k in ("mfu", "samples_per_s", "error", "step_s")}
+            if isinstance(self.doc[name], dict)
+            else self.doc[name]
+        )
         log(f"{name}: {brief}")
         self.write()
 
@@ -234,13 +298,20 @@ def calibration_part(args, device, budget: float) -> dict:
     if args.smoke:
         job, _ = load_job(args)
         cfg, base = job.model, "h200-8pernode"
-        sizes = {"meshes": [(1, 1), (1, 2)], "gemm_budget_s": budget / 4, "copy_gib": 1 / 64,
-                 "layer_norm": [(24, 20)]}  # the smoke shapes: 24 tokens, D = 20
+        sizes = {
+            "meshes": [(1, 1), (1, 2)],
+            "gemm_budget_s": budget / 4,
+            "copy_gib": 1 / 64,
+            "layer_norm": [(24, 20)],
+        }  # the smoke shapes: 24 tokens, D = 20
     else:
         cfg, base = PRESETS["paper_1b"], args.base
-        sizes = {"meshes": [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)],
-                 "gemm_budget_s": budget * 0.4, "copy_gib": 2.0,
-                 "layer_norm": [(17304, 4320), (8652, 2160), (2 * 17304, 4320)]}
+        sizes = {
+            "meshes": [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)],
+            "gemm_budget_s": budget * 0.4,
+            "copy_gib": 2.0,
+            "layer_norm": [(17304, 4320), (8652, 2160), (2 * 17304, 4320)],
+        }
     report = {"env": env}
     profile = calibrate(report, cfg, sizes, base, device, lambda: None)
     if args.profile_out:
@@ -251,22 +322,39 @@ def calibration_part(args, device, budget: float) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--out", required=True, help="the results JSON (the profile's trace goes beside it)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: every code path, numbers meaningless")
     ap.add_argument("--job", default=JOB, help="job file (path or packaged name) of the train.py parts")
     ap.add_argument("--micro-batch", type=int, help="override the job file's micro-batch in every part")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a train.py --set override for every part (e.g. mesh.gemm_multiple=64)")
-    ap.add_argument("--parts", default="before,after,reference,profile,planner",
-                    help="comma-separated subset of before,after,reference,profile,planner")
-    ap.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
-                    help=f"time budget of a part (defaults {BUDGETS}; --smoke {SMOKE_BUDGETS})")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a train.py --set override for every part (e.g. mesh.gemm_multiple=64)",
+    )
+    ap.add_argument(
+        "--parts",
+        default="before,after,reference,profile,planner",
+        help="comma-separated subset of before,after,reference,profile,planner",
+    )
+    ap.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help=f"time budget of a part (defaults {BUDGETS}; --smoke {SMOKE_BUDGETS})",
+    )
     ap.add_argument("--steps-every", type=int, help="log window of the train.py parts (default 5; --smoke 2)")
-    ap.add_argument("--calibrate", action="store_true",
-                    help="also measure the planner's GEMM tables, copy bandwidth, LayerNorm and model step "
-                         "(about 2.5 more minutes; always on with --smoke)")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also measure the planner's GEMM tables, copy bandwidth, LayerNorm and model step "
+        "(about 2.5 more minutes; always on with --smoke)",
+    )
     ap.add_argument("--profile-out", help="with --calibrate: the hardware profile JSON for the planner")
     ap.add_argument("--base", default="h200-8pernode", help="with --calibrate: profile whose link figures are kept")
     args = ap.parse_args(argv)
@@ -278,8 +366,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench_gpu: no CUDA device; this benchmark needs a GPU (use --smoke to run its code on the CPU)",
-              file=sys.stderr)
+        print(
+            "bench_gpu: no CUDA device; this benchmark needs a GPU (use --smoke to run its code on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda", 0) if cuda and not args.smoke else torch.device("cpu")
     budgets = dict(SMOKE_BUDGETS if args.smoke else BUDGETS)
@@ -290,27 +380,46 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     env = environment(device)
     peak = peak_bf16(env)
-    report = Report(Path(args.out), {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": args.smoke, "env": env,
-        "peak_bf16_tflops": peak, "job_file": args.job, "budgets_s": budgets, "before_overrides": list(BEFORE),
-        "common_overrides": list(COMMON) + job_settings(args), "log_every": every})
+    report = Report(
+        Path(args.out),
+        {
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "smoke": args.smoke,
+            "env": env,
+            "peak_bf16_tflops": peak,
+            "job_file": args.job,
+            "budgets_s": budgets,
+            "before_overrides": list(BEFORE),
+            "common_overrides": list(COMMON) + job_settings(args),
+            "log_every": every,
+        },
+    )
     report.write()
     log(f"{env}")
     if "before" in parts:
-        report.part("before", lambda: train_run(args, "before", list(BEFORE), 3 * every, every,
-                                                budgets["before"], peak))
+        report.part(
+            "before", lambda: train_run(args, "before", list(BEFORE), 3 * every, every, budgets["before"], peak)
+        )
     if "after" in parts or "profile" in parts:
         report.part("after", lambda: train_run(args, "after", [], 3 * every + 1, every, budgets["after"], peak))
         after = report.doc["after"]
         if "error" in after and after.get("wall_s", budgets["after"]) < budgets["after"] / 2:
             # failed early (a compiler error, say): the same run with the blocks eager, in the time left
-            report.part("after_eager", lambda: train_run(args, "after_eager", ["train.compile_blocks=false"],
-                                                         3 * every + 1, every, budgets["after"] - after["wall_s"],
-                                                         peak))
+            report.part(
+                "after_eager",
+                lambda: train_run(
+                    args,
+                    "after_eager",
+                    ["train.compile_blocks=false"],
+                    3 * every + 1,
+                    every,
+                    budgets["after"] - after["wall_s"],
+                    peak,
+                ),
+            )
     if "profile" in parts:
-        report.part("profile", lambda: profile_part(report.doc.get("after_eager", report.doc["after"]),
-                                                    Path(args.out)))
+        report.part("profile", lambda: profile_part(report.doc.get("after_eager", report.doc["after"]), Path(args.out)))
     if "reference" in parts:
         report.part("reference", lambda: reference_part(args, device, budgets["reference"], peak))
     if "planner" in parts:

@@ -8,6 +8,7 @@ in one training step, and bytes sent per training step by collective type; then 
 1x1x1 model against a plain PyTorch MLP-Mixer of identical shapes, and strong scaling on this
 machine. Every figure carries its definition, target and pass flag. See benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ from jigsaw_ext.layout import Layout  # noqa: E402
 from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
-from weathermixer.model.geometry import Geometry  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
+from weathermixer.model.geometry import Geometry  # noqa: E402
 
 MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 2), (1, 4, 1), (1, 2, 4)]  # (dp, domain, tp)
 WEIGHT_MODES = {  # mode -> mesh settings; block_sharded is the fully sharded policy (weights gathered)
@@ -46,8 +47,9 @@ WEIGHT_MODES = {  # mode -> mesh settings; block_sharded is the fully sharded po
     "auto": dict(replicate_weights_over=[], strategy={}),  # what train.py runs: each MLP's cheaper strategy
 }
 SUFFIX = {"block_sharded": "", "replicated": "_replicated_weights", "auto": "_auto"}
-MEDIUM = dict(grid=(32, 64), patch=(1, 8), hidden=128, blocks=2, token_fraction=0.5,
-              channel_fraction=1.0, head="tendency", seed=0)
+MEDIUM = dict(
+    grid=(32, 64), patch=(1, 8), hidden=128, blocks=2, token_fraction=0.5, channel_fraction=1.0, head="tendency", seed=0
+)
 COMPUTE_BOUND = dict(MEDIUM, hidden=512)
 SETTINGS = {  # batch sizes and repetitions; --quick keeps every measurement, with fewer repetitions
     "full": dict(batch=16, overhead_reps=30, scaling_batch=16, scaling_reps=15, warmup=3, matmul_reps=100),
@@ -55,7 +57,7 @@ SETTINGS = {  # batch sizes and repetitions; --quick keeps every measurement, wi
 }
 TARGETS = {
     "parameter_memory": "max-rank parameter bytes / (serial parameter bytes / (domain*tp)) <= 1.05 "
-                        "(block-sharded weights; replicated weights trade memory for traffic by design)",
+    "(block-sharded weights; replicated weights trade memory for traffic by design)",
     "activation_memory": "max-rank saved-for-backward bytes / (serial / (domain*tp)) <= 1.15",
     "communication": "max-rank bytes sent per step: ours (mixer blocks) / Megatron SP baseline (same blocks) < 1",
     "serial_overhead": "step time WeatherMixer on 1x1x1 / plain PyTorch MLP-Mixer <= 1.10",
@@ -129,9 +131,12 @@ def measure(step: TrainStep) -> dict:
     loss_before = step()
     with saved_for_backward(step.params) as saved, count_comm() as comm:
         loss = step()
-    return {"param_bytes": sum(p.numel() * p.element_size() for p in step.params),
-            "activation_bytes": sum(saved.values()), "comm": comm.as_dict(),
-            "loss_terms": (loss_before, loss)}
+    return {
+        "param_bytes": sum(p.numel() * p.element_size() for p in step.params),
+        "activation_bytes": sum(saved.values()),
+        "comm": comm.as_dict(),
+        "loss_terms": (loss_before, loss),
+    }
 
 
 def time_interleaved(steps: dict, reps: int, warmup: int) -> dict[str, list[float]]:
@@ -143,7 +148,7 @@ def time_interleaved(steps: dict, reps: int, warmup: int) -> dict[str, list[floa
             step()
     names, times = list(steps), {name: [] for name in steps}
     for rep in range(reps):
-        for name in (names if rep % 2 == 0 else names[::-1]):
+        for name in names if rep % 2 == 0 else names[::-1]:
             barrier()
             start = time.perf_counter()
             steps[name]()
@@ -166,8 +171,13 @@ def ours_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
     fields, static = _full((batch, C, *cfg.grid), 1), _full((batch, S, *cfg.grid), 2)
     target = fields + 0.1 * _full(fields.shape, 3)
     f_lay, s_lay = model.geo.grid_layout(C, batch), model.geo.grid_layout(S, batch)
-    return TrainStep(model, model, (f_lay.shard(fields, mesh.coords), s_lay.shard(static, mesh.coords)),
-                     f_lay.shard(target, mesh.coords), target.numel())
+    return TrainStep(
+        model,
+        model,
+        (f_lay.shard(fields, mesh.coords), s_lay.shard(static, mesh.coords)),
+        f_lay.shard(target, mesh.coords),
+        target.numel(),
+    )
 
 
 def _latent(cfg: ModelConfig, batch: int):
@@ -209,41 +219,69 @@ class MegatronMixerBlock(nn.Module):
 
         self.group = group
         P = group.size()
-        common = dict(tensor_model_parallel_size=P, use_cpu_initialization=True,
-                      gradient_accumulation_fusion=False, params_dtype=torch.float32)
+        common = dict(
+            tensor_model_parallel_size=P,
+            use_cpu_initialization=True,
+            gradient_accumulation_fusion=False,
+            params_dtype=torch.float32,
+        )
         sp = ModelParallelConfig(sequence_parallel=P > 1, **common)
         no_sp = ModelParallelConfig(sequence_parallel=False, **common)
 
         def init(fan_in):  # nn.Linear's weight distribution; megatron draws the full matrix, then splits
-            return lambda w: nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
+            return lambda w: nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
 
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         for p in (*self.norm1.parameters(), *self.norm2.parameters()):
             p.sequence_parallel = P > 1  # replicated, used on token shards: gradients summed over group
-        self.token_fc1 = ColumnParallelLinear(tokens, token_hidden, config=no_sp, init_method=init(tokens),
-                                              bias=True, gather_output=False, disable_grad_reduce=True,
-                                              tp_group=group)
-        self.token_fc2 = RowParallelLinear(token_hidden, tokens, config=no_sp, init_method=init(token_hidden),
-                                           bias=False, input_is_parallel=True, skip_bias_add=False,
-                                           tp_group=group)
-        self.channel_fc1 = ColumnParallelLinear(hidden, channel_hidden, config=sp, init_method=init(hidden),
-                                                bias=True, gather_output=False, tp_group=group)
-        self.channel_fc2 = RowParallelLinear(channel_hidden, hidden, config=sp, init_method=init(channel_hidden),
-                                             bias=True, input_is_parallel=True, skip_bias_add=False,
-                                             tp_group=group)
+        self.token_fc1 = ColumnParallelLinear(
+            tokens,
+            token_hidden,
+            config=no_sp,
+            init_method=init(tokens),
+            bias=True,
+            gather_output=False,
+            disable_grad_reduce=True,
+            tp_group=group,
+        )
+        self.token_fc2 = RowParallelLinear(
+            token_hidden,
+            tokens,
+            config=no_sp,
+            init_method=init(token_hidden),
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=group,
+        )
+        self.channel_fc1 = ColumnParallelLinear(
+            hidden, channel_hidden, config=sp, init_method=init(hidden), bias=True, gather_output=False, tp_group=group
+        )
+        self.channel_fc2 = RowParallelLinear(
+            channel_hidden,
+            hidden,
+            config=sp,
+            init_method=init(channel_hidden),
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=group,
+        )
 
     def forward(self, x):
-        from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
-                                                            reduce_scatter_last_dim_to_tensor_parallel_region)
+        from megatron.core.tensor_parallel.mappings import (
+            gather_from_sequence_parallel_region,
+            reduce_scatter_last_dim_to_tensor_parallel_region,
+        )
 
         y = gather_from_sequence_parallel_region(self.norm1(x), True, self.group)  # [T, B, D]
-        y, _ = self.token_fc1(y.transpose(0, 2))                                # [D, B, Hs/P]
-        y = F.linear(F.gelu(y), self.token_fc2.weight)                          # [D, B, T] partial sums
+        y, _ = self.token_fc1(y.transpose(0, 2))  # [D, B, Hs/P]
+        y = F.linear(F.gelu(y), self.token_fc2.weight)  # [D, B, T] partial sums
         if self.group.size() > 1:
             y = reduce_scatter_last_dim_to_tensor_parallel_region(y, self.group)  # [D, B, T/P]
         x = x + y.transpose(0, 2)
-        y, _ = self.channel_fc1(self.norm2(x))                                  # [T, B, Hc/P]
-        y, _ = self.channel_fc2(F.gelu(y))                                      # [T/P, B, D]
+        y, _ = self.channel_fc1(self.norm2(x))  # [T, B, Hc/P]
+        y, _ = self.channel_fc2(F.gelu(y))  # [T/P, B, D]
         return x + y
 
 
@@ -265,12 +303,16 @@ def megatron_blocks_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
 
     megatron_cpu.install()
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:  # sequence parallelism's all-gather buffer;
-        parallel_state._set_global_memory_buffer()    # the only piece of parallel_state it needs
+        parallel_state._set_global_memory_buffer()  # the only piece of parallel_state it needs
     group = mesh.groups["model"]
     geo = Geometry(cfg, Mesh.single())
     torch.manual_seed(cfg.seed)  # megatron draws each full weight on every rank: same model on every mesh
-    blocks = nn.Sequential(*(MegatronMixerBlock(geo.tokens, cfg.hidden, geo.token_hidden, geo.channel_hidden,
-                                                group) for _ in range(cfg.blocks)))
+    blocks = nn.Sequential(
+        *(
+            MegatronMixerBlock(geo.tokens, cfg.hidden, geo.token_hidden, geo.channel_hidden, group)
+            for _ in range(cfg.blocks)
+        )
+    )
     P, r = group.size(), group.rank()
     if geo.tokens % P:
         raise ValueError(f"the Megatron baseline needs tokens ({geo.tokens}) divisible by domain*tp ({P})")
@@ -292,11 +334,19 @@ class PlainMixer(nn.Module):
         self.patch, self.cols = cfg.patch, geo.patch_cols
         P, D, T = geo.patch_pixels, cfg.hidden, geo.tokens
         self.embed = nn.Linear((ch.n_fields + ch.n_static) * P, D)
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            norm1=nn.LayerNorm(D), token_fc1=nn.Linear(T, geo.token_hidden),
-            token_fc2=nn.Linear(geo.token_hidden, T, bias=False), norm2=nn.LayerNorm(D),
-            channel_fc1=nn.Linear(D, geo.channel_hidden), channel_fc2=nn.Linear(geo.channel_hidden, D)))
-            for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                dict(
+                    norm1=nn.LayerNorm(D),
+                    token_fc1=nn.Linear(T, geo.token_hidden),
+                    token_fc2=nn.Linear(geo.token_hidden, T, bias=False),
+                    norm2=nn.LayerNorm(D),
+                    channel_fc1=nn.Linear(D, geo.channel_hidden),
+                    channel_fc2=nn.Linear(geo.channel_hidden, D),
+                )
+            )
+            for _ in range(cfg.blocks)
+        )
         self.norm = nn.LayerNorm(D)
         self.recovery = nn.Linear(2 * D, ch.n_fields * P)
 
@@ -323,6 +373,7 @@ class PlainMixer(nn.Module):
     @torch.no_grad()
     def load_from(self, ours: WeatherMixer) -> None:
         """Copy the weights of a WeatherMixer built on the 1x1x1 mesh (same logical model)."""
+
         def linear(dst, src):
             dst.weight.copy_(torch.cat(list(src.weights), dim=1))
             if dst.bias is not None:
@@ -350,8 +401,7 @@ class PlainMixer(nn.Module):
 def _footprint_worker(rank, world, mesh_kwargs, model_kwargs, batch, with_baseline):
     mesh = init_mesh(MeshConfig(**mesh_kwargs))
     cfg = ModelConfig(**model_kwargs)
-    result = {"ours": measure(ours_step(cfg, mesh, batch)),
-              "ours_blocks": measure(ours_blocks_step(cfg, mesh, batch))}
+    result = {"ours": measure(ours_step(cfg, mesh, batch)), "ours_blocks": measure(ours_blocks_step(cfg, mesh, batch))}
     if with_baseline:
         result["megatron_sp_blocks"] = measure(megatron_blocks_step(cfg, mesh, batch))
     return result
@@ -380,7 +430,7 @@ def _matmul_worker(rank, world, n, reps):
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def _scaling_worker(rank, world, mesh_kwargs, model_kwargs, batch, reps, warmup):
@@ -399,34 +449,36 @@ def _scaling_worker(rank, world, mesh_kwargs, model_kwargs, batch, reps, warmup)
 BASELINE = {
     "name": "megatron_sp_blocks",
     "definition": "Megatron tensor parallelism + sequence parallelism over all domain*tp ranks of the mesh, from "
-                  "megatron-core's ColumnParallelLinear/RowParallelLinear with tp_group = our model group and "
-                  "ModelParallelConfig(use_cpu_initialization=True, gradient_accumulation_fusion=False, "
-                  "sequence_parallel=True, params_dtype=float32); activations [tokens/P, batch, D] between blocks",
+    "megatron-core's ColumnParallelLinear/RowParallelLinear with tp_group = our model group and "
+    "ModelParallelConfig(use_cpu_initialization=True, gradient_accumulation_fusion=False, "
+    "sequence_parallel=True, params_dtype=float32); activations [tokens/P, batch, D] between blocks",
     "channel_mixer": "LN -> ColumnParallel(D->Hc, sequence_parallel: all-gather tokens) -> GELU -> "
-                     "RowParallel(Hc->D, sequence_parallel: reduce-scatter tokens)",
+    "RowParallel(Hc->D, sequence_parallel: reduce-scatter tokens)",
     "token_mixer": "LN -> gather_from_sequence_parallel_region (all-gather tokens; backward reduce-scatter) -> "
-                   "transpose -> ColumnParallel(T->Hs, no SP, disable_grad_reduce=True: its partial input gradient "
-                   "is summed by the gather's reduce-scatter, the cheapest correct choice) -> GELU -> "
-                   "the RowParallel(Hs->T) weight shard's partial product -> "
-                   "reduce_scatter_last_dim_to_tensor_parallel_region (reduce-scatter along tokens; backward "
-                   "all-gather) -> transpose: the sequence-parallel layout again, no all-reduce (a fair baseline)",
+    "transpose -> ColumnParallel(T->Hs, no SP, disable_grad_reduce=True: its partial input gradient "
+    "is summed by the gather's reduce-scatter, the cheapest correct choice) -> GELU -> "
+    "the RowParallel(Hs->T) weight shard's partial product -> "
+    "reduce_scatter_last_dim_to_tensor_parallel_region (reduce-scatter along tokens; backward "
+    "all-gather) -> transpose: the sequence-parallel layout again, no all-reduce (a fair baseline)",
     "grad_reduction": "LayerNorm weights/biases and the sequence-parallel RowParallel bias are replicated: their "
-                      "gradients are all-reduced over the group in one flat all-reduce, as megatron's "
-                      "finalize_model_grads does (counted)",
+    "gradients are all-reduced over the group in one flat all-reduce, as megatron's "
+    "finalize_model_grads does (counted)",
     "scope": "mixer blocks only (N pre-norm token- + channel-mixing blocks with the same T, D, Hs, Hc): Megatron "
-             "has no layer for our patch embedding/decoder in a sequence-parallel layout. Compare 'ours_blocks' "
-             "with 'megatron_sp_blocks'; 'ours' is the whole WeatherMixer (embed, blocks, decoder, head)",
+    "has no layer for our patch embedding/decoder in a sequence-parallel layout. Compare 'ours_blocks' "
+    "with 'megatron_sp_blocks'; 'ours' is the whole WeatherMixer (embed, blocks, decoder, head)",
     "cpu_shim": "jigsaw_ext.megatron_cpu.install(); megatron's global memory buffer from "
-                "parallel_state._set_global_memory_buffer(), no other parallel_state initialisation",
+    "parallel_state._set_global_memory_buffer(), no other parallel_state initialisation",
 }
-VARIANTS = {"ours": "whole WeatherMixer, block-sharded weights",
-            "ours_replicated_weights": "whole WeatherMixer, replicate_weights_over=['domain','tp']",
-            "ours_blocks": "WeatherMixer's mixer blocks only, block-sharded weights",
-            "ours_blocks_replicated_weights": "mixer blocks only, replicated weights",
-            "ours_auto": "whole WeatherMixer, mesh.strategy auto (each mixing MLP's cheaper strategy for this "
-                         "micro-batch: what train.py runs); the other ours* variants gather every weight",
-            "ours_blocks_auto": "mixer blocks only, strategy auto",
-            "megatron_sp_blocks": "the baseline (mixer blocks only)"}
+VARIANTS = {
+    "ours": "whole WeatherMixer, block-sharded weights",
+    "ours_replicated_weights": "whole WeatherMixer, replicate_weights_over=['domain','tp']",
+    "ours_blocks": "WeatherMixer's mixer blocks only, block-sharded weights",
+    "ours_blocks_replicated_weights": "mixer blocks only, replicated weights",
+    "ours_auto": "whole WeatherMixer, mesh.strategy auto (each mixing MLP's cheaper strategy for this "
+    "micro-batch: what train.py runs); the other ours* variants gather every weight",
+    "ours_blocks_auto": "mixer blocks only, strategy auto",
+    "megatron_sp_blocks": "the baseline (mixer blocks only)",
+}
 OURS = [v for v in VARIANTS if v.startswith("ours")]
 
 
@@ -446,8 +498,14 @@ def _measure_all_meshes(batch: int) -> dict:
         for mode, settings in WEIGHT_MODES.items():
             start = time.perf_counter()
             # the baseline does not depend on our weight mode: measured once, beside block-sharded weights
-            ranks = _run(_footprint_worker, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp, **settings),
-                         MEDIUM, batch, mode == "block_sharded")
+            ranks = _run(
+                _footprint_worker,
+                dp * domain * tp,
+                dict(dp=dp, domain=domain, tp=tp, **settings),
+                MEDIUM,
+                batch,
+                mode == "block_sharded",
+            )
             for variant in ranks[0]:
                 label = variant if variant.startswith("megatron") else variant + SUFFIX[mode]
                 out.setdefault(mesh_name(mesh), {})[label] = [r[variant] for r in ranks]
@@ -472,22 +530,30 @@ def _memory_figure(runs, key: str, limit: float, target_variants, definition: st
 
 def parameter_figure(runs) -> dict:
     return _memory_figure(
-        runs, "param_bytes", 1.05, ["ours", "ours_blocks"],
+        runs,
+        "param_bytes",
+        1.05,
+        ["ours", "ours_blocks"],
         "bytes of the parameters a rank stores (sum of numel*element_size over model.parameters()), max over "
         "ranks; ratio = max_rank_bytes / (bytes of the same variant on 1x1x1 / (domain*tp))",
         "ratio <= 1.05 for ours and ours_blocks (block-sharded weights; replicated weights trade memory for "
-        "traffic by design)")
+        "traffic by design)",
+    )
 
 
 def activation_figure(runs) -> dict:
     return _memory_figure(
-        runs, "activation_bytes", 1.15, [v for v in OURS if not v.endswith("_auto")],
+        runs,
+        "activation_bytes",
+        1.15,
+        [v for v in OURS if not v.endswith("_auto")],
         "bytes of the unique tensor storages saved for backward (torch.autograd.graph.saved_tensors_hooks) in one "
         "training step, a storage counted once and whole, parameter storages excluded by data_ptr; all are alive "
         "when the forward pass ends, the peak of this quantity in the step. Max over ranks; ratio = "
         "max_rank_bytes / (same variant on 1x1x1 / (domain*tp))",
         "ratio <= 1.15 for every ours* variant that gathers its weights (the fully sharded policy); the _auto "
-        "variants trade activation memory for fewer bytes where their cost model says so (reported)")
+        "variants trade activation memory for fewer bytes where their cost model says so (reported)",
+    )
 
 
 def communication_figure(runs) -> dict:
@@ -495,25 +561,33 @@ def communication_figure(runs) -> dict:
     for mesh, variants in runs.items():
         row = {"mesh": mesh}
         for label, ranks in variants.items():
-            row[label] = {"max_rank_bytes": {k: max(r["comm"]["bytes"][k] for r in ranks) for k in KINDS},
-                          "max_rank_total": max(r["comm"]["total_bytes"] for r in ranks)}
+            row[label] = {
+                "max_rank_bytes": {k: max(r["comm"]["bytes"][k] for r in ranks) for k in KINDS},
+                "max_rank_total": max(r["comm"]["total_bytes"] for r in ranks),
+            }
         base = row["megatron_sp_blocks"]["max_rank_total"]
         if base:  # meshes with domain*tp > 1
             row["ours_blocks_over_baseline"] = {
                 mode: _ratio(row[label]["max_rank_total"], base)
-                for mode, label in (("block_sharded", "ours_blocks"),
-                                    ("replicated_weights", "ours_blocks_replicated_weights"),
-                                    ("auto", "ours_blocks_auto"))}
+                for mode, label in (
+                    ("block_sharded", "ours_blocks"),
+                    ("replicated_weights", "ours_blocks_replicated_weights"),
+                    ("auto", "ours_blocks_auto"),
+                )
+            }
             row["pass"] = all(v < 1 for v in row["ours_blocks_over_baseline"].values())
             ok &= row["pass"]
         rows.append(row)
-    return {"definition": "bytes a rank sends per training step (forward, backward, gradient reductions), counted by "
-                          "jigsaw_ext.commstats.count_comm with ring-algorithm volumes over a group of n ranks: "
-                          "all_gather (n-1)/n x output bytes, reduce_scatter (n-1)/n x input bytes, all_reduce "
-                          "2(n-1)/n x bytes, all_to_all bytes leaving the rank, send_recv bytes sent; max over ranks "
-                          "per kind and of the total",
-            "target": "ours_blocks_over_baseline < 1 on every mesh with domain*tp > 1, every weight mode",
-            "rows": rows, "pass": ok}
+    return {
+        "definition": "bytes a rank sends per training step (forward, backward, gradient reductions), counted by "
+        "jigsaw_ext.commstats.count_comm with ring-algorithm volumes over a group of n ranks: "
+        "all_gather (n-1)/n x output bytes, reduce_scatter (n-1)/n x input bytes, all_reduce "
+        "2(n-1)/n x bytes, all_to_all bytes leaving the rank, send_recv bytes sent; max over ranks "
+        "per kind and of the total",
+        "target": "ours_blocks_over_baseline < 1 on every mesh with domain*tp > 1, every weight mode",
+        "rows": rows,
+        "pass": ok,
+    }
 
 
 def sanity_figure(runs) -> dict:
@@ -524,58 +598,86 @@ def sanity_figure(runs) -> dict:
         for label, ranks in variants.items():
             before, after = (sum(r["loss_terms"][i] for r in ranks) for i in (0, 1))
             ref_before, ref_after = runs["1x1x1"][label][0]["loss_terms"]
-            errors = {"loss_rel_err": abs(after - ref_after) / abs(ref_after),
-                      "loss_drop_rel_err": abs((before - after) - (ref_before - ref_after)) / abs(ref_before - ref_after)}
+            errors = {
+                "loss_rel_err": abs(after - ref_after) / abs(ref_after),
+                "loss_drop_rel_err": abs((before - after) - (ref_before - ref_after)) / abs(ref_before - ref_after),
+            }
             mine = worst.setdefault(label, dict.fromkeys(errors, 0.0))
             for key, value in errors.items():
                 mine[key] = max(mine[key], float(f"{value:.3g}"))
-    return {"definition": "sum over ranks of the local loss terms versus the same variant on 1x1x1: relative error "
-                          "of the loss after one SGD step, and of the loss drop that step caused (checks gradients); "
-                          "worst over the meshes",
-            "target": "loss_rel_err < 1e-4 and loss_drop_rel_err < 1e-2", "worst": worst,
-            "pass": all(v["loss_rel_err"] < 1e-4 and v["loss_drop_rel_err"] < 1e-2 for v in worst.values())}
+    return {
+        "definition": "sum over ranks of the local loss terms versus the same variant on 1x1x1: relative error "
+        "of the loss after one SGD step, and of the loss drop that step caused (checks gradients); "
+        "worst over the meshes",
+        "target": "loss_rel_err < 1e-4 and loss_drop_rel_err < 1e-2",
+        "worst": worst,
+        "pass": all(v["loss_rel_err"] < 1e-4 and v["loss_drop_rel_err"] < 1e-2 for v in worst.values()),
+    }
 
 
 def serial_overhead_figure(settings) -> dict:
     log("serial overhead: WeatherMixer 1x1x1 versus plain PyTorch MLP-Mixer, interleaved")
     result = _run(_overhead_worker, 1, MEDIUM, settings["batch"], settings["overhead_reps"], settings["warmup"])[0]
     ours, plain = (statistics.median(result["times"][k]) for k in ("ours", "plain"))
-    return {"definition": "median seconds per training step (forward, backward, SGD) of WeatherMixer on the 1x1x1 "
-                          "mesh and of a plain nn.Linear/nn.LayerNorm MLP-Mixer with identical shapes and weights, "
-                          f"1 process x 1 thread, the two alternated every repetition, {settings['overhead_reps']} "
-                          f"repetitions after {settings['warmup']} warm-up steps",
-            "ours_s": round(ours, 5), "plain_s": round(plain, 5), "ratio": _ratio(ours, plain),
-            "max_rel_output_diff": result["max_rel_output_diff"],
-            "target": "ratio <= 1.10", "pass": ours / plain <= 1.10}
+    return {
+        "definition": "median seconds per training step (forward, backward, SGD) of WeatherMixer on the 1x1x1 "
+        "mesh and of a plain nn.Linear/nn.LayerNorm MLP-Mixer with identical shapes and weights, "
+        f"1 process x 1 thread, the two alternated every repetition, {settings['overhead_reps']} "
+        f"repetitions after {settings['warmup']} warm-up steps",
+        "ours_s": round(ours, 5),
+        "plain_s": round(plain, 5),
+        "ratio": _ratio(ours, plain),
+        "max_rel_output_diff": result["max_rel_output_diff"],
+        "target": "ratio <= 1.10",
+        "pass": ours / plain <= 1.10,
+    }
 
 
 def strong_scaling_figure(settings, hidden: int = COMPUTE_BOUND["hidden"]) -> dict:
     """The strong-scaling figure for the compute-bound model at this width (model.hidden)."""
     model, step_s = dict(COMPUTE_BOUND, hidden=hidden), {}
-    for label, (dp, domain, tp), threads in (("1_rank_1_thread", (1, 1, 1), 1), ("1_rank_2_threads", (1, 1, 1), 2),
-                                             ("2_ranks_domain_1x2x1", (1, 2, 1), 1),
-                                             ("2_ranks_tp_1x1x2", (1, 1, 2), 1)):
+    for label, (dp, domain, tp), threads in (
+        ("1_rank_1_thread", (1, 1, 1), 1),
+        ("1_rank_2_threads", (1, 1, 1), 2),
+        ("2_ranks_domain_1x2x1", (1, 2, 1), 1),
+        ("2_ranks_tp_1x1x2", (1, 1, 2), 1),
+    ):
         log(f"strong scaling, hidden {hidden}: {label}")
-        per_rank = _run(_scaling_worker, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), model,
-                        settings["scaling_batch"], settings["scaling_reps"], settings["warmup"], threads=threads)
+        per_rank = _run(
+            _scaling_worker,
+            dp * domain * tp,
+            dict(dp=dp, domain=domain, tp=tp),
+            model,
+            settings["scaling_batch"],
+            settings["scaling_reps"],
+            settings["warmup"],
+            threads=threads,
+        )
         step_s[label] = statistics.median(max(step) for step in zip(*per_rank))  # slowest rank of each step
     log("strong scaling: matmul throughput of 1 and 2 concurrent single-thread processes")
     gflops = {w: sum(_run(_matmul_worker, w, 1024, settings["matmul_reps"])) for w in (1, 2)}
     two_ranks = [k for k in step_s if "ranks" in k]
     speedup = {k: round(step_s["1_rank_1_thread"] / t, 3) for k, t in step_s.items() if k != "1_rank_1_thread"}
-    return {"hidden": hidden, "batch": settings["scaling_batch"], "reps": settings["scaling_reps"],
-            "definition": "median over steps of the slowest rank's seconds per training step of the compute-bound "
-                          "model, same global batch; speed-up = time(1 rank x 1 thread) / time(setting); the 2-rank "
-                          "settings run 1 thread per rank on this machine's 2 cores",
-            "step_s": {k: round(v, 4) for k, v in step_s.items()}, "speedup": speedup,
-            "speedup_vs_1_rank_2_threads": {k: round(step_s["1_rank_2_threads"] / step_s[k], 3) for k in two_ranks},
-            "machine_matmul_ceiling": {
-                "definition": "aggregate fp32 GFLOP/s of 1024^3 matmuls in 2 concurrent 1-thread processes / in 1 "
-                              "process: the best speed-up this machine gives a compute-bound job on 2 ranks",
-                "gflops_1_process": round(gflops[1], 1), "gflops_2_processes": round(gflops[2], 1),
-                "speedup": round(gflops[2] / gflops[1], 3)},
-            "target": "speed-up >= 1.7 for both 2-rank settings (1_rank_2_threads is for reference)",
-            "pass": all(speedup[k] >= 1.7 for k in two_ranks)}
+    return {
+        "hidden": hidden,
+        "batch": settings["scaling_batch"],
+        "reps": settings["scaling_reps"],
+        "definition": "median over steps of the slowest rank's seconds per training step of the compute-bound "
+        "model, same global batch; speed-up = time(1 rank x 1 thread) / time(setting); the 2-rank "
+        "settings run 1 thread per rank on this machine's 2 cores",
+        "step_s": {k: round(v, 4) for k, v in step_s.items()},
+        "speedup": speedup,
+        "speedup_vs_1_rank_2_threads": {k: round(step_s["1_rank_2_threads"] / step_s[k], 3) for k in two_ranks},
+        "machine_matmul_ceiling": {
+            "definition": "aggregate fp32 GFLOP/s of 1024^3 matmuls in 2 concurrent 1-thread processes / in 1 "
+            "process: the best speed-up this machine gives a compute-bound job on 2 ranks",
+            "gflops_1_process": round(gflops[1], 1),
+            "gflops_2_processes": round(gflops[2], 1),
+            "speedup": round(gflops[2] / gflops[1], 3),
+        },
+        "target": "speed-up >= 1.7 for both 2-rank settings (1_rank_2_threads is for reference)",
+        "pass": all(speedup[k] >= 1.7 for k in two_ranks),
+    }
 
 
 def scaling_widths(settings, widths: list[int]) -> dict:
@@ -590,14 +692,19 @@ FIGURES = ("parameter_memory", "activation_memory", "communication", "serial_ove
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (< 3 min)")
-    ap.add_argument("--figures", default=",".join(FIGURES),
-                    help=f"comma-separated subset of {', '.join(FIGURES)} (default: all)")
-    ap.add_argument("--scaling-hidden", default=str(COMPUTE_BOUND["hidden"]),
-                    help="strong_scaling: model.hidden values, comma-separated (the paper's width is 4320); with "
-                         "several, one figure per width under 'by_hidden'")
+    ap.add_argument(
+        "--figures", default=",".join(FIGURES), help=f"comma-separated subset of {', '.join(FIGURES)} (default: all)"
+    )
+    ap.add_argument(
+        "--scaling-hidden",
+        default=str(COMPUTE_BOUND["hidden"]),
+        help="strong_scaling: model.hidden values, comma-separated (the paper's width is 4320); with "
+        "several, one figure per width under 'by_hidden'",
+    )
     ap.add_argument("--scaling-batch", type=int, help="strong_scaling: global batch (default 16, --quick 6)")
     ap.add_argument("--scaling-reps", type=int, help="strong_scaling: timed steps per setting (default 15, --quick 4)")
     args = ap.parse_args(argv)
@@ -606,8 +713,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--figures: unknown {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     settings = dict(SETTINGS["quick" if args.quick else "full"])
-    settings.update({k: v for k, v in (("scaling_batch", args.scaling_batch), ("scaling_reps", args.scaling_reps))
-                     if v is not None})
+    settings.update(
+        {k: v for k, v in (("scaling_batch", args.scaling_batch), ("scaling_reps", args.scaling_reps)) if v is not None}
+    )
     widths = [int(h) for h in args.scaling_hidden.split(",")]
     # stdout carries only the JSON document: anything else (workers inherit fd 1) goes to stderr
     json_out = os.fdopen(os.dup(1), "w")
@@ -620,20 +728,36 @@ def main(argv=None) -> int:
     if {"parameter_memory", "activation_memory", "communication", "sanity"} & set(figures):
         log(f"memory and communication on {len(MESHES)} meshes x {len(WEIGHT_MODES)} weight modes")
         runs = _measure_all_meshes(settings["batch"])
-    make = {"parameter_memory": lambda: parameter_figure(runs), "activation_memory": lambda: activation_figure(runs),
-            "communication": lambda: communication_figure(runs),
-            "serial_overhead": lambda: serial_overhead_figure(settings),
-            "strong_scaling": lambda: scaling_widths(settings, widths), "sanity": lambda: sanity_figure(runs)}
+    make = {
+        "parameter_memory": lambda: parameter_figure(runs),
+        "activation_memory": lambda: activation_figure(runs),
+        "communication": lambda: communication_figure(runs),
+        "serial_overhead": lambda: serial_overhead_figure(settings),
+        "strong_scaling": lambda: scaling_widths(settings, widths),
+        "sanity": lambda: sanity_figure(runs),
+    }
     report = {
         "benchmark": "jigsaw-weathermixer versus megatron-core tensor + sequence parallelism",
         "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "backend": "gloo", "threads_per_rank": 1},
-        "config": {"model": MEDIUM, "batch": settings["batch"], "meshes_dp_domain_tp": [mesh_name(m) for m in MESHES],
-                   "weight_modes": WEIGHT_MODES, "dtype": "float32", "optimizer": "SGD, one step per training step",
-                   "loss": "mean squared error against a fixed random target",
-                   "strong_scaling_model": COMPUTE_BOUND, "strong_scaling_hidden": widths,
-                   "strong_scaling_batch": settings["scaling_batch"]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "backend": "gloo",
+            "threads_per_rank": 1,
+        },
+        "config": {
+            "model": MEDIUM,
+            "batch": settings["batch"],
+            "meshes_dp_domain_tp": [mesh_name(m) for m in MESHES],
+            "weight_modes": WEIGHT_MODES,
+            "dtype": "float32",
+            "optimizer": "SGD, one step per training step",
+            "loss": "mean squared error against a fixed random target",
+            "strong_scaling_model": COMPUTE_BOUND,
+            "strong_scaling_hidden": widths,
+            "strong_scaling_batch": settings["scaling_batch"],
+        },
         "baseline": BASELINE,
         "variants": VARIANTS,
         "targets": TARGETS,

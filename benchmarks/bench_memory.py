@@ -10,6 +10,7 @@ ranks, `mem_gb_*`) and the peak resident set so far (`peak_mem_gb_*`). Reported:
 checkpoint (least-squares slope in MB per 1000 steps, and last minus first), and the jumps across
 validation/checkpoint steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,39 @@ from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 def run(args, out: Path) -> list[dict]:
     dp, domain, tp = args.mesh
-    settings = [f"train.steps={args.steps}", "train.warmup=20", "log.every=10", f"validation.every={args.every}",
-                "validation.samples=16", f"checkpoint.every={args.every}", "checkpoint.keep_last=2",
-                "checkpoint.resume=never", "log.plot=false", "ds.train_micro_batch_size_per_gpu=2",
-                f"data.path={out / 'synthetic'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp * domain * tp),
-           "--master_port", str(args.port), "train.py", "--deepspeed_config", "deepspeed_configs/quickstart_cpu.json",
-           "--output-dir", str(out / "run"), "--dp", str(dp), "--domain", str(domain), "--tp", str(tp)]
+    settings = [
+        f"train.steps={args.steps}",
+        "train.warmup=20",
+        "log.every=10",
+        f"validation.every={args.every}",
+        "validation.samples=16",
+        f"checkpoint.every={args.every}",
+        "checkpoint.keep_last=2",
+        "checkpoint.resume=never",
+        "log.plot=false",
+        "ds.train_micro_batch_size_per_gpu=2",
+        f"data.path={out / 'synthetic'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(dp * domain * tp),
+        "--master_port",
+        str(args.port),
+        "train.py",
+        "--deepspeed_config",
+        "deepspeed_configs/quickstart_cpu.json",
+        "--output-dir",
+        str(out / "run"),
+        "--dp",
+        str(dp),
+        "--domain",
+        str(domain),
+        "--tp",
+        str(tp),
+    ]
     for s in settings:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
@@ -66,12 +93,19 @@ def summarise(rows: list[dict], every: int) -> dict:
     xs, ys = [steps[i] for i in settled], [cur_max[i] for i in settled]
     # validation and the checkpoint run after the row of a step that is a multiple of `every`
     jumps = [round((cur_max[i + 1] - cur_max[i]) * 1024, 2) for i in range(len(steps) - 1) if steps[i] % every == 0]
-    return {"steps": steps, "mem_gb_max": cur_max, "mem_gb_min": cur_min, "peak_mem_gb_max": peak,
-            "growth_after_first_checkpoint": {
-                "slope_mb_per_1000_steps": round(slope_mb_per_kstep(xs, ys), 3) if len(xs) > 1 else None,
-                "last_minus_first_mb": round((ys[-1] - ys[0]) * 1024, 2) if ys else None,
-                "from_step": xs[0] if xs else None, "to_step": xs[-1] if xs else None},
-            "jumps_across_validation_checkpoint_mb": jumps}
+    return {
+        "steps": steps,
+        "mem_gb_max": cur_max,
+        "mem_gb_min": cur_min,
+        "peak_mem_gb_max": peak,
+        "growth_after_first_checkpoint": {
+            "slope_mb_per_1000_steps": round(slope_mb_per_kstep(xs, ys), 3) if len(xs) > 1 else None,
+            "last_minus_first_mb": round((ys[-1] - ys[0]) * 1024, 2) if ys else None,
+            "from_step": xs[0] if xs else None,
+            "to_step": xs[-1] if xs else None,
+        },
+        "jumps_across_validation_checkpoint_mb": jumps,
+    }
 
 
 def plot(summary: dict, path: str) -> None:
@@ -93,8 +127,9 @@ def plot(summary: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=200, help="validation and checkpoint interval")
     ap.add_argument("--mesh", type=int, nargs=3, default=[1, 2, 1], metavar=("DP", "DOMAIN", "TP"))
@@ -105,8 +140,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args, Path(tmp))
     summary = summarise(rows, args.every)
-    summary["settings"] = {"steps": args.steps, "every": args.every, "mesh": args.mesh,
-                           "model": "quickstart_cpu (hidden 64, 2 blocks), micro batch 2"}
+    summary["settings"] = {
+        "steps": args.steps,
+        "every": args.every,
+        "mesh": args.mesh,
+        "model": "quickstart_cpu (hidden 64, 2 blocks), micro batch 2",
+    }
     if args.plot:
         plot(summary, args.plot)
     print(json.dumps(summary))

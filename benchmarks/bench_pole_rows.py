@@ -7,6 +7,7 @@ Per row: sqrt(mean over init times and longitudes of (f - o)^2), in the variable
 pole rows (|lat| = 90), the mean over mid-latitude rows (30 <= |lat| <= 60) and the ratio of the worse
 pole row to it. The forecast is one written by `python -m weathermixer.forecast` (WeatherBench 2 layout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,21 +33,25 @@ def row_rmse(fc: xr.Dataset, truth: xr.Dataset, variable: str, lead_hours: float
     valid = pd.DatetimeIndex(f.time.values) + lead
     o = truth[variable].sel(time=valid).sortby("latitude").load()
     err = f.values.astype(np.float64) - o.values.astype(np.float64)
-    return f.latitude.values, np.sqrt((err ** 2).mean(axis=(0, 2)))
+    return f.latitude.values, np.sqrt((err**2).mean(axis=(0, 2)))
 
 
 def summary(lat: np.ndarray, rmse: np.ndarray) -> dict:
     poles = np.isclose(np.abs(lat), 90.0)
     mid = (np.abs(lat) >= 30.0) & (np.abs(lat) <= 60.0)
-    out = {"rows": {f"{a:g}": float(r) for a, r in zip(lat, rmse)}, "mid_latitude_mean": float(rmse[mid].mean()),
-           "pole_rows": {f"{a:g}": float(r) for a, r in zip(lat[poles], rmse[poles])}}
+    out = {
+        "rows": {f"{a:g}": float(r) for a, r in zip(lat, rmse)},
+        "mid_latitude_mean": float(rmse[mid].mean()),
+        "pole_rows": {f"{a:g}": float(r) for a, r in zip(lat[poles], rmse[poles])},
+    }
     out["worst_pole_over_mid_latitude"] = float(rmse[poles].max() / rmse[mid].mean()) if poles.any() else None
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--forecast", required=True)
     ap.add_argument("--truth", required=True)
     ap.add_argument("--variable", default="2m_temperature")
@@ -58,10 +63,12 @@ def main(argv=None) -> int:
     truth = xr.open_zarr(args.truth, chunks=None, consolidated=False)
     res = summary(*row_rmse(fc, truth, args.variable, args.lead_hours))
     res.update(variable=args.variable, lead_hours=args.lead_hours)
-    print(f"{args.variable} at {args.lead_hours:g} h, RMSE per row: pole rows "
-          + ", ".join(f"{k}: {v:.3g}" for k, v in res["pole_rows"].items())
-          + f"; mid-latitude rows (30..60 deg) mean {res['mid_latitude_mean']:.3g}; worst pole / mid-latitude "
-          + (f"{res['worst_pole_over_mid_latitude']:.2f}" if res["worst_pole_over_mid_latitude"] else "n/a"))
+    print(
+        f"{args.variable} at {args.lead_hours:g} h, RMSE per row: pole rows "
+        + ", ".join(f"{k}: {v:.3g}" for k, v in res["pole_rows"].items())
+        + f"; mid-latitude rows (30..60 deg) mean {res['mid_latitude_mean']:.3g}; worst pole / mid-latitude "
+        + (f"{res['worst_pole_over_mid_latitude']:.2f}" if res["worst_pole_over_mid_latitude"] else "n/a")
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0

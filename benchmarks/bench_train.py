@@ -15,6 +15,7 @@ Prints one JSON document on stdout (progress goes to stderr). Three figures:
 The synthetic data (the quickstart's store) are written once into --data-dir (default: a temporary
 directory removed at the end). See benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,30 +49,65 @@ GLOBAL_BATCH = 8
 # every run: a CSV row per step, validation only at the end (8 samples), no TensorBoard/plot/checkpoint
 # (checkpoint.best=false as well: with best=true the end-of-run validation writes a checkpoint even
 # with checkpoint.at_end=false)
-RUN_SETTINGS = ["log.every=1", "validation.every=0", "validation.samples=8", "log.tensorboard=false",
-                "log.plot=false", "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.best=false"]
+RUN_SETTINGS = [
+    "log.every=1",
+    "validation.every=0",
+    "validation.samples=8",
+    "log.tensorboard=false",
+    "log.plot=false",
+    "checkpoint.every=0",
+    "checkpoint.at_end=false",
+    "checkpoint.best=false",
+]
 QUICK_DATA = ["data.end=2020-01-20 18:00", "data.val_start=2020-01-17"]  # 20 days instead of 4 months
 LOSS_TARGET = 1e-5
 
 # (label, ZeRO stage, precision, held to the target?)
-LOSS_VARIANTS = [("fp32_zero0", 0, "fp32", True), ("fp32_zero1", 1, "fp32", True), ("fp32_zero2", 2, "fp32", True),
-                 ("fp32_zero3", 3, "fp32", False), ("bf16_zero0", 0, "bf16", False),
-                 ("bf16_zero2", 2, "bf16", False)]
+LOSS_VARIANTS = [
+    ("fp32_zero0", 0, "fp32", True),
+    ("fp32_zero1", 1, "fp32", True),
+    ("fp32_zero2", 2, "fp32", True),
+    ("fp32_zero3", 3, "fp32", False),
+    ("bf16_zero0", 0, "bf16", False),
+    ("bf16_zero2", 2, "bf16", False),
+]
 MEMORY_HIDDEN = 256
 # (label, ZeRO stage, extra settings); ZeRO-3 keeps parameters below stage3_param_persistence_threshold
 # (DeepSpeed's default 1e5 elements: every parameter of this model) whole on every rank, so it is
 # measured with the default and with the threshold at 0
-MEMORY_VARIANTS = [("zero0", 0, []), ("zero1", 1, []), ("zero2", 2, []), ("zero3", 3, []),
-                   ("zero3_persistence0", 3, ["ds.zero_optimization.stage3_param_persistence_threshold=0"])]
-PRELOAD = ["deepspeed", "megatron.core", "weathermixer.train.trainer", "benchmarks.bench_train"]  # imported once, forked
+MEMORY_VARIANTS = [
+    ("zero0", 0, []),
+    ("zero1", 1, []),
+    ("zero2", 2, []),
+    ("zero3", 3, []),
+    ("zero3_persistence0", 3, ["ds.zero_optimization.stage3_param_persistence_threshold=0"]),
+]
+PRELOAD = [
+    "deepspeed",
+    "megatron.core",
+    "weathermixer.train.trainer",
+    "benchmarks.bench_train",
+]  # imported once, forked
 LOSS_MESHES = [(1, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 1)]
 SETTINGS = {
-    "full": dict(loss_steps=20, loss_runs=[(v[0], mesh) for v in LOSS_VARIANTS for mesh in LOSS_MESHES],
-                 memory_meshes=[(1, 2, 2), (2, 2, 2)], memory_variants=[v[0] for v in MEMORY_VARIANTS],
-                 throughput_steps=30, throughput_log_every=5, throughput_reps=3),
-    "quick": dict(loss_steps=3, loss_runs=[("fp32_zero0", (1, 1, 1)), ("fp32_zero2", (1, 2, 2))],
-                  memory_meshes=[(2, 1, 1)], memory_variants=["zero0", "zero2"],
-                  throughput_steps=6, throughput_log_every=2, throughput_reps=1),
+    "full": dict(
+        loss_steps=20,
+        loss_runs=[(v[0], mesh) for v in LOSS_VARIANTS for mesh in LOSS_MESHES],
+        memory_meshes=[(1, 2, 2), (2, 2, 2)],
+        memory_variants=[v[0] for v in MEMORY_VARIANTS],
+        throughput_steps=30,
+        throughput_log_every=5,
+        throughput_reps=3,
+    ),
+    "quick": dict(
+        loss_steps=3,
+        loss_runs=[("fp32_zero0", (1, 1, 1)), ("fp32_zero2", (1, 2, 2))],
+        memory_meshes=[(2, 1, 1)],
+        memory_variants=["zero0", "zero2"],
+        throughput_steps=6,
+        throughput_log_every=2,
+        throughput_reps=1,
+    ),
 }
 PARTS = ("loss_curves", "memory", "throughput")
 # throughput settings: (label, mesh, threads per rank); 1x1x1 with 2 threads is what the trainer picks
@@ -108,8 +144,13 @@ def mesh_settings(mesh) -> list[str]:
     dp, domain, tp = mesh
     if GLOBAL_BATCH % dp:
         raise ValueError(f"global batch {GLOBAL_BATCH} is not divisible by dp={dp}")
-    return [f"mesh.dp={dp}", f"mesh.domain={domain}", f"mesh.tp={tp}",
-            f"ds.train_micro_batch_size_per_gpu={GLOBAL_BATCH // dp}", "ds.gradient_accumulation_steps=1"]
+    return [
+        f"mesh.dp={dp}",
+        f"mesh.domain={domain}",
+        f"mesh.tp={tp}",
+        f"ds.train_micro_batch_size_per_gpu={GLOBAL_BATCH // dp}",
+        "ds.gradient_accumulation_steps=1",
+    ]
 
 
 def variant_settings(stage: int, precision: str) -> list[str]:
@@ -125,10 +166,19 @@ def train(mesh, settings: list[str], out: Path, threads: int = 1, timeout: float
     if nproc == 1:
         cmd = [sys.executable, *args]  # train.py sets up a world of one itself
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu",
-               CUDA_VISIBLE_DEVICES="")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            *args,
+        ]
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES=""
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     start = time.perf_counter()
@@ -143,8 +193,13 @@ def train(mesh, settings: list[str], out: Path, threads: int = 1, timeout: float
     if code == 0 and csv_path.exists():
         with open(csv_path, newline="") as f:
             rows = {int(r["step"]): r for r in csv.DictReader(f) if r["kind"] == "train"}
-    result = {"mesh": mesh_name(mesh), "processes": nproc, "threads_per_rank": threads, "wall_s": round(wall, 1),
-              "rows": rows}
+    result = {
+        "mesh": mesh_name(mesh),
+        "processes": nproc,
+        "threads_per_rank": threads,
+        "wall_s": round(wall, 1),
+        "rows": rows,
+    }
     if code != 0:
         result["error"] = {"exit_code": code, "output_tail": tail}
     return result
@@ -159,8 +214,9 @@ def loss_curves_figure(cfg: dict, base: list[str], work: Path) -> dict:
     for label, mesh in cfg["loss_runs"]:  # grouped by variant: one DeepSpeed setting at a time
         _, stage, precision, _ = variants[label]
         name = f"{mesh_name(mesh)}_{label}"
-        r = train(mesh, base + variant_settings(stage, precision) + [f"train.steps={cfg['loss_steps']}"],
-                  work / "loss" / name)
+        r = train(
+            mesh, base + variant_settings(stage, precision) + [f"train.steps={cfg['loss_steps']}"], work / "loss" / name
+        )
         r["losses"] = {s: float(row["loss"]) for s, row in sorted(r.pop("rows").items())}
         runs[(label, mesh_name(mesh))] = r
         log(f"loss curve {name}: {r['wall_s']} s" + (f" FAILED ({r['error']['exit_code']})" if "error" in r else ""))
@@ -177,8 +233,14 @@ def loss_curves_figure(cfg: dict, base: list[str], work: Path) -> dict:
     rows, worst_target = [], 0.0
     for (label, mesh), r in runs.items():
         _, stage, precision, held = variants[label]
-        row = {"variant": label, "zero_stage": stage, "precision": precision, "mesh": mesh,
-               "micro_batch": GLOBAL_BATCH // int(mesh.split("x")[0]), "wall_s": r["wall_s"]}
+        row = {
+            "variant": label,
+            "zero_stage": stage,
+            "precision": precision,
+            "mesh": mesh,
+            "micro_batch": GLOBAL_BATCH // int(mesh.split("x")[0]),
+            "wall_s": r["wall_s"],
+        }
         if "error" in r:
             row["error"] = r["error"]
             if held:
@@ -196,11 +258,11 @@ def loss_curves_figure(cfg: dict, base: list[str], work: Path) -> dict:
         rows.append(row)
     return {
         "definition": f"train.py on each mesh (dp x domain x tp) with global batch {GLOBAL_BATCH} (micro batch "
-                      f"{GLOBAL_BATCH}/dp, no accumulation), the same seed and {cfg['loss_steps']} steps of the "
-                      "quickstart (rollout k drawn from 1..K per step as in the config); max over steps of "
-                      "|loss - loss_ref| / |loss_ref| with loss_ref = the 1x1x1 fp32 ZeRO-0 run (the per-step "
-                      "training loss that metrics.csv logs with log.every=1). Variants not held to the target "
-                      "(ZeRO-3, bf16) are reported as measured, also against their own 1x1x1 run",
+        f"{GLOBAL_BATCH}/dp, no accumulation), the same seed and {cfg['loss_steps']} steps of the "
+        "quickstart (rollout k drawn from 1..K per step as in the config); max over steps of "
+        "|loss - loss_ref| / |loss_ref| with loss_ref = the 1x1x1 fp32 ZeRO-0 run (the per-step "
+        "training loss that metrics.csv logs with log.every=1). Variants not held to the target "
+        "(ZeRO-3, bf16) are reported as measured, also against their own 1x1x1 run",
         "settings": RUN_SETTINGS,
         "target": f"max_rel_diff_vs_1x1x1_fp32_zero0 <= {LOSS_TARGET:g} for fp32 ZeRO 0/1/2 on every mesh",
         "reference_losses": {str(s): v for s, v in ref["losses"].items()},
@@ -235,8 +297,11 @@ def _tensors(obj, path: str, depth: int = 0, seen: set | None = None):
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for i, v in enumerate(obj):
             yield from _tensors(v, f"{path}[{i}]", depth + 1, seen)
-    elif (not isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith("deepspeed")
-          and hasattr(obj, "__dict__")):
+    elif (
+        not isinstance(obj, torch.nn.Module)
+        and type(obj).__module__.startswith("deepspeed")
+        and hasattr(obj, "__dict__")
+    ):
         for k, v in vars(obj).items():
             yield from _tensors(v, f"{path}.{k}", depth + 1, seen)
 
@@ -304,9 +369,13 @@ def census(trainer) -> dict:
             except Exception:  # noqa: BLE001 - some exotic objects fail isinstance checks
                 pass
     local_numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
-    return {"bytes": c.totals(), "local_param_numel": local_numel,
-            "largest": {kind: c.largest(kind, 3) for kind in KINDS},
-            "optimizer": type(opt).__name__, "base_optimizer": type(base).__name__}
+    return {
+        "bytes": c.totals(),
+        "local_param_numel": local_numel,
+        "largest": {kind: c.largest(kind, 3) for kind in KINDS},
+        "optimizer": type(opt).__name__,
+        "base_optimizer": type(base).__name__,
+    }
 
 
 def _memory_worker(rank, world, settings):
@@ -335,9 +404,11 @@ def _memory_worker(rank, world, settings):
 def _expected(stage: int, psi: float, dp: int) -> dict:
     """fp32 AdamW, psi = bytes of this rank's share of the model (logical bytes / model-group size).
     DeepSpeed's ZeRO optimizers keep an fp32 master copy of their partition even in fp32 training."""
-    return {"parameters": psi / dp if stage >= 3 else psi,
-            "gradients": psi / dp if stage >= 2 else psi,
-            "optimizer_state": 3 * psi / dp if stage >= 1 else 2 * psi}
+    return {
+        "parameters": psi / dp if stage >= 3 else psi,
+        "gradients": psi / dp if stage >= 2 else psi,
+        "optimizer_state": 3 * psi / dp if stage >= 1 else 2 * psi,
+    }
 
 
 def memory_figure(cfg: dict, base: list[str], work: Path) -> dict:
@@ -353,49 +424,66 @@ def memory_figure(cfg: dict, base: list[str], work: Path) -> dict:
         psi = logical / (domain * tp)
         for label, stage, extra in (v for v in MEMORY_VARIANTS if v[0] in cfg["memory_variants"]):
             start = time.perf_counter()
-            ranks = run_workers(_memory_worker, dp * domain * tp,
-                                settings + mesh_settings(mesh) + variant_settings(stage, "fp32") + extra
-                                + [f"log.dir={work / 'memory' / mesh_name(mesh)}_{label}"],
-                                timeout=600, preload=PRELOAD,
-                                env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+            ranks = run_workers(
+                _memory_worker,
+                dp * domain * tp,
+                settings
+                + mesh_settings(mesh)
+                + variant_settings(stage, "fp32")
+                + extra
+                + [f"log.dir={work / 'memory' / mesh_name(mesh)}_{label}"],
+                timeout=600,
+                preload=PRELOAD,
+                env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+            )
             expected = _expected(stage, psi, dp)
             per_kind = {kind: [r["bytes"][kind] for r in ranks] for kind in KINDS}
-            row = {"mesh": mesh_name(mesh), "variant": label, "zero_stage": stage, "extra_settings": extra,
-                   "optimizer": ranks[0]["optimizer"],
-                   "per_rank_bytes": per_kind,
-                   "max_bytes": {k: max(v) for k, v in per_kind.items()},
-                   "min_bytes": {k: min(v) for k, v in per_kind.items()},
-                   "expected_bytes": {k: round(v) for k, v in expected.items()},
-                   "max_over_expected": {k: _sig(max(per_kind[k]) / v, 3) for k, v in expected.items()},
-                   "local_param_numel": [r["local_param_numel"] for r in ranks],
-                   "largest_storages_rank0": ranks[0]["largest"]}
+            row = {
+                "mesh": mesh_name(mesh),
+                "variant": label,
+                "zero_stage": stage,
+                "extra_settings": extra,
+                "optimizer": ranks[0]["optimizer"],
+                "per_rank_bytes": per_kind,
+                "max_bytes": {k: max(v) for k, v in per_kind.items()},
+                "min_bytes": {k: min(v) for k, v in per_kind.items()},
+                "expected_bytes": {k: round(v) for k, v in expected.items()},
+                "max_over_expected": {k: _sig(max(per_kind[k]) / v, 3) for k, v in expected.items()},
+                "local_param_numel": [r["local_param_numel"] for r in ranks],
+                "largest_storages_rank0": ranks[0]["largest"],
+            }
             rows.append(row)
-            log(f"memory {mesh_name(mesh)} {label}: {time.perf_counter() - start:.1f} s; max bytes "
-                f"{row['max_bytes']}")
+            log(f"memory {mesh_name(mesh)} {label}: {time.perf_counter() - start:.1f} s; max bytes {row['max_bytes']}")
     zero0 = {r["mesh"]: r for r in rows if r["variant"] == "zero0"}
     for row in rows:
         if row["mesh"] in zero0:
-            row["max_over_zero0_same_mesh"] = {k: _sig(row["max_bytes"][k] / zero0[row["mesh"]]["max_bytes"][k], 3)
-                                               for k in ("parameters", "gradients", "optimizer_state")}
+            row["max_over_zero0_same_mesh"] = {
+                k: _sig(row["max_bytes"][k] / zero0[row["mesh"]]["max_bytes"][k], 3)
+                for k in ("parameters", "gradients", "optimizer_state")
+            }
     return {
         "definition": "Trainer(job, ds)._setup() on run_workers ranks (gloo, 1 thread per rank), two training "
-                      "micro-steps by hand as in Trainer.run; after the second engine.backward and before its "
-                      "engine.step, every live tensor storage (deduplicated by untyped_storage().data_ptr(), whole "
-                      "storage counted) is classified, first match wins: parameters (model parameters' storages; "
-                      "ZeRO-3: p.ds_tensor, plus p.data where a parameter is kept whole), gradients (p.grad and "
-                      "tensors reachable from DeepSpeed optimizer attributes whose name contains 'grad'), "
-                      "optimizer_state (base optimizer state, fp32 master partitions "
-                      f"{list(MASTER_COPIES)}, the base optimizer's own params), deepspeed_buffers (any other "
-                      "tensor reachable from the DeepSpeed optimizer, e.g. ZeRO reduction buckets) and other "
-                      "(every remaining tensor in gc.get_objects(): data batches in the loader's prefetch queue, "
-                      "latitude/channel weights, the model's own buffers). Bytes are allocated storage sizes, "
-                      "not resident memory",
-        "model": {"hidden": MEMORY_HIDDEN, "logical_parameters": logical // 4, "logical_bytes_fp32": logical,
-                  "note": f"the quickstart model with model.hidden={MEMORY_HIDDEN} (else as in the config)"},
+        "micro-steps by hand as in Trainer.run; after the second engine.backward and before its "
+        "engine.step, every live tensor storage (deduplicated by untyped_storage().data_ptr(), whole "
+        "storage counted) is classified, first match wins: parameters (model parameters' storages; "
+        "ZeRO-3: p.ds_tensor, plus p.data where a parameter is kept whole), gradients (p.grad and "
+        "tensors reachable from DeepSpeed optimizer attributes whose name contains 'grad'), "
+        "optimizer_state (base optimizer state, fp32 master partitions "
+        f"{list(MASTER_COPIES)}, the base optimizer's own params), deepspeed_buffers (any other "
+        "tensor reachable from the DeepSpeed optimizer, e.g. ZeRO reduction buckets) and other "
+        "(every remaining tensor in gc.get_objects(): data batches in the loader's prefetch queue, "
+        "latitude/channel weights, the model's own buffers). Bytes are allocated storage sizes, "
+        "not resident memory",
+        "model": {
+            "hidden": MEMORY_HIDDEN,
+            "logical_parameters": logical // 4,
+            "logical_bytes_fp32": logical,
+            "note": f"the quickstart model with model.hidden={MEMORY_HIDDEN} (else as in the config)",
+        },
         "expected": "psi = logical bytes / (domain*tp); fp32 AdamW: parameters psi (ZeRO-3: psi/dp), gradients "
-                    "psi (ZeRO>=2: psi/dp), optimizer state 2 psi (exp_avg, exp_avg_sq; ZeRO>=1: 3 psi/dp, "
-                    "the fp32 master partition included). ZeRO partitions over dp only: on 1x2x2 (dp=1) stages "
-                    "1-3 cannot save anything",
+        "psi (ZeRO>=2: psi/dp), optimizer state 2 psi (exp_avg, exp_avg_sq; ZeRO>=1: 3 psi/dp, "
+        "the fp32 master partition included). ZeRO partitions over dp only: on 1x2x2 (dp=1) stages "
+        "1-3 cannot save anything",
         "rows": rows,
     }
 
@@ -414,8 +502,12 @@ def _windows(rows: dict, skip_first: bool = True) -> dict:
         rate, tf = float(rows[s]["samples_per_s"]), float(rows[s]["tflops_per_rank"])
         t = n / rate
         seconds, samples, tflop_s = seconds + t, samples + n, tflop_s + tf * t
-    return {"samples_per_s": samples / seconds, "tflops_per_rank": tflop_s / seconds, "seconds": seconds,
-            "windows": len(steps)}
+    return {
+        "samples_per_s": samples / seconds,
+        "tflops_per_rank": tflop_s / seconds,
+        "seconds": seconds,
+        "windows": len(steps),
+    }
 
 
 def throughput_figure(cfg: dict, base: list[str], work: Path) -> dict:
@@ -433,28 +525,33 @@ def throughput_figure(cfg: dict, base: list[str], work: Path) -> dict:
     summary = {}
     for label, mesh, threads in THROUGHPUT_RUNS:
         m = measured[label]
-        summary[label] = {"mesh": mesh_name(mesh), "ranks": math.prod(mesh), "threads_per_rank": threads,
-                          "samples_per_s": _sig(statistics.median(x["samples_per_s"] for x in m)),
-                          "tflops_per_rank": _sig(statistics.median(x["tflops_per_rank"] for x in m)),
-                          "samples_per_s_per_rep": [_sig(x["samples_per_s"]) for x in m],
-                          "timed_seconds_per_rep": [round(x["seconds"], 2) for x in m]}
+        summary[label] = {
+            "mesh": mesh_name(mesh),
+            "ranks": math.prod(mesh),
+            "threads_per_rank": threads,
+            "samples_per_s": _sig(statistics.median(x["samples_per_s"] for x in m)),
+            "tflops_per_rank": _sig(statistics.median(x["tflops_per_rank"] for x in m)),
+            "samples_per_s_per_rep": [_sig(x["samples_per_s"]) for x in m],
+            "timed_seconds_per_rep": [round(x["seconds"], 2) for x in m],
+        }
 
     def ratio(a, b, key="samples_per_s"):
         return _sig(statistics.median(x[key] / y[key] for x, y in zip(measured[a], measured[b])), 3)
 
     return {
         "definition": f"quickstart model, ZeRO-0 fp32, global batch {GLOBAL_BATCH}, {steps} steps logged every "
-                      f"{every} (log.every={every}); samples/s = samples / seconds over the logged windows after "
-                      "the first (warm-up excluded, validation excluded by the trainer), TFLOP/s per rank = "
-                      "Trainer's model FLOPs (3 x forward matmuls) / seconds / world size; the settings "
-                      f"alternated (order reversed every repetition), {reps} repetition(s), medians",
+        f"{every} (log.every={every}); samples/s = samples / seconds over the logged windows after "
+        "the first (warm-up excluded, validation excluded by the trainer), TFLOP/s per rank = "
+        "Trainer's model FLOPs (3 x forward matmuls) / seconds / world size; the settings "
+        f"alternated (order reversed every repetition), {reps} repetition(s), medians",
         "runs": summary,
-        "ratios": {"samples_per_s_1x2x2_over_1x1x1_2threads": ratio("1x2x2_1thread", "1x1x1_2threads"),
-                   "samples_per_s_1x2x2_over_1x1x1_1thread": ratio("1x2x2_1thread", "1x1x1_1thread"),
-                   "tflops_per_rank_1x2x2_over_1x1x1_2threads": ratio("1x2x2_1thread", "1x1x1_2threads",
-                                                                      "tflops_per_rank")},
+        "ratios": {
+            "samples_per_s_1x2x2_over_1x1x1_2threads": ratio("1x2x2_1thread", "1x1x1_2threads"),
+            "samples_per_s_1x2x2_over_1x1x1_1thread": ratio("1x2x2_1thread", "1x1x1_1thread"),
+            "tflops_per_rank_1x2x2_over_1x1x1_2threads": ratio("1x2x2_1thread", "1x1x1_2threads", "tflops_per_rank"),
+        },
         "note": "4 ranks share 2 cores on this machine (oversubscribed): the ratio measures the overhead of the "
-                "domain x tp decomposition of a small model, not the scaling it would have on 4 devices",
+        "domain x tp decomposition of a small model, not the scaling it would have on 4 devices",
     }
 
 
@@ -471,13 +568,19 @@ def prepare_data(base: list[str]) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 meshes x 2 variants x 3 steps on 20 days of data, "
-                                                         "memory on 2x1x1 ZeRO 0/2, one short throughput pass")
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 meshes x 2 variants x 3 steps on 20 days of data, memory on 2x1x1 ZeRO 0/2, one short throughput pass",
+    )
     ap.add_argument("--out", help="also write the JSON document to this file")
-    ap.add_argument("--data-dir", help="directory for the synthetic store (kept and reused); default: a temporary "
-                                       "directory removed at the end")
+    ap.add_argument(
+        "--data-dir",
+        help="directory for the synthetic store (kept and reused); default: a temporary directory removed at the end",
+    )
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
@@ -501,10 +604,19 @@ def main(argv=None) -> int:
         report = {
             "benchmark": "training job: loss-curve equality, per-rank memory by kind, throughput",
             "quick": args.quick,
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                        "torch": torch.__version__, "deepspeed": _version("deepspeed"), "backend": "gloo"},
-            "config": {"file": str(CONFIG.relative_to(ROOT)), "global_batch": GLOBAL_BATCH, "base_settings": base,
-                       "data_write_s": round(data_s, 1)},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "deepspeed": _version("deepspeed"),
+                "backend": "gloo",
+            },
+            "config": {
+                "file": str(CONFIG.relative_to(ROOT)),
+                "global_batch": GLOBAL_BATCH,
+                "base_settings": base,
+                "data_write_s": round(data_s, 1),
+            },
         }
         figures = {"loss_curves": loss_curves_figure, "memory": memory_figure, "throughput": throughput_figure}
         for part in parts:

@@ -10,6 +10,7 @@ Link bandwidths cannot be measured on one device: the profile keeps the base pro
 them and lists them under `unmeasured`. Every function takes the device, so `--smoke` runs them on
 the CPU at tiny shapes.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,22 +39,29 @@ def matmul_shapes(cfg, meshes, base: str) -> dict[tuple[int, int, int], list[str
 def bench_gemms(shapes, dtype: torch.dtype, budget_s: float, device) -> list[dict]:
     out, t0 = [], time.perf_counter()
     # largest first: those dominate the step; small ones are cheap to add while the budget lasts
-    for (m, n, k) in sorted(shapes, key=lambda s: -s[0] * s[1] * s[2]):
+    for m, n, k in sorted(shapes, key=lambda s: -s[0] * s[1] * s[2]):
         if time.perf_counter() - t0 > budget_s:
             log(f"GEMM budget spent after {len(out)} of {len(shapes)} shapes")
             break
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
         t = timed(lambda a=a, b=b: torch.mm(a, b), device, reps=5, warmup=2)
-        out.append({"m": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
-                    "tflops": float(f"{2 * m * n * k / t / 1e12:.4g}")})
+        out.append(
+            {
+                "m": m,
+                "n": n,
+                "k": k,
+                "dtype": str(dtype).replace("torch.", ""),
+                "tflops": float(f"{2 * m * n * k / t / 1e12:.4g}"),
+            }
+        )
         del a, b
     return out
 
 
 def bench_copy(device, gib: float) -> float:
     """Device-to-device copy, GB/s (read + write)."""
-    x = torch.empty(int(gib * 1024 ** 3) // 2, device=device, dtype=torch.bfloat16)
+    x = torch.empty(int(gib * 1024**3) // 2, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), device, reps=10, warmup=3)
     return 2 * x.numel() * x.element_size() / t / 1e9
@@ -74,9 +82,11 @@ def bench_layer_norm(shapes, device) -> list[dict]:
 
         def split():  # the multi-segment path the layers take when features are split over TP
             split_layer_norm([x], [w], [b], None, [d], 1e-5, torch.bfloat16)[0].backward(g)
+
         tf, ts = timed(fused, device), timed(split, device)
-        out.append({"rows": rows, "features": d, "fused_ms": tf * 1e3, "split_ms": ts * 1e3,
-                    "split_over_fused": ts / tf})
+        out.append(
+            {"rows": rows, "features": d, "fused_ms": tf * 1e3, "split_ms": ts * 1e3, "split_over_fused": ts / tf}
+        )
     return out
 
 
@@ -98,13 +108,19 @@ def bench_model_step(gemm_profile, cfg, device) -> dict:
 
     def step():
         model(x, s).float().square().sum().backward()
+
     t = timed(step, device, reps=5, warmup=2)
     matmul_s = sum(gemm_profile.matmul_seconds(m.m, m.n, m.k, m.dtype, m.batch) for m in trace.matmuls)
     other = sum(trace.other_bytes.values())
     residual = max(t - matmul_s, 1e-6)
-    return {"step_s": t, "matmul_s_at_measured_rates": matmul_s, "other_bytes": other,
-            "elementwise_GBps": other / residual / 1e9, "train_flops": trace.matmul_flops,
-            "achieved_tflops": trace.matmul_flops / t / 1e12}
+    return {
+        "step_s": t,
+        "matmul_s_at_measured_rates": matmul_s,
+        "other_bytes": other,
+        "elementwise_GBps": other / residual / 1e9,
+        "train_flops": trace.matmul_flops,
+        "achieved_tflops": trace.matmul_flops / t / 1e12,
+    }
 
 
 def build_profile(base_name: str, report: dict) -> dict:
@@ -119,8 +135,10 @@ def build_profile(base_name: str, report: dict) -> dict:
         base["gemm"] = report["gemm"]
         measured.append("gemm")
         big = max(report["gemm"], key=lambda p: p["m"] * p["n"] * p["k"] if p["dtype"] == "bfloat16" else 0)
-        base["sources"]["gemm"] = f"measured: benchmarks/bench_gpu.py {day} on {device} " \
-                                  f"({len(report['gemm'])} shapes; largest {big['tflops']} TFLOP/s)"
+        base["sources"]["gemm"] = (
+            f"measured: benchmarks/bench_gpu.py {day} on {device} "
+            f"({len(report['gemm'])} shapes; largest {big['tflops']} TFLOP/s)"
+        )
     if report.get("copy_GBps"):
         base["memory_GBps"] = round(report["copy_GBps"], 1)
         base["sources"]["memory_GBps"] = f"measured: device copy (read + write) {day}"

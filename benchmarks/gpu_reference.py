@@ -7,6 +7,7 @@ input, as one concatenated embedding) and output patch features, each rounded up
 the recovery reads [LN(z) || z0] as the WeatherMixer's does. MFU counts the WeatherMixer's own
 (unpadded) FLOPs, as train.py does, so the figures compare one to one.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,8 +41,9 @@ class PlainMixer(nn.Module):
         super().__init__()
         T, D = shapes["tokens"], shapes["hidden"]
         self.embed = nn.Linear(shapes["in_features"], D)
-        self.blocks = nn.ModuleList(PlainBlock(T, D, shapes["token_hidden"], shapes["channel_hidden"])
-                                    for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            PlainBlock(T, D, shapes["token_hidden"], shapes["channel_hidden"]) for _ in range(blocks)
+        )
         self.norm = nn.LayerNorm(D)
         self.recovery = nn.Linear(2 * D, shapes["out_features"])
 
@@ -58,10 +60,14 @@ def aligned_shapes(cfg, multiple: int) -> dict:
 
     g, ch = Geometry(cfg, Mesh.single()), cfg.channels
     P = g.patch_pixels
-    return {"tokens": up(g.tokens, multiple), "hidden": up(cfg.hidden, multiple),
-            "token_hidden": up(g.token_hidden, multiple), "channel_hidden": up(g.channel_hidden, multiple),
-            "in_features": up(((cfg.history + 1) * ch.n_fields + ch.n_static) * P, multiple),
-            "out_features": up(ch.n_fields * P, multiple)}
+    return {
+        "tokens": up(g.tokens, multiple),
+        "hidden": up(cfg.hidden, multiple),
+        "token_hidden": up(g.token_hidden, multiple),
+        "channel_hidden": up(g.channel_hidden, multiple),
+        "in_features": up(((cfg.history + 1) * ch.n_fields + ch.n_static) * P, multiple),
+        "out_features": up(ch.n_fields * P, multiple),
+    }
 
 
 def run_reference(cfg, micro_batch: int, multiple: int, device, budget_s: float, peak_tflops) -> dict:
@@ -80,16 +86,25 @@ def run_reference(cfg, micro_batch: int, multiple: int, device, budget_s: float,
         F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     step()  # first step: allocations and the optimizer state
     first = time.perf_counter() - t_start
     reps = max(2, min(10, int((budget_s - first) / max(first, 1e-3) / 2)))
     t = timed(step, device, reps=reps, warmup=1)
     flops = 3 * flops_per_sample(cfg, steps=1) * micro_batch
     tflops = flops / t / 1e12
-    out = {"shapes": shapes, "micro_batch": micro_batch, "step_s": t, "samples_per_s": micro_batch / t,
-           "tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None, "reps": reps,
-           "optimizer": "torch AdamW fused=True", "dtype": "bfloat16 (parameters and optimizer state)",
-           "parameters": sum(p.numel() for p in model.parameters())}
+    out = {
+        "shapes": shapes,
+        "micro_batch": micro_batch,
+        "step_s": t,
+        "samples_per_s": micro_batch / t,
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "reps": reps,
+        "optimizer": "torch AdamW fused=True",
+        "dtype": "bfloat16 (parameters and optimizer state)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if device.type == "cuda":
         out["peak_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out

@@ -1,4 +1,5 @@
 """Timing helpers shared by bench_gpu.py's parts: CUDA events on a GPU, the wall clock elsewhere."""
+
 from __future__ import annotations
 
 import sys

@@ -9,6 +9,7 @@ prediction; docs/planner.md carries each table rendered from that JSON between
 `<!-- table:NAME -->` and `<!-- /table:NAME -->`. tests/test_plan.py checks the docs equal the
 rendering of the JSON, and that the CLI still produces the JSON's numbers for the quick tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,23 +19,84 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results_plan_tables.json"
-CPU_RESULTS = ROOT / "benchmarks" / "results_plan_cpu_2core.json"   # benchmarks/bench_plan_cpu.py (measured)
+CPU_RESULTS = ROOT / "benchmarks" / "results_plan_cpu_2core.json"  # benchmarks/bench_plan_cpu.py (measured)
 DOCS = ROOT / "docs" / "planner.md"
-ISSUE_EXAMPLE = ["--preset", "paper_1b", "--hardware", "a100-40gb-4pernode-2xhdr200", "--world", "256",
-                 "--batch-per-node", "4", "--dtype", "fp32"]
+ISSUE_EXAMPLE = [
+    "--preset",
+    "paper_1b",
+    "--hardware",
+    "a100-40gb-4pernode-2xhdr200",
+    "--world",
+    "256",
+    "--batch-per-node",
+    "4",
+    "--dtype",
+    "fp32",
+]
 TABLES = {  # name -> CLI arguments (rows kept: --top)
     "a100_256_fp32_tf32": ISSUE_EXAMPLE + ["--top", "8", "--sensitivity", "--sensitivity-rows", "3"],
     "a100_256_fp32_no_tf32": ISSUE_EXAMPLE + ["--no-tf32", "--top", "3"],
-    "h100_paper_1b_bf16": ["--preset", "paper_1b", "--hardware", "h100-sxm-8pernode", "--world", "8", "64", "256",
-                           "1024", "--batch-per-node", "4", "--dtype", "bf16", "--micro-batches", "1", "2", "4",
-                           "--headroom", "0.1", "--top", "3"],
-    "h100_jigsaw_3b_bf16": ["--preset", "jigsaw_3b", "--hardware", "h100-sxm-8pernode", "--world", "8", "256",
-                            "1024", "--batch-per-node", "4", "--dtype", "bf16", "--micro-batches", "1", "2", "4",
-                            "--headroom", "0.1", "--top", "3"],
-    "cpu_quickstart": ["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware", "cpu-gloo-2core",
-                       "--world", "4", "--global-batch", "8", "--dtype", "fp32", "--top", "5"],
+    "h100_paper_1b_bf16": [
+        "--preset",
+        "paper_1b",
+        "--hardware",
+        "h100-sxm-8pernode",
+        "--world",
+        "8",
+        "64",
+        "256",
+        "1024",
+        "--batch-per-node",
+        "4",
+        "--dtype",
+        "bf16",
+        "--micro-batches",
+        "1",
+        "2",
+        "4",
+        "--headroom",
+        "0.1",
+        "--top",
+        "3",
+    ],
+    "h100_jigsaw_3b_bf16": [
+        "--preset",
+        "jigsaw_3b",
+        "--hardware",
+        "h100-sxm-8pernode",
+        "--world",
+        "8",
+        "256",
+        "1024",
+        "--batch-per-node",
+        "4",
+        "--dtype",
+        "bf16",
+        "--micro-batches",
+        "1",
+        "2",
+        "4",
+        "--headroom",
+        "0.1",
+        "--top",
+        "3",
+    ],
+    "cpu_quickstart": [
+        "--config",
+        "deepspeed_configs/quickstart_cpu.json",
+        "--hardware",
+        "cpu-gloo-2core",
+        "--world",
+        "4",
+        "--global-batch",
+        "8",
+        "--dtype",
+        "fp32",
+        "--top",
+        "5",
+    ],
 }
-QUICK = ("cpu_quickstart",)   # re-run by the test
+QUICK = ("cpu_quickstart",)  # re-run by the test
 
 
 def cli_json(argv: list[str]) -> dict:
@@ -62,17 +124,23 @@ def render_plan(doc: dict) -> str:
     lines = [f"`python -m weathermixer.plan {' '.join(doc['argv'])}`", ""]
     for world, res in doc["worlds"].items():
         rows = res["rows"]
-        lines += [f"{world} GPUs, global batch {res['global_batch']}, {doc['dtype']}, tf32 "
-                  f"{'on' if doc['tf32'] else 'off'}: MFU against the {rows[0]['math']} peak "
-                  f"({rows[0]['peak_tflops']:g} TFLOP/s)", "",
-                  "| # | dp x dom x tp | ZeRO | replicate | mb x acc | step s | samples/s | MFU | eff | GB/GPU | fits "
-                  "| bottleneck |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"{world} GPUs, global batch {res['global_batch']}, {doc['dtype']}, tf32 "
+            f"{'on' if doc['tf32'] else 'off'}: MFU against the {rows[0]['math']} peak "
+            f"({rows[0]['peak_tflops']:g} TFLOP/s)",
+            "",
+            "| # | dp x dom x tp | ZeRO | replicate | mb x acc | step s | samples/s | MFU | eff | GB/GPU | fits "
+            "| bottleneck |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for i, r in enumerate(rows, 1):
             c = r["candidate"]
-            lines.append(f"| {i} | {c['dp']}x{c['domain']}x{c['tp']} | {c['zero']} | {'+'.join(c['replicate']) or '-'} "
-                         f"| {c['micro_batch']} x {c['accumulation']} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} "
-                         f"| {_pct(r['mfu'])} | {_pct(r['efficiency'])} | {r['memory_GB']:.1f} "
-                         f"| {'yes' if r['fits'] else 'no'} | {r['bottleneck']} |")
+            lines.append(
+                f"| {i} | {c['dp']}x{c['domain']}x{c['tp']} | {c['zero']} | {'+'.join(c['replicate']) or '-'} "
+                f"| {c['micro_batch']} x {c['accumulation']} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} "
+                f"| {_pct(r['mfu'])} | {_pct(r['efficiency'])} | {r['memory_GB']:.1f} "
+                f"| {'yes' if r['fits'] else 'no'} | {r['bottleneck']} |"
+            )
         lines.append("")
         if "sensitivity" in res:
             lines += render_sensitivity(res["sensitivity"], rows) + [""]
@@ -80,10 +148,16 @@ def render_plan(doc: dict) -> str:
 
 
 def render_sensitivity(sens: dict, rows: list[dict]) -> list[str]:
-    meshes = [f"#{i} {r['candidate']['dp']}x{r['candidate']['domain']}x{r['candidate']['tp']}"
-              for i, r in enumerate(rows[:len(next(iter(sens.values()))["x0.5"]["rows"])], 1)]
-    lines = ["Sensitivity (MFU / eff of each row, one unmeasured figure scaled; best layout then):", "",
-             "| figure | x | " + " | ".join(meshes) + " | best layout |", "|---" * (len(meshes) + 3) + "|"]
+    meshes = [
+        f"#{i} {r['candidate']['dp']}x{r['candidate']['domain']}x{r['candidate']['tp']}"
+        for i, r in enumerate(rows[: len(next(iter(sens.values()))["x0.5"]["rows"])], 1)
+    ]
+    lines = [
+        "Sensitivity (MFU / eff of each row, one unmeasured figure scaled; best layout then):",
+        "",
+        "| figure | x | " + " | ".join(meshes) + " | best layout |",
+        "|---" * (len(meshes) + 3) + "|",
+    ]
     for figure, by_factor in sens.items():
         for factor, res in by_factor.items():
             cells = " | ".join(f"{_pct(r['mfu'])} / {_pct(r['efficiency'])}" for r in res["rows"])
@@ -93,9 +167,11 @@ def render_sensitivity(sens: dict, rows: list[dict]) -> list[str]:
 
 def render_paper(doc: dict) -> str:
     paper = {"1": 53, "2": 67, "4": 73}
-    lines = ["| inter-node latency | fitted to | 1-way | 2-way | 4-way | largest error of the two predicted |",
-             "|---|---|---|---|---|---|",
-             "| (the paper) | | 53 % | 67 % | 73 % | |"]
+    lines = [
+        "| inter-node latency | fitted to | 1-way | 2-way | 4-way | largest error of the two predicted |",
+        "|---|---|---|---|---|---|",
+        "| (the paper) | | 53 % | 67 % | 73 % | |",
+    ]
     for name, res in doc.items():
         eff = res["efficiency"]
         fitted = "-" if name == "as_profiled" else f"{res['fitted_to']}-way"
@@ -107,20 +183,29 @@ def render_paper(doc: dict) -> str:
 
 
 def render_single_gpu(doc: dict) -> str:
-    lines = ["| preset | hardware | dtype | mb | ZeRO | step s | MFU | peak memory GB (reserve) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | hardware | dtype | mb | ZeRO | step s | MFU | peak memory GB (reserve) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc:
-        lines.append(f"| {r['preset']} | {r['hardware']} | {r['dtype']} | {r['micro_batch']} | {r['zero']} "
-                     f"| {r['step_s']:.3f} | {_pct(r['mfu'])} | {r['peak_memory_GB']:.1f} ({r['reserved_GB']:.1f}) |")
+        lines.append(
+            f"| {r['preset']} | {r['hardware']} | {r['dtype']} | {r['micro_batch']} | {r['zero']} "
+            f"| {r['step_s']:.3f} | {_pct(r['mfu'])} | {r['peak_memory_GB']:.1f} ({r['reserved_GB']:.1f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def render_cpu(doc: dict) -> str:
-    lines = [doc["what"] + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions.", "",
-             "| mesh | measured s/step | predicted s/step | predicted / measured - 1 |", "|---|---|---|---|"]
+    lines = [
+        doc["what"] + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions.",
+        "",
+        "| mesh | measured s/step | predicted s/step | predicted / measured - 1 |",
+        "|---|---|---|---|",
+    ]
     for mesh, r in doc["meshes"].items():
-        lines.append(f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
-                     f"| {100 * r['error']:+.0f} % |")
+        lines.append(
+            f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {100 * r['error']:+.0f} % |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +222,9 @@ def generate(names=None) -> dict:
     from weathermixer.plan_validation import leave_one_out, single_gpu_prediction
 
     results = {"cli": {name: cli_json(TABLES[name]) for name in (names or TABLES)}}
-    results["paper_leave_one_out"] = {k: {**v, "efficiency": {str(w): e for w, e in v["efficiency"].items()}}
-                                      for k, v in leave_one_out().items()}
+    results["paper_leave_one_out"] = {
+        k: {**v, "efficiency": {str(w): e for w, e in v["efficiency"].items()}} for k, v in leave_one_out().items()
+    }
     results["single_gpu"] = [single_gpu_prediction(micro_batch=mb, zero=z) for z, mb in ((0, 1), (1, 1), (0, 2))]
     if CPU_RESULTS.is_file():
         results["cpu_train"] = json.loads(CPU_RESULTS.read_text())
@@ -146,8 +232,9 @@ def generate(names=None) -> dict:
 
 
 def blocks(text: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text,
-                                                        flags=re.S)}
+    return {
+        m.group(1): m.group(2) for m in re.finditer(r"<!-- table:(\w+) -->\n(.*?)<!-- /table:\1 -->", text, flags=re.S)
+    }
 
 
 def write_docs(results: dict, path: Path = DOCS) -> list[str]:

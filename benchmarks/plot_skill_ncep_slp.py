@@ -5,6 +5,7 @@
 VAL_OUT / TEST_OUT: the OUT folders of `bash benchmarks/skill_ncep_slp.sh OUT [--validation]` (their
 report/ and report_raw/ metrics.csv). Data: NCEP/NCAR Reanalysis 1, NOAA PSL (see docs/skill/ATTRIBUTION.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,21 @@ from pathlib import Path
 
 import pandas as pd
 
-STYLE = {"model": ("model (blend)", "C3", "-"), "raw": ("model before the blend", "C3", ":"),
-         "persistence": ("persistence", "C0", "--"), "climatology": ("climatology", "C2", "--"),
-         "linear": ("per-pixel regression", "C1", "--")}
+STYLE = {
+    "model": ("model (blend)", "C3", "-"),
+    "raw": ("model before the blend", "C3", ":"),
+    "persistence": ("persistence", "C0", "--"),
+    "climatology": ("climatology", "C2", "--"),
+    "linear": ("per-pixel regression", "C1", "--"),
+}
 
 
 def _curves(out: Path) -> dict[str, pd.Series]:
     m = pd.read_csv(out / "report" / "metrics.csv")
-    curves = {s: pd.Series(g.set_index("lead_hours").rmse.values, index=g.lead_hours.values / 24)
-              for s, g in m.groupby("system")}
+    curves = {
+        s: pd.Series(g.set_index("lead_hours").rmse.values, index=g.lead_hours.values / 24)
+        for s, g in m.groupby("system")
+    }
     raw = out / "report_raw" / "metrics.csv"
     if raw.exists():
         r = pd.read_csv(raw)
@@ -31,6 +38,7 @@ def _curves(out: Path) -> dict[str, pd.Series]:
 
 def main(argv=None) -> int:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

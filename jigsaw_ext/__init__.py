@@ -2,6 +2,7 @@
 
 Knows nothing about weather: a mesh (DP x DOMAIN x TP), block layouts, collectives with their
 autograd duals, block-sharded linear and LayerNorm layers, layout-independent initialisation."""
+
 import warnings
 
 # megatron-core warns at import that NVIDIA's optional accelerators are absent; torch fallbacks are used

@@ -39,11 +39,12 @@ A parameter used n times per forward (a latent rollout of k leads applies each b
 is reduced once per use in the boundary micro-batch (n reductions per step instead of n x A): the
 first of its backward uses there takes the accumulator.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -67,8 +68,12 @@ def capture(param: torch.Tensor) -> tuple[dict, bool] | None:
     """At FORWARD time: (the parameter's accumulator, defer?) for its backward, or None for the
     plain per-micro-batch reduction (nothing deferred and nothing pending, no backward to come, or
     an exempt tensor)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or \
-            not (param.is_leaf and param.requires_grad) or hasattr(param, "ds_id"):
+    if (
+        torch.compiler.is_compiling()
+        or not torch.is_grad_enabled()
+        or not (param.is_leaf and param.requires_grad)
+        or hasattr(param, "ds_id")
+    ):
         return None
     slot = getattr(param, _SLOT, None)
     if _DEFER.get():
@@ -150,6 +155,7 @@ def accumulation(module: nn.Module, steps: int, enabled: bool, engine=None):
     _zero_buckets_ready). On leaving, every accumulator is emptied; leaving normally with one still
     holding a gradient (a parameter used in an earlier micro-batch but not in the last) raises
     instead of losing it silently."""
+
     def defer(i: int):
         deferring = enabled and i < steps - 1
         if deferring and engine is not None:
@@ -162,5 +168,7 @@ def accumulation(module: nn.Module, steps: int, enabled: bool, engine=None):
         drop_deferred_gradients(module)
         raise
     if drop_deferred_gradients(module):
-        raise RuntimeError("a deferred gradient was never reduced: a parameter was used in an earlier "
-                           "micro-batch of the optimizer step but not in the last (mesh.reduce_gradients_once)")
+        raise RuntimeError(
+            "a deferred gradient was never reduced: a parameter was used in an earlier "
+            "micro-batch of the optimizer step but not in the last (mesh.reduce_gradients_once)"
+        )

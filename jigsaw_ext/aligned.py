@@ -9,6 +9,7 @@ the parameters, their gradients, the optimizer state and checkpoints keep the mo
 No padded weight exists between steps, so nothing has to be kept at zero. The padding copies are
 one pass over each operand, small beside the product (a 1.3 TFLOP token-mixing GEMM reads 150 MB).
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,18 +18,28 @@ drops by about chunks / 2, for chunks times as many (smaller) collectives. Chunk
 rows even_split(sizes[r], chunks)[k] of its block: the chunks of uneven blocks are padded inside
 the collective like every other uneven shard. With one chunk it sends what gathered_linear sends.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import collectives
 from .accumulate import deferred_inputs, local_gradient
-from .collectives import (_compute_dtype, _gather_dim, _gather_into_blocks, _scatter_dim, _scatter_from_blocks,
-                          autocast_dtype, start_all_gather, start_all_reduce, start_reduce_scatter)
+from .collectives import (
+    _compute_dtype,
+    _gather_dim,
+    _gather_into_blocks,
+    _scatter_dim,
+    _scatter_from_blocks,
+    autocast_dtype,
+    start_all_gather,
+    start_all_reduce,
+    start_reduce_scatter,
+)
 from .layout import even_split
 
 
@@ -38,7 +48,7 @@ def weight_chunks(rows: int, cols: int, chunk_mb: float | None, max_chunks: int)
     each is at most chunk_mb MiB; 1 when unset, at most max_chunks (one row per rank and chunk)."""
     if chunk_mb is None:
         return 1
-    return max(1, min(max_chunks, math.ceil(rows * cols * 4 / (chunk_mb * 2 ** 20))))
+    return max(1, min(max_chunks, math.ceil(rows * cols * 4 / (chunk_mb * 2**20))))
 
 
 def _bounds(sizes: Sequence[int], chunks: int) -> list[list[int]]:
@@ -57,8 +67,11 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
         w = _compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
         bounds, me = _bounds(sizes, chunks), collectives._rank(group)  # (the planner's tracer swaps _rank)
         parts = [[None] * chunks for _ in sizes]
-        start = lambda k: start_all_gather(w[bounds[me][k]: bounds[me][k + 1]], group,  # noqa: E731
-                                           [b[k + 1] - b[k] for b in bounds])
+        start = lambda k: start_all_gather(
+            w[bounds[me][k] : bounds[me][k + 1]],
+            group,  # noqa: E731
+            [b[k + 1] - b[k] for b in bounds],
+        )
         pending = start(0)
         for k in range(chunks):
             wk = pending.wait()
@@ -67,7 +80,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
             offset = 0
             for r, b in enumerate(bounds):
                 s = b[k + 1] - b[k]
-                parts[r][k] = F.linear(x, wk[offset: offset + s])
+                parts[r][k] = F.linear(x, wk[offset : offset + s])
                 offset += s
         return torch.cat([p for row in parts for p in row], dim=-1)
 
@@ -84,11 +97,11 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
         for s in sizes:
             offsets.append(offsets[-1] + s)
         chunk_sizes = lambda k: [b[k + 1] - b[k] for b in bounds]  # noqa: E731
-        start_w = lambda k: start_all_gather(w[bounds[me][k]: bounds[me][k + 1]], group, chunk_sizes(k))  # noqa: E731
+        start_w = lambda k: start_all_gather(w[bounds[me][k] : bounds[me][k + 1]], group, chunk_sizes(k))  # noqa: E731
         dw = torch.empty(w_block.shape, dtype=torch.float32, device=w_block.device)
         dx, pending_w, in_flight = None, (start_w(0) if need_x else None), []
         for k in range(chunks):
-            gk = torch.cat([g2[:, offsets[r] + b[k]: offsets[r] + b[k + 1]] for r, b in enumerate(bounds)], dim=1)
+            gk = torch.cat([g2[:, offsets[r] + b[k] : offsets[r] + b[k + 1]] for r, b in enumerate(bounds)], dim=1)
             # this chunk's weight gradient, summed over the group in fp32 while the next one is computed
             in_flight.append((k, start_reduce_scatter(gk.t().mm(x2).float(), group, chunk_sizes(k))))
             if need_x:
@@ -99,15 +112,16 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
                 dx = part if dx is None else dx.add_(part)
             if len(in_flight) > 1:
                 j, pending = in_flight.pop(0)
-                dw[bounds[me][j]: bounds[me][j + 1]] = pending.wait()
+                dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
         for j, pending in in_flight:
-            dw[bounds[me][j]: bounds[me][j + 1]] = pending.wait()
+            dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
         grad_x = dx.reshape(x.shape).to(x.dtype) if need_x else None
         return grad_x, dw.to(w_block.dtype), None, None, None
 
 
-def chunked_gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
-                            chunks: int) -> torch.Tensor:
+def chunked_gathered_linear(
+    x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int], chunks: int
+) -> torch.Tensor:
     """gathered_linear(x, w_block, group, sizes) with the weight and its gradient moved in `chunks`
     pipelined pieces."""
     return _ChunkedGatheredLinear.apply(x, w_block, group, tuple(sizes), chunks)
@@ -117,7 +131,7 @@ def row_chunks(rows: int, cols: int, chunk_mb: float | None) -> int:
     """Row chunks for a (rows x cols) fp32 buffer of partial sums of at most chunk_mb MiB each."""
     if chunk_mb is None or rows == 0:
         return 1
-    return max(1, min(rows, math.ceil(rows * cols * 4 / (chunk_mb * 2 ** 20))))
+    return max(1, min(rows, math.ceil(rows * cols * 4 / (chunk_mb * 2**20))))
 
 
 def _row_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
@@ -135,11 +149,11 @@ def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[
         slot = send[r] if sz == m else send[r, :, :sz]
         for j, (x, w) in enumerate(zip(xs, ws)):
             if j == 0 and slot.is_contiguous():
-                torch.mm(x, w[offset: offset + sz].t(), out=slot)
+                torch.mm(x, w[offset : offset + sz].t(), out=slot)
             elif j == 0:
-                slot.copy_(x.mm(w[offset: offset + sz].t()))
+                slot.copy_(x.mm(w[offset : offset + sz].t()))
             else:
-                slot.addmm_(x, w[offset: offset + sz].t())
+                slot.addmm_(x, w[offset : offset + sz].t())
         offset += sz
 
 
@@ -167,7 +181,9 @@ class _LinearReduceScatter(torch.autograd.Function):
         out = None if len(bounds) == 1 else x2[0].new_empty((pre, sizes[me]))
         in_flight = []
         for lo, hi in bounds:
-            send = x2[0].new_empty((n, hi - lo, m)) if all(sz == m for sz in sizes) else x2[0].new_zeros((n, hi - lo, m))
+            send = (
+                x2[0].new_empty((n, hi - lo, m)) if all(sz == m for sz in sizes) else x2[0].new_zeros((n, hi - lo, m))
+            )
             _products_into(send, [x[lo:hi] for x in x2], wc, sizes)
             in_flight.append((lo, hi, *_scatter_from_blocks(send.unsqueeze(-1), group, async_op=True)))
             while len(in_flight) > (1 if hi < pre else 0):
@@ -191,8 +207,13 @@ class _LinearReduceScatter(torch.autograd.Function):
         n, m, pre, dtype = len(sizes), max(sizes), x2[0].shape[0], dy.dtype
         d2 = dy.contiguous().view(pre, dy.shape[-1])
         bounds = _row_bounds(pre, chunks)
-        start = lambda i: _gather_into_blocks(d2[bounds[i][0]: bounds[i][1]].unsqueeze(-1), group, n, m,  # noqa: E731
-                                              async_op=True)
+        start = lambda i: _gather_into_blocks(
+            d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1),
+            group,
+            n,
+            m,  # noqa: E731
+            async_op=True,
+        )
         wc = [w.to(dtype) for w in ws]
         dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws)]
         dws = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in ws]
@@ -209,13 +230,13 @@ class _LinearReduceScatter(torch.autograd.Function):
                 for r, sz in enumerate(sizes):
                     g = buf[r, :, :sz]
                     if r == 0:
-                        torch.mm(g, w[offset: offset + sz], out=dx[lo:hi])
+                        torch.mm(g, w[offset : offset + sz], out=dx[lo:hi])
                     else:
-                        dx[lo:hi].addmm_(g, w[offset: offset + sz])
+                        dx[lo:hi].addmm_(g, w[offset : offset + sz])
                     if dtype == torch.float32:
-                        dw[offset: offset + sz].addmm_(g.t(), x[lo:hi])
+                        dw[offset : offset + sz].addmm_(g.t(), x[lo:hi])
                     else:
-                        dw[offset: offset + sz].add_(g.t().mm(x[lo:hi].to(dtype)))
+                        dw[offset : offset + sz].add_(g.t().mm(x[lo:hi].to(dtype)))
                     offset += sz
         if replicas is not None:  # the weights are replicated over another axis: sum their gradients
             for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
@@ -225,8 +246,9 @@ class _LinearReduceScatter(torch.autograd.Function):
         return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws)])
 
 
-def linear_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group, sizes: Sequence[int],
-                          replicas=None, chunks: int = 1) -> torch.Tensor:
+def linear_reduce_scatter(
+    xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], group, sizes: Sequence[int], replicas=None, chunks: int = 1
+) -> torch.Tensor:
     """reduce_scatter(sum_j F.linear(xs[j], ws[j]), group, sizes, dim=-1) without its copies (see
     _LinearReduceScatter); `replicas`: the group the weights are replicated over, if any; `chunks`:
     row chunks, pipelined (every row is independent)."""

@@ -28,11 +28,12 @@ collective, so gloo (which rejects uneven all_gather lists) and NCCL take the sa
 None means the axis has size 1 and every function here is the identity: no copy, no call.
 Layers never call torch.distributed directly; everything goes through this module.
 """
+
 from __future__ import annotations
 
 import contextvars
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,8 @@ from .ring import RingWork, ring_all_gather_steps, ring_reduce_scatter_steps, us
 # torch >= 2.13 names; older releases (the GPU machines' 2.11) only have the *_tensor spellings
 _native_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _native_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather_single(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group=None, async_op=False):
     """all_gather_into_tensor: the ring on gloo, the backend's collective elsewhere."""
     if not use_ring(group) or output_tensor.numel() == 0:
@@ -94,7 +97,7 @@ def _view3(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     """x as (pre, n_dim, post) (a view for contiguous x), and the normalised dim."""
     dim = dim % x.dim()
     x = x.contiguous()
-    return x.view(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])), dim
+    return x.view(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1 :])), dim
 
 
 def _gather_into_blocks(x3: torch.Tensor, group, n: int, m: int, async_op: bool = False):
@@ -117,24 +120,23 @@ def _scatter_from_blocks(send: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
-                     async_op: bool = True) -> _Pending:
+def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> _Pending:
     """Concatenate every rank's shard along `dim` (shard r has sizes[r] entries) on every rank."""
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
     pre = x3.shape[0]
     buf, work = _gather_into_blocks(x3, group, n, m, async_op)
-    shape = lambda total: (*x.shape[:dim], total, *x.shape[dim + 1:])  # noqa: E731
+    shape = lambda total: (*x.shape[:dim], total, *x.shape[dim + 1 :])  # noqa: E731
 
     def finish():
         if pre == 1 and all(sz == m for sz in sizes):
             return buf.view(shape(n * m))
         return torch.cat([buf[r, :, :sz] for r, sz in enumerate(sizes)], dim=1).view(shape(sum(sizes)))
+
     return _Pending(work, finish)
 
 
-def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
-                         async_op: bool = True) -> _Pending:
+def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> _Pending:
     """Sum over the group; rank r keeps entries offset(r) : offset(r) + sizes[r] along `dim`."""
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
@@ -145,11 +147,11 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
         send = x3.new_zeros((n, pre, m, post))
         offset = 0
         for r, sz in enumerate(sizes):
-            send[r, :, :sz] = x3[:, offset: offset + sz]
+            send[r, :, :sz] = x3[:, offset : offset + sz]
             offset += sz
     out, work = _scatter_from_blocks(send, group, async_op)
     me = _rank(group)
-    shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1:])
+    shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1 :])
     return _Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
 
 
@@ -216,13 +218,14 @@ class _CopyToMany(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        local = [local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None))
-                 for c, g in zip(ctx.deferral, grads)]  # None: deferred to the step's last micro-batch
+        local = [
+            local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None)) for c, g in zip(ctx.deferral, grads)
+        ]  # None: deferred to the step's last micro-batch
         now = [x for x in local if x is not None]
         flat = start_all_reduce(torch.cat(now), ctx.group, async_op=False).wait() if now else None
         out, offset = [], 0
         for g, x in zip(grads, local):
-            out.append(None if x is None else flat[offset: offset + g.numel()].view_as(g).to(g.dtype))
+            out.append(None if x is None else flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
             offset += 0 if x is None else g.numel()
         return (None, None, None, *out)
 
@@ -403,8 +406,11 @@ class _GatheredLinear(torch.autograd.Function):
         ctx.args = (group, sizes, gather, shape, t, align)
         ctx.w_full, ctx.deferral = None, deferral
         lead = shape[:-2] if t else shape[:-1]
-        out = lambda y: (y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2) if t  # noqa: E731
-                         else y.view(*lead, y.shape[-1]))
+        out = lambda y: (
+            y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2)
+            if t  # noqa: E731
+            else y.view(*lead, y.shape[-1])
+        )
         w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
         if not gather:
             return out(_product(x, w_compute, t, align))
@@ -422,7 +428,7 @@ class _GatheredLinear(torch.autograd.Function):
         ctx.w_full = w_full if keep is not None else None
         pieces = []
         for r, s in enumerate(sizes):
-            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset: offset + s], t, align))
+            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset : offset + s], t, align))
             offset += s
         return out(torch.cat(pieces, dim=1 if t else -1))
 
@@ -437,13 +443,21 @@ class _GatheredLinear(torch.autograd.Function):
         kept = ctx.w_full
         pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x and kept is None) else None
         # the gradient in the operand's layout: a view with t, else (rows, out) (one copy if transposed)
-        g = grad.transpose(-1, -2).reshape(x.shape[0], grad.shape[-1], grad.shape[-2]) if t else \
-            grad.reshape(x.shape[0], grad.shape[-1])
+        g = (
+            grad.transpose(-1, -2).reshape(x.shape[0], grad.shape[-1], grad.shape[-2])
+            if t
+            else grad.reshape(x.shape[0], grad.shape[-1])
+        )
         # summed over the group in fp32 (a bf16 sum of partials loses bits)
         grad_w = _weight_grad(g, x.to(grad.dtype), t, align).float()
         grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
-        pending_gw = (None if grad_w is None else start_reduce_scatter(grad_w, group, sizes) if gather
-                      else start_all_reduce(grad_w, group))
+        pending_gw = (
+            None
+            if grad_w is None
+            else start_reduce_scatter(grad_w, group, sizes)
+            if gather
+            else start_all_reduce(grad_w, group)
+        )
         grad_x = None
         if need_x:
             w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
@@ -454,9 +468,16 @@ class _GatheredLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
-def gathered_linear(x: torch.Tensor, w_block: torch.Tensor, group, sizes: Sequence[int],
-                    gather: bool = True, keep: dict | None = None, prefetched: _Pending | None = None,
-                    align: int = 1) -> torch.Tensor:
+def gathered_linear(
+    x: torch.Tensor,
+    w_block: torch.Tensor,
+    group,
+    sizes: Sequence[int],
+    gather: bool = True,
+    keep: dict | None = None,
+    prefetched: _Pending | None = None,
+    align: int = 1,
+) -> torch.Tensor:
     """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
 
     gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).

@@ -17,6 +17,7 @@ declares which one with a `comm_rule` attribute naming the torch.distributed fun
 counted as that. A collective that calls another one internally (torch's deprecated spellings do) is
 counted once, at the outermost call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -102,8 +103,11 @@ class CommStats:
         return sum(self.bytes.values())
 
     def as_dict(self) -> dict:
-        return {"bytes": {k: int(self.bytes[k]) for k in KINDS}, "total_bytes": int(self.total),
-                "calls": {k: int(self.calls[k]) for k in KINDS}}
+        return {
+            "bytes": {k: int(self.bytes[k]) for k in KINDS},
+            "total_bytes": int(self.total),
+            "calls": {k: int(self.calls[k]) for k in KINDS},
+        }
 
 
 def _wrap(name: str, fn, stats: CommStats, state: threading.local):
@@ -155,4 +159,3 @@ def count_comm():
     finally:
         for module, attr, value in reversed(patched):
             setattr(module, attr, value)
-

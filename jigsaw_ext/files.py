@@ -1,4 +1,5 @@
 """Files that are either complete or absent: write to a temporary name, fsync, rename."""
+
 from __future__ import annotations
 
 import os

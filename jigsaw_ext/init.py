@@ -5,6 +5,7 @@ stream is seeded from (seed, parameter name, chunk index) only. A rank draws jus
 overlap its block and keeps its slice, so no rank materialises a full large matrix and the values
 do not depend on how the tensor is split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,7 @@ def fill_block(param: torch.Tensor, layout, coords, init: tuple, seed: int, name
         c1 = min(c0 + rows_per_chunk, shape[0])
         gen.manual_seed(_chunk_seed(seed, name, chunk))
         block = torch.rand((c1 - c0, *shape[1:]), generator=gen, dtype=torch.float64)
-        block = block[max(r0, c0) - c0: min(r1, c1) - c0]
+        block = block[max(r0, c0) - c0 : min(r1, c1) - c0]
         pieces.append(block[(slice(None), *slices[1:])])
     if pieces:
         full = torch.cat(pieces)

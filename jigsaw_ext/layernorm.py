@@ -8,9 +8,10 @@ jigsaw_ext.collectives).
 and the LayerNorm of a feature axis that a layer has gathered whole into the rank-major buffer of
 jigsaw_ext.collectives.gather_blocks (no collective at all: `blocks_layer_norm`).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +66,7 @@ class _SplitLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, counts, eps, out_dtype, n_seg, *tensors):
-        xs, ws, bs = tensors[:n_seg], tensors[n_seg:2 * n_seg], tensors[2 * n_seg:]
+        xs, ws, bs = tensors[:n_seg], tensors[n_seg : 2 * n_seg], tensors[2 * n_seg :]
         acc = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
         mean, var, parts = _row_stats(acc, counts, group, eps)
         inv = torch.rsqrt(var + eps)
@@ -100,18 +101,28 @@ class _SplitLayerNorm(torch.autograd.Function):
         dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(gs, ws)]
         # the row sums of g w and g w normed as products with w (no full-size g * w temporary)
         wf = [w.to(h.dtype) for w, h in zip(ws, normed)]
-        sums = torch.stack([sum(g.matmul(w) for g, w in zip(gs, wf)),
-                            sum(gh.matmul(w) for gh, w in zip(ghs, wf))], dim=-1)
+        sums = torch.stack(
+            [sum(g.matmul(w) for g, w in zip(gs, wf)), sum(gh.matmul(w) for gh, w in zip(ghs, wf))], dim=-1
+        )
         sums = _sum_over(sums, group) / n
         mean_g, mean_gh = sums[..., :1], sums[..., 1:]
         # inv * (g w - mean_g - normed mean_gh): three passes, in the buffer of g * normed
-        dxs = [torch.addcmul(-mean_g, h, -mean_gh, out=gh).addcmul_(g, w).mul_(inv).to(x.dtype)
-               for g, h, gh, w, x in zip(gs, normed, ghs, wf, xs)]
+        dxs = [
+            torch.addcmul(-mean_g, h, -mean_gh, out=gh).addcmul_(g, w).mul_(inv).to(x.dtype)
+            for g, h, gh, w, x in zip(gs, normed, ghs, wf, xs)
+        ]
         return (None, None, None, None, None, *dxs, *dws, *dbs)
 
 
-def split_layer_norm(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
-                     group, counts: Sequence[int], eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def split_layer_norm(
+    xs: Sequence[torch.Tensor],
+    ws: Sequence[torch.Tensor],
+    bs: Sequence[torch.Tensor],
+    group,
+    counts: Sequence[int],
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
     """LayerNorm of the concatenation of `xs` along the last dim, whose features are split over
     `group` (counts[r]: the features rank r of the group holds); ws/bs are the matching affine segments."""
     return _SplitLayerNorm.apply(group, tuple(counts), eps, out_dtype, len(xs), *xs, *ws, *bs)
@@ -122,7 +133,7 @@ def _padded(v: torch.Tensor, sizes: Sequence[int], m: int) -> torch.Tensor:
     out = v.new_zeros(len(sizes), m)
     offset = 0
     for r, s in enumerate(sizes):
-        out[r, :s] = v[offset: offset + s]
+        out[r, :s] = v[offset : offset + s]
         offset += s
     return out.view(len(sizes), 1, m, 1)
 
@@ -148,7 +159,9 @@ class _BlocksLayerNorm(torch.autograd.Function):
             centred = x - mean
             var = centred.square().sum((0, 2), keepdim=True) / total
         else:
-            mask = (torch.arange(m, device=buf.device) < torch.tensor(sizes, device=buf.device)[:, None]).view(n, 1, m, 1)
+            mask = (torch.arange(m, device=buf.device) < torch.tensor(sizes, device=buf.device)[:, None]).view(
+                n, 1, m, 1
+            )
             mean = x.sum((0, 2), keepdim=True) / total  # the padding is zero
             centred = (x - mean).mul_(mask)
             var = centred.square().sum((0, 2), keepdim=True) / total
@@ -178,8 +191,9 @@ class _BlocksLayerNorm(torch.autograd.Function):
         return dx.to(buf.dtype), dw, db, None, None, None
 
 
-def blocks_layer_norm(buf: torch.Tensor, w: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], eps: float,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+def blocks_layer_norm(
+    buf: torch.Tensor, w: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """LayerNorm of the feature axis held as the rank-major row blocks (n, pre, m, post) of
     jigsaw_ext.collectives.gather_blocks (block r: sizes[r] features); w, b: the whole affine."""
     return _BlocksLayerNorm.apply(buf, w, b, tuple(sizes), eps, out_dtype)

@@ -14,25 +14,41 @@ it meets its data (`STRATEGIES`): move the weights (Jigsaw's gather) or keep the
 the activations (Megatron's tensor + sequence parallelism along each axis). `mlp_traffic` is the
 cost model `auto` uses; the job can force a strategy per layer kind (mesh.strategy).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import aligned
-from .collectives import (all_gather, autocast_dtype, close_bucket, copy_to, gather_blocks, gathered_linear,
-                          open_bucket, reduce_scatter, scatter_blocks, start_weight_gather, sum_partials)
 from .chunked import chunked_gathered_linear, gathered_weight, linear_reduce_scatter, row_chunks, weight_chunks
+from .collectives import (
+    all_gather,
+    autocast_dtype,
+    close_bucket,
+    copy_to,
+    gather_blocks,
+    gathered_linear,
+    open_bucket,
+    reduce_scatter,
+    scatter_blocks,
+    start_weight_gather,
+    sum_partials,
+)
 from .fused import layer_norm as fused_layer_norm
 from .layernorm import blocks_layer_norm, split_layer_norm
 from .layout import Layout, Split, even_split
 from .mesh import Mesh
-from .strategy import (choose_strategy, fuses_norm, mlp_extra_memory, mlp_saved, mlp_traffic,  # noqa: F401
-                       norm_traffic, other_axis, strategy_available)
+from .strategy import (
+    choose_strategy,
+    fuses_norm,
+    mlp_traffic,  # noqa: F401
+    other_axis,
+)
 
 MODEL_AXES = ("domain", "tp")
 
@@ -69,6 +85,7 @@ def bucket_small_gradients(module: nn.Module, mesh: Mesh) -> None:
     and biases are then summed in ONE fp32 all-reduce per axis per backward (when the last of them is
     complete), not one all-reduce per parameter per use. Parameters that DeepSpeed ZeRO-3 partitions
     (their data exists only inside their own module's forward) keep the per-use reduction."""
+
     def shared():
         for p in module.parameters():
             axis = getattr(p, "shared_over", None)
@@ -105,9 +122,11 @@ def link_weight_prefetch(model: nn.Module) -> int:
     for m in chain:
         m.__dict__["_chained"] = True
     if chain:
+
         def drop(mod, args):
             for m in chain:
                 m.drop_prefetched()
+
         model.register_forward_pre_hook(drop)
     return len(chain)
 
@@ -126,8 +145,16 @@ class BlockLinear(nn.Module):
     materialising it: the logical weight is the concatenation of the segment weights.
     """
 
-    def __init__(self, mesh: Mesh, in_splits: Sequence[Split], out_split: Split, contract: str,
-                 bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        mesh: Mesh,
+        in_splits: Sequence[Split],
+        out_split: Split,
+        contract: str,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.mesh, self.contract, self.storage = mesh, contract, other_axis(contract)
         self.out_split = out_split
@@ -137,32 +164,41 @@ class BlockLinear(nn.Module):
         fan_in = sum(s.total for s in in_splits)
         bound = 1.0 / math.sqrt(fan_in)
         rows = None if self.replicate else Split(self.storage, self.row_sizes)
-        self.weights = nn.ParameterList([
-            make_param(Layout((out, s.total), (rows, s)), mesh, ("uniform", bound), device, dtype)
-            for s in in_splits])
-        self.bias = shared_param(Layout((out,), (out_split,)), mesh, ("uniform", bound), device, dtype) \
-            if bias else None
+        self.weights = nn.ParameterList(
+            [make_param(Layout((out, s.total), (rows, s)), mesh, ("uniform", bound), device, dtype) for s in in_splits]
+        )
+        self.bias = (
+            shared_param(Layout((out,), (out_split,)), mesh, ("uniform", bound), device, dtype) if bias else None
+        )
         # mesh.keep_gathered_weights: each gathered weight kept until clear_gathered_weights (per step)
         keep = mesh.keep_gathered_weights and not self.replicate and mesh.size(self.storage) > 1
         self._kept = [{} if keep else None for _ in in_splits]
         # mesh.chunk_mb: each gathered weight moved in pipelined chunks (jigsaw_ext.chunked)
         gathered = not (keep or self.replicate) and mesh.size(self.storage) > 1
         # (sized by the largest shard: every rank of the model group makes the same choice)
-        self._chunks = [weight_chunks(out, max(s.sizes), mesh.chunk_mb, max(self.row_sizes))
-                        if gathered else 1 for s in in_splits]
+        self._chunks = [
+            weight_chunks(out, max(s.sizes), mesh.chunk_mb, max(self.row_sizes)) if gathered else 1 for s in in_splits
+        ]
         # mesh.prefetch_weights (link_weight_prefetch): (key, pending gather) per weight, started by the
         # layer before this one
         self._prefetched: list = [None for _ in in_splits]
         self.__dict__["_next_gathered"] = None
-        self.prefetchable = (gathered and not keep and max(self._chunks) == 1
-                             and not (mesh.chunk_mb is not None and mesh.size(contract) > 1))
+        self.prefetchable = (
+            gathered
+            and not keep
+            and max(self._chunks) == 1
+            and not (mesh.chunk_mb is not None and mesh.size(contract) > 1)
+        )
 
     def prefetch(self) -> None:
         """Start the forward gathers of this layer's weights (mesh.prefetch_weights). Not under
         torch.compile, not in backward (activation checkpointing's recompute), not for weights DeepSpeed
         ZeRO-3 partitions (their data exists only inside their module's forward)."""
-        if (torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1
-                or any(hasattr(w, "ds_id") for w in self.weights)):
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._current_graph_task_id() != -1
+            or any(hasattr(w, "ds_id") for w in self.weights)
+        ):
             return
         storage = self.mesh.group(self.storage)
         for i, w in enumerate(self.weights):
@@ -189,13 +225,17 @@ class BlockLinear(nn.Module):
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
         # mesh.chunk_mb: partial sums over the bound are computed and reduce-scattered in row chunks
-        rows = row_chunks(math.prod(xs[0].shape[:-1]), self.out_split.total, self.mesh.chunk_mb) \
-            if contract is not None else 1
+        rows = (
+            row_chunks(math.prod(xs[0].shape[:-1]), self.out_split.total, self.mesh.chunk_mb)
+            if contract is not None
+            else 1
+        )
         whole = all(k is None for k in self._kept) and max(self._chunks) == 1
         if contract is not None and (storage is None or self.replicate):
             # no weight to gather: the products go straight into the reduce-scatter's buffer
-            out = linear_reduce_scatter(xs, list(self.weights), contract, self.out_split.sizes,
-                                        storage if self.replicate else None, rows)
+            out = linear_reduce_scatter(
+                xs, list(self.weights), contract, self.out_split.sizes, storage if self.replicate else None, rows
+            )
         elif contract is not None and self.mesh.chunk_mb is not None and whole:
             # weights under the bound: each gathered once for all row chunks (and kept to backward);
             # every rank of the storage group takes this branch whatever its rows (uneven shards)
@@ -209,9 +249,20 @@ class BlockLinear(nn.Module):
                 self.__dict__["_next_gathered"].prefetch()
             partial = None
             for x, w, keep, chunks, pre in zip(xs, self.weights, self._kept, self._chunks, mine, strict=True):
-                y = chunked_gathered_linear(x, w, storage, self.row_sizes, chunks) if chunks > 1 else \
-                    gathered_linear(x, w, storage, self.row_sizes, gather=not self.replicate, keep=keep,
-                                    prefetched=pre, align=self.mesh.gemm_multiple)
+                y = (
+                    chunked_gathered_linear(x, w, storage, self.row_sizes, chunks)
+                    if chunks > 1
+                    else gathered_linear(
+                        x,
+                        w,
+                        storage,
+                        self.row_sizes,
+                        gather=not self.replicate,
+                        keep=keep,
+                        prefetched=pre,
+                        align=self.mesh.gemm_multiple,
+                    )
+                )
                 partial = y if partial is None else partial + y
             out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:
@@ -230,8 +281,9 @@ class DistLayerNorm(nn.Module):
     features: a tensor with every feature in its last dimension, or the rank-major buffer of
     `gather_blocks` (`blocks`: the row counts of its blocks)."""
 
-    def __init__(self, mesh: Mesh, splits: Sequence[Split], eps: float = 1e-5, local: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self, mesh: Mesh, splits: Sequence[Split], eps: float = 1e-5, local: bool = False, device=None, dtype=None
+    ):
         super().__init__()
         self.mesh, self.eps, self.local = mesh, eps, local
         self.axis = splits[0].axis
@@ -244,8 +296,9 @@ class DistLayerNorm(nn.Module):
         self.biases = nn.ParameterList([shared_param(lay, mesh, ("const", 0.0), device, dtype) for lay in layouts])
 
     def forward(self, *xs: torch.Tensor, blocks: Sequence[int] | None = None):
-        replicas = self.mesh.group(self.weights[0].shared_over) if self.local else \
-            self.mesh.group(other_axis(self.axis))
+        replicas = (
+            self.mesh.group(self.weights[0].shared_over) if self.local else self.mesh.group(other_axis(self.axis))
+        )
         ws = [copy_to(w, replicas) for w in self.weights]
         bs = [copy_to(b, replicas) for b in self.biases]
         out_dtype = torch.float32 if autocast_dtype(xs[0].device) is not None else xs[0].dtype
@@ -267,8 +320,10 @@ def check_strategy_keys(model: nn.Module, mesh: Mesh) -> None:
     kinds = set(resolved_strategies(model))
     unknown = sorted(set(mesh.strategy) - kinds - {"*"})
     if unknown:
-        raise ValueError(f"mesh.strategy: unknown layer kind(s) {', '.join(unknown)}; this model has "
-                         f"{', '.join(sorted(kinds)) or 'no strategy layers'} (or '*' for every kind)")
+        raise ValueError(
+            f"mesh.strategy: unknown layer kind(s) {', '.join(unknown)}; this model has "
+            f"{', '.join(sorted(kinds)) or 'no strategy layers'} (or '*' for every kind)"
+        )
 
 
 def resolved_strategies(model: nn.Module) -> dict[str, str]:
@@ -327,16 +382,29 @@ class BlockMLP(nn.Module):
     All compute the same function with the same logical parameters (fc1.weights.0, fc1.bias,
     fc2.weights.0, fc2.bias), stored in different blocks; checkpoints are layout-free."""
 
-    def __init__(self, mesh: Mesh, kind: str, in_split: Split, hidden: int, row_split: Split, row_dim: int,
-                 contract: str, fc2_bias: bool = True, micro_batch: int = 1, norm: str | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        mesh: Mesh,
+        kind: str,
+        in_split: Split,
+        hidden: int,
+        row_split: Split,
+        row_dim: int,
+        contract: str,
+        fc2_bias: bool = True,
+        micro_batch: int = 1,
+        norm: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.mesh, self.kind, self.contract, self.storage = mesh, kind, contract, other_axis(contract)
         if row_split.axis != self.storage or in_split.axis != contract:
             raise ValueError(f"{kind}: rows must be split over '{self.storage}' and features over '{contract}'")
         self.row_split, self.row_dim, self.in_split, self.norm = row_split, row_dim, in_split, norm
-        self.strategy = choose_strategy(mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract,
-                                        norm=norm, batch=micro_batch)
+        self.strategy = choose_strategy(
+            mesh, kind, micro_batch * row_split.total, in_split.total, hidden, contract, norm=norm, batch=micro_batch
+        )
         norm_axis = self.storage if norm == "rows" else contract
         self.fuses_norm = fuses_norm(self.strategy, norm, mesh.size(norm_axis) > 1)
         kw = dict(device=device, dtype=dtype)
@@ -350,14 +418,16 @@ class BlockMLP(nn.Module):
         hidden_split = Split(split_axis, even_split(hidden, mesh.size(split_axis)))
         features = in_split if self.strategy == "stationary" else None
         b1, b2 = 1.0 / math.sqrt(in_split.total), 1.0 / math.sqrt(hidden)
-        self.fc1 = _Affine(make_param(Layout((hidden, in_split.total), (hidden_split, features)), mesh,
-                                      ("uniform", b1), **kw),
-                           shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw),
-                           mesh.gemm_multiple)
-        self.fc2 = _Affine(make_param(Layout((in_split.total, hidden), (features, hidden_split)), mesh,
-                                      ("uniform", b2), **kw),
-                           shared_param(Layout((in_split.total,), (in_split,)), mesh, ("uniform", b2), **kw)
-                           if fc2_bias else None, mesh.gemm_multiple)
+        self.fc1 = _Affine(
+            make_param(Layout((hidden, in_split.total), (hidden_split, features)), mesh, ("uniform", b1), **kw),
+            shared_param(Layout((hidden,), (hidden_split,)), mesh, ("uniform", b1), **kw),
+            mesh.gemm_multiple,
+        )
+        self.fc2 = _Affine(
+            make_param(Layout((in_split.total, hidden), (features, hidden_split)), mesh, ("uniform", b2), **kw),
+            shared_param(Layout((in_split.total,), (in_split,)), mesh, ("uniform", b2), **kw) if fc2_bias else None,
+            mesh.gemm_multiple,
+        )
 
     def _normed(self, x: torch.Tensor, norm) -> torch.Tensor:
         """The LayerNorm applied to x's block (with its statistics exchanged where its axis is split)."""
@@ -370,24 +440,38 @@ class BlockMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """fc2(GELU(fc1(norm(x)))); norm: the block's DistLayerNorm (built with local=self.fuses_norm)."""
         if norm is not None and (self.norm is None or norm.local != self.fuses_norm):
-            raise ValueError(f"{self.kind}: built for " + ("no LayerNorm" if self.norm is None else
-                             f"a LayerNorm over its {self.norm} with local={self.fuses_norm}"))
+            raise ValueError(
+                f"{self.kind}: built for "
+                + (
+                    "no LayerNorm"
+                    if self.norm is None
+                    else f"a LayerNorm over its {self.norm} with local={self.fuses_norm}"
+                )
+            )
         if self.strategy == "gather":
             return self.fc2(F.gelu(self.fc1(self._normed(x, norm))))
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
         fused = norm is not None and self.fuses_norm
         if self.strategy == "features":
             # weights replicated over storage: their gradients are summed over it (when it has ranks)
-            local = lambda v, w: gathered_linear(v, w, storage, (w.shape[0],), gather=False,  # noqa: E731
-                                                 align=self.mesh.gemm_multiple)
+            local = lambda v, w: gathered_linear(
+                v,
+                w,
+                storage,
+                (w.shape[0],),
+                gather=False,  # noqa: E731
+                align=self.mesh.gemm_multiple,
+            )
             xf = all_gather(x if fused else self._normed(x, norm), contract, self.in_split.sizes, dim=-1)
             h = F.gelu(self.fc1(self.fc1(norm(xf) if fused else xf, matmul=local), storage, matmul=False))
             if contract is None:
                 y = self.fc2(h, matmul=local)
             else:
                 chunks = row_chunks(math.prod(h.shape[:-1]), self.in_split.total, self.mesh.chunk_mb)
-                y = self.fc2(h, matmul=lambda v, w: linear_reduce_scatter(
-                    [v], [w], contract, self.in_split.sizes, storage, chunks))
+                y = self.fc2(
+                    h,
+                    matmul=lambda v, w: linear_reduce_scatter([v], [w], contract, self.in_split.sizes, storage, chunks),
+                )
             return self.fc2(y, storage, matmul=False)
         # stationary: every row is independent: the rows stay in the all-gather's rank-major order
         # (its buffer) through both products and are reduce-scattered from that same layout

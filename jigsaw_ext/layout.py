@@ -4,10 +4,11 @@ One abstraction serves every mesh: a `Layout` is data (global shape + a `Split` 
 never a class per parallel degree. Shards may be uneven (721 latitude rows over 2 ranks is 361/360)
 and may be empty on some ranks (3 static channels over TP=4).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -74,10 +75,13 @@ class Layout:
 
     # a layout as JSON (checkpoints record every parameter's layout, so they can be read on any mesh)
     def to_json(self) -> dict:
-        return {"shape": list(self.shape),
-                "splits": [None if s is None else {"axis": s.axis, "sizes": list(s.sizes)} for s in self.splits]}
+        return {
+            "shape": list(self.shape),
+            "splits": [None if s is None else {"axis": s.axis, "sizes": list(s.sizes)} for s in self.splits],
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Layout":
-        return cls(tuple(d["shape"]), tuple(None if s is None else Split(s["axis"], tuple(s["sizes"]))
-                                            for s in d["splits"]))
+    def from_json(cls, d: dict) -> Layout:
+        return cls(
+            tuple(d["shape"]), tuple(None if s is None else Split(s["axis"], tuple(s["sizes"])) for s in d["splits"])
+        )

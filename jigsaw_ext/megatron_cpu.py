@@ -7,6 +7,7 @@ On a build without CUDA all of these raise "Torch not compiled with CUDA enabled
 docs/stack.md). `install()` points them at the CPU equivalents: current_device -> the CPU device,
 the CUDA RNG state -> the CPU generator. It changes nothing when CUDA is available.
 """
+
 from __future__ import annotations
 
 import torch

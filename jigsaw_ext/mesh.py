@@ -5,6 +5,7 @@ consecutive ranks and stays inside a node. `Mesh.virtual` describes a mesh witho
 shapes and shard sizes of any layout can be computed for any rank without launching it (used to
 report each rank's share of a 3 B-parameter model built on the meta device).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,49 +31,68 @@ class MeshConfig(BaseModel):
     replicate_weights_over: list[Literal["domain", "tp"]] = Field(
         default_factory=list,
         description="keep weight matrices replicated over these axes instead of stored once per model "
-                    "group and gathered on use: less communication, more memory")
+        "group and gathered on use: less communication, more memory",
+    )
     strategy: dict[str, Literal["auto", "gather", "stationary", "features"]] = Field(
         default_factory=dict,
         description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
-                    "(Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
-                    "contracted features (Megatron tensor parallelism over the contract axis; needs the other "
-                    "axis of size 1 or in replicate_weights_over), 'auto' (the default for kinds not listed) "
-                    "picks the one that sends the fewest bytes")
+        "(Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
+        "contracted features (Megatron tensor parallelism over the contract axis; needs the other "
+        "axis of size 1 or in replicate_weights_over), 'auto' (the default for kinds not listed) "
+        "picks the one that sends the fewest bytes",
+    )
     keep_gathered_weights: bool = Field(
-        False, description="keep each gathered weight from its forward to its backward and across the "
-                           "micro-batches of an optimizer step (one gather per step instead of two per "
-                           "micro-batch; memory: every gathered full-row weight stays allocated)")
+        False,
+        description="keep each gathered weight from its forward to its backward and across the "
+        "micro-batches of an optimizer step (one gather per step instead of two per "
+        "micro-batch; memory: every gathered full-row weight stays allocated)",
+    )
     prefetch_weights: bool = Field(
-        False, description="'gather' strategy: each layer starts the forward gather of the next layer's weight "
-                           "blocks before its own products, so the transfer overlaps a whole layer's compute "
-                           "(memory: one more gathered full-row weight alive at a time; not with ZeRO-3 "
-                           "partitioned weights, kept or chunked weights, nor in backward)")
+        False,
+        description="'gather' strategy: each layer starts the forward gather of the next layer's weight "
+        "blocks before its own products, so the transfer overlaps a whole layer's compute "
+        "(memory: one more gathered full-row weight alive at a time; not with ZeRO-3 "
+        "partitioned weights, kept or chunked weights, nor in backward)",
+    )
     reduce_gradients_once: bool = Field(
-        False, description="with gradient accumulation, reduce the gradients of gathered, replicated and small "
-                           "parameters over domain/tp once per optimizer step (on its last micro-batch) instead "
-                           "of once per micro-batch; memory: one fp32 accumulator per such parameter, the "
-                           "full-row gradient of each gathered weight (ZeRO-3 partitioned parameters exempt)")
+        False,
+        description="with gradient accumulation, reduce the gradients of gathered, replicated and small "
+        "parameters over domain/tp once per optimizer step (on its last micro-batch) instead "
+        "of once per micro-batch; memory: one fp32 accumulator per such parameter, the "
+        "full-row gradient of each gathered weight (ZeRO-3 partitioned parameters exempt)",
+    )
     chunk_mb: float | None = Field(
-        None, gt=0, description="bound the transient buffers of the 'gather' strategy: each gathered weight "
-                                "and its weight gradient move in pipelined chunks of at most this many MiB "
-                                "(each chunk's transfer overlapping the previous chunk's products), and the "
-                                "partial sums before a reduce-scatter are computed and reduced in pipelined "
-                                "row chunks of at most this size; more, smaller collectives; not with "
-                                "keep_gathered_weights. Unset: one piece each")
+        None,
+        gt=0,
+        description="bound the transient buffers of the 'gather' strategy: each gathered weight "
+        "and its weight gradient move in pipelined chunks of at most this many MiB "
+        "(each chunk's transfer overlapping the previous chunk's products), and the "
+        "partial sums before a reduce-scatter are computed and reduced in pipelined "
+        "row chunks of at most this size; more, smaller collectives; not with "
+        "keep_gathered_weights. Unset: one piece each",
+    )
     gemm_multiple: int = Field(
-        1, ge=1, description="pad every local matrix product's inner and output dimensions to a multiple of this "
-                             "for the product only (zero padding, output cropped: the same model, parameters "
-                             "and checkpoints of its own shapes; jigsaw_ext.aligned). 8 makes the WeatherMixer's "
-                             "bf16 GEMMs aligned (H_s = 8,652, 4,140 patch features); 1 = off")
+        1,
+        ge=1,
+        description="pad every local matrix product's inner and output dimensions to a multiple of this "
+        "for the product only (zero padding, output cropped: the same model, parameters "
+        "and checkpoints of its own shapes; jigsaw_ext.aligned). 8 makes the WeatherMixer's "
+        "bf16 GEMMs aligned (H_s = 8,652, 4,140 patch features); 1 = off",
+    )
     strategy_memory_mb: float | None = Field(
-        None, ge=0, description="auto picks 'stationary' only if its extra saved activations per layer "
-                                "and rank stay under this many MiB (no limit when unset)")
+        None,
+        ge=0,
+        description="auto picks 'stationary' only if its extra saved activations per layer "
+        "and rank stay under this many MiB (no limit when unset)",
+    )
 
     @model_validator(mode="after")
     def _chunks_or_keep(self):
         if self.chunk_mb is not None and self.keep_gathered_weights:
-            raise ValueError("mesh.chunk_mb bounds the gathered weights' memory and "
-                             "mesh.keep_gathered_weights keeps them whole: set one of them")
+            raise ValueError(
+                "mesh.chunk_mb bounds the gathered weights' memory and "
+                "mesh.keep_gathered_weights keeps them whole: set one of them"
+            )
         return self
 
     @property
@@ -85,7 +105,7 @@ class MeshConfig(BaseModel):
 
 @dataclass
 class Mesh:
-    config: MeshConfig                  # what the mesh was built from (sizes and layer options)
+    config: MeshConfig  # what the mesh was built from (sizes and layer options)
     coords: dict[str, int]
     rank: int = 0
     groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
@@ -98,14 +118,14 @@ class Mesh:
         return {"dp": dp_c, "domain": dom_c, "tp": tp_c}
 
     @classmethod
-    def virtual(cls, config: MeshConfig, rank: int = 0) -> "Mesh":
+    def virtual(cls, config: MeshConfig, rank: int = 0) -> Mesh:
         if not 0 <= rank < config.world_size:
             raise ValueError(f"rank {rank} outside mesh {config}")
         config = config.model_copy(deep=True)
         return cls(config, cls.coords_of(rank, {"dp": config.dp, "domain": config.domain, "tp": config.tp}), rank)
 
     @classmethod
-    def single(cls) -> "Mesh":
+    def single(cls) -> Mesh:
         """The 1x1x1 mesh: every collective is a no-op; used for the serial twin of any model."""
         return cls.virtual(MeshConfig())
 
@@ -166,7 +186,7 @@ class Mesh:
             raise RuntimeError(f"mesh {self.config} has no process group for axis '{axis}' (virtual mesh?)")
         return self.groups[axis]
 
-    def mpu(self) -> "DeepSpeedMPU":
+    def mpu(self) -> DeepSpeedMPU:
         return DeepSpeedMPU(self)
 
 
@@ -175,7 +195,8 @@ def validate_world(config: MeshConfig, world_size: int) -> None:
         raise ValueError(
             f"mesh dp={config.dp} x domain={config.domain} x tp={config.tp} = {config.world_size} ranks, "
             f"but the job has world size {world_size}: set mesh.dp/mesh.domain/mesh.tp so that their "
-            f"product is {world_size}")
+            f"product is {world_size}"
+        )
 
 
 def init_process_group(timeout_s: float = 300.0, backend: str | None = None) -> None:
@@ -219,8 +240,11 @@ def init_mesh(config: MeshConfig) -> Mesh:
     # the grid's rank enumeration must agree with Mesh.coords_of (tp fastest, then domain, then dp)
     for axis in ("tp", "domain", "dp"):
         expected = dist.get_process_group_ranks(mesh.groups[axis])
-        mine = [r for r in range(world)
-                if all(Mesh.coords_of(r, mesh.sizes)[a] == mesh.coords[a] for a in AXES if a != axis)]
+        mine = [
+            r
+            for r in range(world)
+            if all(Mesh.coords_of(r, mesh.sizes)[a] == mesh.coords[a] for a in AXES if a != axis)
+        ]
         if sorted(expected) != mine:
             raise RuntimeError(f"HyperCommGrid rank order for '{axis}' is {expected}, expected {mine}")
     return mesh

@@ -3,6 +3,7 @@ jigsaw_ext.collectives in place of gloo's own collectives (which it keeps for NC
 torch.compile). Each collective is a generator of exchanges: each step sends one chunk to the next
 rank and receives one from the previous (n - 1 steps on n ranks); RingWork is its Work handle.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,5 +73,4 @@ def use_ring(group) -> bool:
     buffers (benchmarks/bench_collectives.py: on 2 and 3 ranks x 1-8 MB the ring takes 0.3-0.65x
     gloo's wall time). NCCL keeps its collectives; under torch.compile the functional ones are
     traced into the graph."""
-    return (not torch.compiler.is_compiling() and dist.get_backend(group) == "gloo"
-            and dist.get_world_size(group) > 1)
+    return not torch.compiler.is_compiling() and dist.get_backend(group) == "gloo" and dist.get_world_size(group) > 1

@@ -25,6 +25,7 @@ A refused file raises UnsafeCheckpointError naming the file and the object it wo
                                                 write is recorded instead of raised, so every rank
                                                 finishes DeepSpeed's collectives
 """
+
 from __future__ import annotations
 
 import errno
@@ -66,12 +67,16 @@ def numpy_globals() -> list:
 
 def _refused(path, err: Exception) -> UnsafeCheckpointError:
     text = str(err)
-    what = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*|"
-                     r"WeightsUnpickler error: [^\n]*)", text)
+    what = re.search(
+        r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*|"
+        r"WeightsUnpickler error: [^\n]*)",
+        text,
+    )
     detail = what.group(1).strip() if what else text.splitlines()[0]
     return UnsafeCheckpointError(
         f"{path}: refused: it contains code or objects outside the allowlist of tensors, plain containers and "
-        f"the DeepSpeed classes in jigsaw_ext.safe_load ({detail}); it was not loaded and nothing in it ran")
+        f"the DeepSpeed classes in jigsaw_ext.safe_load ({detail}); it was not loaded and nothing in it ran"
+    )
 
 
 def safe_torch_load(path, map_location="cpu", mmap: bool = False, numpy: bool = False):
@@ -115,8 +120,10 @@ def _encode(x, tensors: dict, where: str):
         if set(x) & {"__tensor__", "__tuple__", "__ndarray__"}:
             raise TypeError(f"{where}: the keys __tensor__, __tuple__, __ndarray__ are reserved by the state format")
         return {k: _encode(v, tensors, f"{where}.{k}") for k, v in x.items()}
-    raise TypeError(f"{where}: cannot save {type(x).__name__} as data (allowed: dict, list, tuple, numbers, "
-                    f"strings, None, numpy arrays, torch tensors)")
+    raise TypeError(
+        f"{where}: cannot save {type(x).__name__} as data (allowed: dict, list, tuple, numbers, "
+        f"strings, None, numpy arrays, torch tensors)"
+    )
 
 
 def _decode(x, tensors, path):
@@ -130,8 +137,9 @@ def _decode(x, tensors, path):
         try:
             return tensors[x["__tensor__"]]
         except KeyError:
-            raise UnsafeCheckpointError(f"{path}: names tensor {x['__tensor__']!r}, which its .safetensors file "
-                                        f"does not hold") from None
+            raise UnsafeCheckpointError(
+                f"{path}: names tensor {x['__tensor__']!r}, which its .safetensors file does not hold"
+            ) from None
     if set(x) == {"__tuple__"}:
         return tuple(_decode(v, tensors, path) for v in x["__tuple__"])
     if set(x) == {"__ndarray__", "dtype", "shape"}:
@@ -151,8 +159,10 @@ def save_state(base: str | Path, obj) -> Path:
         tmp = st.with_name(st.name + ".tmp")
         save_file(tensors, str(tmp))
         replace_synced(tmp, st)
-    return atomic_write_text(base.with_name(base.name + ".json"),
-                             json.dumps({"format": STATE_FORMAT, "tensors": bool(tensors), "state": tree}))
+    return atomic_write_text(
+        base.with_name(base.name + ".json"),
+        json.dumps({"format": STATE_FORMAT, "tensors": bool(tensors), "state": tree}),
+    )
 
 
 def state_exists(base: str | Path) -> bool:
@@ -216,17 +226,24 @@ def write_failure(err: BaseException) -> str:
     while e is not None:
         code = getattr(e, "errno", None)
         if code in errno.errorcode:
-            return text if errno.errorcode[code] in text or f"[Errno {code}]" in text else \
-                f"{text} ({errno.errorcode[code]}: {os.strerror(code)})"
+            return (
+                text
+                if errno.errorcode[code] in text or f"[Errno {code}]" in text
+                else f"{text} ({errno.errorcode[code]}: {os.strerror(code)})"
+            )
         e = e.__cause__ or e.__context__
     if isinstance(err, OSError) or not isinstance(err, RuntimeError):
         return text
     soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if soft != resource.RLIM_INFINITY:
-        return (f"{text} (EFBIG: {os.strerror(errno.EFBIG)}: this process may write files of at most {soft} bytes, "
-                f"ulimit -f)")
-    return (f"{text} (torch names no errno: a write failed: a full disk (ENOSPC), a quota (EDQUOT) or a file size "
-            f"limit (EFBIG))")
+        return (
+            f"{text} (EFBIG: {os.strerror(errno.EFBIG)}: this process may write files of at most {soft} bytes, "
+            f"ulimit -f)"
+        )
+    return (
+        f"{text} (torch names no errno: a write failed: a full disk (ENOSPC), a quota (EDQUOT) or a file size "
+        f"limit (EFBIG))"
+    )
 
 
 def save_error(path, err: BaseException) -> dict:
@@ -245,8 +262,7 @@ def _load_checked(path: str, map_location=None):
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as err:  # noqa: BLE001 - torch raises several types for damaged files
-        raise CheckpointFormatError(f"{path}: unreadable ({type(err).__name__}: {err}); corrupt or "
-                                    f"truncated") from None
+        raise CheckpointFormatError(f"{path}: unreadable ({type(err).__name__}: {err}); corrupt or truncated") from None
 
 
 _ENGINE_CLASS = None
@@ -340,13 +356,16 @@ def install_safe_checkpoint_engine(engine) -> None:
     them with torch.load(weights_only=False) outside the checkpoint engine."""
     cls = _safe_engine_class()
     if engine.load_universal_checkpoint():
-        raise ValueError("checkpoint.load_universal: DeepSpeed reads universal checkpoints by unpickling them "
-                         "(weights_only=False), which can run code; convert them with `python -m "
-                         "jigsaw_ext.checkpoint` instead")
+        raise ValueError(
+            "checkpoint.load_universal: DeepSpeed reads universal checkpoints by unpickling them "
+            "(weights_only=False), which can run code; convert them with `python -m "
+            "jigsaw_ext.checkpoint` instead"
+        )
     if not isinstance(engine.checkpoint_engine, cls):
         engine.checkpoint_engine = cls(engine.checkpoint_engine)
     copy = getattr(engine, "_copy_recovery_script", None)  # rank 0 copies zero_to_fp32.py beside the tags
     if copy is not None and not getattr(copy, "records_errors", False):
+
         def copy_recovery_script(save_path, _copy=copy):
             try:
                 _copy(save_path)

@@ -12,6 +12,7 @@ The model is a `SelfCheckTask`. This module's default is a small generic block-s
 (uneven token and feature shards on most meshes, an empty shard on TP=4). A model package plugs in
 its own task (`python -m weathermixer.selfcheck` checks the WeatherMixer the same way).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .layout import Layout, Split, even_split
 from .mesh import Mesh, MeshConfig
@@ -30,8 +30,8 @@ FP32_TOL, BF16_TOL = 1e-5, 5e-2
 
 
 class Batch(NamedTuple):
-    inputs: list            # tensors (or None) passed to the model; inputs[0] is the one whose gradient is checked
-    targets: list           # one target per output the loss compares
+    inputs: list  # tensors (or None) passed to the model; inputs[0] is the one whose gradient is checked
+    targets: list  # one target per output the loss compares
 
 
 class SelfCheckTask:
@@ -75,13 +75,37 @@ class _Mixer(nn.Module):
         self.embed = BlockLinear(mesh, [self.features], d, contract="tp")
         self.blocks = nn.ModuleList()
         for _ in range(blocks):
-            token = BlockMLP(mesh, "token_mixing", self.tokens, max(1, tokens // 2), row_split=d, row_dim=1,
-                             contract="domain", fc2_bias=False, norm="rows")
-            channel = BlockMLP(mesh, "channel_mixing", d, 2 * hidden - 1, row_split=self.tokens, row_dim=1,
-                               contract="tp", norm="features")
-            self.blocks.append(nn.ModuleDict(dict(
-                norm1=DistLayerNorm(mesh, [d], local=token.fuses_norm), token=token,
-                norm2=DistLayerNorm(mesh, [d], local=channel.fuses_norm), channel=channel)))
+            token = BlockMLP(
+                mesh,
+                "token_mixing",
+                self.tokens,
+                max(1, tokens // 2),
+                row_split=d,
+                row_dim=1,
+                contract="domain",
+                fc2_bias=False,
+                norm="rows",
+            )
+            channel = BlockMLP(
+                mesh,
+                "channel_mixing",
+                d,
+                2 * hidden - 1,
+                row_split=self.tokens,
+                row_dim=1,
+                contract="tp",
+                norm="features",
+            )
+            self.blocks.append(
+                nn.ModuleDict(
+                    dict(
+                        norm1=DistLayerNorm(mesh, [d], local=token.fuses_norm),
+                        token=token,
+                        norm2=DistLayerNorm(mesh, [d], local=channel.fuses_norm),
+                        channel=channel,
+                    )
+                )
+            )
         self.norm = DistLayerNorm(mesh, [d, self.features])
         self.head = BlockLinear(mesh, [d, self.features], self.features, contract="tp")
         init_parameters(self, mesh, seed)
@@ -108,8 +132,10 @@ class MixerTask(SelfCheckTask):
     def check_mesh(self, mesh: Mesh) -> None:
         for axis, n in (("domain", self.tokens // 2), ("tp", self.hidden)):
             if mesh.size(axis) > n:
-                raise ValueError(f"mesh.{axis}={mesh.size(axis)} exceeds the {n} rows the test model can split "
-                                 f"over it: allowed mesh.{axis} <= {n}")
+                raise ValueError(
+                    f"mesh.{axis}={mesh.size(axis)} exceeds the {n} rows the test model can split "
+                    f"over it: allowed mesh.{axis} <= {n}"
+                )
 
     def build(self, mesh: Mesh) -> nn.Module:
         return _Mixer(mesh, self.tokens, self.features, self.hidden, self.blocks, self.seed)
@@ -139,15 +165,16 @@ def relative_error(a, b) -> float:
 def _shard(layouts: Batch, batch: Batch, rows: slice, coords) -> Batch:
     """This rank's block of the samples `rows` of a global batch."""
     pick = lambda lay, t: None if t is None else lay.shard(t[rows], coords)  # noqa: E731
-    return Batch([pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs)],
-                 [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets)])
+    return Batch(
+        [pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs)],
+        [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets)],
+    )
 
 
 class _Side:
     """One side of the comparison: a model on a mesh, its optimizer and its block of the batch."""
 
-    def __init__(self, task: SelfCheckTask, mesh: Mesh, full: Batch, rows: slice, device, dtype: str,
-                 optimizer: str):
+    def __init__(self, task: SelfCheckTask, mesh: Mesh, full: Batch, rows: slice, device, dtype: str, optimizer: str):
         self.task, self.mesh, self.device = task, mesh, device
         self.model = task.build(mesh).to(device)
         self.layouts = task.layouts(self.model, rows.stop - rows.start)
@@ -155,8 +182,11 @@ class _Side:
         self.count = full.targets[0][rows].numel()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
         params = self.model.parameters()
-        self.opt = (torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01) if optimizer == "adamw"
-                    else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01))
+        self.opt = (
+            torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+            if optimizer == "adamw"
+            else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+        )
 
     def forward_backward(self):
         """(output, loss, gradient of the loss with respect to inputs[0])."""
@@ -170,8 +200,15 @@ class _Side:
         return out.detach().float(), loss.detach(), x.grad
 
 
-def compare_with_serial(task: SelfCheckTask, mesh_config: MeshConfig, dtype: str = "fp32", steps: int = 3,
-                        local_batch: int = 2, data_seed: int = 7, optimizer: str = "sgd") -> dict:
+def compare_with_serial(
+    task: SelfCheckTask,
+    mesh_config: MeshConfig,
+    dtype: str = "fp32",
+    steps: int = 3,
+    local_batch: int = 2,
+    data_seed: int = 7,
+    optimizer: str = "sgd",
+) -> dict:
     """Run on an initialised process group; returns {quantity: (max relative error over all
     ranks, where it occurred)}, identical on every rank."""
     import torch.distributed as dist
@@ -210,7 +247,9 @@ def compare_with_serial(task: SelfCheckTask, mesh_config: MeshConfig, dtype: str
     # dp replicas, so d(global)/d(this replica's input) = gin / dp
     errors["input_grad"] = relative_error(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
     errors["param_grad"], worst["param_grad"] = max(
-        (relative_error(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n) for n, p in sharded.model.named_parameters())
+        (relative_error(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n)
+        for n, p in sharded.model.named_parameters()
+    )
     for step in range(steps):
         if step:
             serial.forward_backward()
@@ -218,7 +257,8 @@ def compare_with_serial(task: SelfCheckTask, mesh_config: MeshConfig, dtype: str
         serial.opt.step()
         sharded.opt.step()
     errors["params_after_steps"], worst["params_after_steps"] = max(
-        (relative_error(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters())
+        (relative_error(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters()
+    )
     return _worst_over_ranks(errors, worst, device)
 
 
@@ -249,30 +289,48 @@ def _positive(text: str) -> int:
     return value
 
 
-def main(argv=None, task: SelfCheckTask | None = None, prog: str = "python -m jigsaw_ext.selfcheck",
-         doc: str = __doc__, preload: tuple = ()) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(
+    argv=None,
+    task: SelfCheckTask | None = None,
+    prog: str = "python -m jigsaw_ext.selfcheck",
+    doc: str = __doc__,
+    preload: tuple = (),
+) -> int:
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dp", type=_positive, default=1)
     ap.add_argument("--domain", type=_positive, default=1)
     ap.add_argument("--tp", type=_positive, default=1)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--replicate-weights-over", nargs="*", default=[], choices=["domain", "tp"])
-    ap.add_argument("--strategy", nargs="*", default=[], metavar="[KIND=]STRATEGY",
-                    help="per layer kind (token_mixing=stationary) or for every kind (stationary): "
-                         "gather, stationary or auto (mesh.strategy)")
-    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                    help="optimizer for the parameters-after-3-steps check")
-    ap.add_argument("--tol", type=float, default=None,
-                    help=f"pass threshold (default {FP32_TOL} for fp32, {BF16_TOL} for bf16)")
+    ap.add_argument(
+        "--strategy",
+        nargs="*",
+        default=[],
+        metavar="[KIND=]STRATEGY",
+        help="per layer kind (token_mixing=stationary) or for every kind (stationary): "
+        "gather, stationary or auto (mesh.strategy)",
+    )
+    ap.add_argument(
+        "--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer for the parameters-after-3-steps check"
+    )
+    ap.add_argument(
+        "--tol", type=float, default=None, help=f"pass threshold (default {FP32_TOL} for fp32, {BF16_TOL} for bf16)"
+    )
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)
     from .testing import WorkerFailure, run_workers
 
     task = task or MixerTask()
     strategy = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.strategy)
-    mesh_kwargs = dict(dp=args.dp, domain=args.domain, tp=args.tp, replicate_weights_over=args.replicate_weights_over,
-                       strategy=strategy)
+    mesh_kwargs = dict(
+        dp=args.dp,
+        domain=args.domain,
+        tp=args.tp,
+        replicate_weights_over=args.replicate_weights_over,
+        strategy=strategy,
+    )
     try:
         mc = MeshConfig(**mesh_kwargs)
         task.check_mesh(Mesh.virtual(mc))  # fail fast, before any process starts
@@ -280,11 +338,22 @@ def main(argv=None, task: SelfCheckTask | None = None, prog: str = "python -m ji
         print(f"selfcheck FAIL invalid mesh: {err}")
         return 2
     tol = args.tol if args.tol is not None else (FP32_TOL if args.dtype == "fp32" else BF16_TOL)
-    print(f"selfcheck: {type(task).__name__} on mesh {mc}, {mc.world_size} processes, dtype {args.dtype}, "
-          f"tolerance {tol:g}", flush=True)
+    print(
+        f"selfcheck: {type(task).__name__} on mesh {mc}, {mc.world_size} processes, dtype {args.dtype}, "
+        f"tolerance {tol:g}",
+        flush=True,
+    )
     try:
-        errors = run_workers(_worker, mc.world_size, task, mesh_kwargs, args.dtype, args.optimizer,
-                             timeout=args.timeout, preload=list(preload))[0]
+        errors = run_workers(
+            _worker,
+            mc.world_size,
+            task,
+            mesh_kwargs,
+            args.dtype,
+            args.optimizer,
+            timeout=args.timeout,
+            preload=list(preload),
+        )[0]
     except WorkerFailure as err:
         print(f"selfcheck FAIL {err}")
         return 1

@@ -1,6 +1,7 @@
 """How a BlockMLP meets its data on a mesh: the communication and memory each strategy costs, and the
 choice `auto` makes from them (mesh.strategy). Pure arithmetic on sizes: the planner prices the
 same strategies with these functions."""
+
 from __future__ import annotations
 
 from .mesh import STRATEGIES, Mesh
@@ -10,8 +11,9 @@ def other_axis(axis: str) -> str:
     return {"domain": "tp", "tp": "domain"}[axis]
 
 
-def mlp_traffic(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-                replicate: bool = False) -> float:
+def mlp_traffic(
+    strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int, replicate: bool = False
+) -> float:
     """Elements one rank sends (ring volumes, as jigsaw_ext.commstats counts them) in one forward +
     backward of a BlockMLP on `rows` rows (micro-batch x rows per sample) of `features` features,
     hidden size `hidden`, storage / contract axes of these sizes (its LayerNorm: `norm_traffic`).
@@ -49,8 +51,9 @@ def fuses_norm(strategy: str, norm: str | None, split: bool) -> bool:
     return split and (strategy, norm) in (("stationary", "rows"), ("features", "features"))
 
 
-def mlp_saved(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-              fused: bool = False) -> float:
+def mlp_saved(
+    strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int, fused: bool = False
+) -> float:
     """Elements one rank saves for backward in a BlockMLP and its LayerNorm: the LayerNorm's input,
     fc1's input and the hidden activation before and after GELU, in the layout the strategy has them
     (fused: the LayerNorm saves the gathered input instead of this rank's block)."""
@@ -63,8 +66,9 @@ def mlp_saved(strategy: str, rows: int, features: int, hidden: int, storage: int
     return (R * I / s if fused else own) + R * I / s + 2 * R * H / (s * c)
 
 
-def mlp_extra_memory(strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int,
-                     fused: bool = False) -> float:
+def mlp_extra_memory(
+    strategy: str, rows: int, features: int, hidden: int, storage: int, contract: int, fused: bool = False
+) -> float:
     """Elements saved for backward beyond the gather strategy's (which keeps only this rank's blocks)."""
     shape = (rows, features, hidden, storage, contract)
     return mlp_saved(strategy, *shape, fused) - mlp_saved("gather", *shape)
@@ -77,8 +81,9 @@ def strategy_available(mesh: Mesh, strategy: str, contract: str) -> bool:
     return strategy != "features" or mesh.size(storage) == 1 or storage in mesh.replicate_weights_over
 
 
-def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str,
-                    norm: str | None = None, batch: int = 1) -> str:
+def choose_strategy(
+    mesh: Mesh, kind: str, rows: int, features: int, hidden: int, contract: str, norm: str | None = None, batch: int = 1
+) -> str:
     """The job's strategy for this layer kind (mesh.strategy; key '*': every kind not listed, where
     that strategy is available), or with 'auto' the one that sends the fewest bytes (`mlp_traffic`
     plus its LayerNorm's statistics unless it fuses the LayerNorm; ties keep the weights gathered:
@@ -87,8 +92,10 @@ def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int
     storage = other_axis(contract)
     requested = mesh.strategy.get(kind)
     if requested is not None and not strategy_available(mesh, requested, contract):
-        raise ValueError(f"mesh.strategy: {kind}={requested} needs mesh.{storage}=1 or '{storage}' in "
-                         f"mesh.replicate_weights_over (mesh: domain={mesh.size('domain')}, tp={mesh.size('tp')})")
+        raise ValueError(
+            f"mesh.strategy: {kind}={requested} needs mesh.{storage}=1 or '{storage}' in "
+            f"mesh.replicate_weights_over (mesh: domain={mesh.size('domain')}, tp={mesh.size('tp')})"
+        )
     requested = requested or mesh.strategy.get("*", "auto")
     if requested != "auto" and strategy_available(mesh, requested, contract):
         return requested
@@ -104,8 +111,9 @@ def choose_strategy(mesh: Mesh, kind: str, rows: int, features: int, hidden: int
             continue
         fused = fuses_norm(name, norm, group > 1)
         extra = mlp_extra_memory(name, **shape, fused=fused)
-        if name != "gather" and mesh.strategy_memory_mb is not None and extra * 4 > mesh.strategy_memory_mb * 2 ** 20:
+        if name != "gather" and mesh.strategy_memory_mb is not None and extra * 4 > mesh.strategy_memory_mb * 2**20:
             continue
-        costs[name] = mlp_traffic(name, replicate=replicate, **shape) + \
-            (0.0 if norm is None or fused else norm_traffic(vectors, group))
+        costs[name] = mlp_traffic(name, replicate=replicate, **shape) + (
+            0.0 if norm is None or fused else norm_traffic(vectors, group)
+        )
     return min(costs, key=lambda k: (costs[k], k != "gather"))

@@ -5,6 +5,7 @@ costs milliseconds instead of ~5 s of imports. The parent enforces a timeout, re
 failed with its traceback, kills the others (no rank is left waiting in a collective), and workers
 end with os._exit after a final barrier (avoids the gloo/ZeRO-3 teardown race at interpreter exit).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -37,8 +38,14 @@ def _context(preload):
 def _worker(fn, rank, world, port, conn, threads, backend, dist_timeout, args, env):
     try:
         os.environ.update(env)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+        )
         import torch
         import torch.distributed as dist
 
@@ -60,8 +67,16 @@ def _worker(fn, rank, world, port, conn, threads, backend, dist_timeout, args, e
             os._exit(1)
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 300.0, threads: int | None = 1,
-                backend: str | None = None, env: dict | None = None, preload=()) -> list:
+def run_workers(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    threads: int | None = 1,
+    backend: str | None = None,
+    env: dict | None = None,
+    preload=(),
+) -> list:
     """Run fn(rank, world_size, *args) on `world_size` freshly initialised ranks; return each
     rank's (picklable) result. Raises WorkerFailure naming the rank on error or timeout."""
     ctx = _context(preload)
@@ -69,9 +84,12 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300.0, threads: int
     procs, conns = [], []
     for rank in range(world_size):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, name=f"rank{rank}", daemon=True,
-                        args=(fn, rank, world_size, port, send, threads, backend,
-                              max(timeout, 30.0), args, dict(env or {})))
+        p = ctx.Process(
+            target=_worker,
+            name=f"rank{rank}",
+            daemon=True,
+            args=(fn, rank, world_size, port, send, threads, backend, max(timeout, 30.0), args, dict(env or {})),
+        )
         p.start()
         send.close()
         procs.append(p)
@@ -83,8 +101,10 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300.0, threads: int
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WorkerFailure(f"timeout after {timeout:.0f} s: ranks {sorted(pending)} of {world_size} "
-                                    f"did not finish (hung in a collective?)")
+                raise WorkerFailure(
+                    f"timeout after {timeout:.0f} s: ranks {sorted(pending)} of {world_size} "
+                    f"did not finish (hung in a collective?)"
+                )
             ready = mpc.wait(list(pending.values()), timeout=left)
             for conn in ready:
                 rank = next(r for r, c in pending.items() if c is conn)
@@ -92,8 +112,9 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300.0, threads: int
                     status, payload = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     procs[rank].join(5)
-                    raise WorkerFailure(f"rank {rank} died without reporting (exit code "
-                                        f"{procs[rank].exitcode})") from None
+                    raise WorkerFailure(
+                        f"rank {rank} died without reporting (exit code {procs[rank].exitcode})"
+                    ) from None
                 if status == "error":
                     raise WorkerFailure(f"rank {rank} of {world_size} failed:\n{payload}")
                 results[rank] = payload

@@ -1,6 +1,7 @@
 """Workers of tests/test_accumulate.py: gradient accumulation through the DeepSpeed engine with the
 model-axis gradient reductions deferred to the last micro-batch (mesh.reduce_gradients_once), against
 an independent serial twin, with every micro-batch's traffic counted by jigsaw_ext.commstats."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,11 @@ def _batch(cfg, dp, step, micro):
     gen = torch.Generator().manual_seed(1000 * step + micro)
     C, S = cfg.channels.n_fields, cfg.channels.n_static
     n = MICRO * dp
-    return (torch.randn(n, C, *cfg.grid, generator=gen), torch.randn(n, S, *cfg.grid, generator=gen),
-            torch.randn(n, C, *cfg.grid, generator=gen))
+    return (
+        torch.randn(n, C, *cfg.grid, generator=gen),
+        torch.randn(n, S, *cfg.grid, generator=gen),
+        torch.randn(n, C, *cfg.grid, generator=gen),
+    )
 
 
 def _serial_steps(cfg, dp, steps):
@@ -49,8 +53,9 @@ def _serial_steps(cfg, dp, steps):
 
 
 def _errors(model, ref, mesh):
-    errs = {n: relative_error(p.detach(), p.block_layout.shard(ref[n], mesh.coords))
-            for n, p in model.named_parameters()}
+    errs = {
+        n: relative_error(p.detach(), p.block_layout.shard(ref[n], mesh.coords)) for n, p in model.named_parameters()
+    }
     worst = max(errs, key=errs.get)
     return errs[worst], worst
 
@@ -83,14 +88,18 @@ def _layer_calls():
     gradients it is given: with dp = 1 they send no bytes, but they are calls)."""
     from jigsaw_ext import collectives
 
-    names = {"_all_gather_single": "all_gather", "_reduce_scatter_single": "reduce_scatter",
-             "_all_reduce": "all_reduce"}
+    names = {
+        "_all_gather_single": "all_gather",
+        "_reduce_scatter_single": "reduce_scatter",
+        "_all_reduce": "all_reduce",
+    }
     calls, saved = Counter(), {name: getattr(collectives, name) for name in names}
 
     def counting(fn, kind):
         def call(*args, **kwargs):
             calls[kind] += 1
             return fn(*args, **kwargs)
+
         return call
 
     for name, kind in names.items():
@@ -114,15 +123,29 @@ def _engine_case(dp, domain, tp, stage, strategy, replicate=(), on_steps=2, off_
     from weathermixer.train.loss import latitude_weights, weighted_mse_term
 
     cfg = _cfg()
-    mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp, strategy={"*": strategy}, reduce_gradients_once=True,
-                                replicate_weights_over=list(replicate)))
+    mesh = init_mesh(
+        MeshConfig(
+            dp=dp,
+            domain=domain,
+            tp=tp,
+            strategy={"*": strategy},
+            reduce_gradients_once=True,
+            replicate_weights_over=list(replicate),
+        )
+    )
     model = WeatherMixer(cfg, mesh, micro_batch=MICRO)
-    ds_config = {"train_batch_size": MICRO * GAS * dp, "train_micro_batch_size_per_gpu": MICRO,
-                 "gradient_accumulation_steps": GAS, "zero_optimization": {"stage": stage},
-                 "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
-                 "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      mpu=mesh.mpu())
+    ds_config = {
+        "train_batch_size": MICRO * GAS * dp,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": GAS,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config, mpu=mesh.mpu()
+    )
     ref = _serial_steps(cfg, dp, on_steps + off_steps)
     geo = model.geo
     w = latitude_weights(torch.linspace(-90, 90, cfg.grid[0]))[geo.pixel_row_split.slice(mesh.coords["domain"])]

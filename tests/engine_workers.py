@@ -1,5 +1,6 @@
 """Workers for tests/test_engine_path.py: the training job's Trainer on a mesh, in-process (the
 same code train.py runs), and an independent serial twin in plain PyTorch."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -16,10 +17,10 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
     DeepSpeed, no Trainer. Returns the parameters after `steps` steps and the gradient norms."""
     from jigsaw_ext.mesh import Mesh
     from weathermixer.data import Normalizer, ShardedSampleLoader
-    from weathermixer.train.loss import channel_loss_weights, latitude_weights, weighted_loss_term
     from weathermixer.model import WeatherMixer
     from weathermixer.train.config import load_train_job
     from weathermixer.train.job import prepare_data
+    from weathermixer.train.loss import channel_loss_weights, latitude_weights, weighted_loss_term
 
     torch.manual_seed(0)
     job, ds = load_train_job(job_path, settings=settings)
@@ -29,15 +30,21 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
     data_cfg = data_cfg.model_copy(update={"leads": max(data_cfg.leads or 0, job.rollout)})
     loader = ShardedSampleLoader(data_cfg, cfg, Mesh.single(), "train", batch=micro * dp, seed=tc.seed)
     stats = Normalizer.load(data_cfg.stats).stats
-    w_lat, w_chan = latitude_weights(torch.as_tensor(loader.lat.copy())), channel_loss_weights(cfg.channels, job.loss, stats)
+    w_lat, w_chan = (
+        latitude_weights(torch.as_tensor(loader.lat.copy())),
+        channel_loss_weights(cfg.channels, job.loss, stats),
+    )
 
     model = WeatherMixer(cfg, Mesh.single())
     opt_params = ds["optimizer"]["params"]
     no_decay = [n for n, _ in model.named_parameters() if fnmatch.fnmatchcase(n, "*.bias") or "norm" in n]
-    groups = [{"params": [p for n, p in model.named_parameters() if n not in no_decay]},
-              {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=opt_params["betas"], eps=opt_params["eps"],
-                            weight_decay=opt_params["weight_decay"])
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in no_decay]},
+        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(
+        groups, lr=tc.lr, betas=opt_params["betas"], eps=opt_params["eps"], weight_decay=opt_params["weight_decay"]
+    )
 
     def lr_factor(s):  # s optimizer steps taken
         if s < tc.warmup:
@@ -60,8 +67,9 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
             for lead in range(K):  # latent rollout, every lead decoded, written out here on purpose
                 for block in model.blocks:
                     z = block(z)
-                loss = loss + weighted_loss_term(model.decode(z, z0, x), sample.targets[lead], w_lat, w_chan,
-                                                 micro * dp * C * H * W)
+                loss = loss + weighted_loss_term(
+                    model.decode(z, z0, x), sample.targets[lead], w_lat, w_chan, micro * dp * C * H * W
+                )
             (loss / K / gas).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))))
         opt.step()
@@ -92,8 +100,13 @@ def trainer_against_twin(rank, world, job_path, settings, twin_params):
         mine = (p.detach() if mine is None else mine).float()
         want = p.block_layout.shard(twin_params[name], coords).float()
         errs[name] = ((mine - want).norm() / want.norm().clamp_min(1e-30)).item()
-    out = {"max_err": max(errs.values()), "worst": max(errs, key=errs.get), "losses": result.losses,
-           "global_steps": engine.global_steps, "micro_steps": engine.micro_steps}
+    out = {
+        "max_err": max(errs.values()),
+        "worst": max(errs, key=errs.get),
+        "losses": result.losses,
+        "global_steps": engine.global_steps,
+        "micro_steps": engine.micro_steps,
+    }
     offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is not None:
         coord = offload.get_param_coordinator()

@@ -1,4 +1,5 @@
 """Workers of tests/test_plan.py: what a real CPU run sends, counted by jigsaw_ext.commstats."""
+
 import torch
 
 
@@ -45,11 +46,16 @@ def engine_step_comm(rank, world, mesh_kwargs, overrides, batch, zero):
     cfg = default_model_config(**overrides)
     mesh = init_mesh(MeshConfig(**mesh_kwargs))
     model = WeatherMixer(cfg, mesh, micro_batch=batch)
-    ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": zero}, "steps_per_print": 10 ** 9,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      mpu=mesh.mpu())
+    ds_config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero},
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config, mpu=mesh.mpu()
+    )
     x, s = _inputs(model, mesh, cfg, batch)
     out = []
     for _ in range(2):

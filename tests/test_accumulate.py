@@ -7,6 +7,7 @@ The reductions a micro-batch must skip are read off the planner's trace of the s
 same mesh (jigsaw_ext.plan.trace classifies every collective by the autograd function issuing it:
 'weight_grad', 'small_param_grad'): a deferred micro-batch sends exactly those fewer calls and bytes
 than the same micro-batch without the switch, the boundary micro-batch exactly as many."""
+
 from collections import Counter
 
 import pytest
@@ -26,8 +27,9 @@ def _deferred_reductions(domain, tp, strategy, rank, replicate=()):
     """(calls, bytes) by kind of the model-axis gradient reductions of one micro-batch on `rank`."""
     cfg = W._cfg()
     model = WeatherPlanModel(cfg, rollout=1)
-    mesh = fake_mesh(MeshConfig(domain=domain, tp=tp, strategy={"*": strategy}, replicate_weights_over=list(replicate)),
-                     rank)
+    mesh = fake_mesh(
+        MeshConfig(domain=domain, tp=tp, strategy={"*": strategy}, replicate_weights_over=list(replicate)), rank
+    )
     tr = trace_step(model.build(mesh, torch.float32, W.MICRO), lambda m: model.step(m, mesh, W.MICRO, torch.float32))
     calls, sent = Counter(), Counter()
     for c in tr.collectives:
@@ -49,7 +51,7 @@ def _check_case(res, case, world):
             assert held[-1] == 0, f"{case} rank {rank}: accumulators left after the step: {held}"
         expected_acc = 4 * out["accumulator_elements"]
         for step in range(on_steps):  # one accumulator per parameter, filled in place, emptied at the end
-            assert out["deferred_bytes"][step][:W.GAS - 1] == [expected_acc] * (W.GAS - 1), (case, rank, out)
+            assert out["deferred_bytes"][step][: W.GAS - 1] == [expected_acc] * (W.GAS - 1), (case, rank, out)
             assert out["deferred_bytes"][step][W.GAS - 1] == 0
         assert out["deferred_bytes"][on_steps] == [0] * (W.GAS + 1)  # switch off: nothing held
         if dp > 1:
@@ -67,10 +69,27 @@ def _check_case(res, case, world):
                     deferred = i < W.GAS - 1
                     skip_c, skip_b = (skipped_calls[kind], skipped_bytes[kind]) if deferred else (0, 0)
                     for who in counted:
-                        assert calls[who].get(kind, 0) == off_calls[i][who].get(kind, 0) - skip_c, \
-                            (case, rank, step, i, kind, who, calls, off_calls[i], dict(skipped_calls))
-                    assert sent.get(kind, 0) == off_bytes[i].get(kind, 0) - skip_b, \
-                        (case, rank, step, i, kind, sent, off_bytes[i], dict(skipped_bytes))
+                        assert calls[who].get(kind, 0) == off_calls[i][who].get(kind, 0) - skip_c, (
+                            case,
+                            rank,
+                            step,
+                            i,
+                            kind,
+                            who,
+                            calls,
+                            off_calls[i],
+                            dict(skipped_calls),
+                        )
+                    assert sent.get(kind, 0) == off_bytes[i].get(kind, 0) - skip_b, (
+                        case,
+                        rank,
+                        step,
+                        i,
+                        kind,
+                        sent,
+                        off_bytes[i],
+                        dict(skipped_bytes),
+                    )
 
 
 def _check_safety(res):
@@ -84,8 +103,9 @@ def _check_safety(res):
 
 
 def _run(world, cases, safety=None):
-    return run_workers(W.accumulate_cases, world, cases, safety, timeout=300,
-                       preload=["deepspeed", "weathermixer.model"])
+    return run_workers(
+        W.accumulate_cases, world, cases, safety, timeout=300, preload=["deepspeed", "weathermixer.model"]
+    )
 
 
 def test_reductions_once_per_step_on_2x2():
@@ -95,17 +115,26 @@ def test_reductions_once_per_step_on_2x2():
     twin's after each of two steps with the switch and one without, and the deferred micro-batches
     skip exactly the model-axis gradient reductions. Plus exception safety and forwards without
     backward (validation)."""
-    cases = [(1, 2, 2, 0, "gather"), (1, 2, 2, 2, "stationary"), (1, 2, 2, 2, "gather"), (2, 1, 2, 2, "gather"),
-             (1, 2, 2, 0, "gather", ("tp",))]
+    cases = [
+        (1, 2, 2, 0, "gather"),
+        (1, 2, 2, 2, "stationary"),
+        (1, 2, 2, 2, "gather"),
+        (2, 1, 2, 2, "gather"),
+        (1, 2, 2, 0, "gather", ("tp",)),
+    ]
     res = _run(4, cases, safety=(2, 2, "gather"))
     for case in cases:
         _check_case(res, case, 4)
     _check_safety(res)
 
 
-@pytest.mark.parametrize("cases", [
-    [(1, 3, 1, 2, "gather"), (1, 1, 3, 0, "stationary")],
-], ids=["uneven-3"])
+@pytest.mark.parametrize(
+    "cases",
+    [
+        [(1, 3, 1, 2, "gather"), (1, 1, 3, 0, "stationary")],
+    ],
+    ids=["uneven-3"],
+)
 def test_reductions_once_per_step_on_uneven_meshes(cases):
     """Uneven shards (1x3x1: 25 patch rows... over 3; 1x1x3: features over 3), ZeRO-2 and ZeRO-0."""
     res = _run(3, cases)
@@ -123,11 +152,24 @@ def test_trainer_defers_and_matches_the_serial_twin(tmp_path):
 
     job = small_job(tmp_path, rollout=2, resume="never")
     settings = [s for s in COMMON if not s.startswith("ds.gradient_accumulation_steps")] + [
-        "ds.gradient_accumulation_steps=3", f"log.dir={tmp_path / 'out'}", "mesh.dp=2", "mesh.domain=1", "mesh.tp=2",
-        "ds.zero_optimization.stage=2", "mesh.reduce_gradients_once=true"]
+        "ds.gradient_accumulation_steps=3",
+        f"log.dir={tmp_path / 'out'}",
+        "mesh.dp=2",
+        "mesh.domain=1",
+        "mesh.tp=2",
+        "ds.zero_optimization.stage=2",
+        "mesh.reduce_gradients_once=true",
+    ]
     twin = engine_workers.serial_twin(str(job), settings, 3)
-    res = run_workers(W.trainer_with_switch, 4, str(job), settings, twin["params"], timeout=300,
-                      preload=["deepspeed", "weathermixer.train.trainer"])
+    res = run_workers(
+        W.trainer_with_switch,
+        4,
+        str(job),
+        settings,
+        twin["params"],
+        timeout=300,
+        preload=["deepspeed", "weathermixer.train.trainer"],
+    )
     for rank, r in enumerate(res):
         assert r["max_err"] <= TOL, f"rank {rank}: {r['max_err']:.2e} on {r['worst']}"
         assert r["global_steps"] == 3 and r["micro_steps"] == 9, r

@@ -3,6 +3,7 @@
 Forward, input gradients, every parameter's gradient and the parameters after AdamW steps (with
 weight decay) of the padded model equal the unpadded model's, on 1x1x1 and on 1x2x2 (every
 strategy the layers can take there), in fp32 to 1e-6; parameter shapes and counts are the model's own."""
+
 import torch
 
 from jigsaw_ext import aligned
@@ -17,8 +18,16 @@ def unaligned_config():
     from weathermixer.config import ChannelsConfig, ModelConfig
 
     ch = ChannelsConfig(surface=["a", "b", "c"], atmospheric=[], levels=[], static=["s"])
-    return ModelConfig(grid=(6, 20), channels=ch, patch=(1, 4), hidden=12, token_fraction=0.5,
-                       channel_fraction=1.5, blocks=2, rollout=2)
+    return ModelConfig(
+        grid=(6, 20),
+        channels=ch,
+        patch=(1, 4),
+        hidden=12,
+        token_fraction=0.5,
+        channel_fraction=1.5,
+        blocks=2,
+        rollout=2,
+    )
 
 
 def padded_vs_unpadded(mesh_of, multiple: int, steps: int = 3) -> dict:
@@ -37,6 +46,7 @@ def padded_vs_unpadded(mesh_of, multiple: int, steps: int = 3) -> dict:
 
     def rel(a, b):  # (a rank's block may be empty: uneven shards)
         return 0.0 if b.numel() == 0 else ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
     for _ in range(steps):
         outs, grads = [], []
         for model, opt in zip(models, opts):
@@ -96,16 +106,18 @@ def _mesh_worker(rank, world, multiple, strategies):
 
     out = {}
     for strategy in strategies:
-        meshes = {m: init_mesh(MeshConfig(domain=2, tp=2, gemm_multiple=m, strategy={"*": strategy}))
-                  for m in (1, multiple)}
+        meshes = {
+            m: init_mesh(MeshConfig(domain=2, tp=2, gemm_multiple=m, strategy={"*": strategy})) for m in (1, multiple)
+        }
         out[strategy] = padded_vs_unpadded(lambda m: meshes[m], multiple)
     return out
 
 
 def test_padded_model_is_the_unpadded_model_on_1x2x2():
     """Both strategies that run on 1x2x2 (the weights' gather and Megatron-style stationary weights)."""
-    for by_strategy in run_workers(_mesh_worker, 4, 8, ("gather", "stationary"), timeout=600,
-                                   preload=["weathermixer.model"]):
+    for by_strategy in run_workers(
+        _mesh_worker, 4, 8, ("gather", "stationary"), timeout=600, preload=["weathermixer.model"]
+    ):
         for worst in by_strategy.values():
             for key in ("forward", "input_grad", "weight_grad", "params"):
                 assert worst[key] <= TOL, by_strategy

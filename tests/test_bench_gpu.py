@@ -1,5 +1,6 @@
 """benchmarks/bench_gpu.py --smoke: every code path of the GPU benchmark on the CPU at tiny shapes,
 through the command a user types, writing the JSON layout of the GPU run (CI never has a GPU)."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,13 @@ PARTS = ("before", "after", "profile", "reference", "planner", "calibration")
 
 def test_smoke_runs_every_part_and_writes_the_gpu_layout(tmp_path):
     out = tmp_path / "smoke.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     for part in PARTS:
@@ -35,8 +41,13 @@ def test_smoke_runs_every_part_and_writes_the_gpu_layout(tmp_path):
 
 
 def test_without_a_gpu_and_without_smoke_it_says_so():
-    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--out", "/dev/null"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--out", "/dev/null"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--smoke" in proc.stderr
 
 
@@ -44,9 +55,23 @@ def test_a_failing_part_records_its_error_and_the_rest_still_run(tmp_path):
     """The after run fails at start-up (no such compiler backend): its error is kept, the same run with
     the blocks eager takes its place in the time left, and the profile comes from that run."""
     out = tmp_path / "fail.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--out", str(out), "--parts",
-                           "after,profile,planner", "--set", "train.compile_backend=no_such_backend"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_gpu.py",
+            "--smoke",
+            "--out",
+            str(out),
+            "--parts",
+            "after,profile,planner",
+            "--set",
+            "train.compile_backend=no_such_backend",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert "no_such_backend" in doc["after"]["stderr_tail"] and "error" in doc["after"]

@@ -1,5 +1,6 @@
 """The benchmark runs and its deterministic figures (bytes, not seconds) meet their targets.
 Timings are reported by the benchmark, never asserted here."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_benchmark_byte_figures():
-    run = subprocess.run([sys.executable, "benchmarks/bench_jigsaw.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_jigsaw.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     for figure in ("parameter_memory", "activation_memory", "communication", "sanity"):

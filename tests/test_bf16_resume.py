@@ -4,6 +4,7 @@ checkpoint continues the loss curve of the uninterrupted run exactly.
 ZeRO-0 with bf16 goes through DeepSpeed's FP16 optimizer wrapper (fp32 masters beside the bf16
 parameters), ZeRO-1/2 through its ZeRO optimizer's fragment mapping, ZeRO-3 through its partitions; stage 3
 runs on two data-parallel ranks so its partitions are real halves."""
+
 import pytest
 
 from tests.test_training_runs import STEPS, _losses, _max_rel, _train, small_job
@@ -28,8 +29,9 @@ def test_bf16_resume_matches_the_uninterrupted_run(job, tmp_path, stage):
     assert "bfloat16" in run.stdout and len(straight) == STEPS
     tag = tmp_path / "straight" / "checkpoints" / "step00000002"
     assert (tag / "COMPLETE").is_file(), run.stdout[-2000:]
-    resumed, run = _train(job, tmp_path / "resumed", mesh, *common, f"checkpoint.resume={tag}", nproc=nproc,
-                          launcher=launcher)
+    resumed, run = _train(
+        job, tmp_path / "resumed", mesh, *common, f"checkpoint.resume={tag}", nproc=nproc, launcher=launcher
+    )
     assert "resuming from" in run.stdout and "(step 2)" in run.stdout, run.stdout[-2000:]
     assert sorted(resumed) == list(range(3, STEPS + 1))
     assert _max_rel(resumed, {s: straight[s] for s in resumed}) <= 1e-6
@@ -48,8 +50,10 @@ def test_fused_fp16_optimizer_masters_and_moments_are_found():
     from jigsaw_ext.checkpoint.engine_state import create_moments, fp32_blocks, set_fp32_block, state_fragment
 
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(3, 4, generator=g).bfloat16()),
-              torch.nn.Parameter(torch.randn(5, generator=g).bfloat16())]
+    params = [
+        torch.nn.Parameter(torch.randn(3, 4, generator=g).bfloat16()),
+        torch.nn.Parameter(torch.randn(5, generator=g).bfloat16()),
+    ]
     wrapper = FP16_Optimizer(torch.optim.AdamW(params, lr=1e-3), low_precision_dtype=torch.bfloat16)
     engine = SimpleNamespace(optimizer=wrapper)
     create_moments(engine)

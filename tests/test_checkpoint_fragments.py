@@ -7,6 +7,7 @@ loads on another mesh and ZeRO stage.
 Real DeepSpeed engines of the quickstart model (gloo, one process per rank); every master weight and
 moment is set to a deterministic function of its global position first, so the replicas agree and
 the expected tensors are known."""
+
 import math
 import sys
 import zlib
@@ -75,13 +76,15 @@ def test_the_fragment_mapping_reader_names_the_deepspeed_version_when_it_changed
     assert zero12_fragment(p) == Fragment(0, 0)
     flat = torch.arange(20, dtype=torch.float32)
     frags = {None: flat[2:9], "exp_avg": flat[2:9] + 1, "exp_avg_sq": flat[2:9] + 2}
-    p._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=5, numel=7),
-                                    get_hp_fragment=lambda key=None: frags[key])
+    p._hp_mapping = SimpleNamespace(
+        lp_fragment_address=SimpleNamespace(start=5, numel=7), get_hp_fragment=lambda key=None: frags[key]
+    )
     f = zero12_fragment(p)
     assert (f.start, f.numel, f.dp_replicated) == (5, 7, False)
     assert f.views["param"].data_ptr() == flat[2:].data_ptr() and torch.equal(f.views["exp_avg"], flat[2:9] + 1)
-    p._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=5, numel=7),
-                                    get_hp_fragment=lambda key=None: frags[key].double())
+    p._hp_mapping = SimpleNamespace(
+        lp_fragment_address=SimpleNamespace(start=5, numel=7), get_hp_fragment=lambda key=None: frags[key].double()
+    )
     with pytest.raises(FragmentMappingError, match=r"expected a contiguous 1-D fp32 view.*0\.19\.8"):
         zero12_fragment(p)
     p._hp_mapping = SimpleNamespace(get_hp_fragment=lambda key=None: frags[key])
@@ -110,11 +113,16 @@ def _engine(mesh_str: str, stage: int):
     model = WeatherMixer(ModelConfig(grid=(32, 64), patch=(1, 8), hidden=40, blocks=2), mesh)
     if stage == 3:
         register_list_parameters(model)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, TrainConfig().param_groups,
-                                      1e-3), config=ds, mpu=mesh.mpu())
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, TrainConfig().param_groups, 1e-3), config=ds, mpu=mesh.mpu()
+    )
     create_moments(engine)
     for name, p in model.named_parameters():
         offset, shape = block_box(p.block_layout, mesh.coords)
@@ -132,8 +140,10 @@ def _save_worker(rank, world, mesh_str, stage, work):
 
     engine, model, mesh = _engine(mesh_str, stage)
     frags = {n: engine_state.state_fragment(engine, p) for n, p in model.named_parameters()}
-    straddles = any(f is not None and f.numel and len(p.shape) >= 2 and f.start % math.prod(p.shape[1:])
-                    for (n, f), p in zip(frags.items(), model.parameters()))
+    straddles = any(
+        f is not None and f.numel and len(p.shape) >= 2 and f.start % math.prod(p.shape[1:])
+        for (n, f), p in zip(frags.items(), model.parameters())
+    )
     # the fragment path reads no full block: DeepSpeed's full-block accessors (a dp collective) must not run
     saved = deepspeed.utils.safe_get_full_fp32_param, deepspeed.utils.safe_get_full_optimizer_state
 
@@ -180,8 +190,11 @@ def _load_worker(rank, world, mesh_str, stage, work, desc):
     with torch.no_grad():  # wipe what _engine set, so that only the load can give it back
         for p in model.parameters():
             (p.ds_tensor if hasattr(p, "ds_id") else p).zero_()
-        flats = getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or \
-            getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []
+        flats = (
+            getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+            or getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+            or []
+        )
         for q in flats:
             q.zero_()
         for st in base_optimizer(engine).state.values():
@@ -201,8 +214,10 @@ def _load_worker(rank, world, mesh_str, stage, work, desc):
     return bad
 
 
-@pytest.mark.parametrize("mesh,stage,other,other_stage", [("2x1x2", 1, "2x2x1", 3), ("2x2x1", 2, "1x2x2", 0),
-                                                          ("2x2x1", 3, "2x1x2", 1), ("2x1x1", 0, "2x1x2", 2)])
+@pytest.mark.parametrize(
+    "mesh,stage,other,other_stage",
+    [("2x1x2", 1, "2x2x1", 3), ("2x2x1", 2, "1x2x2", 0), ("2x2x1", 3, "2x1x2", 1), ("2x1x1", 0, "2x1x2", 2)],
+)
 def test_fragment_aligned_save_writes_the_state_and_loads_on_another_mesh(tmp_path, mesh, stage, other, other_stage):
     """Saved with fragments (no full-block accessor may run), the checkpoint holds exactly the global
     master weights and moments, as does the accessors' fallback; it loads exactly on another mesh and
@@ -270,8 +285,13 @@ def test_a_rank_failing_outside_dcp_stops_every_rank_naming_it(tmp_path):
     leaves no partial directory and moves no pointer."""
     from jigsaw_ext.testing import run_workers
 
-    res = run_workers(_failing_worker, 2, str(tmp_path), timeout=300,
-                      preload=["deepspeed", "weathermixer.model", "megatron.core.dist_checkpointing"])
+    res = run_workers(
+        _failing_worker,
+        2,
+        str(tmp_path),
+        timeout=300,
+        preload=["deepspeed", "weathermixer.model", "megatron.core.dist_checkpointing"],
+    )
     for r, out in enumerate(res):
         assert "writing checkpoint step 1 failed" in out.get("save", ""), (r, out)
         assert "on rank 1: RuntimeError: boom on purpose on rank 1" in out["save"], (r, out)

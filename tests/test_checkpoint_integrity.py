@@ -4,6 +4,7 @@ names, and damaged or unwritable checkpoints named with a way forward.
 One short single-process run (ZeRO-1, checkpoints at steps 2 and 4) is shared; each test works on a
 copy. Faults are injected by a wrapper around train.py that replaces torch.save (which DeepSpeed's
 checkpoint engine calls) on one rank: SIGKILL in the middle of writing a shard, or ENOSPC."""
+
 import hashlib
 import json
 import shutil
@@ -69,8 +70,9 @@ def base(tmp_path_factory):
 
 
 def _run(cmd, timeout=240, **env):
-    return subprocess.run(cmd, cwd=ROOT, env=dict(ENV, TRAIN_ROOT=str(ROOT), **env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=dict(ENV, TRAIN_ROOT=str(ROOT), **env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _copy(base, where: Path) -> Path:
@@ -100,8 +102,14 @@ def _flip(path: Path, offset: int = 5000) -> None:
 
 
 def _verify_cli(path: Path):
-    return subprocess.run([sys.executable, "-m", "jigsaw_ext.checkpoint", "inspect", "--verify", str(path)], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "jigsaw_ext.checkpoint", "inspect", "--verify", str(path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_bit_flips_are_refused_naming_the_file(base, tmp_path):
@@ -145,8 +153,17 @@ def test_a_crash_while_resaving_the_latest_tag_keeps_it(base, tmp_path):
     again, finishes, and saves the new step 4 under a name that was free (step00000004.1)."""
     root = _copy(base, tmp_path / "run")
     before = _digest(root / "step00000004")
-    cmd = _launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=4", "--resume",
-                  str(root / "step00000002"), launcher="python")
+    cmd = _launch(
+        base["job"],
+        tmp_path / "run",
+        1,
+        *ONE,
+        "--set",
+        "train.steps=4",
+        "--resume",
+        str(root / "step00000002"),
+        launcher="python",
+    )
     killed = _run(_faulty(cmd, base["wrapper"]), FAULT="kill", FAULT_AT="step00000004")
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
     for pointer in ("latest", "best"):
@@ -188,8 +205,21 @@ def disk_full(base, tmp_path_factory):
     """2 ranks (domain 2), checkpoints every 2 steps; rank 1's tensor file of the step-4 checkpoint
     fails with ENOSPC (on that rank only)."""
     out = tmp_path_factory.mktemp("disk_full") / "run"
-    cmd = _launch(base["job"], out, 2, "--domain", "2", "--tp", "1", "--set", "ds.zero_optimization.stage=1",
-                  "--set", "checkpoint.every=2", "--set", "train.steps=4")
+    cmd = _launch(
+        base["job"],
+        out,
+        2,
+        "--domain",
+        "2",
+        "--tp",
+        "1",
+        "--set",
+        "ds.zero_optimization.stage=1",
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        "train.steps=4",
+    )
     run = _run(_faulty(cmd, base["wrapper"]), FAULT="enospc", FAULT_AT="step00000004", FAULT_RANK="1")
     return {"cmd": cmd, "root": out / "checkpoints", "run": run}
 
@@ -224,14 +254,28 @@ def test_a_really_full_file_system(base, tmp_path):
     named, the partial step-4 directory is removed."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
     try:
         root = mnt / "checkpoints"
-        run = _run(_launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=4", "--set",
-                           f"checkpoint.dir={json.dumps(str(root))}", launcher="python"))
+        run = _run(
+            _launch(
+                base["job"],
+                tmp_path / "run",
+                1,
+                *ONE,
+                "--set",
+                "train.steps=4",
+                "--set",
+                f"checkpoint.dir={json.dumps(str(root))}",
+                launcher="python",
+            )
+        )
         msg = run.stdout + run.stderr
         assert run.returncode == 1 and f"no space left on {mnt} (" in msg, msg[-3000:]
         assert "while writing checkpoint step 4" in msg and "no pointer moved" in msg, msg[-3000:]

@@ -4,6 +4,7 @@ unpickled freely; old-format checkpoints are named with how to convert them; ins
 
 The run that writes the checkpoint (1x2x2 ZeRO-1, 6 steps, a checkpoint at step 3) is itself the
 uninterrupted reference: each target gets a copy of its run folder with `latest` at step 3."""
+
 import json
 import os
 import pickle
@@ -14,15 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from jigsaw_ext.checkpoint import CheckpointFormatError, main as ckpt_main
+from jigsaw_ext.checkpoint import main as ckpt_main
 from tests.test_training_runs import _max_rel, _train, small_job
 
 N, STEPS = 3, 6
 
 
 def _source(tmp: Path, job: Path, name: str, *settings) -> dict:
-    losses, run = _train(job, tmp / name, (1, 2, 2), "ds.zero_optimization.stage=1", "checkpoint.every=3",
-                         *settings)
+    losses, run = _train(job, tmp / name, (1, 2, 2), "ds.zero_optimization.stage=1", "checkpoint.every=3", *settings)
     assert sorted(losses) == list(range(1, STEPS + 1)), run.stdout[-2000:]
     root = tmp / name / "checkpoints"
     assert (root / "step00000003" / "COMPLETE").is_file()
@@ -35,8 +35,15 @@ def _resume_on(src: dict, tmp: Path, job: Path, name: str, mesh, stage: int, *se
     shutil.copytree(src["out"], out, ignore=shutil.ignore_patterns("step00000006", "metrics.csv", "RUN.lock"))
     (out / "checkpoints" / "latest").write_text("step00000003\n")
     dp = mesh[0]
-    losses, run = _train(job, out, mesh, f"ds.zero_optimization.stage={stage}",
-                         f"ds.train_micro_batch_size_per_gpu={8 // dp}", "checkpoint.resume=auto", *settings)
+    losses, run = _train(
+        job,
+        out,
+        mesh,
+        f"ds.zero_optimization.stage={stage}",
+        f"ds.train_micro_batch_size_per_gpu={8 // dp}",
+        "checkpoint.resume=auto",
+        *settings,
+    )
     assert "(step 3) on mesh" in run.stdout and "written on 1x2x2 ZeRO-1" in run.stdout, run.stdout[-2000:]
     assert sorted(losses) == list(range(N + 1, STEPS + 1)), run.stdout[-2000:]
     return losses
@@ -174,8 +181,14 @@ def test_old_format_checkpoints_are_named_with_how_to_convert(runs, tmp_path):
             assert torch.equal(c.full(name, kind), t), (name, kind)
     assert c.index["trainer_state"]["loader"]["sampler"]["step"] == 3
     src = runs["fp32"]
-    losses, run = _train(runs["job"], tmp_path / "from-cons", (2, 1, 1), "ds.zero_optimization.stage=3",
-                         "ds.train_micro_batch_size_per_gpu=4", f"checkpoint.resume={c.dir}")
+    losses, run = _train(
+        runs["job"],
+        tmp_path / "from-cons",
+        (2, 1, 1),
+        "ds.zero_optimization.stage=3",
+        "ds.train_micro_batch_size_per_gpu=4",
+        f"checkpoint.resume={c.dir}",
+    )
     assert "starting from consolidated checkpoint" in run.stdout, run.stdout[-2000:]
     assert _max_rel(losses, {s: src["losses"][s] for s in range(N + 1, STEPS + 1)}) <= 1e-5, losses
 

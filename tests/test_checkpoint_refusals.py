@@ -4,6 +4,7 @@ the file, never read unverified: checksums that were deleted, DCP metadata point
 pointers leading to another folder, JSON files that are not UTF-8.
 
 One short single-process run (checkpoints at steps 2 and 4) is shared; each test works on a copy."""
+
 import dataclasses
 import json
 import pickle
@@ -28,8 +29,14 @@ def base(tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "jigsaw_ext.checkpoint", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "jigsaw_ext.checkpoint", *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _resume(base, out: Path, *args):
@@ -68,8 +75,9 @@ def test_a_consolidated_checkpoint_without_digests_is_refused(base, tmp_path):
     r = _verify_cli(cons)
     assert r.returncode == 1 and f"lists no checksum for tensor {name} (param)" in r.stdout, r.stdout + r.stderr
     run = _resume(base, tmp_path / "new", "--resume", str(cons))
-    assert run.returncode == 2 and f"{cons / 'index.json'}: lists no checksum for tensor {name}" in run.stderr, \
+    assert run.returncode == 2 and f"{cons / 'index.json'}: lists no checksum for tensor {name}" in run.stderr, (
         run.stderr[-3000:]
+    )
 
 
 def _point_metadata_at(batch: Path, target: str) -> None:
@@ -78,8 +86,10 @@ def _point_metadata_at(batch: Path, target: str) -> None:
     from jigsaw_ext.checkpoint.manifest import describe
 
     md = pickle.loads((batch / ".metadata").read_bytes())
-    md.storage_data = {k: dataclasses.replace(v, relative_path=target) if v.relative_path == "__0_0.distcp" else v
-                       for k, v in md.storage_data.items()}
+    md.storage_data = {
+        k: dataclasses.replace(v, relative_path=target) if v.relative_path == "__0_0.distcp" else v
+        for k, v in md.storage_data.items()
+    }
     (batch / ".metadata").write_bytes(pickle.dumps(md))
     tag = batch.parent.parent
     doc = json.loads((tag / "MANIFEST.json").read_text())
@@ -148,8 +158,9 @@ def test_a_file_size_limit_is_named_when_a_checkpoint_write_fails(base, tmp_path
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (650, 650))
 
-    cmd = _launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=2", "--set", "log.every=100",
-                  launcher="python")
+    cmd = _launch(
+        base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=2", "--set", "log.every=100", launcher="python"
+    )
     run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240, preexec_fn=limit)
     assert run.returncode == 1 and "writing checkpoint step 2 failed" in run.stderr, run.stderr[-3000:]
     assert "EFBIG: File too large" in run.stderr or "[Errno 27] File too large" in run.stderr, run.stderr[-3000:]
@@ -169,12 +180,28 @@ def test_consolidate_and_forecast_that_cannot_write_leave_nothing_and_say_why(ba
     """A file size limit (as a quota or a full disk would) under `consolidate` and `forecast`: one
     line naming the errno, no traceback, no OUT.partial left."""
     root = base["out"] / "checkpoints"
-    c = _limited([sys.executable, "-m", "jigsaw_ext.checkpoint", "consolidate", str(root), str(tmp_path / "cons")],
-                 40_000)
+    c = _limited(
+        [sys.executable, "-m", "jigsaw_ext.checkpoint", "consolidate", str(root), str(tmp_path / "cons")], 40_000
+    )
     assert c.returncode == 2 and "File too large" in c.stderr and "Traceback" not in c.stderr, c.stderr[-3000:]
     assert not list(tmp_path.glob("cons*"))
-    f = _limited([sys.executable, "-m", "weathermixer.forecast", "--checkpoint", str(root), "--init-times",
-                  "2020-02-20T00", "--lead-hours", "12", "--out", str(tmp_path / "fc.zarr"), "--quiet"], 3_000)
+    f = _limited(
+        [
+            sys.executable,
+            "-m",
+            "weathermixer.forecast",
+            "--checkpoint",
+            str(root),
+            "--init-times",
+            "2020-02-20T00",
+            "--lead-hours",
+            "12",
+            "--out",
+            str(tmp_path / "fc.zarr"),
+            "--quiet",
+        ],
+        3_000,
+    )
     assert f.returncode == 1 and "writing " in f.stderr and "File too large" in f.stderr, f.stderr[-3000:]
     assert "Traceback" not in f.stderr and not list(tmp_path.glob("fc.zarr*"))
 
@@ -188,8 +215,10 @@ def test_an_explicit_resume_tag_since_pruned_points_at_latest(base, tmp_path):
     shutil.rmtree(root / "step00000002")  # as checkpoint.keep_last removes it once newer tags exist
     run = _resume(base, tmp_path / "run", "--resume", str(root / "step00000002"))
     assert run.returncode == 2 and "step00000002 is gone from" in run.stderr, run.stderr[-3000:]
-    assert f"whose latest is {root / 'step00000004'}: to continue, use --resume {root} (its latest) or --resume " \
-           f"auto" in run.stderr, run.stderr[-3000:]
+    assert (
+        f"whose latest is {root / 'step00000004'}: to continue, use --resume {root} (its latest) or --resume "
+        f"auto" in run.stderr
+    ), run.stderr[-3000:]
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(base, tmp_path):
@@ -199,14 +228,28 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(base, tmp_path):
 
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
     try:
         root = mnt / "checkpoints"
-        run = _run(_launch(base["job"], tmp_path / "run", 1, *ONE, "--set", "train.steps=2", "--set",
-                           f"checkpoint.dir={json.dumps(str(root))}", launcher="python"))
+        run = _run(
+            _launch(
+                base["job"],
+                tmp_path / "run",
+                1,
+                *ONE,
+                "--set",
+                "train.steps=2",
+                "--set",
+                f"checkpoint.dir={json.dumps(str(root))}",
+                launcher="python",
+            )
+        )
         msg = run.stdout + run.stderr
         assert run.returncode == 1 and f"no space left on {mnt} (" in msg, msg[-3000:]
         assert "this checkpoint needs about 1.9 MiB" in msg and "MiB are free; nothing was written" in msg, msg[-3000:]

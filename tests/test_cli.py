@@ -1,6 +1,7 @@
 """The command lines as a user types them: no CLI takes an abbreviation of an option (argparse's default
 would read `--deepspeed` as `--deepspeed_config`), train.py takes DeepSpeed's own `--deepspeed` flag, and
 every CLI that writes a file makes the folder it writes into before doing any work (or stops, naming it)."""
+
 import argparse
 import ast
 import importlib
@@ -39,8 +40,10 @@ def test_every_argument_parser_in_the_source_refuses_abbreviations():
     for path in files:
         for call in _parser_calls(ast.parse(path.read_text())):
             calls += 1
-            ok = any(k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
-                     for k in call.keywords)
+            ok = any(
+                k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in call.keywords
+            )
             if not ok:
                 missing.append(f"{path.relative_to(ROOT)}:{call.lineno}")
     assert calls >= 25, calls  # the scan sees the project's parsers
@@ -83,13 +86,31 @@ def test_train_takes_deepspeeds_flags_refuses_abbreviations_and_a_finished_run_s
 
     job = small_job(tmp_path, rollout=1, resume="auto")
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--deepspeed", "--deepspeed_config", str(job), "--domain", "1", "--tp", "1",
-           "--output-dir", str(out), "--set", "checkpoint.every=2", "--set", 'log.tensorboard="auto"', "--steps", "2"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--deepspeed",
+        "--deepspeed_config",
+        str(job),
+        "--domain",
+        "1",
+        "--tp",
+        "1",
+        "--output-dir",
+        str(out),
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        'log.tensorboard="auto"',
+        "--steps",
+        "2",
+    ]
     hide = tmp_path / "no_tensorboard"  # a Python without the tensorboard package
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
-    run = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, PYTHONPATH=f"{ROOT}:{hide}"), capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        cmd, cwd=ROOT, env=dict(ENV, PYTHONPATH=f"{ROOT}:{hide}"), capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("TensorBoard logging is off") == 1, run.stdout[-3000:]  # said once, not silently skipped
     assert not (out / "tensorboard").exists()
@@ -105,14 +126,27 @@ def test_train_takes_deepspeeds_flags_refuses_abbreviations_and_a_finished_run_s
     assert bad.returncode == 2 and "unrecognized arguments: --deepspeed_conf" in bad.stderr, bad.stderr[-2000:]
 
 
-@pytest.mark.skipif(not (ROOT / "../shared/data/real/era5-2mt-2019-03-uk.grib").exists(),
-                    reason="the real-data sample is not in ../shared/data/real")
+@pytest.mark.skipif(
+    not (ROOT / "../shared/data/real/era5-2mt-2019-03-uk.grib").exists(),
+    reason="the real-data sample is not in ../shared/data/real",
+)
 def test_data_stats_creates_the_output_folder_or_stops_before_the_work(tmp_path):
     """The real-data recipe's statistics command into a folder that does not exist yet; then into a
     folder that cannot be made (a file in the way): exit 2 naming it, with no statistics computed."""
     out = tmp_path / "runs" / "era5_uk_t2m_cpu" / "stats.json"
-    cmd = [sys.executable, "-m", "weathermixer.data", "stats", "--config", str(UK), "--start", "2019-03-01",
-           "--end", "2019-03-16T23", "--out"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "weathermixer.data",
+        "stats",
+        "--config",
+        str(UK),
+        "--start",
+        "2019-03-01",
+        "--end",
+        "2019-03-16T23",
+        "--out",
+    ]
     run = _run(cmd + [str(out)])
     assert run.returncode == 0 and out.stat().st_size > 0, run.stderr[-2000:]
     (tmp_path / "blocked").write_text("")
@@ -128,10 +162,28 @@ def test_other_writers_create_their_folders(tmp_path):
     from weathermixer.data.__main__ import main as data_main
 
     js, cfg = tmp_path / "a" / "b" / "plan.json", tmp_path / "c" / "job.json"
-    assert plan.main(["--preset", "paper_1b", "--hardware", "a100-40gb-4pernode-2xhdr200", "--world", "4",
-                      "--json", str(js), "--emit-config", str(cfg), "--top", "1"]) == 0
+    assert (
+        plan.main(
+            [
+                "--preset",
+                "paper_1b",
+                "--hardware",
+                "a100-40gb-4pernode-2xhdr200",
+                "--world",
+                "4",
+                "--json",
+                str(js),
+                "--emit-config",
+                str(cfg),
+                "--top",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert js.stat().st_size > 0 and cfg.stat().st_size > 0
     store = tmp_path / "d" / "e" / "s.zarr"
-    assert data_main(["synth", "--out", str(store), "--grid", "4x8", "--start", "2020-01-01",
-                      "--end", "2020-01-02"]) == 0
+    assert (
+        data_main(["synth", "--out", str(store), "--grid", "4x8", "--start", "2020-01-01", "--end", "2020-01-02"]) == 0
+    )
     assert (store / "zarr.json").is_file() or (store / ".zgroup").is_file()

@@ -2,12 +2,12 @@
 communication benchmark (benchmarks/bench_comm.py) rests on: its Megatron baseline formula equals
 what the real megatron-core block sends on gloo, and the layers' cost model picks the strategy the
 traced step shows to be cheaper."""
+
 import pytest
 import torch
 
 from benchmarks.bench_comm import megatron_block_bytes, trace_block
-from jigsaw_ext.layers import (BlockMLP, DistLayerNorm, choose_strategy, mlp_traffic, norm_traffic,
-                               strategy_available)
+from jigsaw_ext.layers import BlockMLP, DistLayerNorm, choose_strategy, mlp_traffic, norm_traffic, strategy_available
 from jigsaw_ext.layout import Split, even_split
 from jigsaw_ext.mesh import Mesh, MeshConfig
 from jigsaw_ext.testing import run_workers
@@ -33,8 +33,14 @@ def megatron_block_comm(rank, world, model_kwargs, batch):
 @pytest.mark.parametrize("world", [2, 4])
 def test_megatron_baseline_formula_equals_what_megatron_core_sends(world):
     batch = 3
-    measured = run_workers(megatron_block_comm, world, SMALL, batch, timeout=240,
-                           preload=["megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"])
+    measured = run_workers(
+        megatron_block_comm,
+        world,
+        SMALL,
+        batch,
+        timeout=240,
+        preload=["megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"],
+    )
     cfg = ModelConfig(**SMALL)
     tokens = (cfg.grid[0] // cfg.patch[0]) * (cfg.grid[1] // cfg.patch[1])
     expected = megatron_block_bytes(tokens, cfg.hidden, batch, world)
@@ -58,8 +64,10 @@ def test_auto_picks_the_cheaper_strategy_and_the_trace_agrees():
     for batch, token in ((1, "stationary"), (8, "gather")):
         auto, chosen = trace_block(cfg, 2, 2, batch, {})
         assert chosen == {"token_mixing": token, "channel_mixing": "gather"}
-        traced = {s: sum(trace_block(cfg, 2, 2, batch, {"*": s})[0].bytes_by_kind().values())
-                  for s in ("gather", "stationary")}
+        traced = {
+            s: sum(trace_block(cfg, 2, 2, batch, {"*": s})[0].bytes_by_kind().values())
+            for s in ("gather", "stationary")
+        }
         assert sum(auto.bytes_by_kind().values()) <= min(traced.values())
 
 
@@ -72,8 +80,9 @@ def test_cost_model_formula_matches_the_trace_of_one_mlp():
     rows_per_sample, features, hidden, batch = 13, 22, 17, 2
     for domain, tp, replicate in ((2, 3, []), (3, 1, []), (1, 4, []), (2, 2, []), (2, 2, ["domain"])):
         for strategy in ("gather", "stationary", "features"):
-            config = MeshConfig(domain=domain, tp=tp, strategy={"channel_mixing": strategy},
-                                replicate_weights_over=replicate)
+            config = MeshConfig(
+                domain=domain, tp=tp, strategy={"channel_mixing": strategy}, replicate_weights_over=replicate
+            )
             mesh = fake_mesh(config, 0)
             if not strategy_available(mesh, strategy, "tp"):
                 with pytest.raises(ValueError, match="channel_mixing=features needs mesh.domain=1"):
@@ -81,14 +90,26 @@ def test_cost_model_formula_matches_the_trace_of_one_mlp():
                 continue
             rows = Split("domain", even_split(rows_per_sample, domain))
             feats = Split("tp", even_split(features, tp))
-            mlp = BlockMLP(mesh, "channel_mixing", feats, hidden, row_split=rows, row_dim=1, contract="tp",
-                           fc2_bias=False, device="meta", norm="features")
+            mlp = BlockMLP(
+                mesh,
+                "channel_mixing",
+                feats,
+                hidden,
+                row_split=rows,
+                row_dim=1,
+                contract="tp",
+                fc2_bias=False,
+                device="meta",
+                norm="features",
+            )
             norm = DistLayerNorm(mesh, [feats], local=mlp.fuses_norm, device="meta")
             assert mlp.strategy == strategy and mlp.fuses_norm == (strategy == "features")
             x = torch.empty(batch, rows.sizes[0], feats.sizes[0], device="meta", requires_grad=True)
             tr = trace_step(mlp, lambda m: m(x).sum())
-            predicted = mlp_traffic(strategy, batch * rows_per_sample, features, hidden, domain, tp,
-                                    replicate=bool(replicate)) * 4
+            predicted = (
+                mlp_traffic(strategy, batch * rows_per_sample, features, hidden, domain, tp, replicate=bool(replicate))
+                * 4
+            )
             uneven = features % tp or rows_per_sample % domain or hidden % max(domain, tp)
             if domain * tp > 1 and uneven:
                 # uneven shards are padded to the largest inside the collective: the trace is >= the formula
@@ -112,8 +133,12 @@ def test_features_strategy_fuses_the_layernorm_and_is_offered_only_where_weights
     assert choose_strategy(_mesh(1, 4), "channel_mixing", T, D, D, "tp", norm="features") == "features"
     assert choose_strategy(_mesh(2, 2), "channel_mixing", T, D, 2 * D, "tp", norm="features") != "features"
     assert choose_strategy(_mesh(2, 2, strategy={"*": "features"}), "channel_mixing", T, D, D, "tp") != "features"
-    assert choose_strategy(_mesh(2, 2, strategy={"*": "features"}, replicate_weights_over=["domain"]),
-                           "channel_mixing", T, D, D, "tp") == "features"
+    assert (
+        choose_strategy(
+            _mesh(2, 2, strategy={"*": "features"}, replicate_weights_over=["domain"]), "channel_mixing", T, D, D, "tp"
+        )
+        == "features"
+    )
     with pytest.raises(ValueError, match="token_mixing=features needs mesh.tp=1"):
         choose_strategy(_mesh(2, 2, strategy={"token_mixing": "features"}), "token_mixing", D, T, T // 2, "domain")
 
@@ -122,8 +147,10 @@ def test_job_can_force_a_strategy_and_bound_its_memory():
     mesh = _mesh(2, 2, strategy={"token_mixing": "gather"})
     assert choose_strategy(mesh, "token_mixing", 4320, 17280, 8640, "domain") == "gather"
     assert choose_strategy(_mesh(2, 2), "token_mixing", 4320, 17280, 8640, "domain") == "stationary"
-    assert choose_strategy(_mesh(2, 2, strategy={"*": "stationary"}), "channel_mixing", 17280, 4320, 4320,
-                           "tp") == "stationary"
+    assert (
+        choose_strategy(_mesh(2, 2, strategy={"*": "stationary"}), "channel_mixing", 17280, 4320, 4320, "tp")
+        == "stationary"
+    )
     # stationary keeps the gathered rows and the hidden activations of all rows: over 1 MiB here
     assert choose_strategy(_mesh(2, 2, strategy_memory_mb=1), "token_mixing", 4320, 17280, 8640, "domain") == "gather"
     with pytest.raises(ValueError, match="strategy"):
@@ -136,5 +163,6 @@ def test_a_misspelt_layer_kind_is_an_error_naming_it():
     cfg = ModelConfig(**SMALL)
     with pytest.raises(ValueError, match="mesh.strategy: unknown layer kind.*tokenmixing.*channel_mixing"):
         WeatherMixer(cfg, Mesh.virtual(MeshConfig(domain=2, strategy={"tokenmixing": "gather"})), device="meta")
-    WeatherMixer(cfg, Mesh.virtual(MeshConfig(domain=2, strategy={"token_mixing": "gather", "*": "auto"})),
-                 device="meta")
+    WeatherMixer(
+        cfg, Mesh.virtual(MeshConfig(domain=2, strategy={"token_mixing": "gather", "*": "auto"})), device="meta"
+    )

@@ -1,6 +1,7 @@
 """torch.compile: the block-sharded model compiles into one graph (no break at its collectives,
 which run synchronously under compile and are traced as functional collectives) and trains
 exactly as the eager model does."""
+
 from jigsaw_ext.testing import run_workers
 
 
@@ -25,15 +26,18 @@ def compiled_vs_eager(rank, world, mesh_kwargs):
     start, errors = time.perf_counter(), []
     for _ in range(3):  # forward, backward and an SGD step each: the parameters must stay equal
         le, lc = eager(), comp()
-        grad = max(((pe.grad - pc.grad).abs().max() / pe.grad.abs().max().clamp_min(1e-30)).item()
-                   for pe, pc in zip(eager.params, comp.params))
+        grad = max(
+            ((pe.grad - pc.grad).abs().max() / pe.grad.abs().max().clamp_min(1e-30)).item()
+            for pe, pc in zip(eager.params, comp.params)
+        )
         errors.append((abs(le - lc) / abs(le), grad))
     return explained.graph_count, explained.graph_break_count, errors, time.perf_counter() - start
 
 
 def test_compiled_model_has_no_graph_break_and_trains_like_eager():
-    for graphs, breaks, errors, _ in run_workers(compiled_vs_eager, 4, dict(domain=2, tp=2), timeout=900,
-                                                 preload=["weathermixer.model"]):
+    for graphs, breaks, errors, _ in run_workers(
+        compiled_vs_eager, 4, dict(domain=2, tp=2), timeout=900, preload=["weathermixer.model"]
+    ):
         assert (graphs, breaks) == (1, 0)
         for loss_err, grad_err in errors:
             assert loss_err <= 1e-5 and grad_err <= 1e-5, errors

@@ -64,8 +64,10 @@ def test_mesh_coordinates_tp_fastest():
     assert Mesh.coords_of(6, sizes) == {"dp": 1, "domain": 0, "tp": 0}
 
 
-@pytest.mark.parametrize("grid,patch,domain", [((721, 1440), (1, 60), 2), ((25, 53), (2, 4), 3),
-                                               ((33, 49), (1, 7), 4), ((32, 64), (2, 2), 1)])
+@pytest.mark.parametrize(
+    "grid,patch,domain",
+    [((721, 1440), (1, 60), 2), ((25, 53), (2, 4), 3), ((33, 49), (1, 7), 4), ((32, 64), (2, 2), 1)],
+)
 def test_latitude_bands_cover_the_grid_and_patchify_roundtrips(grid, patch, domain):
     pad = grid[0] % patch[0] != 0 or grid[1] % patch[1] != 0
     cfg = ModelConfig(grid=grid, patch=patch, pad_to_patch=pad)

@@ -6,6 +6,7 @@ every rank of its mesh; DeepSpeed accepts its own keys; the ERA5 files point at 
 launchers parse and, run against fake `scontrol`/`deepspeed`/`srun`/`torchrun` commands, write the
 hostfile and start the launcher with the arguments described in launchers/README.md.
 """
+
 import os
 import shutil
 import subprocess
@@ -27,17 +28,35 @@ LAUNCH_SCRIPTS = sorted([*(ROOT / "launchers").glob("*.sh"), *(ROOT / "launchers
 
 # name -> (grid spacing in degrees, whether the latitude rows include both poles). WB2's regridded
 # 64x32 and 256x128 stores have no pole rows (cell centres); the 0.25 deg and 0.125 deg grids do.
-ERA5_JOBS = {"era5_5.625deg": (5.625, False), "era5_1.40625deg": (1.40625, False),
-             "era5_0.25deg_1b": (0.25, True), "era5_0.25deg_3b_zero": (0.25, True),
-             "era5_0.125deg": (0.125, True)}
+ERA5_JOBS = {
+    "era5_5.625deg": (5.625, False),
+    "era5_1.40625deg": (1.40625, False),
+    "era5_0.25deg_1b": (0.25, True),
+    "era5_0.25deg_3b_zero": (0.25, True),
+    "era5_0.125deg": (0.125, True),
+}
 # WB2's ERA5 6-hourly stores (weatherbench2.readthedocs.io, data guide): the 13 pressure levels and
 # the variables the model channels may use
 WB2_LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
-WB2_SURFACE = ["2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind", "mean_sea_level_pressure",
-               "surface_pressure", "total_column_water_vapour", "sea_surface_temperature",
-               "toa_incident_solar_radiation", "total_precipitation_6hr"]
-WB2_ATMOSPHERIC = ["geopotential", "temperature", "specific_humidity", "u_component_of_wind",
-                   "v_component_of_wind", "vertical_velocity"]
+WB2_SURFACE = [
+    "2m_temperature",
+    "10m_u_component_of_wind",
+    "10m_v_component_of_wind",
+    "mean_sea_level_pressure",
+    "surface_pressure",
+    "total_column_water_vapour",
+    "sea_surface_temperature",
+    "toa_incident_solar_radiation",
+    "total_precipitation_6hr",
+]
+WB2_ATMOSPHERIC = [
+    "geopotential",
+    "temperature",
+    "specific_humidity",
+    "u_component_of_wind",
+    "v_component_of_wind",
+    "vertical_velocity",
+]
 WB2_STATIC = ["land_sea_mask", "geopotential_at_surface", "soil_type", "standard_deviation_of_orography"]
 WB2_BUCKET = "gs://weatherbench2/datasets/era5/"
 
@@ -128,8 +147,9 @@ def test_era5_data_section(name):
     job, _ = era5_job(name)
     data = job.data
     assert data.source == "gridded" and not data.fake
-    (tr0, tr1), (va0, va1), (te0, te1) = ((pd.Timestamp(a), pd.Timestamp(b))
-                                          for a, b in (data.splits[s] for s in ("train", "val", "test")))
+    (tr0, tr1), (va0, va1), (te0, te1) = (
+        (pd.Timestamp(a), pd.Timestamp(b)) for a, b in (data.splits[s] for s in ("train", "val", "test"))
+    )
     assert (tr0.year, tr1.year, va0.year, va1.year, te0.year, te1.year) == (1979, 2015, 2016, 2016, 2017, 2018)
     assert tr1 < va0 <= va1 < te0 <= te1
     assert data.dt_hours == 6
@@ -162,14 +182,23 @@ def test_paper_1b_is_the_papers_model_on_one_node():
     job, ds = era5_job("era5_0.25deg_1b")
     assert job.model == PRESETS["paper_1b"]
     # the paper's count, layer by layer: 1,064,812,464 parameters
-    T, P = 721 * (1440 // 60), 60                  # tokens: 721 rows x 24 strips of 60 longitudes
-    C, S = 4 + 5 * 13, 3                           # predicted fields, static fields
+    T, P = 721 * (1440 // 60), 60  # tokens: 721 rows x 24 strips of 60 longitudes
+    C, S = 4 + 5 * 13, 3  # predicted fields, static fields
     D = Hc = 4320
     Hs = round(0.5 * T)
     embed = (C + S) * P * D + D
-    block = (2 * D + T * Hs + Hs + Hs * T         # norm, token mixing (no bias on its output)
-             + 2 * D + D * Hc + Hc + Hc * D + D)  # norm, channel mixing
-    recovery = 2 * D * C * P + C * P               # Linear([z, z0]) -> pixels of every field
+    block = (
+        2 * D
+        + T * Hs
+        + Hs
+        + Hs * T  # norm, token mixing (no bias on its output)
+        + 2 * D
+        + D * Hc
+        + Hc
+        + Hc * D
+        + D
+    )  # norm, channel mixing
+    recovery = 2 * D * C * P + C * P  # Linear([z, z0]) -> pixels of every field
     n = num_parameters(job.model)
     assert n == embed + 3 * block + 2 * D + recovery
     assert abs(n / 1.06e9 - 1) < 0.005
@@ -201,18 +230,23 @@ def test_a_store_in_wb2s_regridded_layout_opens_with_the_5deg_data_section(tmp_p
 
     job, _ = era5_job("era5_5.625deg")
     rows, cols = job.model.grid
-    lat = -90 + 5.625 / 2 + 5.625 * np.arange(rows)   # cell centres, south to north
+    lat = -90 + 5.625 / 2 + 5.625 * np.arange(rows)  # cell centres, south to north
     lon = 5.625 * np.arange(cols)
     times = pd.date_range("2016-01-01", periods=3, freq="6h")
     lat_field = np.broadcast_to(lat[None, :], (cols, rows)).astype(np.float32)  # value = latitude
     surface = {v: (("time", "longitude", "latitude"), np.stack([lat_field] * len(times))) for v in WB2_SURFACE}
-    atmos = {v: (("time", "level", "longitude", "latitude"),
-                 np.broadcast_to(lat_field, (len(times), len(WB2_LEVELS), cols, rows)).copy())
-             for v in WB2_ATMOSPHERIC}
+    atmos = {
+        v: (
+            ("time", "level", "longitude", "latitude"),
+            np.broadcast_to(lat_field, (len(times), len(WB2_LEVELS), cols, rows)).copy(),
+        )
+        for v in WB2_ATMOSPHERIC
+    }
     static = {v: (("longitude", "latitude"), lat_field) for v in WB2_STATIC}
-    xr.Dataset({**surface, **atmos, **static},
-               coords={"time": times, "level": np.array(WB2_LEVELS, dtype=np.int64), "latitude": lat,
-                       "longitude": lon}).to_zarr(tmp_path / "wb2.zarr", zarr_format=2, consolidated=True)
+    xr.Dataset(
+        {**surface, **atmos, **static},
+        coords={"time": times, "level": np.array(WB2_LEVELS, dtype=np.int64), "latitude": lat, "longitude": lon},
+    ).to_zarr(tmp_path / "wb2.zarr", zarr_format=2, consolidated=True)
 
     data_cfg = job.data.model_copy(update={"path": str(tmp_path / "wb2.zarr"), "stats": None, "splits": {}})
     data = GriddedDataset(data_cfg, job.model.channels, job.model.grid)
@@ -262,19 +296,34 @@ def fake_slurm(tmp_path):
     their arguments (one per line) to $FAKE_LOG instead of starting anything."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_command(bin_dir, "scontrol", '[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] || '
-                                      '{ echo "fake scontrol: unexpected arguments: $*" >&2; exit 1; }\n'
-                                      'echo gpu07\necho gpu08\n')
-    record = ('{ basename "$0"; for a in "$@"; do echo "$a"; done; '
-              'echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"; echo "DS_ENV_FILE=${DS_ENV_FILE:-}"; '
-              'echo "PWD=$PWD"; } > "$FAKE_LOG"\n')
+    fake_command(
+        bin_dir,
+        "scontrol",
+        '[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] || '
+        '{ echo "fake scontrol: unexpected arguments: $*" >&2; exit 1; }\n'
+        "echo gpu07\necho gpu08\n",
+    )
+    record = (
+        '{ basename "$0"; for a in "$@"; do echo "$a"; done; '
+        'echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"; echo "DS_ENV_FILE=${DS_ENV_FILE:-}"; '
+        'echo "PWD=$PWD"; } > "$FAKE_LOG"\n'
+    )
     for name in ("deepspeed", "srun", "torchrun"):
         fake_command(bin_dir, name, record)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
-           "VIRTUAL_ENV": "set-by-the-test",  # keeps the launchers from putting .venv/bin before the fakes
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
-           "SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_ON_NODE": "32", "SLURM_SUBMIT_DIR": str(ROOT),
-           "MASTER_PORT": "23456", "JOB_DIR": str(tmp_path / "job"), "FAKE_LOG": str(tmp_path / "log")}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "VIRTUAL_ENV": "set-by-the-test",  # keeps the launchers from putting .venv/bin before the fakes
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_PER_NODE": "h100:4",
+        "SLURM_CPUS_ON_NODE": "32",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_PORT": "23456",
+        "JOB_DIR": str(tmp_path / "job"),
+        "FAKE_LOG": str(tmp_path / "log"),
+    }
     return env, tmp_path
 
 
@@ -290,23 +339,44 @@ def recorded(tmp_path) -> list[str]:
 def test_common_writes_the_hostfile_from_the_slurm_nodelist(fake_slurm):
     env, tmp = fake_slurm
     hostfile = tmp / "out" / "hostfile"
-    result = run_bash(["-c", 'set -euo pipefail; . launchers/common.sh; '
-                             'wm_write_hostfile "$1" "$(wm_gpus_per_node)"; echo "$MASTER_ADDR $NNODES"',
-                       "_", str(hostfile)], env, ROOT)
+    result = run_bash(
+        [
+            "-c",
+            "set -euo pipefail; . launchers/common.sh; "
+            'wm_write_hostfile "$1" "$(wm_gpus_per_node)"; echo "$MASTER_ADDR $NNODES"',
+            "_",
+            str(hostfile),
+        ],
+        env,
+        ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert hostfile.read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
     assert result.stdout.split() == ["gpu07", "2"]
 
 
 @needs_bash
-@pytest.mark.parametrize("change, message", [({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST"),
-                                             ({"SLURM_NNODES": "3"}, "SLURM_NNODES=3"),
-                                             ({"SLURM_GPUS_PER_NODE": "h100:"}, "GPUS_PER_NODE")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST"),
+        ({"SLURM_NNODES": "3"}, "SLURM_NNODES=3"),
+        ({"SLURM_GPUS_PER_NODE": "h100:"}, "GPUS_PER_NODE"),
+    ],
+)
 def test_common_refuses_an_inconsistent_allocation(fake_slurm, change, message):
     env, tmp = fake_slurm
     env = {k: v for k, v in {**env, **change}.items() if v is not None}
-    result = run_bash(["-c", '. launchers/common.sh; n=$(wm_gpus_per_node) || exit; wm_write_hostfile "$1" "$n"',
-                       "_", str(tmp / "hostfile")], env, ROOT)
+    result = run_bash(
+        [
+            "-c",
+            '. launchers/common.sh; n=$(wm_gpus_per_node) || exit; wm_write_hostfile "$1" "$n"',
+            "_",
+            str(tmp / "hostfile"),
+        ],
+        env,
+        ROOT,
+    )
     assert result.returncode == 2
     assert message in result.stderr
 
@@ -315,14 +385,28 @@ def test_common_refuses_an_inconsistent_allocation(fake_slurm, change, message):
 def test_slurm_deepspeed_starts_deepspeed_with_the_hostfile(fake_slurm):
     env, tmp = fake_slurm
     cfg = "deepspeed_configs/era5_0.125deg.json"
-    result = run_bash([str(ROOT / "launchers/slurm_deepspeed.sbatch"), "--steps", "7", "--set", "train.lr=1e-4"],
-                      {**env, "CONFIG": cfg}, tmp)
+    result = run_bash(
+        [str(ROOT / "launchers/slurm_deepspeed.sbatch"), "--steps", "7", "--set", "train.lr=1e-4"],
+        {**env, "CONFIG": cfg},
+        tmp,
+    )
     assert result.returncode == 0, result.stderr
     hostfile = tmp / "job" / "hostfile"
     assert hostfile.read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
     log = recorded(tmp)
-    assert log[:11] == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu07", "--master_port",
-                        "23456", "train.py", "--deepspeed_config", cfg, "--steps"]
+    assert log[:11] == [
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "gpu07",
+        "--master_port",
+        "23456",
+        "train.py",
+        "--deepspeed_config",
+        cfg,
+        "--steps",
+    ]
     assert log[11:14] == ["7", "--set", "train.lr=1e-4"]
     assert f"PWD={ROOT}" in log and "OMP_NUM_THREADS=8" in log  # 32 cores / 4 processes
     ds_env = tmp / "job" / "deepspeed_env"
@@ -340,34 +424,73 @@ def test_slurm_deepspeed_without_ssh_starts_one_launcher_per_node(fake_slurm):
     assert log[0] == "srun" and "--ntasks-per-node=1" in log
     command = log[log.index("-c") + 1]
     assert command.split()[:5] == ["exec", "deepspeed", "--no_ssh", "--node_rank", '"$SLURM_NODEID"']
-    rest = log[log.index("-c") + 2:]
-    assert rest[:8] == ["deepspeed", "--hostfile", str(tmp / "job" / "hostfile"), "--master_addr", "gpu07",
-                        "--master_port", "23456", "train.py"]
+    rest = log[log.index("-c") + 2 :]
+    assert rest[:8] == [
+        "deepspeed",
+        "--hostfile",
+        str(tmp / "job" / "hostfile"),
+        "--master_addr",
+        "gpu07",
+        "--master_port",
+        "23456",
+        "train.py",
+    ]
 
 
 @needs_bash
 def test_slurm_torchrun_starts_one_torchrun_per_node(fake_slurm):
     env, tmp = fake_slurm
     cfg = "deepspeed_configs/era5_0.25deg_3b_zero.json"
-    result = run_bash([str(ROOT / "launchers/slurm_torchrun.sbatch"), "--resume", "never"],
-                      {**env, "CONFIG": cfg}, tmp)
+    result = run_bash([str(ROOT / "launchers/slurm_torchrun.sbatch"), "--resume", "never"], {**env, "CONFIG": cfg}, tmp)
     assert result.returncode == 0, result.stderr
     log = recorded(tmp)
     assert log[0] == "srun" and "--ntasks-per-node=1" in log
-    torchrun = log[log.index("torchrun"):]
-    assert torchrun[:11] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
-                             "--rdzv_endpoint", "gpu07:23456", "--rdzv_id", "4242"]
-    assert torchrun[11:] == ["train.py", "--deepspeed_config", cfg, "--resume", "never",
-                             "OMP_NUM_THREADS=8", "DS_ENV_FILE=", f"PWD={ROOT}"]
+    torchrun = log[log.index("torchrun") :]
+    assert torchrun[:11] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "4",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "gpu07:23456",
+        "--rdzv_id",
+        "4242",
+    ]
+    assert torchrun[11:] == [
+        "train.py",
+        "--deepspeed_config",
+        cfg,
+        "--resume",
+        "never",
+        "OMP_NUM_THREADS=8",
+        "DS_ENV_FILE=",
+        f"PWD={ROOT}",
+    ]
 
 
 @needs_bash
 def test_gpu_single_node_starts_deepspeed_on_n_gpus(fake_slurm):
     env, tmp = fake_slurm
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    result = run_bash([str(ROOT / "launchers/gpu_single_node.sh"), "--dp", "2"],
-                      {**env, "NGPUS": "2", "OMP_NUM_THREADS": "3"}, tmp)
+    result = run_bash(
+        [str(ROOT / "launchers/gpu_single_node.sh"), "--dp", "2"], {**env, "NGPUS": "2", "OMP_NUM_THREADS": "3"}, tmp
+    )
     assert result.returncode == 0, result.stderr
-    assert recorded(tmp) == ["deepspeed", "--num_gpus", "2", "--master_port", "23456", "train.py",
-                             "--deepspeed_config", "deepspeed_configs/era5_0.25deg_1b.json", "--dp", "2",
-                             "OMP_NUM_THREADS=3", "DS_ENV_FILE=", f"PWD={ROOT}"]
+    assert recorded(tmp) == [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "23456",
+        "train.py",
+        "--deepspeed_config",
+        "deepspeed_configs/era5_0.25deg_1b.json",
+        "--dp",
+        "2",
+        "OMP_NUM_THREADS=3",
+        "DS_ENV_FILE=",
+        f"PWD={ROOT}",
+    ]

@@ -1,5 +1,6 @@
 """Data faults named precisely: a chunk missing from the store, a truncated or corrupt chunk, and the
 values data.nonfinite='zero' sets to 0 (warned with counts and locations, aggregated)."""
+
 import os
 import warnings
 
@@ -14,8 +15,9 @@ from weathermixer.data.reader import DataError
 from weathermixer.data.synth import write_synthetic
 from weathermixer.data.testing import CountingStore
 
-CH = ChannelsConfig(surface=["2m_temperature"], atmospheric=["geopotential"], levels=[500, 850],
-                    static=["land_sea_mask"])
+CH = ChannelsConfig(
+    surface=["2m_temperature"], atmospheric=["geopotential"], levels=[500, 850], static=["land_sea_mask"]
+)
 MODEL = ModelConfig(grid=(16, 32), channels=CH, rollout=1)
 # times: 2020-01-01 00:00 + 6 h steps; index 5 = 2020-01-02T06:00, 7 = 2020-01-02T18:00
 
@@ -23,14 +25,23 @@ MODEL = ModelConfig(grid=(16, 32), channels=CH, rollout=1)
 @pytest.fixture
 def store(tmp_path):
     path = tmp_path / "s.zarr"
-    write_synthetic(str(path), (16, 32), "2020-01-01", "2020-01-04", 6.0, ["2m_temperature", "geopotential"],
-                    [500, 850], lat_chunk=8)  # chunks: time 1, level 1, latitude 8 rows, longitude all
+    write_synthetic(
+        str(path),
+        (16, 32),
+        "2020-01-01",
+        "2020-01-04",
+        6.0,
+        ["2m_temperature", "geopotential"],
+        [500, 850],
+        lat_chunk=8,
+    )  # chunks: time 1, level 1, latitude 8 rows, longitude all
     return path
 
 
 def _loader(path, **cfg):
-    return ShardedSampleLoader(DataConfig(path=str(path), prefetch=0, **cfg), MODEL, Mesh.single(), batch=1,
-                               shuffle=False)
+    return ShardedSampleLoader(
+        DataConfig(path=str(path), prefetch=0, **cfg), MODEL, Mesh.single(), batch=1, shuffle=False
+    )
 
 
 def _sample_at(ld, t: int) -> int:
@@ -61,8 +72,11 @@ def test_missing_chunk_through_a_store_object(store):
     os.remove(store / "2m_temperature" / "c" / "7" / "1" / "0")
     cs = CountingStore.local(store)
     ld = ShardedSampleLoader(DataConfig(path="mem", prefetch=0), MODEL, Mesh.single(), store=cs, shuffle=False)
-    with pytest.raises(DataError, match=r"mem: chunk '2m_temperature/c/7/1/0' of variable '2m_temperature' "
-                                        r"\(time 2020-01-02T18:00\) is missing"):
+    with pytest.raises(
+        DataError,
+        match=r"mem: chunk '2m_temperature/c/7/1/0' of variable '2m_temperature' "
+        r"\(time 2020-01-02T18:00\) is missing",
+    ):
         ld.load_batch([_sample_at(ld, 6)])  # time 7 is the target of the sample starting at 6
 
 
@@ -70,13 +84,14 @@ def test_missing_chunk_through_a_store_object(store):
 def test_undecodable_chunk_named_with_path_variable_chunk_and_time(store, damage):
     chunk = store / "2m_temperature" / "c" / "5" / "0" / "0"
     data = chunk.read_bytes()
-    chunk.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"\x00" * 16 + data[16:])
+    chunk.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 16 + data[16:])
     ld = _loader(store)
     with pytest.raises(DataError) as err:
         ld.load_batch([_sample_at(ld, 5)])
     msg = str(err.value)
-    assert msg.startswith(f"{store}: cannot decode chunk '2m_temperature/c/5/0/0' of variable '2m_temperature' "
-                          f"(time 2020-01-02T06:00)"), msg
+    assert msg.startswith(
+        f"{store}: cannot decode chunk '2m_temperature/c/5/0/0' of variable '2m_temperature' (time 2020-01-02T06:00)"
+    ), msg
     assert "Error" in msg  # the codec's own message is kept
 
 
@@ -102,8 +117,10 @@ def test_nonfinite_zero_warns_with_counts_and_locations(nan_store):
         sample = ld.load_batch([_sample_at(ld, 5)])  # input t=5 (6 NaN), target t=6 (1 inf)
     first = _nonfinite_warnings(got)
     assert len(first) == 1, first  # one per channel, not one per block
-    assert (f"sets 6 non-finite value(s) of 'geopotential_500' at time 2020-01-02T06:00, latitude {lat[-2]:g} .. "
-            f"{lat[-1]:g}, longitude {lon[3]:g} .. {lon[5]:g} to 0") in first[0], first[0]
+    assert (
+        f"sets 6 non-finite value(s) of 'geopotential_500' at time 2020-01-02T06:00, latitude {lat[-2]:g} .. "
+        f"{lat[-1]:g}, longitude {lon[3]:g} .. {lon[5]:g} to 0"
+    ) in first[0], first[0]
     assert sample.fields.isfinite().all() and sample.targets[0].isfinite().all()
     assert ld.nonfinite.totals == {"geopotential_500": [7, 2]}
 
@@ -163,16 +180,43 @@ def test_missing_chunk_of_a_store_whose_fill_value_is_not_nan(store, tmp_path):
     meta.write_text(json.dumps(doc))
     os.remove(store / "2m_temperature" / "c" / "7" / "1" / "0")
     ld = _loader(store)
-    with pytest.raises(DataError, match=r"chunk '2m_temperature/c/7/1/0' of variable '2m_temperature' \(time "
-                                        r"2020-01-02T18:00\) is missing from the store.*fill value \(0\.0 here\)"):
+    with pytest.raises(
+        DataError,
+        match=r"chunk '2m_temperature/c/7/1/0' of variable '2m_temperature' \(time "
+        r"2020-01-02T18:00\) is missing from the store.*fill value \(0\.0 here\)",
+    ):
         ld.load_batch([_sample_at(ld, 6)])
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"weathermixer": {"model": MODEL.model_dump(mode="json"),
-                                                "data": {"source": "gridded", "path": str(store)}}}))
-    r = subprocess.run([sys.executable, "-m", "weathermixer.data", "stats", "--config", str(job), "--out",
-                        str(tmp_path / "stats.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "chunk '2m_temperature/c/7/1/0' of variable '2m_temperature'" in r.stderr, \
+    job.write_text(
+        json.dumps(
+            {
+                "weathermixer": {
+                    "model": MODEL.model_dump(mode="json"),
+                    "data": {"source": "gridded", "path": str(store)},
+                }
+            }
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weathermixer.data",
+            "stats",
+            "--config",
+            str(job),
+            "--out",
+            str(tmp_path / "stats.json"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "chunk '2m_temperature/c/7/1/0' of variable '2m_temperature'" in r.stderr, (
         r.stdout[-2000:] + r.stderr[-2000:]
+    )
     assert not (tmp_path / "stats.json").exists()
 
 
@@ -186,12 +230,24 @@ def test_a_data_fault_met_while_training_says_what_to_fix(tmp_path):
 
     job = small_job(tmp_path, rollout=1, resume="auto")
     one = ("--domain", "1", "--tp", "1")
-    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=1", launcher="python"),
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        _launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=1", launcher="python"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     store = next((tmp_path / "synthetic").glob("*.zarr"))
     shutil.rmtree(store / "2m_temperature" / "c")  # every time of one variable
-    run = subprocess.run(_launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=3", launcher="python"),
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        _launch(job, tmp_path / "run", 1, *one, "--set", "train.steps=3", launcher="python"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2 and "chunk '2m_temperature/c/" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
     assert "fix the data named above first" in run.stderr and "Rerun the same command" not in run.stderr

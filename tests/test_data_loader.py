@@ -1,20 +1,25 @@
 """Sharded reads on virtual meshes: blocks tile the full sample, each rank fetches only its chunks;
 sampler agreement/disjointness/resume; prefetch; fake data; history and time features."""
+
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from jigsaw_ext.mesh import Mesh, MeshConfig
 from weathermixer.config import ChannelsConfig, ModelConfig
 from weathermixer.data import DataConfig, GriddedDataset, ShardedSampleLoader
 from weathermixer.data.synth import write_synthetic
 from weathermixer.data.testing import CountingStore
 from weathermixer.model.geometry import Geometry
-from jigsaw_ext.mesh import Mesh, MeshConfig
 
-CH = ChannelsConfig(surface=["2m_temperature", "mean_sea_level_pressure"], atmospheric=["geopotential", "temperature"],
-                    levels=[500, 850], static=["land_sea_mask", "orography", "cos_latitude", "sin_hour_of_day"])
+CH = ChannelsConfig(
+    surface=["2m_temperature", "mean_sea_level_pressure"],
+    atmospheric=["geopotential", "temperature"],
+    levels=[500, 850],
+    static=["land_sea_mask", "orography", "cos_latitude", "sin_hour_of_day"],
+)
 MODEL = ModelConfig(grid=(32, 64), channels=CH, rollout=2)
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 
@@ -23,15 +28,23 @@ MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("era5") / "synth.zarr"
     # latitude chunks of 8 rows, one level per chunk, one time per chunk; levels 500 700 850
-    write_synthetic(str(path), (32, 64), "2020-01-01", "2020-01-06", 6.0,
-                    ["2m_temperature", "mean_sea_level_pressure", "geopotential", "temperature"], [500, 700, 850],
-                    lat_chunk=8)
+    write_synthetic(
+        str(path),
+        (32, 64),
+        "2020-01-01",
+        "2020-01-06",
+        6.0,
+        ["2m_temperature", "mean_sea_level_pressure", "geopotential", "temperature"],
+        [500, 700, 850],
+        lat_chunk=8,
+    )
     return str(path)
 
 
 def _loader(store, dom, tp, rank, dp=1, **kw):
-    cfg = DataConfig(path=store if isinstance(store, str) else "mem", prefetch=kw.pop("prefetch", 0),
-                     **kw.pop("cfg", {}))
+    cfg = DataConfig(
+        path=store if isinstance(store, str) else "mem", prefetch=kw.pop("prefetch", 0), **kw.pop("cfg", {})
+    )
     mesh = Mesh.virtual(MeshConfig(dp=dp, domain=dom, tp=tp), rank)
     return ShardedSampleLoader(cfg, MODEL, mesh, store=None if isinstance(store, str) else store, **kw)
 
@@ -87,8 +100,9 @@ def test_each_rank_fetches_only_chunks_of_its_rows_and_channels(store, keep, mon
                 for t, c in itertools.product(times, lat_chunks):
                     expect.add(f"{var}/c/{t}/{c}/0" if lev is None else f"{var}/c/{t}/{level_index[int(lev)]}/{c}/0")
             assert got == expect, (dom, tp, rank, sorted(got ^ expect))
-            assert not any(k.startswith(("geopotential/", "temperature/")) and k.split("/")[3] == "1"
-                           for k in got)  # 700 hPa (keys: var/c/time/level/lat/lon)
+            assert not any(
+                k.startswith(("geopotential/", "temperature/")) and k.split("/")[3] == "1" for k in got
+            )  # 700 hPa (keys: var/c/time/level/lat/lon)
             assert len(lat_chunks) == 4 // dom  # 32 rows = 4 chunks of 8; each rank reads 4/dom of them
             seen[(dom, tp, rank)] = got
     # tp ranks of one domain rank read disjoint chunk sets; domain ranks of one tp rank too
@@ -121,7 +135,7 @@ def test_sampler_groups_agree_replicas_disjoint_and_resume_exact(store):
     expect = [next(it).times for _ in range(epoch)]  # crosses the epoch boundary
     ld2 = _loader(store, 2, 1, 0, dp=2, batch=2, seed=3, prefetch=2)
     ld2.load_state_dict(state)
-    assert [b.times for b in itertools.islice(iter(ld2), epoch)] == expect == times[0][3:3 + epoch]
+    assert [b.times for b in itertools.islice(iter(ld2), epoch)] == expect == times[0][3 : 3 + epoch]
     with pytest.raises(ValueError, match="seed=3 but this loader has seed=4"):
         _loader(store, 2, 1, 0, dp=2, batch=2, seed=4).load_state_dict(state)
 
@@ -150,7 +164,7 @@ def test_history_time_features_and_prefetch_errors(store):
     # an error in the prefetch thread reaches the consumer
     ld = _loader(store, 1, 1, 0, prefetch=2, cfg={"stats": None})
     ld.starts = ld.starts.copy()
-    ld.starts[:] = 10 ** 6
+    ld.starts[:] = 10**6
     with pytest.raises(IndexError):
         next(iter(ld))
 

@@ -1,4 +1,5 @@
 """Reader, name mapping, statistics, CLI and error messages of weathermixer.data (single process)."""
+
 import json
 
 import numpy as np
@@ -6,25 +7,35 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig, parse
-from weathermixer.data import (DataConfig, DataError, DataJobConfig, GriddedDataset, ShardedSampleLoader,
-                               load_data_job)
-from weathermixer.data.__main__ import main as cli
-from weathermixer.data.synth import write_synthetic
-from weathermixer.data.reader import NonFiniteWarning
-from weathermixer.model.geometry import MeshMismatch
 from jigsaw_ext.mesh import Mesh, MeshConfig
+from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig, parse
+from weathermixer.data import DataConfig, DataError, DataJobConfig, GriddedDataset, ShardedSampleLoader, load_data_job
+from weathermixer.data.__main__ import main as cli
+from weathermixer.data.reader import NonFiniteWarning
+from weathermixer.data.synth import write_synthetic
+from weathermixer.model.geometry import MeshMismatch
 
-CH = ChannelsConfig(surface=["2m_temperature", "mean_sea_level_pressure"], atmospheric=["geopotential", "temperature"],
-                    levels=[500, 850], static=["land_sea_mask", "orography"])
+CH = ChannelsConfig(
+    surface=["2m_temperature", "mean_sea_level_pressure"],
+    atmospheric=["geopotential", "temperature"],
+    levels=[500, 850],
+    static=["land_sea_mask", "orography"],
+)
 MODEL = ModelConfig(grid=(32, 64), channels=CH)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("era5") / "synth.zarr"
-    write_synthetic(str(path), (32, 64), "2020-01-01", "2020-01-08", 6.0,
-                    ["2m_temperature", "mean_sea_level_pressure", "geopotential", "temperature"], [500, 700, 850])
+    write_synthetic(
+        str(path),
+        (32, 64),
+        "2020-01-01",
+        "2020-01-08",
+        6.0,
+        ["2m_temperature", "mean_sea_level_pressure", "geopotential", "temperature"],
+        [500, 700, 850],
+    )
     return str(path)
 
 
@@ -51,8 +62,10 @@ def test_any_gridded_dataset_via_mapping_hourly_odd_grid(tmp_path, fmt):
     times = pd.date_range("2021-06-01", periods=30, freq="1h")
     lat, lon = np.linspace(30, 54, 25), np.linspace(-10, 16, 53)
     val = np.random.default_rng(0).normal(280, 5, (30, 25, 53)).astype(np.float32)
-    ds = xr.Dataset({"tas": (("t", "y", "x"), val), "z_sfc": (("y", "x"), np.ones((25, 53), np.float32))},
-                    coords={"t": times, "y": lat, "x": lon})
+    ds = xr.Dataset(
+        {"tas": (("t", "y", "x"), val), "z_sfc": (("y", "x"), np.ones((25, 53), np.float32))},
+        coords={"t": times, "y": lat, "x": lon},
+    )
     if fmt == "netcdf":
         path = tmp_path / "regional.nc"
         ds.to_netcdf(path, engine="h5netcdf")  # netCDF4/HDF5, read back with the project's h5netcdf
@@ -61,8 +74,14 @@ def test_any_gridded_dataset_via_mapping_hourly_odd_grid(tmp_path, fmt):
         ds.to_zarr(path, consolidated=False)
     ch = ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=["orography", "cos_latitude"])
     model = ModelConfig(grid=(25, 53), patch=(1, 1), channels=ch)
-    cfg = DataConfig(path=str(path), variables={"t2m": "tas", "orography": "z_sfc"},
-                     dims={"time": "t", "latitude": "y", "longitude": "x"}, dt_hours=3, step_hours=1, leads=2)
+    cfg = DataConfig(
+        path=str(path),
+        variables={"t2m": "tas", "orography": "z_sfc"},
+        dims={"time": "t", "latitude": "y", "longitude": "x"},
+        dt_hours=3,
+        step_hours=1,
+        leads=2,
+    )
     loader = ShardedSampleLoader(cfg, model, Mesh.single(), split="train", batch=2, shuffle=False)
     f, s, tg, t = next(iter(loader))
     assert f.shape == (2, 1, 25, 53) and s.shape == (2, 2, 25, 53) and len(tg) == 2
@@ -74,12 +93,31 @@ def test_any_gridded_dataset_via_mapping_hourly_odd_grid(tmp_path, fmt):
 
 
 def test_stats_streaming_matches_numpy_and_cli(store, tmp_path):
-    job = {"weathermixer": {"model": MODEL.model_dump(mode="json"), "train": {"steps": 1},
-                            "data": {"path": store, "dt_hours": 12}}}
+    job = {
+        "weathermixer": {
+            "model": MODEL.model_dump(mode="json"),
+            "train": {"steps": 1},
+            "data": {"path": store, "dt_hours": 12},
+        }
+    }
     (tmp_path / "job.json").write_text(json.dumps(job))
     out = tmp_path / "stats.json"
-    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2020-01-02",
-                "--end", "2020-01-05T18", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "stats",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--start",
+                "2020-01-02",
+                "--end",
+                "2020-01-05T18",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stats = json.loads(out.read_text())
     raw = xr.open_zarr(store, chunks=None, consolidated=False).sel(time=slice("2020-01-02", "2020-01-05T18"))
     z = raw.geopotential.sel(level=850).values.astype(np.float64)
@@ -100,8 +138,29 @@ def test_stats_streaming_matches_numpy_and_cli(store, tmp_path):
 
 def test_synth_cli_variables_levels_step(tmp_path, capsys):
     out = tmp_path / "s.zarr"
-    assert cli(["synth", "--out", str(out), "--grid", "8x16", "--start", "2020-01-01", "--end", "2020-01-02",
-                "--step-hours", "3", "--variables", "2m_temperature", "specific_humidity", "--levels", "1000"]) == 0
+    assert (
+        cli(
+            [
+                "synth",
+                "--out",
+                str(out),
+                "--grid",
+                "8x16",
+                "--start",
+                "2020-01-01",
+                "--end",
+                "2020-01-02",
+                "--step-hours",
+                "3",
+                "--variables",
+                "2m_temperature",
+                "specific_humidity",
+                "--levels",
+                "1000",
+            ]
+        )
+        == 0
+    )
     ds = xr.open_zarr(out, chunks=None, consolidated=False)
     assert dict(ds.sizes) == {"time": 9, "latitude": 8, "longitude": 16, "level": 1}
     assert ds.specific_humidity.encoding["chunks"] == (1, 1, 8, 16)
@@ -117,15 +176,28 @@ def _err(store, match, channels=CH, grid=(32, 64), **cfg):
 
 
 def test_errors_name_variable_level_dimension(store):
-    _err(store, r"variable 'tp' for model channel 'precip' \(data.variables maps", variables={"precip": "tp"},
-         channels=ChannelsConfig(surface=["precip"], atmospheric=[], levels=[], static=[]))
-    _err(store, r"variable 'specific_humidity' for model channel 'specific_humidity' not found",
-         channels=ChannelsConfig(surface=[], atmospheric=["specific_humidity"], static=[]))
-    _err(store, r"level 300 of variable 'geopotential' not in the level coordinate 'level' \[500.0, 700.0, 850.0\]",
-         channels=ChannelsConfig(surface=[], levels=[300], static=[]))
+    _err(
+        store,
+        r"variable 'tp' for model channel 'precip' \(data.variables maps",
+        variables={"precip": "tp"},
+        channels=ChannelsConfig(surface=["precip"], atmospheric=[], levels=[], static=[]),
+    )
+    _err(
+        store,
+        r"variable 'specific_humidity' for model channel 'specific_humidity' not found",
+        channels=ChannelsConfig(surface=[], atmospheric=["specific_humidity"], static=[]),
+    )
+    _err(
+        store,
+        r"level 300 of variable 'geopotential' not in the level coordinate 'level' \[500.0, 700.0, 850.0\]",
+        channels=ChannelsConfig(surface=[], levels=[300], static=[]),
+    )
     _err(store, r"no dimension 'lat' \(data.dims.latitude\)", dims={"latitude": "lat"})
-    _err(store, r"variable 'temperature' has dimensions .*missing \['level'\]|variable 'geopotential' has dim",
-         channels=ChannelsConfig(surface=["geopotential"], atmospheric=[], levels=[], static=[]))
+    _err(
+        store,
+        r"variable 'temperature' has dimensions .*missing \['level'\]|variable 'geopotential' has dim",
+        channels=ChannelsConfig(surface=["geopotential"], atmospheric=[], levels=[], static=[]),
+    )
     _err(store, r"grid \(latitude, longitude\) = \(32, 64\) but model.grid is \[16, 64\]", grid=(16, 64))
     with pytest.raises(DataError, match="data set not found"):
         GriddedDataset(DataConfig(path=store + "_missing"), CH, (32, 64))
@@ -139,13 +211,16 @@ def test_errors_time_axis(store, tmp_path):
     raw = xr.open_zarr(store, chunks=None, consolidated=False)
     gap = tmp_path / "gap.zarr"
     raw.drop_isel(time=[10, 11]).to_zarr(gap, consolidated=False)
-    _err(str(gap), r"gap in the time axis between 2020-01-03 06:00:00 and 2020-01-04 00:00:00 \(18 h; the step is 6 h\)")
+    _err(
+        str(gap), r"gap in the time axis between 2020-01-03 06:00:00 and 2020-01-04 00:00:00 \(18 h; the step is 6 h\)"
+    )
     data = GriddedDataset(DataConfig(path=store, dt_hours=24), CH, (32, 64))
     with pytest.raises(DataError, match=r"29 time steps .* too few for 8 lead\(s\) .* need at least 33"):
         data.sample_starts("train", leads=8, history=0)
     with pytest.raises(DataError, match=r"split 'val' \(2021-01-01"):
-        GriddedDataset(DataConfig(path=store, splits={"val": ["2021-01-01", "2021-02-01"]}), CH, (32, 64)
-                       ).sample_starts("val", 1, 0)
+        GriddedDataset(
+            DataConfig(path=store, splits={"val": ["2021-01-01", "2021-02-01"]}), CH, (32, 64)
+        ).sample_starts("val", 1, 0)
 
 
 def test_nonfinite_named_or_masked(store, tmp_path):
@@ -154,8 +229,11 @@ def test_nonfinite_named_or_masked(store, tmp_path):
     bad = tmp_path / "nan.zarr"
     raw.to_zarr(bad, consolidated=False)
     ld = ShardedSampleLoader(DataConfig(path=str(bad), prefetch=0), MODEL, Mesh.single(), batch=1, shuffle=False)
-    with pytest.raises(DataError, match=r"non-finite value nan in 'temperature_850' at time 2020-01-02 06:00:00, "
-                                        r"latitude 90, longitude 39.375"):
+    with pytest.raises(
+        DataError,
+        match=r"non-finite value nan in 'temperature_850' at time 2020-01-02 06:00:00, "
+        r"latitude 90, longitude 39.375",
+    ):
         ld.load_batch([4])
     ld = ShardedSampleLoader(DataConfig(path=str(bad), nonfinite="zero"), MODEL, Mesh.single(), shuffle=False)
     with pytest.warns(NonFiniteWarning, match="'temperature_850' at time 2020-01-02T06:00, latitude 90"):
@@ -171,9 +249,14 @@ def test_config_and_mesh_errors(store, tmp_path):
     with pytest.raises(ConfigError, match="weathermixer.data is missing"):
         load_data_job(tmp_path / "j.json")
     with pytest.raises(MeshMismatch, match="mesh.domain=8 exceeds the 4 patch rows"):
-        ShardedSampleLoader(DataConfig(path=store), ModelConfig(grid=(32, 64), patch=(8, 8), channels=CH),
-                            Mesh.virtual(MeshConfig(domain=8)))
-    with pytest.raises(DataError, match=r"split 'train': 28 samples are fewer than one global batch \(batch 8 x dp 4\)"):
+        ShardedSampleLoader(
+            DataConfig(path=store),
+            ModelConfig(grid=(32, 64), patch=(8, 8), channels=CH),
+            Mesh.virtual(MeshConfig(domain=8)),
+        )
+    with pytest.raises(
+        DataError, match=r"split 'train': 28 samples are fewer than one global batch \(batch 8 x dp 4\)"
+    ):
         ShardedSampleLoader(DataConfig(path=store), MODEL, Mesh.virtual(MeshConfig(dp=4)), batch=8)
 
 
@@ -189,10 +272,13 @@ def _daily_cycle_store(tmp_path):
     rng = np.random.default_rng(1)
     mean, a1, b1 = (rng.normal(280, 3, (5, 7)), rng.normal(0, 4, (5, 7)), rng.normal(0, 2, (5, 7)))
     om = 2 * np.pi * times.hour.values / 24
-    val = (mean + a1 * np.cos(om)[:, None, None] + b1 * np.sin(om)[:, None, None]
-           + rng.normal(0, 0.01, (len(times), 5, 7)))
-    ds = xr.Dataset({"t2m": (("time", "latitude", "longitude"), val.astype(np.float32))},
-                    coords={"time": times, "latitude": lat, "longitude": lon})
+    val = (
+        mean + a1 * np.cos(om)[:, None, None] + b1 * np.sin(om)[:, None, None] + rng.normal(0, 0.01, (len(times), 5, 7))
+    )
+    ds = xr.Dataset(
+        {"t2m": (("time", "latitude", "longitude"), val.astype(np.float32))},
+        coords={"time": times, "latitude": lat, "longitude": lon},
+    )
     path = tmp_path / "hourly.zarr"
     ds.to_zarr(path, consolidated=False)
     # rows north to south, as the model sees them
@@ -201,17 +287,40 @@ def _daily_cycle_store(tmp_path):
 
 def test_daily_cycle_static_inputs_from_training_period_stats(tmp_path):
     path, mean, a1, b1 = _daily_cycle_store(tmp_path)
-    static = ["daily_cycle_mean_2m_temperature", "daily_cycle_cos1_2m_temperature",
-              "daily_cycle_sin1_2m_temperature", "daily_cycle_cos2_2m_temperature", "cos_latitude"]
+    static = [
+        "daily_cycle_mean_2m_temperature",
+        "daily_cycle_cos1_2m_temperature",
+        "daily_cycle_sin1_2m_temperature",
+        "daily_cycle_cos2_2m_temperature",
+        "cos_latitude",
+    ]
     ch = ChannelsConfig(surface=["2m_temperature"], atmospheric=[], levels=[], static=static)
     model = ModelConfig(grid=(5, 7), patch=(1, 1), channels=ch)
     splits = {"train": ["2021-03-01", "2021-03-03T23"], "val": ["2021-03-05", "2021-03-05T12"]}
-    job = {"weathermixer": {"model": model.model_dump(mode="json"), "data": {
-        "path": path, "dt_hours": 1, "variables": {"2m_temperature": "t2m"}, "splits": splits}}}
+    job = {
+        "weathermixer": {
+            "model": model.model_dump(mode="json"),
+            "data": {"path": path, "dt_hours": 1, "variables": {"2m_temperature": "t2m"}, "splits": splits},
+        }
+    }
     (tmp_path / "job.json").write_text(json.dumps(job))
     out = tmp_path / "stats.json"
-    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
-                "--end", "2021-03-03T23", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "stats",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--start",
+                "2021-03-01",
+                "--end",
+                "2021-03-03T23",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stats = json.loads(out.read_text())
     dc = stats["daily_cycle"]
     assert (dc["start"], dc["end"]) == ("2021-03-01 00:00:00", "2021-03-03 23:00:00") and len(dc["hours_seen"]) == 24
@@ -221,8 +330,7 @@ def test_daily_cycle_static_inputs_from_training_period_stats(tmp_path):
     np.testing.assert_allclose(coef["sin1"], b1, atol=0.01)
     np.testing.assert_allclose(coef["cos2"], 0, atol=0.01)
     # the loader serves them normalised like the channel (mean term by mean and std, harmonics by std)
-    cfg = DataConfig(path=path, dt_hours=1, variables={"2m_temperature": "t2m"}, stats=str(out), splits=splits,
-                     leads=2)
+    cfg = DataConfig(path=path, dt_hours=1, variables={"2m_temperature": "t2m"}, stats=str(out), splits=splits, leads=2)
     s = next(iter(ShardedSampleLoader(cfg, model, Mesh.single(), batch=3, shuffle=False))).static
     m, sd = stats["channels"]["2m_temperature"]["mean"], stats["channels"]["2m_temperature"]["std"]
     assert s.shape == (3, 5, 5, 7)
@@ -231,14 +339,42 @@ def test_daily_cycle_static_inputs_from_training_period_stats(tmp_path):
     np.testing.assert_allclose(s[0, 2].numpy(), b1 / sd, atol=0.01 / sd)
     # only from the stats file's period: one overlapping the validation split is refused
     late = tmp_path / "late.json"
-    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
-                "--end", "2021-03-05T06", "--out", str(late)]) == 0
+    assert (
+        cli(
+            [
+                "stats",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--start",
+                "2021-03-01",
+                "--end",
+                "2021-03-05T06",
+                "--out",
+                str(late),
+            ]
+        )
+        == 0
+    )
     with pytest.raises(DataError, match="overlaps the validation split"):
         ShardedSampleLoader(cfg.model_copy(update={"stats": str(late)}), model, Mesh.single(), batch=1)
     # up to the first validation init (an input state, never a target) is allowed
     edge = tmp_path / "edge.json"
-    assert cli(["stats", "--config", str(tmp_path / "job.json"), "--start", "2021-03-01",
-                "--end", "2021-03-05T00", "--out", str(edge)]) == 0
+    assert (
+        cli(
+            [
+                "stats",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--start",
+                "2021-03-01",
+                "--end",
+                "2021-03-05T00",
+                "--out",
+                str(edge),
+            ]
+        )
+        == 0
+    )
     ShardedSampleLoader(cfg.model_copy(update={"stats": str(edge)}), model, Mesh.single(), batch=1)
     # a forecast's loader (only a test split of init times) has no validation split to check against
     fc = cfg.model_copy(update={"stats": str(late), "splits": {"test": ["2021-03-05", "2021-03-05"]}})

@@ -1,5 +1,6 @@
 """data.device_prefetch: batches copied one step ahead (weathermixer.data.device). The ordering and
 the loader position are checked on the CPU with a fake copy stream; the CUDA stream path on a GPU."""
+
 import pandas as pd
 import pytest
 import torch
@@ -9,8 +10,12 @@ from weathermixer.data.loader import Sample
 
 
 def batches(n):
-    return [Sample(torch.full((2, 3), float(i)), torch.zeros(2, 1), [torch.full((2, 3), i + 0.5)],
-                   [pd.Timestamp("2020-01-01")]) for i in range(n)]
+    return [
+        Sample(
+            torch.full((2, 3), float(i)), torch.zeros(2, 1), [torch.full((2, 3), i + 0.5)], [pd.Timestamp("2020-01-01")]
+        )
+        for i in range(n)
+    ]
 
 
 class FakeLoader:

@@ -53,9 +53,11 @@ def test_mesh_groups_follow_tp_domain_dp_order():
     assert res[5]["mpu"] == (4, 1, 2, 1)  # model group size, model rank, dp size, dp rank
 
 
-@pytest.mark.parametrize("domain,tp,replicate", [(2, 1, []), (1, 2, []), (2, 2, []), (3, 1, []), (1, 3, []),
-                                                 (2, 2, ["domain", "tp"])],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "domain,tp,replicate",
+    [(2, 1, []), (1, 2, []), (2, 2, []), (3, 1, []), (1, 3, []), (2, 2, ["domain", "tp"])],
+    ids=lambda v: str(v),
+)
 def test_layers_match_serial_twin(domain, tp, replicate):
     results = run_workers(workers.layers_against_serial_twin, domain * tp, domain, tp, replicate, timeout=120)
     for rank, errs in enumerate(results):

@@ -1,6 +1,7 @@
 """The documentation as a user meets it: the README is short and opens with the two commands CI
 runs, every relative link resolves, the configuration page names every key of the schema, and
 every benchmark report carries its date, machine, command and result file. Text scans, seconds."""
+
 import re
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def test_readme_is_a_front_door_that_opens_with_the_commands_ci_runs():
     test_command = tests.split("&&")[-1].strip()
     assert test_command in ci, f".ci/run does not run the README's test command {test_command!r}"
     install = tests.split("&&")[2].strip()
-    assert install.replace("pip install", "pip install -q") in ci, f".ci/run does not install as the README: {install!r}"
+    assert install.replace("pip install", "pip install -q") in ci, (
+        f".ci/run does not install as the README: {install!r}"
+    )
 
 
 def _target(doc: Path, link: str) -> Path | None:
@@ -58,9 +61,20 @@ def _schema_keys():
     from jigsaw_ext.mesh import MeshConfig
     from weathermixer.config import ChannelsConfig, ModelConfig
     from weathermixer.train import config as train_config
-    models = [MeshConfig, ModelConfig, ChannelsConfig, train_config.TrainConfig, train_config.ParamGroupRule,
-              train_config.LossConfig, train_config.ValidationConfig, train_config.CheckpointConfig,
-              train_config.LogConfig, train_config.SyntheticDataConfig, train_config.DataConfig]
+
+    models = [
+        MeshConfig,
+        ModelConfig,
+        ChannelsConfig,
+        train_config.TrainConfig,
+        train_config.ParamGroupRule,
+        train_config.LossConfig,
+        train_config.ValidationConfig,
+        train_config.CheckpointConfig,
+        train_config.LogConfig,
+        train_config.SyntheticDataConfig,
+        train_config.DataConfig,
+    ]
     sections = [f for f in train_config.TrainJobConfig.model_fields]
     return sections + [name for model in models for name in model.model_fields], models
 

@@ -1,5 +1,6 @@
 """weathermixer.evaluate end to end on a synthetic store (scores checked against an independent
 per-init loop), the scorecard, and every bad-input error."""
+
 import csv
 import json
 
@@ -8,9 +9,9 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from weathermixer.data.synth import write_synthetic
 from weathermixer.evaluation import evaluate as E
 from weathermixer.evaluation import scorecard as S
-from weathermixer.data.synth import write_synthetic
 from weathermixer.evaluation.metrics import EvaluationError
 
 VARS = ["2m_temperature", "geopotential", "temperature"]
@@ -28,8 +29,13 @@ def forecast_from(truth: xr.Dataset, inits, leads, variables, bias, growth=0.3, 
     for v in variables:
         da = truth[v]
         scale = float(da.std())
-        fields = [[da.sel(time=t + lead).values + bias[v] + growth * scale * (lead / pd.Timedelta("24h")) * pattern
-                   for lead in leads] for t in inits]
+        fields = [
+            [
+                da.sel(time=t + lead).values + bias[v] + growth * scale * (lead / pd.Timedelta("24h")) * pattern
+                for lead in leads
+            ]
+            for t in inits
+        ]
         out[v] = (("time", "prediction_timedelta") + da.dims[1:], np.array(fields, dtype=np.float32))
     coords = {"time": inits, "prediction_timedelta": leads, "latitude": truth.latitude, "longitude": truth.longitude}
     if "level" in truth.dims:
@@ -70,8 +76,10 @@ def reference(truth, fc, var, level, lead_h, form="wb2", inits=INITS, clim_year=
     w = w / w.sum()
     train = tr.sel(time=clim_year)
     t_idx = pd.DatetimeIndex(train.time.values)
-    groups = {key: train.values[np.asarray(pos)].mean(0)
-              for key, pos in pd.Series(range(len(t_idx))).groupby([t_idx.day_of_year, t_idx.hour]).groups.items()}
+    groups = {
+        key: train.values[np.asarray(pos)].mean(0)
+        for key, pos in pd.Series(range(len(t_idx))).groupby([t_idx.day_of_year, t_idx.hour]).groups.items()
+    }
     lead = pd.Timedelta(hours=lead_h)
     mean = lambda x: float(np.sum(w * x.mean(axis=1)))  # noqa: E731
     out = {s: {"mse": [], "me": [], "acc": []} for s in ("model", "persistence", "climatology")}
@@ -79,8 +87,11 @@ def reference(truth, fc, var, level, lead_h, form="wb2", inits=INITS, clim_year=
         v = t + lead
         o = tr.sel(time=v).values.astype(float)
         clim = groups[(v.day_of_year, v.hour)]
-        fields = {"model": f_all.sel(time=t, prediction_timedelta=lead).values.astype(float),
-                  "persistence": tr.sel(time=t).values.astype(float), "climatology": clim}
+        fields = {
+            "model": f_all.sel(time=t, prediction_timedelta=lead).values.astype(float),
+            "persistence": tr.sel(time=t).values.astype(float),
+            "climatology": clim,
+        }
         for s, f in fields.items():
             out[s]["mse"].append(mean((f - o) ** 2))
             out[s]["me"].append(mean(f - o))
@@ -97,9 +108,26 @@ def reference(truth, fc, var, level, lead_h, form="wb2", inits=INITS, clim_year=
 
 def test_cli_end_to_end(stores, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = E.main(["--forecast", stores["forecast"], "--truth", stores["truth"], "--out", str(out),
-                 "--climatology-years", "2019", "2019", "--headline", "z500,temperature@850,2m_temperature",
-                 "--map-leads", "12,48", "--quiet", "--clim-window-days", "0"])
+    rc = E.main(
+        [
+            "--forecast",
+            stores["forecast"],
+            "--truth",
+            stores["truth"],
+            "--out",
+            str(out),
+            "--climatology-years",
+            "2019",
+            "2019",
+            "--headline",
+            "z500,temperature@850,2m_temperature",
+            "--map-leads",
+            "12,48",
+            "--quiet",
+            "--clim-window-days",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     keys = ["geopotential@500", "geopotential@850", "temperature@500", "temperature@850", "2m_temperature"]
@@ -109,8 +137,11 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
     assert m["init_times"] == [f"{t:%Y-%m-%dT%H:%M}" for t in INITS]
     assert m["lead_hours"] == [6.0, 12.0, 24.0, 48.0]
     assert m["climatology"]["years"] == [2019] and not m["climatology"]["overlaps_evaluation"]
-    assert m["headline"] == {"z500": "geopotential@500", "temperature@850": "temperature@850",
-                             "2m_temperature": "2m_temperature"}
+    assert m["headline"] == {
+        "z500": "geopotential@500",
+        "temperature@850": "temperature@850",
+        "2m_temperature": "2m_temperature",
+    }
     truth, fc = stores["truth_ds"], stores["fc_ds"]
     for key in keys:
         var, _, level = key.partition("@")
@@ -120,8 +151,12 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
             assert set(cell) == {"model", "persistence", "climatology", "linear"}
             for system in ("model", "persistence"):
                 for stat in ("rmse", "bias", "acc"):
-                    assert cell[system][stat] == pytest.approx(ref[system][stat], rel=1e-5, abs=1e-9), \
-                        (key, lead, system, stat)
+                    assert cell[system][stat] == pytest.approx(ref[system][stat], rel=1e-5, abs=1e-9), (
+                        key,
+                        lead,
+                        system,
+                        stat,
+                    )
             assert cell["climatology"]["rmse"] == pytest.approx(ref["climatology"]["rmse"], rel=1e-5)
             assert cell["climatology"]["bias"] == pytest.approx(ref["climatology"]["bias"], rel=1e-5, abs=1e-9)
             assert cell["climatology"]["acc"] is None  # zero forecast anomaly: undefined
@@ -136,8 +171,7 @@ def test_cli_end_to_end(stores, tmp_path, capsys):
             assert (r[stat] == "" and s[stat] is None) or float(r[stat]) == s[stat]
         assert r["level"] == ("" if "@" not in r["field"] else r["field"].split("@")[1])
     pngs = [out / f"scores_{label}.png" for label in ("z500", "temperature_850", "2m_temperature")]
-    pngs += [out / f"map_{label}_{h}h.png" for label in ("z500", "temperature_850", "2m_temperature")
-             for h in (12, 48)]
+    pngs += [out / f"map_{label}_{h}h.png" for label in ("z500", "temperature_850", "2m_temperature") for h in (12, 48)]
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000, p
     assert sorted(out.glob("*.png")) == sorted(pngs)
@@ -155,8 +189,16 @@ def test_wb1_form_lead_and_init_subset(stores):
     tr = E.open_dataset(stores["truth"], "truth")
     plan = E.plan_evaluation(fc, tr, ["temperature"], [24], init_start="2020-01-03", init_end="2020-01-04")
     assert plan.inits.equals(INITS[(INITS >= "2020-01-03") & (INITS <= "2020-01-04")])
-    res = E.evaluate(fc, tr, plan, "2019-01-01", "2019-12-31", rmse_form="wb1", max_block_bytes=1,  # 1 init/block
-                     window_days=0)
+    res = E.evaluate(
+        fc,
+        tr,
+        plan,
+        "2019-01-01",
+        "2019-12-31",
+        rmse_form="wb1",
+        max_block_bytes=1,  # 1 init/block
+        window_days=0,
+    )
     assert res["definitions"]["rmse_form"] == "wb1"
     ref = reference(stores["truth_ds"], stores["fc_ds"], "temperature", 850, 24, form="wb1", inits=plan.inits)
     cell = res["scores"]["temperature@850"]["24"]
@@ -170,12 +212,23 @@ def test_wb1_form_lead_and_init_subset(stores):
 
 
 def test_headline_names():
-    keys = {"geopotential@500": ("geopotential", 500), "temperature@850": ("temperature", 850),
-            "2m_temperature": ("2m_temperature", None)}
-    assert E.resolve_headline(None, keys) == {"z500": "geopotential@500", "t850": "temperature@850",
-                                              "t2m": "2m_temperature"}
-    other = {"precip": ("precip", None), "wind@3": ("wind", 3), "wind@7": ("wind", 7), "a": ("a", None),
-             "b": ("b", None)}
+    keys = {
+        "geopotential@500": ("geopotential", 500),
+        "temperature@850": ("temperature", 850),
+        "2m_temperature": ("2m_temperature", None),
+    }
+    assert E.resolve_headline(None, keys) == {
+        "z500": "geopotential@500",
+        "t850": "temperature@850",
+        "t2m": "2m_temperature",
+    }
+    other = {
+        "precip": ("precip", None),
+        "wind@3": ("wind", 3),
+        "wind@7": ("wind", 7),
+        "a": ("a", None),
+        "b": ("b", None),
+    }
     assert E.resolve_headline(None, other) == {k: k for k in list(other)[:4]}
     assert E.resolve_headline("wind@7, precip", other) == {"wind@7": "wind@7", "precip": "precip"}
     with pytest.raises(EvaluationError, match="'wind' has levels 3, 7"):
@@ -189,8 +242,9 @@ def tiny_truth(times, lat, lon, levels=(500, 850), seed=0):
     rng = np.random.default_rng(seed)
     shape = (len(times), len(levels), len(lat), len(lon))
     base = {"geopotential": 5.5e4, "temperature": 270.0}
-    data = {v: (("time", "level", "latitude", "longitude"), base[v] + rng.normal(size=shape) * base[v] / 100)
-            for v in base}
+    data = {
+        v: (("time", "level", "latitude", "longitude"), base[v] + rng.normal(size=shape) * base[v] / 100) for v in base
+    }
     data["sfc"] = (("time", "latitude", "longitude"), rng.normal(size=(len(times), len(lat), len(lon))))
     return xr.Dataset(data, coords={"time": times, "level": list(levels), "latitude": lat, "longitude": lon})
 
@@ -201,8 +255,14 @@ def test_scorecard_on_the_reference_grid(tmp_path, capsys):
     truth = tiny_truth(pd.date_range("2016-12-20", "2017-01-12", freq="12h"), lat, lon)
     inits = pd.date_range("2017-01-01", periods=3, freq="12h")
     leads = pd.to_timedelta([72, 120], "h")
-    fc = forecast_from(truth, inits, leads, ["geopotential", "temperature"],
-                       {"geopotential": 30.0, "temperature": 0.2}, descending=False)
+    fc = forecast_from(
+        truth,
+        inits,
+        leads,
+        ["geopotential", "temperature"],
+        {"geopotential": 30.0, "temperature": 0.2},
+        descending=False,
+    )
     plan = E.plan_evaluation(fc, truth)
     res = E.evaluate(fc, truth, plan, "2016-01-01", "2016-12-31T23:59", window_days=0)
     assert res["climatology"]["filled_cells"] > 0  # valid days in January: nearest December day
@@ -213,8 +273,12 @@ def test_scorecard_on_the_reference_grid(tmp_path, capsys):
     assert "MATCHES the reference set" in text and "DOES NOT MATCH" not in text
     ours = [line for line in text.splitlines() if line.startswith("ours: model")][0].split()[2:]
     z, t = res["scores"]["geopotential@500"], res["scores"]["temperature@850"]
-    assert ours == [f"{z['72']['model']['rmse']:.0f}", f"{z['120']['model']['rmse']:.0f}",
-                    f"{t['72']['model']['rmse']:.2f}", f"{t['120']['model']['rmse']:.2f}"]
+    assert ours == [
+        f"{z['72']['model']['rmse']:.0f}",
+        f"{z['120']['model']['rmse']:.0f}",
+        f"{t['72']['model']['rmse']:.2f}",
+        f"{t['120']['model']['rmse']:.2f}",
+    ]
     ifs = [line for line in text.splitlines() if line.startswith("operational IFS")][0].split()[-4:]
     assert ifs == ["154", "334", "1.36", "2.03"]
     assert "wb2 form" in text  # the reference is the WB1 form: said in a note
@@ -227,8 +291,13 @@ TIMES = pd.date_range("2019-12-30", "2020-01-04", freq="6h")
 
 def small_pair(**changes):
     truth = tiny_truth(TIMES, LAT4, LON8)
-    fc = forecast_from(truth, pd.date_range("2020-01-01", periods=2, freq="12h"), pd.to_timedelta([6, 12], "h"),
-                       ["geopotential", "temperature", "sfc"], {"geopotential": 1.0, "temperature": 1.0, "sfc": 1.0})
+    fc = forecast_from(
+        truth,
+        pd.date_range("2020-01-01", periods=2, freq="12h"),
+        pd.to_timedelta([6, 12], "h"),
+        ["geopotential", "temperature", "sfc"],
+        {"geopotential": 1.0, "temperature": 1.0, "sfc": 1.0},
+    )
     return fc, truth
 
 
@@ -241,17 +310,29 @@ BAD = {
     "latitudes": (lambda fc, tr: (fc.assign_coords(latitude=fc.latitude + 1.0), tr), {}, "latitudes differ"),
     "longitudes": (lambda fc, tr: (fc.assign_coords(longitude=fc.longitude - 180.0), tr), {}, "longitudes differ"),
     "variable not in truth": (lambda fc, tr: (fc, tr.drop_vars("sfc")), {}, r"\['sfc'\] of the forecast missing"),
-    "variable not in forecast": (lambda fc, tr: (fc, tr), {"variables": ["humidity"]},
-                                 r"\['humidity'\] not in the forecast"),
+    "variable not in forecast": (
+        lambda fc, tr: (fc, tr),
+        {"variables": ["humidity"]},
+        r"\['humidity'\] not in the forecast",
+    ),
     "level not in truth": (lambda fc, tr: (fc, tr.sel(level=[500])), {}, "level.s. 850 not in the truth"),
-    "init outside truth": (lambda fc, tr: (fc, tr.sel(time=slice("2020-01-01T06", None))), {},
-                           "init time.s. not in the truth data .*2020-01-01T00:00"),
+    "init outside truth": (
+        lambda fc, tr: (fc, tr.sel(time=slice("2020-01-01T06", None))),
+        {},
+        "init time.s. not in the truth data .*2020-01-01T00:00",
+    ),
     "lead not in forecast": (lambda fc, tr: (fc, tr), {"leads_hours": [6, 999]}, "lead 999 h not in the forecast"),
-    "valid time outside truth": (lambda fc, tr: (fc, tr.sel(time=slice(None, "2020-01-01T12"))), {},
-                                 "lead 6 h: valid time.s. not in the truth data .*2020-01-01T18:00"),
+    "valid time outside truth": (
+        lambda fc, tr: (fc, tr.sel(time=slice(None, "2020-01-01T12"))),
+        {},
+        "lead 6 h: valid time.s. not in the truth data .*2020-01-01T18:00",
+    ),
     "no init in range": (lambda fc, tr: (fc, tr), {"init_start": "2021-01-01"}, "no forecast init time"),
-    "missing dimension": (lambda fc, tr: (fc.rename(prediction_timedelta="step"), tr), {},
-                          "forecast has no dimension 'prediction_timedelta'"),
+    "missing dimension": (
+        lambda fc, tr: (fc.rename(prediction_timedelta="step"), tr),
+        {},
+        "forecast has no dimension 'prediction_timedelta'",
+    ),
 }
 
 
@@ -302,7 +383,8 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
 def test_dimension_aliases_are_renamed(tmp_path):
     fc, tr = small_pair()
     fc.rename(latitude="lat", longitude="lon", time="init_time", prediction_timedelta="lead_time").to_zarr(
-        tmp_path / "fc.zarr", consolidated=False)
+        tmp_path / "fc.zarr", consolidated=False
+    )
     opened = E.open_dataset(str(tmp_path / "fc.zarr"), "forecast")
     assert {"time", "prediction_timedelta", "latitude", "longitude"} <= set(opened.dims)
     assert E.plan_evaluation(opened, tr).keys == E.plan_evaluation(fc, tr).keys

@@ -1,6 +1,7 @@
 """weathermixer.forecast end to end: a model trained by train.py beats persistence at 6 h and 24 h
 (train -> forecast -> evaluate), the same forecast on the 1x2x2 and 2x1x2 meshes as on one process,
 the WeatherBench 2 layout of the store, and every bad input named."""
+
 import json
 import os
 import subprocess
@@ -15,17 +16,21 @@ import zarr
 
 from jigsaw_ext.checkpoint import consolidate
 from jigsaw_ext.testing import run_workers
+from weathermixer.data.synth import write_synthetic
 from weathermixer.evaluation import evaluate
 from weathermixer.inference import forecast
-from weathermixer.data.synth import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deepspeed_configs" / "quickstart_cpu.json"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
 STEPS = 80
 VAL_START, END = "2020-02-15", "2020-02-29 18:00"
-HEADLINE = {"z500": "geopotential@500", "t850": "temperature@850", "t2m": "2m_temperature",
-            "u10": "10m_u_component_of_wind"}
+HEADLINE = {
+    "z500": "geopotential@500",
+    "t850": "temperature@850",
+    "t2m": "2m_temperature",
+    "u10": "10m_u_component_of_wind",
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +48,43 @@ def trained(tmp_path_factory) -> dict:
     w["log"].update(every=STEPS, tensorboard=False, plot=False)
     w["checkpoint"].update(every=0, resume="never")
     (tmp / "job.json").write_text(json.dumps(j))
-    run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(tmp / "job.json"), "--domain", "1",
-                          "--tp", "1", "--output-dir", str(tmp / "run")], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--deepspeed_config",
+            str(tmp / "job.json"),
+            "--domain",
+            "1",
+            "--tp",
+            "1",
+            "--output-dir",
+            str(tmp / "run"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     store = next((tmp / "synthetic").glob("*.zarr"))
     return {"checkpoint": tmp / "run" / "checkpoints", "store": store, "tmp": tmp}
 
 
 def _forecast(trained, out, *args, inits=f"{VAL_START}T00,2020-02-20T06,2020-02-25T18", lead=24) -> Path:
-    argv = ["--checkpoint", str(trained["checkpoint"]), "--init-times", *inits.split(" "), "--lead-hours", str(lead),
-            "--out", str(out), "--quiet", *args]
+    argv = [
+        "--checkpoint",
+        str(trained["checkpoint"]),
+        "--init-times",
+        *inits.split(" "),
+        "--lead-hours",
+        str(lead),
+        "--out",
+        str(out),
+        "--quiet",
+        *args,
+    ]
     assert forecast.main(argv) == 0
     return Path(out)
 
@@ -62,8 +93,9 @@ def test_trained_model_beats_persistence_end_to_end(trained, tmp_path):
     group = zarr.open_group(str(trained["store"]), mode="r+")  # attributes to be carried over
     group["2m_temperature"].attrs.update(units="K", long_name="2 metre temperature")
     group["latitude"].attrs.update(units="degrees_north")
-    fc_path = _forecast(trained, tmp_path / "fc.zarr", "--init-every", "12", "--batch", "8",
-                        inits=f"{VAL_START} 2020-02-27T12")
+    fc_path = _forecast(
+        trained, tmp_path / "fc.zarr", "--init-every", "12", "--batch", "8", inits=f"{VAL_START} 2020-02-27T12"
+    )
     assert not (tmp_path / "fc.zarr.partial").exists()
 
     # the WeatherBench 2 forecast layout, with the data set's names, latitude order and attributes
@@ -71,8 +103,14 @@ def test_trained_model_beats_persistence_end_to_end(trained, tmp_path):
     truth = xr.open_zarr(trained["store"], chunks=None, consolidated=False)
     assert list(fc[evaluate.LEAD].values) == list(pd.to_timedelta([6, 12, 18, 24], "h"))
     assert list(fc.time.values) == list(pd.date_range(VAL_START, "2020-02-27T12", freq="12h"))
-    assert set(fc.data_vars) == {"2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind",
-                                 "mean_sea_level_pressure", "geopotential", "temperature"}
+    assert set(fc.data_vars) == {
+        "2m_temperature",
+        "10m_u_component_of_wind",
+        "10m_v_component_of_wind",
+        "mean_sea_level_pressure",
+        "geopotential",
+        "temperature",
+    }
     assert fc["geopotential"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
     assert fc["2m_temperature"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
     np.testing.assert_array_equal(fc.latitude.values, truth.latitude.values)
@@ -84,11 +122,27 @@ def test_trained_model_beats_persistence_end_to_end(trained, tmp_path):
     # physical units: 500 hPa geopotential near its synthetic mean of ~5.5e4 m^2/s^2
     assert 4e4 < float(fc["geopotential"].sel(level=500).mean()) < 7e4
 
-    assert evaluate.main(["--forecast", str(fc_path), "--truth", str(trained["store"]), "--out",
-                          str(tmp_path / "report"), "--no-plots", "--quiet"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--forecast",
+                str(fc_path),
+                "--truth",
+                str(trained["store"]),
+                "--out",
+                str(tmp_path / "report"),
+                "--no-plots",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "report" / "metrics.json").read_text())["scores"]
-    ratios = {f"{label}@{lead}h": scores[key][lead]["model"]["rmse"] / scores[key][lead]["persistence"]["rmse"]
-              for label, key in HEADLINE.items() for lead in ("6", "24")}
+    ratios = {
+        f"{label}@{lead}h": scores[key][lead]["model"]["rmse"] / scores[key][lead]["persistence"]["rmse"]
+        for label, key in HEADLINE.items()
+        for lead in ("6", "24")
+    }
     assert max(ratios.values()) < 1.0, ratios
 
 
@@ -106,10 +160,28 @@ def test_units_and_plain_progress_lines_in_a_log_file(trained, tmp_path):
     group["2m_temperature"].attrs.update(units="kelvin")  # the data set's own spelling is kept
     fc_path, log = tmp_path / "fc.zarr", tmp_path / "forecast.log"
     with open(log, "w") as out:
-        run = subprocess.run([sys.executable, "-m", "weathermixer.forecast", "--checkpoint", str(trained["checkpoint"]),
-                              "--init-times", f"{VAL_START}T00,2020-02-20T06,2020-02-25T18", "--lead-hours",
-                              "12", "--data-path", str(store), "--out", str(fc_path)], cwd=ROOT, env=ENV,
-                             stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "weathermixer.forecast",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--init-times",
+                f"{VAL_START}T00,2020-02-20T06,2020-02-25T18",
+                "--lead-hours",
+                "12",
+                "--data-path",
+                str(store),
+                "--out",
+                str(fc_path),
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
     text = log.read_text()
     assert run.returncode == 0, text[-3000:]
     assert "\r" not in text and "forecast: 3/3 init(s)" in text, text[-2000:]
@@ -118,9 +190,25 @@ def test_units_and_plain_progress_lines_in_a_log_file(trained, tmp_path):
     assert units == {**{v: KNOWN_UNITS[v] for v in fc.data_vars}, "2m_temperature": "kelvin"}, units
     log = tmp_path / "evaluate.log"
     with open(log, "w") as out:
-        run = subprocess.run([sys.executable, "-m", "weathermixer.evaluate", "--forecast", str(fc_path), "--truth",
-                              str(store), "--out", str(tmp_path / "report"), "--no-plots"], cwd=ROOT, env=ENV,
-                             stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "weathermixer.evaluate",
+                "--forecast",
+                str(fc_path),
+                "--truth",
+                str(store),
+                "--out",
+                str(tmp_path / "report"),
+                "--no-plots",
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
     text = log.read_text()
     assert run.returncode == 0, text[-3000:]
     assert "\r" not in text and f"evaluate: {len(fc.data_vars)}/{len(fc.data_vars)} variable(s)" in text, text[-2000:]
@@ -146,13 +234,21 @@ def test_forecast_equals_a_rollout_written_out_by_hand(trained, tmp_path):
     names = cfg.channels.names
     mean = np.array([stats["channels"][n]["mean"] for n in names])[:, None, None]
     std = np.array([stats["channels"][n]["std"] for n in names])[:, None, None]
-    x0 = np.stack([truth[n].sel(time=init).values if n in truth else
-                   truth[n.rsplit("_", 1)[0]].sel(time=init, level=int(n.rsplit("_", 1)[1])).values for n in names])
+    x0 = np.stack(
+        [
+            truth[n].sel(time=init).values
+            if n in truth
+            else truth[n.rsplit("_", 1)[0]].sel(time=init, level=int(n.rsplit("_", 1)[1])).values
+            for n in names
+        ]
+    )
     x = torch.tensor((x0 - mean) / std, dtype=torch.float32)[None]
 
     def static(t):
-        fixed = [(truth[v].values - stats["static"][n]["mean"]) / stats["static"][n]["std"]
-                 for n, v in (("land_sea_mask", "land_sea_mask"), ("orography", "geopotential_at_surface"))]
+        fixed = [
+            (truth[v].values - stats["static"][n]["mean"]) / stats["static"][n]["std"]
+            for n, v in (("land_sea_mask", "land_sea_mask"), ("orography", "geopotential_at_surface"))
+        ]
         phase = 2 * np.pi * t.hour / 24
         hour = [np.full(x0.shape[1:], f(phase)) for f in (np.sin, np.cos)]
         return torch.tensor(np.stack(fixed + hour), dtype=torch.float32)[None]
@@ -161,9 +257,15 @@ def test_forecast_equals_a_rollout_written_out_by_hand(trained, tmp_path):
         leads = model.forecast_leads(x, static(init), 2)
         leads += model.forecast_leads(leads[-1], static(init + pd.Timedelta(hours=12)), 2)
     expect = np.stack([lead[0].numpy() for lead in leads])  # (lead, channel, north..south, lon), normalised
-    got = np.stack([fc[n].isel(time=0).values if n in fc else
-                    fc[n.rsplit("_", 1)[0]].sel(level=int(n.rsplit("_", 1)[1])).isel(time=0).values
-                    for n in names], axis=1)[:, :, ::-1]  # the store is south..north like the data set
+    got = np.stack(
+        [
+            fc[n].isel(time=0).values
+            if n in fc
+            else fc[n.rsplit("_", 1)[0]].sel(level=int(n.rsplit("_", 1)[1])).isel(time=0).values
+            for n in names
+        ],
+        axis=1,
+    )[:, :, ::-1]  # the store is south..north like the data set
     # in normalised units: float32 storage of ~1e5 Pa pressures alone rounds to ~7e-6 of their std
     np.testing.assert_allclose((got - mean) / std, expect, rtol=0, atol=2e-5)
 
@@ -185,12 +287,19 @@ def test_forecast_is_the_same_on_every_mesh(trained, tmp_path):
     _forecast({"checkpoint": consolidated}, tmp_path / "ref-latent.zarr", *common, "--mode", "latent")
     base = ["--checkpoint", str(trained["checkpoint"]), "--lead-hours", "24", "--quiet", *common, "--init-times"]
     inits = f"{VAL_START}T00,2020-02-20T06,2020-02-25T18"
-    runs = [base + [inits, "--domain", "2", "--tp", "2", "--out", str(tmp_path / "1x2x2-autoregressive.zarr")],
-            base + [inits, "--dp", "2", "--tp", "2", "--out", str(tmp_path / "2x1x2-latent.zarr"), "--mode", "latent"],
-            # bad input on 4 ranks (found once the data set is open): exit code 2 on every rank, no hang
-            base + ["2021-01-01T00", "--domain", "2", "--tp", "2", "--out", str(tmp_path / "bad.zarr")]]
-    codes = run_workers(_on_meshes, 4, runs, timeout=240, preload=["weathermixer.forecast", "xarray", "zarr",
-                                                                    "megatron.core.hyper_comm_grid"])
+    runs = [
+        base + [inits, "--domain", "2", "--tp", "2", "--out", str(tmp_path / "1x2x2-autoregressive.zarr")],
+        base + [inits, "--dp", "2", "--tp", "2", "--out", str(tmp_path / "2x1x2-latent.zarr"), "--mode", "latent"],
+        # bad input on 4 ranks (found once the data set is open): exit code 2 on every rank, no hang
+        base + ["2021-01-01T00", "--domain", "2", "--tp", "2", "--out", str(tmp_path / "bad.zarr")],
+    ]
+    codes = run_workers(
+        _on_meshes,
+        4,
+        runs,
+        timeout=240,
+        preload=["weathermixer.forecast", "xarray", "zarr", "megatron.core.hyper_comm_grid"],
+    )
     assert codes == [[0, 0, 2]] * 4
     for name, mode in (("1x2x2", "autoregressive"), ("2x1x2", "latent")):
         ref = xr.open_zarr(tmp_path / f"ref-{mode}.zarr", chunks=None, consolidated=False)
@@ -210,23 +319,38 @@ def mismatched(trained) -> dict:
     """A data set without 'temperature' on the model's grid, and statistics without any channel."""
     tmp = trained["tmp"]
     path = tmp / "no_temperature.zarr"
-    write_synthetic(str(path), (32, 64), "2020-02-01", "2020-02-03", 6.0,
-                    ["2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind",
-                     "mean_sea_level_pressure", "geopotential"], [500, 850])
+    write_synthetic(
+        str(path),
+        (32, 64),
+        "2020-02-01",
+        "2020-02-03",
+        6.0,
+        [
+            "2m_temperature",
+            "10m_u_component_of_wind",
+            "10m_v_component_of_wind",
+            "mean_sea_level_pressure",
+            "geopotential",
+        ],
+        [500, 850],
+    )
     (tmp / "empty_stats.json").write_text(json.dumps({"channels": {}, "static": {}}))
     return {"no_temperature": path, "empty_stats": tmp / "empty_stats.json"}
 
 
 BAD = {
-    "init-before-data": (["--init-times", "2019-12-31T00,2020-02-20T00"], ["2019-12-31T00:00", "outside",
-                                                                             "2020-01-01T00:00 .. "]),
+    "init-before-data": (
+        ["--init-times", "2019-12-31T00,2020-02-20T00"],
+        ["2019-12-31T00:00", "outside", "2020-01-01T00:00 .. "],
+    ),
     "init-off-the-time-axis": (["--init-times", "2020-02-20T03"], ["2020-02-20T03:00", "every 6 h"]),
     "init-range-without-step": (["--init-times", "2020-02-20", "2020-02-21"], ["--init-every"]),
     "lead-not-a-multiple": (["--lead-hours", "10"], ["--lead-hours 10", "model step 6 h"]),
     "mesh-not-the-world": (["--dp", "2"], ["--dp 2", "= 2 ranks", "world size 1"]),
-    "missing-variable": (["--data-path", "{no_temperature}", "--stats", "{empty_stats}"],
-                         ["variable 'temperature' for model channel 'temperature' not found",
-                          "does not match the data set"]),
+    "missing-variable": (
+        ["--data-path", "{no_temperature}", "--stats", "{empty_stats}"],
+        ["variable 'temperature' for model channel 'temperature' not found", "does not match the data set"],
+    ),
     "statistics-without-channels": (["--stats", "{empty_stats}"], ["no channels statistics", "2m_temperature"]),
     "not-a-checkpoint": (["--checkpoint", "{tmp}"], ["--checkpoint", "neither a checkpoint"]),
 }
@@ -237,12 +361,21 @@ def test_bad_input_is_named(case, trained, mismatched, tmp_path, capsys):
     extra, expected = BAD[case]
     paths = {**{k: str(v) for k, v in mismatched.items()}, "tmp": str(tmp_path)}
     extra = [a.format(**paths) for a in extra]
-    argv = ["--checkpoint", str(trained["checkpoint"]), "--init-times", "2020-02-20T00", "--lead-hours", "24",
-            "--out", str(tmp_path / "fc.zarr"), "--quiet"]
+    argv = [
+        "--checkpoint",
+        str(trained["checkpoint"]),
+        "--init-times",
+        "2020-02-20T00",
+        "--lead-hours",
+        "24",
+        "--out",
+        str(tmp_path / "fc.zarr"),
+        "--quiet",
+    ]
     for flag in ("--checkpoint", "--init-times", "--lead-hours"):  # the case's value replaces the default
         if flag in extra:
             i = argv.index(flag)
-            del argv[i:i + 2]
+            del argv[i : i + 2]
     assert forecast.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -254,6 +387,20 @@ def test_bad_input_is_named(case, trained, mismatched, tmp_path, capsys):
 def test_existing_output_is_kept(trained, tmp_path, capsys):
     out = tmp_path / "fc.zarr"
     out.mkdir()
-    assert forecast.main(["--checkpoint", str(trained["checkpoint"]), "--init-times", "2020-02-20T00",
-                          "--lead-hours", "6", "--out", str(out), "--quiet"]) == 2
+    assert (
+        forecast.main(
+            [
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--init-times",
+                "2020-02-20T00",
+                "--lead-hours",
+                "6",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "exists" in capsys.readouterr().err and out.is_dir()

@@ -1,5 +1,6 @@
 """Metric functions of weathermixer.evaluation.metrics against hand-worked cases and independent computations
 (xarray's .weighted, explicit loops, pandas groupby), never against their own outputs."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,8 +17,9 @@ def field(values, lat=LAT3, times=None):
     lon = np.arange(values.shape[-1]) * 360.0 / values.shape[-1]
     if times is None:
         return xr.DataArray(values, dims=("latitude", "longitude"), coords={"latitude": lat, "longitude": lon})
-    return xr.DataArray(values, dims=("time", "latitude", "longitude"),
-                        coords={"time": times, "latitude": lat, "longitude": lon})
+    return xr.DataArray(
+        values, dims=("time", "latitude", "longitude"), coords={"time": times, "latitude": lat, "longitude": lon}
+    )
 
 
 def random_pair(seed=0, nt=5, lat=np.linspace(-87.5, 87.5, 8), nlon=16):
@@ -60,9 +62,7 @@ def test_zero_error_and_constant_bias():
 
 def test_hand_worked_3x4_grid():
     # w = 0.75, 1.5, 0.75 on rows -60, 0, 60 (cos 0.5, 1, 0.5 over their mean 2/3).
-    e = np.array([[2.0, 0, 0, 0],
-                  [1.0, 1, 1, 1],
-                  [0.0, 0, 0, 0]])
+    e = np.array([[2.0, 0, 0, 0], [1.0, 1, 1, 1], [0.0, 0, 0, 0]])
     truth = field(np.full((3, 4), 10.0))
     fc = truth + e
     # squared error weighted: row -60: 0.75 * 4 = 3; row 0: 1.5 * (1+1+1+1) = 6; row 60: 0 -> 9 / 12 cells
@@ -142,8 +142,11 @@ def test_mismatched_inputs_are_errors():
 def daily_series(start="2018-12-25", end="2020-01-10", hours=(0, 12), seed=0, shape=(2, 3)):
     times = pd.DatetimeIndex([t for t in pd.date_range(start, end, freq="6h") if t.hour in hours])
     rng = np.random.default_rng(seed)
-    return xr.DataArray(rng.normal(size=(len(times),) + shape), dims=("time", "latitude", "longitude"),
-                        coords={"time": times, "latitude": [-30.0, 30.0], "longitude": [0.0, 120.0, 240.0]})
+    return xr.DataArray(
+        rng.normal(size=(len(times),) + shape),
+        dims=("time", "latitude", "longitude"),
+        coords={"time": times, "latitude": [-30.0, 30.0], "longitude": [0.0, 120.0, 240.0]},
+    )
 
 
 def groupby_mean(da, doys, hour):
@@ -178,8 +181,9 @@ def test_climatology_fallback_and_errors():
     np.testing.assert_allclose(clim.at([want]).values[0], groupby_mean(da, [10], 12))
     with pytest.raises(EvaluationError, match="day of year 20 at hour 12"):
         M.build_climatology(da, "2019-01-01", "2019-12-31", for_times=[want], fallback="error")
-    assert not M.build_climatology(da, "2019-01-01", "2019-12-31", window_days=10, for_times=[want],
-                                   fallback="error").filled
+    assert not M.build_climatology(
+        da, "2019-01-01", "2019-12-31", window_days=10, for_times=[want], fallback="error"
+    ).filled
     with pytest.raises(EvaluationError, match=r"hour\(s\) \[6\]"):
         M.build_climatology(da, "2019-01-01", "2019-12-31", for_times=[pd.Timestamp("2020-01-02T06")])
     with pytest.raises(EvaluationError, match="holds no time"):

@@ -1,5 +1,6 @@
 """Single-process checks of the model: exact sizes, meta-device instantiation, layout-independent
 initialisation (on virtual meshes: building a model needs no process group)."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,8 +14,12 @@ from weathermixer.model.size import size_report
 CONFIGS = [
     ModelConfig(),
     ModelConfig(grid=(25, 53), patch=(2, 4), pad_to_patch=True, head="blend", rollout=3, hidden=24),
-    ModelConfig(grid=(33, 49), patch=(1, 7), channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[],
-                                                                    static=[]), blocks=1),
+    ModelConfig(
+        grid=(33, 49),
+        patch=(1, 7),
+        channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=[]),
+        blocks=1,
+    ),
 ]
 
 
@@ -43,7 +48,7 @@ def test_parameter_count_and_flops_are_exact(cfg):
 def test_paper_model_size_matches_the_paper():
     cfg = PRESETS["paper_1b"]
     report = size_report(cfg, MeshConfig(domain=2, tp=2))
-    assert 1.06e9 <= report["parameters"] <= 1.07e9          # paper: 1.06 B
+    assert 1.06e9 <= report["parameters"] <= 1.07e9  # paper: 1.06 B
     assert 13.4 <= report["forward_tflop_per_sample"] <= 13.7  # paper: about 13.6 TFLOP
     assert report["max_share_vs_ideal"] <= 1.05
 
@@ -62,9 +67,16 @@ def test_3b_model_on_meta_device_with_per_rank_share():
     assert sum(s.numel() for s in shapes) == dict(model.named_parameters())[name].numel()
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(domain=2), MeshConfig(tp=3), MeshConfig(domain=3, tp=2),
-                                  MeshConfig(domain=2, tp=2, replicate_weights_over=["domain", "tp"])],
-                         ids=str)
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        MeshConfig(domain=2),
+        MeshConfig(tp=3),
+        MeshConfig(domain=3, tp=2),
+        MeshConfig(domain=2, tp=2, replicate_weights_over=["domain", "tp"]),
+    ],
+    ids=str,
+)
 def test_one_seed_gives_the_same_logical_weights_on_every_mesh(mesh):
     cfg = CONFIGS[1]
     serial = dict(WeatherMixer(cfg).named_parameters())
@@ -77,8 +89,10 @@ def test_one_seed_gives_the_same_logical_weights_on_every_mesh(mesh):
             covered[name][p.block_layout.local_slices(virtual.coords)] += 1
     for name, count in covered.items():  # every logical element is stored somewhere
         assert count.min() >= 1, name
-    assert not torch.equal(serial["embed.weights.0"], dict(WeatherMixer(
-        cfg.model_copy(update={"seed": cfg.seed + 1})).named_parameters())["embed.weights.0"])
+    assert not torch.equal(
+        serial["embed.weights.0"],
+        dict(WeatherMixer(cfg.model_copy(update={"seed": cfg.seed + 1})).named_parameters())["embed.weights.0"],
+    )
 
 
 def test_block_sharded_weights_are_stored_once_per_model_group():
@@ -107,8 +121,9 @@ def test_hidden_multiple_rounds_the_mixing_hidden_sizes_up():
     from weathermixer.model.geometry import Geometry
     from weathermixer.model.mixer import num_parameters
 
-    cfg = ModelConfig(grid=(12, 40), patch=(1, 4), hidden=20, token_fraction=0.3, channel_fraction=1.3,
-                      hidden_multiple=8, blocks=1)
+    cfg = ModelConfig(
+        grid=(12, 40), patch=(1, 4), hidden=20, token_fraction=0.3, channel_fraction=1.3, hidden_multiple=8, blocks=1
+    )
     geo = Geometry(cfg, Mesh.single())
     assert (geo.tokens, geo.token_hidden, geo.channel_hidden) == (120, 40, 32)  # 36 -> 40, 26 -> 32
     model = WeatherMixer(cfg)

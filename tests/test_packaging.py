@@ -7,6 +7,7 @@ The wheel test builds from a copy of the sources (no build/ left in the checkout
 repository whose sys.path holds neither the repository nor the editable install's finder, checking
 that each module came from SITE. No network: the build uses the environment's setuptools.
 """
+
 import ast
 import importlib.metadata
 import json
@@ -57,8 +58,14 @@ def source_modules() -> set[str]:
 
 
 def _pip(*args, cwd):
-    run = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args],
-                         cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, f"pip {' '.join(args)}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
 
 
@@ -85,8 +92,13 @@ def test_wheel_holds_every_module_and_job_file(installed_wheel):
     site = installed_wheel
     expected = source_modules()
     assert {"weathermixer.data", "weathermixer.data.reader", "weathermixer.train.main"} <= expected
-    shipped = {m for m in (".".join(p.relative_to(site).with_suffix("").parts).removesuffix(".__init__")
-                           for p in site.rglob("*.py")) if m.split(".")[0] in PACKAGES}
+    shipped = {
+        m
+        for m in (
+            ".".join(p.relative_to(site).with_suffix("").parts).removesuffix(".__init__") for p in site.rglob("*.py")
+        )
+        if m.split(".")[0] in PACKAGES
+    }
     assert not expected - shipped, f"modules missing from the wheel: {sorted(expected - shipped)}"
     jobs = sorted(p.name for p in (ROOT / "deepspeed_configs").glob("*.json"))
     assert sorted(p.name for p in (site / "weathermixer" / "job_files").glob("*.json")) == jobs
@@ -123,8 +135,9 @@ from weathermixer.config import resolve_job_file
 print(json.dumps({{"wrong": wrong, "preset": str(resolve_job_file("quickstart_cpu"))}}))
 """
     env = dict(ENV, PYTHONPATH=str(site))
-    run = subprocess.run([sys.executable, "-c", code], cwd=outside, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=outside, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["wrong"] == {}, f"imported from outside the installed wheel: {out['wrong']}"
@@ -133,20 +146,29 @@ print(json.dumps({{"wrong": wrong, "preset": str(resolve_job_file("quickstart_cp
 
 def _bin(name: str) -> str:
     path = Path(sys.executable).parent / name
-    assert path.exists(), (f"console script {name} is not installed in {path.parent}: reinstall the project "
-                           f"(pip install torch==2.13.0 -e \".[test]\")")
+    assert path.exists(), (
+        f"console script {name} is not installed in {path.parent}: reinstall the project "
+        f'(pip install torch==2.13.0 -e ".[test]")'
+    )
     return str(path)
 
 
 def test_console_scripts_run_from_any_folder(tmp_path):
     for name in SCRIPTS:
         _bin(name)
-    run = subprocess.run([_bin("weathermixer-train"), "--help"], cwd=tmp_path, env=ENV, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [_bin("weathermixer-train"), "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and "--deepspeed_config" in run.stdout and "quickstart_cpu" in run.stdout, run.stderr
     # a preset name resolves from a folder that has no deepspeed_configs/ (the quickstart: 162,048 parameters)
-    run = subprocess.run([_bin("weathermixer-size"), "--config", "quickstart_cpu"], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [_bin("weathermixer-size"), "--config", "quickstart_cpu"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["parameters"] == 162048
 
@@ -155,10 +177,28 @@ def test_deepspeed_launcher_starts_the_installed_entry(tmp_path):
     """`deepspeed --no_python weathermixer-train` starts the console script on every rank and passes it
     --local_rank=N; a bad preset name then stops every rank with exit code 2 before any collective."""
     deepspeed = _bin("deepspeed")
-    run = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--no_python",
-                          "weathermixer-train", "--deepspeed_config", "no_such_preset", "--domain", "2", "--tp", "1"],
-                         cwd=tmp_path, env=dict(ENV, PATH=f"{Path(sys.executable).parent}:{ENV['PATH']}"),
-                         capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--no_python",
+            "weathermixer-train",
+            "--deepspeed_config",
+            "no_such_preset",
+            "--domain",
+            "2",
+            "--tp",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=dict(ENV, PATH=f"{Path(sys.executable).parent}:{ENV['PATH']}"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     log = run.stdout + run.stderr
     assert "spawned with command: ['weathermixer-train', '--local_rank=1'" in log, log[-3000:]
     assert "unrecognized arguments" not in log, log[-3000:]

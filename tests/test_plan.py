@@ -2,6 +2,7 @@
 what real CPU runs send (jigsaw_ext.commstats) on every rank of several meshes, DeepSpeed's ZeRO
 traffic equals what an engine sends, FLOPs equal torch's FlopCounterMode, and the job file it
 emits is one train.py accepts."""
+
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from weathermixer.plan import WeatherPlanModel
 from weathermixer.plan import main as plan_main
 from weathermixer.selfcheck import default_model_config
 
-OVERRIDES = dict(rollout=2, history=0)   # uneven token/feature shards, padded patches, blend head
+OVERRIDES = dict(rollout=2, history=0)  # uneven token/feature shards, padded patches, blend head
 BATCH = 2
 
 
@@ -29,53 +30,91 @@ def _trace(cfg, mesh_kwargs, rank, batch=BATCH, dtype=torch.float32):
     return trace_step(model.build(mesh, dtype, batch), lambda m: model.step(m, mesh, batch, dtype))
 
 
-MESHES = [dict(domain=2, tp=1), dict(domain=1, tp=2), dict(domain=2, tp=2), dict(domain=3, tp=1),
-          dict(domain=1, tp=3), dict(domain=2, tp=2, replicate_weights_over=["tp"]),
-          dict(domain=2, tp=2, chunk_mb=0.002)]
+MESHES = [
+    dict(domain=2, tp=1),
+    dict(domain=1, tp=2),
+    dict(domain=2, tp=2),
+    dict(domain=3, tp=1),
+    dict(domain=1, tp=3),
+    dict(domain=2, tp=2, replicate_weights_over=["tp"]),
+    dict(domain=2, tp=2, chunk_mb=0.002),
+]
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m['domain']}x{m['tp']}" + (
-    "_rep" if m.get("replicate_weights_over") else "") + ("_chunks" if m.get("chunk_mb") else ""))
+@pytest.mark.parametrize(
+    "mesh",
+    MESHES,
+    ids=lambda m: (
+        f"{m['domain']}x{m['tp']}"
+        + ("_rep" if m.get("replicate_weights_over") else "")
+        + ("_chunks" if m.get("chunk_mb") else "")
+    ),
+)
 def test_traced_communication_equals_a_real_run_on_every_rank(mesh):
     """For every strategy of the mixing MLPs (weights gathered, stationary, features where offered), small-parameter
     gradients bucketed as in training."""
     world = mesh["domain"] * mesh["tp"]
-    real = run_workers(plan_workers.model_step_comm, world, mesh, OVERRIDES, BATCH, timeout=240,
-                       preload=["weathermixer.model"])
+    real = run_workers(
+        plan_workers.model_step_comm, world, mesh, OVERRIDES, BATCH, timeout=240, preload=["weathermixer.model"]
+    )
     cfg = default_model_config(**OVERRIDES)
     for rank, by_strategy in enumerate(real):
         for strategy, measured in by_strategy.items():
             tr = _trace(cfg, dict(mesh, strategy={"*": strategy}), rank)
             predicted_bytes, predicted_calls = tr.bytes_by_kind(), tr.calls_by_kind()
             for kind in ("all_gather", "reduce_scatter", "all_reduce"):
-                assert predicted_bytes[kind] == measured["bytes"][kind], \
-                    (strategy, rank, kind, dict(predicted_bytes), measured)
-                assert predicted_calls[kind] == measured["calls"][kind], \
-                    (strategy, rank, kind, dict(predicted_calls), measured)
+                assert predicted_bytes[kind] == measured["bytes"][kind], (
+                    strategy,
+                    rank,
+                    kind,
+                    dict(predicted_bytes),
+                    measured,
+                )
+                assert predicted_calls[kind] == measured["calls"][kind], (
+                    strategy,
+                    rank,
+                    kind,
+                    dict(predicted_calls),
+                    measured,
+                )
             assert measured["total_bytes"] > 0
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_traffic_equals_what_deepspeed_sends(zero):
     mesh = dict(dp=2, domain=1, tp=1)
-    real = run_workers(plan_workers.engine_step_comm, 2, mesh, OVERRIDES, BATCH, zero, timeout=240,
-                       preload=["weathermixer.model", "deepspeed"])
+    real = run_workers(
+        plan_workers.engine_step_comm,
+        2,
+        mesh,
+        OVERRIDES,
+        BATCH,
+        zero,
+        timeout=240,
+        preload=["weathermixer.model", "deepspeed"],
+    )
     tr = _trace(default_model_config(**OVERRIDES), dict(domain=1, tp=1), 0)
     cand = Candidate(2, 1, 1, zero, (), BATCH, 1, "float32")
     traffic = zero_traffic(cand, tr.param_numels)
-    predicted = {k: traffic["per_micro"].get(k, 0) + traffic["per_step"].get(k, 0)
-                 for k in ("all_gather", "reduce_scatter", "all_reduce")}
+    predicted = {
+        k: traffic["per_micro"].get(k, 0) + traffic["per_step"].get(k, 0)
+        for k in ("all_gather", "reduce_scatter", "all_reduce")
+    }
     for rank, measured in enumerate(real):
         assert {k: measured["bytes"][k] for k in predicted} == predicted, (rank, measured)
 
 
-FLOP_MESHES = [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 1), (1, 1, 4)]   # dp x domain x tp
-FLOP_CONFIGS = {"gather": dict(strategy={"*": "gather"}), "stationary": dict(strategy={"*": "stationary"}),
-                "features": dict(strategy={"*": "features"}), "auto": dict(strategy={"*": "auto"}),
-                "gather_chunks": dict(strategy={"*": "gather"}, chunk_mb=0.002),
-                "stationary_chunks": dict(strategy={"*": "stationary"}, chunk_mb=0.002),
-                "replicate_tp_gather": dict(strategy={"*": "gather"}, replicate_weights_over=["tp"]),
-                "replicate_domain": dict(replicate_weights_over=["domain"])}
+FLOP_MESHES = [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 1), (1, 1, 4)]  # dp x domain x tp
+FLOP_CONFIGS = {
+    "gather": dict(strategy={"*": "gather"}),
+    "stationary": dict(strategy={"*": "stationary"}),
+    "features": dict(strategy={"*": "features"}),
+    "auto": dict(strategy={"*": "auto"}),
+    "gather_chunks": dict(strategy={"*": "gather"}, chunk_mb=0.002),
+    "stationary_chunks": dict(strategy={"*": "stationary"}, chunk_mb=0.002),
+    "replicate_tp_gather": dict(strategy={"*": "gather"}, replicate_weights_over=["tp"]),
+    "replicate_domain": dict(replicate_weights_over=["domain"]),
+}
 
 
 def test_traced_flops_equal_flop_counter_on_every_mesh_and_strategy():
@@ -85,16 +124,26 @@ def test_traced_flops_equal_flop_counter_on_every_mesh_and_strategy():
     smaller model groups run with dp = 8 / (domain x tp) (dp does not change a model step)."""
     world = 8
     meshes = [(world // (d * t), d, t) for _, d, t in FLOP_MESHES]
-    real = run_workers(plan_workers.model_step_flops, world, meshes, OVERRIDES, BATCH, FLOP_CONFIGS,
-                       timeout=900, preload=["weathermixer.model"])
+    real = run_workers(
+        plan_workers.model_step_flops,
+        world,
+        meshes,
+        OVERRIDES,
+        BATCH,
+        FLOP_CONFIGS,
+        timeout=900,
+        preload=["weathermixer.model"],
+    )
     cfg = default_model_config(**OVERRIDES)
     bad = []
     for rank, counted in enumerate(real):
         for ((dp, d, t), name), (fwd, bwd) in counted.items():
             tr = _trace(cfg, dict(dp=dp, domain=d, tp=t, **FLOP_CONFIGS[name]), rank)
             traced_fwd = sum(m.flops for m in tr.matmuls if m.phase == "forward")
-            for what, traced, real_count in (("forward", traced_fwd, fwd), ("forward+backward", tr.matmul_flops,
-                                                                             fwd + bwd)):
+            for what, traced, real_count in (
+                ("forward", traced_fwd, fwd),
+                ("forward+backward", tr.matmul_flops, fwd + bwd),
+            ):
                 if real_count <= 0 or abs(traced - real_count) > 0.01 * real_count:
                     bad.append((f"{dp}x{d}x{t}", name, rank, what, traced, real_count))
     assert not bad, bad
@@ -127,7 +176,8 @@ def test_traced_activation_and_parameter_sizes_shrink_with_the_mesh():
 
 def test_every_shipped_profile_loads_and_errors_name_the_file(tmp_path):
     assert {"a100-40gb-4pernode-2xhdr200", "h100-sxm-8pernode", "h200-8pernode", "cpu-gloo-2core"} <= set(
-        profile_names())
+        profile_names()
+    )
     for name in profile_names():
         hw = load_hardware(name)
         assert hw.sources, name
@@ -144,9 +194,26 @@ def test_emitted_job_file_is_accepted_by_train(tmp_path, capsys):
     from weathermixer.train.job import check_job
 
     out = tmp_path / "planned.json"
-    rc = plan_main(["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware", "cpu-gloo-2core",
-                    "--world", "4", "--global-batch", "8", "--dtype", "fp32", "--top", "3",
-                    "--emit-config", str(out), "--json", str(tmp_path / "plan.json")])
+    rc = plan_main(
+        [
+            "--config",
+            "deepspeed_configs/quickstart_cpu.json",
+            "--hardware",
+            "cpu-gloo-2core",
+            "--world",
+            "4",
+            "--global-batch",
+            "8",
+            "--dtype",
+            "fp32",
+            "--top",
+            "3",
+            "--emit-config",
+            str(out),
+            "--json",
+            str(tmp_path / "plan.json"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "dp x dom x tp" in text and "bottleneck" in text
@@ -163,22 +230,53 @@ def test_emitted_job_file_is_accepted_by_train(tmp_path, capsys):
 def test_chunk_mb_is_priced_and_emitted(tmp_path):
     """mesh.chunk_mb: the planner traces the chunked layers (lower peak memory on a layout that
     gathers weights, the same bytes) and pins it in the job file it emits."""
+    from benchmarks.bench_comm import C1
     from jigsaw_ext.plan.search import Planner
+    from weathermixer.config import ModelConfig
     from weathermixer.train.config import load_train_job
 
-    from benchmarks.bench_comm import C1
-    from weathermixer.config import ModelConfig
-
     cfg = ModelConfig(**C1)  # the paper's C1 block: the gathered token-mixing weights dominate on 1x4
-    plain, chunked = (Planner(WeatherPlanModel(cfg, rollout=1), load_hardware("cpu-gloo-2core"), "fp32",
-                              strategy={"*": "gather"}, chunk_mb=mb).trace(1, 4, (), 1) for mb in (None, 32))
+    plain, chunked = (
+        Planner(
+            WeatherPlanModel(cfg, rollout=1),
+            load_hardware("cpu-gloo-2core"),
+            "fp32",
+            strategy={"*": "gather"},
+            chunk_mb=mb,
+        ).trace(1, 4, (), 1)
+        for mb in (None, 32)
+    )
     assert chunked.peak_live_bytes < 0.8 * plain.peak_live_bytes
     assert len(chunked.collectives) > len(plain.collectives)
     assert sum(chunked.bytes_by_kind().values()) == sum(plain.bytes_by_kind().values())
     out = tmp_path / "planned.json"
-    assert plan_main(["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware", "cpu-gloo-2core",
-                      "--world", "4", "--global-batch", "8", "--dtype", "fp32", "--top", "1", "--zero", "0",
-                      "--micro-batches", "1", "--chunk-mb", "16", "--emit-config", str(out)]) == 0
+    assert (
+        plan_main(
+            [
+                "--config",
+                "deepspeed_configs/quickstart_cpu.json",
+                "--hardware",
+                "cpu-gloo-2core",
+                "--world",
+                "4",
+                "--global-batch",
+                "8",
+                "--dtype",
+                "fp32",
+                "--top",
+                "1",
+                "--zero",
+                "0",
+                "--micro-batches",
+                "1",
+                "--chunk-mb",
+                "16",
+                "--emit-config",
+                str(out),
+            ]
+        )
+        == 0
+    )
     job, _ = load_train_job(out)
     assert job.mesh.chunk_mb == 16
 
@@ -192,8 +290,11 @@ def test_larger_micro_batches_extrapolate_exactly():
         direct = _trace(cfg, mesh, 0, batch=5)
         derived = planner.trace(mesh["domain"], mesh["tp"], tuple(mesh.get("replicate_weights_over", ())), 5)
         assert derived.collectives == direct.collectives and derived.matmuls == direct.matmuls
-        assert (derived.saved_bytes, derived.peak_transient_bytes, dict(derived.other_bytes)) == \
-            (direct.saved_bytes, direct.peak_transient_bytes, dict(direct.other_bytes))
+        assert (derived.saved_bytes, derived.peak_transient_bytes, dict(derived.other_bytes)) == (
+            direct.saved_bytes,
+            direct.peak_transient_bytes,
+            dict(direct.other_bytes),
+        )
 
 
 def test_paper_weak_scaling_leave_one_out():
@@ -207,8 +308,13 @@ def test_paper_weak_scaling_leave_one_out():
     for ways, measured in PAPER_EFFICIENCY.items():
         assert abs(result["as_profiled"]["efficiency"][ways] - measured) <= 0.05, result["as_profiled"]
     for fitted in ("fit_1way", "fit_2way"):
-        assert abs(result[fitted]["efficiency"][result[fitted]["fitted_to"]]
-                   - PAPER_EFFICIENCY[result[fitted]["fitted_to"]]) < 1e-3
+        assert (
+            abs(
+                result[fitted]["efficiency"][result[fitted]["fitted_to"]]
+                - PAPER_EFFICIENCY[result[fitted]["fitted_to"]]
+            )
+            < 1e-3
+        )
         assert result[fitted]["max_error_points"] <= 5.0, result[fitted]
 
 
@@ -223,9 +329,11 @@ def test_no_row_above_its_gemm_ceiling_and_no_efficiency_above_100(tmp_path, cap
     in bf16: every printed row's MFU is at most the profile's GEMM ceiling for its math mode, every
     efficiency at most 100 %, and the definition is printed under the table."""
     job = ["--config", "deepspeed_configs/quickstart_cpu.json", "--batch-per-node", "4", "--top", "12"]
-    for hardware, extra in (("a100-40gb-4pernode-2xhdr200", ["--dtype", "fp32", "--world", "4", "32"]),
-                            ("a100-40gb-4pernode-2xhdr200", ["--dtype", "fp32", "--no-tf32", "--world", "32"]),
-                            ("h100-sxm-8pernode", ["--dtype", "bf16", "--world", "8", "64"])):
+    for hardware, extra in (
+        ("a100-40gb-4pernode-2xhdr200", ["--dtype", "fp32", "--world", "4", "32"]),
+        ("a100-40gb-4pernode-2xhdr200", ["--dtype", "fp32", "--no-tf32", "--world", "32"]),
+        ("h100-sxm-8pernode", ["--dtype", "bf16", "--world", "8", "64"]),
+    ):
         doc = _cli_rows(tmp_path, job + ["--hardware", hardware] + extra)
         hw = load_hardware(hardware)
         for world, res in doc["worlds"].items():
@@ -238,13 +346,27 @@ def test_no_row_above_its_gemm_ceiling_and_no_efficiency_above_100(tmp_path, cap
 def test_peak_follows_train_tf32(tmp_path, capsys):
     """fp32 on an A100: TF32 peak (156) when train.tf32 is on or null, the FP32 peak (19.5) with
     --no-tf32 or the job file's train.tf32 false; the table header names the peak; one chip table."""
-    from weathermixer.train import engine
     from jigsaw_ext.plan import chips
+    from weathermixer.train import engine
 
     assert engine.PEAK_TFLOPS is chips.PEAK_TFLOPS
     assert load_hardware("a100-40gb-4pernode-2xhdr200").peak_tflops == chips.PEAK_TFLOPS["A100"]
-    base = ["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware", "a100-40gb-4pernode-2xhdr200",
-            "--world", "4", "--global-batch", "4", "--dtype", "fp32", "--top", "1", "--zero", "0"]
+    base = [
+        "--config",
+        "deepspeed_configs/quickstart_cpu.json",
+        "--hardware",
+        "a100-40gb-4pernode-2xhdr200",
+        "--world",
+        "4",
+        "--global-batch",
+        "4",
+        "--dtype",
+        "fp32",
+        "--top",
+        "1",
+        "--zero",
+        "0",
+    ]
     on = _cli_rows(tmp_path, base)["worlds"]["4"]["rows"][0]
     assert "TF32 (fp32 tensors, train.tf32 on) peak, 156 TFLOP/s" in capsys.readouterr().out
     off = _cli_rows(tmp_path, base + ["--no-tf32"])["worlds"]["4"]["rows"][0]
@@ -253,7 +375,8 @@ def test_peak_follows_train_tf32(tmp_path, capsys):
     assert off["seconds"]["compute"] > on["seconds"]["compute"]
     a100 = load_hardware("a100-40gb-4pernode-2xhdr200")
     assert a100.matmul_seconds(4096, 4096, 4096, "float32", tf32=False) == pytest.approx(
-        8 * a100.matmul_seconds(4096, 4096, 4096, "float32", tf32=True))   # 0.6 x 19.5 against 0.6 x 156
+        8 * a100.matmul_seconds(4096, 4096, 4096, "float32", tf32=True)
+    )  # 0.6 x 19.5 against 0.6 x 156
     job = json.loads(open("deepspeed_configs/quickstart_cpu.json").read())
     job.setdefault("weathermixer", {}).setdefault("train", {})["tf32"] = False
     (tmp_path / "job.json").write_text(json.dumps(job))
@@ -265,9 +388,24 @@ def test_peak_follows_train_tf32(tmp_path, capsys):
 def test_sensitivity_names_every_figure(tmp_path, capsys):
     from jigsaw_ext.plan.sensitivity import FIGURES
 
-    doc = _cli_rows(tmp_path, ["--config", "deepspeed_configs/quickstart_cpu.json", "--hardware",
-                               "h100-sxm-8pernode", "--world", "16", "--batch-per-node", "4", "--top", "2",
-                               "--sensitivity", "--dtype", "bf16"])
+    doc = _cli_rows(
+        tmp_path,
+        [
+            "--config",
+            "deepspeed_configs/quickstart_cpu.json",
+            "--hardware",
+            "h100-sxm-8pernode",
+            "--world",
+            "16",
+            "--batch-per-node",
+            "4",
+            "--top",
+            "2",
+            "--sensitivity",
+            "--dtype",
+            "bf16",
+        ],
+    )
     out = capsys.readouterr().out
     sens = doc["worlds"]["16"]["sensitivity"]
     assert set(sens) == set(FIGURES) and all(f in out for f in FIGURES)

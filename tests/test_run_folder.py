@@ -5,6 +5,7 @@ lock left by a dead run is taken over), an unwritable log.dir / checkpoint.dir f
 setup with its key named, metrics.csv keeping its complete rows when the disk fills, and the lock
 rules (another host, a reused pid, log.break_lock) without processes. The killed-rank naming is
 tested with the deepspeed launcher in tests/test_training_runs.py (the killed-rank test)."""
+
 import csv
 import errno
 import json
@@ -33,8 +34,14 @@ def test_a_second_run_on_one_folder_stops_on_every_rank_naming_the_holder(job, t
     out, host = tmp_path / "run", socket.gethostname()
     lock = out / "RUN.lock"
     err = open(tmp_path / "first.err", "w+")
-    first = subprocess.Popen(_launch(job, out, 1, *ONE, "--set", "train.steps=400", launcher="python"), cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    first = subprocess.Popen(
+        _launch(job, out, 1, *ONE, "--set", "train.steps=400", launcher="python"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        text=True,
+    )
     try:
         deadline = time.time() + 40
         while not (lock.exists() or (out / "metrics.csv").exists()):
@@ -49,8 +56,11 @@ def test_a_second_run_on_one_folder_stops_on_every_rank_naming_the_holder(job, t
         took = time.time() - t0
         text = second.stdout + second.stderr
         assert second.returncode != 0, text[-3000:]
-        assert f"(rank 0): log.dir={out} is in use by another run: {lock} is held by pid {first.pid} on host " \
-               f"{host}" in text and "still running" in text, text[-3000:]
+        assert (
+            f"(rank 0): log.dir={out} is in use by another run: {lock} is held by pid {first.pid} on host {host}"
+            in text
+            and "still running" in text
+        ), text[-3000:]
         assert "(rank 1): stopping: rank(s) [0] cannot use the run folder" in text, text[-3000:]
         assert text.count("exitcode  : 2") == 2 and "mesh " not in second.stdout and took < 45, (took, text[-3000:])
         assert json.loads(lock.read_text())["pid"] == first.pid  # the holder's lock untouched
@@ -74,12 +84,15 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_message(job, tmp_path):
     gone.wait()
     lock = out / "RUN.lock"
     out.mkdir()
-    lock.write_text(json.dumps({**me(), "pid": gone.pid, "started": "2026-01-01T00:00:00+00:00",
-                                "command": "train.py (killed)"}))
+    lock.write_text(
+        json.dumps({**me(), "pid": gone.pid, "started": "2026-01-01T00:00:00+00:00", "command": "train.py (killed)"})
+    )
     run = _run(_launch(job, out, 1, *ONE, "--set", "train.steps=1", launcher="python"), timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert f"taking over {lock} (the run it names (host {socket.gethostname()}, pid {gone.pid}, started " \
-           f"2026-01-01T00:00:00+00:00) is no longer running)" in run.stderr, run.stderr[-2000:]
+    assert (
+        f"taking over {lock} (the run it names (host {socket.gethostname()}, pid {gone.pid}, started "
+        f"2026-01-01T00:00:00+00:00) is no longer running)" in run.stderr
+    ), run.stderr[-2000:]
     assert not lock.exists() and (out / "metrics.csv").exists()
 
 
@@ -89,8 +102,10 @@ def test_an_unwritable_output_folder_stops_the_run_before_any_setup_naming_the_k
     job = small_job(tmp_path, rollout=1, resume="never")  # data under tmp_path/synthetic, not written yet
     afile = tmp_path / "afile"
     afile.write_text("a file, not a folder\n")
-    cases = [("log.dir", afile / "sub", []),
-             ("checkpoint.dir", afile / "ck", ["--set", f"checkpoint.dir={afile / 'ck'}"])]
+    cases = [
+        ("log.dir", afile / "sub", []),
+        ("checkpoint.dir", afile / "ck", ["--set", f"checkpoint.dir={afile / 'ck'}"]),
+    ]
     for key, folder, settings in cases:
         out = folder if key == "log.dir" else tmp_path / "out"
         t0 = time.time()
@@ -108,7 +123,7 @@ class _FullDisk:
         self.f = f
 
     def write(self, data):
-        self.f.write(data[:len(data) // 2])
+        self.f.write(data[: len(data) // 2])
         self.f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -130,9 +145,16 @@ def test_metrics_csv_keeps_its_complete_rows_when_the_disk_fills(tmp_path, monke
     for s in (1, 2, 3):
         log.log(s, "train", rows[s])
     real_open = open
-    monkeypatch.setattr(runlog, "open", lambda path, mode="r", *a, **k: (
-        _FullDisk(real_open(path, mode, *a, **k)) if any(c in mode for c in "aw") else real_open(path, mode, *a, **k)),
-        raising=False)
+    monkeypatch.setattr(
+        runlog,
+        "open",
+        lambda path, mode="r", *a, **k: (
+            _FullDisk(real_open(path, mode, *a, **k))
+            if any(c in mode for c in "aw")
+            else real_open(path, mode, *a, **k)
+        ),
+        raising=False,
+    )
     log.log(4, "train", rows[4])  # the append fails halfway
     log.log(5, "train", rows[5])  # so does the rewrite that would catch up
 
@@ -189,11 +211,15 @@ def test_lock_rules_other_host_reused_pid_live_holder_and_break_lock(tmp_path):
     said.clear()
     lock = RunLock(folders, log=lambda *a, **k: said.append(a[0]))
     lock.acquire()
-    assert not said and json.loads((tmp_path / "run" / "RUN.lock").read_text())["started"] != "2026-01-01T00:00:00+00:00"
+    assert (
+        not said and json.loads((tmp_path / "run" / "RUN.lock").read_text())["started"] != "2026-01-01T00:00:00+00:00"
+    )
     lock.release()
     # checkpoint.dir inside log.dir: locked too (another run may name it as its checkpoint.dir); one folder once
-    assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "ck"}).folders) == \
-        ["log.dir", "checkpoint.dir"]
+    assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "ck"}).folders) == [
+        "log.dir",
+        "checkpoint.dir",
+    ]
     assert list(RunLock({"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "run" / "."}).folders) == ["log.dir"]
 
 
@@ -203,19 +229,28 @@ def test_a_run_whose_checkpoint_dir_lies_in_a_running_runs_log_dir_stops(job, tm
     lock there, and A's checkpoints are untouched."""
     a, b = tmp_path / "a", tmp_path / "b"
     lock = a / "checkpoints" / "RUN.lock"
-    first = subprocess.Popen(_launch(job, a, 1, *ONE, "--set", "train.steps=400", launcher="python"), cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _launch(job, a, 1, *ONE, "--set", "train.steps=400", launcher="python"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (lock.exists() or (a / "metrics.csv").exists()):
             assert first.poll() is None and time.time() < deadline, "the first run ended or stalled"
             time.sleep(0.1)
         assert lock.exists(), "run A trains without a RUN.lock in its checkpoint folder"
-        second = _run(_launch(job, b, 1, *ONE, "--set", f"checkpoint.dir={a / 'checkpoints'}", launcher="python"),
-                      timeout=120)
+        second = _run(
+            _launch(job, b, 1, *ONE, "--set", f"checkpoint.dir={a / 'checkpoints'}", launcher="python"), timeout=120
+        )
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-        assert f"checkpoint.dir={a / 'checkpoints'} is in use by another run: {lock} is held by pid {first.pid}" \
-            in second.stderr and "mesh " not in second.stdout, second.stderr[-2000:]
+        assert (
+            f"checkpoint.dir={a / 'checkpoints'} is in use by another run: {lock} is held by pid {first.pid}"
+            in second.stderr
+            and "mesh " not in second.stdout
+        ), second.stderr[-2000:]
         assert json.loads(lock.read_text())["pid"] == first.pid
         assert not (b / "RUN.lock").exists()  # all or none
     finally:
@@ -234,19 +269,38 @@ def test_the_last_line_names_the_rank_that_failed_or_died_first(tmp_path):
     (tmp_path / "ranks").mkdir()
 
     def leave(rank, kind, t, message="", dead=(), run_id="x"):
-        (tmp_path / "ranks" / f"rank{rank:05d}.json").write_text(json.dumps(
-            {"run_id": run_id, "rank": rank, "kind": kind, "code": 1, "time": t, "message": message, "dead": list(dead),
-             "host": ranks[rank]["host"], "pid": ranks[rank]["pid"]}))
+        (tmp_path / "ranks" / f"rank{rank:05d}.json").write_text(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "rank": rank,
+                    "kind": kind,
+                    "code": 1,
+                    "time": t,
+                    "message": message,
+                    "dead": list(dead),
+                    "host": ranks[rank]["host"],
+                    "pid": ranks[rank]["pid"],
+                }
+            )
+        )
 
     assert "before its ranks registered" in rankwatch.report(tmp_path / "none.json", 1)
     leave(0, "exit", 1.0, run_id="an earlier run")  # another run's record does not count
     line = rankwatch.report(record, 137)
-    assert line.startswith("weathermixer: the job failed (exit 137): rank 0 (host gpu07, pid 100), rank 1 (host "
-                           "gpu07, pid 101), rank 2 (host gpu08, pid 102), rank 3") and "left no record" in line
+    assert (
+        line.startswith(
+            "weathermixer: the job failed (exit 137): rank 0 (host gpu07, pid 100), rank 1 (host "
+            "gpu07, pid 101), rank 2 (host gpu08, pid 102), rank 3"
+        )
+        and "left no record" in line
+    )
     leave(3, "error", 5.0, "OSError: [Errno 28] No space left on device\nmore")
     leave(0, "terminated", 6.0)
-    assert "rank 3 (host gpu08, pid 103) failed first: OSError: [Errno 28] No space left on device;" in \
-        rankwatch.report(record, 1)
+    assert (
+        "rank 3 (host gpu08, pid 103) failed first: OSError: [Errno 28] No space left on device;"
+        in rankwatch.report(record, 1)
+    )
     leave(1, "peer", 4.0, dead=[2])  # a survivor found rank 2 gone before rank 3's error
     line = rankwatch.report(record, 1)
     assert "rank 2 (host gpu08, pid 102) died first; it left no message" in line and "ranks [0, 1, 3]" in line
@@ -257,9 +311,17 @@ def test_two_runs_creating_the_same_synthetic_store_at_once_both_train(tmp_path)
     writes the store, the other waits for it and reads it; both finish, the store is written once
     and nothing partial is left. Each log names the store's absolute path."""
     job = small_job(tmp_path, rollout=1, resume="never")  # data under tmp_path/synthetic, not written yet
-    runs = [subprocess.Popen(_launch(job, tmp_path / f"run{i}", 1, *ONE, "--set", "train.steps=1",
-                                     launcher="python"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    runs = [
+        subprocess.Popen(
+            _launch(job, tmp_path / f"run{i}", 1, *ONE, "--set", "train.steps=1", launcher="python"),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [r.communicate(timeout=300) for r in runs]
     for r, (out, err) in zip(runs, outs):
         assert r.returncode == 0, out[-2000:] + err[-2000:]

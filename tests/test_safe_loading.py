@@ -5,6 +5,7 @@ project reads (the DCP metadata and a DCP data file of a layout-free checkpoint,
 consolidated tensor file of formats 1 and 2, the --init-from and the forecast
 checkpoint): each is refused with an error naming the file, and no marker ever appears. A forecast from a checkpoint
 whose training config and stats file are gone equals the one made with them present."""
+
 import json
 import os
 import shutil
@@ -53,8 +54,22 @@ def ckpt(tmp_path_factory):
     """Two steps of the quickstart on 1x1x1 with ZeRO-1 (a layout-free checkpoint), one process."""
     tmp = tmp_path_factory.mktemp("safe")
     job = small_job(tmp, rollout=1, resume="never")
-    run = _run(_launch(job, tmp / "run", 1, "--domain", "1", "--tp", "1", "--set", "ds.zero_optimization.stage=1",
-                       "--set", "train.steps=2", launcher="python"))
+    run = _run(
+        _launch(
+            job,
+            tmp / "run",
+            1,
+            "--domain",
+            "1",
+            "--tp",
+            "1",
+            "--set",
+            "ds.zero_optimization.stage=1",
+            "--set",
+            "train.steps=2",
+            launcher="python",
+        )
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     root = tmp / "run" / "checkpoints"
     tag = root / (root / "latest").read_text().strip()
@@ -79,8 +94,18 @@ def _copy(ckpt, where: Path) -> Path:
 
 
 def _forecast_argv(checkpoint, out, *extra):
-    return ["--checkpoint", str(checkpoint), "--init-times", "2020-02-20T00", "--lead-hours", "12", "--out", str(out),
-            "--quiet", *extra]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--init-times",
+        "2020-02-20T00",
+        "--lead-hours",
+        "12",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def _resume_worker(rank, world, info, attempts):
@@ -165,30 +190,63 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
             else:
                 torch.save(Consolidated(good).full(name, kind), old / entry["files"][kind])
     (old / "index.json").write_text(json.dumps(dict(idx, format="jigsaw-consolidated/1")))
-    with pytest.raises(CheckpointFormatError, match="jigsaw-consolidated/1.*re-running `python -m jigsaw_ext"
-                                                    ".checkpoint consolidate"):
+    with pytest.raises(
+        CheckpointFormatError, match="jigsaw-consolidated/1.*re-running `python -m jigsaw_ext.checkpoint consolidate"
+    ):
         Consolidated(old)
 
     # python -m weathermixer.forecast --checkpoint: each bad checkpoint is one line naming the file, exit 2
-    for path, expected in ((bad_model, f"{MODEL}: refused"), (bad_cons, "00000.param.safetensors: not a readable"),
-                           (old, "re-running `python -m jigsaw_ext.checkpoint consolidate")):
+    for path, expected in (
+        (bad_model, f"{MODEL}: refused"),
+        (bad_cons, "00000.param.safetensors: not a readable"),
+        (old, "re-running `python -m jigsaw_ext.checkpoint consolidate"),
+    ):
         assert forecast.main(_forecast_argv(path, tmp_path / "fc.zarr")) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, err
     # resuming (DeepSpeed's engine through the trainer's checkpoint manager) and a consolidated start
     info = json.loads((ckpt["tag"] / "job.json").read_text())
-    attempts = [("ds", str(bad_model)), ("ds", str(bad_optim)), ("ds", str(bad_state)), ("ds", str(bad_state_st)),
-                ("consolidated", str(bad_cons)), ("consolidated", str(old))]
-    got = run_workers(_resume_worker, 1, info, attempts, timeout=240, preload=["deepspeed", "weathermixer.train.trainer"])[0]
-    expected = [f"{MODEL}: refused", "state/00000: reading failed on rank 0", "trainer_rank00000.pt: refused",
-                "trainer_rank00000.safetensors: not a readable", "00000.param.safetensors: not a readable",
-                "re-running `python -m jigsaw_ext.checkpoint consolidate"]
+    attempts = [
+        ("ds", str(bad_model)),
+        ("ds", str(bad_optim)),
+        ("ds", str(bad_state)),
+        ("ds", str(bad_state_st)),
+        ("consolidated", str(bad_cons)),
+        ("consolidated", str(old)),
+    ]
+    got = run_workers(
+        _resume_worker, 1, info, attempts, timeout=240, preload=["deepspeed", "weathermixer.train.trainer"]
+    )[0]
+    expected = [
+        f"{MODEL}: refused",
+        "state/00000: reading failed on rank 0",
+        "trainer_rank00000.pt: refused",
+        "trainer_rank00000.safetensors: not a readable",
+        "00000.param.safetensors: not a readable",
+        "re-running `python -m jigsaw_ext.checkpoint consolidate",
+    ]
     for (kind, path), text, msg in zip(attempts, expected, got):
         assert msg.startswith("CheckpointError") and text in msg, (path, msg)
         assert REFUSED in msg or "refused" not in text, msg
     # --init-from: the whole job stops with the file named
-    run = _run(_launch(ckpt["job"], tmp_path / "ft", 1, "--domain", "1", "--tp", "1", "--set", "train.steps=1",
-                       "--init-from", str(bad_model), "--resume", "never", launcher="python"))
+    run = _run(
+        _launch(
+            ckpt["job"],
+            tmp_path / "ft",
+            1,
+            "--domain",
+            "1",
+            "--tp",
+            "1",
+            "--set",
+            "train.steps=1",
+            "--init-from",
+            str(bad_model),
+            "--resume",
+            "never",
+            launcher="python",
+        )
+    )
     assert run.returncode != 0 and f"{MODEL}: refused" in run.stderr and REFUSED in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
 
@@ -208,7 +266,11 @@ def test_checkpoints_record_what_a_forecast_needs(ckpt):
     assert commit is None or len(commit) == 40
     cons = consolidate(ckpt["tag"], ckpt["tmp"] / "self-contained", log=None)
     idx = json.loads((cons / "index.json").read_text())
-    assert idx["format"] == "jigsaw-consolidated/2" and idx["app"]["stats"] == stats and idx["app"]["provenance"] == info["provenance"]
+    assert (
+        idx["format"] == "jigsaw-consolidated/2"
+        and idx["app"]["stats"] == stats
+        and idx["app"]["provenance"] == info["provenance"]
+    )
     assert all(f.suffix == ".safetensors" for f in (cons / "tensors").iterdir())
     assert not any(p.suffix == ".pt" for p in cons.rglob("*"))
 

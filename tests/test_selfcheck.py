@@ -1,6 +1,7 @@
 """The model on every mesh equals its single-process twin (what `python -m weathermixer.selfcheck`
 checks; `python -m jigsaw_ext.selfcheck` runs the same check on a generic block-sharded mixer), and
 the check fails when one of the published implementation's defects is put back."""
+
 import re
 import subprocess
 import sys
@@ -15,12 +16,26 @@ MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2), (1, 
 
 
 def _errors(dp, domain, tp, **kw):
-    mesh = dict(dp=dp, domain=domain, tp=tp, replicate_weights_over=kw.pop("replicate", []),
-                keep_gathered_weights=kw.pop("keep", False), chunk_mb=kw.pop("chunk_mb", None),
-                prefetch_weights=kw.pop("prefetch", False))
-    return run_workers(workers.selfcheck, dp * domain * tp, mesh, kw.pop("dtype", "fp32"),
-                       kw.pop("overrides", None), kw.pop("defect", None), kw.pop("strategies", (None,)),
-                       timeout=300, preload=["weathermixer.model"])[0]
+    mesh = dict(
+        dp=dp,
+        domain=domain,
+        tp=tp,
+        replicate_weights_over=kw.pop("replicate", []),
+        keep_gathered_weights=kw.pop("keep", False),
+        chunk_mb=kw.pop("chunk_mb", None),
+        prefetch_weights=kw.pop("prefetch", False),
+    )
+    return run_workers(
+        workers.selfcheck,
+        dp * domain * tp,
+        mesh,
+        kw.pop("dtype", "fp32"),
+        kw.pop("overrides", None),
+        kw.pop("defect", None),
+        kw.pop("strategies", (None,)),
+        timeout=300,
+        preload=["weathermixer.model"],
+    )[0]
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
@@ -35,8 +50,14 @@ def test_every_mesh_and_strategy_is_the_same_model(mesh):
 def test_replicated_weights_tendency_head_and_other_patches():
     """Weights replicated over both axes: 'features' is available to both mixers (its weight
     gradients all-reduced over the storage axis)."""
-    errors = _errors(1, 2, 2, replicate=["domain", "tp"], strategies=(None, "features"),
-                     overrides=dict(head="tendency", patch=(1, 6), rollout=1, grid=(24, 24), pad_to_patch=False))
+    errors = _errors(
+        1,
+        2,
+        2,
+        replicate=["domain", "tp"],
+        strategies=(None, "features"),
+        overrides=dict(head="tendency", patch=(1, 6), rollout=1, grid=(24, 24), pad_to_patch=False),
+    )
     for strategy, errs in errors.items():
         assert max(errs.values()) <= FP32_TOL, (strategy, errs)
 
@@ -55,9 +76,15 @@ def test_prefetched_weight_gathers_are_the_same_model_and_all_used(mesh):
     forward every prefetch is used by its layer, none is started in backward (the checkpointed
     recompute gathers for itself) and none is left in flight."""
     dp, domain, tp = mesh
-    for rank, r in enumerate(run_workers(workers.prefetch_against_serial, dp * domain * tp,
-                                         dict(dp=dp, domain=domain, tp=tp), timeout=300,
-                                         preload=["weathermixer.model"])):
+    for rank, r in enumerate(
+        run_workers(
+            workers.prefetch_against_serial,
+            dp * domain * tp,
+            dict(dp=dp, domain=domain, tp=tp),
+            timeout=300,
+            preload=["weathermixer.model"],
+        )
+    ):
         assert r["max_err_checkpoint_False"] <= FP32_TOL and r["max_err_checkpoint_True"] <= FP32_TOL, (rank, r)
         assert r["chained"] > 4 and r["forward"]["started"] > r["chained"], (rank, r)  # blocks run twice
         assert r["forward"]["used"] == r["forward"]["started"], (rank, r)
@@ -94,15 +121,15 @@ def test_published_defects_are_caught(defect):
 @pytest.mark.parametrize("mesh", [(1, 3, 2), (2, 2, 1), (1, 1, 4)], ids=lambda m: "x".join(map(str, m)))
 def test_generic_selfcheck_model_knows_no_weather(mesh):
     dp, domain, tp = mesh
-    errors = run_workers(workers.generic_selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp),
-                         timeout=300)[0]
+    errors = run_workers(workers.generic_selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), timeout=300)[0]
     assert max(errors.values()) <= FP32_TOL, errors
 
 
 @pytest.mark.parametrize("module", ["weathermixer.selfcheck", "jigsaw_ext.selfcheck"])
 def test_cli_prints_verdict_line_and_exit_code(module):
-    run = subprocess.run([sys.executable, "-m", module, "--domain", "2", "--tp", "2"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--domain", "2", "--tp", "2"], capture_output=True, text=True, timeout=300
+    )
     last = run.stdout.strip().splitlines()[-1]
     assert run.returncode == 0 and re.fullmatch(r"selfcheck PASS max_rel_err=\S+", last), run.stdout + run.stderr
     for quantity in ("output", "loss", "input_grad", "param_grad", "params_after_steps"):

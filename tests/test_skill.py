@@ -1,6 +1,7 @@
 """Skill at every lead: history inputs on every mesh, the rollout curriculum and per-lead
 weights, activation checkpointing across rollout steps, the re-encoding interval chosen on the
 validation set, and the real ERA5 samples (GRIB reading, the irregular-time error)."""
+
 import json
 import math
 from pathlib import Path
@@ -28,10 +29,11 @@ def _selfcheck_variants(rank, world, mesh_kwargs):
     from weathermixer import selfcheck as sc
 
     out = {}
-    for name, overrides, task in (("history2_latent", dict(history=2), {}),
-                                  ("history1_autoregressive_checkpoint", dict(history=1, rollout=3),
-                                   dict(autoregressive=True, checkpoint=True)),
-                                  ("history1_latent_checkpoint", dict(history=1), dict(checkpoint=True))):
+    for name, overrides, task in (
+        ("history2_latent", dict(history=2), {}),
+        ("history1_autoregressive_checkpoint", dict(history=1, rollout=3), dict(autoregressive=True, checkpoint=True)),
+        ("history1_latent_checkpoint", dict(history=1), dict(checkpoint=True)),
+    ):
         errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs), sc.default_model_config(**overrides), **task)
         out[name] = {k: v for k, (v, _) in errors.items()}
     return out
@@ -42,15 +44,29 @@ def test_history_inputs_on_the_mesh_equal_the_serial_twin(mesh):
     """25 x 24 grid, 2 x 3 patches padded to 13 patch rows (7 + 6 over DOMAIN=2), 7 channels (4 + 3
     over TP=2): uneven shards; history 1 and 2, latent and autoregressive, with checkpointing."""
     dp, domain, tp = mesh
-    res = run_workers(_selfcheck_variants, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), timeout=300,
-                      preload=["weathermixer.model"])[0]
+    res = run_workers(
+        _selfcheck_variants,
+        dp * domain * tp,
+        dict(dp=dp, domain=domain, tp=tp),
+        timeout=300,
+        preload=["weathermixer.model"],
+    )[0]
     for name, errors in res.items():
         assert max(errors.values()) <= FP32_TOL, (name, errors)
 
 
 def _cfg(**kw):
-    base = dict(grid=(8, 12), patch=(2, 3), hidden=16, blocks=2, rollout=2, history=1, head="tendency", seed=3,
-                channels=ChannelsConfig(surface=["t2m"], atmospheric=["z"], levels=[500], static=["lsm"]))
+    base = dict(
+        grid=(8, 12),
+        patch=(2, 3),
+        hidden=16,
+        blocks=2,
+        rollout=2,
+        history=1,
+        head="tendency",
+        seed=3,
+        channels=ChannelsConfig(surface=["t2m"], atmospheric=["z"], levels=[500], static=["lsm"]),
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -92,13 +108,14 @@ def test_activation_checkpointing_equals_no_checkpointing(autoregressive):
 
 
 def test_curriculum_and_lead_weights():
-    from weathermixer.config import ConfigError
+    from weathermixer.config import ConfigError, parse
     from weathermixer.train.config import TrainJobConfig
-    from weathermixer.config import parse
     from weathermixer.train.loss import lead_weights
 
-    job = parse(TrainJobConfig, {"train": {"curriculum": [[1, 1], [100, 4], [300, 20]],
-                                           "lead_weights": [1.0] * 10 + [2.0] * 10}})
+    job = parse(
+        TrainJobConfig,
+        {"train": {"curriculum": [[1, 1], [100, 4], [300, 20]], "lead_weights": [1.0] * 10 + [2.0] * 10}},
+    )
     assert job.rollout == 20
     assert [job.rollout_cap(s) for s in (1, 99, 100, 299, 300, 5000)] == [1, 1, 4, 4, 20, 20]
     assert lead_weights(job.train.lead_weights, 4) == [0.25] * 4
@@ -121,8 +138,9 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
     from weathermixer.train.config import TrainJobConfig
     from weathermixer.train.trainer import Trainer
 
-    job = parse(TrainJobConfig, {"model": {"grid": [2, 2], "patch": [1, 1]},
-                                 "train": {"rollout": 3, "lead_weights": [1, 0, 3]}})
+    job = parse(
+        TrainJobConfig, {"model": {"grid": [2, 2], "patch": [1, 1]}, "train": {"rollout": 3, "lead_weights": [1, 0, 3]}}
+    )
     C = job.model.channels.n_fields
     t = Trainer(job, {})
     t.device, t.dtype, t.micro = torch.device("cpu"), torch.float32, 1
@@ -144,10 +162,19 @@ def test_autoregressive_training_advances_the_hour_of_day():
     from weathermixer.train.config import TrainJobConfig
     from weathermixer.train.trainer import Trainer
 
-    ch = {"surface": ["t2m"], "atmospheric": [], "levels": [], "static": ["cos_latitude", "sin_hour_of_day",
-                                                                         "cos_hour_of_day"]}
-    job = parse(TrainJobConfig, {"model": {"grid": [4, 8], "patch": [1, 2], "hidden": 16, "blocks": 1, "channels": ch},
-                                 "train": {"rollout": 3, "rollout_mode": "autoregressive"}})
+    ch = {
+        "surface": ["t2m"],
+        "atmospheric": [],
+        "levels": [],
+        "static": ["cos_latitude", "sin_hour_of_day", "cos_hour_of_day"],
+    }
+    job = parse(
+        TrainJobConfig,
+        {
+            "model": {"grid": [4, 8], "patch": [1, 2], "hidden": 16, "blocks": 1, "channels": ch},
+            "train": {"rollout": 3, "rollout_mode": "autoregressive"},
+        },
+    )
     model = WeatherMixer(job.model).eval()
     lat, lon = np.linspace(60, 30, 4), np.arange(8) * 45.0
     t = Trainer(job, {})
@@ -156,8 +183,10 @@ def test_autoregressive_training_advances_the_hour_of_day():
     times = [pd.Timestamp("2020-01-01T00"), pd.Timestamp("2020-01-01T06")]
 
     def static(ts):
-        return torch.tensor(np.stack([[np.broadcast_to(_computed(n, lat, lon, x), (4, 8)) for n in ch["static"]]
-                                      for x in ts]), dtype=torch.float32)
+        return torch.tensor(
+            np.stack([[np.broadcast_to(_computed(n, lat, lon, x), (4, 8)) for n in ch["static"]] for x in ts]),
+            dtype=torch.float32,
+        )
 
     x = torch.randn(2, 1, 4, 8)
     with torch.no_grad():
@@ -219,8 +248,9 @@ def test_irregular_and_integer_time_axes_are_clear_errors():
     # the store's integer hours carry their units in a global attribute: decoded, then the gaps found
     with pytest.raises(DataError, match=r"irregular interval\(s\) \(steps seen: 7 h, 8 h\).*resample the data set"):
         GriddedDataset(cfg, ch, (181, 360))
-    with pytest.raises(DataError, match="time coordinate 'time_index' has dtype int64 and no CF units; set "
-                                        "data.time_units"):
+    with pytest.raises(
+        DataError, match="time coordinate 'time_index' has dtype int64 and no CF units; set data.time_units"
+    ):
         GriddedDataset(cfg.model_copy(update={"time_units": "hours"}), ch, (181, 360))
 
 
@@ -236,8 +266,11 @@ def _linear_truth(times, seed=0):
     hours = np.asarray(pd.DatetimeIndex(times).hour)
     for i in range(2, len(times)):
         x[i] = 2 * np.cos(0.3) * x[i - 1] - x[i - 2] + 0.5 * np.sin(2 * np.pi * hours[i - 1] / 24) + 2.0
-    return xr.DataArray(x, dims=("time", "latitude", "longitude"),
-                        coords={"time": times, "latitude": [10.0, 0.0, -10.0], "longitude": [0.0, 90, 180, 270]})
+    return xr.DataArray(
+        x,
+        dims=("time", "latitude", "longitude"),
+        coords={"time": times, "latitude": [10.0, 0.0, -10.0], "longitude": [0.0, 90, 180, 270]},
+    )
 
 
 def test_linear_baseline_recovers_a_linear_process_and_never_sees_the_test_period():
@@ -272,7 +305,10 @@ def test_climatology_window_regions_and_area_weights():
 
     short = ClimatologyPeriod(pd.Timestamp("2019-03-01"), pd.Timestamp("2019-03-21T23"), False, False)
     long = ClimatologyPeriod(pd.Timestamp("1990-01-01"), pd.Timestamp("2005-12-31"), False, False)
-    assert climatology_window(short, None)[0] == 15 and "automatic: 0.057 training year" in climatology_window(short, None)[1]
+    assert (
+        climatology_window(short, None)[0] == 15
+        and "automatic: 0.057 training year" in climatology_window(short, None)[1]
+    )
     assert climatology_window(long, None) == (0, "automatic: 16 training years >= 10, no smoothing")
     assert climatology_window(short, 3) == (3, "given")
     glob = np.linspace(90, -90, 181)
@@ -304,7 +340,8 @@ def test_data_cli_set_and_computed_static_and_size_honours_the_mesh(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["history"] == 2 and out["n_times"] == 744 and out["channels"] == {"2m_temperature": "t2m"}
     assert set(out["static_computed"]) == {"sin_hour_of_day", "cos_hour_of_day", "cos_latitude", "sin_longitude"} | {
-        f"daily_cycle_{term}_2m_temperature" for term in ("mean", "cos1", "sin1", "cos2", "sin2")}
+        f"daily_cycle_{term}_2m_temperature" for term in ("mean", "cos1", "sin1", "cos2", "sin2")
+    }
     assert data_main(["inspect", "--config", job, "--set", "data.nope=1"]) == 2
     assert "data.nope: unknown key" in capsys.readouterr().err
     assert size_main(["--config", "quickstart_cpu"]) == 0  # the job's mesh: 1 x 2 x 2
@@ -333,18 +370,43 @@ def uk_run(tmp_path_factory):
     assert wm["model"]["pixel_skip_zero_start"] and wm["model"]["pixel_skip"] == 6  # the job file's recipe
     wm["model"].update(hidden=16, blocks=1, pixel_skip_init=str(d / "fit.npz"))
     wm["train"].update(steps=6, warmup=1, curriculum=[[1, 1], [4, 2]], lead_weights=[1, 2])
-    wm["data"].update(path=str(UK_GRIB), stats=str(d / "stats.json"),
-                      splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-18T00", "2019-03-18T11"]})
+    wm["data"].update(
+        path=str(UK_GRIB),
+        stats=str(d / "stats.json"),
+        splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-18T00", "2019-03-18T11"]},
+    )
     wm["validation"].update(samples=4, batch=4, every=0, reencode_candidates=[1, 2], reencode_steps=3)
     wm["log"].update(dir=str(d / "run"), plot=False)
     (d / "job.json").write_text(json.dumps(job))
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    assert data_main(["stats", "--config", str(d / "job.json"), "--start", "2019-03-01", "--end", "2019-03-05T23",
-                      "--out", str(d / "stats.json")]) == 0
-    assert fit_main(["--config", str(d / "job.json"), "--leads", "6", "--ridge", "1e-3,1",
-                     "--out", str(d / "fit.npz")]) == 0
-    run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(d / "job.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    assert (
+        data_main(
+            [
+                "stats",
+                "--config",
+                str(d / "job.json"),
+                "--start",
+                "2019-03-01",
+                "--end",
+                "2019-03-05T23",
+                "--out",
+                str(d / "stats.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        fit_main(["--config", str(d / "job.json"), "--leads", "6", "--ridge", "1e-3,1", "--out", str(d / "fit.npz")])
+        == 0
+    )
+    run = subprocess.run(
+        [sys.executable, "train.py", "--deepspeed_config", str(d / "job.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return {"dir": d, "stdout": run.stdout, "checkpoints": d / "run" / "checkpoints"}
 
@@ -363,8 +425,24 @@ def test_reencode_interval_is_chosen_on_validation_and_used_by_forecast(uk_run, 
     stores = {}
     for fmt in (2, 3):
         out = tmp_path / f"fc{fmt}.zarr"
-        assert forecast.main(["--checkpoint", str(uk_run["checkpoints"]), "--init-times", "2019-03-25T00,2019-03-25T06",
-                              "--lead-hours", "3", "--out", str(out), "--zarr-format", str(fmt), "--quiet"]) == 0
+        assert (
+            forecast.main(
+                [
+                    "--checkpoint",
+                    str(uk_run["checkpoints"]),
+                    "--init-times",
+                    "2019-03-25T00,2019-03-25T06",
+                    "--lead-hours",
+                    "3",
+                    "--out",
+                    str(out),
+                    "--zarr-format",
+                    str(fmt),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         assert zarr.open_group(str(out), mode="r").metadata.zarr_format == fmt
         ds = xr.open_zarr(out, consolidated=True)  # consolidated metadata: fails if absent
         assert ds.attrs["latent_steps_per_encode"] == chosen["reencode_every"]
@@ -380,8 +458,13 @@ def test_ensemble_mean_of_forecast_stores(tmp_path, capsys):
     import xarray as xr
 
     def store(name, inits=pd.date_range("2019-03-18", periods=2, freq="3h"), leads=pd.to_timedelta([1, 2, 3], "h")):
-        coords = {"time": inits, "prediction_timedelta": leads, "latitude": [60.0, 55, 50], "longitude": [-8.0, 2],
-                  "valid_time": (("time", "prediction_timedelta"), np.add.outer(inits.values, leads.values))}
+        coords = {
+            "time": inits,
+            "prediction_timedelta": leads,
+            "latitude": [60.0, 55, 50],
+            "longitude": [-8.0, 2],
+            "valid_time": (("time", "prediction_timedelta"), np.add.outer(inits.values, leads.values)),
+        }
         t2m = (tuple(coords)[:4], np.random.default_rng(ord(name)).normal(280, 3, (2, 3, 3, 2)), {"units": "K"})
         ds = xr.Dataset({"t2m": t2m}, coords=coords, attrs={"latent_steps_per_encode": 6})
         ds.to_zarr(tmp_path / name, consolidated=True)
@@ -400,8 +483,14 @@ def test_ensemble_mean_of_forecast_stores(tmp_path, capsys):
 def test_store_drops_attributes_that_describe_the_truths_values():
     from weathermixer.inference.store import STALE_ATTRS, _attrs
 
-    attrs = {"units": "K", "long_name": "2 metre temperature", "actual_range": np.array([200.0, 320.0]),
-             "valid_min": 150, "_FillValue": np.nan, "GRIB_paramId": 167}
+    attrs = {
+        "units": "K",
+        "long_name": "2 metre temperature",
+        "actual_range": np.array([200.0, 320.0]),
+        "valid_min": 150,
+        "_FillValue": np.nan,
+        "GRIB_paramId": 167,
+    }
     assert _attrs(attrs, STALE_ATTRS) == {"units": "K", "long_name": "2 metre temperature"}
 
 
@@ -410,12 +499,47 @@ def test_report_has_the_linear_anchor_regions_and_the_climatology_choice(uk_run,
     from weathermixer.inference import forecast
 
     fc = tmp_path / "fc.zarr"
-    assert forecast.main(["--checkpoint", str(uk_run["checkpoints"]), "--init-times", "2019-03-25T00",
-                          "2019-03-25T12", "--init-every", "6", "--lead-hours", "6", "--out", str(fc), "--quiet"]) == 0
+    assert (
+        forecast.main(
+            [
+                "--checkpoint",
+                str(uk_run["checkpoints"]),
+                "--init-times",
+                "2019-03-25T00",
+                "2019-03-25T12",
+                "--init-every",
+                "6",
+                "--lead-hours",
+                "6",
+                "--out",
+                str(fc),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
-    assert evaluate.main(["--forecast", str(fc), "--truth", str(UK_GRIB), "--out", str(out), "--clim-start",
-                          "2019-03-01", "--clim-end", "2019-03-21T23", "--lat-weights", "area", "--quiet",
-                          "--no-plots"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--forecast",
+                str(fc),
+                "--truth",
+                str(UK_GRIB),
+                "--out",
+                str(out),
+                "--clim-start",
+                "2019-03-01",
+                "--clim-end",
+                "2019-03-21T23",
+                "--lat-weights",
+                "area",
+                "--quiet",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["climatology"]["window_days"] == 15 and m["climatology"]["window_choice"].startswith("automatic")
     assert m["definitions"]["latitude_weighting"] == "area" and m["regions"] == {}  # the UK covers no region
@@ -447,34 +571,83 @@ def test_the_anchor_fit_trains_frozen_and_forecasts_alone(tmp_path):
     job = json.loads((ROOT / "deepspeed_configs" / "era5_uk_t2m_cpu.json").read_text())
     wm = job["weathermixer"]
     wm["model"].update(hidden=16, blocks=1, pixel_skip=2, pixel_skip_inputs="changes", pixel_skip_day=24)
-    wm["train"].update(steps=2, warmup=0, curriculum=[[1, 2]], lead_weights=[1, 1],
-                       param_groups=[{"match": ["skip.*"], "lr_scale": 0, "weight_decay": 0},
-                                     {"match": ["*.bias", "*norm*"], "weight_decay": 0}])
-    wm["data"].update(path=str(UK_GRIB), stats=str(tmp_path / "stats.json"),
-                      splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-08T00", "2019-03-08T23"]})
+    wm["train"].update(
+        steps=2,
+        warmup=0,
+        curriculum=[[1, 2]],
+        lead_weights=[1, 1],
+        param_groups=[
+            {"match": ["skip.*"], "lr_scale": 0, "weight_decay": 0},
+            {"match": ["*.bias", "*norm*"], "weight_decay": 0},
+        ],
+    )
+    wm["data"].update(
+        path=str(UK_GRIB),
+        stats=str(tmp_path / "stats.json"),
+        splits={"train": ["2019-03-01T01", "2019-03-05T23"], "val": ["2019-03-08T00", "2019-03-08T23"]},
+    )
     wm["validation"].update(samples=4, batch=4, every=0, reencode_candidates=[2], reencode_steps=2)
     wm["log"].update(dir=str(tmp_path / "run"), plot=False)
     (tmp_path / "job.json").write_text(json.dumps(job))
-    assert data_main(["stats", "--config", str(tmp_path / "job.json"), "--start", "2019-03-01", "--end",
-                      "2019-03-05T23", "--out", str(tmp_path / "stats.json")]) == 0
+    assert (
+        data_main(
+            [
+                "stats",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--start",
+                "2019-03-01",
+                "--end",
+                "2019-03-05T23",
+                "--out",
+                str(tmp_path / "stats.json"),
+            ]
+        )
+        == 0
+    )
     fit = tmp_path / "fit.npz"
-    assert fit_main(["--config", str(tmp_path / "job.json"), "--leads", "2", "--ridge", "1e-3,10",
-                     "--out", str(fit)]) == 0
+    assert (
+        fit_main(["--config", str(tmp_path / "job.json"), "--leads", "2", "--ridge", "1e-3,10", "--out", str(fit)]) == 0
+    )
     f = np.load(fit)
     assert f["val_mse"].shape == (2, 2) and float(f["ridge"]) == [1e-3, 10][int(np.argmin(f["val_mse"].mean(1)))]
-    assert list(f["features"]) == ["x(t - dt) - x(t)", "daily-cycle climatology at t + l dt - at t",
-                                   "sin_hour_of_day", "cos_hour_of_day"]
+    assert list(f["features"]) == [
+        "x(t - dt) - x(t)",
+        "daily-cycle climatology at t + l dt - at t",
+        "sin_hour_of_day",
+        "cos_hour_of_day",
+    ]
     wm["model"]["pixel_skip_init"] = str(fit)
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(tmp_path / "job.json")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "train.py", "--deepspeed_config", str(tmp_path / "job.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "fc.zarr"
     inits = pd.DatetimeIndex(["2019-03-25T05", "2019-03-25T17"])
-    assert forecast.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--init-times",
-                          ",".join(f"{t:%Y-%m-%dT%H}" for t in inits), "--lead-hours", "2", "--out", str(out),
-                          "--skip-only", "--quiet"]) == 0
+    assert (
+        forecast.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "run" / "checkpoints"),
+                "--init-times",
+                ",".join(f"{t:%Y-%m-%dT%H}" for t in inits),
+                "--lead-hours",
+                "2",
+                "--out",
+                str(out),
+                "--skip-only",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     fc = xr.open_zarr(out)
     assert fc.attrs["model_part"].startswith("the per-pixel skip head alone")
 
@@ -482,18 +655,22 @@ def test_the_anchor_fit_trains_frozen_and_forecasts_alone(tmp_path):
     truth = xr.open_dataset(UK_GRIB, engine="cfgrib", backend_kwargs={"indexpath": ""})["t2m"]
     norm = Normalizer.load(str(tmp_path / "stats.json"))
     mean, std = (float(a[0]) for a in norm.fields(["2m_temperature"]))
-    cycle = np.stack([norm.daily_cycle("2m_temperature", t, (33, 49))[0]
-                      for t in ("mean", "cos1", "sin1", "cos2", "sin2")])  # physical, rows as the data's
+    cycle = np.stack(
+        [norm.daily_cycle("2m_temperature", t, (33, 49))[0] for t in ("mean", "cos1", "sin1", "cos2", "sin2")]
+    )  # physical, rows as the data's
     assert np.all(np.diff(truth.latitude.values) < 0)  # north first, as the loader and the stats hold it
     coef = f["coef"][:, :, 0]  # (lead, F, lat, lon)
     for i, t in enumerate(inits):
         x, xm1 = (truth.sel(time=s).values.astype(np.float64) for s in (t, t - pd.Timedelta(hours=1)))
         hour = 2 * np.pi * t.hour / 24
         for lead in (1, 2):
-            clim = [np.einsum("k,khw->hw", daily_cycle_basis([s])[0], cycle)
-                    for s in (t + pd.Timedelta(hours=lead), t)]
-            feats = [(xm1 - x) / std, (clim[0] - clim[1]) / std, np.full_like(x, np.sin(hour)),
-                     np.full_like(x, np.cos(hour))]
+            clim = [np.einsum("k,khw->hw", daily_cycle_basis([s])[0], cycle) for s in (t + pd.Timedelta(hours=lead), t)]
+            feats = [
+                (xm1 - x) / std,
+                (clim[0] - clim[1]) / std,
+                np.full_like(x, np.sin(hour)),
+                np.full_like(x, np.cos(hour)),
+            ]
             expected = x + std * sum(c * v for c, v in zip(coef[lead - 1], feats))
             got = fc["t2m"].isel(time=i, prediction_timedelta=lead - 1).values
             np.testing.assert_allclose(got, expected, atol=2e-3)  # K; float32 model

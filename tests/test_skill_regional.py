@@ -1,4 +1,5 @@
 """Skill on a regional daily record: the linear baseline on large raw values, the recipe's plumbing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,11 @@ def _daily_pressure(days=800, seed=0):
     for i in range(2, days):
         a[i] = 1.2 * a[i - 1] - 0.4 * a[i - 2] + 400 * rng.normal(size=(3, 4))
     season = 500 * np.cos(2 * np.pi * np.arange(days) / 365.25)[:, None, None]
-    return xr.DataArray(101000 + a + season, dims=("time", "latitude", "longitude"),
-                        coords={"time": times, "latitude": [40.0, 42.5, 45.0], "longitude": [0.0, 2.5, 5, 7.5]})
+    return xr.DataArray(
+        101000 + a + season,
+        dims=("time", "latitude", "longitude"),
+        coords={"time": times, "latitude": [40.0, 42.5, 45.0], "longitude": [0.0, 2.5, 5, 7.5]},
+    )
 
 
 def test_linear_baseline_is_the_least_squares_fit_on_raw_pressure_values():
@@ -35,9 +39,17 @@ def test_linear_baseline_is_the_least_squares_fit_on_raw_pressure_values():
     starts = [i for i in range(1, len(t)) if t[i] + lead <= period.end]
     x = truth.values
     d = 2 * np.pi * (t.day_of_year - 1) / 365.25
-    for (r, c) in [(0, 0), (2, 3)]:
-        X = np.stack([x[starts, r, c], x[[i - 1 for i in starts], r, c], np.sin(d[starts]), np.cos(d[starts]),
-                      np.ones(len(starts))], 1)
+    for r, c in [(0, 0), (2, 3)]:
+        X = np.stack(
+            [
+                x[starts, r, c],
+                x[[i - 1 for i in starts], r, c],
+                np.sin(d[starts]),
+                np.cos(d[starts]),
+                np.ones(len(starts)),
+            ],
+            1,
+        )
         y = x[[i + 3 for i in starts], r, c]
         ref = np.linalg.lstsq(X, y, rcond=None)[0]
         k = lin.coef[0, :, r * 4 + c]  # at 00 UTC only, cos(hour) = 1 shares the intercept
@@ -55,9 +67,15 @@ def _forecast_store(truth, inits, leads, make):
 
     valid = np.add.outer(inits.values, leads.values)
     o = truth.sel(time=pd.DatetimeIndex(valid.ravel())).values.reshape(len(inits), len(leads), *truth.shape[1:])
-    return xr.Dataset({"slp": (("time", "prediction_timedelta", "latitude", "longitude"), make(o))},
-                      coords={"time": inits, "prediction_timedelta": leads, "latitude": truth.latitude.values,
-                              "longitude": truth.longitude.values})
+    return xr.Dataset(
+        {"slp": (("time", "prediction_timedelta", "latitude", "longitude"), make(o))},
+        coords={
+            "time": inits,
+            "prediction_timedelta": leads,
+            "latitude": truth.latitude.values,
+            "longitude": truth.longitude.values,
+        },
+    )
 
 
 def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there():
@@ -69,15 +87,18 @@ def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there(
     inits = pd.date_range("2003-01-01", "2003-03-31", freq="D")
     leads = pd.to_timedelta([1, 3, 10], unit="D")
     rng = np.random.default_rng(1)
-    fc = _forecast_store(truth, inits, leads, lambda o: o + 300 * rng.normal(size=o.shape) * np.arange(1, 4)[:, None,
-                                                                                                          None])
+    fc = _forecast_store(
+        truth, inits, leads, lambda o: o + 300 * rng.normal(size=o.shape) * np.arange(1, 4)[:, None, None]
+    )
     res = fit(fc, tr, "2001-01-01", "2002-12-31")
     blend = apply(fc, tr, res)
     f, c, g, o, _ = references(fc, tr, "slp", "2001-01-01", "2002-12-31", None)
     o = _forecast_store(truth, inits, leads, lambda x: x)["slp"].values
     w = M.latitude_weights(truth.latitude.values)[:, None]
-    mse = {name: (w * (x - o) ** 2).mean(axis=(0, 2, 3)) for name, x in
-           (("forecast", f), ("clim", c), ("linear", g), ("blend", blend["slp"].values))}
+    mse = {
+        name: (w * (x - o) ** 2).mean(axis=(0, 2, 3))
+        for name, x in (("forecast", f), ("clim", c), ("linear", g), ("blend", blend["slp"].values))
+    }
     for other in ("forecast", "clim", "linear"):  # each is a point of the blend's family: least squares beats it
         assert (mse["blend"] <= mse[other] * (1 + 1e-6)).all(), (other, mse)
     assert mse["blend"][2] < 0.9 * mse["forecast"][2]  # the noisiest lead is pulled towards the baselines
@@ -87,8 +108,11 @@ def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there(
     with pytest.raises(DampingError, match="reaches the first init"):
         fit(fc, tr, "2001-01-01", "2003-01-31")
     with pytest.raises(DampingError, match="lead"):
-        apply(fc.isel(prediction_timedelta=[0]).assign_coords(prediction_timedelta=pd.to_timedelta([2], unit="D")),
-              tr, res)
+        apply(
+            fc.isel(prediction_timedelta=[0]).assign_coords(prediction_timedelta=pd.to_timedelta([2], unit="D")),
+            tr,
+            res,
+        )
 
 
 def test_autoregressive_training_needs_skip_coefficients_for_lead_one_only():
@@ -113,9 +137,25 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
 
     out = tmp_path / "skill"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--validation", "--seeds", "1",
-                          "--steps", "2", "--days", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [
+            "bash",
+            "benchmarks/skill_ncep_slp.sh",
+            str(out),
+            "--validation",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--days",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     m = pd.read_csv(out / "report" / "metrics.csv")
     assert set(m.system) == {"model", "persistence", "climatology", "linear"}
@@ -123,8 +163,14 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     assert m.rmse.notna().all() and (m.rmse > 0).all()
     assert (out / "report_raw" / "metrics.csv").exists() and (out / "damping.json").exists()
     assert int((out / "seed0.parameters").read_text().replace(",", "")) > 0
-    bad = subprocess.run(["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        ["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
 
@@ -140,9 +186,16 @@ def test_the_regional_grid_is_weighted_and_patched_as_a_region_not_the_globe():
     from weathermixer.train.config import load_train_job
     from weathermixer.train.loss import latitude_weights
 
-    job, _ = load_train_job(ROOT / "deepspeed_configs" / "ncep_slp_daily_cpu.json",
-                            settings=[f"data.path={NCEP}", "data.stats=null", "model.pixel_skip=0",
-                                      "model.pixel_skip_init=null", "model.pixel_skip_zero_start=false"])
+    job, _ = load_train_job(
+        ROOT / "deepspeed_configs" / "ncep_slp_daily_cpu.json",
+        settings=[
+            f"data.path={NCEP}",
+            "data.stats=null",
+            "model.pixel_skip=0",
+            "model.pixel_skip_init=null",
+            "model.pixel_skip_zero_start=false",
+        ],
+    )
     loader = ShardedSampleLoader(job.data, job.model, Mesh.single(), "val", batch=1, shuffle=False, infinite=False)
     np.testing.assert_allclose(loader.lat, np.arange(70.0, 29.0, -2.5))
     np.testing.assert_allclose(loader.lon, np.arange(-70.0, 11.0, 2.5))

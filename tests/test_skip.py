@@ -1,6 +1,7 @@
 """The per-pixel linear skip head (model.pixel_skip): exact size, off by default, the plain tendency
 model at initialisation, the regression baseline's form, and the same model on every mesh (outputs,
 input and parameter gradients, parameters after 3 optimizer steps against the single-process twin)."""
+
 import pytest
 import torch
 
@@ -12,8 +13,14 @@ from weathermixer.config import ChannelsConfig, ModelConfig
 from weathermixer.model import WeatherMixer
 
 STATIC = ["lsm", "sin_hour_of_day", "cos_hour_of_day"]  # on TP = 2/3 the time features sit on other ranks
-UK = dict(grid=(33, 49), patch=(3, 7), hidden=16, blocks=1, history=1,
-          channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=STATIC))
+UK = dict(
+    grid=(33, 49),
+    patch=(3, 7),
+    hidden=16,
+    blocks=1,
+    history=1,
+    channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=STATIC),
+)
 
 
 def _inputs(cfg, batch=2, seed=0):
@@ -48,8 +55,16 @@ def test_the_head_is_the_per_pixel_regression_of_each_lead():
         model.skip.weight.normal_()
     fields, static = _inputs(cfg)
     w = model.skip.weight.detach() * cfg.pixel_skip_scale  # (lead, F, C, lat, lon)
-    feats = torch.stack([fields[:, 0], fields[:, 1], static[:, 1:2].expand_as(fields[:, 0]),
-                         static[:, 2:3].expand_as(fields[:, 0]), torch.ones_like(fields[:, 0])], 1)
+    feats = torch.stack(
+        [
+            fields[:, 0],
+            fields[:, 1],
+            static[:, 1:2].expand_as(fields[:, 0]),
+            static[:, 2:3].expand_as(fields[:, 0]),
+            torch.ones_like(fields[:, 0]),
+        ],
+        1,
+    )
     with torch.no_grad():
         leads = model.forecast_leads(fields, static, 2)
     for lead, y in enumerate(leads):
@@ -76,19 +91,30 @@ def test_the_coefficients_are_sharded_like_the_fields():
     assert rows == [12, 12, 9] and sum(rows) == serial.shape[3]  # 11 patch rows of 3: 4 + 4 + 3
 
 
-SKIP = dict(pixel_skip=2, channels=ChannelsConfig(surface=["t2m", "u10"], atmospheric=["z", "t", "q"],
-                                                  levels=[500, 850], static=STATIC))
+SKIP = dict(
+    pixel_skip=2,
+    channels=ChannelsConfig(surface=["t2m", "u10"], atmospheric=["z", "t", "q"], levels=[500, 850], static=STATIC),
+)
 
 
-@pytest.mark.parametrize("mesh,head", [((1, 1, 1), "blend"), ((1, 2, 2), "tendency"), ((1, 3, 1), "tendency"),
-                                       ((1, 1, 3), "blend")], ids=lambda m: "x".join(map(str, m)) if
-                         isinstance(m, tuple) else m)
+@pytest.mark.parametrize(
+    "mesh,head",
+    [((1, 1, 1), "blend"), ((1, 2, 2), "tendency"), ((1, 3, 1), "tendency"), ((1, 1, 3), "blend")],
+    ids=lambda m: "x".join(map(str, m)) if isinstance(m, tuple) else m,
+)
 def test_every_mesh_is_the_same_model_with_the_skip_head(mesh, head):
     """weathermixer.selfcheck's comparison (25 x 24 grid zero-padded, uneven shards, history 1, 2-step
     latent rollout) with the skip head on and hour-of-day inputs held by one TP rank only."""
     dp, domain, tp = mesh
-    errors = run_workers(workers.selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), "fp32",
-                         dict(SKIP, head=head), timeout=300, preload=["weathermixer.model"])[0]
+    errors = run_workers(
+        workers.selfcheck,
+        dp * domain * tp,
+        dict(dp=dp, domain=domain, tp=tp),
+        "fp32",
+        dict(SKIP, head=head),
+        timeout=300,
+        preload=["weathermixer.model"],
+    )[0]
     assert max(errors.values()) <= FP32_TOL, errors
 
 
@@ -173,10 +199,13 @@ def _rollout_variants(rank, world, mesh_kwargs):
     from weathermixer import selfcheck as sc
 
     out = {}
-    for name, task in (("autoregressive_checkpoint", dict(autoregressive=True, checkpoint=True)),
-                       ("latent_checkpoint", dict(checkpoint=True))):
-        errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs), sc.default_model_config(**SKIP, head="tendency"),
-                                        **task)
+    for name, task in (
+        ("autoregressive_checkpoint", dict(autoregressive=True, checkpoint=True)),
+        ("latent_checkpoint", dict(checkpoint=True)),
+    ):
+        errors = sc.compare_with_serial(
+            MeshConfig(**mesh_kwargs), sc.default_model_config(**SKIP, head="tendency"), **task
+        )
         out[name] = {k: v for k, (v, _) in errors.items()}
     return out
 
@@ -206,25 +235,56 @@ def test_the_least_squares_fit_is_the_regression_baseline_on_the_uk_sample(tmp_p
     if not grib.exists():
         pytest.skip(f"{grib} not found")
     job = str(Path(__file__).resolve().parents[1] / "deepspeed_configs" / "era5_uk_t2m_cpu.json")
-    sets = ["--set", f"data.path={grib}", "--set", f"data.stats={tmp_path / 'stats.json'}",
-            "--set", 'model.channels.static=["sin_hour_of_day", "cos_hour_of_day"]',
-            "--set", "model.pixel_skip_inputs=all",  # the regression's features (the job file's head is `changes`)
-            "--set", 'data.splits={"train": ["2019-03-01T01", "2019-03-06T23"], "val": ["2019-03-08", "2019-03-09"]}']
-    assert data_main(["stats", "--config", job, *sets, "--start", "2019-03-01", "--end", "2019-03-06T23",
-                      "--out", str(tmp_path / "stats.json")]) == 0
+    sets = [
+        "--set",
+        f"data.path={grib}",
+        "--set",
+        f"data.stats={tmp_path / 'stats.json'}",
+        "--set",
+        'model.channels.static=["sin_hour_of_day", "cos_hour_of_day"]',
+        "--set",
+        "model.pixel_skip_inputs=all",  # the regression's features (the job file's head is `changes`)
+        "--set",
+        'data.splits={"train": ["2019-03-01T01", "2019-03-06T23"], "val": ["2019-03-08", "2019-03-09"]}',
+    ]
+    assert (
+        data_main(
+            [
+                "stats",
+                "--config",
+                job,
+                *sets,
+                "--start",
+                "2019-03-01",
+                "--end",
+                "2019-03-06T23",
+                "--out",
+                str(tmp_path / "stats.json"),
+            ]
+        )
+        == 0
+    )
     assert fit_main(["--config", job, *sets, "--leads", "3", "--out", str(tmp_path / "fit.npz"), "--ridge", "0"]) == 0
     coef = np.load(tmp_path / "fit.npz")["coef"]  # (lead, F = x(t - 1 h), x(t), sin, cos, 1; 1, lat, lon)
 
     from weathermixer.data.__main__ import _job
 
     cfg = _job(type("A", (), dict(config=job, set=[s for s in sets if s != "--set"], data=None)))
-    loader = ShardedSampleLoader(cfg.data.model_copy(update={"leads": 3}), cfg.model, Mesh.single(), "val",
-                                 batch=1, shuffle=False, infinite=False)
+    loader = ShardedSampleLoader(
+        cfg.data.model_copy(update={"leads": 3}),
+        cfg.model,
+        Mesh.single(),
+        "val",
+        batch=1,
+        shuffle=False,
+        infinite=False,
+    )
     s = loader.load_batch(range(4))
     mean, std = (float(a.ravel()[0]) for a in loader._norm)
     x = s.fields.double().numpy()[:, :, 0]  # (b, 2, lat, lon)
-    X = np.stack([x[:, 0], x[:, 1], s.static[:, 0].double().numpy(), s.static[:, 1].double().numpy(),
-                  np.ones_like(x[:, 1])], 1)
+    X = np.stack(
+        [x[:, 0], x[:, 1], s.static[:, 0].double().numpy(), s.static[:, 1].double().numpy(), np.ones_like(x[:, 1])], 1
+    )
     ours = (x[:, 1][:, None] + np.einsum("lfhw,bfhw->blhw", coef[:, :, 0], X)) * std + mean
 
     truth = xr.open_dataset(grib, engine="cfgrib", backend_kwargs={"indexpath": ""})["t2m"]
@@ -240,7 +300,9 @@ def test_job_whose_rollout_outruns_the_skip_leads_fails_at_load():
     from weathermixer.config import ConfigError
     from weathermixer.train.config import load_train_job
 
-    with pytest.raises(ConfigError, match=r"model.pixel_skip=3 has coefficients for leads 1..3.*set model.pixel_skip >= 6"):
+    with pytest.raises(
+        ConfigError, match=r"model.pixel_skip=3 has coefficients for leads 1..3.*set model.pixel_skip >= 6"
+    ):
         load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=3"])
     load_train_job("deepspeed_configs/era5_uk_t2m_cpu.json", settings=["model.pixel_skip=6"])
 
@@ -261,8 +323,11 @@ def test_the_uk_job_file_starts_from_its_frozen_fitted_anchor_and_names_a_missin
     frozen = [g for g in job.train.param_groups if "skip.*" in g.match]
     assert len(frozen) == 1 and frozen[0].lr_scale == 0 and frozen[0].weight_decay == 0
     missing = re.escape(str(tmp_path / "fit.npz"))
-    with pytest.raises(FileNotFoundError, match=rf"pixel_skip_init={missing}: no such fit file.*"
-                                                rf"skip_fit --config JOB --leads 6 --out {missing}"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"pixel_skip_init={missing}: no such fit file.*"
+        rf"skip_fit --config JOB --leads 6 --out {missing}",
+    ):
         WeatherMixer(m.model_copy(update={"pixel_skip_init": str(tmp_path / "fit.npz")}))
 
 
@@ -283,8 +348,15 @@ def _head_only(cfg):
 
 
 def _anchor_cfg(**kw):
-    base = dict(UK, history=DAY - 1, pixel_skip=DAY, pixel_skip_inputs="anchor", pixel_skip_day=DAY, rollout=DAY,
-                channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=ANCHOR_STATIC))
+    base = dict(
+        UK,
+        history=DAY - 1,
+        pixel_skip=DAY,
+        pixel_skip_inputs="anchor",
+        pixel_skip_day=DAY,
+        rollout=DAY,
+        channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=ANCHOR_STATIC),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -313,8 +385,13 @@ def _climatology(static, hour):
 
     w = 2 * math.pi / 24
     m, c1, s1, c2, s2 = static[:, 2], static[:, 4], static[:, 5], static[:, 6], static[:, 7]
-    return (m + c1 * math.cos(w * hour) + s1 * math.sin(w * hour) + c2 * math.cos(2 * w * hour)
-            + s2 * math.sin(2 * w * hour))
+    return (
+        m
+        + c1 * math.cos(w * hour)
+        + s1 * math.sin(w * hour)
+        + c2 * math.cos(2 * w * hour)
+        + s2 * math.sin(2 * w * hour)
+    )
 
 
 def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regression_ones():
@@ -324,15 +401,28 @@ def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regre
 
     cfg = _anchor_cfg()
     assert skip_features(cfg) == 7 and skip_feature_names(cfg) == [
-        "x(t - dt)", "x(t)", "x(t + l dt - 1 day)", "daily-cycle climatology at t + l dt", "sin_hour_of_day",
-        "cos_hour_of_day", "1"]
+        "x(t - dt)",
+        "x(t)",
+        "x(t + l dt - 1 day)",
+        "daily-cycle climatology at t + l dt",
+        "sin_hour_of_day",
+        "cos_hour_of_day",
+        "1",
+    ]
     hour = 5.0
     model, fields, static, w, leads = _head_forecast(cfg, hour)
     x = fields[:, -1, 0]
     for lead, y in enumerate(leads, start=1):
         clim = _climatology(static, hour + lead * 24 / DAY)
-        feats = [fields[:, -2, 0], x, fields[:, -1 - (DAY - lead), 0], clim, static[:, 1], static[:, 3],
-                 torch.ones_like(x)]
+        feats = [
+            fields[:, -2, 0],
+            x,
+            fields[:, -1 - (DAY - lead), 0],
+            clim,
+            static[:, 1],
+            static[:, 3],
+            torch.ones_like(x),
+        ]
         expected = x + sum(w[lead - 1, f, 0] * v for f, v in enumerate(feats))
         assert torch.allclose(y[:, 0], expected, atol=1e-5), lead
 
@@ -355,11 +445,15 @@ def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regre
 def test_anchor_settings_are_checked():
     from pydantic import ValidationError
 
-    for kw, match in ((dict(pixel_skip_day=0), "needs model.pixel_skip_day"),
-                      (dict(history=0), r"needs model.history >= 1"),
-                      (dict(pixel_skip=DAY + 1, rollout=1), r"model.pixel_skip <= model.pixel_skip_day = 4"),
-                      (dict(channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=CYCLE)),
-                       "add sin_hour_of_day and cos_hour_of_day")):
+    for kw, match in (
+        (dict(pixel_skip_day=0), "needs model.pixel_skip_day"),
+        (dict(history=0), r"needs model.history >= 1"),
+        (dict(pixel_skip=DAY + 1, rollout=1), r"model.pixel_skip <= model.pixel_skip_day = 4"),
+        (
+            dict(channels=ChannelsConfig(surface=["t2m"], atmospheric=[], levels=[], static=CYCLE)),
+            "add sin_hour_of_day and cos_hour_of_day",
+        ),
+    ):
         with pytest.raises(ValidationError, match=match):
             _anchor_cfg(**kw)
 
@@ -378,24 +472,48 @@ def test_a_fit_file_of_other_inputs_is_refused(tmp_path):
 
 
 # the anchor on every mesh: daily-cycle terms of some channels only, spread over the TP ranks with the hour
-ANCHOR_SKIP = dict(pixel_skip=2, pixel_skip_inputs="anchor", pixel_skip_day=3, history=2,
-                   channels=ChannelsConfig(surface=["t2m", "u10"], atmospheric=["z", "t", "q"], levels=[500, 850],
-                                           static=["lsm", "sin_hour_of_day", "daily_cycle_mean_t2m",
-                                                   "daily_cycle_cos1_z_500", "cos_hour_of_day",
-                                                   "daily_cycle_sin1_t2m", "daily_cycle_mean_q_850",
-                                                   "daily_cycle_sin2_z_500"]))
+ANCHOR_SKIP = dict(
+    pixel_skip=2,
+    pixel_skip_inputs="anchor",
+    pixel_skip_day=3,
+    history=2,
+    channels=ChannelsConfig(
+        surface=["t2m", "u10"],
+        atmospheric=["z", "t", "q"],
+        levels=[500, 850],
+        static=[
+            "lsm",
+            "sin_hour_of_day",
+            "daily_cycle_mean_t2m",
+            "daily_cycle_cos1_z_500",
+            "cos_hour_of_day",
+            "daily_cycle_sin1_t2m",
+            "daily_cycle_mean_q_850",
+            "daily_cycle_sin2_z_500",
+        ],
+    ),
+)
 
 
-@pytest.mark.parametrize("mesh,head", [((1, 1, 1), "tendency"), ((1, 2, 2), "tendency"), ((1, 3, 1), "blend"),
-                                       ((1, 1, 3), "tendency")], ids=lambda m: "x".join(map(str, m)) if
-                         isinstance(m, tuple) else m)
+@pytest.mark.parametrize(
+    "mesh,head",
+    [((1, 1, 1), "tendency"), ((1, 2, 2), "tendency"), ((1, 3, 1), "blend"), ((1, 1, 3), "tendency")],
+    ids=lambda m: "x".join(map(str, m)) if isinstance(m, tuple) else m,
+)
 def test_every_mesh_is_the_same_model_with_the_anchor_head(mesh, head):
     """weathermixer.selfcheck's comparison (25 x 24 grid zero-padded, uneven shards, 2-step latent rollout)
     with the anchor: history 2, yesterday = t + l dt - 3 steps, daily-cycle terms of three of the eight
     channels, held by different TP ranks than the hour of day."""
     dp, domain, tp = mesh
-    errors = run_workers(workers.selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), "fp32",
-                         dict(ANCHOR_SKIP, head=head), timeout=300, preload=["weathermixer.model"])[0]
+    errors = run_workers(
+        workers.selfcheck,
+        dp * domain * tp,
+        dict(dp=dp, domain=domain, tp=tp),
+        "fp32",
+        dict(ANCHOR_SKIP, head=head),
+        timeout=300,
+        preload=["weathermixer.model"],
+    )[0]
     assert max(errors.values()) <= FP32_TOL, errors
 
 
@@ -403,17 +521,21 @@ def _anchor_rollout_variants(rank, world, mesh_kwargs):
     from weathermixer import selfcheck as sc
 
     out = {}
-    for name, task in (("autoregressive_checkpoint", dict(autoregressive=True, checkpoint=True)),
-                       ("latent_checkpoint", dict(checkpoint=True))):
-        errors = sc.compare_with_serial(MeshConfig(**mesh_kwargs),
-                                        sc.default_model_config(**ANCHOR_SKIP, head="tendency"), **task)
+    for name, task in (
+        ("autoregressive_checkpoint", dict(autoregressive=True, checkpoint=True)),
+        ("latent_checkpoint", dict(checkpoint=True)),
+    ):
+        errors = sc.compare_with_serial(
+            MeshConfig(**mesh_kwargs), sc.default_model_config(**ANCHOR_SKIP, head="tendency"), **task
+        )
         out[name] = {k: v for k, (v, _) in errors.items()}
     return out
 
 
 def test_autoregressive_and_checkpointed_rollouts_with_the_anchor_on_an_uneven_mesh():
-    errors = run_workers(_anchor_rollout_variants, 3, dict(domain=1, tp=3), timeout=300,
-                         preload=["weathermixer.model"])[0]
+    errors = run_workers(
+        _anchor_rollout_variants, 3, dict(domain=1, tp=3), timeout=300, preload=["weathermixer.model"]
+    )[0]
     for name, errs in errors.items():
         assert max(errs.values()) <= FP32_TOL, (name, errs)
 
@@ -423,8 +545,14 @@ def test_without_a_days_history_the_anchor_leaves_yesterday_out():
     from weathermixer.model.skip import skip_feature_names
 
     cfg = _anchor_cfg(history=1, pixel_skip=DAY + 2, rollout=DAY + 2)  # no yesterday: leads past a day are fine
-    assert skip_feature_names(cfg) == ["x(t - dt)", "x(t)", "daily-cycle climatology at t + l dt",
-                                       "sin_hour_of_day", "cos_hour_of_day", "1"]
+    assert skip_feature_names(cfg) == [
+        "x(t - dt)",
+        "x(t)",
+        "daily-cycle climatology at t + l dt",
+        "sin_hour_of_day",
+        "cos_hour_of_day",
+        "1",
+    ]
     model = WeatherMixer(cfg)
     model.zero_tendency()
     with torch.no_grad():
@@ -442,9 +570,13 @@ def test_the_changes_anchor_is_level_free():
     from weathermixer.model.skip import skip_feature_names
 
     cfg = _anchor_cfg(pixel_skip_inputs="changes")
-    assert skip_feature_names(cfg) == ["x(t - dt) - x(t)", "x(t + l dt - 1 day) - x(t)",
-                                       "daily-cycle climatology at t + l dt - at t", "sin_hour_of_day",
-                                       "cos_hour_of_day"]
+    assert skip_feature_names(cfg) == [
+        "x(t - dt) - x(t)",
+        "x(t + l dt - 1 day) - x(t)",
+        "daily-cycle climatology at t + l dt - at t",
+        "sin_hour_of_day",
+        "cos_hour_of_day",
+    ]
     hour = 13.0
     model, fields, static, w, leads = _head_forecast(cfg, hour)
     with torch.no_grad():
@@ -466,7 +598,13 @@ def test_the_changes_anchor_is_level_free():
 @pytest.mark.parametrize("mesh", [(1, 1, 1), (1, 2, 2), (1, 3, 1), (1, 1, 3)], ids=lambda m: "x".join(map(str, m)))
 def test_every_mesh_is_the_same_model_with_the_changes_anchor(mesh):
     dp, domain, tp = mesh
-    errors = run_workers(workers.selfcheck, dp * domain * tp, dict(dp=dp, domain=domain, tp=tp), "fp32",
-                         dict(ANCHOR_SKIP, pixel_skip_inputs="changes", head="tendency"), timeout=300,
-                         preload=["weathermixer.model"])[0]
+    errors = run_workers(
+        workers.selfcheck,
+        dp * domain * tp,
+        dict(dp=dp, domain=domain, tp=tp),
+        "fp32",
+        dict(ANCHOR_SKIP, pixel_skip_inputs="changes", head="tendency"),
+        timeout=300,
+        preload=["weathermixer.model"],
+    )[0]
     assert max(errors.values()) <= FP32_TOL, errors

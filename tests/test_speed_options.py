@@ -1,5 +1,6 @@
 """The single-device speed options: apex detection and fallback (a fake apex module stands in for a
 user's build), regional compilation of the mixer blocks, the profile breakdown, sync debugging."""
+
 import sys
 import types
 
@@ -18,9 +19,13 @@ def fake_apex(monkeypatch):
     def fused_layer_norm_affine(x, w, b, shape, eps):
         calls.append(shape)
         return F.layer_norm(x, shape, w, b, eps)
-    mods = {"apex": types.ModuleType("apex"), "apex.normalization": types.ModuleType("apex.normalization"),
-            "apex.normalization.fused_layer_norm": types.ModuleType("apex.normalization.fused_layer_norm"),
-            "apex.optimizers": types.ModuleType("apex.optimizers")}
+
+    mods = {
+        "apex": types.ModuleType("apex"),
+        "apex.normalization": types.ModuleType("apex.normalization"),
+        "apex.normalization.fused_layer_norm": types.ModuleType("apex.normalization.fused_layer_norm"),
+        "apex.optimizers": types.ModuleType("apex.optimizers"),
+    }
     mods["apex.normalization.fused_layer_norm"].fused_layer_norm_affine = fused_layer_norm_affine
     mods["apex.optimizers"].FusedAdam = object
     for name, mod in mods.items():
@@ -82,13 +87,15 @@ def test_compiled_blocks_train_like_eager():
 
 
 def test_gpu_kernel_names_fall_in_their_categories():
-    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "gemm",
-             "nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNN": "gemm",
-             "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication",
-             "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
-             "Memcpy HtoD (Pinned -> Device)": "copies",
-             "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "elementwise",
-             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel": "elementwise"}
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "gemm",
+        "nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNN": "gemm",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "Memcpy HtoD (Pinned -> Device)": "copies",
+        "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "elementwise",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel": "elementwise",
+    }
     assert {n: profiling.category(n) for n in names} == names
     assert profiling.category("aten::add_", in_optimizer=True) == "optimizer"
 

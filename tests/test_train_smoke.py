@@ -1,4 +1,5 @@
 """The README's main job runs end to end (short), and bad settings stop every rank with one message."""
+
 import json
 import os
 import re
@@ -20,8 +21,7 @@ def _run(cmd, timeout=300):
 def _small_config(tmp_path) -> Path:
     """The quickstart with two months of synthetic data written under tmp_path."""
     job = json.loads(CONFIG.read_text())
-    job["weathermixer"]["data"].update(path=str(tmp_path / "synthetic"), end="2020-02-29 18:00",
-                                       val_start="2020-02-15")
+    job["weathermixer"]["data"].update(path=str(tmp_path / "synthetic"), end="2020-02-29 18:00", val_start="2020-02-15")
     job["weathermixer"]["validation"].update(samples=16, every=0)
     job["weathermixer"]["log"].update(dir=str(tmp_path / "run"))
     path = tmp_path / "job.json"
@@ -31,8 +31,26 @@ def _small_config(tmp_path) -> Path:
 
 def test_two_process_domain_run_trains_and_reports_skill(tmp_path):
     config = _small_config(tmp_path)
-    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                "train.py", "--deepspeed_config", str(config), "--domain", "2", "--tp", "1", "--steps", "6"])
+    run = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "train.py",
+            "--deepspeed_config",
+            str(config),
+            "--domain",
+            "2",
+            "--tp",
+            "1",
+            "--steps",
+            "6",
+        ]
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "writing the synthetic ERA5-like store" in run.stdout
     assert list((tmp_path / "synthetic").glob("*.zarr")) and list((tmp_path / "synthetic").glob("*.stats.json"))
@@ -45,8 +63,9 @@ def test_two_process_domain_run_trains_and_reports_skill(tmp_path):
 
 def test_single_process_run_and_bad_key(tmp_path):
     config = _small_config(tmp_path)
-    run = _run([sys.executable, "train.py", "--deepspeed_config", str(config), "--domain", "1", "--tp", "1",
-                "--steps", "2"])
+    run = _run(
+        [sys.executable, "train.py", "--deepspeed_config", str(config), "--domain", "1", "--tp", "1", "--steps", "2"]
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "final: model_rmse=" in run.stdout
     bad = json.loads(CONFIG.read_text())

@@ -1,5 +1,6 @@
 """The training job end to end, through its launchers: the same loss curve on every mesh and ZeRO
 stage, exact resume, and the failure paths (non-finite loss, a killed rank)."""
+
 import csv
 import json
 import os
@@ -51,11 +52,27 @@ def _launch(job, out, nproc, *args, launcher="torchrun", port=None):
     if nproc == 1 and launcher == "python":
         cmd = [sys.executable, "train.py"]
     elif launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
-               "train.py"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(port),
+            "train.py",
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), "train.py"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(port),
+            "train.py",
+        ]
     return cmd + ["--deepspeed_config", str(job), "--output-dir", str(out), *args]
 
 
@@ -94,8 +111,10 @@ def test_loss_curve_is_the_same_on_every_mesh_and_zero_stage(job, tmp_path):
     variants = {
         "1x2x2-zero2": ((1, 2, 2), ["ds.zero_optimization.stage=2"]),
         "2x1x2-zero3": ((2, 1, 2), ["ds.zero_optimization.stage=3", "ds.train_micro_batch_size_per_gpu=4"]),
-        "1x3x1-zero1-gas2": ((1, 3, 1), ["ds.zero_optimization.stage=1", "ds.train_micro_batch_size_per_gpu=4",
-                                         "ds.gradient_accumulation_steps=2"]),
+        "1x3x1-zero1-gas2": (
+            (1, 3, 1),
+            ["ds.zero_optimization.stage=1", "ds.train_micro_batch_size_per_gpu=4", "ds.gradient_accumulation_steps=2"],
+        ),
     }
     errs = {}
     for name, (mesh, settings) in variants.items():
@@ -107,9 +126,17 @@ def test_loss_curve_is_the_same_on_every_mesh_and_zero_stage(job, tmp_path):
 def test_resume_continues_the_same_loss_curve(job, tmp_path):
     """2N steps straight versus N steps, stop (checkpoint), resume, N steps: equal losses, on 1x2x1
     with ZeRO-1 and a checkpoint every 2 steps (the 'latest' pointer moves, older tags are pruned)."""
-    mesh, common = (2, 1, 1), ["ds.zero_optimization.stage=1", "ds.train_micro_batch_size_per_gpu=4",
-                               "checkpoint.every=2", "checkpoint.keep_last=1", "checkpoint.resume=auto",
-                               "validation.every=2"]  # validations mid-run too (a finite pass left early)
+    mesh, common = (
+        (2, 1, 1),
+        [
+            "ds.zero_optimization.stage=1",
+            "ds.train_micro_batch_size_per_gpu=4",
+            "checkpoint.every=2",
+            "checkpoint.keep_last=1",
+            "checkpoint.resume=auto",
+            "validation.every=2",
+        ],
+    )  # validations mid-run too (a finite pass left early)
     straight, _ = _train(job, tmp_path / "straight", mesh, *common)
     first, run1 = _train(job, tmp_path / "split", mesh, *common, "train.stop_after=3")
     assert sorted(first) == [1, 2, 3] and "stopping after step 3" in run1.stdout
@@ -124,9 +151,28 @@ def test_resume_continues_the_same_loss_curve(job, tmp_path):
 
 
 def test_nonfinite_loss_names_step_rank_and_checkpoint(job, tmp_path):
-    run = _run(_launch(job, tmp_path / "nan", 1, "--domain", "1", "--tp", "1", "--set", "train.lr=1e12",
-                       "--set", "train.warmup=0", "--set", "checkpoint.every=1", "--set", "train.steps=30",
-                       "--set", "checkpoint.resume=never", launcher="python"))
+    run = _run(
+        _launch(
+            job,
+            tmp_path / "nan",
+            1,
+            "--domain",
+            "1",
+            "--tp",
+            "1",
+            "--set",
+            "train.lr=1e12",
+            "--set",
+            "train.warmup=0",
+            "--set",
+            "checkpoint.every=1",
+            "--set",
+            "train.steps=30",
+            "--set",
+            "checkpoint.resume=never",
+            launcher="python",
+        )
+    )
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     msg = run.stderr
     assert "non-finite loss at step" in msg and "on rank(s) [0]" in msg and "last good checkpoint:" in msg, msg[-2000:]
@@ -141,11 +187,31 @@ def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
     import socket
 
     out = tmp_path / "kill"
-    args = ["--output-dir", str(out), "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
-            "checkpoint.every=2", "--set", "checkpoint.resume=auto", "--set", "train.dist_timeout_s=60"]
+    args = [
+        "--output-dir",
+        str(out),
+        "--domain",
+        "2",
+        "--tp",
+        "1",
+        "--set",
+        "train.steps=400",
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        "checkpoint.resume=auto",
+        "--set",
+        "train.dist_timeout_s=60",
+    ]
     env = dict(ENV, NPROC="2", MASTER_PORT=str(free_port()), CONFIG=str(job))
-    proc = subprocess.Popen(["bash", str(ROOT / "launchers" / "local_cpu.sh"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launchers" / "local_cpu.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     marker = out / "checkpoints" / "step00000004" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.exists():
@@ -169,9 +235,26 @@ def test_killed_rank_brings_the_job_down_and_a_rerun_resumes(job, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step"))
     assert step >= 4
-    rerun = _run(_launch(job, out, 2, "--domain", "2", "--tp", "1", "--set", "train.steps=400", "--set",
-                         f"train.stop_after={2}", "--set", "checkpoint.every=2", "--set", "checkpoint.resume=auto",
-                         launcher="deepspeed"))
+    rerun = _run(
+        _launch(
+            job,
+            out,
+            2,
+            "--domain",
+            "2",
+            "--tp",
+            "1",
+            "--set",
+            "train.steps=400",
+            "--set",
+            f"train.stop_after={2}",
+            "--set",
+            "checkpoint.every=2",
+            "--set",
+            "checkpoint.resume=auto",
+            launcher="deepspeed",
+        )
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / latest} (step {step})" in rerun.stdout
     assert f"stopping after step {step + 2}" in rerun.stdout

@@ -1,5 +1,6 @@
 """Pieces of the training job that need no processes: loss on shards, weights, schedule, groups,
 rollout draws, config checks, checkpoint pointers, the run log."""
+
 import csv
 import json
 import math
@@ -10,20 +11,24 @@ import pytest
 import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig
-from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
 from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig
-from weathermixer.model.geometry import Geometry
-from weathermixer.train.loss import (channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term)
 from weathermixer.model import WeatherMixer
-from weathermixer.train.runlog import RunLog
-from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
+from weathermixer.model.geometry import Geometry
 from weathermixer.train import engine
+from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
+from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
 from weathermixer.train.engine import lr_lambda, param_groups
 from weathermixer.train.job import check_job
+from weathermixer.train.loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
+from weathermixer.train.runlog import RunLog
 
 CONFIG = "deepspeed_configs/quickstart_cpu.json"
-CH = ChannelsConfig(surface=["2m_temperature", "10m_u_component_of_wind"], atmospheric=["geopotential", "temperature"],
-                    levels=[500, 850, 1000], static=[])
+CH = ChannelsConfig(
+    surface=["2m_temperature", "10m_u_component_of_wind"],
+    atmospheric=["geopotential", "temperature"],
+    levels=[500, 850, 1000],
+    static=[],
+)
 STATS = {"channels": {n: {"mean": 0.0, "std": 2.0 + i, "diff_std": 0.5 + 0.1 * i} for i, n in enumerate(CH.names)}}
 
 
@@ -48,7 +53,7 @@ def test_channel_weights_variable_level_pressure_and_tendency():
     assert torch.allclose(w, lev * 8 / lev.sum())
     w = channel_loss_weights(CH, LossConfig(tendency=True), STATS)
     s = torch.tensor([(0.5 + 0.1 * i) / (2.0 + i) for i in range(8)])
-    assert torch.allclose(w, 1 / s ** 2, rtol=1e-6)
+    assert torch.allclose(w, 1 / s**2, rtol=1e-6)
     with pytest.raises(ValueError, match="loss.variable_weights.*humidity"):
         channel_loss_weights(CH, LossConfig(variable_weights={"humidity": 1.0}))
     with pytest.raises(ValueError, match="loss.level_weights.*700"):
@@ -77,11 +82,15 @@ def test_loss_terms_on_shards_add_up_to_the_serial_loss(domain, tp):
         geo = Geometry(cfg, mesh)
         rows = geo.pixel_row_split.slice(mesh.coords["domain"])
         chans = geo.channel_split(8).slice(mesh.coords["tp"])
-        total += weighted_loss_term(pred[:, chans, rows], target[:, chans, rows], latitude_weights(lat)[rows],
-                                    w_c[chans], count).item()
+        total += weighted_loss_term(
+            pred[:, chans, rows], target[:, chans, rows], latitude_weights(lat)[rows], w_c[chans], count
+        ).item()
     area = wb2_area_weights(lat)
-    ref = (area[None, None, :, None] * w_c.double().numpy()[None, :, None, None]
-           * (pred.double().numpy() - target.double().numpy()) ** 2).mean()
+    ref = (
+        area[None, None, :, None]
+        * w_c.double().numpy()[None, :, None, None]
+        * (pred.double().numpy() - target.double().numpy()) ** 2
+    ).mean()
     assert abs(total - ref) <= 1e-6 * ref
 
 
@@ -98,15 +107,18 @@ def test_every_latitude_row_receives_gradient(rows):
     assert bool((per_row > 0).all()), f"rows without gradient: {torch.nonzero(per_row == 0).flatten().tolist()}"
 
 
-@pytest.mark.parametrize("cores,env,expected", [
-    ([0, 1], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, [1]),
-    ([4, 5, 6, 7], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, [6, 7]),  # threads default: cores / ranks
-    ([0, 1, 2, 3], {"LOCAL_RANK": "0", "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, [0, 1]),  # deepspeed's name
-    ([0, 1], {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "2"}, None),  # would share cores
-    ([0, 1], {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"}, None),  # more ranks than cores
-    ([3], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, None),  # launcher bound it already
-    ([0, 1], {"LOCAL_RANK": "0"}, None),  # one local rank
-])
+@pytest.mark.parametrize(
+    "cores,env,expected",
+    [
+        ([0, 1], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, [1]),
+        ([4, 5, 6, 7], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, [6, 7]),  # threads default: cores / ranks
+        ([0, 1, 2, 3], {"LOCAL_RANK": "0", "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, [0, 1]),  # deepspeed's name
+        ([0, 1], {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "2"}, None),  # would share cores
+        ([0, 1], {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"}, None),  # more ranks than cores
+        ([3], {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, None),  # launcher bound it already
+        ([0, 1], {"LOCAL_RANK": "0"}, None),  # one local rank
+    ],
+)
 def test_bind_cores_gives_each_local_rank_its_own_cores(monkeypatch, cores, env, expected):
     for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)
@@ -130,9 +142,9 @@ def test_schedule_groups_and_rollout_draws():
     assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and f(55) == pytest.approx(0.55)
     model = WeatherMixer(ModelConfig(grid=(8, 16), channels=CH, patch=(1, 4), hidden=8), device="meta")
-    rules = TrainConfig.model_validate({"param_groups": [{"match": ["embed.*"], "lr_scale": 0.5},
-                                                         {"match": ["*.bias*", "*norm*"], "weight_decay": 0}]}
-                                       ).param_groups
+    rules = TrainConfig.model_validate(
+        {"param_groups": [{"match": ["embed.*"], "lr_scale": 0.5}, {"match": ["*.bias*", "*norm*"], "weight_decay": 0}]}
+    ).param_groups
     groups = param_groups(model, rules, lr=1e-3)
     by_name = {g["name"]: g for g in groups}
     names = dict(model.named_parameters())
@@ -142,8 +154,7 @@ def test_schedule_groups_and_rollout_draws():
     nd = by_name["rule1:*.bias*|*norm*"]
     assert nd["weight_decay"] == 0 and nd["lr"] == 1e-3
     assert sum(len(g["params"]) for g in groups) == len(names)
-    assert all(("norm" in n or ".bias" in n) for n, p in names.items()
-               if any(p is q for q in nd["params"]))
+    assert all(("norm" in n or ".bias" in n) for n, p in names.items() if any(p is q for q in nd["params"]))
 
     from weathermixer.train.trainer import Trainer
 
@@ -166,8 +177,14 @@ def test_bad_settings_name_the_key(tmp_path):
     cases = [
         (["train.lerning_rate=1"], "train.lerning_rate: unknown key"),
         (["mesh.tp=4"], "world size 4"),
-        ([f"data={json.dumps({'source': 'gridded', 'path': str(tmp_path / 'nope.zarr')})}"], "data.path: .*nope.zarr does not exist"),
-        (["ds.zero_optimization.stage=3", 'mesh.replicate_weights_over=["tp"]'], "stage=3 with mesh.replicate_weights_over"),
+        (
+            [f"data={json.dumps({'source': 'gridded', 'path': str(tmp_path / 'nope.zarr')})}"],
+            "data.path: .*nope.zarr does not exist",
+        ),
+        (
+            ["ds.zero_optimization.stage=3", 'mesh.replicate_weights_over=["tp"]'],
+            "stage=3 with mesh.replicate_weights_over",
+        ),
         (["ds.zero_optimization.stage=3", 'ds.zero_optimization.offload_param={"device": "cpu"}'], "offload_param"),
         (["ds.fp16.enabled=true"], "fp16 needs a GPU"),
         (["ds.optimizer.params.lr=0.1"], "optimizer.params.lr: set weathermixer.train.lr"),
@@ -222,7 +239,7 @@ def test_runlog_truncates_on_resume_feeds_the_monitor_and_plots(tmp_path):
     log.log(4, "val", {"val_loss": 0.3, "rmse_z500@6h": float("nan")})
     log.close()
     assert ("train/loss", 0.5, 16) in mon.events  # x axis: samples seen, when given
-    assert ("val/val_loss", 0.3, 4) in mon.events    # else the step
+    assert ("val/val_loss", 0.3, 4) in mon.events  # else the step
     assert not any(e[0] == "val/rmse_z500@6h" for e in mon.events)  # non-finite values are not sent
     log = RunLog(tmp_path, resume_step=3)  # crashed after step 5, resumed from step 3
     log.log(4, "train", {"loss": 0.2, "lr": 1e-3})
@@ -234,8 +251,14 @@ def test_runlog_truncates_on_resume_feeds_the_monitor_and_plots(tmp_path):
 
 
 def test_monitor_sections_default_to_the_run_folder_and_name_a_missing_package(tmp_path, monkeypatch):
-    out = _check(["log.tensorboard=true", f"log.dir={tmp_path}", 'ds.csv_monitor={"enabled": true}',
-                  'ds.wandb={"enabled": false}'])
+    out = _check(
+        [
+            "log.tensorboard=true",
+            f"log.dir={tmp_path}",
+            'ds.csv_monitor={"enabled": true}',
+            'ds.wandb={"enabled": false}',
+        ]
+    )
     assert out["tensorboard"] == {"enabled": True, "output_path": str(tmp_path), "job_name": "tensorboard"}
     assert out["csv_monitor"]["output_path"] == str(tmp_path) and not out["wandb"]["enabled"]
     mine = _check(["log.tensorboard=true", 'ds.tensorboard={"enabled": true, "output_path": "/x", "job_name": "j"}'])
@@ -245,8 +268,11 @@ def test_monitor_sections_default_to_the_run_folder_and_name_a_missing_package(t
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"tensorboard.enabled \(log.tensorboard\): the tensorboard package is not "
-                                          r"installed; pip install 'jigsaw-weathermixer\[monitor\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tensorboard.enabled \(log.tensorboard\): the tensorboard package is not "
+        r"installed; pip install 'jigsaw-weathermixer\[monitor\]'",
+    ):
         _check(["log.tensorboard=true"])
     assert "tensorboard" not in _check(['log.tensorboard="auto"'])  # auto: quietly off without the package
 
@@ -281,7 +307,10 @@ def test_loss_row_weights_choice_keeps_validation_on_cell_areas():
     for name in ("area", "cos", "uniform"):
         score, loss = row_weights(lat, rows, name, "cpu")
         torch.testing.assert_close(score, area)
-        expected = {"area": area, "uniform": torch.ones(16),
-                    "cos": torch.as_tensor(evaluation_weights(lat, "cos")).float()[rows]}[name]
+        expected = {
+            "area": area,
+            "uniform": torch.ones(16),
+            "cos": torch.as_tensor(evaluation_weights(lat, "cos")).float()[rows],
+        }[name]
         torch.testing.assert_close(loss, expected)
     assert row_weights(lat, rows, "uniform", "cpu")[1][0] == 1.0 and area[0] < 0.05  # the pole row

@@ -1,4 +1,5 @@
 """Module-level worker functions for the multi-process tests (the forkserver imports them by name)."""
+
 import os
 import time
 
@@ -57,7 +58,7 @@ def collectives_against_hand_computed_duals(rank, world):
         # reduce_scatter along dim 1; backward = all-gather
         x = xs[rank].clone().requires_grad_(True)
         y = C.reduce_scatter(x, group, sizes, dim=1)
-        g_local = [g[:, offs[r]:offs[r] + sizes[r]] for r, g in enumerate(gs)]
+        g_local = [g[:, offs[r] : offs[r] + sizes[r]] for r, g in enumerate(gs)]
         (y * g_local[rank]).sum().backward()
         errs[f"reduce_scatter fwd {sizes}"] = relative_error(y, sum(xs)[:, mine])
         errs[f"reduce_scatter bwd {sizes}"] = relative_error(x.grad, torch.cat(g_local, dim=1))
@@ -93,8 +94,12 @@ def mesh_groups(rank, world, dp, domain, tp):
     for axis in ("tp", "domain", "dp", "model"):
         out[axis] = dist.get_process_group_ranks(mesh.groups[axis])
     mpu = mesh.mpu()
-    out["mpu"] = (mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank(),
-                  mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank())
+    out["mpu"] = (
+        mpu.get_model_parallel_world_size(),
+        mpu.get_model_parallel_rank(),
+        mpu.get_data_parallel_world_size(),
+        mpu.get_data_parallel_rank(),
+    )
     return out
 
 
@@ -122,7 +127,7 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
             init_parameters(self, mesh, seed=3)
 
         def forward(self, x):
-            h = torch.tanh(self.channel(self.norm(x)))                 # (B, T, H)
+            h = torch.tanh(self.channel(self.norm(x)))  # (B, T, H)
             t = self.token_back(torch.tanh(self.token(h.transpose(1, 2))))  # (B, H, T): mixes tokens
             h = h * t.transpose(1, 2)
             return self.out(*self.norm2(h, x))
@@ -147,11 +152,15 @@ def layers_against_serial_twin(rank, world, domain, tp, replicate):
         if step == 0:
             errs["output"] = relative_error(yd, layout.shard(ys.detach(), mesh.coords))
             errs["input_grad"] = relative_error(xd.grad, layout.shard(xs.grad, mesh.coords))
-            errs["param_grad"] = max(relative_error(p.grad, p.block_layout.shard(ref_params[n].grad, mesh.coords))
-                                     for n, p in dist_model.named_parameters())
+            errs["param_grad"] = max(
+                relative_error(p.grad, p.block_layout.shard(ref_params[n].grad, mesh.coords))
+                for n, p in dist_model.named_parameters()
+            )
         opt_s.step(), opt_d.step(), opt_s.zero_grad(), opt_d.zero_grad()
-    errs["params_after_steps"] = max(relative_error(p.detach(), p.block_layout.shard(ref_params[n].detach(), mesh.coords))
-                                     for n, p in dist_model.named_parameters())
+    errs["params_after_steps"] = max(
+        relative_error(p.detach(), p.block_layout.shard(ref_params[n].detach(), mesh.coords))
+        for n, p in dist_model.named_parameters()
+    )
     return errs
 
 
@@ -188,23 +197,28 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0, strateg
 
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh
+    from weathermixer.model import WeatherMixer
     from weathermixer.selfcheck import default_model_config
     from weathermixer.train.loss import latitude_weights, weighted_mse_term
-    from weathermixer.model import WeatherMixer
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = default_model_config(rollout=1, history=0)  # one input state: the fields below are (B, C, H, W)
     mesh = init_mesh(MeshConfig(dp=dp, domain=domain, tp=tp, strategy={"*": strategy} if strategy else {}))
     model, serial = WeatherMixer(cfg, mesh), WeatherMixer(cfg, Mesh.single())
-    ds_config = {"train_batch_size": 2 * dp, "train_micro_batch_size_per_gpu": 2,
-                 # ZeRO-3: partition every parameter, however small (the default keeps those under 1e5
-                 # elements whole, which would hide a parameter used outside its own module's forward)
-                 "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0}
-                                                          if stage == 3 else {})},
-                 "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
-                 "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      mpu=mesh.mpu())
+    ds_config = {
+        "train_batch_size": 2 * dp,
+        "train_micro_batch_size_per_gpu": 2,
+        # ZeRO-3: partition every parameter, however small (the default keeps those under 1e5
+        # elements whole, which would hide a parameter used outside its own module's forward)
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": clip,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config, mpu=mesh.mpu()
+    )
     opt = torch.optim.SGD(serial.parameters(), lr=0.05, momentum=0.9)
     C, S = cfg.channels.n_fields, cfg.channels.n_static
     geo = model.geo
@@ -213,8 +227,11 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0, strateg
     f_lay, s_lay = geo.grid_layout(C, 2), geo.grid_layout(S, 2)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
-        x, s, y = (torch.randn(2 * dp, C, *cfg.grid, generator=gen), torch.randn(2 * dp, S, *cfg.grid, generator=gen),
-                   torch.randn(2 * dp, C, *cfg.grid, generator=gen))
+        x, s, y = (
+            torch.randn(2 * dp, C, *cfg.grid, generator=gen),
+            torch.randn(2 * dp, S, *cfg.grid, generator=gen),
+            torch.randn(2 * dp, C, *cfg.grid, generator=gen),
+        )
         opt.zero_grad()
         weighted_mse_term(serial(x, s), y, w, y.numel()).backward()
         if clip:
@@ -222,8 +239,12 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0, strateg
             assert norm > clip, "the test must clip"
         opt.step()
         pred = engine(f_lay.shard(x[rows], mesh.coords), s_lay.shard(s[rows], mesh.coords))
-        loss = weighted_mse_term(pred, f_lay.shard(y[rows], mesh.coords),
-                                 w[geo.pixel_row_split.slice(mesh.coords["domain"])], y[rows].numel())
+        loss = weighted_mse_term(
+            pred,
+            f_lay.shard(y[rows], mesh.coords),
+            w[geo.pixel_row_split.slice(mesh.coords["domain"])],
+            y[rows].numel(),
+        )
         engine.backward(loss)
         engine.step()
     ref = dict(serial.named_parameters())
@@ -232,8 +253,7 @@ def deepspeed_zero_over_dp(rank, world, dp, domain, tp, stage, clip=0.0, strateg
         # under ZeRO-3 the rank holds a dp partition of its block: assemble the block (collective)
         mine = deepspeed.utils.safe_get_full_fp32_param(p).detach() if stage == 3 else p.detach()
         errs[name] = relative_error(mine, p.block_layout.shard(ref[name].detach(), mesh.coords))
-    return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()),
-            "worst": max(errs, key=errs.get)}
+    return {"dp_world": engine.dp_world_size, "max_err": max(errs.values()), "worst": max(errs, key=errs.get)}
 
 
 def generic_selfcheck(rank, world, mesh_kwargs):
@@ -274,17 +294,22 @@ def ring_collectives_against_gloo(rank, world):
             # the ring sums in another order than gloo: bf16 differs by rounding
             tol = 0 if dtype == torch.float32 and world == 2 else (1e-5 if dtype == torch.float32 else 2e-2)
             out[key + "_rs"] = float((got_rs.float() - want_rs.float()).abs().max()) <= tol * max(
-                1.0, float(want_rs.float().abs().max()))
+                1.0, float(want_rs.float().abs().max())
+            )
             out[key + "_ag"] = torch.equal(got_ag, want_ag)
             out[key + "_x_untouched"] = True  # the input buffer is read, never written
             es = x.element_size()
-            out[key + "_counted"] = (stats.calls["reduce_scatter"] == 1 and stats.calls["all_gather"] == 1
-                                     and stats.calls["send_recv"] == 0
-                                     and stats.bytes["reduce_scatter"] == ring_volume("reduce_scatter", x.numel() * es, world)
-                                     and stats.bytes["all_gather"] == ring_volume("all_gather", world * m * es, world))
+            out[key + "_counted"] = (
+                stats.calls["reduce_scatter"] == 1
+                and stats.calls["all_gather"] == 1
+                and stats.calls["send_recv"] == 0
+                and stats.bytes["reduce_scatter"] == ring_volume("reduce_scatter", x.numel() * es, world)
+                and stats.bytes["all_gather"] == ring_volume("all_gather", world * m * es, world)
+            )
             C._reduce_scatter_single(got_rs, x)  # blocking
             out[key + "_blocking"] = float((got_rs.float() - want_rs.float()).abs().max()) <= tol * max(
-                1.0, float(want_rs.float().abs().max()))
+                1.0, float(want_rs.float().abs().max())
+            )
     # a subgroup of the first two ranks (global ranks != group ranks when it is not the world)
     sub = dist.new_group([world - 2, world - 1])
     if rank >= world - 2:
@@ -293,7 +318,7 @@ def ring_collectives_against_gloo(rank, world):
         C._reduce_scatter_single(got, x, group=sub)
         me = rank - (world - 2)
         full = sum(torch.arange(8, dtype=torch.float32) + 100 * r for r in (world - 2, world - 1))
-        out["subgroup_rs"] = torch.equal(got, full[4 * me: 4 * me + 4])
+        out["subgroup_rs"] = torch.equal(got, full[4 * me : 4 * me + 4])
     dist.barrier()
     return out
 
@@ -342,5 +367,7 @@ def prefetch_against_serial(rank, world, mesh_kwargs):
     finally:
         layers.start_weight_gather, layers.gathered_linear = start, linear
     out["chained"] = sum(1 for m in model.modules() if isinstance(m, layers.BlockLinear) and m.__dict__.get("_chained"))
-    out["left"] = sum(s is not None for m in model.modules() if isinstance(m, layers.BlockLinear) for s in m._prefetched)
+    out["left"] = sum(
+        s is not None for m in model.modules() if isinstance(m, layers.BlockLinear) for s in m._prefetched
+    )
     return out

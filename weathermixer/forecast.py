@@ -1,4 +1,5 @@
 """`python -m weathermixer.forecast`: the command-line path users type; the code is weathermixer.inference.forecast."""
+
 import sys
 
 from .inference.forecast import main

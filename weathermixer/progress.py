@@ -1,5 +1,6 @@
 """Progress of a long command (forecast, evaluate): tqdm's bar on a terminal; in a log file or a pipe
 (not a terminal) a plain line per tenth of the work instead of carriage-return redraws."""
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,9 @@ class PlainProgress:
     def update(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
         if self.done >= self.next_line or self.done == self.total:
-            self.stream.write(f"{self.desc}: {self.done}/{self.total} {self.unit}(s) "
-                              f"({time.perf_counter() - self.t0:.0f} s)\n")
+            self.stream.write(
+                f"{self.desc}: {self.done}/{self.total} {self.unit}(s) ({time.perf_counter() - self.t0:.0f} s)\n"
+            )
             self.stream.flush()
             self._advance()
             if self.done == self.total:
@@ -40,5 +42,6 @@ def progress(total: int, desc: str, unit: str, enabled: bool = True, stream=None
     stream = stream or sys.stderr
     if enabled and not stream.isatty():
         return PlainProgress(total, desc, unit, stream)
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=stream, dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=not enabled, file=stream, dynamic_ncols=True, mininterval=1.0
+    )

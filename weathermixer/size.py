@@ -1,4 +1,5 @@
 """`python -m weathermixer.size`: the command-line path users type; the code is weathermixer.model.size."""
+
 import sys
 
 from .model.size import main

@@ -39,16 +39,47 @@ checks a file before loading it and refuses a mismatch naming the file (and the 
 (ChecksumError). A checkpoint written before checksums existed is read with an
 UnverifiedCheckpointWarning.
 """
-from .common import (FORMAT, KINDS, CheckpointFormatError, app_keys, is_consolidated, is_layout_free, read_index,
-                     read_job_info, resolve)
+
+from .cli import main
+from .common import (
+    FORMAT,
+    KINDS,
+    CheckpointFormatError,
+    app_keys,
+    is_consolidated,
+    is_layout_free,
+    read_index,
+    read_job_info,
+    resolve,
+)
 from .consolidated import Consolidated, consolidate, full_tensors, inspect, load_into_model, verify
 from .deepspeed_files import DeepSpeedTag, read_trainer_state
-from .manifest import ChecksumError, UnverifiedCheckpointWarning
 from .export import export
 from .layout_free import load_layout_free, save_layout_free
-from .cli import main
+from .manifest import ChecksumError, UnverifiedCheckpointWarning
 
-__all__ = ["FORMAT", "KINDS", "CheckpointFormatError", "ChecksumError", "Consolidated", "DeepSpeedTag",
-           "UnverifiedCheckpointWarning", "app_keys", "consolidate", "export", "full_tensors", "inspect",
-           "is_consolidated", "is_layout_free", "load_into_model", "load_layout_free", "main", "read_index",
-           "read_job_info", "read_trainer_state", "resolve", "save_layout_free", "verify"]
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "CheckpointFormatError",
+    "ChecksumError",
+    "Consolidated",
+    "DeepSpeedTag",
+    "UnverifiedCheckpointWarning",
+    "app_keys",
+    "consolidate",
+    "export",
+    "full_tensors",
+    "inspect",
+    "is_consolidated",
+    "is_layout_free",
+    "load_into_model",
+    "load_layout_free",
+    "main",
+    "read_index",
+    "read_job_info",
+    "read_trainer_state",
+    "resolve",
+    "save_layout_free",
+    "verify",
+]

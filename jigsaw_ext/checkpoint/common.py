@@ -1,5 +1,6 @@
 """What every checkpoint reader here shares: the formats, the error type, finding the directory a
 path designates, and the job info (mesh, layouts, the application's own keys)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,19 @@ FORMAT = "jigsaw-consolidated/2"
 OLD_FORMATS = ("jigsaw-consolidated/1",)
 # job.json keys with a meaning to this package; every other key belongs to the application that
 # wrote the checkpoint and is carried along unread (consolidated: index.json "app")
-JIGSAW_KEYS = ("mesh", "zero_stage", "world_size", "dtype", "layouts", "param_groups", "deepspeed", "step", "tag",
-               "state", "client_state")
+JIGSAW_KEYS = (
+    "mesh",
+    "zero_stage",
+    "world_size",
+    "dtype",
+    "layouts",
+    "param_groups",
+    "deepspeed",
+    "step",
+    "tag",
+    "state",
+    "client_state",
+)
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 # small JSON files an application keeps in the checkpoint root beside the tags (weathermixer: the
 # forecast's re-encoding default, weathermixer.train.validation.FORECAST_DEFAULTS): `consolidate`
@@ -72,8 +84,10 @@ def resolve(path: str | Path) -> Path:
         return path
     if (path / "latest").is_file():
         return resolve(path / read_pointer(path / "latest"))
-    raise CheckpointFormatError(f"{path}: neither a checkpoint tag directory (job.json), a checkpoint root "
-                                f"(latest) nor a consolidated checkpoint (index.json)")
+    raise CheckpointFormatError(
+        f"{path}: neither a checkpoint tag directory (job.json), a checkpoint root "
+        f"(latest) nor a consolidated checkpoint (index.json)"
+    )
 
 
 def read_pointer(path: Path) -> str:
@@ -84,8 +98,10 @@ def read_pointer(path: Path) -> str:
     except UnicodeDecodeError:
         raise CheckpointFormatError(f"{path}: not a text file naming a tag (damaged?)") from None
     if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or "\0" in tag:
-        raise CheckpointFormatError(f"{path}: names {tag!r}, not a tag directory inside {Path(path).parent}; "
-                                    f"a pointer holds a tag name only (edit it to one of the tags there)")
+        raise CheckpointFormatError(
+            f"{path}: names {tag!r}, not a tag directory inside {Path(path).parent}; "
+            f"a pointer holds a tag name only (edit it to one of the tags there)"
+        )
     return tag
 
 
@@ -116,7 +132,8 @@ def read_index(path: Path) -> dict:
         raise CheckpointFormatError(
             f"{path / 'index.json'}: format {fmt!r} keeps its tensors as torch pickles, which are not loaded "
             f"(unpickling can run code); convert it by re-running `python -m jigsaw_ext.checkpoint consolidate "
-            f"{src} NEW_DIR` on the original DeepSpeed checkpoint (format {FORMAT!r}, safetensors)")
+            f"{src} NEW_DIR` on the original DeepSpeed checkpoint (format {FORMAT!r}, safetensors)"
+        )
     if fmt != FORMAT:
         raise CheckpointFormatError(f"{path / 'index.json'}: format {fmt!r}, expected {FORMAT!r}")
     return idx
@@ -134,10 +151,15 @@ def read_job_info(path: str | Path) -> dict:
     path = resolve(path)
     if is_consolidated(path):
         idx = read_index(path)
-        return dict(idx["app"], deepspeed=idx["deepspeed"], mesh=idx["source"]["mesh"],
-                    zero_stage=idx["source"]["zero_stage"], step=idx["step"],
-                    dtype=idx["source"].get("dtype", "float32"),
-                    layouts={n: t["layout"] for n, t in idx["tensors"].items()})
+        return dict(
+            idx["app"],
+            deepspeed=idx["deepspeed"],
+            mesh=idx["source"]["mesh"],
+            zero_stage=idx["source"]["zero_stage"],
+            step=idx["step"],
+            dtype=idx["source"].get("dtype", "float32"),
+            layouts={n: t["layout"] for n, t in idx["tensors"].items()},
+        )
     if not (path / "COMPLETE").is_file():
         raise CheckpointFormatError(f"{path}: no COMPLETE marker (an interrupted save?)")
     from .manifest import verify_file

@@ -1,6 +1,7 @@
 """The consolidated checkpoint (one directory of safetensors + index.json, one process): written
 tensor by tensor from a layout-free tag or from a tag of the DeepSpeed 0.19 per-rank format (the
 converter), read whole or one block at a time, loaded into a model on any mesh."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,18 @@ from pathlib import Path
 import torch
 
 from ..layout import Layout
-from .common import (FORMAT, KINDS, ROOT_SIDE_FILES, CheckpointFormatError, app_keys, is_consolidated,
-                     is_layout_free, read_index, read_job_info, resolve)
+from .common import (
+    FORMAT,
+    KINDS,
+    ROOT_SIDE_FILES,
+    CheckpointFormatError,
+    app_keys,
+    is_consolidated,
+    is_layout_free,
+    read_index,
+    read_job_info,
+    resolve,
+)
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
 from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
@@ -46,8 +57,10 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
             raise
         from ..safe_load import write_failure
 
-        raise CheckpointFormatError(f"writing {out} failed ({write_failure(err)}); nothing was left behind "
-                                    f"({tmp} removed); free space there or choose another output folder") from None
+        raise CheckpointFormatError(
+            f"writing {out} failed ({write_failure(err)}); nothing was left behind "
+            f"({tmp} removed); free space there or choose another output folder"
+        ) from None
     return out
 
 
@@ -67,20 +80,38 @@ def _write(tag, src_dir: Path, tmp: Path, log) -> None:
             save_file({kind: full.contiguous()}, str(tmp / rel), metadata={"name": name, "kind": kind})
             files[kind], digests[kind] = rel, describe(tmp / rel)
             del full
-        tensors[name] = {"shape": list(tag.layouts[name].shape), "dtype": "float32", "files": files,
-                         "digests": digests, "layout": tag.info["layouts"][name]}
+        tensors[name] = {
+            "shape": list(tag.layouts[name].shape),
+            "dtype": "float32",
+            "files": files,
+            "digests": digests,
+            "layout": tag.info["layouts"][name],
+        }
         if log and (i % 20 == 0 or i == len(names) - 1):
             log(f"consolidate: {i + 1}/{len(names)} tensors ({time.perf_counter() - t0:.1f} s)")
     st0 = tag.model_state[0]
-    index = {"format": FORMAT, "step": tag.step, "best": st0.get("best"),
-             "app": app_keys(tag.info), "deepspeed": tag.info["deepspeed"],
-             "source": {"path": str(src_dir.resolve()), "mesh": tag.mesh, "zero_stage": tag.stage,
-                        "dtype": tag.info.get("dtype", "float32")},
-             "optimizer": {"step": tag.optimizer_step(), "groups": tag.optimizer_groups()},
-             "lr_scheduler": _jsonable(st0.get("lr_scheduler")),
-             "engine": {"global_steps": st0.get("global_steps"), "global_samples": st0.get("global_samples"),
-                        "skipped_steps": st0.get("skipped_steps")},
-             "trainer_state": tag.trainer_state(), "tensors": tensors}
+    index = {
+        "format": FORMAT,
+        "step": tag.step,
+        "best": st0.get("best"),
+        "app": app_keys(tag.info),
+        "deepspeed": tag.info["deepspeed"],
+        "source": {
+            "path": str(src_dir.resolve()),
+            "mesh": tag.mesh,
+            "zero_stage": tag.stage,
+            "dtype": tag.info.get("dtype", "float32"),
+        },
+        "optimizer": {"step": tag.optimizer_step(), "groups": tag.optimizer_groups()},
+        "lr_scheduler": _jsonable(st0.get("lr_scheduler")),
+        "engine": {
+            "global_steps": st0.get("global_steps"),
+            "global_samples": st0.get("global_samples"),
+            "skipped_steps": st0.get("skipped_steps"),
+        },
+        "trainer_state": tag.trainer_state(),
+        "tensors": tensors,
+    }
     for name in ROOT_SIDE_FILES:  # the application's files beside the tags (the tag's own first)
         side = next((d / name for d in (src_dir, src_dir.parent) if (d / name).is_file()), None)
         if side is not None:
@@ -124,12 +155,15 @@ class Consolidated:
                 sl = f.get_slice(kind)
                 shape, dtype = list(sl.get_shape()), sl.get_dtype()
                 if shape != entry["shape"] or dtype != "F32":
-                    raise CheckpointFormatError(f"{path}: {dtype} tensor of shape {shape}, index.json expects F32 "
-                                                f"{entry['shape']} for {name} ({kind})")
+                    raise CheckpointFormatError(
+                        f"{path}: {dtype} tensor of shape {shape}, index.json expects F32 "
+                        f"{entry['shape']} for {name} ({kind})"
+                    )
                 return read(sl)
         except SafetensorError as err:
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({err}); corrupt, truncated or "
-                                        f"not written by consolidate") from None
+            raise CheckpointFormatError(
+                f"{path}: not a readable safetensors file ({err}); corrupt, truncated or not written by consolidate"
+            ) from None
 
     def full(self, name: str, kind: str = "param") -> torch.Tensor:
         return self._slice(name, kind, lambda sl: sl[:])
@@ -138,8 +172,9 @@ class Consolidated:
         """This rank's block of (name, kind) under `layout`, reading only that block."""
         shape = self.index["tensors"].get(name, {}).get("shape")
         if shape is not None and list(layout.shape) != shape:
-            raise CheckpointFormatError(f"{self.dir}: {name} has shape {shape}, this model expects "
-                                        f"{list(layout.shape)} (another model config?)")
+            raise CheckpointFormatError(
+                f"{self.dir}: {name} has shape {shape}, this model expects {list(layout.shape)} (another model config?)"
+            )
         sl = layout.local_slices(coords)
         out = self._slice(name, kind, lambda s: s[sl] if sl else s[:])
         return out.reshape(layout.local_shape(coords))
@@ -175,8 +210,10 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
         raise CheckpointFormatError(f"{path}: no tensors for parameters {missing[:5]} (another model config?)")
     for name, p in params.items():
         if list(p.block_layout.shape) != info["layouts"][name]["shape"]:
-            raise CheckpointFormatError(f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
-                                        f"expects {list(p.block_layout.shape)} (another model config?)")
+            raise CheckpointFormatError(
+                f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
+                f"expects {list(p.block_layout.shape)} (another model config?)"
+            )
     if is_layout_free(path):  # every rank reads the full tensors in batches, without collectives
         from .layout_free import read_weights
 
@@ -197,14 +234,18 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
     return info
 
 
-
 def verify(path: str | Path) -> dict:
     """Check every file of a checkpoint against its checksums: {"path", "kind", "verified", "files",
     "problems"}; problems: one line per damaged, missing or unlisted file (empty: intact); verified
     False: written before checksums existed (nothing could be checked) or no usable manifest."""
     path = resolve(path)
-    out = {"path": str(path), "kind": "consolidated" if is_consolidated(path) else "tag", "verified": False,
-           "files": 0, "problems": []}
+    out = {
+        "path": str(path),
+        "kind": "consolidated" if is_consolidated(path) else "tag",
+        "verified": False,
+        "files": 0,
+        "problems": [],
+    }
     if out["kind"] == "tag" and not (path / "COMPLETE").is_file():
         return dict(out, problems=[f"{path}: no COMPLETE marker (an interrupted save?)"])
     try:
@@ -222,16 +263,32 @@ def inspect(path: str | Path) -> dict:
     info = read_job_info(path)
     layouts = info["layouts"]
     n = sum(math.prod(d["shape"]) for d in layouts.values())
-    kind = ("consolidated" if is_consolidated(path) else "layout-free" if is_layout_free(path)
-            else "deepspeed 0.19 per-rank")
+    kind = (
+        "consolidated"
+        if is_consolidated(path)
+        else "layout-free"
+        if is_layout_free(path)
+        else "deepspeed 0.19 per-rank"
+    )
     files = [p for p in path.rglob("*") if p.is_file()]
     prov = info.get("provenance") or {}
-    return {"path": str(path), "kind": kind, "mesh": info["mesh"], "zero_stage": info["zero_stage"],
-            "step": info.get("step"), "dtype": info.get("dtype", "float32"), "parameters": n,
-            "bytes_on_disk": sum(p.stat().st_size for p in files), "files": len(files),
-            "largest_tensor_bytes": 4 * max((math.prod(d["shape"]) for d in layouts.values()), default=0),
-            "batches": len((info.get("state") or {}).get("batches") or []),
-            "optimizer_step": ((info.get("state") or {}).get("engine") or {}).get("optimizer_step"),
-            "versions": prov.get("versions"), "git_commit": prov.get("git_commit"),
-            "tensors": {k: {"shape": d["shape"], "split": [None if s is None else s["axis"] for s in d["splits"]]}
-                        for k, d in layouts.items()}}
+    return {
+        "path": str(path),
+        "kind": kind,
+        "mesh": info["mesh"],
+        "zero_stage": info["zero_stage"],
+        "step": info.get("step"),
+        "dtype": info.get("dtype", "float32"),
+        "parameters": n,
+        "bytes_on_disk": sum(p.stat().st_size for p in files),
+        "files": len(files),
+        "largest_tensor_bytes": 4 * max((math.prod(d["shape"]) for d in layouts.values()), default=0),
+        "batches": len((info.get("state") or {}).get("batches") or []),
+        "optimizer_step": ((info.get("state") or {}).get("engine") or {}).get("optimizer_step"),
+        "versions": prov.get("versions"),
+        "git_commit": prov.get("git_commit"),
+        "tensors": {
+            k: {"shape": d["shape"], "split": [None if s is None else s["axis"] for s in d["splits"]]}
+            for k, d in layouts.items()
+        },
+    }

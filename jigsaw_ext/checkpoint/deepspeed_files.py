@@ -3,6 +3,7 @@ files for ZeRO 0 (fp32), 1, 2 and 3, fp32 or bf16 training; the fp32 master weig
 read). Every file is first checked against the tag's MANIFEST.json (size and sha256, see
 manifest.py), then memory-mapped and read with torch.load(weights_only=True) and the allowlist of
 jigsaw_ext.safe_load; the source is only ever opened for reading."""
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,6 @@ def read_trainer_state(tag_dir: Path, rank: int) -> dict:
     raise CheckpointFormatError(f"{base}.json: missing (checkpoint written by fewer ranks, or incomplete)")
 
 
-
 class DeepSpeedTag:
     """Full logical tensors from the per-rank files of one DeepSpeed checkpoint tag."""
 
@@ -75,9 +75,11 @@ class DeepSpeedTag:
         self.layouts = {n: Layout.from_json(d) for n, d in self.info["layouts"].items()}
         self._cache: dict[Path, dict] = {}
         if self.stage == 0 and self.info.get("dtype", "float32") != "float32":
-            raise CheckpointFormatError(f"{tag_dir}: ZeRO stage 0 with {self.info['dtype']} keeps its fp32 master "
-                                        f"weights in DeepSpeed's BF16/FP16 optimizer format, which this reader "
-                                        f"does not know; train with ZeRO stage >= 1 for reshardable checkpoints")
+            raise CheckpointFormatError(
+                f"{tag_dir}: ZeRO stage 0 with {self.info['dtype']} keeps its fp32 master "
+                f"weights in DeepSpeed's BF16/FP16 optimizer format, which this reader "
+                f"does not know; train with ZeRO stage >= 1 for reshardable checkpoints"
+            )
         self.model_state = [self._file(self._model_file(m)) for m in range(self.mp)]
         self.step = int(self.model_state[0].get("step", self.model_state[0].get("global_steps", 0)))
         self._index = [self._build_index(m) for m in range(self.mp)]
@@ -88,8 +90,9 @@ class DeepSpeedTag:
         return self._cache[path]
 
     def _model_file(self, m: int) -> Path:
-        return self.dir / (f"zero_pp_rank_0_mp_rank_{m:02d}_model_states.pt" if self.stage == 3
-                           else f"mp_rank_{m:02d}_model_states.pt")
+        return self.dir / (
+            f"zero_pp_rank_0_mp_rank_{m:02d}_model_states.pt" if self.stage == 3 else f"mp_rank_{m:02d}_model_states.pt"
+        )
 
     def _optim_file(self, d: int, m: int) -> Path:
         name = f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
@@ -105,8 +108,10 @@ class DeepSpeedTag:
             opt = state.get("optimizer") or {}
             groups = opt.get("param_groups") or []
             if len(groups) != len(self.info["param_groups"]):
-                raise CheckpointFormatError(f"{self._model_file(m)}: {len(groups)} optimizer groups, job.json lists "
-                                            f"{len(self.info['param_groups'])}")
+                raise CheckpointFormatError(
+                    f"{self._model_file(m)}: {len(groups)} optimizer groups, job.json lists "
+                    f"{len(self.info['param_groups'])}"
+                )
             out = {}
             for g, gnames in zip(groups, self.info["param_groups"]):
                 for idx, name in zip(g["params"], gnames):
@@ -139,8 +144,9 @@ class DeepSpeedTag:
     def _check_names(found: dict, names: set, where: Path) -> dict:
         if set(found) != names:
             missing, extra = sorted(names - set(found)), sorted(set(found) - names)
-            raise CheckpointFormatError(f"{where}: parameters do not match job.json layouts (missing {missing[:5]}, "
-                                        f"unexpected {extra[:5]})")
+            raise CheckpointFormatError(
+                f"{where}: parameters do not match job.json layouts (missing {missing[:5]}, unexpected {extra[:5]})"
+            )
         return found
 
     def _flat(self, d: int, m: int, kind: str, g: int) -> torch.Tensor:
@@ -166,11 +172,11 @@ class DeepSpeedTag:
             while pos < off + n:
                 d, start = divmod(pos, part_size)
                 take = min(off + n - pos, part_size - start)
-                parts.append(self._flat(d, m, kind, g)[start:start + take])
+                parts.append(self._flat(d, m, kind, g)[start : start + take])
                 pos += take
             return torch.cat(parts).float().reshape(shape) if parts else torch.zeros(shape)
         _, g, off, n, pn = loc
-        parts = [self._flat(d, m, kind, g)[off:off + pn] for d in range(self.dp)]
+        parts = [self._flat(d, m, kind, g)[off : off + pn] for d in range(self.dp)]
         return torch.cat(parts)[:n].float().reshape(shape)
 
     def full(self, name: str, kind: str) -> torch.Tensor:
@@ -201,10 +207,13 @@ class DeepSpeedTag:
             groups = self.model_state[0]["optimizer"]["param_groups"]
         else:
             osd = self._file(self._optim_file(0, 0))["optimizer_state_dict"]
-            groups = (osd["base_optimizer_state"] if self.stage in (1, 2) else osd["optimizer_state_dict"])["param_groups"]
+            groups = (osd["base_optimizer_state"] if self.stage in (1, 2) else osd["optimizer_state_dict"])[
+                "param_groups"
+            ]
         keep = ("lr", "initial_lr", "betas", "eps", "weight_decay", "name")
-        return [dict({k: g[k] for k in keep if k in g}, names=names)
-                for g, names in zip(groups, self.info["param_groups"])]
+        return [
+            dict({k: g[k] for k in keep if k in g}, names=names) for g, names in zip(groups, self.info["param_groups"])
+        ]
 
     def trainer_state(self) -> dict:
         """Rank 0's trainer state with its tensors (RNG states: mesh specific) left out."""

@@ -22,6 +22,7 @@ torch optimizer holds the parameter itself and its state. With ZeRO-0 in bf16/fp
 optimizer in its FP16_Optimizer (flat fp32 masters, `fp32_groups_flat`) or FP16_UnfusedOptimizer (one fp32
 master per parameter, `fp32_groups`): `_lp_master` finds p's master there, replicated on every dp rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ def _lp_master(engine, p):
                 if per_param is not None:
                     master = per_param[i][j]
                     return master.detach().view(-1), master, 0
-                return flats[i].detach()[offset:offset + p.numel()], flats[i], offset
+                return flats[i].detach()[offset : offset + p.numel()], flats[i], offset
             offset += q.numel()
     return None
 
@@ -66,7 +67,7 @@ def _lp_master(engine, p):
 def _lp_moment(engine, p, kind: str):
     """p's `kind` moment as a 1-D view of the FP16 wrapper's torch-optimizer state (create_moments first)."""
     _, key, offset = _lp_master(engine, p)
-    return base_optimizer(engine).state[key][kind].detach().view(-1)[offset:offset + p.numel()]
+    return base_optimizer(engine).state[key][kind].detach().view(-1)[offset : offset + p.numel()]
 
 
 def create_moments(engine) -> None:
@@ -125,8 +126,10 @@ def zero12_fragment(p) -> Fragment:
     partition). DeepSpeed 0.19 has no public accessor for it (its safe_get_local_* are ZeRO-3 only).
     Raises FragmentMappingError naming the DeepSpeed version if the mapping is not the one of 0.19.8."""
     if not hasattr(p, "_hp_mapping"):
-        raise FragmentMappingError(f"parameter of shape {tuple(p.shape)} has no `_hp_mapping` (DeepSpeed "
-                                   f"{deepspeed_version()}; written for 0.19.8's deepspeed/utils/tensor_fragment.py)")
+        raise FragmentMappingError(
+            f"parameter of shape {tuple(p.shape)} has no `_hp_mapping` (DeepSpeed "
+            f"{deepspeed_version()}; written for 0.19.8's deepspeed/utils/tensor_fragment.py)"
+        )
     m = p._hp_mapping
     if m is None:  # no part of p in this dp rank's partition
         return Fragment(0, 0)
@@ -137,16 +140,27 @@ def zero12_fragment(p) -> Fragment:
         for k in KINDS[1:]:
             views[k] = m.get_hp_fragment(k)
     except Exception as err:  # noqa: BLE001 - an attribute or method changed, or the moments are not linked
-        raise FragmentMappingError(f"parameter of shape {tuple(p.shape)}: DeepSpeed {deepspeed_version()}'s "
-                                   f"`_hp_mapping` is not the fragment mapping of 0.19.8 ({type(err).__name__}: "
-                                   f"{err})") from None
+        raise FragmentMappingError(
+            f"parameter of shape {tuple(p.shape)}: DeepSpeed {deepspeed_version()}'s "
+            f"`_hp_mapping` is not the fragment mapping of 0.19.8 ({type(err).__name__}: "
+            f"{err})"
+        ) from None
     for k, v in views.items():
-        if not (torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() == 1 and v.numel() == numel
-                and v.is_contiguous()) or not 0 <= start <= start + numel <= p.numel():
+        if (
+            not (
+                torch.is_tensor(v)
+                and v.dtype == torch.float32
+                and v.dim() == 1
+                and v.numel() == numel
+                and v.is_contiguous()
+            )
+            or not 0 <= start <= start + numel <= p.numel()
+        ):
             raise FragmentMappingError(
                 f"parameter of shape {tuple(p.shape)}: DeepSpeed {deepspeed_version()}'s `_hp_mapping` gives "
                 f"{k} as {getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))} for the flat range "
-                f"[{start}, {start + numel}) (expected a contiguous 1-D fp32 view of it; written for 0.19.8)")
+                f"[{start}, {start + numel}) (expected a contiguous 1-D fp32 view of it; written for 0.19.8)"
+            )
     return Fragment(start, numel, {k: v.detach() for k, v in views.items()})
 
 
@@ -160,8 +174,10 @@ def state_fragment(engine, p) -> Fragment | None:
         st = base_optimizer(engine).state.get(p, {})
         views = {"param": p.detach()}
         views.update({k: st.get(k) for k in KINDS[1:]})
-        if not all(torch.is_tensor(v) and v.dtype == torch.float32 and v.is_contiguous() and v.numel() == n
-                   for v in views.values()):
+        if not all(
+            torch.is_tensor(v) and v.dtype == torch.float32 and v.is_contiguous() and v.numel() == n
+            for v in views.values()
+        ):
             return None
         return Fragment(0, n, {k: v.detach().view(-1) for k, v in views.items()}, dp_replicated=True)
     if _lp_master(engine, p) is not None:  # ZeRO-0 bf16/fp16: the wrapper's fp32 master and its moments
@@ -179,8 +195,10 @@ def state_fragment(engine, p) -> Fragment | None:
             return Fragment(0, 0)
         views = {"param": safe_get_local_fp32_param(p)}
         views.update({k: safe_get_local_optimizer_state(p, k) for k in KINDS[1:]})
-        if not all(torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() == 1 and v.numel() >= numel
-                   for v in views.values()):
+        if not all(
+            torch.is_tensor(v) and v.dtype == torch.float32 and v.dim() == 1 and v.numel() >= numel
+            for v in views.values()
+        ):
             return None
         return Fragment(start, numel, {k: v.detach()[:numel] for k, v in views.items()})
     if not _managed(p):
@@ -203,12 +221,16 @@ def fp32_blocks(engine, p) -> dict:
         return {k: torch.zeros(shape) for k in KINDS}
     if _plain_torch(engine):
         st = base_optimizer(engine).state.get(p, {})
-        return {"param": p.detach().float(), **{k: st[k].detach().float() if k in st else torch.zeros(shape)
-                                                for k in KINDS[1:]}}
+        return {
+            "param": p.detach().float(),
+            **{k: st[k].detach().float() if k in st else torch.zeros(shape) for k in KINDS[1:]},
+        }
     if _lp_master(engine, p) is not None:
         create_moments(engine)
-        return {"param": _lp_master(engine, p)[0].clone().reshape(shape),
-                **{k: _lp_moment(engine, p, k).clone().reshape(shape) for k in KINDS[1:]}}
+        return {
+            "param": _lp_master(engine, p)[0].clone().reshape(shape),
+            **{k: _lp_moment(engine, p, k).clone().reshape(shape) for k in KINDS[1:]},
+        }
     if not _managed(p):
         raise RuntimeError(f"parameter of shape {shape} is not managed by DeepSpeed's optimizer (frozen?)")
     out = {"param": safe_get_full_fp32_param(p)}
@@ -228,9 +250,9 @@ def set_fp32_block(engine, p, kind: str, block: torch.Tensor) -> None:
         return
     if kind == "param" and zero3:  # the parameter itself is this rank's partition of the flat block
         pn = p.ds_tensor.numel()
-        part = block.flatten()[_dp_rank(engine) * pn:][:pn]
+        part = block.flatten()[_dp_rank(engine) * pn :][:pn]
         p.ds_tensor.zero_()
-        p.ds_tensor[:part.numel()].copy_(part)
+        p.ds_tensor[: part.numel()].copy_(part)
     elif kind == "param":
         p.copy_(block)
     if _plain_torch(engine):  # the torch optimizer holds p itself (set above) and its state
@@ -316,10 +338,16 @@ def engine_info(engine) -> dict:
     keep = ("lr", "initial_lr", "betas", "eps", "weight_decay", "name")
     groups = [{k: jsonable(g[k]) for k in keep if k in g} for g in base_optimizer(engine).param_groups]
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    return {"optimizer_step": optimizer_step(engine), "optimizer_groups": groups,
-            "lr_scheduler": jsonable(sched),
-            "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                         "skipped_steps": engine.skipped_steps}}
+    return {
+        "optimizer_step": optimizer_step(engine),
+        "optimizer_groups": groups,
+        "lr_scheduler": jsonable(sched),
+        "counters": {
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "skipped_steps": engine.skipped_steps,
+        },
+    }
 
 
 def restore_engine_info(engine, info: dict) -> None:

@@ -9,6 +9,7 @@ The file's metadata (and the index's "metadata") holds the format, the step and,
 provenance), so a reader needs nothing else. The sharded set streams: at most one shard is in
 memory. Every file is written under a temporary name and renamed; a set is renamed as a directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def export(src: str | Path, out: str | Path, max_shard_bytes: int | None = None,
             os.replace(tmp / part, tmp / final)
             weight_map.update({n: final for n in names})
             nbytes += (tmp / final).stat().st_size
-        atomic_write_text(tmp / INDEX, json.dumps({"metadata": dict(meta, total_size=nbytes),
-                                                   "weight_map": weight_map}, indent=1))
+        atomic_write_text(
+            tmp / INDEX, json.dumps({"metadata": dict(meta, total_size=nbytes), "weight_map": weight_map}, indent=1)
+        )
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,8 +97,11 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(set((path / f) for f in json.loads(
-        (path / INDEX).read_text())["weight_map"].values()))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(set((path / f) for f in json.loads((path / INDEX).read_text())["weight_map"].values()))
+    )
     tensors, meta = {}, {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:

@@ -17,6 +17,7 @@ is what loading sets them to.
 The model's parameters carry their layout (`p.block_layout`); `model.mesh` gives the rank's
 coordinates and the mesh sizes.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,19 @@ import torch
 import torch.distributed as dist
 
 from . import sharded
-from .common import CheckpointFormatError, agree as _agree
-from .engine_state import (KINDS, FragmentMappingError, create_moments, engine_info, fp32_blocks, needed_rows,
-                           restore_engine_info, set_fp32_block, state_fragment)
+from .common import CheckpointFormatError
+from .common import agree as _agree
+from .engine_state import (
+    KINDS,
+    FragmentMappingError,
+    create_moments,
+    engine_info,
+    fp32_blocks,
+    needed_rows,
+    restore_engine_info,
+    set_fp32_block,
+    state_fragment,
+)
 
 FORMAT = "jigsaw-layout-free/1"
 
@@ -66,18 +77,30 @@ def save_layout_free(engine, model, directory: str | Path, budget: int | None = 
                     continue
                 for kind in KINDS:
                     key = f"{kind}/{name}"
-                    for j, st in enumerate(sharded.fragment_parts(key, f.views.get(kind, empty), f.start,
-                                                                  layouts[name], mesh.sizes, mesh.coords,
-                                                                  f.dp_replicated)):
+                    for j, st in enumerate(
+                        sharded.fragment_parts(
+                            key,
+                            f.views.get(kind, empty),
+                            f.start,
+                            layouts[name],
+                            mesh.sizes,
+                            mesh.coords,
+                            f.dp_replicated,
+                        )
+                    ):
                         parts[f"{key}#{j}"] = st
         except Exception as e:  # noqa: BLE001 - agreed on below: nobody waits in DCP for this rank
             err = e
         _agree(err, f"saving {d}")  # also: every rank's directory exists before anyone plans into it
         sharded.save(parts, d, sync=sync)
         del parts
-    return {"format": FORMAT, "kinds": list(KINDS), "batches": groups,
-            "tensors": {n: {"shape": list(lay.shape), "layout": lay.to_json()} for n, lay in layouts.items()},
-            "engine": engine_info(engine)}
+    return {
+        "format": FORMAT,
+        "kinds": list(KINDS),
+        "batches": groups,
+        "tensors": {n: {"shape": list(lay.shape), "layout": lay.to_json()} for n, lay in layouts.items()},
+        "engine": engine_info(engine),
+    }
 
 
 _WARNED = set()
@@ -102,8 +125,11 @@ def _fragments(engine, named: dict, what: str, own: bool = True) -> dict:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if fallback is not None and str(fallback) not in _WARNED:
         _WARNED.add(str(fallback))
-        warnings.warn(f"checkpoint: {fallback}; falling back to DeepSpeed's full-block accessors (a dp collective "
-                      f"per tensor: slower saves)", stacklevel=3)
+        warnings.warn(
+            f"checkpoint: {fallback}; falling back to DeepSpeed's full-block accessors (a dp collective "
+            f"per tensor: slower saves)",
+            stacklevel=3,
+        )
     return {n: f if k else None for (n, f), k in zip(frags.items(), ok.tolist())}
 
 
@@ -120,12 +146,16 @@ def check_model(desc: dict, model, where) -> None:
     named = dict(model.named_parameters())
     missing, extra = sorted(set(named) - set(tensors)), sorted(set(tensors) - set(named))
     if missing or extra:
-        raise CheckpointFormatError(f"{where}: the checkpoint's parameters differ from this model's (missing "
-                                    f"{missing[:3]}, unexpected {extra[:3]}; another model config?)")
+        raise CheckpointFormatError(
+            f"{where}: the checkpoint's parameters differ from this model's (missing "
+            f"{missing[:3]}, unexpected {extra[:3]}; another model config?)"
+        )
     for n, p in named.items():
         if list(p.block_layout.shape) != list(tensors[n]["shape"]):
-            raise CheckpointFormatError(f"{where}: {n} has shape {tensors[n]['shape']}, this model expects "
-                                        f"{list(p.block_layout.shape)} (another model config?)")
+            raise CheckpointFormatError(
+                f"{where}: {n} has shape {tensors[n]['shape']}, this model expects "
+                f"{list(p.block_layout.shape)} (another model config?)"
+            )
 
 
 def load_layout_free(engine, model, directory: str | Path, desc: dict) -> None:
@@ -157,8 +187,14 @@ def load_layout_free(engine, model, directory: str | Path, desc: dict) -> None:
         # kind at a time (a third of the memory, three times DCP's planning); the same on every rank
         most = _agree(pending, what, mine, own=False)
         for r, kinds in enumerate([KINDS] if most <= largest else [(k,) for k in KINDS]):
-            failed = _read_into(engine, named, mesh, sharded.batch_dir(directory, i),
-                                {nk: rows for nk, rows in needed.items() if nk[1] in kinds}, direct if r == 0 else {})
+            failed = _read_into(
+                engine,
+                named,
+                mesh,
+                sharded.batch_dir(directory, i),
+                {nk: rows for nk, rows in needed.items() if nk[1] in kinds},
+                direct if r == 0 else {},
+            )
             pending = pending or failed
         try:
             with torch.no_grad():
@@ -199,7 +235,7 @@ def _plan_reads(engine, name, p, f, mesh, direct: dict, after: list, needed: dic
         flat = p.detach().view(-1)
         add("param", flat, 0)
         if f.numel:
-            after.append(lambda: f.views["param"].copy_(flat[f.start:f.start + f.numel]))
+            after.append(lambda: f.views["param"].copy_(flat[f.start : f.start + f.numel]))
     else:  # a low-precision parameter: its whole fp32 block through a buffer
         needed[(name, "param")] = needed_rows(engine, p, "param")
 
@@ -208,7 +244,7 @@ def _plan_reads(engine, name, p, f, mesh, direct: dict, after: list, needed: dic
 def _zero3_param_from_master(p, f) -> None:
     p.ds_tensor.zero_()
     if f.numel:
-        p.ds_tensor.view(-1)[:f.numel].copy_(f.views["param"])
+        p.ds_tensor.view(-1)[: f.numel].copy_(f.views["param"])
 
 
 def _numel(layout, coords, rows) -> int:
@@ -261,7 +297,6 @@ def read_weights(directory: str | Path, desc: dict, names=None, kind: str = "par
                 yield n, got.pop(f"{kind}/{n}")
 
 
-
 class LayoutFreeTag:
     """A layout-free tag read the way `consolidate` reads a DeepSpeed tag (one process, no collectives):
     full tensors by name and kind, the step, the optimizer's groups and step, schedule and counters."""
@@ -288,8 +323,9 @@ class LayoutFreeTag:
         return int(self.desc["engine"]["optimizer_step"])
 
     def optimizer_groups(self) -> list[dict]:
-        return [dict(g, names=names) for g, names in zip(self.desc["engine"]["optimizer_groups"],
-                                                          self.info["param_groups"])]
+        return [
+            dict(g, names=names) for g, names in zip(self.desc["engine"]["optimizer_groups"], self.info["param_groups"])
+        ]
 
     def trainer_state(self) -> dict:
         from .deepspeed_files import _without_tensors, read_trainer_state

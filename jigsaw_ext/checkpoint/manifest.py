@@ -26,6 +26,7 @@ without one, with an UnverifiedCheckpointWarning, once per directory. The manife
 reads each DCP `.metadata` to check that the files it points at lie inside the tag
 (sharded.read_metadata).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,10 +65,12 @@ def requires_manifest(tag: Path) -> bool:
 
 
 def _no_manifest(tag: Path) -> ChecksumError:
-    return ChecksumError(f"{Path(tag) / MANIFEST}: missing; a layout-free checkpoint is always written with it (and "
-                         f"COMPLETE after it), so the tag was damaged or edited after it was written and its files "
-                         f"cannot be verified; refusing it (resume from another checkpoint; `python -m "
-                         f"jigsaw_ext.checkpoint inspect --verify ROOT` checks every tag)")
+    return ChecksumError(
+        f"{Path(tag) / MANIFEST}: missing; a layout-free checkpoint is always written with it (and "
+        f"COMPLETE after it), so the tag was damaged or edited after it was written and its files "
+        f"cannot be verified; refusing it (resume from another checkpoint; `python -m "
+        f"jigsaw_ext.checkpoint inspect --verify ROOT` checks every tag)"
+    )
 
 
 def _key(path: Path) -> tuple:
@@ -94,8 +97,9 @@ def describe(path: str | Path) -> dict:
 def list_files(directory: str | Path) -> list[str]:
     """Every file under `directory` a manifest lists (relative POSIX paths, sorted)."""
     d = Path(directory)
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                  if p.is_file() and p.relative_to(d).as_posix() not in UNLISTED)
+    return sorted(
+        p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.relative_to(d).as_posix() not in UNLISTED
+    )
 
 
 def write_manifest(directory: str | Path, files: dict) -> Path:
@@ -112,9 +116,15 @@ def read_manifest(directory: str | Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ChecksumError(f"{path}: corrupt ({type(err).__name__}: {err}); the checkpoint cannot be verified") from None
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("algorithm") != ALGORITHM \
-            or not isinstance(doc.get("files"), dict):
+        raise ChecksumError(
+            f"{path}: corrupt ({type(err).__name__}: {err}); the checkpoint cannot be verified"
+        ) from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != MANIFEST_FORMAT
+        or doc.get("algorithm") != ALGORITHM
+        or not isinstance(doc.get("files"), dict)
+    ):
         raise ChecksumError(f"{path}: not a {MANIFEST_FORMAT} manifest with {ALGORITHM} digests")
     return doc["files"]
 
@@ -126,8 +136,12 @@ def warn_unverified(directory: str | Path, quiet: bool = False) -> None:
         return
     _WARNED.add(d)
     if not quiet:
-        warnings.warn(f"{directory}: no checksums ({MANIFEST} / index.json digests; written before they existed): "
-                      f"its files are loaded UNVERIFIED", UnverifiedCheckpointWarning, stacklevel=3)
+        warnings.warn(
+            f"{directory}: no checksums ({MANIFEST} / index.json digests; written before they existed): "
+            f"its files are loaded UNVERIFIED",
+            UnverifiedCheckpointWarning,
+            stacklevel=3,
+        )
 
 
 def check(path: Path, entry: dict, source: str, what: str = "") -> None:
@@ -143,17 +157,18 @@ def check(path: Path, entry: dict, source: str, what: str = "") -> None:
         raise ChecksumError(f"{label}: {kind}: {size} bytes, {source} records {want}; refusing to load it")
     got = file_digest(path)
     if got != entry.get(ALGORITHM):
-        raise ChecksumError(f"{label}: checksum mismatch ({ALGORITHM} {got[:16]}..., {source} records "
-                            f"{str(entry.get(ALGORITHM))[:16]}...): its bytes changed after it was written (bit flips: a "
-                            f"bad disk, memory or copy){_damage(path)}; refusing to load it")
+        raise ChecksumError(
+            f"{label}: checksum mismatch ({ALGORITHM} {got[:16]}..., {source} records "
+            f"{str(entry.get(ALGORITHM))[:16]}...): its bytes changed after it was written (bit flips: a "
+            f"bad disk, memory or copy){_damage(path)}; refusing to load it"
+        )
 
 
 def _tag_dir(path: Path) -> Path | None:
     """The checkpoint directory holding `path`: the nearest parent with a MANIFEST.json, COMPLETE,
     job.json or a layout-free state/ folder."""
     for d in list(path.parents)[:4]:
-        if (d / MANIFEST).is_file() or (d / "COMPLETE").is_file() or (d / "job.json").is_file() \
-                or requires_manifest(d):
+        if (d / MANIFEST).is_file() or (d / "COMPLETE").is_file() or (d / "job.json").is_file() or requires_manifest(d):
             return d
     return None
 
@@ -172,8 +187,10 @@ def verify_file(path: str | Path) -> bool:
         return False
     rel = path.relative_to(tag).as_posix()
     if rel not in files:
-        raise ChecksumError(f"{path}: not listed in {tag / MANIFEST} (not written by the save that made this "
-                            f"checkpoint); refusing to load it")
+        raise ChecksumError(
+            f"{path}: not listed in {tag / MANIFEST} (not written by the save that made this "
+            f"checkpoint); refusing to load it"
+        )
     check(path, files[rel], str(tag / MANIFEST))
     return True
 
@@ -201,10 +218,12 @@ def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
 
 
 def missing_digest(directory: Path, name: str, kind: str) -> ChecksumError:
-    return ChecksumError(f"{Path(directory) / 'index.json'}: lists no checksum for tensor {name} ({kind}); "
-                         f"`consolidate` records one for every tensor file, so the index was damaged or edited "
-                         f"and the files cannot be verified; refusing it (re-run `python -m jigsaw_ext.checkpoint "
-                         f"consolidate` on the original checkpoint)")
+    return ChecksumError(
+        f"{Path(directory) / 'index.json'}: lists no checksum for tensor {name} ({kind}); "
+        f"`consolidate` records one for every tensor file, so the index was damaged or edited "
+        f"and the files cannot be verified; refusing it (re-run `python -m jigsaw_ext.checkpoint "
+        f"consolidate` on the original checkpoint)"
+    )
 
 
 def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[str] | None:
@@ -229,8 +248,9 @@ def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[st
     problems += _metadata_problems(d, files, problems)
     if not (d / "index.json").is_file():
         extra = sorted(set(list_files(d)) - set(files))
-        problems += [f"{d / rel}: not listed in {source} (not written by the save that made this checkpoint)"
-                     for rel in extra]
+        problems += [
+            f"{d / rel}: not listed in {source} (not written by the save that made this checkpoint)" for rel in extra
+        ]
     return problems
 
 
@@ -330,8 +350,11 @@ def _dcp_damage(path: Path) -> str:
                 damaged = True
             if damaged:
                 names.append(f"tensor {index.fqn} (chunk at offset {tuple(index.offset or ())})")
-    return "; damaged: " + "; ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
-        if names else ""
+    return (
+        "; damaged: " + "; ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        if names
+        else ""
+    )
 
 
 def _damage(path: Path) -> str:
@@ -372,6 +395,8 @@ def _damage(path: Path) -> str:
         elif len(held) == 1:
             rec += f" = tensor {held[0]}"
         elif held:
-            rec += f" = storage of tensors {', '.join(held[:3])}" + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            rec += f" = storage of tensors {', '.join(held[:3])}" + (
+                f" and {len(held) - 3} more" if len(held) > 3 else ""
+            )
         parts.append(f"record {rec}")
     return "; damaged: " + "; ".join(parts)

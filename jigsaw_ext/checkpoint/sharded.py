@@ -28,13 +28,14 @@ on a JoinableQueue: a writer child that dies (OOM killer, SIGKILL) leaves the ra
 Saving therefore goes through megatron-core's `save` (validation, metadata.json) with a strategy
 that hands megatron-core's own conversion of the ShardedTensors to DCP's in-process FileSystemWriter.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -45,12 +46,25 @@ BACKEND, BACKEND_VERSION = "torch_dist", 1
 MIN_BATCH_BYTES = 64 << 20  # see `batches`
 
 METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-     ("collections", "OrderedDict")}
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
 
 
 class UnsafeMetadataError(CheckpointFormatError):
@@ -67,9 +81,11 @@ class MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UnsafeMetadataError(f"{self.path}: refused: the DCP metadata pickle asks for {module}.{name}, "
-                                  f"outside the allowlist of DCP's metadata classes (jigsaw_ext.checkpoint.sharded); "
-                                  f"it was not loaded and nothing in it ran")
+        raise UnsafeMetadataError(
+            f"{self.path}: refused: the DCP metadata pickle asks for {module}.{name}, "
+            f"outside the allowlist of DCP's metadata classes (jigsaw_ext.checkpoint.sharded); "
+            f"it was not loaded and nothing in it ran"
+        )
 
     def persistent_load(self, pid):
         raise UnsafeMetadataError(f"{self.path}: refused: persistent id {pid!r} in a DCP metadata pickle")
@@ -105,14 +121,17 @@ def _confine(md, path: Path) -> None:
         rel = str(getattr(info, "relative_path", ""))
         if not rel or "/" in rel or "\\" in rel or rel in (".", "..") or Path(rel).is_absolute():
             fqn = getattr(index, "fqn", index)
-            raise UnsafeMetadataError(f"{path}: refused: tensor {fqn} points at {rel!r}, outside the checkpoint "
-                                      f"directory {path.parent} (DCP writes plain file names there); the "
-                                      f"metadata was damaged or edited")
+            raise UnsafeMetadataError(
+                f"{path}: refused: tensor {fqn} points at {rel!r}, outside the checkpoint "
+                f"directory {path.parent} (DCP writes plain file names there); the "
+                f"metadata was damaged or edited"
+            )
 
 
 def _safe_reader_class():
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import \
-        CachedMetadataFileSystemReader
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
 
     class SafeFileSystemReader(CachedMetadataFileSystemReader):
         """DCP's file reader with `.metadata` read through the allowlist."""
@@ -143,8 +162,9 @@ def _safe_readers():
 
 # ------------------------------------------------------------------------------------------------
 # which rank writes which part
-def holders(layout: Layout, sizes: Mapping[str, int], coords: Mapping[str, int],
-            with_dp: bool = True) -> tuple[int, int]:
+def holders(
+    layout: Layout, sizes: Mapping[str, int], coords: Mapping[str, int], with_dp: bool = True
+) -> tuple[int, int]:
     """(r, R): this rank is holder r of the R ranks holding the same block of `layout` (dp and the
     model axes the layout does not split; without dp if `with_dp` is False)."""
     r, count = 0, 1
@@ -177,16 +197,18 @@ def to_write(key: str, block: torch.Tensor, layout: Layout, sizes, coords):
 
     offset, shape = block_box(layout, coords)
     if tuple(block.shape) != tuple(shape):
-        raise CheckpointFormatError(f"{key}: this rank holds a block of shape {tuple(block.shape)}, its layout "
-                                    f"says {tuple(shape)}")
+        raise CheckpointFormatError(
+            f"{key}: this rank holds a block of shape {tuple(block.shape)}, its layout says {tuple(shape)}"
+        )
     start, stop = write_range(layout, sizes, coords)
     if stop <= start:
         return None
     if not shape:
         return ShardedTensor(key, block.contiguous(), block.dtype, (), (), (), None)
     part = block[start:stop].contiguous()
-    return ShardedTensor(key, part, part.dtype, tuple(part.shape), tuple(layout.shape),
-                         (offset[0] + start, *offset[1:]), None)
+    return ShardedTensor(
+        key, part, part.dtype, tuple(part.shape), tuple(layout.shape), (offset[0] + start, *offset[1:]), None
+    )
 
 
 def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[int, tuple, tuple]]:
@@ -231,11 +253,11 @@ def tight(t: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
         return t
     off = t.storage_offset() * t.element_size()
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off:off + t.nbytes], 0, t.shape)
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off : off + t.nbytes], 0, t.shape)
 
 
 CHUNK_MAX = 16 << 20  # elements (64 MiB fp32): the largest item written; DCP reads a whole item to load any part
-CHUNK_MIN = 1 << 20   # elements: smaller blocks are one item
+CHUNK_MIN = 1 << 20  # elements: smaller blocks are one item
 
 
 def chunk_rows(shape: tuple[int, ...], holders_count: int) -> int:
@@ -248,8 +270,9 @@ def chunk_rows(shape: tuple[int, ...], holders_count: int) -> int:
     return max(1, want // row)
 
 
-def fragment_parts(key: str, flat: torch.Tensor, start: int, layout: Layout, sizes, coords,
-                   dp_replicated: bool = False) -> list:
+def fragment_parts(
+    key: str, flat: torch.Tensor, start: int, layout: Layout, sizes, coords, dp_replicated: bool = False
+) -> list:
     """ShardedTensors (views of `flat`, no copies) of what this rank writes of its fragment: the flat
     range [start, start + len(flat)) of its block of `layout` (row-major). The block is cut into
     chunks of rows (chunk_rows); chunk j is written by holder (j + crc32(key)) % R of the R ranks
@@ -269,8 +292,9 @@ def fragment_parts(key: str, flat: torch.Tensor, start: int, layout: Layout, siz
         return []
     total = math.prod(shape)
     if start < 0 or start + numel > total:
-        raise CheckpointFormatError(f"{key}: this rank's fragment [{start}, {start + numel}) lies outside its "
-                                    f"block of shape {tuple(shape)}")
+        raise CheckpointFormatError(
+            f"{key}: this rank's fragment [{start}, {start + numel}) lies outside its block of shape {tuple(shape)}"
+        )
     if not shape:  # a scalar: its first holder writes it
         r, _ = holders(layout, sizes, coords, with_dp=dp_replicated)
         return [ShardedTensor(key, tight(flat.view(())), flat.dtype, (), (), (), None)] if r == 0 else []
@@ -284,9 +308,12 @@ def fragment_parts(key: str, flat: torch.Tensor, start: int, layout: Layout, siz
             continue
         lo, hi = max(start, j * step), min(start + numel, (j + 1) * step)
         for f, o, z in flat_boxes(shape, lo, hi):
-            data = tight(flat[f - start:f - start + math.prod(z)].view(z))
-            out.append(ShardedTensor(key, data, data.dtype, tuple(z), tuple(layout.shape),
-                                     tuple(a + b for a, b in zip(offset, o)), None))
+            data = tight(flat[f - start : f - start + math.prod(z)].view(z))
+            out.append(
+                ShardedTensor(
+                    key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+                )
+            )
     return out
 
 
@@ -298,9 +325,12 @@ def fragment_reads(key: str, flat: torch.Tensor, start: int, layout: Layout, coo
     offset, shape = block_box(layout, coords)
     out = []
     for f, o, z in flat_boxes(shape, start, start + flat.numel()):
-        data = flat[f - start:f - start + max(1, math.prod(z))].view(z)
-        out.append(ShardedTensor(key, data, data.dtype, tuple(z), tuple(layout.shape),
-                                 tuple(a + b for a, b in zip(offset, o)), None))
+        data = flat[f - start : f - start + max(1, math.prod(z))].view(z)
+        out.append(
+            ShardedTensor(
+                key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+            )
+        )
     return out
 
 
@@ -313,7 +343,7 @@ def to_read(key: str, layout: Layout, coords, rows: tuple[int, int] | None = Non
     out = torch.empty(shape, dtype=torch.float32) if out is None else out
     data, offset = out, tuple(offset)
     if rows is not None and shape:
-        data, offset = out[rows[0]:rows[1]], (offset[0] + rows[0], *offset[1:])
+        data, offset = out[rows[0] : rows[1]], (offset[0] + rows[0], *offset[1:])
     return ShardedTensor(key, data, data.dtype, tuple(data.shape), tuple(layout.shape), offset, None)
 
 
@@ -351,13 +381,20 @@ def _strategies(sync: bool = False):
         def save(self, sharded_state_dict, checkpoint_dir):
             import torch.distributed.checkpoint as dcp
             from megatron.core.dist_checkpointing.strategies.torch import (
-                MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+                MCoreSavePlanner,
+                _replace_state_dict_keys_with_sharded_keys,
+                mcore_to_pyt_state_dict,
+            )
 
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-            writer = dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=True, sync_files=sync,
-                                          thread_count=1, overwrite=False)
-            dcp.save(mcore_to_pyt_state_dict(sd, False), storage_writer=writer,
-                     planner=MCoreSavePlanner(flatten_state_dict=False))
+            writer = dcp.FileSystemWriter(
+                checkpoint_dir, single_file_per_rank=True, sync_files=sync, thread_count=1, overwrite=False
+            )
+            dcp.save(
+                mcore_to_pyt_state_dict(sd, False),
+                storage_writer=writer,
+                planner=MCoreSavePlanner(flatten_state_dict=False),
+            )
 
     class SafeLoad(TorchDistLoadShardedStrategy):
         def load(self, sharded_state_dict, checkpoint_dir):
@@ -418,8 +455,9 @@ def load(tensors: dict, directory: str | Path) -> dict:
         stored = stored_keys(directory)
         missing = sorted({st.key for st in tensors.values() if st.key not in stored})
         if missing:
-            raise CheckpointFormatError(f"{directory}: holds no tensor {missing[0]!r} ({len(missing)} missing; "
-                                        f"another model config?)")
+            raise CheckpointFormatError(
+                f"{directory}: holds no tensor {missing[0]!r} ({len(missing)} missing; another model config?)"
+            )
     except Exception as e:  # noqa: BLE001
         err = e
     agree(err, f"reading {directory}")
@@ -431,8 +469,9 @@ def load(tensors: dict, directory: str | Path) -> dict:
         raise CheckpointFormatError(f"{directory}: {err}") from None
     except CheckpointException as err:  # raised on every rank; BaseException, not Exception
         r, exc = failing_rank(err)
-        raise CheckpointFormatError(f"{directory}: reading failed on rank {r} ({type(exc).__name__}: {exc}); "
-                                    f"corrupt or truncated?") from None
+        raise CheckpointFormatError(
+            f"{directory}: reading failed on rank {r} ({type(exc).__name__}: {exc}); corrupt or truncated?"
+        ) from None
 
 
 _KEYS: dict[tuple, dict] = {}
@@ -450,8 +489,11 @@ def stored_keys(directory: str | Path) -> dict:
     d = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if d not in _KEYS:
         md = read_metadata(directory)
-        _KEYS[d] = {k: (tuple(v.size), str(v.properties.dtype).replace("torch.", ""))
-                    for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        _KEYS[d] = {
+            k: (tuple(v.size), str(v.properties.dtype).replace("torch.", ""))
+            for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)
+        }
     return _KEYS[d]
 
 
@@ -476,6 +518,7 @@ def read_full(directory: str | Path, keys: list[str]) -> dict:
         _, exc = failing_rank(err)
         if isinstance(exc, CheckpointFormatError):
             raise exc from None
-        raise CheckpointFormatError(f"{directory}: unreadable ({type(exc).__name__}: {exc}); corrupt or "
-                                    f"truncated?") from None
+        raise CheckpointFormatError(
+            f"{directory}: unreadable ({type(exc).__name__}: {exc}); corrupt or truncated?"
+        ) from None
     return out

@@ -5,6 +5,7 @@ peaks from it.
 Math modes: "bf16" (bf16 and fp16 tensors: tensor cores), "tf32" (fp32 tensors with TF32 matmuls
 switched on, torch's `allow_tf32`), "fp32" (fp32 tensors, TF32 off: the plain FP32 units).
 """
+
 from __future__ import annotations
 
 # vendor data sheets, SXM parts, dense (no sparsity)

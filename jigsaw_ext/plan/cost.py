@@ -28,6 +28,7 @@ node's NICs carry the traffic of all of its concurrent groups (hierarchical coll
 and collective, (N-1)/N x the full buffer for all-gather/reduce-scatter, twice that for all-reduce,
 N = nodes the group spans).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -37,10 +38,10 @@ from .hardware import Hardware
 from .trace import StepTrace
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-ADAM_STATE_BYTES = 8            # exp_avg + exp_avg_sq in fp32
-MASTER_BYTES = 4                # fp32 master copy under bf16/fp16
-OPTIMIZER_PASSES_BYTES = 40     # Adam step: reads/writes param, grad, master, two moments (~40 B/param)
-DEEPSPEED_BUCKET_ELEMENTS = 500_000_000   # DeepSpeed's default reduce/allgather bucket (elements)
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+MASTER_BYTES = 4  # fp32 master copy under bf16/fp16
+OPTIMIZER_PASSES_BYTES = 40  # Adam step: reads/writes param, grad, master, two moments (~40 B/param)
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket (elements)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,13 @@ class Estimate:
     memory_GB: float
     fits: bool
     bottleneck: str
-    seconds: dict = field(default_factory=dict)      # exposed time per part of a step
-    memory: dict = field(default_factory=dict)       # GB per kind
-    comm_bytes: dict = field(default_factory=dict)   # bytes per rank per optimizer step, by kind and tier
-    efficiency: float | None = None                  # weak scaling vs one node (set by search)
-    strategies: dict = field(default_factory=dict)   # layer kind -> how it meets its data (set by search)
-    math: str = ""                                   # math mode the GEMMs run in (bf16, tf32, fp32)
-    peak_tflops: float = 0.0                         # the peak MFU is measured against
+    seconds: dict = field(default_factory=dict)  # exposed time per part of a step
+    memory: dict = field(default_factory=dict)  # GB per kind
+    comm_bytes: dict = field(default_factory=dict)  # bytes per rank per optimizer step, by kind and tier
+    efficiency: float | None = None  # weak scaling vs one node (set by search)
+    strategies: dict = field(default_factory=dict)  # layer kind -> how it meets its data (set by search)
+    math: str = ""  # math mode the GEMMs run in (bf16, tf32, fp32)
+    peak_tflops: float = 0.0  # the peak MFU is measured against
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -90,8 +91,9 @@ class Estimate:
         return d
 
 
-def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int,
-                       calls: int = 1) -> tuple[float, str]:
+def collective_seconds(
+    hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int, calls: int = 1
+) -> tuple[float, str]:
     """(seconds, tier) of `calls` ring collectives of which this rank sends `sent_bytes` in all
     (ring volume) in a group of n ranks `stride` global ranks apart. Latency: alpha per ring step,
     n - 1 steps (2(n - 1) for an all-reduce) per call: a flat ring over every rank of the group,
@@ -103,9 +105,9 @@ def collective_seconds(hw: Hardware, kind: str, sent_bytes: float, n: int, strid
     if span <= hw.devices_per_node:
         return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
     dpn = hw.devices_per_node
-    local = max(1, dpn // stride) if stride < dpn else 1     # members of this group in one node
+    local = max(1, dpn // stride) if stride < dpn else 1  # members of this group in one node
     nodes = max(2, n // local)
-    concurrent = dpn // local                                 # groups of this axis per node
+    concurrent = dpn // local  # groups of this axis per node
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
     return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
 
@@ -124,8 +126,9 @@ def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
     return {"matmul": out, "mean_matmul": mean, "elementwise": elem}
 
 
-def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict,
-                           overlap: float = 1.0) -> tuple[dict, dict]:
+def model_parallel_seconds(
+    hw: Hardware, trace: StepTrace, mean_matmul: dict, overlap: float = 1.0
+) -> tuple[dict, dict]:
     """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
     exposed, sent = {"intra": 0.0, "inter": 0.0}, {}
     for c in trace.collectives:
@@ -143,7 +146,7 @@ def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict,
     return exposed, sent
 
 
-ZERO3_PERSISTENCE = 100_000      # DeepSpeed's stage3_param_persistence_threshold default (elements)
+ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
 
 
 def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, float]]:
@@ -166,8 +169,10 @@ def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, floa
     if cand.zero in (1, 2):
         return {"per_micro": {}, "per_step": {"all_reduce": 2 * ring(total) + scalar, "all_gather": ring(total)}}
     persistent = sum(x for x in numels if x < ZERO3_PERSISTENCE) * b
-    return {"per_micro": {"all_gather": 2 * ring(total - persistent), "reduce_scatter": ring(total)},
-            "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar}}
+    return {
+        "per_micro": {"all_gather": 2 * ring(total - persistent), "reduce_scatter": ring(total)},
+        "per_step": {"all_gather": ring(persistent), "all_reduce": 2 * scalar},
+    }
 
 
 def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
@@ -175,8 +180,11 @@ def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
     workspace for the largest buffer (a model collective, or a ZeRO gradient bucket)."""
     work = sorted(hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1)
     if cand.dp > 1:  # ZeRO's gradient all-reduce of one bucket
-        work.append(hw.comm_workspace.get("all_reduce", 0.0) *
-                    min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS) * BYTES[cand.dtype])
+        work.append(
+            hw.comm_workspace.get("all_reduce", 0.0)
+            * min(trace.param_count, DEEPSPEED_BUCKET_ELEMENTS)
+            * BYTES[cand.dtype]
+        )
     if not work:
         return 0.0
     # at most two collectives are in flight at once: a gathered linear's backward re-gathers its
@@ -227,8 +235,9 @@ class Settings:
     optimizer_shards: int | None = None
 
 
-def _data_parallel_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, forward: float, backward: float,
-                           run: Settings, comm_bytes: dict) -> dict:
+def _data_parallel_seconds(
+    hw: Hardware, cand: Candidate, trace: StepTrace, forward: float, backward: float, run: Settings, comm_bytes: dict
+) -> dict:
     """Exposed seconds per tier of ZeRO's data-parallel traffic in one optimizer step (adds its
     bytes to `comm_bytes`)."""
     dp_t = {"intra": 0.0, "inter": 0.0}
@@ -242,18 +251,24 @@ def _data_parallel_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, forw
         for kind, nbytes in kinds.items():
             t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
             comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
-            if when == "per_micro":   # ZeRO-3: prefetched gathers, reduce-scatters during backward
+            if when == "per_micro":  # ZeRO-3: prefetched gathers, reduce-scatters during backward
                 exposed = max(0.0, t - (hide_all if kind == "all_gather" else hide_bwd))
             elif cand.zero in (1, 2) and kind == "all_reduce":  # bucketed during the last backward
                 exposed = max(0.0, t - hide_bwd)
-            else:                     # ZeRO-0's all-reduce after backward; gathers after the step
+            else:  # ZeRO-0's all-reduce after backward; gathers after the step
                 exposed = t
             dp_t[tier] += reps * exposed
     return dp_t
 
 
-def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sample: float,
-             read_bytes_per_micro: int = 0, run: Settings = Settings()) -> Estimate:
+def estimate(
+    hw: Hardware,
+    cand: Candidate,
+    trace: StepTrace,
+    train_flops_per_sample: float,
+    read_bytes_per_micro: int = 0,
+    run: Settings = Settings(),
+) -> Estimate:
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
     rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
     comp = compute_seconds(hw, trace, run.tf32)
@@ -282,9 +297,23 @@ def estimate(hw: Hardware, cand: Candidate, trace: StepTrace, train_flops_per_sa
     mode = math_mode(cand.dtype, run.tf32)
     flops = useful_flops(cand, trace, train_flops_per_sample) * cand.global_batch
     mfu = flops / (step * cand.world * hw.peak(mode) * 1e12)
-    parts = {"compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
-             "intra-node comm": seconds["intra_comm"],
-             "inter-node comm": seconds["inter_comm"]}
+    parts = {
+        "compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
+        "intra-node comm": seconds["intra_comm"],
+        "inter-node comm": seconds["inter_comm"],
+    }
     bottleneck = "memory" if not fits else max(parts, key=parts.get)
-    return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem,
-                    comm_bytes, math=mode, peak_tflops=hw.peak(mode))
+    return Estimate(
+        cand,
+        step,
+        cand.global_batch / step,
+        mfu,
+        total_mem,
+        fits,
+        bottleneck,
+        seconds,
+        mem,
+        comm_bytes,
+        math=mode,
+        peak_tflops=hw.peak(mode),
+    )

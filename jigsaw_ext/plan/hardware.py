@@ -5,6 +5,7 @@ A profile is a JSON file (schema: `Hardware`). Named profiles ship in jigsaw_ext
 where it comes from in `sources` (a citation or "measured: <script> <date>"); `unmeasured` lists
 the figures that are published or assumed values nobody has measured with this project's code.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,30 +57,41 @@ class Hardware(_Strict):
     kind: Literal["gpu", "cpu"] = "gpu"
     devices_per_node: int = Field(ge=1)
     compute_slots_per_node: int | None = Field(
-        None, description="CPU profiles: cores; ranks beyond this share them (compute time scales up)")
-    chip: str | None = Field(None, description=f"GPU chip ({', '.join(PEAK_TFLOPS)}): its peaks per math mode come "
-                                               "from jigsaw_ext.plan.chips, and train.tf32 null means TF32 on for "
-                                               "Ampere and newer")
+        None, description="CPU profiles: cores; ranks beyond this share them (compute time scales up)"
+    )
+    chip: str | None = Field(
+        None,
+        description=f"GPU chip ({', '.join(PEAK_TFLOPS)}): its peaks per math mode come "
+        "from jigsaw_ext.plan.chips, and train.tf32 null means TF32 on for "
+        "Ampere and newer",
+    )
     peak_tflops: dict[Literal["bf16", "tf32", "fp32"], float] = Field(
-        default_factory=dict, description="dense peak per math mode (bf16: bf16/fp16 tensors; tf32: fp32 tensors with "
-                                          "TF32 on; fp32: TF32 off); with `chip`, taken from the chip table")
+        default_factory=dict,
+        description="dense peak per math mode (bf16: bf16/fp16 tensors; tf32: fp32 tensors with "
+        "TF32 on; fp32: TF32 off); with `chip`, taken from the chip table",
+    )
     gemm: list[GemmPoint] = Field(default_factory=list, description="measured matmul throughput by shape")
     gemm_efficiency: float = Field(0.7, gt=0, le=1, description="fraction of peak for shapes not in `gemm`")
     memory_GB: float = Field(description="device memory per device")
     memory_reserved_GB: float = Field(1.0, description="runtime context, allocator slack, NCCL buffers")
     memory_GBps: float = Field(description="device memory bandwidth")
     elementwise_efficiency: float = Field(0.6, gt=0, le=1, description="fraction of memory_GBps elementwise ops reach")
-    comm_memory_GB: float = Field(0.0, ge=0, description="memory the communication library keeps per process once "
-                                                          "collectives ran")
+    comm_memory_GB: float = Field(
+        0.0, ge=0, description="memory the communication library keeps per process once collectives ran"
+    )
     comm_workspace: dict[Literal["all_gather", "reduce_scatter", "all_reduce"], float] = Field(
-        default_factory=dict, description="transient memory of a collective per byte of its buffer (all-gather "
-                                          "output, reduce-scatter input, all-reduce tensor): gloo's copies; NCCL works "
-                                          "in its own fixed buffers (0)")
+        default_factory=dict,
+        description="transient memory of a collective per byte of its buffer (all-gather "
+        "output, reduce-scatter input, all-reduce tensor): gloo's copies; NCCL works "
+        "in its own fixed buffers (0)",
+    )
     intra: Tier
     inter: Tier
     host_to_device_GBps: float | None = Field(
-        None, description="effective copy rate of a batch from the loader (host) to the device, not overlapped "
-                          "with compute by today's trainer (None: not modelled)")
+        None,
+        description="effective copy rate of a batch from the loader (host) to the device, not overlapped "
+        "with compute by today's trainer (None: not modelled)",
+    )
     sources: dict[str, str] = Field(default_factory=dict)
     unmeasured: list[str] = Field(default_factory=list)
     _rates: dict = PrivateAttr(default_factory=dict)
@@ -95,8 +107,10 @@ class Hardware(_Strict):
         table = PEAK_TFLOPS[self.chip]
         wrong = {k: v for k, v in self.peak_tflops.items() if table.get(k) != v}
         if wrong:
-            raise ValueError(f"peak_tflops {wrong} disagree with chip {self.chip}'s {table} "
-                             "(jigsaw_ext/plan/chips.py): drop peak_tflops from the profile")
+            raise ValueError(
+                f"peak_tflops {wrong} disagree with chip {self.chip}'s {table} "
+                "(jigsaw_ext/plan/chips.py): drop peak_tflops from the profile"
+            )
         object.__setattr__(self, "peak_tflops", dict(table))
         return self
 
@@ -111,8 +125,10 @@ class Hardware(_Strict):
     def peak(self, mode: str) -> float:
         """Dense peak TFLOP/s of a math mode (bf16, tf32, fp32)."""
         if mode not in self.peak_tflops:
-            raise ValueError(f"hardware profile {self.name}: no peak for math mode {mode!r} (it has "
-                             f"{sorted(self.peak_tflops)}; modes: {', '.join(MATH_MODES)})")
+            raise ValueError(
+                f"hardware profile {self.name}: no peak for math mode {mode!r} (it has "
+                f"{sorted(self.peak_tflops)}; modes: {', '.join(MATH_MODES)})"
+            )
         return self.peak_tflops[mode]
 
     def gemm_ceiling(self, mode: str) -> float:
@@ -146,6 +162,7 @@ class Hardware(_Strict):
 
         def dist(p):
             return sum((a - math.log(max(b, 1))) ** 2 for a, b in zip(key, (p.m, p.n, p.k)))
+
         best = min(points, key=dist)
         # a smaller product than the nearest measured one cannot run faster per FLOP
         scale = min(1.0, (m * n * k) / (best.m * best.n * best.k)) ** 0.25 if dist(best) > 0.5 else 1.0

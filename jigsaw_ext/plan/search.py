@@ -2,6 +2,7 @@
 
 A model package describes its model with a `PlanModel`; nothing here knows what the model is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -16,8 +17,14 @@ from .cost import Candidate, Estimate, Settings, estimate
 from .hardware import Hardware
 from .trace import StepTrace, extrapolate, fake_mesh, trace_step
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 class PlanModel(Protocol):
@@ -44,9 +51,9 @@ class PlanModel(Protocol):
 class Constraints:
     zero: tuple[int, ...] = (0, 1, 2, 3)
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
-    replicate: bool = True          # also try weights replicated over one model axis
+    replicate: bool = True  # also try weights replicated over one model axis
     max_model_group: int = 64
-    headroom: float = 0.0           # fraction of device memory kept free
+    headroom: float = 0.0  # fraction of device memory kept free
 
 
 class Planner:
@@ -55,9 +62,18 @@ class Planner:
     on for Ampere and newer chips, as the trainer resolves it); overlap: scale of the overlap rule
     (cost.Settings)."""
 
-    def __init__(self, model: PlanModel, hw: Hardware, dtype: str = "bf16", overlap_comm: bool = True,
-                 dp_bucket_bytes: int | None = None, strategy: dict | None = None, chunk_mb: float | None = None,
-                 tf32: bool | None = None, overlap: float = 1.0):
+    def __init__(
+        self,
+        model: PlanModel,
+        hw: Hardware,
+        dtype: str = "bf16",
+        overlap_comm: bool = True,
+        dp_bucket_bytes: int | None = None,
+        strategy: dict | None = None,
+        chunk_mb: float | None = None,
+        tf32: bool | None = None,
+        overlap: float = 1.0,
+    ):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
         self.settings = Settings(overlap_comm, dp_bucket_bytes, hw.tf32(tf32), overlap)
         self.strategy, self.chunk_mb = dict(strategy or {}), chunk_mb  # mesh.strategy, mesh.chunk_mb
@@ -68,11 +84,15 @@ class Planner:
     def tf32(self) -> bool:
         return self.settings.tf32
 
-    def variant(self, hw: Hardware | None = None, overlap: float | None = None) -> "Planner":
+    def variant(self, hw: Hardware | None = None, overlap: float | None = None) -> Planner:
         """The same planner (and its traces) on another profile or overlap rule: what-if analyses."""
         other = Planner(self.model, hw or self.hw, self.dtype, strategy=self.strategy, chunk_mb=self.chunk_mb)
-        other.settings = Settings(self.settings.overlap_comm, self.settings.dp_bucket_bytes, self.settings.tf32,
-                                  self.settings.overlap if overlap is None else overlap)
+        other.settings = Settings(
+            self.settings.overlap_comm,
+            self.settings.dp_bucket_bytes,
+            self.settings.tf32,
+            self.settings.overlap if overlap is None else overlap,
+        )
         other._traces = self._traces
         return other
 
@@ -80,14 +100,21 @@ class Planner:
         """What each layer kind runs with on this layout and micro-batch ({kind: strategy})."""
         key = ("strategies", domain, tp, replicate, micro_batch)
         if key not in self._traces:  # (shared with variants like the traces: the layers decide, not the profile)
-            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy,
-                             chunk_mb=self.chunk_mb)
-            self._traces[key] = resolved_strategies(self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype),
-                                                                     micro_batch))
+            cfg = MeshConfig(
+                domain=domain,
+                tp=tp,
+                replicate_weights_over=list(replicate),
+                strategy=self.strategy,
+                chunk_mb=self.chunk_mb,
+            )
+            self._traces[key] = resolved_strategies(
+                self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch)
+            )
         return dict(self._traces[key])
 
-    def trace(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int,
-              forced: tuple = ()) -> StepTrace:
+    def trace(
+        self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int, forced: tuple = ()
+    ) -> StepTrace:
         """One micro-step's trace; above micro-batch 3 extrapolated (exact: see trace.extrapolate) from
         micro-batches 2 and 3 run with the strategies chosen for this micro-batch (`forced`), except
         with chunk_mb."""
@@ -96,12 +123,17 @@ class Planner:
         key = (domain, tp, replicate, micro_batch, forced)
         # (with mesh.chunk_mb the number of row chunks grows with the micro-batch: traced directly)
         if key not in self._traces and micro_batch > 3 and self.chunk_mb is None:
-            self._traces[key] = extrapolate(self.trace(domain, tp, replicate, 2, forced),
-                                            self.trace(domain, tp, replicate, 3, forced), 2, micro_batch)
+            self._traces[key] = extrapolate(
+                self.trace(domain, tp, replicate, 2, forced),
+                self.trace(domain, tp, replicate, 3, forced),
+                2,
+                micro_batch,
+            )
         if key not in self._traces:
             strategy = dict(forced) if forced else self.strategy
-            cfg = MeshConfig(domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy,
-                             chunk_mb=self.chunk_mb)
+            cfg = MeshConfig(
+                domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=strategy, chunk_mb=self.chunk_mb
+            )
             mesh = fake_mesh(cfg, 0)
             dtype = getattr(torch, self.dtype)
             model = self.model.build(mesh, dtype, micro_batch)
@@ -112,8 +144,9 @@ class Planner:
         tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
         run = replace(self.settings, optimizer_shards=optimizer_shards)
-        est = estimate(self.hw, cand, tr, self.model.train_flops_per_sample(),
-                       self.model.read_bytes(mesh, cand.micro_batch), run)
+        est = estimate(
+            self.hw, cand, tr, self.model.train_flops_per_sample(), self.model.read_bytes(mesh, cand.micro_batch), run
+        )
         est.strategies = self.strategies(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         return est
 
@@ -130,8 +163,11 @@ class Planner:
                     self.model.check_mesh(MeshConfig(dp=dp, domain=domain, tp=tp))
                 except ValueError:
                     continue
-                reps = [()] + ([("domain",)] if limits.replicate and domain > 1 else []) + \
-                    ([("tp",)] if limits.replicate and tp > 1 else [])
+                reps = (
+                    [()]
+                    + ([("domain",)] if limits.replicate and domain > 1 else [])
+                    + ([("tp",)] if limits.replicate and tp > 1 else [])
+                )
                 for micro in limits.micro_batches:
                     if per_replica % micro:
                         continue
@@ -163,11 +199,25 @@ class Planner:
             world += dpn
         world = min(world, c.world)
         batch = c.global_batch * world // c.world
-        key = (world, batch, c.zero, c.dp, limits.micro_batches, limits.replicate, c.domain, c.tp, c.replicate,
-               c.micro_batch)
+        key = (
+            world,
+            batch,
+            c.zero,
+            c.dp,
+            limits.micro_batches,
+            limits.replicate,
+            c.domain,
+            c.tp,
+            c.replicate,
+            c.micro_batch,
+        )
         if key not in self._references:
-            small = Constraints(zero=(0,), micro_batches=limits.micro_batches, replicate=limits.replicate,
-                                max_model_group=max(limits.max_model_group, group))
+            small = Constraints(
+                zero=(0,),
+                micro_batches=limits.micro_batches,
+                replicate=limits.replicate,
+                max_model_group=max(limits.max_model_group, group),
+            )
             options = [replace(o, zero=c.zero) for o in self.candidates(world, batch, small)]
             options.append(replace(c, dp=world // group, accumulation=c.accumulation))
             rows = [self.estimate(o, optimizer_shards=c.dp) for o in set(options)]
@@ -178,7 +228,6 @@ class Planner:
         """Weak-scaling efficiency: per-GPU throughput of `est` / per-GPU throughput of `reference`."""
         ref = self.reference(est, limits)
         return (est.samples_per_s / est.candidate.world) / (ref.samples_per_s / ref.candidate.world)
-
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,6 +1,7 @@
 """Which assumption decides the answer: every unmeasured figure of the cost model halved and doubled,
 one at a time, and what each planned row's MFU and weak-scaling efficiency (and the best layout)
 become. Fractions of a peak (GEMM and elementwise efficiency) are capped at 1 when doubled."""
+
 from __future__ import annotations
 
 from .cost import Estimate
@@ -8,13 +9,21 @@ from .hardware import Hardware
 from .search import Constraints, Planner
 
 FACTORS = (0.5, 2.0)
-FIGURES = ("latency intra", "latency inter", "bandwidth intra", "bandwidth inter", "overlap rule",
-           "GEMM efficiency", "elementwise efficiency")
+FIGURES = (
+    "latency intra",
+    "latency inter",
+    "bandwidth intra",
+    "bandwidth inter",
+    "overlap rule",
+    "GEMM efficiency",
+    "elementwise efficiency",
+)
 
 
 def _tier(tier, alpha: float = 1.0, bandwidth: float = 1.0):
-    return tier.model_copy(update={"alpha_s": tier.alpha_s * alpha,
-                                   "bus_GBps": {k: v * bandwidth for k, v in tier.bus_GBps.items()}})
+    return tier.model_copy(
+        update={"alpha_s": tier.alpha_s * alpha, "bus_GBps": {k: v * bandwidth for k, v in tier.bus_GBps.items()}}
+    )
 
 
 def varied(hw: Hardware, figure: str, factor: float) -> Hardware:
@@ -47,13 +56,22 @@ def sensitivity(planner: Planner, rows: list[Estimate], limits: Constraints = Co
     for figure in FIGURES:
         out[figure] = {}
         for factor in FACTORS:
-            other = planner.variant(overlap=planner.settings.overlap * factor) if figure == "overlap rule" \
+            other = (
+                planner.variant(overlap=planner.settings.overlap * factor)
+                if figure == "overlap rule"
                 else planner.variant(hw=varied(planner.hw, figure, factor))
+            )
             moved = []
             for e in rows:
                 est = other.estimate(e.candidate)
-                moved.append({"mesh": e.candidate.mesh, "step_s": est.step_s, "mfu": est.mfu,
-                              "efficiency": other.efficiency(est, limits)})
+                moved.append(
+                    {
+                        "mesh": e.candidate.mesh,
+                        "step_s": est.step_s,
+                        "mfu": est.mfu,
+                        "efficiency": other.efficiency(est, limits),
+                    }
+                )
             ranked = other.rank(world, batch, limits)
             out[figure][f"x{factor:g}"] = {"rows": moved, "best": _label(ranked[0]) if ranked else None}
     return out
@@ -67,10 +85,12 @@ def _label(e: Estimate) -> str:
 def sensitivity_table(rows: list[Estimate], result: dict) -> str:
     """One line per figure and factor: each row's MFU / efficiency, and the best layout then."""
     width = 17
-    head = f"{'figure':<24}{'x':>5}  " + "".join(f"{f'#{i} ' + e.candidate.mesh:>{width}}"
-                                               for i, e in enumerate(rows, 1)) + "  best layout"
-    base = f"{'as profiled':<24}{'':>5}  " + "".join(
-        f"{_cell(e.mfu, e.efficiency):>{width}}" for e in rows)
+    head = (
+        f"{'figure':<24}{'x':>5}  "
+        + "".join(f"{f'#{i} ' + e.candidate.mesh:>{width}}" for i, e in enumerate(rows, 1))
+        + "  best layout"
+    )
+    base = f"{'as profiled':<24}{'':>5}  " + "".join(f"{_cell(e.mfu, e.efficiency):>{width}}" for e in rows)
     lines = [head, base]
     for figure, by_factor in result.items():
         for factor, res in by_factor.items():

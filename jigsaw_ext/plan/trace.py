@@ -16,14 +16,15 @@ recorded is therefore what the layers themselves issue (the same code path, padd
   elementwise work);
 - the storages autograd saves for backward (activation memory), parameters excluded.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -74,13 +75,13 @@ def fake_mesh(config: MeshConfig, rank: int = 0) -> Mesh:
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str           # all_gather | reduce_scatter | all_reduce
-    axis: str           # mesh axis of the group
+    kind: str  # all_gather | reduce_scatter | all_reduce
+    axis: str  # mesh axis of the group
     group_size: int
     stride: int
-    sent_bytes: int     # ring volume this rank sends (commstats' convention)
-    buffer_bytes: int   # bytes of the collective's input + output buffers
-    phase: str          # forward | backward
+    sent_bytes: int  # ring volume this rank sends (commstats' convention)
+    buffer_bytes: int  # bytes of the collective's input + output buffers
+    phase: str  # forward | backward
     purpose: str
     ring_bytes: int = 0  # the buffer the ring volume is computed from (all-gather output, ...)
 
@@ -105,13 +106,13 @@ class StepTrace:
 
     collectives: list[Collective] = field(default_factory=list)
     matmuls: list[Matmul] = field(default_factory=list)
-    other_bytes: Counter = field(default_factory=Counter)   # phase -> bytes read + written
-    saved_bytes: int = 0                                     # activations kept for backward
+    other_bytes: Counter = field(default_factory=Counter)  # phase -> bytes read + written
+    saved_bytes: int = 0  # activations kept for backward
     param_bytes: int = 0
     param_count: int = 0
-    param_numels: list = field(default_factory=list)        # elements of each local parameter
-    peak_transient_bytes: int = 0                            # largest op output + collective buffers
-    peak_live_bytes: int = 0      # peak of all tensors the step creates (activations, transients, gradients)
+    param_numels: list = field(default_factory=list)  # elements of each local parameter
+    peak_transient_bytes: int = 0  # largest op output + collective buffers
+    peak_live_bytes: int = 0  # peak of all tensors the step creates (activations, transients, gradients)
 
     def bytes_by_kind(self, axes=None) -> Counter:
         out = Counter()
@@ -158,9 +159,19 @@ class _Recorder:
         self.trace, self.phase = trace, "forward"
 
     def _add(self, kind, group: FakeGroup, ring_bytes: int, buffers: int):
-        self.trace.collectives.append(Collective(
-            kind, group.axis, group.size, group.stride, ring_volume(kind, ring_bytes, group.size),
-            buffers, self.phase, _purpose(kind), ring_bytes))
+        self.trace.collectives.append(
+            Collective(
+                kind,
+                group.axis,
+                group.size,
+                group.stride,
+                ring_volume(kind, ring_bytes, group.size),
+                buffers,
+                self.phase,
+                _purpose(kind),
+                ring_bytes,
+            )
+        )
         self.trace.peak_transient_bytes = max(self.trace.peak_transient_bytes, buffers)
 
     def all_gather(self, output, input, group=None, async_op=False):
@@ -179,8 +190,12 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(recorder: _Recorder):
-    names = {"_all_gather_single": recorder.all_gather, "_reduce_scatter_single": recorder.reduce_scatter,
-             "_all_reduce": recorder.all_reduce, "_rank": recorder.rank}
+    names = {
+        "_all_gather_single": recorder.all_gather,
+        "_reduce_scatter_single": recorder.reduce_scatter,
+        "_all_reduce": recorder.all_reduce,
+        "_rank": recorder.rank,
+    }
     saved = {name: getattr(collectives, name) for name in names}
     for name, fn in names.items():
         setattr(collectives, name, fn)
@@ -191,8 +206,13 @@ def _recording(recorder: _Recorder):
             setattr(collectives, name, fn)
 
 
-_FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
-         aten.detach.default, aten.lift_fresh.default}
+_FREE = {
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.new_empty.default,
+    aten.detach.default,
+    aten.lift_fresh.default,
+}
 
 
 def _tensors(xs):
@@ -255,8 +275,9 @@ class _OpRecorder(TorchDispatchMode):
         if func._overloadpacket in flop_registry:
             trace.matmuls.append(_counted(func, args, kwargs or {}, out, phase))
         elif not func.is_view and func not in _FREE:
-            trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + \
-                sum(_nbytes(t) for t in _tensors([out]))
+            trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + sum(
+                _nbytes(t) for t in _tensors([out])
+            )
         outs = list(_tensors([out]))
         if outs:
             trace.peak_transient_bytes = max(trace.peak_transient_bytes, max(_nbytes(t) for t in outs))
@@ -311,16 +332,32 @@ def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTr
         raise ValueError("traces at batch 1 and 2 differ in structure: trace this batch directly")
     lin = lambda a, b: a + (b - a) * (batch - base)  # noqa: E731
     out = StepTrace(param_bytes=one.param_bytes, param_count=one.param_count, param_numels=list(one.param_numels))
-    out.collectives = [Collective(a.kind, a.axis, a.group_size, a.stride,
-                                  ring_volume(a.kind, lin(a.ring_bytes, b.ring_bytes), a.group_size),
-                                  lin(a.buffer_bytes, b.buffer_bytes), a.phase, a.purpose,
-                                  lin(a.ring_bytes, b.ring_bytes))
-                       for a, b in zip(one.collectives, two.collectives)]
-    out.matmuls = [Matmul(lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase,
-                          lin(a.flops, b.flops))
-                   for a, b in zip(one.matmuls, two.matmuls)]
-    out.other_bytes = Counter({p: lin(one.other_bytes.get(p, 0), two.other_bytes.get(p, 0))
-                               for p in set(one.other_bytes) | set(two.other_bytes)})
+    out.collectives = [
+        Collective(
+            a.kind,
+            a.axis,
+            a.group_size,
+            a.stride,
+            ring_volume(a.kind, lin(a.ring_bytes, b.ring_bytes), a.group_size),
+            lin(a.buffer_bytes, b.buffer_bytes),
+            a.phase,
+            a.purpose,
+            lin(a.ring_bytes, b.ring_bytes),
+        )
+        for a, b in zip(one.collectives, two.collectives)
+    ]
+    out.matmuls = [
+        Matmul(
+            lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase, lin(a.flops, b.flops)
+        )
+        for a, b in zip(one.matmuls, two.matmuls)
+    ]
+    out.other_bytes = Counter(
+        {
+            p: lin(one.other_bytes.get(p, 0), two.other_bytes.get(p, 0))
+            for p in set(one.other_bytes) | set(two.other_bytes)
+        }
+    )
     out.saved_bytes = lin(one.saved_bytes, two.saved_bytes)
     out.peak_transient_bytes = lin(one.peak_transient_bytes, two.peak_transient_bytes)
     out.peak_live_bytes = lin(one.peak_live_bytes, two.peak_live_bytes)

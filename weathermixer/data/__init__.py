@@ -6,12 +6,26 @@
 
 CLI: python -m weathermixer.data {synth,stats,inspect} --help
 """
+
 from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig, DataJobConfig, DimsConfig, load_data_job
 from .loader import Sample, ShardedSampleLoader
 from .reader import DataError, GriddedDataset, open_dataset
 from .sampler import ReplicaSampler
 from .stats import Normalizer, compute_stats
 
-__all__ = ["COMPUTED_STATIC", "TIME_FEATURES", "DataConfig", "DataJobConfig", "DimsConfig", "load_data_job",
-           "Sample", "ShardedSampleLoader", "DataError", "GriddedDataset", "open_dataset", "ReplicaSampler",
-           "Normalizer", "compute_stats"]
+__all__ = [
+    "COMPUTED_STATIC",
+    "TIME_FEATURES",
+    "DataConfig",
+    "DataJobConfig",
+    "DimsConfig",
+    "load_data_job",
+    "Sample",
+    "ShardedSampleLoader",
+    "DataError",
+    "GriddedDataset",
+    "open_dataset",
+    "ReplicaSampler",
+    "Normalizer",
+    "compute_stats",
+]

@@ -1,4 +1,5 @@
 """python -m weathermixer.data synth|stats|inspect ..."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ def _grid(text: str) -> tuple[int, int]:
 def _job(args):
     """The job's mesh, model and data sections with --set KEY=VALUE (as train.py) and --data applied."""
     from ..config import ConfigError, parse, read_job_file
-    from ..train.config import apply_setting, _parse_value
+    from ..train.config import _parse_value, apply_setting
     from .config import DataJobConfig
 
     section = read_job_file(args.config).get("weathermixer", {})
@@ -37,8 +38,7 @@ def _job(args):
         apply_setting(section, "data.path", args.data, "--data")
     if "data" not in section:
         raise ConfigError(f"{args.config}: weathermixer.data is missing (the data set's path, mapping, splits)")
-    return parse(DataJobConfig, {k: v for k, v in section.items() if k in ("mesh", "model", "data")},
-                 str(args.config))
+    return parse(DataJobConfig, {k: v for k, v in section.items() if k in ("mesh", "model", "data")}, str(args.config))
 
 
 def _inspect(data, job) -> dict:
@@ -48,19 +48,26 @@ def _inspect(data, job) -> dict:
     from .config import is_computed_static
 
     computed = [n for n in job.model.channels.static if is_computed_static(n)]
-    return {"source": data.where, "times": [str(data.times[0]), str(data.times[-1])],
-            "n_times": len(data.times), "step_hours": data.step / pd.Timedelta(hours=1),
-            "dt_steps": data.k, "latitude_flipped_on_read": data.flip, "history": job.model.history,
-            "channels": {c.name: c.var for c in data.channels},
-            "static": {c.name: c.var for c in data.static},
-            "static_computed": {n: "computed (not read)" for n in computed}}
+    return {
+        "source": data.where,
+        "times": [str(data.times[0]), str(data.times[-1])],
+        "n_times": len(data.times),
+        "step_hours": data.step / pd.Timedelta(hours=1),
+        "dt_steps": data.k,
+        "latitude_flipped_on_read": data.flip,
+        "history": job.model.history,
+        "channels": {c.name: c.var for c in data.channels},
+        "static": {c.name: c.var for c in data.static},
+        "static_computed": {n: "computed (not read)" for n in computed},
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.data", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", allow_abbrev=False,
-                       help="write a synthetic ERA5-like zarr store (WeatherBench 2 layout)")
+    s = sub.add_parser(
+        "synth", allow_abbrev=False, help="write a synthetic ERA5-like zarr store (WeatherBench 2 layout)"
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--grid", type=_grid, default=(32, 64), help="ROWSxCOLS (latitude x longitude)")
     s.add_argument("--start", default="2020-01-01")
@@ -78,13 +85,21 @@ def main(argv=None) -> int:
     t.add_argument("--start")
     t.add_argument("--end")
     t.add_argument("--out", required=True)
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)",
+    )
     i = sub.add_parser("inspect", allow_abbrev=False, help="validate a data set against a job and summarise it")
     i.add_argument("--config", required=True)
     i.add_argument("--data")
-    i.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)")
+    i.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the job's weathermixer section, e.g. data.path=x.zarr (JSON values)",
+    )
     args = p.parse_args(argv)
     make_output_folders(p, {"--out": getattr(args, "out", None)})
 
@@ -95,9 +110,19 @@ def main(argv=None) -> int:
         if args.cmd == "synth":
             from .synth import write_synthetic
 
-            ds = write_synthetic(args.out, args.grid, args.start, args.end, args.step_hours, args.variables,
-                                 args.levels, args.lat_order, args.seed, level_chunk=args.level_chunk,
-                                 lat_chunk=args.lat_chunk)
+            ds = write_synthetic(
+                args.out,
+                args.grid,
+                args.start,
+                args.end,
+                args.step_hours,
+                args.variables,
+                args.levels,
+                args.lat_order,
+                args.seed,
+                level_chunk=args.level_chunk,
+                lat_chunk=args.lat_chunk,
+            )
             print(f"wrote {args.out}: {dict(ds.sizes)}, variables {sorted(map(str, ds.data_vars))}")
         else:
             from .reader import GriddedDataset

@@ -11,6 +11,7 @@ not listed is looked up under its own name. Static channels named in COMPUTED_ST
 not read (cos/sin of latitude and longitude, sin/cos of the hour of day and the day of the year), and so
 are daily_cycle_<term>_<channel> (a predicted channel's per-pixel mean daily cycle, from the stats file).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,21 +19,29 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..config import (COMPUTED_STATIC, DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, TIME_FEATURES,  # noqa: F401
-                      JobConfig, _Strict)
+from ..config import (
+    COMPUTED_STATIC,
+    DAILY_CYCLE_PREFIX,
+    DAILY_CYCLE_TERMS,
+    TIME_FEATURES,  # noqa: F401
+    JobConfig,
+    _Strict,
+)
 
 
 def daily_cycle_static(name: str) -> tuple[str, str] | None:
     """(term, channel) of a daily_cycle_<term>_<channel> static name, else None."""
     if not name.startswith(DAILY_CYCLE_PREFIX):
         return None
-    term, sep, channel = name[len(DAILY_CYCLE_PREFIX):].partition("_")
+    term, sep, channel = name[len(DAILY_CYCLE_PREFIX) :].partition("_")
     return (term, channel) if sep and term in DAILY_CYCLE_TERMS and channel else None
 
 
 def is_computed_static(name: str) -> bool:
     """A static channel the loader computes (coordinates, time features, daily cycle) instead of reading."""
     return name in COMPUTED_STATIC or daily_cycle_static(name) is not None
+
+
 WB2_ALIASES = {"orography": "geopotential_at_surface"}
 
 
@@ -47,47 +56,68 @@ class DimsConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["gridded"] = "gridded"
-    path: str = Field("", description="local path or fsspec URL (gs://, s3:// need gcsfs/s3fs) of a "
-                                      "zarr store, or a netCDF file (*.nc)")
+    path: str = Field(
+        "",
+        description="local path or fsspec URL (gs://, s3:// need gcsfs/s3fs) of a zarr store, or a netCDF file (*.nc)",
+    )
     format: Literal["auto", "zarr", "netcdf", "grib"] = Field(
-        "auto", description="auto: netcdf if path ends in .nc, grib if .grib/.grb/.grib2 (needs the [grib] extra: "
-                            "cfgrib, eccodes), else zarr")
+        "auto",
+        description="auto: netcdf if path ends in .nc, grib if .grib/.grb/.grib2 (needs the [grib] extra: "
+        "cfgrib, eccodes), else zarr",
+    )
     time_units: str | None = Field(
-        None, description="units of an integer time coordinate, e.g. 'hours since 1940-01-01' (CF form); null "
-                          "= the coordinate's or the data set's 'units'/'time_units' attribute")
+        None,
+        description="units of an integer time coordinate, e.g. 'hours since 1940-01-01' (CF form); null "
+        "= the coordinate's or the data set's 'units'/'time_units' attribute",
+    )
     variables: dict[str, str] = Field(
         default_factory=dict,
         description="model channel/static name (without level) -> the data set's variable name; "
-                    "unlisted names map to themselves, except orography -> geopotential_at_surface (WB2)")
+        "unlisted names map to themselves, except orography -> geopotential_at_surface (WB2)",
+    )
     levels: dict[int, float] = Field(
-        default_factory=dict, description="model level -> value of the data set's level coordinate "
-                                          "(default: the same number)")
+        default_factory=dict,
+        description="model level -> value of the data set's level coordinate (default: the same number)",
+    )
     dims: DimsConfig = Field(default_factory=DimsConfig)
     splits: dict[Literal["train", "val", "test"], tuple[str, str]] = Field(
-        default_factory=dict, description="split -> [first, last] start time of a sample (inclusive, "
-                                          "anything pandas.Timestamp parses); a missing split = all times")
+        default_factory=dict,
+        description="split -> [first, last] start time of a sample (inclusive, "
+        "anything pandas.Timestamp parses); a missing split = all times",
+    )
     dt_hours: float = Field(6.0, gt=0, description="model time step; a multiple of the data's step")
-    step_hours: float | None = Field(None, gt=0, description="expected step of the data's time axis "
-                                                              "(null = read from the data)")
+    step_hours: float | None = Field(
+        None, gt=0, description="expected step of the data's time axis (null = read from the data)"
+    )
     leads: int | None = Field(None, ge=1, description="targets t+dt .. t+leads*dt (null = model.rollout)")
     history: int = Field(0, ge=0, description="extra input steps t-dt .. t-history*dt")
-    stats: str | None = Field(None, description="stats.json of `python -m weathermixer.data stats`; "
-                                                "null = raw values (no normalisation)")
+    stats: str | None = Field(
+        None, description="stats.json of `python -m weathermixer.data stats`; null = raw values (no normalisation)"
+    )
     nonfinite: Literal["error", "zero"] = Field(
-        "error", description="NaN/inf in a sample: error naming variable/time/location, or set to 0 "
-                             "after normalisation (the mean)")
+        "error",
+        description="NaN/inf in a sample: error naming variable/time/location, or set to 0 "
+        "after normalisation (the mean)",
+    )
     nonfinite_every: int = Field(
-        1000, ge=1, description="with nonfinite='zero': samples between warnings that sum up the values set to "
-                                "0 (each channel's first occurrence is warned at once)")
+        1000,
+        ge=1,
+        description="with nonfinite='zero': samples between warnings that sum up the values set to "
+        "0 (each channel's first occurrence is warned at once)",
+    )
     prefetch: int = Field(2, ge=0, description="batches loaded ahead in a background thread (0 = inline)")
     pin_memory: bool | None = Field(
-        None, description="copy each batch into page-locked host memory as it is loaded (in the prefetch "
-                          "thread), so its copy to the GPU runs asynchronously at full bandwidth instead of "
-                          "synchronously from pageable memory; null = on when CUDA is available; true needs CUDA")
+        None,
+        description="copy each batch into page-locked host memory as it is loaded (in the prefetch "
+        "thread), so its copy to the GPU runs asynchronously at full bandwidth instead of "
+        "synchronously from pageable memory; null = on when CUDA is available; true needs CUDA",
+    )
     device_prefetch: bool | None = Field(
-        None, description="copy each training batch to the GPU one step ahead on a side CUDA stream, so the copy "
-                          "overlaps the step before it (weathermixer.data.device); null = on when training on "
-                          "a GPU; true needs CUDA")
+        None,
+        description="copy each training batch to the GPU one step ahead on a side CUDA stream, so the copy "
+        "overlaps the step before it (weathermixer.data.device); null = on when training on "
+        "a GPU; true needs CUDA",
+    )
     fake: bool = Field(False, description="no I/O: the same random tensors every step (loader benchmarks)")
 
     @field_validator("splits")
@@ -107,8 +137,9 @@ class DataConfig(_Strict):
         if not self.fake and not self.path:
             raise ValueError("data.path is empty: set the data set's path/URL, or data.fake=true")
         if self.step_hours is not None and not _is_multiple(self.dt_hours, self.step_hours):
-            raise ValueError(f"data.dt_hours={self.dt_hours:g} is not a multiple of data.step_hours="
-                             f"{self.step_hours:g}")
+            raise ValueError(
+                f"data.dt_hours={self.dt_hours:g} is not a multiple of data.step_hours={self.step_hours:g}"
+            )
         return self
 
     def variable(self, name: str) -> str:

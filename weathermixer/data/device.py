@@ -10,9 +10,10 @@ does not hand its memory to the side stream's next copy while the step still rea
 The stream calls sit behind a small interface: `CudaCopyStream` on a GPU, `InlineCopy` (a plain
 `.to(device)`) elsewhere, so the ordering logic is tested on the CPU with a fake.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,8 +21,12 @@ from .loader import Sample
 
 
 def move_sample(sample: Sample, move: Callable[[torch.Tensor], torch.Tensor]) -> Sample:
-    return Sample(move(sample.fields), None if sample.static is None else move(sample.static),
-                  [move(t) for t in sample.targets], sample.times)
+    return Sample(
+        move(sample.fields),
+        None if sample.static is None else move(sample.static),
+        [move(t) for t in sample.targets],
+        sample.times,
+    )
 
 
 def sample_tensors(sample: Sample) -> list[torch.Tensor]:

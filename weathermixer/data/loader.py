@@ -10,6 +10,7 @@ With model.history (or data.history) = h > 0, fields is (B, h + 1, C_tp, rows, l
 time t.
 All ranks of a model group (same dp coordinate) get the same sample times; dp replicas disjoint ones.
 """
+
 from __future__ import annotations
 
 import queue
@@ -30,8 +31,7 @@ from .reader import DataError, GriddedDataset, NonFiniteWarning, check_finite
 from .sampler import ReplicaSampler
 from .stats import Normalizer
 
-
-KEEP_BYTES = 256 * 2 ** 20
+KEEP_BYTES = 256 * 2**20
 READ_TIMES = 64  # time steps per read request (bounds one request's buffer)
 
 
@@ -47,8 +47,12 @@ def pin_sample(sample: Sample) -> Sample:
     is loaded (the prefetch thread), so that `.to(cuda, non_blocking=True)` is an asynchronous DMA. The
     pinned blocks come from torch's caching host allocator, which keeps a block until the copies
     reading it have completed."""
-    return Sample(sample.fields.pin_memory(), None if sample.static is None else sample.static.pin_memory(),
-                  [t.pin_memory() for t in sample.targets], sample.times)
+    return Sample(
+        sample.fields.pin_memory(),
+        None if sample.static is None else sample.static.pin_memory(),
+        [t.pin_memory() for t in sample.targets],
+        sample.times,
+    )
 
 
 def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | None) -> np.ndarray:
@@ -88,7 +92,10 @@ class NonFiniteReport:
                     f"{pd.Timestamp(time):%Y-%m-%dT%H:%M}, latitude {self.lat[rows.min()]:g} .. "
                     f"{self.lat[rows.max()]:g}, longitude {self.lon[cols.min()]:g} .. {self.lon[cols.max()]:g} "
                     f"to 0 (first occurrence in '{name}' on this rank; a summary follows every {self.every} "
-                    f"samples)", NonFiniteWarning, stacklevel=2)
+                    f"samples)",
+                    NonFiniteWarning,
+                    stacklevel=2,
+                )
                 self.totals[name] = [0, 0]
             self.totals[name][0] += n
             self.totals[name][1] += 1
@@ -101,24 +108,42 @@ class NonFiniteReport:
         if self._samples < self.every:
             return
         if self._since:
-            parts = [f"'{k}': {v} value(s) in {b} block(s) from {pd.Timestamp(t):%Y-%m-%dT%H:%M}"
-                     for k, (v, b, t) in sorted(self._since.items())]
-            warnings.warn(f"{self.where}: data.nonfinite='zero' set to 0 in the last {self._samples} samples: "
-                          + "; ".join(parts), NonFiniteWarning, stacklevel=2)
+            parts = [
+                f"'{k}': {v} value(s) in {b} block(s) from {pd.Timestamp(t):%Y-%m-%dT%H:%M}"
+                for k, (v, b, t) in sorted(self._since.items())
+            ]
+            warnings.warn(
+                f"{self.where}: data.nonfinite='zero' set to 0 in the last {self._samples} samples: "
+                + "; ".join(parts),
+                NonFiniteWarning,
+                stacklevel=2,
+            )
         self._samples, self._since = 0, {}
 
 
 class ShardedSampleLoader:
-    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, mesh: Mesh, split: str = "train",
-                 batch: int = 1, seed: int = 0, shuffle: bool | None = None, infinite: bool | None = None,
-                 store=None, dataset: GriddedDataset | None = None):
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        model_cfg: ModelConfig,
+        mesh: Mesh,
+        split: str = "train",
+        batch: int = 1,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        infinite: bool | None = None,
+        store=None,
+        dataset: GriddedDataset | None = None,
+    ):
         self.cfg, self.model_cfg, self.mesh, self.split = data_cfg, model_cfg, mesh, split
         self.geo = geo = Geometry(model_cfg, mesh)  # MeshMismatch if the mesh cannot split the grid
         ch = model_cfg.channels
         self.leads = data_cfg.leads or model_cfg.rollout
         if data_cfg.history and model_cfg.history and data_cfg.history != model_cfg.history:
-            raise DataError(f"data.history={data_cfg.history} but model.history={model_cfg.history}: the model "
-                            f"embeds model.history previous states; leave data.history at 0 (it follows the model)")
+            raise DataError(
+                f"data.history={data_cfg.history} but model.history={model_cfg.history}: the model "
+                f"embeds model.history previous states; leave data.history at 0 (it follows the model)"
+            )
         self.history = model_cfg.history or data_cfg.history
         self.rows = geo.pixel_row_split.slice(mesh.coords["domain"])
         self.chans = geo.channel_split(ch.n_fields).slice(mesh.coords["tp"])
@@ -151,8 +176,11 @@ class ShardedSampleLoader:
         # read by ~2 (history + leads) samples); with data.nonfinite='zero' every read is counted, so
         # nothing is kept and each batch reads its states in one request per variable
         local = (self.rows.stop - self.rows.start) * len(self.lon) * len(self.field_names) * 4
-        self._keep: dict | None = ({} if self.data is not None and data_cfg.nonfinite == "error"
-                                   and len(self.data.times) * local <= KEEP_BYTES else None)
+        self._keep: dict | None = (
+            {}
+            if self.data is not None and data_cfg.nonfinite == "error" and len(self.data.times) * local <= KEEP_BYTES
+            else None
+        )
 
         # normalisation of this rank's channels
         self._norm = None
@@ -173,15 +201,24 @@ class ShardedSampleLoader:
                 shape = (batch, self.history + 1, *shape[1:])
             f = torch.randn(shape, generator=g)
             tshape = (batch, *shape[-3:])
-            s = (None if not ch.n_static else
-                 torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous())
+            s = (
+                None
+                if not ch.n_static
+                else torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+            )
             # a placeholder start time per sample: validation counts samples by their times
-            self._fake = Sample(f, s, [torch.randn(tshape, generator=g) for _ in range(self.leads)],
-                                [pd.Timestamp("2000-01-01")] * batch)
+            self._fake = Sample(
+                f,
+                s,
+                [torch.randn(tshape, generator=g) for _ in range(self.leads)],
+                [pd.Timestamp("2000-01-01")] * batch,
+            )
         self._thread = None
         if data_cfg.pin_memory and not torch.cuda.is_available():
-            raise DataError("data.pin_memory=true needs a CUDA device (torch.cuda.is_available() is False): "
-                            "set it to null (on when CUDA is available) or false")
+            raise DataError(
+                "data.pin_memory=true needs a CUDA device (torch.cuda.is_available() is False): "
+                "set it to null (on when CUDA is available) or false"
+            )
         self.pin = torch.cuda.is_available() if data_cfg.pin_memory is None else data_cfg.pin_memory
         if self.pin and data_cfg.fake:  # the same tensors every step: pinned once
             self._fake = pin_sample(self._fake)
@@ -201,8 +238,10 @@ class ShardedSampleLoader:
         into the inputs; a validation sample's input states may lie inside it, as they may in training)."""
         term, channel = daily_cycle_static(name)
         if norm is None:
-            raise DataError(f"static channel '{name}' is computed from the stats file's per-pixel daily cycle: "
-                            f"set data.stats (python -m weathermixer.data stats over the training period)")
+            raise DataError(
+                f"static channel '{name}' is computed from the stats file's per-pixel daily cycle: "
+                f"set data.stats (python -m weathermixer.data stats over the training period)"
+            )
         arr, meta = norm.daily_cycle(channel, term, self.model_cfg.grid)
         if "val" in self.cfg.splits and "train" in self.cfg.splits:
             dt = pd.Timedelta(hours=self.cfg.dt_hours)
@@ -210,10 +249,12 @@ class ShardedSampleLoader:
             lo, hi = a + dt, b + self.leads * dt  # every target time of a validation sample
             start, end = pd.Timestamp(meta["start"]), pd.Timestamp(meta["end"])
             if start <= hi and end >= lo:
-                raise DataError(f"static channel '{name}': the per-pixel daily cycle in {norm.source} was fitted over "
-                                f"{start} .. {end}, which overlaps the validation split's target times {lo} .. {hi}; "
-                                f"compute the stats over the training period only (--start/--end of "
-                                f"`python -m weathermixer.data stats`)")
+                raise DataError(
+                    f"static channel '{name}': the per-pixel daily cycle in {norm.source} was fitted over "
+                    f"{start} .. {end}, which overlaps the validation split's target times {lo} .. {hi}; "
+                    f"compute the stats over the training period only (--start/--end of "
+                    f"`python -m weathermixer.data stats`)"
+                )
         mean, std = norm.fields([channel])
         arr = arr[self.rows]
         return (arr - mean[0]) / std[0] if term == "mean" else arr / std[0]
@@ -253,7 +294,7 @@ class ShardedSampleLoader:
         zarr and xarray, ~1 ms per variable, is what a batch of small blocks costs, not their bytes)."""
         need = sorted({int(t) for t in times} - cache.keys())
         for a in range(0, len(need), READ_TIMES):
-            part = need[a: a + READ_TIMES]
+            part = need[a : a + READ_TIMES]
             for t, x in zip(part, self.data.read_fields(part, self.rows, self.chans)):
                 cache[t] = self._prepare(t, x)
 
@@ -273,8 +314,9 @@ class ShardedSampleLoader:
             fields = np.stack([np.stack([cache[t - j * k] for j in range(h, -1, -1)]) for t in starts])
         else:
             fields = np.stack([cache[t] for t in starts])
-        targets = [torch.from_numpy(np.stack([cache[t + lead * k] for t in starts]))
-                   for lead in range(1, self.leads + 1)]
+        targets = [
+            torch.from_numpy(np.stack([cache[t + lead * k] for t in starts])) for lead in range(1, self.leads + 1)
+        ]
         times = [self.data.times[t] for t in starts]
         static = None
         if self._static_fixed is not None:
@@ -341,8 +383,7 @@ class ShardedSampleLoader:
             return
         q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._producer, args=(q, stop, *start), name="data-prefetch",
-                                  daemon=True)
+        thread = threading.Thread(target=self._producer, args=(q, stop, *start), name="data-prefetch", daemon=True)
         self._thread = mine = (stop, thread)
         thread.start()
         try:

@@ -9,6 +9,7 @@ Latitude order: rows are returned NORTH TO SOUTH (descending latitude, as ERA5 a
 synthetic data); a store with ascending latitude is flipped on read (the row range is mapped to the
 store's contiguous range first, so reads stay chunk-aligned).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -39,8 +40,10 @@ def open_dataset(cfg: DataConfig, store=None) -> xr.Dataset:
         remote = "://" in cfg.path and not cfg.path.startswith("file://")
         return xr.open_zarr(cfg.path, chunks=None, consolidated=None if remote else False)
     except (ImportError, ModuleNotFoundError) as err:
-        raise DataError(f"cannot open {where}: {err} (remote stores need fsspec plus gcsfs for gs:// "
-                        f"or s3fs for s3://; netCDF4 files need netCDF4 or h5netcdf)") from None
+        raise DataError(
+            f"cannot open {where}: {err} (remote stores need fsspec plus gcsfs for gs:// "
+            f"or s3fs for s3://; netCDF4 files need netCDF4 or h5netcdf)"
+        ) from None
     except FileNotFoundError as err:
         raise DataError(f"data set not found: {where} ({err})") from None
 
@@ -50,20 +53,26 @@ def open_grib(path: str) -> xr.Dataset:
     try:
         import cfgrib  # noqa: F401
     except ImportError:
-        raise DataError(f"cannot open {path}: reading GRIB needs cfgrib and eccodes: pip install "
-                        f"'jigsaw-weathermixer[grib]' (or convert the file to zarr/netCDF)") from None
+        raise DataError(
+            f"cannot open {path}: reading GRIB needs cfgrib and eccodes: pip install "
+            f"'jigsaw-weathermixer[grib]' (or convert the file to zarr/netCDF)"
+        ) from None
     return xr.open_dataset(path, engine="cfgrib", backend_kwargs={"indexpath": ""}, chunks=None)
 
 
 def decode_integer_times(t: np.ndarray, units: str | None, where: str, dim: str) -> np.ndarray:
     """An integer/float time coordinate in CF units ('hours since 1940-01-01') as datetimes."""
     if not units or " since " not in units:
-        raise DataError(f"{where}: time coordinate '{dim}' has dtype {t.dtype} and no CF units; set "
-                        f"data.time_units (e.g. 'hours since 1940-01-01') to decode it, and data.dims.time "
-                        f"if the time dimension has another name")
+        raise DataError(
+            f"{where}: time coordinate '{dim}' has dtype {t.dtype} and no CF units; set "
+            f"data.time_units (e.g. 'hours since 1940-01-01') to decode it, and data.dims.time "
+            f"if the time dimension has another name"
+        )
     unit, origin = units.split(" since ", 1)
     try:
-        return np.asarray(pd.Timestamp(origin.split("(")[0].strip()) + pd.to_timedelta(t, unit=unit.strip().rstrip("s")))
+        return np.asarray(
+            pd.Timestamp(origin.split("(")[0].strip()) + pd.to_timedelta(t, unit=unit.strip().rstrip("s"))
+        )
     except (ValueError, TypeError) as err:
         raise DataError(f"{where}: cannot decode time coordinate '{dim}' with units {units!r}: {err}") from None
 
@@ -88,8 +97,10 @@ class GriddedDataset:
         self._dims = d
         for key, dim in (("time", d.time), ("latitude", d.latitude), ("longitude", d.longitude)):
             if dim not in self.ds.dims:
-                raise DataError(f"{self.where}: no dimension '{dim}' (data.dims.{key}); the data set's "
-                                f"dimensions are {sorted(map(str, self.ds.dims))}")
+                raise DataError(
+                    f"{self.where}: no dimension '{dim}' (data.dims.{key}); the data set's "
+                    f"dimensions are {sorted(map(str, self.ds.dims))}"
+                )
         self._read_grid()
         self._read_time()
         self.channels = self._resolve(channels)
@@ -100,8 +111,10 @@ class GriddedDataset:
             if (dc := daily_cycle_static(n)) is None:
                 continue
             if dc[1] not in channels.names:
-                raise DataError(f"static channel '{n}': '{dc[1]}' is not a predicted channel of the model "
-                                f"(model.channels: {channels.names})")
+                raise DataError(
+                    f"static channel '{n}': '{dc[1]}' is not a predicted channel of the model "
+                    f"(model.channels: {channels.names})"
+                )
             if dc[1] not in self.daily_cycle:
                 self.daily_cycle.append(dc[1])
 
@@ -115,8 +128,10 @@ class GriddedDataset:
         lat = self._coord(self._dims.latitude).astype(np.float64)
         lon = self._coord(self._dims.longitude).astype(np.float64)
         if (len(lat), len(lon)) != self.grid:
-            raise DataError(f"{self.where}: grid ({self._dims.latitude}, {self._dims.longitude}) = "
-                            f"({len(lat)}, {len(lon)}) but model.grid is {list(self.grid)}")
+            raise DataError(
+                f"{self.where}: grid ({self._dims.latitude}, {self._dims.longitude}) = "
+                f"({len(lat)}, {len(lon)}) but model.grid is {list(self.grid)}"
+            )
         dl = np.diff(lat)
         if len(lat) > 1 and not (np.all(dl > 0) or np.all(dl < 0)):
             raise DataError(f"{self.where}: latitude coordinate '{self._dims.latitude}' is not monotonic")
@@ -131,8 +146,10 @@ class GriddedDataset:
             units = self.cfg.time_units or self.ds[dim].attrs.get("units") or self.ds.attrs.get("time_units")
             t = decode_integer_times(t, units, self.where, dim)
         if not np.issubdtype(t.dtype, np.datetime64):
-            raise DataError(f"{self.where}: time coordinate '{self._dims.time}' has dtype {t.dtype}, "
-                            f"expected datetimes (CF-encoded times are decoded by xarray)")
+            raise DataError(
+                f"{self.where}: time coordinate '{self._dims.time}' has dtype {t.dtype}, "
+                f"expected datetimes (CF-encoded times are decoded by xarray)"
+            )
         self.times = pd.DatetimeIndex(t)
         if len(t) < 2:
             raise DataError(f"{self.where}: only {len(t)} time step(s)")
@@ -145,38 +162,46 @@ class GriddedDataset:
         if len(bad):
             i = bad[0]
             steps = sorted({pd.Timedelta(d) / pd.Timedelta(hours=1) for d in diffs})
-            raise DataError(f"{self.where}: gap in the time axis between {self.times[i]} and "
-                            f"{self.times[i + 1]} ({pd.Timedelta(diffs[i]) / pd.Timedelta(hours=1):g} h; "
-                            f"the step is {step / pd.Timedelta(hours=1):g} h); {len(bad)} irregular interval(s) "
-                            f"(steps seen: {', '.join(f'{h:g} h' for h in steps[:6])}). The model steps a fixed "
-                            f"dt: resample the data set to a regular step first (e.g. xarray's "
-                            f"ds.interp(time=pd.date_range(first, last, freq='6h')) or a selection of the times "
-                            f"that are a multiple of dt apart) and write it to zarr")
+            raise DataError(
+                f"{self.where}: gap in the time axis between {self.times[i]} and "
+                f"{self.times[i + 1]} ({pd.Timedelta(diffs[i]) / pd.Timedelta(hours=1):g} h; "
+                f"the step is {step / pd.Timedelta(hours=1):g} h); {len(bad)} irregular interval(s) "
+                f"(steps seen: {', '.join(f'{h:g} h' for h in steps[:6])}). The model steps a fixed "
+                f"dt: resample the data set to a regular step first (e.g. xarray's "
+                f"ds.interp(time=pd.date_range(first, last, freq='6h')) or a selection of the times "
+                f"that are a multiple of dt apart) and write it to zarr"
+            )
         self.step = step
         hours = step / pd.Timedelta(hours=1)
         if self.cfg.step_hours is not None and abs(hours - self.cfg.step_hours) > 1e-9:
             raise DataError(f"{self.where}: time step is {hours:g} h but data.step_hours={self.cfg.step_hours:g}")
         k = self.cfg.dt_hours / hours
         if abs(k - round(k)) > 1e-6 or round(k) < 1:
-            raise DataError(f"data.dt_hours={self.cfg.dt_hours:g} is not a multiple of the time step "
-                            f"{hours:g} h of {self.where}")
+            raise DataError(
+                f"data.dt_hours={self.cfg.dt_hours:g} is not a multiple of the time step {hours:g} h of {self.where}"
+            )
         self.k = int(round(k))  # data steps per model step
 
     def _var(self, var: str, channel: str, need_level: bool, allow_time: bool = True) -> xr.DataArray:
         if var not in self.ds.data_vars:
             alias = "" if var == channel else f" (data.variables maps '{channel}' to it)"
-            raise DataError(f"{self.where}: variable '{var}' for model channel '{channel}'{alias} not found; "
-                            f"data variables: {sorted(map(str, self.ds.data_vars))}")
+            raise DataError(
+                f"{self.where}: variable '{var}' for model channel '{channel}'{alias} not found; "
+                f"data variables: {sorted(map(str, self.ds.data_vars))}"
+            )
         da = self.ds[var]
         d = self._dims
         want = ([d.time] if allow_time else []) + ([d.level] if need_level else []) + [d.latitude, d.longitude]
         missing = [x for x in want if x not in da.dims]
         extra = [x for x in da.dims if x not in want and not (x == d.time and not allow_time and da.sizes[x] == 1)]
         if missing or extra:
-            raise DataError(f"{self.where}: variable '{var}' has dimensions {tuple(map(str, da.dims))}; "
-                            f"expected {tuple(want)}" + (f", missing {missing}" if missing else "")
-                            + (f", unexpected {extra}" if extra else "")
-                            + " (names set by data.dims)")
+            raise DataError(
+                f"{self.where}: variable '{var}' has dimensions {tuple(map(str, da.dims))}; "
+                f"expected {tuple(want)}"
+                + (f", missing {missing}" if missing else "")
+                + (f", unexpected {extra}" if extra else "")
+                + " (names set by data.dims)"
+            )
         return da
 
     def _resolve(self, ch: ChannelsConfig) -> list[Channel]:
@@ -185,8 +210,10 @@ class GriddedDataset:
             self._var(c.var, c.name, need_level=False)
         if ch.atmospheric:
             if self._dims.level not in self.ds.dims:
-                raise DataError(f"{self.where}: no dimension '{self._dims.level}' (data.dims.level) for the "
-                                f"atmospheric variables {ch.atmospheric}")
+                raise DataError(
+                    f"{self.where}: no dimension '{self._dims.level}' (data.dims.level) for the "
+                    f"atmospheric variables {ch.atmospheric}"
+                )
             levels = self._coord(self._dims.level).astype(np.float64)
         for v in ch.atmospheric:
             var = self.cfg.variable(v)
@@ -195,9 +222,11 @@ class GriddedDataset:
                 want = self.cfg.level(lev)
                 hit = np.flatnonzero(np.isclose(levels, want))
                 if not len(hit):
-                    raise DataError(f"{self.where}: level {want:g} of variable '{var}' not in the level "
-                                    f"coordinate '{self._dims.level}' {levels.tolist()} (model.channels.levels, "
-                                    f"data.levels)")
+                    raise DataError(
+                        f"{self.where}: level {want:g} of variable '{var}' not in the level "
+                        f"coordinate '{self._dims.level}' {levels.tolist()} (model.channels.levels, "
+                        f"data.levels)"
+                    )
                 out.append(Channel(f"{v}_{lev}", var, lev, int(hit[0])))
         return out
 
@@ -223,13 +252,16 @@ class GriddedDataset:
         if many:
             t = np.asarray(time, dtype=np.int64)
             if len(t) and (t.min() < 0 or t.max() >= len(self.times)):
-                raise IndexError(f"{self.where}: time index {int(t.min() if t.min() < 0 else t.max())} out of "
-                                 f"range 0 .. {len(self.times) - 1}")
+                raise IndexError(
+                    f"{self.where}: time index {int(t.min() if t.min() < 0 else t.max())} out of "
+                    f"range 0 .. {len(self.times) - 1}"
+                )
             # a run of consecutive indices is a slice: zarr reads its chunks without fancy indexing
             when = slice(int(t[0]), int(t[-1]) + 1) if len(t) and np.all(np.diff(t) == 1) else t
         lead = (d.time,) if many else ()
-        out = np.empty(((len(t),) if many else ()) + (len(channels), rows.stop - rows.start, self.grid[1]),
-                       dtype=np.float32)
+        out = np.empty(
+            ((len(t),) if many else ()) + (len(channels), rows.stop - rows.start, self.grid[1]), dtype=np.float32
+        )
         i = 0
         while i < len(channels):  # one read per run of channels of the same variable
             j = i + 1
@@ -241,7 +273,7 @@ class GriddedDataset:
                 sel[d.time] = (when if many else time) if time is not None else 0
             if run[0].level is not None:
                 idx = [c.level_index for c in run]
-                sel[d.level] = (slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx)
+                sel[d.level] = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
                 block = self._values(run[0].var, sel, lead + (d.level, d.latitude, d.longitude))
             else:
                 block = self._values(run[0].var, sel, lead + (d.latitude, d.longitude))[..., None, :, :]
@@ -279,16 +311,20 @@ class GriddedDataset:
         lo, hi = history * k, T - 1 - leads * k
         span = f"{leads} lead(s) and {history} history step(s) of {self.cfg.dt_hours:g} h"
         if hi < lo:
-            raise DataError(f"{self.where}: {T} time steps ({self.times[0]} .. {self.times[-1]}) are too few for "
-                            f"{span}: need at least {(leads + history) * k + 1}")
+            raise DataError(
+                f"{self.where}: {T} time steps ({self.times[0]} .. {self.times[-1]}) are too few for "
+                f"{span}: need at least {(leads + history) * k + 1}"
+            )
         idx = np.arange(lo, hi + 1)
         if split in self.cfg.splits:
             a, b = (pd.Timestamp(x) for x in self.cfg.splits[split])
             t = self.times[idx]
             idx = idx[(t >= a) & (t <= b)]
             if not len(idx):
-                raise DataError(f"{self.where}: split '{split}' ({a} .. {b}, data.splits) contains no sample "
-                                f"start with {span}; the data covers {self.times[0]} .. {self.times[-1]}")
+                raise DataError(
+                    f"{self.where}: split '{split}' ({a} .. {b}, data.splits) contains no sample "
+                    f"start with {span}; the data covers {self.times[0]} .. {self.times[-1]}"
+                )
         elif self.cfg.splits:
             raise DataError(f"split '{split}' not in data.splits (has {sorted(self.cfg.splits)})")
         return idx
@@ -351,8 +387,10 @@ class ChunkCheck:
             else:
                 per_dim.append(np.unique(np.atleast_1d(np.arange(n)[s]) // c).tolist())
         prefix = arr.store_path.path.strip("/")
-        return arr, [((f"{prefix}/" if prefix else "") + arr.metadata.encode_chunk_key(coords), coords)
-                     for coords in itertools.product(*per_dim)]
+        return arr, [
+            ((f"{prefix}/" if prefix else "") + arr.metadata.encode_chunk_key(coords), coords)
+            for coords in itertools.product(*per_dim)
+        ]
 
     def _where(self, var: str, arr, coords: tuple[int, ...]) -> str:
         """'time A' or 'times A .. B' of a chunk, or 'static'."""
@@ -375,15 +413,21 @@ class ChunkCheck:
             return
         k, c = missing[0]
         fill = arr.fill_value.item() if hasattr(arr.fill_value, "item") else arr.fill_value
-        msg = (f"{self.data.where}: chunk '{k}' of variable '{var}' ({self._where(var, arr, c)}) is missing from "
-               f"the store ({len(missing)} of the {len(keys)} chunk(s) of this read): zarr would serve it as its "
-               f"fill value ({fill!r} here) as if it were data. Lost, or an all-fill chunk zarr did not "
-               f"write (write_empty_chunks=False: write the store with write_empty_chunks=True)")
+        msg = (
+            f"{self.data.where}: chunk '{k}' of variable '{var}' ({self._where(var, arr, c)}) is missing from "
+            f"the store ({len(missing)} of the {len(keys)} chunk(s) of this read): zarr would serve it as its "
+            f"fill value ({fill!r} here) as if it were data. Lost, or an all-fill chunk zarr did not "
+            f"write (write_empty_chunks=False: write the store with write_empty_chunks=True)"
+        )
         if fatal:
             raise DataError(msg + "; re-write it, or leave those times out of data.splits")
         self._warned.add(var)
-        warnings.warn(msg + "; data.nonfinite='zero' sets its values to 0 (first absent chunk of this "
-                      "variable; counts follow in the non-finite summaries)", NonFiniteWarning, stacklevel=2)
+        warnings.warn(
+            msg + "; data.nonfinite='zero' sets its values to 0 (first absent chunk of this "
+            "variable; counts follow in the non-finite summaries)",
+            NonFiniteWarning,
+            stacklevel=2,
+        )
 
     def undecodable(self, var: str, sel: dict, err: Exception) -> Exception:
         """The read error `err`, as a DataError naming the chunk that cannot be decoded (if one is found)."""
@@ -398,18 +442,21 @@ class ChunkCheck:
             try:
                 arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, grid))]
             except Exception as bad:  # noqa: BLE001
-                return DataError(f"{self.data.where}: cannot decode chunk '{key}' of variable '{var}' "
-                                 f"({self._where(var, arr, coords)}): {type(bad).__name__}: {bad} (a truncated or "
-                                 f"corrupt chunk: re-write it, or leave those times out of data.splits)")
+                return DataError(
+                    f"{self.data.where}: cannot decode chunk '{key}' of variable '{var}' "
+                    f"({self._where(var, arr, coords)}): {type(bad).__name__}: {bad} (a truncated or "
+                    f"corrupt chunk: re-write it, or leave those times out of data.splits)"
+                )
         return err
 
 
-def check_finite(block: np.ndarray, names: list[str], time, lat: np.ndarray, lon: np.ndarray,
-                 where: str) -> None:
+def check_finite(block: np.ndarray, names: list[str], time, lat: np.ndarray, lon: np.ndarray, where: str) -> None:
     """Raise naming the variable, time and location of the first NaN/inf in (C, rows, lon)."""
     bad = ~np.isfinite(block)
     if bad.any():
         c, r, q = np.argwhere(bad)[0]
-        raise DataError(f"{where}: non-finite value {block[c, r, q]} in '{names[c]}' at time {time}, "
-                        f"latitude {lat[r]:g}, longitude {lon[q]:g} ({int(bad.sum())} non-finite value(s) "
-                        f"in this block; set data.nonfinite='zero' to mask them)")
+        raise DataError(
+            f"{where}: non-finite value {block[c, r, q]} in '{names[c]}' at time {time}, "
+            f"latitude {lat[r]:g}, longitude {lon[q]:g} ({int(bad.sum())} non-finite value(s) "
+            f"in this block; set data.nonfinite='zero' to mask them)"
+        )

@@ -1,5 +1,6 @@
 """Which samples a rank loads at each step: seeded, resumable, identical on every rank of a model
 group (DOMAIN x TP ranks see the same indices), disjoint across dp replicas."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,24 +22,32 @@ class ReplicaSampler:
         self.epoch, self.step = 0, 0
 
     def indices(self, epoch: int, step: int) -> np.ndarray:
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                 else np.arange(self.n))
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
         start = (step * self.dp + self.dp_rank) * self.batch
-        return order[start:start + self.batch]
+        return order[start : start + self.batch]
 
     def position_after(self, epoch: int, step: int) -> tuple[int, int]:
         step += 1
         return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "n": self.n,
-                "batch": self.batch, "dp": self.dp, "shuffle": self.shuffle}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "n": self.n,
+            "batch": self.batch,
+            "dp": self.dp,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "n", "batch", "dp", "shuffle"):
             if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]} but this loader has "
-                                 f"{key}={getattr(self, key)}: positions would not match")
+                raise ValueError(
+                    f"sampler state has {key}={state[key]} but this loader has "
+                    f"{key}={getattr(self, key)}: positions would not match"
+                )
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"sampler state step={state['step']} outside [0, {self.steps_per_epoch})")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -1,4 +1,5 @@
 """Per-channel normalisation statistics, streamed over the time axis (one time step in memory)."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ class _Moments:
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * nb / n
-        self.m2 = self.m2 + m2b + delta ** 2 * self.n * nb / n
+        self.m2 = self.m2 + m2b + delta**2 * self.n * nb / n
         self.n = n
 
     @property
@@ -60,8 +61,13 @@ class _DailyCycle:
         return np.tensordot(np.linalg.pinv(self.gram, rcond=1e-10), self.rhs, axes=1)
 
 
-def compute_stats(data: GriddedDataset, start: str | None = None, end: str | None = None,
-                  log=None, daily_cycle: list[str] | None = None) -> dict:
+def compute_stats(
+    data: GriddedDataset,
+    start: str | None = None,
+    end: str | None = None,
+    log=None,
+    daily_cycle: list[str] | None = None,
+) -> dict:
     """Mean and std of every model channel (per variable and level) over times [start, end], std of
     the dt-differences x(t+dt) - x(t) with both times inside the period, and mean/std of the static
     fields read from the store. For the channels in `daily_cycle` (default: those the model's
@@ -75,8 +81,10 @@ def compute_stats(data: GriddedDataset, start: str | None = None, end: str | Non
     hi = pd.Timestamp(end) if end else times[-1]
     idx = np.flatnonzero((times >= lo) & (times <= hi))
     if len(idx) < data.k + 1:
-        raise ValueError(f"{data.where}: period {lo} .. {hi} holds {len(idx)} time step(s); need at least "
-                         f"{data.k + 1} for dt={data.cfg.dt_hours:g} h differences")
+        raise ValueError(
+            f"{data.where}: period {lo} .. {hi} holds {len(idx)} time step(s); need at least "
+            f"{data.k + 1} for dt={data.cfg.dt_hours:g} h differences"
+        )
     names = [c.name for c in data.channels]
     full = slice(0, data.grid[0])
     mom, dmom = _Moments(len(names)), _Moments(len(names))
@@ -100,25 +108,46 @@ def compute_stats(data: GriddedDataset, start: str | None = None, end: str | Non
             log(f"stats: {j + 1}/{len(idx)} time steps")
     chan = {}
     for i, c in enumerate(data.channels):
-        chan[c.name] = {"variable": c.var, "level": c.level, "mean": float(mom.mean[i]),
-                        "std": float(mom.std[i]), "diff_std": float(dmom.std[i])}
+        chan[c.name] = {
+            "variable": c.var,
+            "level": c.level,
+            "mean": float(mom.mean[i]),
+            "std": float(mom.std[i]),
+            "diff_std": float(dmom.std[i]),
+        }
     static = {}
     if data.static:
         s = data.read_static([c.name for c in data.static], full)
         for i, c in enumerate(data.static):
-            static[c.name] = {"variable": c.var, "mean": float(s[i].astype(np.float64).mean()),
-                              "std": float(s[i].astype(np.float64).std())}
-    out = {"source": data.where, "start": str(times[idx[0]]), "end": str(times[idx[-1]]),
-           "time_steps": int(len(idx)), "dt_hours": data.cfg.dt_hours, "channels": chan, "static": static}
+            static[c.name] = {
+                "variable": c.var,
+                "mean": float(s[i].astype(np.float64).mean()),
+                "std": float(s[i].astype(np.float64).std()),
+            }
+    out = {
+        "source": data.where,
+        "start": str(times[idx[0]]),
+        "end": str(times[idx[-1]]),
+        "time_steps": int(len(idx)),
+        "dt_hours": data.cfg.dt_hours,
+        "channels": chan,
+        "static": static,
+    }
     if cycle is not None:
         coef = cycle.solve()
         hours = sorted({round(h, 4) for h in (times[idx].hour + times[idx].minute / 60)})
         out["daily_cycle"] = {
-            "start": out["start"], "end": out["end"], "grid": list(data.grid), "hours_seen": hours,
+            "start": out["start"],
+            "end": out["end"],
+            "grid": list(data.grid),
+            "hours_seen": hours,
             "basis": "mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h), h = UTC hour, "
-                     "w = 2 pi / 24 h; per pixel, least squares over the period; rows north to south",
-            "channels": {n: {term: np.round(coef[j, i], 5).tolist() for j, term in enumerate(DAILY_CYCLE_TERMS)}
-                         for i, n in enumerate(cycle_names)}}
+            "w = 2 pi / 24 h; per pixel, least squares over the period; rows north to south",
+            "channels": {
+                n: {term: np.round(coef[j, i], 5).tolist() for j, term in enumerate(DAILY_CYCLE_TERMS)}
+                for i, n in enumerate(cycle_names)
+            },
+        }
     return out
 
 
@@ -129,19 +158,21 @@ class Normalizer:
         self.stats, self.source = stats, source
 
     @classmethod
-    def load(cls, path: str | Path) -> "Normalizer":
+    def load(cls, path: str | Path) -> Normalizer:
         try:
             return cls(json.loads(Path(path).read_text()), str(path))
         except FileNotFoundError:
-            raise ValueError(f"stats file not found: {path} (data.stats); create it with "
-                             f"`python -m weathermixer.data stats`") from None
+            raise ValueError(
+                f"stats file not found: {path} (data.stats); create it with `python -m weathermixer.data stats`"
+            ) from None
 
     def _arrays(self, section: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         table = self.stats.get(section, {})
         missing = [n for n in names if n not in table]
         if missing:
-            raise ValueError(f"{self.source}: no {section} statistics for {missing}; recompute the stats "
-                             f"for the model's channels")
+            raise ValueError(
+                f"{self.source}: no {section} statistics for {missing}; recompute the stats for the model's channels"
+            )
         mean = np.array([table[n]["mean"] for n in names], dtype=np.float32)
         std = np.array([table[n]["std"] for n in names], dtype=np.float32)
         std[std < 1e-12] = 1.0
@@ -156,13 +187,16 @@ class Normalizer:
         section = self.stats.get("daily_cycle") or {}
         table = (section.get("channels") or {}).get(channel)
         if table is None:
-            raise ValueError(f"{self.source}: no per-pixel daily cycle of '{channel}' (a daily_cycle_*_{channel} "
-                             f"static input needs it); recompute the stats with `python -m weathermixer.data stats` "
-                             f"over the training period for this job (its static inputs name the channel)")
+            raise ValueError(
+                f"{self.source}: no per-pixel daily cycle of '{channel}' (a daily_cycle_*_{channel} "
+                f"static input needs it); recompute the stats with `python -m weathermixer.data stats` "
+                f"over the training period for this job (its static inputs name the channel)"
+            )
         arr = np.asarray(table[term], dtype=np.float32)
         if arr.shape != tuple(grid):
-            raise ValueError(f"{self.source}: daily cycle of '{channel}' is on a {arr.shape} grid, the model's is "
-                             f"{tuple(grid)}")
+            raise ValueError(
+                f"{self.source}: daily cycle of '{channel}' is on a {arr.shape} grid, the model's is {tuple(grid)}"
+            )
         return arr, section
 
     def static(self, names: list[str]):

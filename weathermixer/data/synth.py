@@ -7,6 +7,7 @@ normalisation matters. Latitude is written ascending (-90 .. 90, as WB2's regrid
 default; the reader returns rows north to south either way. Meant for small grids (the generator
 keeps O(64 x channels x grid) floats for its own standardisation).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,13 +19,15 @@ from .synthetic import SyntheticWeather
 from .units import with_units
 
 SURFACE = {  # name -> (offset, scale)
-    "2m_temperature": (288.0, 12.0), "10m_u_component_of_wind": (2.0, 5.0),
-    "10m_v_component_of_wind": (0.0, 4.0), "mean_sea_level_pressure": (101325.0, 1200.0),
-    "surface_pressure": (98000.0, 2000.0), "total_column_water_vapour": (25.0, 12.0),
+    "2m_temperature": (288.0, 12.0),
+    "10m_u_component_of_wind": (2.0, 5.0),
+    "10m_v_component_of_wind": (0.0, 4.0),
+    "mean_sea_level_pressure": (101325.0, 1200.0),
+    "surface_pressure": (98000.0, 2000.0),
+    "total_column_water_vapour": (25.0, 12.0),
 }
 DEFAULT_SURFACE = list(SURFACE)[:4]
-DEFAULT_ATMOSPHERIC = ["geopotential", "temperature", "specific_humidity", "u_component_of_wind",
-                       "v_component_of_wind"]
+DEFAULT_ATMOSPHERIC = ["geopotential", "temperature", "specific_humidity", "u_component_of_wind", "v_component_of_wind"]
 G = 9.80665
 
 
@@ -48,10 +51,21 @@ def physical_scale(var: str, level: int | None) -> tuple[float, float]:
     }.get(var, (0.0, 1.0))
 
 
-def write_synthetic(out: str, grid=(32, 64), start="2020-01-01", end="2020-03-01", step_hours: float = 6.0,
-                    variables: list[str] | None = None, levels: list[int] | None = None,
-                    lat_order: str = "ascending", seed: int = 0, noise: float = 0.05,
-                    level_chunk: int = 1, lat_chunk: int | None = None, time_block: int = 64) -> xr.Dataset:
+def write_synthetic(
+    out: str,
+    grid=(32, 64),
+    start="2020-01-01",
+    end="2020-03-01",
+    step_hours: float = 6.0,
+    variables: list[str] | None = None,
+    levels: list[int] | None = None,
+    lat_order: str = "ascending",
+    seed: int = 0,
+    noise: float = 0.05,
+    level_chunk: int = 1,
+    lat_chunk: int | None = None,
+    time_block: int = 64,
+) -> xr.Dataset:
     """Write the store; returns it opened lazily. Chunks: time=1, level=level_chunk, latitude=lat_chunk
     (default all), longitude=all. Static: land_sea_mask (0/1), geopotential_at_surface (m^2/s^2)."""
     variables = list(variables) if variables else DEFAULT_SURFACE + DEFAULT_ATMOSPHERIC
@@ -62,8 +76,13 @@ def write_synthetic(out: str, grid=(32, 64), start="2020-01-01", end="2020-03-01
     if len(times) < 2:
         raise ValueError(f"--start {start} .. --end {end} with step {step_hours:g} h gives {len(times)} time(s)")
     H, W = grid
-    cfg = ModelConfig(grid=(H, W), patch=(1, 1), channels=ChannelsConfig(
-        surface=surface, atmospheric=atmos, levels=levels if atmos else [], static=["land_sea_mask", "orography"]))
+    cfg = ModelConfig(
+        grid=(H, W),
+        patch=(1, 1),
+        channels=ChannelsConfig(
+            surface=surface, atmospheric=atmos, levels=levels if atmos else [], static=["land_sea_mask", "orography"]
+        ),
+    )
     sw = SyntheticWeather(cfg, seed=seed, noise=noise, step_hours=step_hours)
     scale = []
     for v in surface:
@@ -92,18 +111,23 @@ def write_synthetic(out: str, grid=(32, 64), start="2020-01-01", end="2020-03-01
             data[v] = (("time", "latitude", "longitude"), x[:, i])
         for j, v in enumerate(atmos):
             a = len(surface) + j * len(levels)
-            data[v] = (("time", "level", "latitude", "longitude"), x[:, a:a + len(levels)])
+            data[v] = (("time", "level", "latitude", "longitude"), x[:, a : a + len(levels)])
         ds = xr.Dataset(data, coords=dict(coords, time=times[tb]))
         if b0 == 0:
             ds["land_sea_mask"] = (("latitude", "longitude"), rows(unit(st[0])).astype(np.float32))
-            ds["geopotential_at_surface"] = (("latitude", "longitude"),
-                                             rows(unit(st[1]) * G * 3000.0).astype(np.float32))
+            ds["geopotential_at_surface"] = (
+                ("latitude", "longitude"),
+                rows(unit(st[1]) * G * 3000.0).astype(np.float32),
+            )
             enc = {}
             for v in ds.data_vars:
                 ds[v].attrs = with_units(v, ds[v].attrs)
                 dims = ds[v].dims
-                enc[v] = {"chunks": tuple({"time": 1, "level": level_chunk, "latitude": lat_chunk}.get(d, ds.sizes[d])
-                                          for d in dims)}
+                enc[v] = {
+                    "chunks": tuple(
+                        {"time": 1, "level": level_chunk, "latitude": lat_chunk}.get(d, ds.sizes[d]) for d in dims
+                    )
+                }
             enc["time"] = {"units": f"hours since {times[0]:%Y-%m-%d %H:%M:%S}", "dtype": "int64"}
             ds.to_zarr(out, mode="w", consolidated=False, encoding=enc)
         else:

@@ -19,10 +19,11 @@ of times). Latitudes are equiangular from +90 to -90 including both poles (ERA5 
 Each rank may generate the full field and shard it with the model's grid layout: fine for this
 small embedded default. The real data pipeline reads only each rank's block from disk.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,8 +43,16 @@ def is_surface_level(name: str, cfg: ModelConfig) -> bool:
 class SyntheticWeather:
     """x(t) for integer time indices t >= 0 on the ModelConfig's grid and channels."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, n_latent: int = 3, noise: float = 0.05,
-                 step_hours: float = 6.0, max_wavenumber: int = 4, max_meridional: int = 4):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        seed: int = 0,
+        n_latent: int = 3,
+        noise: float = 0.05,
+        step_hours: float = 6.0,
+        max_wavenumber: int = 4,
+        max_meridional: int = 4,
+    ):
         self.cfg, self.seed, self.noise, self.step_hours = cfg, seed, noise, step_hours
         self.n_lat, self.n_lon = cfg.grid
         self.names = cfg.channels.names
@@ -65,8 +74,9 @@ class SyntheticWeather:
                 for n in range(max_meridional):
                     amp = rng.normal() / (1.0 + 0.5 * n) * (0.3 if m == 0 else 1.0)  # weak zonal mean
                     phase_lat, phase_lon = rng.uniform(0, 2 * np.pi, 2)
-                    coef[j, :, m] += (amp * np.sin(colat[:, 0]) ** m * np.cos(n * colat[:, 0] + phase_lat)
-                                      * np.exp(1j * phase_lon))
+                    coef[j, :, m] += (
+                        amp * np.sin(colat[:, 0]) ** m * np.cos(n * colat[:, 0] + phase_lat) * np.exp(1j * phase_lon)
+                    )
         self._coef = coef
         self._eim = np.exp(1j * self._m[:, None] * lon_rad)  # (M+1, W)
         # zonal jet in radians of longitude per step: westerlies everywhere, strongest at +-45 deg
@@ -92,8 +102,13 @@ class SyntheticWeather:
         static = []
         for name in self.static_names:
             low = name.lower()
-            key = ("orography" if ("oro" in low or "geopotential" in low) else
-                   "land_sea_mask" if ("land" in low or "lsm" in low) else None)
+            key = (
+                "orography"
+                if ("oro" in low or "geopotential" in low)
+                else "land_sea_mask"
+                if ("land" in low or "lsm" in low)
+                else None
+            )
             static.append(static_pool[key] if key else smooth(5))  # e.g. soil type: another fixed field
         self._lsm, self._oro = lsm, orography
         self._static = np.stack([_standardise(s) for s in static]) if static else np.zeros((0, self.n_lat, self.n_lon))
@@ -101,8 +116,9 @@ class SyntheticWeather:
         # channels: fixed latent mixes + diurnal cycle + orography cooling on temperature-like ones
         C = len(self.names)
         self._mix = rng.normal(size=(C, n_latent)) / math.sqrt(n_latent)
-        self._diurnal = np.array([
-            (1.0 if is_surface_level(n, cfg) else 0.3) if is_temperature(n) else 0.0 for n in self.names])
+        self._diurnal = np.array(
+            [(1.0 if is_surface_level(n, cfg) else 0.3) if is_temperature(n) else 0.0 for n in self.names]
+        )
         self._lapse = np.array([0.8 if is_temperature(n) else 0.0 for n in self.names])
         self._cos_lat = np.clip(np.cos(np.deg2rad(lat)), 0.0, None)[:, None]
         self._lon_hours = (lon / 15.0)[None, :]
@@ -156,8 +172,11 @@ class SyntheticWeather:
     def sample(self, times: Sequence[int], leads: int = 1):
         """(state at t, static, [state at t + 1, ..., t + leads]) for a batch of start times."""
         times = list(times)
-        return (self.state(times), self.static(len(times)),
-                [self.state([t + k for t in times]) for k in range(1, leads + 1)])
+        return (
+            self.state(times),
+            self.static(len(times)),
+            [self.state([t + k for t in times]) for k in range(1, leads + 1)],
+        )
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
 """A zarr store wrapper that records every chunk/metadata key fetched and the bytes returned."""
+
 from __future__ import annotations
 
 import threading
@@ -14,7 +15,7 @@ class CountingStore(WrapperStore):
         self.nbytes = 0
 
     @classmethod
-    def local(cls, path) -> "CountingStore":
+    def local(cls, path) -> CountingStore:
         return cls(LocalStore(str(path), read_only=True))
 
     async def get(self, key, prototype, byte_range=None):

@@ -1,4 +1,5 @@
 """Time stamps in messages: the first few of a list, then how many in all."""
+
 from __future__ import annotations
 
 import pandas as pd

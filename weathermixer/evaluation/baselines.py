@@ -7,6 +7,7 @@ and the climatology's period: the training years only (given, or by default the 
 the first init), with a flag when it overlaps the evaluated times. The climatology itself is built
 by weathermixer.evaluation.metrics.build_climatology.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,10 @@ def climatology_period(truth_times: pd.DatetimeIndex, plan: Plan, start=None, en
     if default:
         before = truth_times[truth_times < plan.inits.min()]
         if not len(before):
-            raise EvaluationError(f"no truth time before the first init {plan.inits.min()} for the climatology: "
-                                  f"give the training years with --climatology-years START END")
+            raise EvaluationError(
+                f"no truth time before the first init {plan.inits.min()} for the climatology: "
+                f"give the training years with --climatology-years START END"
+            )
         start, end = before[0], before[-1]
     start = pd.Timestamp(start) if start is not None else truth_times[0]
     end = pd.Timestamp(end) if end is not None else truth_times[-1]
@@ -47,12 +50,14 @@ def climatology_period(truth_times: pd.DatetimeIndex, plan: Plan, start=None, en
     return ClimatologyPeriod(start, end, default, overlap)
 
 
-def variable_climatology(tr: xr.Dataset, plan: Plan, var: str, period: ClimatologyPeriod, window_days: int,
-                         fallback: str) -> M.Climatology:
+def variable_climatology(
+    tr: xr.Dataset, plan: Plan, var: str, period: ClimatologyPeriod, window_days: int, fallback: str
+) -> M.Climatology:
     """The climatology of one variable at the plan's levels, for the plan's valid times only."""
     clim_truth = truth_var(tr, var, plan.levels[var])
-    return M.build_climatology(clim_truth, period.start, period.end, window_days, for_times=plan.valid_times,
-                               fallback=fallback)
+    return M.build_climatology(
+        clim_truth, period.start, period.end, window_days, for_times=plan.valid_times, fallback=fallback
+    )
 
 
 def persistence_forecast(truth_at_inits: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -60,8 +65,9 @@ def persistence_forecast(truth_at_inits: np.ndarray, shape: tuple[int, ...]) -> 
     return np.broadcast_to(truth_at_inits[:, None], shape)
 
 
-def climatology_forecast(clim: M.Climatology, valid: np.ndarray, lev_dims: tuple[str, ...],
-                         shape: tuple[int, ...]) -> np.ndarray:
+def climatology_forecast(
+    clim: M.Climatology, valid: np.ndarray, lev_dims: tuple[str, ...], shape: tuple[int, ...]
+) -> np.ndarray:
     """clim at the valid times `valid` (init, lead) -> `shape` = (init, lead, [level], latitude, longitude)."""
     return clim.at(valid.ravel()).transpose(TIME, *lev_dims, LAT, LON).values.reshape(shape)
 
@@ -97,8 +103,11 @@ class LinearBaseline:
 
     @property
     def features(self) -> list[str]:
-        return (["x(t)", "x(t - dt)", "sin hour", "cos hour"] + (["sin day of year", "cos day of year"]
-                                                                   if self.annual else []) + ["1"])
+        return (
+            ["x(t)", "x(t - dt)", "sin hour", "cos hour"]
+            + (["sin day of year", "cos day of year"] if self.annual else [])
+            + ["1"]
+        )
 
     def forecast(self, now: np.ndarray, before: np.ndarray, inits, shape: tuple[int, ...]) -> np.ndarray:
         """(init, lead, ...pixel dims) from the truth at the inits and dt before them."""
@@ -118,8 +127,14 @@ def _solve_normal(A: np.ndarray, B: np.ndarray, rcond: float) -> np.ndarray:
     return (np.linalg.pinv(scaled, rcond=rcond, hermitian=True) @ (B / d)[..., None])[..., 0] / d
 
 
-def fit_linear(truth: xr.DataArray, period: ClimatologyPeriod, dt: pd.Timedelta, leads: pd.TimedeltaIndex,
-               block: int = 256, rcond: float = 1e-12) -> LinearBaseline:
+def fit_linear(
+    truth: xr.DataArray,
+    period: ClimatologyPeriod,
+    dt: pd.Timedelta,
+    leads: pd.TimedeltaIndex,
+    block: int = 256,
+    rcond: float = 1e-12,
+) -> LinearBaseline:
     """Fit the per-pixel regressions of `truth` (dims time, then the pixel dims) for every lead, reading
     only truth times inside the training period, in blocks of `block` start times."""
     times = pd.DatetimeIndex(truth[TIME].values)
@@ -132,7 +147,7 @@ def fit_linear(truth: xr.DataArray, period: ClimatologyPeriod, dt: pd.Timedelta,
     A, B = np.zeros((len(leads), pix, p, p)), np.zeros((len(leads), pix, p))
     counts = [0] * len(leads)
     for b0 in range(0, len(starts), block):
-        ts = pd.DatetimeIndex(starts[b0:b0 + block])
+        ts = pd.DatetimeIndex(starts[b0 : b0 + block])
         need = ts.union(ts - dt)
         for L in leads:
             need = need.union(ts[(ts + L).isin(pos.index)] + L)
@@ -149,16 +164,23 @@ def fit_linear(truth: xr.DataArray, period: ClimatologyPeriod, dt: pd.Timedelta,
             counts[i] += len(ok)
     short = [f"{L / pd.Timedelta(hours=1):g} h" for L, n in zip(leads, counts) if n < 2 * p]
     if short:
-        raise EvaluationError(f"linear baseline: the training period {period.start} .. {period.end} holds fewer "
-                              f"than {2 * p} (t - dt, t, t + lead) triples for lead(s) {', '.join(short)}; give a "
-                              f"longer period (--clim-start/--clim-end) or --no-linear-baseline")
+        raise EvaluationError(
+            f"linear baseline: the training period {period.start} .. {period.end} holds fewer "
+            f"than {2 * p} (t - dt, t, t + lead) triples for lead(s) {', '.join(short)}; give a "
+            f"longer period (--clim-start/--clim-end) or --no-linear-baseline"
+        )
     coef = _solve_normal(A, B, rcond)
     return LinearBaseline(coef.transpose(0, 2, 1), dt, bool(annual), counts)
 
 
 # regions ----------------------------------------------------------------------------------------------
-REGIONS = {"global": (-90.0, 90.0), "tropics": (-20.0, 20.0), "extratropics": None,
-           "northern_hemisphere": (0.0, 90.0), "southern_hemisphere": (-90.0, 0.0)}
+REGIONS = {
+    "global": (-90.0, 90.0),
+    "tropics": (-20.0, 20.0),
+    "extratropics": None,
+    "northern_hemisphere": (0.0, 90.0),
+    "southern_hemisphere": (-90.0, 0.0),
+}
 
 
 def region_rows(lat: np.ndarray) -> dict[str, np.ndarray]:
@@ -177,7 +199,10 @@ def region_rows(lat: np.ndarray) -> dict[str, np.ndarray]:
             continue
         a, b = bounds
         if covers(a, b):
-            rows = (lat >= a) & (lat <= b) if name in ("global", "tropics") else (
-                (lat > 0) if name.startswith("northern") else (lat < 0))
+            rows = (
+                (lat >= a) & (lat <= b)
+                if name in ("global", "tropics")
+                else ((lat > 0) if name.startswith("northern") else (lat < 0))
+            )
             out[name] = np.flatnonzero(rows)
     return {k: v for k, v in out.items() if v.size}

@@ -23,6 +23,7 @@ defaults to the array's latitude coordinate.
 The climatology is a mean per (day of year, hour of day) over a training period, built by streaming
 over time blocks (see build_climatology).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,9 +43,11 @@ class EvaluationError(ValueError):
 
 # weights and spatial means --------------------------------------------------------------------------
 DEFAULT_WEIGHTING = "area"
-WEIGHTINGS = {"cos": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes",
-              "area": "w = cell area / mean cell area, cell bounds halfway between latitudes and half a spacing "
-                      "beyond the outer ones, clipped to +-90 (WeatherBench 2's get_lat_weights on a global grid)"}
+WEIGHTINGS = {
+    "cos": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes",
+    "area": "w = cell area / mean cell area, cell bounds halfway between latitudes and half a spacing "
+    "beyond the outer ones, clipped to +-90 (WeatherBench 2's get_lat_weights on a global grid)",
+}
 
 
 def latitude_weights(lat, weighting: str = DEFAULT_WEIGHTING) -> np.ndarray:
@@ -86,9 +89,11 @@ def _as_da(x) -> xr.DataArray:
         return x
     x = np.asarray(x)
     if not 1 <= x.ndim <= 3:
-        raise ValueError(f"numpy arrays are read as (time, latitude, longitude); got {x.ndim} axes "
-                         f"(pass an xarray.DataArray with named dims instead)")
-    return xr.DataArray(x, dims=(TIME, LAT, LON)[3 - x.ndim:] if x.ndim > 1 else (LAT,))
+        raise ValueError(
+            f"numpy arrays are read as (time, latitude, longitude); got {x.ndim} axes "
+            f"(pass an xarray.DataArray with named dims instead)"
+        )
+    return xr.DataArray(x, dims=(TIME, LAT, LON)[3 - x.ndim :] if x.ndim > 1 else (LAT,))
 
 
 def _weights(x: xr.DataArray, lat, weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
@@ -134,8 +139,9 @@ def rmse_from_mse(mse_t: xr.DataArray, form: str = "wb2", time_dim: str = TIME) 
     return np.sqrt(mse_t.mean(time_dim)) if form == "wb2" else np.sqrt(mse_t).mean(time_dim)
 
 
-def rmse(forecast, truth, lat=None, form: str = "wb2", time_dim: str = TIME,
-         weighting: str = DEFAULT_WEIGHTING) -> xr.DataArray:
+def rmse(
+    forecast, truth, lat=None, form: str = "wb2", time_dim: str = TIME, weighting: str = DEFAULT_WEIGHTING
+) -> xr.DataArray:
     """Latitude-weighted RMSE; `form` "wb2" = sqrt(mean_t MSE_t), "wb1" = mean_t sqrt(MSE_t)."""
     return rmse_from_mse(mse(forecast, truth, lat, weighting), form, time_dim)
 
@@ -160,7 +166,7 @@ def acc_per_time(fc_anom, truth_anom, lat=None, weighting: str = DEFAULT_WEIGHTI
     """sum w f'o' / sqrt(sum w f'^2 sum w o'^2) per init; NaN where either anomaly is all zero."""
     f, o = _pair(fc_anom, truth_anom)
     num = spatial_mean(f * o, lat, weighting)
-    den = np.sqrt(spatial_mean(f ** 2, lat, weighting) * spatial_mean(o ** 2, lat, weighting))
+    den = np.sqrt(spatial_mean(f**2, lat, weighting) * spatial_mean(o**2, lat, weighting))
     return num / den.where(den > 0)
 
 
@@ -216,15 +222,24 @@ class Climatology:
             raise EvaluationError(
                 f"climatology ({self.start:%Y-%m-%d} .. {self.end:%Y-%m-%d}) has no value for {t:%Y-%m-%dT%H:%M} "
                 f"(day of year {t.day_of_year}, hour {t.hour}; hours in the training period: "
-                f"{', '.join(map(str, hours))}); {int((~ok).sum())} time(s) affected")
+                f"{', '.join(map(str, hours))}); {int((~ok).sum())} time(s) affected"
+            )
         values = self.data.values[di, hi]
         dims = (TIME,) + self.data.dims[2:]
         coords = {d: self.data[d] for d in self.data.dims[2:] if d in self.data.coords}
         return xr.DataArray(values, dims=dims, coords={**coords, TIME: times}, name=self.data.name)
 
 
-def build_climatology(truth: xr.DataArray, start, end, window_days: int = 0, for_times=None,
-                      fallback: str = "nearest", block: int = 64, progress=None) -> Climatology:
+def build_climatology(
+    truth: xr.DataArray,
+    start,
+    end,
+    window_days: int = 0,
+    for_times=None,
+    fallback: str = "nearest",
+    block: int = 64,
+    progress=None,
+) -> Climatology:
     """Climatology of `truth` (dims time, ...) over times in [start, end]: for each (day of year d,
     hour h) the mean of all training times t at hour h with day of year d within +- window_days
     calendar days of t (every time counts once per cell: the window mean is sample-weighted).
@@ -256,13 +271,16 @@ def _training_rows(truth: xr.DataArray, start: pd.Timestamp, end: pd.Timestamp) 
     all_times = pd.DatetimeIndex(truth[TIME].values)
     idx = np.flatnonzero((all_times >= start) & (all_times <= end))
     if not len(idx):
-        raise EvaluationError(f"climatology period {start} .. {end} holds no time of the truth data "
-                              f"({all_times[0]} .. {all_times[-1]}); choose training years inside it")
+        raise EvaluationError(
+            f"climatology period {start} .. {end} holds no time of the truth data "
+            f"({all_times[0]} .. {all_times[-1]}); choose training years inside it"
+        )
     return idx
 
 
-def _window_cells(train: pd.DatetimeIndex, hpos: np.ndarray, n_hours: int,
-                  window_days: int) -> tuple[np.ndarray, np.ndarray]:
+def _window_cells(
+    train: pd.DatetimeIndex, hpos: np.ndarray, n_hours: int, window_days: int
+) -> tuple[np.ndarray, np.ndarray]:
     """target (T, K): the day of year of training time t shifted by the K window offsets; counts
     (day of year, hour position): how many training times each cell averages (row 0 unused)."""
     # a training time t counts for the cells (day of year of t + k days, hour of t), |k| <= window:
@@ -284,14 +302,23 @@ def _needed_cells(for_times, hours: np.ndarray, start: pd.Timestamp, end: pd.Tim
         need = set(zip(nd.tolist(), nh.tolist()))
     missing_hours = sorted({h for _, h in need} - set(hours.tolist()))
     if missing_hours:
-        raise EvaluationError(f"climatology period {start:%Y-%m-%d} .. {end:%Y-%m-%d} has no time at hour(s) "
-                              f"{missing_hours} of day (it has {hours.tolist()}); the data's hours must cover the "
-                              f"forecast valid times")
+        raise EvaluationError(
+            f"climatology period {start:%Y-%m-%d} .. {end:%Y-%m-%d} has no time at hour(s) "
+            f"{missing_hours} of day (it has {hours.tolist()}); the data's hours must cover the "
+            f"forecast valid times"
+        )
     return need
 
 
-def _source_cells(need: set, counts: np.ndarray, hours: np.ndarray, fallback: str, start: pd.Timestamp,
-                  end: pd.Timestamp, window_days: int) -> tuple[dict, list[dict]]:
+def _source_cells(
+    need: set,
+    counts: np.ndarray,
+    hours: np.ndarray,
+    fallback: str,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    window_days: int,
+) -> tuple[dict, list[dict]]:
     """needed cell (day, hour) -> the cell (day, hour position) whose training times supply it: itself,
     or with fallback "nearest" the nearest day of year with data (listed in `filled`)."""
     source, filled = {}, []
@@ -303,7 +330,8 @@ def _source_cells(need: set, counts: np.ndarray, hours: np.ndarray, fallback: st
         if fallback == "error":
             raise EvaluationError(
                 f"climatology period {start:%Y-%m-%d} .. {end:%Y-%m-%d} has no data for day of year {d} at hour {h} "
-                f"(window +-{window_days} days); use more training years, a wider window or fallback 'nearest'")
+                f"(window +-{window_days} days); use more training years, a wider window or fallback 'nearest'"
+            )
         have = np.flatnonzero(counts[1:, j] > 0) + 1
         near = int(have[np.argmin(_circular_distance(have, d))])  # ties: the earlier day of year
         source[(d, h)] = (near, j)
@@ -311,8 +339,16 @@ def _source_cells(need: set, counts: np.ndarray, hours: np.ndarray, fallback: st
     return source, filled
 
 
-def _cell_sums(truth: xr.DataArray, idx: np.ndarray, target: np.ndarray, hpos: np.ndarray, source: dict,
-               shape: tuple[int, int], block: int, progress) -> tuple[np.ndarray, dict]:
+def _cell_sums(
+    truth: xr.DataArray,
+    idx: np.ndarray,
+    target: np.ndarray,
+    hpos: np.ndarray,
+    source: dict,
+    shape: tuple[int, int],
+    block: int,
+    progress,
+) -> tuple[np.ndarray, dict]:
     """Sums of the training times over each source cell, streamed over blocks of `block` times; only
     the training times some source cell uses are read. Returns sums (cell row, ...) and cell -> row."""
     cell_of = {c: i for i, c in enumerate(sorted(set(source.values())))}
@@ -324,7 +360,7 @@ def _cell_sums(truth: xr.DataArray, idx: np.ndarray, target: np.ndarray, hpos: n
     sums = np.zeros((len(cell_of),) + rest.shape, dtype=np.float64)
     rows = np.flatnonzero((cell >= 0).any(1))  # read only the training times some needed cell uses
     for b0 in range(0, len(rows), block):
-        r = rows[b0:b0 + block]
+        r = rows[b0 : b0 + block]
         x = np.asarray(truth.isel({TIME: idx[r]}).values, dtype=np.float64)
         t, k = np.nonzero(cell[r] >= 0)
         np.add.at(sums, cell[r][t, k], x[t])
@@ -333,8 +369,9 @@ def _cell_sums(truth: xr.DataArray, idx: np.ndarray, target: np.ndarray, hpos: n
     return sums, cell_of
 
 
-def _cell_means(truth: xr.DataArray, need: set, hours: np.ndarray, source: dict, sums: np.ndarray,
-                cell_of: dict, counts: np.ndarray) -> tuple[xr.DataArray, np.ndarray]:
+def _cell_means(
+    truth: xr.DataArray, need: set, hours: np.ndarray, source: dict, sums: np.ndarray, cell_of: dict, counts: np.ndarray
+) -> tuple[xr.DataArray, np.ndarray]:
     """The climatology's data (dayofyear, hour, ...) for the needed days and which cells hold a value."""
     rest = truth.isel({TIME: 0}, drop=True)
     days = np.array(sorted({d for d, _ in need}))
@@ -345,6 +382,10 @@ def _cell_means(truth: xr.DataArray, need: set, hours: np.ndarray, source: dict,
         out[i, j] = sums[cell_of[c]] / counts[c]
         available[i, j] = True
     coords = {d: rest[d] for d in rest.dims if d in rest.coords}
-    data = xr.DataArray(out, dims=("dayofyear", "hour") + rest.dims,
-                        coords={"dayofyear": days, "hour": hours, **coords}, name=truth.name)
+    data = xr.DataArray(
+        out,
+        dims=("dayofyear", "hour") + rest.dims,
+        coords={"dayofyear": days, "hour": hours, **coords},
+        name=truth.name,
+    )
     return data, available

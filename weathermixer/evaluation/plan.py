@@ -3,6 +3,7 @@ data sets against each other to choose variables, levels, inits and leads (a Pla
 headline fields and the lead hours of the map figures. Every check that fails is an EvaluationError
 naming what does not match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,16 +98,22 @@ def _match_grid(fc: xr.Dataset, tr: xr.Dataset) -> tuple[np.ndarray, np.ndarray,
     flat, tlat = (_coord(d, LAT, w).astype(np.float64) for d, w in ((fc, "forecast"), (tr, "truth")))
     flon, tlon = (_coord(d, LON, w).astype(np.float64) for d, w in ((fc, "forecast"), (tr, "truth")))
     if (len(flat), len(flon)) != (len(tlat), len(tlon)):
-        raise EvaluationError(f"grids differ: forecast {len(flat)}x{len(flon)} (latitude x longitude), "
-                              f"truth {len(tlat)}x{len(tlon)}; regrid one of them first")
+        raise EvaluationError(
+            f"grids differ: forecast {len(flat)}x{len(flon)} (latitude x longitude), "
+            f"truth {len(tlat)}x{len(tlon)}; regrid one of them first"
+        )
     order = np.argsort(flat)[np.argsort(np.argsort(tlat))]  # forecast rows in the truth's order
     if not np.allclose(flat[order], tlat, atol=1e-6):
-        raise EvaluationError(f"latitudes differ: forecast {flat.min():g} .. {flat.max():g}, truth "
-                              f"{tlat.min():g} .. {tlat.max():g} (max difference "
-                              f"{np.abs(flat[order] - tlat).max():g} deg)")
+        raise EvaluationError(
+            f"latitudes differ: forecast {flat.min():g} .. {flat.max():g}, truth "
+            f"{tlat.min():g} .. {tlat.max():g} (max difference "
+            f"{np.abs(flat[order] - tlat).max():g} deg)"
+        )
     if not np.allclose(flon, tlon, atol=1e-6):
-        raise EvaluationError(f"longitudes differ: forecast {flon[0]:g} .. {flon[-1]:g}, truth {tlon[0]:g} .. "
-                              f"{tlon[-1]:g} (max difference {np.abs(flon - tlon).max():g} deg)")
+        raise EvaluationError(
+            f"longitudes differ: forecast {flon[0]:g} .. {flon[-1]:g}, truth {tlon[0]:g} .. "
+            f"{tlon[-1]:g} (max difference {np.abs(flon - tlon).max():g} deg)"
+        )
     return order, tlat, tlon
 
 
@@ -115,27 +122,38 @@ def _levels(fc: xr.Dataset, tr: xr.Dataset, var: str) -> list | None:
     want_f = {TIME, LEAD, LAT, LON} | ({LEVEL} if LEVEL in f.dims else set())
     extra = [d for d in f.dims if d not in want_f]
     if extra:
-        raise EvaluationError(f"forecast variable '{var}' has unsupported dimension(s) {extra} (dims {f.dims}; "
-                              f"expected time, {LEAD}, optional level, latitude, longitude)")
+        raise EvaluationError(
+            f"forecast variable '{var}' has unsupported dimension(s) {extra} (dims {f.dims}; "
+            f"expected time, {LEAD}, optional level, latitude, longitude)"
+        )
     missing = [d for d in (TIME, LEAD, LAT, LON) if d not in f.dims]
     if missing:
         raise EvaluationError(f"forecast variable '{var}' lacks dimension(s) {missing} (dims {f.dims})")
     want_t = {TIME, LAT, LON} | ({LEVEL} if LEVEL in f.dims else set())
     if set(t.dims) != want_t:
-        raise EvaluationError(f"truth variable '{var}' has dims {t.dims}; the forecast's '{var}' needs "
-                              f"{sorted(want_t)}")
+        raise EvaluationError(
+            f"truth variable '{var}' has dims {t.dims}; the forecast's '{var}' needs {sorted(want_t)}"
+        )
     if LEVEL not in f.dims:
         return None
     flev, tlev = f[LEVEL].values.astype(np.float64), t[LEVEL].values.astype(np.float64)
     absent = [level_str(v) for v in flev if not np.isclose(tlev, v).any()]
     if absent:
-        raise EvaluationError(f"'{var}': forecast level(s) {', '.join(absent)} not in the truth data (levels "
-                              f"{', '.join(map(level_str, tlev))})")
+        raise EvaluationError(
+            f"'{var}': forecast level(s) {', '.join(absent)} not in the truth data (levels "
+            f"{', '.join(map(level_str, tlev))})"
+        )
     return f[LEVEL].values.tolist()
 
 
-def plan_evaluation(fc: xr.Dataset, tr: xr.Dataset, variables: list[str] | None = None,
-                    leads_hours: list[float] | None = None, init_start=None, init_end=None) -> Plan:
+def plan_evaluation(
+    fc: xr.Dataset,
+    tr: xr.Dataset,
+    variables: list[str] | None = None,
+    leads_hours: list[float] | None = None,
+    init_start=None,
+    init_end=None,
+) -> Plan:
     """Validate forecast against truth and choose what to score; errors name what does not match."""
     for d in (TIME, LEAD, LAT, LON):
         _coord(fc, d, "forecast")
@@ -149,12 +167,16 @@ def plan_evaluation(fc: xr.Dataset, tr: xr.Dataset, variables: list[str] | None 
             raise EvaluationError(f"variable(s) {absent} not in the forecast (it has {sorted(gridded)})")
         gridded = list(variables)
     if not gridded:
-        raise EvaluationError(f"the forecast has no variable with dims ({TIME}, {LEAD}, ...); data variables: "
-                              f"{sorted(map(str, fc.data_vars))}")
+        raise EvaluationError(
+            f"the forecast has no variable with dims ({TIME}, {LEAD}, ...); data variables: "
+            f"{sorted(map(str, fc.data_vars))}"
+        )
     absent = [v for v in gridded if v not in tr.data_vars]
     if absent:
-        raise EvaluationError(f"variable(s) {absent} of the forecast missing from the truth data (it has "
-                              f"{sorted(map(str, tr.data_vars))})")
+        raise EvaluationError(
+            f"variable(s) {absent} of the forecast missing from the truth data (it has "
+            f"{sorted(map(str, tr.data_vars))})"
+        )
     levels = {v: _levels(fc, tr, v) for v in gridded}
     keys = {}
     for v, levs in levels.items():
@@ -171,8 +193,10 @@ def plan_evaluation(fc: xr.Dataset, tr: xr.Dataset, variables: list[str] | None 
     truth_times = pd.DatetimeIndex(tr[TIME].values)
     outside = inits[truth_times.get_indexer(inits) < 0]
     if len(outside):
-        raise EvaluationError(f"init time(s) not in the truth data ({truth_times[0]:%Y-%m-%dT%H:%M} .. "
-                              f"{truth_times[-1]:%Y-%m-%dT%H:%M}, {len(truth_times)} times): {describe_times(outside)}")
+        raise EvaluationError(
+            f"init time(s) not in the truth data ({truth_times[0]:%Y-%m-%dT%H:%M} .. "
+            f"{truth_times[-1]:%Y-%m-%dT%H:%M}, {len(truth_times)} times): {describe_times(outside)}"
+        )
 
     fc_leads = pd.TimedeltaIndex(fc[LEAD].values)
     have = [lead / HOUR for lead in fc_leads]
@@ -191,8 +215,10 @@ def plan_evaluation(fc: xr.Dataset, tr: xr.Dataset, variables: list[str] | None 
         valid = inits + lead
         outside = valid[truth_times.get_indexer(valid) < 0]
         if len(outside):
-            raise EvaluationError(f"lead {lead / HOUR:g} h: valid time(s) not in the truth data (which ends "
-                                  f"{truth_times[-1]:%Y-%m-%dT%H:%M}): {describe_times(outside)}; use --leads or --init-end")
+            raise EvaluationError(
+                f"lead {lead / HOUR:g} h: valid time(s) not in the truth data (which ends "
+                f"{truth_times[-1]:%Y-%m-%dT%H:%M}): {describe_times(outside)}; use --leads or --init-end"
+            )
     return Plan(levels, keys, init_index, inits, lead_index, leads, lat_order, lat, lon)
 
 

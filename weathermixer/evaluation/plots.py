@@ -1,5 +1,6 @@
 """Report figures, one function per figure, drawn headless on matplotlib's Agg canvas (no pyplot,
 no display, no global backend switch)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,13 @@ def plot_scores_vs_lead(scores_by_lead: dict, title: str, path, units: str = "")
     systems = [s for s in SYSTEM_STYLE if any(s in scores_by_lead[h] for h in leads)]
     for system in systems:
         for ax, stat in ((ax_rmse, "rmse"), (ax_acc, "acc")):
-            y = np.array([np.nan if scores_by_lead[h].get(system, {}).get(stat) is None
-                          else scores_by_lead[h][system][stat] for h in leads], dtype=float)
+            y = np.array(
+                [
+                    np.nan if scores_by_lead[h].get(system, {}).get(stat) is None else scores_by_lead[h][system][stat]
+                    for h in leads
+                ],
+                dtype=float,
+            )
             if np.isfinite(y).any():
                 ax.plot(hours, y, **SYSTEM_STYLE[system])
     ax_rmse.set_ylabel(f"RMSE ({units})" if units else "RMSE")
@@ -55,8 +61,7 @@ def plot_scores_vs_lead(scores_by_lead: dict, title: str, path, units: str = "")
     return _save(fig, path)
 
 
-def plot_map_panels(truth: np.ndarray, forecast: np.ndarray, lat, lon, title: str, path,
-                    units: str = "") -> Path:
+def plot_map_panels(truth: np.ndarray, forecast: np.ndarray, lat, lon, title: str, path, units: str = "") -> Path:
     """Three maps of one field: truth, forecast (same colour scale) and forecast - truth (diverging,
     symmetric about 0). Arrays are (latitude, longitude) in the order of `lat` (either direction)."""
     lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
@@ -64,16 +69,23 @@ def plot_map_panels(truth: np.ndarray, forecast: np.ndarray, lat, lon, title: st
     truth, forecast = np.asarray(truth)[north_first], np.asarray(forecast)[north_first]
     dlon = float(np.mean(np.abs(np.diff(lon)))) if lon.size > 1 else 1.0
     dlat = float(np.mean(np.abs(np.diff(lat)))) if lat.size > 1 else 1.0
-    extent = (lon.min() - dlon / 2, lon.max() + dlon / 2,
-              max(lat.min() - dlat / 2, -90.0), min(lat.max() + dlat / 2, 90.0))
+    extent = (
+        lon.min() - dlon / 2,
+        lon.max() + dlon / 2,
+        max(lat.min() - dlat / 2, -90.0),
+        min(lat.max() + dlat / 2, 90.0),
+    )
     lo = float(np.nanmin([truth.min(), forecast.min()]))
     hi = float(np.nanmax([truth.max(), forecast.max()]))
     error = forecast - truth
     span = float(np.nanmax(np.abs(error))) or 1.0
     fig = _figure(15, 3.8)
-    for ax, data, name, kw in zip(fig.subplots(1, 3), (truth, forecast, error), ("truth", "forecast", "error"),
-                                  ({"vmin": lo, "vmax": hi, "cmap": "viridis"},) * 2
-                                  + ({"vmin": -span, "vmax": span, "cmap": "RdBu_r"},)):
+    for ax, data, name, kw in zip(
+        fig.subplots(1, 3),
+        (truth, forecast, error),
+        ("truth", "forecast", "error"),
+        ({"vmin": lo, "vmax": hi, "cmap": "viridis"},) * 2 + ({"vmin": -span, "vmax": span, "cmap": "RdBu_r"},),
+    ):
         im = ax.imshow(data, extent=extent, origin="upper", aspect="auto", interpolation="nearest", **kw)
         ax.set_title(name)
         ax.set_xlabel("longitude")

@@ -4,6 +4,7 @@ and writing it as REPORT_DIR/metrics.json, metrics.csv and the PNG figures (draw
 weathermixer.evaluation.plots). The scores are defined in weathermixer.evaluation.metrics and
 compared with published ones in docs/reference_scores.md in the source repository.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,18 +40,19 @@ def definitions(rmse_form: str) -> dict:
         "latitude_weights": M.WEIGHTINGS[M.DEFAULT_WEIGHTING] + ", applied once inside the spatial mean",
         "latitude_weighting": M.DEFAULT_WEIGHTING,
         "mse_t": "mean over latitude and longitude of w (f - o)^2, per init time t",
-        "rmse": M.RMSE_FORMS[rmse_form], "rmse_form": rmse_form,
+        "rmse": M.RMSE_FORMS[rmse_form],
+        "rmse_form": rmse_form,
         "bias": "mean over inits of the mean over latitude and longitude of w (f - o)",
         "acc": "mean over inits of sum w f'o' / sqrt(sum w f'^2 * sum w o'^2) with anomalies against the "
-               "climatology at the valid time (WeatherBench 2, uncentred)",
+        "climatology at the valid time (WeatherBench 2, uncentred)",
         "persistence": "forecast(init t, lead L) = truth(t)",
         "climatology": "forecast(init t, lead L) = climatology(day of year, hour of t + L); its ACC is "
-                       "undefined (zero forecast anomaly) and reported as null",
+        "undefined (zero forecast anomaly) and reported as null",
         "linear": "forecast(init t, lead L) = per-pixel least squares on x(t), x(t - dt), sin/cos hour of day "
-                  "(and day of year with >= 1 training year) of t and 1, one fit per lead, on the climatology "
-                  "period only (dt = the forecast's step; see linear_baseline)",
+        "(and day of year with >= 1 training year) of t and 1, one fit per lead, on the climatology "
+        "period only (dt = the forecast's step; see linear_baseline)",
         "regions": "RMSE over latitude rows of each region the grid covers (global, tropics |lat| <= 20, "
-                   "extratropics |lat| >= 20, northern / southern hemisphere), weights renormalised in the region",
+        "extratropics |lat| >= 20, northern / southern hemisphere), weights renormalised in the region",
         "reference": "docs/reference_scores.md",
     }
 
@@ -58,28 +60,52 @@ def definitions(rmse_form: str) -> dict:
 def grid_info(plan: Plan) -> dict:
     """Shape, first and last coordinates and spacing of the evaluation grid."""
     spacing = lambda x: json_number(np.mean(np.abs(np.diff(x)))) if x.size > 1 else None  # noqa: E731
-    return {"shape": [int(plan.lat.size), int(plan.lon.size)],
-            "latitude": {"first": float(plan.lat[0]), "last": float(plan.lat[-1]),
-                         "spacing_deg": spacing(plan.lat),
-                         "includes_poles": bool(np.isclose(np.abs(plan.lat), 90).any())},
-            "longitude": {"first": float(plan.lon[0]), "last": float(plan.lon[-1]),
-                          "spacing_deg": spacing(plan.lon)}}
+    return {
+        "shape": [int(plan.lat.size), int(plan.lon.size)],
+        "latitude": {
+            "first": float(plan.lat[0]),
+            "last": float(plan.lat[-1]),
+            "spacing_deg": spacing(plan.lat),
+            "includes_poles": bool(np.isclose(np.abs(plan.lat), 90).any()),
+        },
+        "longitude": {"first": float(plan.lon[0]), "last": float(plan.lon[-1]), "spacing_deg": spacing(plan.lon)},
+    }
 
 
-def climatology_info(period: ClimatologyPeriod, truth_times: pd.DatetimeIndex, clim: M.Climatology | None,
-                     window_days: int, fallback: str) -> dict:
+def climatology_info(
+    period: ClimatologyPeriod,
+    truth_times: pd.DatetimeIndex,
+    clim: M.Climatology | None,
+    window_days: int,
+    fallback: str,
+) -> dict:
     """The climatology's period, its years, how it was built and which cells were filled."""
     start, end = period.start, period.end
     n_times, filled = (clim.n_times, clim.filled) if clim is not None else (0, [])
-    return {"start": f"{start:%Y-%m-%dT%H:%M}", "end": f"{end:%Y-%m-%dT%H:%M}",
-            "years": sorted({int(t.year) for t in truth_times[(truth_times >= start) & (truth_times <= end)]}),
-            "n_times": n_times, "window_days": int(window_days), "fallback": fallback,
-            "period": "default: truth times before the first init" if period.default else "given",
-            "overlaps_evaluation": period.overlaps_evaluation, "filled_cells": len(filled), "filled": filled}
+    return {
+        "start": f"{start:%Y-%m-%dT%H:%M}",
+        "end": f"{end:%Y-%m-%dT%H:%M}",
+        "years": sorted({int(t.year) for t in truth_times[(truth_times >= start) & (truth_times <= end)]}),
+        "n_times": n_times,
+        "window_days": int(window_days),
+        "fallback": fallback,
+        "period": "default: truth times before the first init" if period.default else "given",
+        "overlaps_evaluation": period.overlaps_evaluation,
+        "filled_cells": len(filled),
+        "filled": filled,
+    }
 
 
-def metrics_result(plan: Plan, tr: xr.Dataset, scores: dict, period: ClimatologyPeriod,
-                   clim: M.Climatology | None, rmse_form: str, window_days: int, fallback: str) -> dict:
+def metrics_result(
+    plan: Plan,
+    tr: xr.Dataset,
+    scores: dict,
+    period: ClimatologyPeriod,
+    clim: M.Climatology | None,
+    rmse_form: str,
+    window_days: int,
+    fallback: str,
+) -> dict:
     """The content of metrics.json; `clim` is any variable's climatology (n_times and filled depend on
     the time axis only), None if no variable was scored."""
     truth_times = pd.DatetimeIndex(tr[TIME].values)
@@ -90,8 +116,10 @@ def metrics_result(plan: Plan, tr: xr.Dataset, scores: dict, period: Climatology
         "init_times": [f"{t:%Y-%m-%dT%H:%M}" for t in plan.inits],
         "lead_hours": plan.lead_hours,
         "climatology": climatology_info(period, truth_times, clim, window_days, fallback),
-        "fields": {k: {"variable": v, "level": None if lev is None else float(lev),
-                       "units": str(tr[v].attrs.get("units", ""))} for k, (v, lev) in plan.keys.items()},
+        "fields": {
+            k: {"variable": v, "level": None if lev is None else float(lev), "units": str(tr[v].attrs.get("units", ""))}
+            for k, (v, lev) in plan.keys.items()
+        },
         "scores": scores,
     }
 
@@ -111,13 +139,22 @@ def write_csv(result: dict, path: Path) -> Path:
             level = "" if info["level"] is None else level_str(info["level"])
             for lead, by_system in by_lead.items():
                 for system, s in by_system.items():
-                    w.writerow([info["variable"], level, key, lead, system,
-                                *("" if s[k] is None else repr(s[k]) for k in STATS)])
+                    w.writerow(
+                        [
+                            info["variable"],
+                            level,
+                            key,
+                            lead,
+                            system,
+                            *("" if s[k] is None else repr(s[k]) for k in STATS),
+                        ]
+                    )
     return path
 
 
-def write_plots(result: dict, fc: xr.Dataset, tr: xr.Dataset, plan: Plan, out: Path,
-                map_leads: list[float] | None = None) -> list[Path]:
+def write_plots(
+    result: dict, fc: xr.Dataset, tr: xr.Dataset, plan: Plan, out: Path, map_leads: list[float] | None = None
+) -> list[Path]:
     """Scores versus lead per headline field; truth/forecast/error maps at `map_leads` for the first init."""
     from . import plots
 
@@ -130,8 +167,11 @@ def write_plots(result: dict, fc: xr.Dataset, tr: xr.Dataset, plan: Plan, out: P
         units = result["fields"][key]["units"]
         name = key if label == key else f"{label} ({key})"
         grid = f"grid {plan.lat.size}x{plan.lon.size}"
-        paths.append(plots.plot_scores_vs_lead(result["scores"][key], f"{name}, {grid}",
-                                               out / f"scores_{_slug(label)}.png", units))
+        paths.append(
+            plots.plot_scores_vs_lead(
+                result["scores"][key], f"{name}, {grid}", out / f"scores_{_slug(label)}.png", units
+            )
+        )
         for h in map_leads:
             i = int(np.flatnonzero(np.isclose(have, h))[0])
             init = plan.inits[0]
@@ -139,10 +179,17 @@ def write_plots(result: dict, fc: xr.Dataset, tr: xr.Dataset, plan: Plan, out: P
             f = fc[var].isel({TIME: plan.init_index[0], LEAD: plan.lead_index[i], LAT: plan.lat_order}).sel(sel)
             o = truth_var(tr, var, None if lev is None else [lev]).sel({TIME: init + plan.leads[i]})
             o = o if lev is None else o.isel({LEVEL: 0})
-            paths.append(plots.plot_map_panels(
-                o.transpose(LAT, LON).values, f.transpose(LAT, LON).values, plan.lat, plan.lon,
-                f"{name}, init {init:%Y-%m-%dT%H:%M}, lead {h:g} h", out / f"map_{_slug(label)}_{lead_str(h)}h.png",
-                units))
+            paths.append(
+                plots.plot_map_panels(
+                    o.transpose(LAT, LON).values,
+                    f.transpose(LAT, LON).values,
+                    plan.lat,
+                    plan.lon,
+                    f"{name}, init {init:%Y-%m-%dT%H:%M}, lead {h:g} h",
+                    out / f"map_{_slug(label)}_{lead_str(h)}h.png",
+                    units,
+                )
+            )
     return paths
 
 
@@ -150,8 +197,10 @@ def skill_table(result: dict) -> str:
     """Plain-text RMSE table per headline field (all fields without headline): the model beside each
     baseline at every lead, and whether it beats all of them; the climatology's smoothing."""
     clim = result["climatology"]
-    lines = [f"climatology: {clim['start']} .. {clim['end']}, +-{clim['window_days']} days "
-             f"({clim.get('window_choice', 'given')})"]
+    lines = [
+        f"climatology: {clim['start']} .. {clim['end']}, +-{clim['window_days']} days "
+        f"({clim.get('window_choice', 'given')})"
+    ]
     if "skipped" in result.get("linear_baseline", {}):
         lines.append(f"linear baseline: skipped ({result['linear_baseline']['skipped']})")
     keys = list((result.get("headline") or {}).values()) or list(result["scores"])
@@ -165,13 +214,23 @@ def skill_table(result: dict) -> str:
             r = {s: by_lead[lead].get(s, {}).get("rmse") for s in systems}
             rest = [v for s, v in r.items() if s != "model" and v is not None]
             beats = "-" if r.get("model") is None or not rest else ("yes" if r["model"] < min(rest) else "no")
-            lines.append(f"  {lead:>6} " + " ".join(f"{'-' if v is None else format(v, '.4g'):>12}"
-                                                   for v in r.values()) + f"  {beats}")
+            lines.append(
+                f"  {lead:>6} "
+                + " ".join(f"{'-' if v is None else format(v, '.4g'):>12}" for v in r.values())
+                + f"  {beats}"
+            )
     return "\n".join(lines)
 
 
-def write_report(result: dict, out_dir, fc=None, tr=None, plan: Plan | None = None, plots: bool = True,
-                 map_leads: list[float] | None = None) -> list[Path]:
+def write_report(
+    result: dict,
+    out_dir,
+    fc=None,
+    tr=None,
+    plan: Plan | None = None,
+    plots: bool = True,
+    map_leads: list[float] | None = None,
+) -> list[Path]:
     """metrics.json, metrics.csv and (with fc, tr and plan) the figures; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ fields or leads): on another grid the reference rows are left out, since scores 
 evaluation resolution.
 Exit status: 0 printed; 1 with --strict when the set does not match; 2 unreadable metrics file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,18 +82,24 @@ def comparability(metrics: dict) -> tuple[list[str], list[str]]:
     bad, notes = [], []
     shape = tuple(metrics["grid"]["shape"])
     if shape != REFERENCE_GRID:
-        bad.append(f"grid {shape[0]}x{shape[1]} is not the reference 32x64 (5.625 deg); scores depend on the "
-                   f"evaluation resolution")
+        bad.append(
+            f"grid {shape[0]}x{shape[1]} is not the reference 32x64 (5.625 deg); scores depend on the "
+            f"evaluation resolution"
+        )
     inits = pd.DatetimeIndex(metrics["init_times"])
     a, b = REFERENCE_YEARS
     years = sorted(set(inits.year))
     outside = [y for y in years if not a <= y <= b]
     if outside:
-        bad.append(f"init times {inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d} (years "
-                   f"{', '.join(map(str, years))}) are not the reference test years {a}-{b}")
+        bad.append(
+            f"init times {inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d} (years "
+            f"{', '.join(map(str, years))}) are not the reference test years {a}-{b}"
+        )
     elif inits.min() > pd.Timestamp(f"{a}-01-07") or inits.max() < pd.Timestamp(f"{b}-12-24"):
-        notes.append(f"init times cover {inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d} ({len(inits)}), not the "
-                     f"whole test years {a}-{b}: the seasonal sampling differs")
+        notes.append(
+            f"init times cover {inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d} ({len(inits)}), not the "
+            f"whole test years {a}-{b}: the seasonal sampling differs"
+        )
     for short, (_, units, _) in FIELDS.items():
         key = field_key(metrics, short)
         if key not in metrics["scores"]:
@@ -106,17 +113,23 @@ def comparability(metrics: dict) -> tuple[list[str], list[str]]:
             notes.append(f"{short} is in units '{have}'; the reference is in {units}")
     form = metrics["definitions"].get("rmse_form", "?")
     if form != REFERENCE_RMSE_FORM:
-        notes.append(f"our RMSE is the {form} form ({metrics['definitions'].get('rmse', '')}); the reference "
-                     f"numbers are mean_t sqrt(MSE_t) (WeatherBench 1), slightly lower for the same errors: "
-                     f"evaluate with --rmse-form wb1 for an exact match of definitions")
+        notes.append(
+            f"our RMSE is the {form} form ({metrics['definitions'].get('rmse', '')}); the reference "
+            f"numbers are mean_t sqrt(MSE_t) (WeatherBench 1), slightly lower for the same errors: "
+            f"evaluate with --rmse-form wb1 for an exact match of definitions"
+        )
     lat = metrics["grid"].get("latitude", {})
     if shape == REFERENCE_GRID and lat and not math.isclose(abs(lat.get("first", 0)), REFERENCE_LATITUDE_EDGE):
-        notes.append(f"latitudes run {lat.get('first'):g} .. {lat.get('last'):g}; the WeatherBench grid runs "
-                     f"+-{REFERENCE_LATITUDE_EDGE} (no poles)")
+        notes.append(
+            f"latitudes run {lat.get('first'):g} .. {lat.get('last'):g}; the WeatherBench grid runs "
+            f"+-{REFERENCE_LATITUDE_EDGE} (no poles)"
+        )
     clim = metrics.get("climatology", {})
     if clim.get("overlaps_evaluation"):
-        notes.append(f"our climatology ({clim.get('start')} .. {clim.get('end')}) overlaps the evaluated "
-                     f"times: it should come from the training years only")
+        notes.append(
+            f"our climatology ({clim.get('start')} .. {clim.get('end')}) overlaps the evaluated "
+            f"times: it should come from the training years only"
+        )
     return bad, notes
 
 
@@ -130,8 +143,10 @@ def scorecard_text(metrics: dict) -> str:
     inits = pd.DatetimeIndex(metrics["init_times"])
     header = [f"{s} {lead // 24}d" for s, lead in COLUMNS]
     width = max(len(n) for n in REFERENCE) + 2
-    rows = [f"{'':<{width}}" + "".join(f"{h:>10}" for h in header),
-            f"{'(RMSE, lower is better)':<{width}}" + "".join(f"{FIELDS[s][1]:>10}" for s, _ in COLUMNS)]
+    rows = [
+        f"{'':<{width}}" + "".join(f"{h:>10}" for h in header),
+        f"{'(RMSE, lower is better)':<{width}}" + "".join(f"{FIELDS[s][1]:>10}" for s, _ in COLUMNS),
+    ]
     for system in OURS:
         vals = [_fmt(our_score(metrics, s, lead, system), FIELDS[s][2]) for s, lead in COLUMNS]
         rows.append(f"{'ours: ' + system:<{width}}" + "".join(f"{v:>10}" for v in vals))
@@ -144,13 +159,19 @@ def scorecard_text(metrics: dict) -> str:
         verdict += [f"- {b}" for b in bad]
     else:
         truth = metrics.get("sources", {}).get("truth", "?")
-        verdict = ["MATCHES the reference set in grid (32x64), test years and fields (z500, t850 at 3 and 5 days); "
-                   f"the reference verifies against ERA5, ours against {truth}"]
+        verdict = [
+            "MATCHES the reference set in grid (32x64), test years and fields (z500, t850 at 3 and 5 days); "
+            f"the reference verifies against ERA5, ours against {truth}"
+        ]
     form = metrics["definitions"].get("rmse_form", "?")
-    lines = [f"Scorecard: {REFERENCE_SOURCE}",
-             f"our set: grid {shape[0]}x{shape[1]}, {len(inits)} inits "
-             f"{inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d}, RMSE form {form}",
-             *verdict, "", *rows]
+    lines = [
+        f"Scorecard: {REFERENCE_SOURCE}",
+        f"our set: grid {shape[0]}x{shape[1]}, {len(inits)} inits "
+        f"{inits.min():%Y-%m-%d} .. {inits.max():%Y-%m-%d}, RMSE form {form}",
+        *verdict,
+        "",
+        *rows,
+    ]
     if shape != REFERENCE_GRID:
         lines.append("(reference rows left out: they are for the 32x64 grid)")
     if notes:
@@ -159,8 +180,12 @@ def scorecard_text(metrics: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.scorecard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.scorecard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("metrics", help="REPORT_DIR/metrics.json written by python -m weathermixer.evaluate")
     p.add_argument("--strict", action="store_true", help="exit 1 when the set does not match the reference set")
     args = p.parse_args(argv)

@@ -19,6 +19,7 @@ o - g on (f - g, c - g) over every init and grid point of the given store: run i
 climatology is evaluate's (day of year x hour, smoothed over +-N days as evaluate's default) and the
 regression evaluate's, so the blend and the scores refer to the same baselines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,14 @@ from .store import partial_path, publish
 FORMAT = "weathermixer.damping/2"
 LEAD = "prediction_timedelta"
 
+
 class DampingError(ValueError):
     pass
 
+
 def _lead_key(td) -> str:
     return f"{pd.Timedelta(td) / pd.Timedelta(hours=1):g}"
+
 
 def _truth(fc, tr, var: str):
     if var not in tr:
@@ -49,6 +53,7 @@ def _truth(fc, tr, var: str):
     if missing:
         raise DampingError(f"truth variable {var!r} lacks the forecast's dimension(s) {missing}")
     return o.sel({d: fc[d].values for d in rest}).transpose("time", *rest), rest
+
 
 def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
     """(forecast, climatology, linear regression) of `var`, float64 arrays shaped like the forecast."""
@@ -62,8 +67,10 @@ def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
     valid = pd.DatetimeIndex(np.add.outer(inits.values, leads.values).ravel())
     period = ClimatologyPeriod(pd.Timestamp(start), pd.Timestamp(end), False, False)
     if period.end >= inits.min():
-        raise DampingError(f"the baselines' training period {start} .. {end} reaches the first init "
-                           f"{inits.min():%Y-%m-%d}: fit the baselines on earlier years")
+        raise DampingError(
+            f"the baselines' training period {start} .. {end} reaches the first init "
+            f"{inits.min():%Y-%m-%d}: fit the baselines on earlier years"
+        )
     window, _ = climatology_window(period, window_days)
     clim = M.build_climatology(o, period.start, period.end, window, for_times=valid)
     c = clim.at(valid).transpose("time", *rest).values.reshape(f.shape)
@@ -71,6 +78,7 @@ def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
     lin = fit_linear(o, period, dt, leads)
     g = lin.forecast(o.sel(time=inits).values, o.sel(time=inits - dt).values, inits, f.shape)
     return f.values.astype(np.float64), c.astype(np.float64), np.asarray(g, np.float64), o, rest
+
 
 def fit(fc, tr, start: str, end: str, window_days: int | None = None) -> dict:
     """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`."""
@@ -81,19 +89,27 @@ def fit(fc, tr, start: str, end: str, window_days: int | None = None) -> dict:
         f, c, g, o, rest = references(fc, tr, var, start, end, window_days)
         valid = np.add.outer(fc["time"].values, fc[LEAD].values).ravel()
         y = o.sel(time=pd.DatetimeIndex(valid)).values.astype(np.float64).reshape(f.shape) - g
-        w = M.latitude_weights(fc["latitude"].values).reshape([-1 if d == "latitude" else 1 for d in
-                                                                ["time", LEAD] + rest])
+        w = M.latitude_weights(fc["latitude"].values).reshape(
+            [-1 if d == "latitude" else 1 for d in ["time", LEAD] + rest]
+        )
         X = np.stack([f - g, c - g], -1)
         axes = tuple(i for i in range(f.ndim) if i != 1)
         A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)  # (lead, 2, 2)
         B = np.einsum("...p,...->...p", w[..., None] * X, y).sum(axes)
         ab = np.stack([np.linalg.lstsq(A[i], B[i], rcond=None)[0] for i in range(len(A))])
         weights[var] = {_lead_key(td): [float(a), float(b)] for td, (a, b) in zip(fc[LEAD].values, ab)}
-    return {"format": FORMAT, "blend": "g + a (f - g) + b (c - g): [a, b] per lead (hours)",
-            "baselines": {"start": str(start), "end": str(end), "clim_window_days": window_days},
-            "fitted_on": {"init_first": str(pd.Timestamp(fc["time"].values[0])),
-                          "init_last": str(pd.Timestamp(fc["time"].values[-1])), "inits": int(fc.sizes["time"])},
-            "weights": weights}
+    return {
+        "format": FORMAT,
+        "blend": "g + a (f - g) + b (c - g): [a, b] per lead (hours)",
+        "baselines": {"start": str(start), "end": str(end), "clim_window_days": window_days},
+        "fitted_on": {
+            "init_first": str(pd.Timestamp(fc["time"].values[0])),
+            "init_last": str(pd.Timestamp(fc["time"].values[-1])),
+            "inits": int(fc.sizes["time"]),
+        },
+        "weights": weights,
+    }
+
 
 def apply(fc, tr, damping: dict):
     """The blend g + a (f - g) + b (c - g) for every variable and lead of `fc` (a copy)."""
@@ -103,8 +119,7 @@ def apply(fc, tr, damping: dict):
     out = fc.copy()
     for var in fc.data_vars:
         if var not in damping["weights"]:
-            raise DampingError(f"damping file has no weights for variable {var!r}: it has "
-                               f"{sorted(damping['weights'])}")
+            raise DampingError(f"damping file has no weights for variable {var!r}: it has {sorted(damping['weights'])}")
         table = damping["weights"][var]
         missing = [_lead_key(td) for td in fc[LEAD].values if _lead_key(td) not in table]
         if missing:
@@ -114,18 +129,25 @@ def apply(fc, tr, damping: dict):
         a, b = (ab[:, k].reshape([1, -1] + [1] * len(rest)) for k in (0, 1))
         damped = (g + a * (f - g) + b * (c - g)).astype(np.float32)
         out[var] = (("time", LEAD, *rest), damped, dict(fc[var].attrs))
-    out.attrs = {**fc.attrs, "damping": json.dumps(damping["weights"]),
-                 "created_by": "python -m weathermixer.inference.damping apply"}
+    out.attrs = {
+        **fc.attrs,
+        "damping": json.dumps(damping["weights"]),
+        "created_by": "python -m weathermixer.inference.damping apply",
+    }
     for v in out.variables.values():
         v.encoding = {}
     return out
 
+
 def main(argv=None) -> int:
     from ..evaluation.plan import open_dataset
 
-    p = argparse.ArgumentParser(prog="python -m weathermixer.inference.damping", allow_abbrev=False,
-                                description="blend forecasts with the climatology and the linear regression "
-                                            "(weights fitted on validation forecasts)")
+    p = argparse.ArgumentParser(
+        prog="python -m weathermixer.inference.damping",
+        allow_abbrev=False,
+        description="blend forecasts with the climatology and the linear regression "
+        "(weights fitted on validation forecasts)",
+    )
 
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="fit the factors on a (validation) forecast store")
@@ -146,9 +168,13 @@ def main(argv=None) -> int:
             tmp = Path(args.out + ".partial")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(args.out)
-            print(f"wrote {args.out}: [a, b] by lead: " + "; ".join(
-                f"{v}: " + " ".join(f"{k} h {x[0]:.2f} {x[1]:.2f}" for k, x in t.items())
-                for v, t in res["weights"].items()))
+            print(
+                f"wrote {args.out}: [a, b] by lead: "
+                + "; ".join(
+                    f"{v}: " + " ".join(f"{k} h {x[0]:.2f} {x[1]:.2f}" for k, x in t.items())
+                    for v, t in res["weights"].items()
+                )
+            )
         else:
             damped = apply(fc, tr, json.loads(Path(args.damping).read_text()))
             partial = partial_path(args.out)
@@ -159,6 +185,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ variables; the mean is written in the same WeatherBench 2 layout (float32, conso
 `valid_time` kept), readable by `python -m weathermixer.evaluate`. The store's attributes are the
 first member's, plus `ensemble_members` (the member paths) and `ensemble_size`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ def ensemble_mean(members: list[str | Path], out: str | Path, zarr_format: int =
         total = sum(ds[v].astype(np.float64) for ds in stores)
         mean[v] = (total / len(stores)).astype(np.float32)
         mean[v].attrs = dict(stores[0][v].attrs)
-    mean.attrs = {**stores[0].attrs, "ensemble_members": [str(Path(m).resolve()) for m in members],
-                  "ensemble_size": len(members), "created_by": "python -m weathermixer.inference.ensemble"}
+    mean.attrs = {
+        **stores[0].attrs,
+        "ensemble_members": [str(Path(m).resolve()) for m in members],
+        "ensemble_size": len(members),
+        "created_by": "python -m weathermixer.inference.ensemble",
+    }
     for var in mean.variables.values():
         var.encoding = {}
     partial = partial_path(out)
@@ -58,8 +63,11 @@ def ensemble_mean(members: list[str | Path], out: str | Path, zarr_format: int =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.inference.ensemble",
-                                description="the ensemble mean of forecast stores with the same inits, leads and grid")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.inference.ensemble",
+        description="the ensemble mean of forecast stores with the same inits, leads and grid",
+    )
     p.add_argument("--members", nargs="+", required=True, help="forecast stores (python -m weathermixer.forecast)")
     p.add_argument("--out", required=True, help="the mean's zarr store")
     p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3)

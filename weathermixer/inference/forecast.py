@@ -44,6 +44,7 @@ finished. Bad input (init times outside the data, a lead that is not a multiple 
 set or statistics that do not match the checkpoint's channels or grid, a mesh that does not match
 the launch) is one line naming what does not match, exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,30 +73,52 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 # ------------------------------------------------------------------------------------------------
 # the command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.forecast", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint tag dir, checkpoint root (latest) or "
-                                                       "consolidated checkpoint")
-    p.add_argument("--init-times", nargs="+", required=True, metavar="TIME",
-                   help="START END (with --init-every) or a comma-separated list of init times")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.forecast",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint tag dir, checkpoint root (latest) or consolidated checkpoint"
+    )
+    p.add_argument(
+        "--init-times",
+        nargs="+",
+        required=True,
+        metavar="TIME",
+        help="START END (with --init-every) or a comma-separated list of init times",
+    )
     p.add_argument("--init-every", type=float, metavar="HOURS", help="spacing of the init times from START to END")
     p.add_argument("--lead-hours", type=float, required=True, help="last lead; a multiple of the model step")
     p.add_argument("--out", required=True, help="output zarr store")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
-                   help="zarr format of --out (2 for older readers; metadata is consolidated either way)")
+    p.add_argument(
+        "--zarr-format",
+        type=int,
+        choices=[2, 3],
+        default=3,
+        help="zarr format of --out (2 for older readers; metadata is consolidated either way)",
+    )
     p.add_argument("--mode", choices=["autoregressive", "latent"], default="autoregressive")
-    p.add_argument("--reencode-every", type=int, metavar="STEPS",
-                   help="autoregressive: latent steps per encode (default: the trained rollout length)")
+    p.add_argument(
+        "--reencode-every",
+        type=int,
+        metavar="STEPS",
+        help="autoregressive: latent steps per encode (default: the trained rollout length)",
+    )
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (over init times)")
     p.add_argument("--domain", type=int, default=1, help="ranks splitting the globe of one forecast")
     p.add_argument("--tp", type=int, default=1, help="ranks splitting the channels of one forecast")
     p.add_argument("--batch", type=int, default=1, help="init times per forward pass")
     p.add_argument("--data-path", help="data set to read the initial conditions from (default: the job's)")
     p.add_argument("--stats", help="normalisation statistics (default: the job's)")
-    p.add_argument("--skip-only", action="store_true",
-                   help="the per-pixel skip head alone (model.pixel_skip): the network's tendency set to 0, so the "
-                        "forecast is the head's linear anchor / regression as the checkpoint holds it")
+    p.add_argument(
+        "--skip-only",
+        action="store_true",
+        help="the per-pixel skip head alone (model.pixel_skip): the network's tendency set to 0, so the "
+        "forecast is the head's linear anchor / regression as the checkpoint holds it",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     p.add_argument("--timings", metavar="JSON", help="write throughput figures to this file (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -179,9 +202,12 @@ def main(argv=None) -> int:
                 shutil.rmtree(partial_path(args.out), ignore_errors=True)
             from jigsaw_ext.safe_load import write_failure
 
-            print(f"forecast (rank {rank}): writing {args.out} failed ({write_failure(err)}); "
-                  f"{partial_path(args.out)} removed; free space there or choose another --out", file=sys.stderr,
-                  flush=True)
+            print(
+                f"forecast (rank {rank}): writing {args.out} failed ({write_failure(err)}); "
+                f"{partial_path(args.out)} removed; free space there or choose another --out",
+                file=sys.stderr,
+                flush=True,
+            )
             if world > 1:
                 os._exit(EXIT_FAILED)
             return EXIT_FAILED
@@ -225,11 +251,15 @@ def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> 
     per_encode = steps if args.mode == "latent" else (args.reencode_every or job.reencode_every or job.trained_leads)
     skip = job.model.pixel_skip
     if args.skip_only and (not skip or job.model.head != "tendency"):
-        raise ForecastError(f"--skip-only needs a checkpoint with the skip head (model.pixel_skip > 0, got {skip}) "
-                            f"and the tendency head (got {job.model.head})")
+        raise ForecastError(
+            f"--skip-only needs a checkpoint with the skip head (model.pixel_skip > 0, got {skip}) "
+            f"and the tendency head (got {job.model.head})"
+        )
     if skip and min(per_encode, steps) > skip:
-        raise ForecastError(f"{min(per_encode, steps)} latent steps per encode, but model.pixel_skip={skip}: the "
-                            f"skip head has coefficients for leads 1..{skip}; use --reencode-every <= {skip}")
+        raise ForecastError(
+            f"{min(per_encode, steps)} latent steps per encode, but model.pixel_skip={skip}: the "
+            f"skip head has coefficients for leads 1..{skip}; use --reencode-every <= {skip}"
+        )
     plan = Plan(inits, steps, dt, args.mode, per_encode, args.batch, args.zarr_format, args.skip_only)
     run = _load_on_every_rank(job, mesh, inits, device, rank, tendency=not args.skip_only)
     _start_store(partial, job, run, plan, rank, world)
@@ -258,9 +288,15 @@ def _start_store(partial: Path, job: Job, run: Loaded, plan: Plan, rank: int, wo
 
     leads = pd.TimedeltaIndex([plan.dt * (i + 1) for i in range(plan.steps)])
     if rank == 0:
-        create_store(partial, job, run.data, plan.inits, leads, store_attributes(job, plan.mode, plan.per_encode,
-                                                                               plan.skip_only),
-                     zarr_format=plan.zarr_format)
+        create_store(
+            partial,
+            job,
+            run.data,
+            plan.inits,
+            leads,
+            store_attributes(job, plan.mode, plan.per_encode, plan.skip_only),
+            zarr_format=plan.zarr_format,
+        )
     if world > 1:
         dist.barrier()
 
@@ -269,17 +305,30 @@ def _report(args, job: Job, mesh, plan: Plan, times: LoopTimes, device, out: Pat
     """Rank 0: the --timings file and the one-line summary."""
     n_inits, t_loop = len(plan.inits), times.seconds
     n = n_inits * plan.steps
-    timings = {"inits": n_inits, "leads": plan.steps, "model_steps": n, "seconds": t_loop,
-               "steps_per_s": n / t_loop, "inits_per_s": n_inits / t_loop,
-               "rank0_model_s": times.model_s, "rank0_gather_write_s": times.gather_write_s,
-               "mesh": mesh.config.model_dump(), "mode": plan.mode, "latent_steps_per_encode": plan.per_encode,
-               "batch": plan.batch, "device": str(device)}
+    timings = {
+        "inits": n_inits,
+        "leads": plan.steps,
+        "model_steps": n,
+        "seconds": t_loop,
+        "steps_per_s": n / t_loop,
+        "inits_per_s": n_inits / t_loop,
+        "rank0_model_s": times.model_s,
+        "rank0_gather_write_s": times.gather_write_s,
+        "mesh": mesh.config.model_dump(),
+        "mode": plan.mode,
+        "latent_steps_per_encode": plan.per_encode,
+        "batch": plan.batch,
+        "device": str(device),
+    }
     if args.timings:
         Path(args.timings).write_text(json.dumps(timings, indent=1))
-    print(f"wrote {out}: {n_inits} init(s) x {plan.steps} lead(s) of {job.data.dt_hours:g} h ({plan.mode}, "
-          + ("the skip head alone, " if args.skip_only else "") +
-          f"{plan.per_encode} latent step(s) per encode) on mesh {mesh.config}; {t_loop:.1f} s, "
-          f"{n / t_loop:.1f} model steps/s", flush=True)
+    print(
+        f"wrote {out}: {n_inits} init(s) x {plan.steps} lead(s) of {job.data.dt_hours:g} h ({plan.mode}, "
+        + ("the skip head alone, " if args.skip_only else "")
+        + f"{plan.per_encode} latent step(s) per encode) on mesh {mesh.config}; {t_loop:.1f} s, "
+        f"{n / t_loop:.1f} model steps/s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

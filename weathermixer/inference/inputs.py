@@ -2,6 +2,7 @@
 (model, data set, statistics, time step, with the CLI overrides), the mesh check, and the data set of
 initial conditions opened as this rank's block loader. Bad input raises ForecastError, one line naming
 what does not match."""
+
 from __future__ import annotations
 
 import atexit
@@ -49,8 +50,10 @@ def parse_init_times(values: list[str], every_hours: float | None) -> pd.Datetim
             raise ForecastError(f"--init-times {start} {end}: the end is before the start")
         return pd.date_range(start, end, freq=pd.Timedelta(hours=every_hours))
     if len(values) != 1:
-        raise ForecastError(f"--init-times takes START END (with --init-every) or one comma-separated list, got "
-                            f"{len(values)} values: {' '.join(values)}")
+        raise ForecastError(
+            f"--init-times takes START END (with --init-every) or one comma-separated list, got "
+            f"{len(values)} values: {' '.join(values)}"
+        )
     if every_hours is not None:
         raise ForecastError("--init-every applies to --init-times START END, not to a list of init times")
     inits = pd.DatetimeIndex([_timestamp(v.strip(), "--init-times") for v in values[0].split(",") if v.strip()])
@@ -66,8 +69,10 @@ def lead_steps(lead_hours: float, dt_hours: float) -> int:
     """Number of model steps of a lead; the lead must be a positive multiple of the step."""
     n = lead_hours / dt_hours
     if lead_hours <= 0 or abs(n - round(n)) > 1e-9:
-        raise ForecastError(f"--lead-hours {lead_hours:g} is not a positive multiple of the model step "
-                            f"{dt_hours:g} h (data.dt_hours of the checkpoint's job)")
+        raise ForecastError(
+            f"--lead-hours {lead_hours:g} is not a positive multiple of the model step "
+            f"{dt_hours:g} h (data.dt_hours of the checkpoint's job)"
+        )
     return int(round(n))
 
 
@@ -95,7 +100,9 @@ def forecast_defaults(where: Path) -> tuple[int | None, str]:
             try:
                 value = int(json.loads(path.read_text())["reencode_every"])
             except (ValueError, KeyError, TypeError) as err:
-                raise ForecastError(f"{path}: cannot read reencode_every ({err}); remove the file or repair it") from None
+                raise ForecastError(
+                    f"{path}: cannot read reencode_every ({err}); remove the file or repair it"
+                ) from None
             return value, str(path)
     return None, ""
 
@@ -151,25 +158,41 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
     else:
         stats_origin = data.stats or "none"
     if data.fake:
-        raise ForecastError(f"--checkpoint {where}: its job trained on fake data (data.fake=true); give the data "
-                            f"set to forecast from with --data-path")
+        raise ForecastError(
+            f"--checkpoint {where}: its job trained on fake data (data.fake=true); give the data "
+            f"set to forecast from with --data-path"
+        )
     if data.history and data.history != job.model.history:
-        raise ForecastError(f"data.history={data.history} but model.history={job.model.history} in the checkpoint's "
-                            f"job: the model embeds model.history previous states")
+        raise ForecastError(
+            f"data.history={data.history} but model.history={job.model.history} in the checkpoint's "
+            f"job: the model embeds model.history previous states"
+        )
     if "://" not in data.path and not Path(data.path).exists():
         hint = "" if data_path else f" ({origin}; relative paths are read from the working directory: give --data-path)"
         raise ForecastError(f"data set not found: {data.path}{hint}")
     if data.stats and "://" not in data.stats and not Path(data.stats).exists():
-        raise ForecastError(f"normalisation statistics not found: {data.stats} (the ones the model was trained "
-                            f"with; this checkpoint does not record them: give --stats)")
-    return Job(where, info, job.model, data, job.train.rollout_mode,
-               job.rollout if job.train.rollout_mode == "latent" else 1, stats_origin, *forecast_defaults(Path(where)))
+        raise ForecastError(
+            f"normalisation statistics not found: {data.stats} (the ones the model was trained "
+            f"with; this checkpoint does not record them: give --stats)"
+        )
+    return Job(
+        where,
+        info,
+        job.model,
+        data,
+        job.train.rollout_mode,
+        job.rollout if job.train.rollout_mode == "latent" else 1,
+        stats_origin,
+        *forecast_defaults(Path(where)),
+    )
 
 
 def check_mesh(dp: int, domain: int, tp: int, world: int) -> None:
     if dp * domain * tp != world:
-        raise ForecastError(f"--dp {dp} x --domain {domain} x --tp {tp} = {dp * domain * tp} ranks, but the job "
-                            f"has world size {world} (WORLD_SIZE): set them so that their product is {world}")
+        raise ForecastError(
+            f"--dp {dp} x --domain {domain} x --tp {tp} = {dp * domain * tp} ranks, but the job "
+            f"has world size {world} (WORLD_SIZE): set them so that their product is {world}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,14 +202,17 @@ def check_inits(inits: pd.DatetimeIndex, data, history: int = 0) -> None:
     reads a sample's first target with its input) and, with model.history = h, the h previous states."""
     times = data.times
     first, last = history * data.k, len(times) - 1 - data.k
-    span = (f"{times[min(first, len(times) - 1)]:%Y-%m-%dT%H:%M} .. {times[max(last, 0)]:%Y-%m-%dT%H:%M} every "
-            f"{data.step / HOUR:g} h" + (f"; model.history={history} needs the {history} previous states" if history
-                                         else ""))
+    span = (
+        f"{times[min(first, len(times) - 1)]:%Y-%m-%dT%H:%M} .. {times[max(last, 0)]:%Y-%m-%dT%H:%M} every "
+        f"{data.step / HOUR:g} h"
+        + (f"; model.history={history} needs the {history} previous states" if history else "")
+    )
     pos = times.get_indexer(inits)
     bad = inits[(pos < first) | (pos > last)]
     if len(bad):
-        raise ForecastError(f"init time(s) {describe_times(bad)} outside the initial conditions of the data set "
-                            f"{data.where} ({span})")
+        raise ForecastError(
+            f"init time(s) {describe_times(bad)} outside the initial conditions of the data set {data.where} ({span})"
+        )
 
 
 def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
@@ -199,11 +225,12 @@ def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
     from ..data import DataError, GriddedDataset, Normalizer, ShardedSampleLoader
     from ..model.geometry import MeshMismatch
 
-    cfg = job.data.model_copy(update={"leads": 1, "prefetch": 0, "splits": {
-        "test": (str(inits[0]), str(inits[-1]))}})
+    cfg = job.data.model_copy(update={"leads": 1, "prefetch": 0, "splits": {"test": (str(inits[0]), str(inits[-1]))}})
     ch = job.model.channels
-    where = f"checkpoint {job.checkpoint} (model channels {ch.names}, static {list(ch.static)}, grid " \
-            f"{list(job.model.grid)})"
+    where = (
+        f"checkpoint {job.checkpoint} (model channels {ch.names}, static {list(ch.static)}, grid "
+        f"{list(job.model.grid)})"
+    )
     try:
         data = GriddedDataset(cfg, ch, job.model.grid)
     except DataError as err:
@@ -211,10 +238,14 @@ def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
     check_inits(inits, data, job.model.history)
     group_view = Mesh.virtual(MeshConfig(domain=mesh.size("domain"), tp=mesh.size("tp")), mesh.coord("model"))
     try:
-        loader = ShardedSampleLoader(cfg, job.model, group_view, "test", batch=1, shuffle=False,
-                                     infinite=False, dataset=data)
-        mean, std = (Normalizer.load(cfg.stats).fields(ch.names) if cfg.stats
-                     else (np.zeros(ch.n_fields, np.float32), np.ones(ch.n_fields, np.float32)))
+        loader = ShardedSampleLoader(
+            cfg, job.model, group_view, "test", batch=1, shuffle=False, infinite=False, dataset=data
+        )
+        mean, std = (
+            Normalizer.load(cfg.stats).fields(ch.names)
+            if cfg.stats
+            else (np.zeros(ch.n_fields, np.float32), np.ones(ch.n_fields, np.float32))
+        )
     except MeshMismatch as err:
         raise ForecastError(f"mesh {mesh.config}: {err}") from None
     except (DataError, ValueError) as err:

@@ -2,6 +2,7 @@
 the initial conditions, the autoregressive / latent rollout of one batch of init times, the all-gather
 of each decoded lead over the model group, and the loop over this dp replica's batches that hands the
 full leads to the store writer (timed for --timings)."""
+
 from __future__ import annotations
 
 import os
@@ -104,7 +105,7 @@ def rollout(model, fields, static, loader, inits, steps: int, per_encode: int, d
         for j, y in enumerate(leads):
             yield done + j, y
         if model.cfg.history:
-            for y in leads[-(model.cfg.history + 1):]:
+            for y in leads[-(model.cfg.history + 1) :]:
                 x = next_window(x, y)
         else:
             x = leads[-1]
@@ -129,8 +130,9 @@ class LoopTimes:
     gather_write_s: float = 0.0
 
 
-def forecast_batch(run: Loaded, mesh, plan: Plan, a: int, b: int, device, autocast, writer: StoreWriter | None,
-                   times: LoopTimes) -> None:
+def forecast_batch(
+    run: Loaded, mesh, plan: Plan, a: int, b: int, device, autocast, writer: StoreWriter | None, times: LoopTimes
+) -> None:
     """Forecast inits a..b-1 of the plan: read their initial state, roll out, gather and write each lead."""
     import torch
 
@@ -141,8 +143,9 @@ def forecast_batch(run: Loaded, mesh, plan: Plan, a: int, b: int, device, autoca
     static = None if sample.static is None else sample.static.to(device)
     with torch.no_grad(), autocast:
         clock = time.perf_counter()
-        for lead, y in rollout(run.model, fields, static, run.loader, list(inits[a:b]), plan.steps,
-                               plan.per_encode, plan.dt):
+        for lead, y in rollout(
+            run.model, fields, static, run.loader, list(inits[a:b]), plan.steps, plan.per_encode, plan.dt
+        ):
             times.model_s += time.perf_counter() - clock
             clock = time.perf_counter()
             full = gather_full(y.float(), mesh, run.geo)
@@ -152,17 +155,19 @@ def forecast_batch(run: Loaded, mesh, plan: Plan, a: int, b: int, device, autoca
             clock = time.perf_counter()
 
 
-def forecast_all(run: Loaded, mesh, plan: Plan, device, bf16: bool, writer: StoreWriter | None, bar: bool,
-                 world: int) -> LoopTimes:
+def forecast_all(
+    run: Loaded, mesh, plan: Plan, device, bf16: bool, writer: StoreWriter | None, bar: bool, world: int
+) -> LoopTimes:
     """This dp replica's batches of inits (replica r takes batches r, r + dp, ...); returns when every
     rank is done. `bar`: show a progress bar of the inits of all replicas."""
     import torch
     import torch.distributed as dist
+
     from ..progress import progress as progress_display
 
     B, dp = plan.batch, mesh.size("dp")
     batches = [(i, min(i + B, len(plan.inits))) for i in range(0, len(plan.inits), B)]
-    mine = batches[mesh.coord("dp")::dp]
+    mine = batches[mesh.coord("dp") :: dp]
     progress = progress_display(len(plan.inits), "forecast", "init", enabled=bar)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     cuda, times = device.type == "cuda", LoopTimes()
@@ -171,7 +176,7 @@ def forecast_all(run: Loaded, mesh, plan: Plan, device, bf16: bool, writer: Stor
     t0 = time.perf_counter()
     for j, (a, b) in enumerate(mine):
         forecast_batch(run, mesh, plan, a, b, device, autocast, writer, times)
-        round_ = batches[j * dp:(j + 1) * dp]
+        round_ = batches[j * dp : (j + 1) * dp]
         progress.update(sum(e - s for s, e in round_))
     progress.close()
     if cuda:

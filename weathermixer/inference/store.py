@@ -3,6 +3,7 @@
 `units` attribute from weathermixer.data.units where the data set has none), built
 under OUT.partial and renamed to OUT when it is complete. A chunk holds one init and a block of its
 leads, so the writers of different inits never share a chunk."""
+
 from __future__ import annotations
 
 import shutil
@@ -49,7 +50,7 @@ def _attrs(attrs: dict, drop: set = frozenset()) -> dict:
     return out
 
 
-CHUNK_BYTES = 16 * 2 ** 20
+CHUNK_BYTES = 16 * 2**20
 
 
 def leads_per_chunk(job: Job, steps: int) -> int:
@@ -60,8 +61,9 @@ def leads_per_chunk(job: Job, steps: int) -> int:
     return max(1, min(steps, CHUNK_BYTES // per_lead))
 
 
-def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, attrs: dict,
-                 zarr_format: int = 3) -> None:
+def create_store(
+    path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, attrs: dict, zarr_format: int = 3
+) -> None:
     """Coordinates (xarray's CF encoding; valid_time = time + prediction_timedelta as WeatherBench 2
     has it) and empty float32 arrays without the truth's value attributes (actual_range, ...); a chunk
     is one init x leads_per_chunk leads x the full grid (and all levels). zarr_format 2 for older readers."""
@@ -70,14 +72,21 @@ def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, at
 
     d, ds = job.data.dims, data.ds
     lat = np.asarray(ds[d.latitude].values)  # the data set's order (the reader serves north to south)
-    coords = {TIME: inits, LEAD: leads, VALID: ((TIME, LEAD), np.add.outer(inits.values, leads.values)),
-              LAT: (LAT, lat, _attrs(ds[d.latitude].attrs)),
-              LON: (LON, np.asarray(ds[d.longitude].values), _attrs(ds[d.longitude].attrs))}
+    coords = {
+        TIME: inits,
+        LEAD: leads,
+        VALID: ((TIME, LEAD), np.add.outer(inits.values, leads.values)),
+        LAT: (LAT, lat, _attrs(ds[d.latitude].attrs)),
+        LON: (LON, np.asarray(ds[d.longitude].values), _attrs(ds[d.longitude].attrs)),
+    }
     levels = job.model.channels.levels
     if job.model.channels.atmospheric:
         lev_coord = ds[d.level]
-        coords[LEVEL] = (LEVEL, np.array([job.data.level(lev) for lev in levels], dtype=lev_coord.dtype),
-                         _attrs(lev_coord.attrs))
+        coords[LEVEL] = (
+            LEVEL,
+            np.array([job.data.level(lev) for lev in levels], dtype=lev_coord.dtype),
+            _attrs(lev_coord.attrs),
+        )
     shutil.rmtree(path, ignore_errors=True)
     xr.Dataset(coords=coords, attrs=attrs).to_zarr(path, mode="w", consolidated=False, zarr_format=zarr_format)
     group = zarr.open_group(str(path), mode="r+", zarr_format=zarr_format)
@@ -88,11 +97,24 @@ def create_store(path: Path, job: Job, data, inits, leads: pd.TimedeltaIndex, at
         shape = [len(inits), len(leads)] + ([len(levels)] if var.levels else []) + [H, W]
         attributes = with_units(var.name, _attrs(ds[var.name].attrs, STALE_ATTRS))
         if zarr_format == 2:  # xarray's dimension names in format 2
-            group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
-                               attributes={**attributes, "_ARRAY_DIMENSIONS": dims})
+            group.create_array(
+                var.name,
+                shape=shape,
+                chunks=[1, lc] + shape[2:],
+                dtype="float32",
+                fill_value=np.nan,
+                attributes={**attributes, "_ARRAY_DIMENSIONS": dims},
+            )
         else:
-            group.create_array(var.name, shape=shape, chunks=[1, lc] + shape[2:], dtype="float32", fill_value=np.nan,
-                               dimension_names=dims, attributes=attributes)
+            group.create_array(
+                var.name,
+                shape=shape,
+                chunks=[1, lc] + shape[2:],
+                dtype="float32",
+                fill_value=np.nan,
+                dimension_names=dims,
+                attributes=attributes,
+            )
 
 
 class StoreWriter:
@@ -144,10 +166,17 @@ def publish(partial: Path, out: Path) -> None:
 def store_attributes(job: Job, mode: str, per_encode: int, skip_only: bool = False) -> dict:
     """The store's global attributes: the checkpoint, how the forecast was rolled out, from what data."""
     extra = {"model_part": "the per-pixel skip head alone (network tendency set to 0)"} if skip_only else {}
-    return {"title": "WeatherMixer forecast", **extra, "source_checkpoint": str(job.checkpoint.resolve()),
-            "checkpoint_step": int(job.info.get("step", -1)), "forecast_mode": mode,
-            "latent_steps_per_encode": per_encode, "dt_hours": job.data.dt_hours,
-            "reencode_default_from": job.reencode_origin or "the trained rollout length",
-            "initial_conditions": job.data.path, "trained_rollout_mode": job.rollout_mode,
-            "normalisation_statistics": job.stats_origin,
-            "created_by": "python -m weathermixer.forecast"}
+    return {
+        "title": "WeatherMixer forecast",
+        **extra,
+        "source_checkpoint": str(job.checkpoint.resolve()),
+        "checkpoint_step": int(job.info.get("step", -1)),
+        "forecast_mode": mode,
+        "latent_steps_per_encode": per_encode,
+        "dt_hours": job.data.dt_hours,
+        "reencode_default_from": job.reencode_origin or "the trained rollout length",
+        "initial_conditions": job.data.path,
+        "trained_rollout_mode": job.rollout_mode,
+        "normalisation_statistics": job.stats_origin,
+        "created_by": "python -m weathermixer.forecast",
+    }

@@ -5,14 +5,15 @@ rows into latitude bands (uneven when needed: 721 rows -> 361 + 360), the TP axi
 With pad_to_patch the grid is zero-padded at the southern/eastern edge to a whole number of patches;
 the padding is added by the rank that owns the edge and cropped again on output.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from einops import rearrange
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from jigsaw_ext.layout import Layout, Split, even_split
 from jigsaw_ext.mesh import Mesh
@@ -34,7 +35,8 @@ class Geometry:
         if self.patch_rows < dom:
             raise MeshMismatch(
                 f"mesh.domain={dom} exceeds the {self.patch_rows} patch rows of model.grid {self.cfg.grid} "
-                f"with model.patch {self.cfg.patch}: allowed mesh.domain <= {self.patch_rows}")
+                f"with model.patch {self.cfg.patch}: allowed mesh.domain <= {self.patch_rows}"
+            )
         for key, n in (("model.hidden", self.cfg.hidden), ("channel-mixing hidden size", self.channel_hidden)):
             if n < tp:
                 raise MeshMismatch(f"mesh.tp={tp} exceeds {key}={n}: allowed mesh.tp <= {n}")
@@ -106,8 +108,9 @@ class Geometry:
 
     def grid_layout(self, n_channels: int, batch: int) -> Layout:
         """(batch, channel, lat, lon) on the grid: channels over TP, latitude bands over DOMAIN."""
-        return Layout((batch, n_channels, *self.cfg.grid),
-                      (None, self.channel_split(n_channels), self.pixel_row_split, None))
+        return Layout(
+            (batch, n_channels, *self.cfg.grid), (None, self.channel_split(n_channels), self.pixel_row_split, None)
+        )
 
     # local patchify / unpatchify ----------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +120,10 @@ class Geometry:
         rows = self.patch_row_split.size(d) * ph
         expected = self.pixel_row_split.size(d)
         if x.shape[-2] != expected or x.shape[-1] != self.cfg.grid[1]:
-            raise MeshMismatch(f"input block has {tuple(x.shape[-2:])} (rows, lon) on domain rank {d}, "
-                               f"expected ({expected}, {self.cfg.grid[1]}) for model.grid {self.cfg.grid}")
+            raise MeshMismatch(
+                f"input block has {tuple(x.shape[-2:])} (rows, lon) on domain rank {d}, "
+                f"expected ({expected}, {self.cfg.grid[1]}) for model.grid {self.cfg.grid}"
+            )
         pad_rows, pad_cols = rows - x.shape[-2], self.patch_cols * pw - x.shape[-1]
         if pad_rows or pad_cols:
             x = F.pad(x, (0, pad_cols, 0, pad_rows))
@@ -128,6 +133,5 @@ class Geometry:
         """(B, tokens_local, C_local * patch_pixels) -> (B, C_local, rows_local, lon), padding cropped."""
         ph, pw = self.cfg.patch
         d = self.mesh.coord("domain")
-        x = rearrange(tokens, "b (r q) (c ph pw) -> b c (r ph) (q pw)",
-                      q=self.patch_cols, ph=ph, pw=pw)
+        x = rearrange(tokens, "b (r q) (c ph pw) -> b c (r ph) (q pw)", q=self.patch_cols, ph=ph, pw=pw)
         return x[..., : self.pixel_row_split.size(d), : self.cfg.grid[1]]

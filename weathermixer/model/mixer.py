@@ -6,16 +6,22 @@ On the 1x1x1 mesh every collective is the identity and this is a plain MLP-Mixer
 With model.history = h the embedding takes the states t - h dt .. t as h + 1 input segments (the
 residual and the blend head use the state at t).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
-from jigsaw_ext.layers import (BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients, check_strategy_keys,
-                               link_weight_prefetch)
+from jigsaw_ext.layers import (
+    BlockLinear,
+    BlockMLP,
+    DistLayerNorm,
+    bucket_small_gradients,
+    check_strategy_keys,
+    link_weight_prefetch,
+)
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
@@ -35,10 +41,31 @@ class MixerBlock(nn.Module):
         features, tokens = geo.feature_split(D), geo.token_split
         # no bias on the token-mixing output: it would add a per-token constant across all features,
         # which every following LayerNorm removes (a dead parameter whose gradient is exactly 0)
-        token_mixing = BlockMLP(mesh, "token_mixing", tokens, geo.token_hidden, row_split=features, row_dim=1,
-                                contract="domain", fc2_bias=False, micro_batch=micro_batch, norm="rows", **kw)
-        channel_mixing = BlockMLP(mesh, "channel_mixing", features, geo.channel_hidden, row_split=tokens,
-                                  row_dim=1, contract="tp", micro_batch=micro_batch, norm="features", **kw)
+        token_mixing = BlockMLP(
+            mesh,
+            "token_mixing",
+            tokens,
+            geo.token_hidden,
+            row_split=features,
+            row_dim=1,
+            contract="domain",
+            fc2_bias=False,
+            micro_batch=micro_batch,
+            norm="rows",
+            **kw,
+        )
+        channel_mixing = BlockMLP(
+            mesh,
+            "channel_mixing",
+            features,
+            geo.channel_hidden,
+            row_split=tokens,
+            row_dim=1,
+            contract="tp",
+            micro_batch=micro_batch,
+            norm="features",
+            **kw,
+        )
         # each LayerNorm is computed where its MLP's strategy has the whole feature axis (local=True)
         self.norm1 = DistLayerNorm(mesh, [features], local=token_mixing.fuses_norm, **kw)
         self.token_mixing = token_mixing
@@ -82,7 +109,8 @@ class WeatherMixer(nn.Module):
         features = geo.feature_split(cfg.hidden)
         # one input segment per time (t - history*dt .. t), then the static channels
         inputs = [geo.patch_feature_split(ch.n_fields)] * (cfg.history + 1) + (
-            [geo.patch_feature_split(ch.n_static)] if ch.n_static else [])
+            [geo.patch_feature_split(ch.n_static)] if ch.n_static else []
+        )
         patch_out = geo.patch_feature_split(ch.n_fields)
 
         self.embed = BlockLinear(mesh, inputs, features, contract="tp", **kw)
@@ -103,8 +131,15 @@ class WeatherMixer(nn.Module):
             link_weight_prefetch(self)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, fields: torch.Tensor, static: torch.Tensor | None = None, steps: int | None = None,
-                every_lead: bool = False, autoregressive: bool = False, checkpoint: bool = False):
+    def forward(
+        self,
+        fields: torch.Tensor,
+        static: torch.Tensor | None = None,
+        steps: int | None = None,
+        every_lead: bool = False,
+        autoregressive: bool = False,
+        checkpoint: bool = False,
+    ):
         """Forecast `steps` time steps (default cfg.rollout) ahead of the state `fields`: the last lead,
         or the list of every lead. The one entry point, so a DeepSpeed engine wraps every use.
 
@@ -126,14 +161,17 @@ class WeatherMixer(nn.Module):
             leads = self.forecast_leads(fields, static, steps, every_lead, checkpoint)
         return leads if every_lead else leads[-1]
 
-    def forecast_leads(self, fields, static=None, steps=None, every_lead=True,
-                       checkpoint: bool = False) -> list[torch.Tensor]:
+    def forecast_leads(
+        self, fields, static=None, steps=None, every_lead=True, checkpoint: bool = False
+    ) -> list[torch.Tensor]:
         """Latent rollout: embed once, apply the block stack `steps` times, decode each lead
         (or only the last one)."""
         steps = steps or self.cfg.rollout
         if (static is None) != (self.cfg.channels.n_static == 0):
-            raise ValueError(f"model expects {self.cfg.channels.n_static} static channels "
-                             f"(model.channels.static), got {'none' if static is None else 'a tensor'}")
+            raise ValueError(
+                f"model expects {self.cfg.channels.n_static} static channels "
+                f"(model.channels.static), got {'none' if static is None else 'a tensor'}"
+            )
         states = self._states(fields)
         inputs = [self.geo.patchify(x) for x in states] + ([self.geo.patchify(static)] if static is not None else [])
         z0 = self.embed(*inputs)
@@ -155,9 +193,12 @@ class WeatherMixer(nn.Module):
         if h == 0 and fields.dim() == 4:
             return [fields]
         if fields.dim() != 5 or fields.shape[1] != h + 1:
-            raise ValueError(f"model.history={h} expects fields of shape (batch, {h + 1} times, channels, rows, "
-                             f"lon)" + (" or (batch, channels, rows, lon)" if h == 0 else "")
-                             + f", got {tuple(fields.shape)} (data.history must match model.history)")
+            raise ValueError(
+                f"model.history={h} expects fields of shape (batch, {h + 1} times, channels, rows, "
+                f"lon)"
+                + (" or (batch, channels, rows, lon)" if h == 0 else "")
+                + f", got {tuple(fields.shape)} (data.history must match model.history)"
+            )
         return list(fields.unbind(1))
 
     def decode(self, z, z0, fields, states=None, static=None, lead: int = 1):

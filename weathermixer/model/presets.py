@@ -1,4 +1,5 @@
 """Named model configurations (the paper's sizes and our large one)."""
+
 from __future__ import annotations
 
 from ..config import ChannelsConfig, ModelConfig
@@ -14,12 +15,33 @@ ERA5_CHANNELS = ChannelsConfig(
 PRESETS: dict[str, ModelConfig] = {
     # the paper's 1.06 B model at 0.25 deg: 1 x 60 longitude strips, D=4320, 3 blocks, f_s=0.5.
     # We keep all 721 rows (uneven domain shards) instead of cropping to 720.
-    "paper_1b": ModelConfig(grid=(721, 1440), channels=ERA5_CHANNELS, patch=(1, 60), hidden=4320,
-                            token_fraction=0.5, channel_fraction=1.0, blocks=3),
+    "paper_1b": ModelConfig(
+        grid=(721, 1440),
+        channels=ERA5_CHANNELS,
+        patch=(1, 60),
+        hidden=4320,
+        token_fraction=0.5,
+        channel_fraction=1.0,
+        blocks=3,
+    ),
     # >= 3.2 B parameters at 0.25 deg, meant for ZeRO + DOMAIN x TP = 8
-    "jigsaw_3b": ModelConfig(grid=(721, 1440), channels=ERA5_CHANNELS, patch=(1, 60), hidden=10240,
-                             token_fraction=1.0, channel_fraction=1.0, blocks=4),
+    "jigsaw_3b": ModelConfig(
+        grid=(721, 1440),
+        channels=ERA5_CHANNELS,
+        patch=(1, 60),
+        hidden=10240,
+        token_fraction=1.0,
+        channel_fraction=1.0,
+        blocks=4,
+    ),
     # 10.4 B parameters at 0.25 deg (351 TFLOP forward per sample): the planner's 10 B-class model
-    "weathermixer_10b": ModelConfig(grid=(721, 1440), channels=ERA5_CHANNELS, patch=(1, 60), hidden=16384,
-                                    token_fraction=1.0, channel_fraction=1.0, blocks=9),
+    "weathermixer_10b": ModelConfig(
+        grid=(721, 1440),
+        channels=ERA5_CHANNELS,
+        patch=(1, 60),
+        hidden=16384,
+        token_fraction=1.0,
+        channel_fraction=1.0,
+        blocks=9,
+    ),
 }

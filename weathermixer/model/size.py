@@ -5,6 +5,7 @@
 
 The model is built on the meta device once per rank of a model group (no memory, no processes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ def size_report(cfg, mesh_config: MeshConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.size", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.size",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))
     src.add_argument("--config", help="job JSON file (its weathermixer.model section)")

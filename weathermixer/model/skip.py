@@ -55,6 +55,7 @@ pixel_skip_scale: w = scale * (stored parameter), so the optimizer's per-step ch
 is scale x lr (per-pixel coefficients see only their own pixel's gradient; without it they would move
 no more than the network's weights per step).
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,13 @@ def skip_time_features(cfg) -> list[int]:
 def skip_daily_cycle(cfg) -> list[list[int | None]]:
     """Per predicted channel, the static index of each DAILY_CYCLE_TERMS term (None: not an input, taken as 0)."""
     static = list(cfg.channels.static)
-    return [[static.index(f"{DAILY_CYCLE_PREFIX}{t}_{c}") if f"{DAILY_CYCLE_PREFIX}{t}_{c}" in static else None
-             for t in DAILY_CYCLE_TERMS] for c in cfg.channels.names]
+    return [
+        [
+            static.index(f"{DAILY_CYCLE_PREFIX}{t}_{c}") if f"{DAILY_CYCLE_PREFIX}{t}_{c}" in static else None
+            for t in DAILY_CYCLE_TERMS
+        ]
+        for c in cfg.channels.names
+    ]
 
 
 ANCHORS = ("anchor", "changes")
@@ -117,11 +123,15 @@ def skip_feature_names(cfg) -> list[str]:
     static = list(cfg.channels.static)
     yday = skip_yesterday(cfg)
     if cfg.pixel_skip_inputs == "anchor":
-        names = ["x(t - dt)", "x(t)"] + (["x(t + l dt - 1 day)"] if yday else []) + [
-            "daily-cycle climatology at t + l dt"]
+        names = (
+            ["x(t - dt)", "x(t)"] + (["x(t + l dt - 1 day)"] if yday else []) + ["daily-cycle climatology at t + l dt"]
+        )
     elif cfg.pixel_skip_inputs == "changes":
-        names = ["x(t - dt) - x(t)"] + (["x(t + l dt - 1 day) - x(t)"] if yday else []) + [
-            "daily-cycle climatology at t + l dt - at t"]
+        names = (
+            ["x(t - dt) - x(t)"]
+            + (["x(t + l dt - 1 day) - x(t)"] if yday else [])
+            + ["daily-cycle climatology at t + l dt - at t"]
+        )
     else:
         names = [f"x(t - {j} dt)" if j else "x(t)" for j in range(cfg.history, -1, -1)]
     if cfg.pixel_skip_inputs != "states":
@@ -197,7 +207,7 @@ class PixelSkip(nn.Module):
         x = states[-1]
         if self.anchor:
             gathered = self.gather_static(static, self.time_index + self.cycle_index, x)
-            time, cycle = gathered[:len(self.time_index)], gathered[len(self.time_index):]
+            time, cycle = gathered[: len(self.time_index)], gathered[len(self.time_index) :]
             yday = [states[-1 - (self.day - lead)]] if self.yesterday else []
             clim = self.climatology(cycle, time, lead, x)
             if self.changes:  # level-free: differences of states, the daily cycle's change from t to t + l dt
@@ -216,9 +226,11 @@ class PixelSkip(nn.Module):
         """x(t) + the linear function of lead `lead` (1-based) of `states` (t - h dt .. t, each
         (B, C_local, rows_local, lon)) and the time features in `static`."""
         if not 1 <= lead <= self.leads:
-            raise ValueError(f"model.pixel_skip={self.leads} has skip coefficients for leads 1..{self.leads}, "
-                             f"asked for lead {lead}: re-encode at most every {self.leads} steps (forecast "
-                             f"--reencode-every) or train with a larger model.pixel_skip")
+            raise ValueError(
+                f"model.pixel_skip={self.leads} has skip coefficients for leads 1..{self.leads}, "
+                f"asked for lead {lead}: re-encode at most every {self.leads} steps (forecast "
+                f"--reencode-every) or train with a larger model.pixel_skip"
+            )
         x = states[-1]
         w = self.weight[lead - 1].unsqueeze(1) * self.scale  # (F, 1, C_local, rows_local, lon)
         feats = self.features(states, static, lead)
@@ -242,21 +254,32 @@ def load_initial_coefficients(skip: PixelSkip, path: str) -> None:
     import numpy as np
 
     if not os.path.isfile(path):  # a step of the job's workflow was skipped: say which
-        raise FileNotFoundError(f"model.pixel_skip_init={path}: no such fit file; write it first with `python -m "
-                                f"weathermixer.model.skip_fit --config JOB --leads {skip.leads} --out {path}` "
-                                "(after the job's stats file: the fit reads its normalisation and daily cycle)")
+        raise FileNotFoundError(
+            f"model.pixel_skip_init={path}: no such fit file; write it first with `python -m "
+            f"weathermixer.model.skip_fit --config JOB --leads {skip.leads} --out {path}` "
+            "(after the job's stats file: the fit reads its normalisation and daily cycle)"
+        )
     with np.load(path) as f:
         coef, statics = f["coef"], [str(s) for s in f["static"]]
         inputs = str(f["inputs"]) if "inputs" in f else None  # fits from before the anchor inputs: not stored
         day = int(f["day"]) if "day" in f else 0
     cfg, w = skip.geo.cfg, skip.weight
-    mode = "" if inputs in (None, cfg.pixel_skip_inputs) and (not skip.anchor or day == skip.day) else \
-        f" (fitted for pixel_skip_inputs={inputs}, pixel_skip_day={day})"
-    if mode or coef.shape[0] < skip.leads or coef.shape[1:] != w.block_layout.shape[1:] or \
-            statics != [cfg.channels.static[i] for i in skip.time_index]:
-        raise ValueError(f"model.pixel_skip_init={path}: coefficients of shape {coef.shape} with time features "
-                         f"{statics}{mode}; this model needs {w.block_layout.shape} with "
-                         f"{[cfg.channels.static[i] for i in skip.time_index]}, pixel_skip_inputs="
-                         f"{cfg.pixel_skip_inputs} (refit it for this job)")
+    mode = (
+        ""
+        if inputs in (None, cfg.pixel_skip_inputs) and (not skip.anchor or day == skip.day)
+        else f" (fitted for pixel_skip_inputs={inputs}, pixel_skip_day={day})"
+    )
+    if (
+        mode
+        or coef.shape[0] < skip.leads
+        or coef.shape[1:] != w.block_layout.shape[1:]
+        or statics != [cfg.channels.static[i] for i in skip.time_index]
+    ):
+        raise ValueError(
+            f"model.pixel_skip_init={path}: coefficients of shape {coef.shape} with time features "
+            f"{statics}{mode}; this model needs {w.block_layout.shape} with "
+            f"{[cfg.channels.static[i] for i in skip.time_index]}, pixel_skip_inputs="
+            f"{cfg.pixel_skip_inputs} (refit it for this job)"
+        )
     full = torch.from_numpy(coef[: skip.leads]).to(w.dtype) / skip.scale
     w.copy_(w.block_layout.shard(full, skip.geo.mesh.coords))

@@ -14,6 +14,7 @@ coefficients towards 0, i.e. towards persistence (the target is the change y - x
 (the latitude-weighted MSE of each lead 1..L, normalised units, every validation sample); the one with the
 smallest mean over the leads is written, and the table printed and stored (val_mse, ridges).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,15 @@ def _loader(data_cfg, model_cfg, leads: int, split: str):
 
     from ..data.loader import ShardedSampleLoader
 
-    return ShardedSampleLoader(data_cfg.model_copy(update={"leads": leads}), model_cfg, Mesh.single(), split,
-                               batch=1, shuffle=False, infinite=False)
+    return ShardedSampleLoader(
+        data_cfg.model_copy(update={"leads": leads}),
+        model_cfg,
+        Mesh.single(),
+        split,
+        batch=1,
+        shuffle=False,
+        infinite=False,
+    )
 
 
 def _design(head: PixelSkip, s, lead: int):
@@ -70,7 +78,7 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
     ids = [i for i, t in enumerate(loader.starts) if times[int(t) + k] <= end]
     n = len(ids)
     for b0 in range(0, n, batch):
-        chunk = ids[b0:b0 + batch]
+        chunk = ids[b0 : b0 + batch]
         s = loader.load_batch(chunk)
         for lead, y in enumerate(s.targets):
             X, x = _design(head, s, lead + 1)
@@ -78,7 +86,7 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
             A[lead] += np.einsum("bchwp,bchwq->chwpq", X[ok], X[ok])
             r = y.double().numpy()[ok] - x[ok]
             B[lead] += np.einsum("bchwp,bchw->chwp", X[ok], r)
-            yy[lead] += (r ** 2).sum(0)
+            yy[lead] += (r**2).sum(0)
             counts[lead] += ok.sum()
         progress(f"fit: {min(n, b0 + batch)}/{n} samples")
     diag = np.einsum("...ii->...", A)[..., None, None] / F
@@ -119,36 +127,59 @@ def main(argv=None) -> int:
 
     from ..data.__main__ import _job
 
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m weathermixer.model.skip_fit",
-                                 description="fit the per-pixel linear skip head by least squares on the job's "
-                                             "training split (model.pixel_skip_init)")
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m weathermixer.model.skip_fit",
+        description="fit the per-pixel linear skip head by least squares on the job's "
+        "training split (model.pixel_skip_init)",
+    )
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE")
     ap.add_argument("--data", help="data set path (overrides data.path)")
     ap.add_argument("--leads", type=int, required=True, help="leads 1..L (model.pixel_skip)")
-    ap.add_argument("--ridge", default="1e-6", help="ridge, relative to each pixel's mean diagonal; a comma-"
-                                                    "separated list: chosen on the validation split")
+    ap.add_argument(
+        "--ridge",
+        default="1e-6",
+        help="ridge, relative to each pixel's mean diagonal; a comma-separated list: chosen on the validation split",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     job = _job(args)
     ridges = [float(r) for r in args.ridge.split(",")]
-    coef, statics, n, info = fit(job.data, job.model, args.leads, ridge=ridges if len(ridges) > 1 else ridges[0],
-                                 progress=lambda m: None)
+    coef, statics, n, info = fit(
+        job.data, job.model, args.leads, ridge=ridges if len(ridges) > 1 else ridges[0], progress=lambda m: None
+    )
     mse = info["val_mse"]
     print("training MSE (normalised units) by lead: " + " ".join(f"{v:.4f}" for v in info["train_mse"]))
     if mse is not None:
         print("validation MSE (normalised units) by lead 1.." + str(args.leads) + ", mean:")
         for r, row in zip(info["ridges"], mse):
-            print(f"  ridge {r:g}: " + " ".join(f"{v:.4f}" for v in row) + f" | {row.mean():.4f}"
-                  + ("  <- chosen" if r == info["ridge"] else ""))
+            print(
+                f"  ridge {r:g}: "
+                + " ".join(f"{v:.4f}" for v in row)
+                + f" | {row.mean():.4f}"
+                + ("  <- chosen" if r == info["ridge"] else "")
+            )
     cfg = job.model.model_copy(update={"pixel_skip": args.leads})
-    np.savez(args.out, coef=coef.astype(np.float32), static=np.array(statics, dtype=str),
-             history=job.model.history, samples=n, inputs=job.model.pixel_skip_inputs, day=job.model.pixel_skip_day,
-             features=np.array(skip_feature_names(cfg), dtype=str), ridge=info["ridge"],
-             ridges=np.array(info["ridges"]), train_mse=info["train_mse"], val_mse=np.array([] if mse is None else mse))
-    print(f"wrote {args.out}: coefficients {coef.shape} (lead, {FEATURE_NAMES}, channel, lat, lon) from {n} "
-          f"training samples, ridge {info['ridge']:g}")
+    np.savez(
+        args.out,
+        coef=coef.astype(np.float32),
+        static=np.array(statics, dtype=str),
+        history=job.model.history,
+        samples=n,
+        inputs=job.model.pixel_skip_inputs,
+        day=job.model.pixel_skip_day,
+        features=np.array(skip_feature_names(cfg), dtype=str),
+        ridge=info["ridge"],
+        ridges=np.array(info["ridges"]),
+        train_mse=info["train_mse"],
+        val_mse=np.array([] if mse is None else mse),
+    )
+    print(
+        f"wrote {args.out}: coefficients {coef.shape} (lead, {FEATURE_NAMES}, channel, lat, lon) from {n} "
+        f"training samples, ridge {info['ridge']:g}"
+    )
     return 0
 
 

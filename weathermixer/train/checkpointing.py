@@ -36,6 +36,7 @@ the DCP metadata through an allowlist, tensors with weights_only=True). A damage
 missing file is an error naming it and an older complete checkpoint to resume from. A checkpoint
 of the DeepSpeed 0.19 per-rank format is refused with how to convert it (old_format_message).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
 from jigsaw_ext.checkpoint.common import read_pointer
 from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
+from jigsaw_ext.checkpoint.manifest import (
+    describe as describe_file,
+)
+from jigsaw_ext.checkpoint.manifest import (
+    list_files,
+    mark_verified,
+    read_manifest,
+    verify_tree,
+    warn_unverified,
+    write_manifest,
+)
 from jigsaw_ext.checkpoint.sharded import failing_rank
 from jigsaw_ext.files import atomic_write_text
-from jigsaw_ext.checkpoint.manifest import (describe as describe_file, list_files, mark_verified, read_manifest,
-                                            verify_tree, warn_unverified, write_manifest)
 from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
 
 POINTERS = ("latest", "best")
@@ -205,8 +215,9 @@ class CheckpointManager:
         return sorted((t for t in tags if not complete or (self.root / t / "COMPLETE").is_file()), key=tag_key)
 
     # save ---------------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict, trainer_state: dict, job_info: dict,
-             pointers=("latest",)) -> Path:
+    def save(
+        self, engine, step: int, client_state: dict, trainer_state: dict, job_info: dict, pointers=("latest",)
+    ) -> Path:
         """Collective: every rank calls it. Returns the tag directory. Writes a new directory (never
         one a pointer names), checksums it, marks it COMPLETE, renames it into place, then moves the
         pointers. Raises CheckpointError on every rank if any rank failed to write (disk full, ...):
@@ -237,7 +248,7 @@ class CheckpointManager:
         files, failed = _broadcast(list_files(work_dir) if self.rank == 0 else None), None
         digests = {}
         try:  # the ranks share the hashing: rank r hashes files r, r + world, ...
-            for rel in files[self.rank::self.world]:
+            for rel in files[self.rank :: self.world]:
                 digests[rel] = describe_file(work_dir / rel)
         except OSError as err:
             failed = save_error(work_dir, err)
@@ -264,9 +275,12 @@ class CheckpointManager:
         free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
         if free >= need:
             return None
-        return {"path": str(self.root), "no_space": True,
-                "error": f"this checkpoint needs about {need / 2**20:,.1f} MiB (fp32 master weights and two AdamW "
-                         f"moments), {free / 2**20:,.1f} MiB are free; nothing was written"}
+        return {
+            "path": str(self.root),
+            "no_space": True,
+            "error": f"this checkpoint needs about {need / 2**20:,.1f} MiB (fp32 master weights and two AdamW "
+            f"moments), {free / 2**20:,.1f} MiB are free; nothing was written",
+        }
 
     def _free_name(self, tag: str) -> str:
         """tag, or tag.1, tag.2, ... : a directory name nothing has (a pointer may name `tag`)."""
@@ -318,9 +332,11 @@ class CheckpointManager:
             todo = "free space there (or set checkpoint.dir elsewhere, or a smaller checkpoint.keep_last)"
         else:
             head, todo = f"writing checkpoint step {step} failed {where}", "fix the cause"
-        raise CheckpointError(f"{head}; the previous checkpoint is kept ({self.describe('latest')}; no pointer "
-                              f"moved) and the partial {work_dir} removed; {todo} and rerun the same command to "
-                              f"resume from it")
+        raise CheckpointError(
+            f"{head}; the previous checkpoint is kept ({self.describe('latest')}; no pointer "
+            f"moved) and the partial {work_dir} removed; {todo} and rerun the same command to "
+            f"resume from it"
+        )
 
     def _prune(self) -> None:
         """Remove complete tags beyond keep_last, incomplete and partial ones; never a tag a pointer names."""
@@ -329,9 +345,9 @@ class CheckpointManager:
             p = self.root / name
             if p.is_file():
                 keep.add(p.read_text(errors="replace").strip())
-        keep.update(self._tags()[-self.keep_last:] if self.keep_last > 0 else [])
+        keep.update(self._tags()[-self.keep_last :] if self.keep_last > 0 else [])
         for d in self.root.iterdir():
-            stale = d.name.endswith(PARTIAL) and tag_key(d.name[:-len(PARTIAL)]) is not None
+            stale = d.name.endswith(PARTIAL) and tag_key(d.name[: -len(PARTIAL)]) is not None
             if d.is_dir() and d.name not in keep and (stale or tag_key(d.name) is not None):
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -355,11 +371,15 @@ class CheckpointManager:
         hint = ""
         if tag_key(path.name) is not None and (path.parent / "latest").is_file():
             newest = CheckpointManager(path.parent).describe("latest")
-            hint = (f"; {path.name} is gone from {path.parent} (removed by checkpoint.keep_last once newer "
-                    f"checkpoints were saved?), whose latest is {newest}: to continue, use --resume {path.parent} "
-                    f"(its latest) or --resume auto")
-        raise CheckpointError(f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
-                              f"COMPLETE file) nor a checkpoint root with a 'latest' pointer{hint}")
+            hint = (
+                f"; {path.name} is gone from {path.parent} (removed by checkpoint.keep_last once newer "
+                f"checkpoints were saved?), whose latest is {newest}: to continue, use --resume {path.parent} "
+                f"(its latest) or --resume auto"
+            )
+        raise CheckpointError(
+            f"checkpoint.resume={resume!r}: not a complete checkpoint tag directory (no "
+            f"COMPLETE file) nor a checkpoint root with a 'latest' pointer{hint}"
+        )
 
     def verify(self, path: Path, root: Path | None = None) -> None:
         """Collective: check every file of a checkpoint (a tag or a consolidated directory) against
@@ -378,9 +398,12 @@ class CheckpointManager:
             return
         if self.rank != 0:
             raise CheckpointError(f"checkpoint {path} is damaged (rank 0 names the files)")
-        raise CheckpointError("\n  ".join([f"checkpoint {path} is damaged:", *found[:8]]) +
-                              (f"\n  ... and {len(found) - 8} more" if len(found) > 8 else "") + "\n  " +
-                              self.older_hint(root, path.name))
+        raise CheckpointError(
+            "\n  ".join([f"checkpoint {path} is damaged:", *found[:8]])
+            + (f"\n  ... and {len(found) - 8} more" if len(found) > 8 else "")
+            + "\n  "
+            + self.older_hint(root, path.name)
+        )
 
     def older_hint(self, root: Path | None, tag: str) -> str:
         """Where to resume from instead of a damaged `tag` of `root`: the newest older complete tag
@@ -392,10 +415,14 @@ class CheckpointManager:
             if tag_key(t) >= key:
                 continue
             files = read_manifest(root / t) if (root / t / "MANIFEST.json").is_file() else {}
-            if all((root / t / rel).is_file() and (root / t / rel).stat().st_size == e.get("size")
-                   for rel, e in (files or {}).items()):
-                return (f"an older complete checkpoint: resume with --resume {root / t} (check it first: python -m "
-                        f"jigsaw_ext.checkpoint inspect --verify {root / t})")
+            if all(
+                (root / t / rel).is_file() and (root / t / rel).stat().st_size == e.get("size")
+                for rel, e in (files or {}).items()
+            ):
+                return (
+                    f"an older complete checkpoint: resume with --resume {root / t} (check it first: python -m "
+                    f"jigsaw_ext.checkpoint inspect --verify {root / t})"
+                )
         return f"there is no older complete checkpoint in {root}"
 
     def load(self, engine, root: Path, tag: str, expect: dict) -> tuple[dict, dict, dict]:
@@ -416,8 +443,10 @@ class CheckpointManager:
         same_mesh = info.get("mesh") == expect.get("mesh") and info.get("world_size") == self.world
         try:
             load_layout_free(engine, engine.module, tag_dir / STATE, info["state"])
-            mine = {"loader": read_trainer_state(tag_dir, 0)["loader"],
-                    "rng": read_trainer_state(tag_dir, self.rank)["rng"] if same_mesh else None}
+            mine = {
+                "loader": read_trainer_state(tag_dir, 0)["loader"],
+                "rng": read_trainer_state(tag_dir, self.rank)["rng"] if same_mesh else None,
+            }
         except (CheckpointFormatError, UnsafeCheckpointError) as err:
             raise CheckpointError(f"{err}\n  {self.older_hint(root, tag)}") from None
         return info.get("client_state") or {}, mine, info
@@ -431,17 +460,23 @@ def _check_expected(tag_dir: Path, info: dict, expect: dict) -> None:
         mine, theirs = expect[key], info.get(key)
         if isinstance(mine, dict) and isinstance(theirs, dict):
             k = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
-            raise CheckpointError(f"checkpoint {tag_dir} was written for another model ({key}.{k}: checkpoint "
-                                  f"{theirs.get(k)!r}, this run {mine.get(k)!r})")
-        raise CheckpointError(f"checkpoint {tag_dir}: optimizer groups {[len(g) for g in theirs or []]} differ "
-                              f"from this run's {[len(g) for g in mine]} (train.param_groups changed?)")
+            raise CheckpointError(
+                f"checkpoint {tag_dir} was written for another model ({key}.{k}: checkpoint "
+                f"{theirs.get(k)!r}, this run {mine.get(k)!r})"
+            )
+        raise CheckpointError(
+            f"checkpoint {tag_dir}: optimizer groups {[len(g) for g in theirs or []]} differ "
+            f"from this run's {[len(g) for g in mine]} (train.param_groups changed?)"
+        )
 
 
 def old_format_message(tag_dir: Path) -> str:
-    return (f"checkpoint {tag_dir} is in the per-rank DeepSpeed format of earlier versions (mp_rank_*/zero_pp_rank_* "
-            f"files, no layout-free state), which is no longer resumed directly. Convert it once, on any machine "
-            f"(one process, streaming): `python -m jigsaw_ext.checkpoint consolidate {tag_dir} OUT`, then start "
-            f"with `--resume OUT` on any mesh; every checkpoint written from then on is layout-free")
+    return (
+        f"checkpoint {tag_dir} is in the per-rank DeepSpeed format of earlier versions (mp_rank_*/zero_pp_rank_* "
+        f"files, no layout-free state), which is no longer resumed directly. Convert it once, on any machine "
+        f"(one process, streaming): `python -m jigsaw_ext.checkpoint consolidate {tag_dir} OUT`, then start "
+        f"with `--resume OUT` on any mesh; every checkpoint written from then on is layout-free"
+    )
 
 
 def sampler_for(loader: dict, micro: int, dp: int, where) -> dict:
@@ -450,8 +485,17 @@ def sampler_for(loader: dict, micro: int, dp: int, where) -> dict:
     st = loader["sampler"]
     samples, per_step = st["step"] * st["batch"] * st["dp"], micro * dp
     if samples % per_step:
-        raise CheckpointError(f"{where}: the data position ({samples} samples into epoch {st['epoch']}) is not a "
-                              f"whole number of this run's global micro batches ({micro} x dp {dp}); keep the "
-                              f"global batch size")
-    return {"epoch": st["epoch"], "step": samples // per_step, "seed": st["seed"], "n": st["n"], "batch": micro,
-            "dp": dp, "shuffle": st["shuffle"]}
+        raise CheckpointError(
+            f"{where}: the data position ({samples} samples into epoch {st['epoch']}) is not a "
+            f"whole number of this run's global micro batches ({micro} x dp {dp}); keep the "
+            f"global batch size"
+        )
+    return {
+        "epoch": st["epoch"],
+        "step": samples // per_step,
+        "seed": st["seed"],
+        "n": st["n"],
+        "batch": micro,
+        "dp": dp,
+        "shuffle": st["shuffle"],
+    }

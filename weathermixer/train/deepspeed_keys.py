@@ -24,6 +24,7 @@ Values that DeepSpeed would only reject after the engine is built are checked he
 (deepspeed_value_errors: gradient_clipping, the optimizer's arguments through torch's own checks);
 the rest is checked by DeepSpeed's models in deepspeed.initialize.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -145,8 +146,9 @@ def _recorded_walk(node: dict, rec, always: frozenset, path: str, errors: list[s
     for key, value in node.items():
         where = f"{path}.{key}"
         if key not in allowed:
-            errors.append(f"  {where}: unknown DeepSpeed key (DeepSpeed would ignore it); "
-                          f"{_nearest(str(key), allowed)}")
+            errors.append(
+                f"  {where}: unknown DeepSpeed key (DeepSpeed would ignore it); {_nearest(str(key), allowed)}"
+            )
         elif isinstance(value, dict) and isinstance(rec, _Recorder):
             _recorded_walk(value, rec.get(key), frozenset(), where, errors)
 
@@ -161,9 +163,11 @@ def _recorded_section_errors(ds: dict, errors: list[str]) -> None:
 
 def _constant_keys(module, prefix: str, section: str) -> frozenset[str]:
     """String constants NAME = "key" of a DeepSpeed constants module whose NAME starts with prefix."""
-    return frozenset(v for k, v in vars(module).items()
-                     if k.startswith(prefix) and isinstance(v, str) and not k.endswith(("_DEFAULT", "_FORMAT"))
-                     and v != section)
+    return frozenset(
+        v
+        for k, v in vars(module).items()
+        if k.startswith(prefix) and isinstance(v, str) and not k.endswith(("_DEFAULT", "_FORMAT")) and v != section
+    )
 
 
 @functools.cache
@@ -174,18 +178,23 @@ def section_schemas() -> dict[str, object]:
     from deepspeed.monitor.config import DeepSpeedMonitorConfig
     from deepspeed.profiling import constants as prof
     from deepspeed.runtime import constants as rt
+    from deepspeed.runtime import precision_config as prec
     from deepspeed.runtime.activation_checkpointing import config as act
     from deepspeed.runtime.config import HybridEngineConfig
-    from deepspeed.runtime import precision_config as prec
     from deepspeed.runtime.tensor_parallel.config import TPTrainingConfig
     from deepspeed.runtime.zero import config as zero
     from deepspeed.utils import config as timers
 
     out: dict[str, object] = {
-        zero.ZERO_OPTIMIZATION: zero.DeepSpeedZeroConfig, prec.FP16: prec.DeepSpeedFP16Config,
-        prec.BFLOAT16: prec.DeepSpeedBF16Config, prec.BFLOAT16_OLD: prec.DeepSpeedBF16Config,
-        "compile": CompileConfig, "comms_logger": CommsLoggerConfig, "hybrid_engine": HybridEngineConfig,
-        "tensor_parallel": TPTrainingConfig, timers.TIMERS: frozenset({timers.TIMERS_THROUGHPUT}),
+        zero.ZERO_OPTIMIZATION: zero.DeepSpeedZeroConfig,
+        prec.FP16: prec.DeepSpeedFP16Config,
+        prec.BFLOAT16: prec.DeepSpeedBF16Config,
+        prec.BFLOAT16_OLD: prec.DeepSpeedBF16Config,
+        "compile": CompileConfig,
+        "comms_logger": CommsLoggerConfig,
+        "hybrid_engine": HybridEngineConfig,
+        "tensor_parallel": TPTrainingConfig,
+        timers.TIMERS: frozenset({timers.TIMERS_THROUGHPUT}),
         f"{timers.TIMERS}.{timers.TIMERS_THROUGHPUT}": timers.DeepSpeedThroughputTimerConfig,
         prof.FLOPS_PROFILER: _constant_keys(prof, "FLOPS_PROFILER_", prof.FLOPS_PROFILER),
         act.ACT_CHKPT: _constant_keys(act, "ACT_CHKPT_", act.ACT_CHKPT),
@@ -198,8 +207,9 @@ def section_schemas() -> dict[str, object]:
 
 
 def top_level_keys() -> frozenset[str]:
-    return recorded_top_level_keys() | frozenset(EXTRA_TOP_LEVEL) | frozenset(
-        p.split(".")[0] for p in section_schemas())
+    return (
+        recorded_top_level_keys() | frozenset(EXTRA_TOP_LEVEL) | frozenset(p.split(".")[0] for p in section_schemas())
+    )
 
 
 def _model_keys(model) -> dict[str, object]:
@@ -252,7 +262,7 @@ def deepspeed_key_errors(ds: dict) -> list[str]:
         elif key not in top:
             errors.append(f"  {key}: unknown DeepSpeed key (DeepSpeed would ignore it); {_nearest(str(key), top)}")
     zero = ds.get("zero_optimization")
-    for key in (zero if isinstance(zero, dict) else {}):
+    for key in zero if isinstance(zero, dict) else {}:
         if key in _REMOVED_ZERO_CONFIG_KEYS:
             errors.append(f"  zero_optimization.{key}: {_REMOVED_ZERO_CONFIG_KEYS[key]}")
     for path, schema in section_schemas().items():
@@ -260,8 +270,12 @@ def deepspeed_key_errors(ds: dict) -> list[str]:
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
-            _walk({k: v for k, v in node.items() if not (path == "zero_optimization" and k in
-                                                        _REMOVED_ZERO_CONFIG_KEYS)}, schema, path, errors)
+            _walk(
+                {k: v for k, v in node.items() if not (path == "zero_optimization" and k in _REMOVED_ZERO_CONFIG_KEYS)},
+                schema,
+                path,
+                errors,
+            )
     _recorded_section_errors(ds, errors)
     errors += optimizer_param_errors(ds)
     return errors
@@ -283,8 +297,11 @@ def adam_param_keys() -> frozenset[str]:
 
     keys = set(DEEPSPEED_ADAM_KEYS)
     for cls in (torch.optim.AdamW, torch.optim.Adam, FusedAdam, DeepSpeedCPUAdam):
-        keys |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
-                 if n not in ("self", "params", "model_params") and p.kind is p.POSITIONAL_OR_KEYWORD}
+        keys |= {
+            n
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "params", "model_params") and p.kind is p.POSITIONAL_OR_KEYWORD
+        }
     return frozenset(keys)
 
 
@@ -296,8 +313,12 @@ def optimizer_param_errors(ds: dict) -> list[str]:
         return []
     params = opt.get("params")
     allowed = adam_param_keys()
-    return [f"  optimizer.params.{k}: not an argument of DeepSpeed's {opt.get('type', 'AdamW')} optimizer; "
-            f"{_nearest(str(k), allowed)}" for k in (params if isinstance(params, dict) else {}) if k not in allowed]
+    return [
+        f"  optimizer.params.{k}: not an argument of DeepSpeed's {opt.get('type', 'AdamW')} optimizer; "
+        f"{_nearest(str(k), allowed)}"
+        for k in (params if isinstance(params, dict) else {})
+        if k not in allowed
+    ]
 
 
 def deepspeed_value_errors(ds: dict) -> list[str]:
@@ -315,8 +336,11 @@ def deepspeed_value_errors(ds: dict) -> list[str]:
     params = opt.get("params") if isinstance(opt, dict) else None
     if isinstance(params, dict) and not optimizer_param_errors(ds):
         cls = torch.optim.Adam if str(opt.get("type", "AdamW")).lower() == "adam" else torch.optim.AdamW
-        kwargs = {k: v for k, v in params.items() if k not in DEEPSPEED_ADAM_KEYS and k in
-                  inspect.signature(cls.__init__).parameters and k != "fused"}
+        kwargs = {
+            k: v
+            for k, v in params.items()
+            if k not in DEEPSPEED_ADAM_KEYS and k in inspect.signature(cls.__init__).parameters and k != "fused"
+        }
         try:
             cls([torch.zeros(1, requires_grad=True)], **kwargs)
         except (TypeError, ValueError, RuntimeError) as err:

@@ -1,6 +1,7 @@
 """What the DeepSpeed engine is built from: AdamW parameter groups by name, the learning-rate
 schedule, ZeRO-3 registration of the layers' ParameterList weights, threads per process, and the
 peak-memory and peak-FLOP/s figures the logs report."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -21,20 +22,29 @@ def chip_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> float 
 
 def lr_lambda(cfg):
     """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+
     def f(step: int) -> float:  # step = optimizer steps taken so far
         if step < cfg.warmup:
             return (step + 1) / (cfg.warmup + 1)
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
 def param_groups(model: torch.nn.Module, rules, lr: float) -> list[dict]:
     """AdamW groups by name: the first rule a parameter matches decides its lr scale and weight decay.
     Group membership depends on names only, so it is the same on every rank."""
-    groups = [{"params": [], "names": [], "name": f"rule{i}:{'|'.join(r.match)}", "lr": lr * r.lr_scale,
-               **({"weight_decay": r.weight_decay} if r.weight_decay is not None else {})}
-              for i, r in enumerate(rules)]
+    groups = [
+        {
+            "params": [],
+            "names": [],
+            "name": f"rule{i}:{'|'.join(r.match)}",
+            "lr": lr * r.lr_scale,
+            **({"weight_decay": r.weight_decay} if r.weight_decay is not None else {}),
+        }
+        for i, r in enumerate(rules)
+    ]
     default = {"params": [], "names": [], "name": "default", "lr": lr}
     for name, p in model.named_parameters():
         for g, r in zip(groups, rules):
@@ -92,7 +102,7 @@ def bind_cores(enabled: bool = True) -> list[int] | None:
     if threads < 1 or threads * local > len(cores) or local_rank >= local:
         return None
     per = len(cores) // local
-    mine = cores[local_rank * per:(local_rank + 1) * per]
+    mine = cores[local_rank * per : (local_rank + 1) * per]
     for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
         try:
             os.sched_setaffinity(int(task), mine)
@@ -145,8 +155,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         lib.mallopt(M_ARENA_MAX, arenas)
 
 
-def keep_freed_blocks(enabled: bool = True, mmap_threshold: int = 32 * 2 ** 20,
-                      trim_threshold: int = 2 ** 31 - 1) -> bool:
+def keep_freed_blocks(enabled: bool = True, mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**31 - 1) -> bool:
     """CPU runs: serve allocations up to 32 MiB (activations, gathered weights, collective buffers)
     from glibc's heap and keep freed heap memory instead of handing it back after every free (unless
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set). PyTorch's CPU allocator is malloc, and by

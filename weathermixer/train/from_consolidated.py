@@ -3,6 +3,7 @@ makes of a checkpoint of the DeepSpeed 0.19 per-rank format), on any mesh and an
 weights and AdamW moments (each rank reads only its block), the optimizer step, the schedule
 position, DeepSpeed's counters and the data position, in that order. The run's own checkpoints are
 layout-free from then on."""
+
 from __future__ import annotations
 
 import math
@@ -32,20 +33,27 @@ def load_consolidated(trainer, path) -> dict:
         raise CheckpointError(str(err)) from None
     _restore_schedule_and_counters(trainer.engine, idx)
     best = idx.get("best")
-    return {"step": int(idx["step"]), "best": math.inf if best is None else best,
-            "sampler": sampler_state(c, trainer.micro, trainer.mesh.sizes["dp"])}
+    return {
+        "step": int(idx["step"]),
+        "best": math.inf if best is None else best,
+        "sampler": sampler_state(c, trainer.micro, trainer.mesh.sizes["dp"]),
+    }
 
 
 def _check_same_model(c, job, group_names) -> None:
     mine, theirs = job.model.model_dump(mode="json"), c.index["app"]["model"]
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
-        raise CheckpointError(f"{c.dir}: written for another model (model.{diff[0]}: checkpoint "
-                              f"{theirs.get(diff[0])!r}, this run {mine.get(diff[0])!r})")
+        raise CheckpointError(
+            f"{c.dir}: written for another model (model.{diff[0]}: checkpoint "
+            f"{theirs.get(diff[0])!r}, this run {mine.get(diff[0])!r})"
+        )
     want = [list(g["names"]) for g in c.index["optimizer"]["groups"]]
     if want != group_names:
-        raise CheckpointError(f"{c.dir}: optimizer groups {[len(g) for g in want]} differ from this run's "
-                              f"{[len(g) for g in group_names]} (train.param_groups changed?)")
+        raise CheckpointError(
+            f"{c.dir}: optimizer groups {[len(g) for g in want]} differ from this run's "
+            f"{[len(g) for g in group_names]} (train.param_groups changed?)"
+        )
 
 
 @torch.no_grad()

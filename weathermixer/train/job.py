@@ -5,6 +5,7 @@ DeepSpeed config completed from the project section, and the data the job reads.
     job, ds = load_train_job("quickstart_cpu")
     ds = check_job(job, ds, world=4, cuda=False)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,25 +30,32 @@ def resolve_batch(ds: dict, dp: int) -> tuple[int, int]:
     tb = ds.get("train_batch_size")
     micro = ds.get("train_micro_batch_size_per_gpu")
     gas = ds.get("gradient_accumulation_steps")
-    for key, v in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", micro),
-                   ("gradient_accumulation_steps", gas)):
+    for key, v in (
+        ("train_batch_size", tb),
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", gas),
+    ):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError(f"{key}: must be a positive integer, got {v!r}")
     if micro is None and tb is None:
-        raise ConfigError("set train_micro_batch_size_per_gpu (samples per model replica per micro step) "
-                          "or train_batch_size in the DeepSpeed config")
+        raise ConfigError(
+            "set train_micro_batch_size_per_gpu (samples per model replica per micro step) "
+            "or train_batch_size in the DeepSpeed config"
+        )
     if micro is None:
         gas = gas or 1
         micro, rem = divmod(tb, gas * dp)
         if rem or micro == 0:
-            raise ConfigError(f"train_batch_size={tb} is not a positive multiple of gradient_accumulation_steps={gas} "
-                              f"x dp={dp}")
+            raise ConfigError(
+                f"train_batch_size={tb} is not a positive multiple of gradient_accumulation_steps={gas} x dp={dp}"
+            )
     gas = gas or (tb // (micro * dp) if tb is not None else 1)
     if tb is not None and tb != micro * gas * dp:
         raise ConfigError(
             f"train_batch_size={tb} != train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={gas} "
             f"x dp={dp} (mesh.dp; one micro batch per model replica, shared by its domain x tp ranks): "
-            f"remove train_batch_size or make it {micro * gas * dp}")
+            f"remove train_batch_size or make it {micro * gas * dp}"
+        )
     return micro, gas
 
 
@@ -58,6 +66,7 @@ def zero_stage(ds: dict) -> int:
 def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     """Validate the job against the launch and return the DeepSpeed config to hand to initialize()."""
     from jigsaw_ext.mesh import Mesh, validate_world
+
     from ..model.geometry import Geometry
 
     try:
@@ -68,8 +77,10 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if job.train.rollout_mode == "autoregressive" and job.model.rollout != 1:
-        raise ConfigError(f"train.rollout_mode=autoregressive feeds each decoded lead back in; set model.rollout=1 "
-                          f"(it is {job.model.rollout})")
+        raise ConfigError(
+            f"train.rollout_mode=autoregressive feeds each decoded lead back in; set model.rollout=1 "
+            f"(it is {job.model.rollout})"
+        )
     data = job.data
     if data.source == "gridded" and not data.fake and "://" not in data.path and not Path(data.path).exists():
         raise ConfigError(f"data.path: {data.path} does not exist")
@@ -82,19 +93,27 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     if opt.get("type", "").lower() not in ("adamw", "adam"):
         raise ConfigError(f"optimizer.type: {opt.get('type')!r} not supported; allowed: AdamW, Adam")
     if "scheduler" in ds:
-        raise ConfigError("scheduler: remove it; the schedule is weathermixer.train.warmup/min_lr_ratio (linear "
-                          "warm-up + cosine decay)")
+        raise ConfigError(
+            "scheduler: remove it; the schedule is weathermixer.train.warmup/min_lr_ratio (linear "
+            "warm-up + cosine decay)"
+        )
     params = dict(opt.get("params") or {})
     if "lr" in params:
-        raise ConfigError("optimizer.params.lr: set weathermixer.train.lr instead (one source for the "
-                          "learning rate and its schedule)")
+        raise ConfigError(
+            "optimizer.params.lr: set weathermixer.train.lr instead (one source for the learning rate and its schedule)"
+        )
     params["lr"] = job.train.lr
     if not cuda:
         params.setdefault("torch_adam", True)  # else DeepSpeed JIT-compiles fused Adam (~90 s on CPU)
     opt["params"] = params
-    out = dict(ds, optimizer=opt, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
-               train_batch_size=micro * gas * dp)
-    out.setdefault("steps_per_print", 10 ** 9)
+    out = dict(
+        ds,
+        optimizer=opt,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=gas,
+        train_batch_size=micro * gas * dp,
+    )
+    out.setdefault("steps_per_print", 10**9)
     out.update(monitor_sections(job, out))
     zero = zero_stage(out)
     if zero not in (0, 1, 2, 3):
@@ -108,15 +127,17 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     zo = out.get("zero_optimization") or {}
     if zero == 3:
         if job.mesh.replicate_weights_over:
-            raise ConfigError("zero_optimization.stage=3 with mesh.replicate_weights_over: ZeRO-3 partitions "
-                              "the parameters over dp, replicated weights would be gathered twice; use stage "
-                              "1/2 or an empty replicate_weights_over")
+            raise ConfigError(
+                "zero_optimization.stage=3 with mesh.replicate_weights_over: ZeRO-3 partitions "
+                "the parameters over dp, replicated weights would be gathered twice; use stage "
+                "1/2 or an empty replicate_weights_over"
+            )
         for key in ("offload_param", "offload_optimizer"):
             if (zo.get(key) or {}).get("device", "none") not in ("none", None):
-                raise ConfigError(f"zero_optimization.{key}: offloading is not supported with block-sharded "
-                                  f"parameters yet; remove it")
-    if zero in (1, 2) and (zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None) \
-            and not cuda:
+                raise ConfigError(
+                    f"zero_optimization.{key}: offloading is not supported with block-sharded parameters yet; remove it"
+                )
+    if zero in (1, 2) and (zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None) and not cuda:
         raise ConfigError("zero_optimization.offload_optimizer: offloading is for GPU runs")
     return out
 
@@ -140,9 +161,12 @@ def monitor_sections(job: TrainJobConfig, ds: dict) -> dict:
             continue
         if package:
             if importlib.util.find_spec(package) is None:
-                raise ConfigError(f"{key}.enabled" + (" (log.tensorboard)" if key == "tensorboard" else "")
-                                  + f": the {package} package is not installed; pip install "
-                                    f"'jigsaw-weathermixer[monitor]' or disable it")
+                raise ConfigError(
+                    f"{key}.enabled"
+                    + (" (log.tensorboard)" if key == "tensorboard" else "")
+                    + f": the {package} package is not installed; pip install "
+                    f"'jigsaw-weathermixer[monitor]' or disable it"
+                )
         if key != "wandb":  # wandb's folder is WANDB_DIR (Trainer sets it to log.dir unless given)
             if not sec.get("output_path"):
                 sec["output_path"] = str(job.log.dir)
@@ -157,9 +181,11 @@ def monitor_note(job: TrainJobConfig, ds: dict) -> str | None:
     if job.log.tensorboard != "auto" or (ds.get("tensorboard") or {}).get("enabled"):
         return None
     csv = f"; the metrics go to {Path(job.log.dir) / 'metrics.csv'} as always" if job.log.csv else ""
-    return ("TensorBoard logging is off: log.tensorboard is \"auto\" and the tensorboard package is not installed "
-            "(pip install 'jigsaw-weathermixer[monitor]' to turn it on, or set log.tensorboard=false to silence "
-            f"this){csv}")
+    return (
+        'TensorBoard logging is off: log.tensorboard is "auto" and the tensorboard package is not installed '
+        "(pip install 'jigsaw-weathermixer[monitor]' to turn it on, or set log.tensorboard=false to silence "
+        f"this){csv}"
+    )
 
 
 def prepare_data(job: TrainJobConfig, rank: int, log=functools.partial(print, flush=True)):
@@ -187,14 +213,21 @@ def prepare_data(job: TrainJobConfig, rank: int, log=functools.partial(print, fl
         tmp = store.with_name(f"{store.name}.partial.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         store.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic(str(tmp), job.model.grid, syn.start, syn.end, syn.dt_hours,
-                        list(ch.surface) + list(ch.atmospheric), list(ch.levels) or None, seed=syn.seed,
-                        noise=syn.noise)
+        write_synthetic(
+            str(tmp),
+            job.model.grid,
+            syn.start,
+            syn.end,
+            syn.dt_hours,
+            list(ch.surface) + list(ch.atmospheric),
+            list(ch.levels) or None,
+            seed=syn.seed,
+            noise=syn.noise,
+        )
         shutil.rmtree(store, ignore_errors=True)
         tmp.rename(store)
         train = data_cfg.splits["train"]
-        stats = compute_stats(GriddedDataset(data_cfg.model_copy(update={"stats": None}), ch, job.model.grid),
-                              *train)
+        stats = compute_stats(GriddedDataset(data_cfg.model_copy(update={"stats": None}), ch, job.model.grid), *train)
         atomic_write_text(Path(data_cfg.stats), json.dumps(stats, indent=1))
     return data_cfg
 

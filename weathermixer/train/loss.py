@@ -1,4 +1,5 @@
 """Latitude-weighted MSE computed on shards; the sum of the ranks' terms is the serial loss."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ def row_weights(lat_deg, rows, loss_weighting: str, device) -> tuple[torch.Tenso
     return area[rows].to(device), loss[rows].to(device)
 
 
-def weighted_mse_term(pred: torch.Tensor, target: torch.Tensor, lat_weights_local: torch.Tensor,
-                      count: int) -> torch.Tensor:
+def weighted_mse_term(
+    pred: torch.Tensor, target: torch.Tensor, lat_weights_local: torch.Tensor, count: int
+) -> torch.Tensor:
     """This rank's term of mean_{b,c,lat,lon} w_lat (pred - target)^2; `count` is the number of
     elements of the full (unsharded) batch, so the terms of a model group add up to the loss."""
     w = lat_weights_local.to(pred.dtype).view(1, 1, -1, 1)
@@ -39,11 +41,24 @@ def weighted_mse_term(pred: torch.Tensor, target: torch.Tensor, lat_weights_loca
 
 
 # short names of headline channels: z500 -> geopotential_500, t2m -> 2m_temperature, ...
-_SHORT_SURFACE = {"t2m": "2m_temperature", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
-                  "msl": "mean_sea_level_pressure", "mslp": "mean_sea_level_pressure", "sp": "surface_pressure",
-                  "tp": "total_precipitation_6hr"}
-_SHORT_ATMOS = {"z": "geopotential", "t": "temperature", "u": "u_component_of_wind", "v": "v_component_of_wind",
-                "q": "specific_humidity", "r": "relative_humidity", "w": "vertical_velocity"}
+_SHORT_SURFACE = {
+    "t2m": "2m_temperature",
+    "u10": "10m_u_component_of_wind",
+    "v10": "10m_v_component_of_wind",
+    "msl": "mean_sea_level_pressure",
+    "mslp": "mean_sea_level_pressure",
+    "sp": "surface_pressure",
+    "tp": "total_precipitation_6hr",
+}
+_SHORT_ATMOS = {
+    "z": "geopotential",
+    "t": "temperature",
+    "u": "u_component_of_wind",
+    "v": "v_component_of_wind",
+    "q": "specific_humidity",
+    "r": "relative_humidity",
+    "w": "vertical_velocity",
+}
 DEFAULT_HEADLINE = ("z500", "t850", "t2m", "u10")
 
 
@@ -68,8 +83,9 @@ def headline_channels(names: list[str], requested: list[str] | None) -> list[tup
     for s in requested:
         full = channel_name(s)
         if full not in names:
-            raise ValueError(f"validation.variables: {s!r} ({full}) is not a model channel; channels: "
-                             f"{', '.join(names)}")
+            raise ValueError(
+                f"validation.variables: {s!r} ({full}) is not a model channel; channels: {', '.join(names)}"
+            )
         out.append((s, names.index(full)))
     return out
 
@@ -109,14 +125,20 @@ def channel_loss_weights(channels, loss_cfg, stats: dict | None = None) -> torch
         missing = [n for n in names if n not in table or "diff_std" not in table[n]]
         if missing:
             raise ValueError(f"loss.tendency: no diff_std in the statistics for {missing}")
-        s = torch.tensor([max(table[n]["diff_std"], 1e-12) / max(table[n]["std"], 1e-12) for n in names],
-                         dtype=torch.float64)
+        s = torch.tensor(
+            [max(table[n]["diff_std"], 1e-12) / max(table[n]["std"], 1e-12) for n in names], dtype=torch.float64
+        )
         w = w / s.square()
     return w.float()
 
 
-def weighted_loss_term(pred: torch.Tensor, target: torch.Tensor, lat_weights_local: torch.Tensor,
-                       channel_weights_local: torch.Tensor, count: int) -> torch.Tensor:
+def weighted_loss_term(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    lat_weights_local: torch.Tensor,
+    channel_weights_local: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
     """This rank's term of mean_{b,c,lat,lon} w_c w_lat (pred - target)^2 (blocks (B, C, rows, lon))."""
     w = lat_weights_local.to(pred.dtype).view(1, 1, -1, 1) * channel_weights_local.to(pred.dtype).view(1, -1, 1, 1)
     return (w * (pred - target).square()).sum() / count

@@ -17,6 +17,7 @@ every rank, so a bad setting exits non-zero everywhere instead of leaving ranks 
 collective. The run itself is weathermixer.train.trainer.Trainer. Exit codes: 0 done, 1 failed
 (non-finite loss, a dead rank, a collective timeout), 2 bad configuration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     deepspeed.add_config_arguments); no abbreviations, so `--deepspeed` is never read as `--deepspeed_config`."""
     import deepspeed
 
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog=PROG, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     deepspeed.add_config_arguments(ap)
     for action in ap._actions:  # DeepSpeed's help line says nothing of the packaged job files
         if "--deepspeed_config" in action.option_strings:
-            action.help = ("JSON: DeepSpeed settings + 'weathermixer' section; a path, or a packaged job file by "
-                           "name (quickstart_cpu, era5_5.625deg, ...). Required")
+            action.help = (
+                "JSON: DeepSpeed settings + 'weathermixer' section; a path, or a packaged job file by "
+                "name (quickstart_cpu, era5_5.625deg, ...). Required"
+            )
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("--steps", type=int, help="override weathermixer.train.steps")
     ap.add_argument("--dp", type=int, help="override weathermixer.mesh.dp")
@@ -58,8 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-path", dest="data_path", help="override weathermixer.data.path")
     ap.add_argument("--resume", help="override weathermixer.checkpoint.resume: auto | never | checkpoint dir")
     ap.add_argument("--init-from", dest="init_from", help="override weathermixer.checkpoint.init_from (weights only)")
-    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="set any key (JSON value), e.g. train.lr=1e-3; prefix ds. for DeepSpeed's keys")
+    ap.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any key (JSON value), e.g. train.lr=1e-3; prefix ds. for DeepSpeed's keys",
+    )
     args = ap.parse_args(argv)
     args.deepspeed_config = args.deepspeed_config or args.deepscale_config
     if args.deepspeed_config is None:
@@ -75,8 +85,9 @@ def single_process_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def main(argv=None) -> int:
@@ -88,8 +99,9 @@ def main(argv=None) -> int:
     rankwatch.watch_sigterm(PROG)  # the launcher's SIGTERM: name the rank that died first, release RUN.lock
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    overrides = {k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume",
-                                                "init_from")}
+    overrides = {
+        k: getattr(args, k) for k in ("steps", "dp", "domain", "tp", "output_dir", "data_path", "resume", "init_from")
+    }
 
     import torch
 
@@ -109,9 +121,12 @@ def main(argv=None) -> int:
     done = finished_at(job)  # before any process group, engine or data: a rerun of a finished run
     if done is not None:
         if rank == 0:
-            print(f"{PROG}: the run is complete at step {done[0]} ({done[1]}; train.steps={job.train.steps}): "
-                  f"nothing to train. To train further, raise --steps; to start afresh, give another --output-dir "
-                  f"or --resume never", flush=True)
+            print(
+                f"{PROG}: the run is complete at step {done[0]} ({done[1]}; train.steps={job.train.steps}): "
+                f"nothing to train. To train further, raise --steps; to start afresh, give another --output-dir "
+                f"or --resume never",
+                flush=True,
+            )
         return 0
     note = monitor_note(job, ds)
     if note and rank == 0:
@@ -125,9 +140,12 @@ def main(argv=None) -> int:
     except DataError as err:  # a fault in the data itself: the same command alone would meet it again
         _claim_exit()
         ckpt = trainer.ckpt.describe("latest") if hasattr(trainer, "ckpt") else "none"
-        print(f"{PROG} (rank {rank}): {err}\n  fix the data named above first (re-write it, or leave those times out "
-              f"of data.splits); then the same command resumes from the last checkpoint: {ckpt}", file=sys.stderr,
-              flush=True)
+        print(
+            f"{PROG} (rank {rank}): {err}\n  fix the data named above first (re-write it, or leave those times out "
+            f"of data.splits); then the same command resumes from the last checkpoint: {ckpt}",
+            file=sys.stderr,
+            flush=True,
+        )
         rankwatch.finish(EXIT_CONFIG, str(err))
         os._exit(EXIT_CONFIG)
     except (ConfigError, CheckpointError, CheckpointFormatError) as err:  # bad input met after the start
@@ -162,13 +180,20 @@ def _report_failure(err: BaseException, trainer, rank: int, timeout_s: float) ->
     rerun = f"Rerun the same command to resume from the last checkpoint: {ckpt}"
     if cause is not None:
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"{PROG} (rank {rank}): {phrase}; this rank stops ({type(err).__name__}: {first})\n  {rerun}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{PROG} (rank {rank}): {phrase}; this rank stops ({type(err).__name__}: {first})\n  {rerun}",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     traceback.print_exc()
-    print(f"{PROG} (rank {rank}): {type(err).__name__}: {err}\n  this rank stops ({phrase}); if another rank died "
-          f"or a collective timed out (weathermixer.train.dist_timeout_s={timeout_s:g} s), the launcher stops the "
-          f"rest. {rerun}", file=sys.stderr, flush=True)
+    print(
+        f"{PROG} (rank {rank}): {type(err).__name__}: {err}\n  this rank stops ({phrase}); if another rank died "
+        f"or a collective timed out (weathermixer.train.dist_timeout_s={timeout_s:g} s), the launcher stops the "
+        f"rest. {rerun}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

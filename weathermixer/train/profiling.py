@@ -5,6 +5,7 @@ time, the time in each category (GEMM, elementwise, copies, optimizer, communica
 idle time (wall minus the union of its busy intervals) and the top kernels. On a GPU the categories
 are the CUDA kernels and memory copies; on the CPU they are the aten operators' own (self) times.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,33 @@ from jigsaw_ext.files import atomic_write_text
 CATEGORIES = ("gemm", "communication", "optimizer", "copies", "elementwise")
 # lower-case substrings of a kernel / operator name, first match wins (in CATEGORIES order)
 PATTERNS = {
-    "gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm",
-             "aten::baddbmm", "aten::matmul"),
+    "gemm": (
+        "gemm",
+        "cutlass",
+        "xmma",
+        "nvjet",
+        "cublas",
+        "wgmma",
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::matmul",
+    ),
     "communication": ("nccl", "gloo", "c10d", "all_reduce", "allreduce", "all_gather", "reduce_scatter"),
     "optimizer": ("adam", "multi_tensor", "foreach", "optimizer", "l2norm", "clip_grad"),
-    "copies": ("memcpy", "memset", "copy", "aten::to", "aten::cat", "catarray", "constant_pad", "aten::pad",
-               "transpose", "aten::contiguous"),
+    "copies": (
+        "memcpy",
+        "memset",
+        "copy",
+        "aten::to",
+        "aten::cat",
+        "catarray",
+        "constant_pad",
+        "aten::pad",
+        "transpose",
+        "aten::contiguous",
+    ),
 }
 
 
@@ -69,8 +91,11 @@ def _device_events(events, cuda: bool) -> list:
 def breakdown(events, wall_s: float, cuda: bool, top: int = 15) -> dict:
     """Seconds per category, idle time and the top kernels of a profiled step's events."""
     evs = _device_events(events, cuda)
-    own = (lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) if cuda \
+    own = (
+        (lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+        if cuda
         else (lambda e: e.self_cpu_time_total)
+    )
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
     per_name: dict[str, list] = {}
     for e in evs:
@@ -84,10 +109,15 @@ def breakdown(events, wall_s: float, cuda: bool, top: int = 15) -> dict:
     else:  # operators nest and overlap on threads: the sum of self times, capped at the wall time
         busy = min(sum(per_cat.values()), wall_s)
     kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"wall_s": wall_s, "measure": "CUDA kernels" if cuda else "aten operators' self CPU time",
-            "seconds": per_cat, "busy_s": busy, "idle_s": max(wall_s - busy, 0.0),
-            "share_of_wall": {k: v / wall_s for k, v in per_cat.items()} if wall_s > 0 else {},
-            "top": [{"name": n[:160], "seconds": s, "calls": c, "category": cat} for n, (s, c, cat) in kernels]}
+    return {
+        "wall_s": wall_s,
+        "measure": "CUDA kernels" if cuda else "aten operators' self CPU time",
+        "seconds": per_cat,
+        "busy_s": busy,
+        "idle_s": max(wall_s - busy, 0.0),
+        "share_of_wall": {k: v / wall_s for k, v in per_cat.items()} if wall_s > 0 else {},
+        "top": [{"name": n[:160], "seconds": s, "calls": c, "category": cat} for n, (s, c, cat) in kernels],
+    }
 
 
 @contextmanager

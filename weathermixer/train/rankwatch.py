@@ -17,6 +17,7 @@ earliest "error" record, else a peer on this machine whose pid is gone, and prin
 
 turns the registry and the records into the job's last line (launchers/common.sh wm_run_reported).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,11 @@ def register(run_dir: Path, ranks: list[dict], rank: int, write: bool) -> None:
         for path in targets:
             atomic_write_text(path, json.dumps(registry, indent=1))
     except OSError as err:
-        print(f"warning: the rank registry was not written ({err}); a failure will name fewer ranks",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: the rank registry was not written ({err}); a failure will name fewer ranks",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _load(path: Path) -> dict:
@@ -91,8 +95,17 @@ def record(kind: str, code: int, message: str = "", dead: list[int] | None = Non
     if _state["dir"] is None:
         return
     here = me()
-    rec = {"run_id": _state["run_id"], "rank": _state["rank"], "host": here["host"], "pid": here["pid"],
-           "kind": kind, "code": code, "message": message[-2000:], "dead": dead or [], "time": time.time()}
+    rec = {
+        "run_id": _state["run_id"],
+        "rank": _state["rank"],
+        "host": here["host"],
+        "pid": here["pid"],
+        "kind": kind,
+        "code": code,
+        "message": message[-2000:],
+        "dead": dead or [],
+        "time": time.time(),
+    }
     try:
         _state["dir"].mkdir(parents=True, exist_ok=True)
         atomic_write_text(_state["dir"] / f"rank{_state['rank']:05d}.json", json.dumps(rec, indent=1))
@@ -112,8 +125,9 @@ def find_cause(wait_s: float = 3.0) -> tuple[dict | None, str]:
     peers = [p for p in _state["ranks"] if p["rank"] != mine]
     while True:
         recs = _records(_state["dir"], _state["run_id"])
-        errors = sorted((r for r in recs.values() if r["kind"] == "error" and r["rank"] != mine),
-                        key=lambda r: r["time"])
+        errors = sorted(
+            (r for r in recs.values() if r["kind"] == "error" and r["rank"] != mine), key=lambda r: r["time"]
+        )
         if errors:
             e = errors[0]
             return e, f"rank {e['rank']} ({describe(e)}) failed first ({_first_line(e['message'])})"
@@ -125,8 +139,10 @@ def find_cause(wait_s: float = 3.0) -> tuple[dict | None, str]:
             break
         time.sleep(0.2)
     far = sorted({p["host"] for p in peers if status.get(p["rank"]) == "unknown"})
-    return None, ("no peer on this host is gone and none recorded a failure" +
-                  (f"; ranks on {', '.join(far)} cannot be checked from here" if far else ""))
+    return None, (
+        "no peer on this host is gone and none recorded a failure"
+        + (f"; ranks on {', '.join(far)} cannot be checked from here" if far else "")
+    )
 
 
 def claim_exit() -> bool:
@@ -172,8 +188,10 @@ def watch_sigterm(prog: str, code: int = 143) -> None:
             return  # the main thread is already on its way out
         cause, phrase = find_cause()
         rank = _state["rank"]
-        msg = (f"{prog} (rank {'?' if rank is None else rank}): terminated (SIGTERM: the launcher or the batch "
-               f"system stops the job); " + (f"{phrase}; this rank stops" if cause else phrase))
+        msg = (
+            f"{prog} (rank {'?' if rank is None else rank}): terminated (SIGTERM: the launcher or the batch "
+            f"system stops the job); " + (f"{phrase}; this rank stops" if cause else phrase)
+        )
         print(msg, file=sys.stderr, flush=True)
         record("peer" if cause else "terminated", code, msg, [cause["rank"]] if cause else [])
         _run_exits()
@@ -204,12 +222,16 @@ def report(record_path: str | Path, code: int) -> str:
         if first in recs and recs[first]["kind"] == "error":
             what = f"failed first: {_first_line(recs[first]['message'])}"
         else:
-            what = ("died first; it left no message (killed by a signal such as SIGKILL or the OOM killer, or "
-                    "its node went down)")
+            what = (
+                "died first; it left no message (killed by a signal such as SIGKILL or the OOM killer, or "
+                "its node went down)"
+            )
         return f"{head}: {_who(ranks, first)} {what}" + (f"; ranks {rest} stopped after it" if rest else "")
     if silent:
-        return (f"{head}: " + ", ".join(_who(ranks, r) for r in silent) + " left no record (killed by a signal "
-                "such as SIGKILL or the OOM killer, or their node went down)")
+        return (
+            f"{head}: " + ", ".join(_who(ranks, r) for r in silent) + " left no record (killed by a signal "
+            "such as SIGKILL or the OOM killer, or their node went down)"
+        )
     codes = sorted({rec["code"] for rec in recs.values()})
     return f"{head}: every rank exited by itself (code(s) {codes}); the reason is in the messages above"
 

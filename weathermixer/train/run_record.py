@@ -1,6 +1,7 @@
 """What a checkpoint records about the run besides the model and optimizer state: the random
 number generators' states, the job (mesh, model, layouts, statistics, data) and the provenance of
 the code (package versions, git commit)."""
+
 from __future__ import annotations
 
 import functools
@@ -61,10 +62,17 @@ def job_info(job, ds: dict, world: int, dtype, model, group_names, stats, data_c
     dt), package versions and the git commit."""
     from .job import zero_stage
 
-    return {"mesh": job.mesh.model_dump(mode="json"), "model": job.model.model_dump(mode="json"),
-            "zero_stage": zero_stage(ds), "world_size": world, "dtype": str(dtype).replace("torch.", ""),
-            "weathermixer": job.model_dump(mode="json"), "deepspeed": ds,
-            "layouts": {n: p.block_layout.to_json() for n, p in model.named_parameters()},
-            "param_groups": group_names, "stats": stats,
-            "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
-            "provenance": provenance()}
+    return {
+        "mesh": job.mesh.model_dump(mode="json"),
+        "model": job.model.model_dump(mode="json"),
+        "zero_stage": zero_stage(ds),
+        "world_size": world,
+        "dtype": str(dtype).replace("torch.", ""),
+        "weathermixer": job.model_dump(mode="json"),
+        "deepspeed": ds,
+        "layouts": {n: p.block_layout.to_json() for n, p in model.named_parameters()},
+        "param_groups": group_names,
+        "stats": stats,
+        "data": None if data_cfg is None or data_cfg.fake else data_cfg.model_dump(mode="json"),
+        "provenance": provenance(),
+    }

@@ -20,6 +20,7 @@
    nobody waits) and exchange (rank, host, pid, start time): the registry rankwatch uses to name the
    rank that died first.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -49,7 +50,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces and parentheses
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
     return fields[0], int(fields[19])
 
 
@@ -67,8 +68,13 @@ def me() -> dict:
         pidns = os.readlink("/proc/self/ns/pid")
     except OSError:
         pidns = None
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": stat[1] if stat else None,
-            "boot": _read_text("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": stat[1] if stat else None,
+        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pidns": pidns,
+    }
 
 
 def proc_status(p: dict) -> str:
@@ -101,8 +107,10 @@ def describe(p: dict) -> str:
 # writable folders
 def run_folders(job) -> dict[str, Path]:
     """{key: folder} this run writes: log.dir and checkpoint.dir (unset: log.dir/checkpoints)."""
-    return {"log.dir": Path(job.log.dir),
-            "checkpoint.dir": Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")}
+    return {
+        "log.dir": Path(job.log.dir),
+        "checkpoint.dir": Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints"),
+    }
 
 
 def check_writable(folders: dict[str, Path]) -> None:
@@ -120,9 +128,11 @@ def check_writable(folders: dict[str, Path]) -> None:
                 probe.unlink(missing_ok=True)
         except OSError as err:
             where = f" ({err.filename})" if err.filename and str(err.filename) != str(folder) else ""
-            raise RunFolderError(f"{key}={folder}: this run cannot write there: {err.strerror or err}{where}; "
-                                 f"choose a writable folder (--output-dir / --set log.dir=... / --set "
-                                 f"checkpoint.dir=...)") from err
+            raise RunFolderError(
+                f"{key}={folder}: this run cannot write there: {err.strerror or err}{where}; "
+                f"choose a writable folder (--output-dir / --set log.dir=... / --set "
+                f"checkpoint.dir=...)"
+            ) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,7 +256,8 @@ class RunLock:
     def _judge(self, holder: dict | None) -> tuple[bool, str]:
         if holder is None:
             return self.break_lock, "its content is not a lock this program wrote" + (
-                "; log.break_lock=true" if self.break_lock else "")
+                "; log.break_lock=true" if self.break_lock else ""
+            )
         status = proc_status(holder)
         who = f"the run it names ({describe(holder)}, started {holder.get('started')})"
         if status == "gone":
@@ -259,16 +270,24 @@ class RunLock:
 
     def _held_message(self, key: str, folder: Path, path: Path, holder: dict | None, status: str) -> str:
         if holder is None:
-            return (f"{key}={folder} is in use by another run, or was: {path} exists but is not a lock this "
-                    f"program wrote. If no run uses this folder, remove {path} or set --set log.break_lock=true")
-        head = (f"{key}={folder} is in use by another run: {path} is held by pid {holder.get('pid')} on host "
-                f"{holder.get('host')} (started {holder.get('started')}: {holder.get('command')}). ")
+            return (
+                f"{key}={folder} is in use by another run, or was: {path} exists but is not a lock this "
+                f"program wrote. If no run uses this folder, remove {path} or set --set log.break_lock=true"
+            )
+        head = (
+            f"{key}={folder} is in use by another run: {path} is held by pid {holder.get('pid')} on host "
+            f"{holder.get('host')} (started {holder.get('started')}: {holder.get('command')}). "
+        )
         if status == "running":
-            return head + ("That run is still running on this host: wait for it to finish, or give this run "
-                           "another folder (--output-dir or --set log.dir=...)")
-        return head + ("It runs on another host (or in another container), so this one cannot tell whether it "
-                       f"is still running. If that run is gone, remove {path} or set --set log.break_lock=true; "
-                       "otherwise give this run another folder (--output-dir or --set log.dir=...)")
+            return head + (
+                "That run is still running on this host: wait for it to finish, or give this run "
+                "another folder (--output-dir or --set log.dir=...)"
+            )
+        return head + (
+            "It runs on another host (or in another container), so this one cannot tell whether it "
+            f"is still running. If that run is gone, remove {path} or set --set log.break_lock=true; "
+            "otherwise give this run another folder (--output-dir or --set log.dir=...)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ resume) goes to a temporary file renamed over it. A failed write is reported onc
 memory and the whole file is rewritten at the next row the disk takes. (Appending costs ~1 ms with
 the fsync; rewriting a 10,000-row file ~200 ms, which is why rows are appended.)
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,7 +74,7 @@ class RunLog:
             size = f.seek(0, os.SEEK_END)
             try:
                 while data:
-                    data = data[f.write(data):]
+                    data = data[f.write(data) :]
                 os.fsync(f.fileno())
             except OSError:
                 f.truncate(size)
@@ -89,9 +90,11 @@ class RunLog:
                 self._append(self.rows[-1])
         except OSError as err:
             if not self.behind:
-                self.warn(f"{self.csv_path}: writing the row of step {self.rows[-1]['step'] if self.rows else '-'} "
-                          f"failed ({err.strerror or err}); the file keeps its previous complete rows, the new "
-                          f"ones are kept in memory and written when the disk takes them")
+                self.warn(
+                    f"{self.csv_path}: writing the row of step {self.rows[-1]['step'] if self.rows else '-'} "
+                    f"failed ({err.strerror or err}); the file keeps its previous complete rows, the new "
+                    f"ones are kept in memory and written when the disk takes them"
+                )
             self.behind = True
             return
         if self.behind:
@@ -107,8 +110,13 @@ class RunLog:
         self._write_csv(rewrite=new_cols or len(self.rows) == 1)
         if self.monitor:
             x = step if samples is None else samples
-            self.monitor.write_events([(f"{kind}/{k}", float(v), x) for k, v in values.items()
-                                       if isinstance(v, (int, float)) and math.isfinite(v)])
+            self.monitor.write_events(
+                [
+                    (f"{kind}/{k}", float(v), x)
+                    for k, v in values.items()
+                    if isinstance(v, (int, float)) and math.isfinite(v)
+                ]
+            )
 
     def close(self) -> None:
         for name in ("tb_monitor", "wandb_monitor"):  # DeepSpeed's MonitorMaster members
@@ -152,8 +160,15 @@ class Progress:
 
         stream = stream or sys.stdout
         self.log = log
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, mininterval=1.0,
-                        file=stream, disable=not (enabled and stream.isatty()))
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            file=stream,
+            disable=not (enabled and stream.isatty()),
+        )
         self.enabled = enabled
 
     def update(self, n: int = 1) -> None:
@@ -213,6 +228,14 @@ def write_memory_json(log_dir, device: torch.device, peaks: list) -> None:
     """<log.dir>/memory.json: the peak memory of every rank at the end of a run."""
     from jigsaw_ext.files import atomic_write_text
 
-    atomic_write_text(Path(log_dir, "memory.json"), json.dumps(
-        {"device": str(device), "peak_bytes_per_rank": peaks,
-         "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS"}, indent=1))
+    atomic_write_text(
+        Path(log_dir, "memory.json"),
+        json.dumps(
+            {
+                "device": str(device),
+                "peak_bytes_per_rank": peaks,
+                "measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS",
+            },
+            indent=1,
+        ),
+    )

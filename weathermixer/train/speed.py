@@ -5,6 +5,7 @@ Regional compilation (as torchtitan does): each mixer block is compiled on its o
 serves every block of the same shapes and a change to the model outside the blocks never
 recompiles them; the layers' collectives trace as functional collectives (tests/test_compile.py).
 """
+
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
@@ -36,9 +37,11 @@ def optimizer_name(ds: dict) -> str:
 def kernels_line(ds: dict, compiled: int, backend: str) -> str:
     """One start-up line: what runs the LayerNorms, the optimizer, and whether the blocks compile."""
     k = kernels()
-    return (f"kernels: LayerNorm {k['layer_norm']}; optimizer {optimizer_name(ds)} (apex FusedAdam "
-            f"{k['apex_fused_adam']}); mixer blocks " + (f"compiled ({compiled}, {backend})" if compiled
-                                                          else "eager (train.compile_blocks=false)"))
+    return (
+        f"kernels: LayerNorm {k['layer_norm']}; optimizer {optimizer_name(ds)} (apex FusedAdam "
+        f"{k['apex_fused_adam']}); mixer blocks "
+        + (f"compiled ({compiled}, {backend})" if compiled else "eager (train.compile_blocks=false)")
+    )
 
 
 @contextmanager

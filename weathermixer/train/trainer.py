@@ -9,6 +9,7 @@ Loss = latitude-weighted MSE with per-channel weights, averaged over the k leads
 Each rank computes its share on its block; the model group's shares add up to the replica's loss
 and DeepSpeed averages over dp, so the loss and every gradient equal the single-process ones.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,12 +31,21 @@ from ..config import ConfigError
 from ..data.device import device_batches
 from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
 from .config import TrainJobConfig
-from .engine import (chip_peak_tflops, current_memory_bytes, lr_lambda, param_groups, peak_memory_bytes,
-                     register_list_parameters, release_free_memory, setup_host, apply_tf32)
+from .engine import (
+    apply_tf32,
+    chip_peak_tflops,
+    current_memory_bytes,
+    lr_lambda,
+    param_groups,
+    peak_memory_bytes,
+    register_list_parameters,
+    release_free_memory,
+    setup_host,
+)
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
-from .run_record import job_info, rng_state, set_rng_state
 from .loss import channel_loss_weights, headline_channels, lead_weights, row_weights, weighted_loss_term
+from .run_record import job_info, rng_state, set_rng_state
 from .runlog import LossWatch, Progress, RunLog, write_memory_json
 from .speed import compile_blocks, kernels_line, step_context
 from .validation import choose_reencode_every, validate
@@ -48,7 +58,7 @@ class TrainingFailed(RuntimeError):
 @dataclass
 class Result:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global training loss
-    val: dict = field(default_factory=dict)                 # last validation
+    val: dict = field(default_factory=dict)  # last validation
     start_step: int = 0
     exit_code: int = 0
 
@@ -69,6 +79,7 @@ class Trainer:
         import deepspeed.ops
 
         from jigsaw_ext.mesh import init_mesh
+
         from ..model.mixer import WeatherMixer
         from .runfolder import open_run_folder
 
@@ -77,8 +88,9 @@ class Trainer:
         bound = setup_host(cuda, tc.bind_cores)  # before any thread of ours starts
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}  # skip a ~45 s CPU op build
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                                       timeout=datetime.timedelta(seconds=tc.dist_timeout_s))
+            deepspeed.init_distributed(
+                dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=tc.dist_timeout_s)
+            )
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.tf32 = apply_tf32(tc.tf32, cuda)  # fp32 GEMMs in TF32 (and the peak MFU is read against)
@@ -90,13 +102,16 @@ class Trainer:
         self.mesh = mesh = init_mesh(job.mesh)
 
         # the mixing MLPs choose how they meet their data for this micro-batch (mesh.strategy "auto")
-        self.model = WeatherMixer(job.model, mesh, device=self.device,
-                                  micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1))
+        self.model = WeatherMixer(
+            job.model, mesh, device=self.device, micro_batch=int(self.ds.get("train_micro_batch_size_per_gpu") or 1)
+        )
         compiled = compile_blocks(self.model, tc.compile_backend) if tc.compile_blocks else 0
         if self.rank == 0:
-            self.log(f"layer strategies on {mesh.config}: " + ", ".join(
-                f"{k} {v}" for k, v in resolved_strategies(self.model).items())
-                + (f"; each local rank bound to {len(bound)} core(s) (train.bind_cores)" if bound else ""))
+            self.log(
+                f"layer strategies on {mesh.config}: "
+                + ", ".join(f"{k} {v}" for k, v in resolved_strategies(self.model).items())
+                + (f"; each local rank bound to {len(bound)} core(s) (train.bind_cores)" if bound else "")
+            )
             self.log(kernels_line(self.ds, compiled, tc.compile_backend))
         if job.checkpoint.init_from:
             from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
@@ -118,15 +133,21 @@ class Trainer:
             os.environ.setdefault("WANDB_DIR", str(Path(job.log.dir).resolve()))
             Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=groups, config=self.ds, mpu=mesh.mpu(),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc)))
+            model=self.model,
+            model_parameters=groups,
+            config=self.ds,
+            mpu=mesh.mpu(),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc)),
+        )
         CheckpointManager.install_safe_loading(self.engine)  # DeepSpeed's files: weights_only + allowlist
         e = self.engine
         dp = mesh.sizes["dp"]
         self.micro, self.gas = e.train_micro_batch_size_per_gpu(), e.gradient_accumulation_steps()
         if e.dp_world_size != dp or e.train_batch_size() != self.micro * self.gas * dp:
-            raise RuntimeError(f"DeepSpeed computed dp={e.dp_world_size}, train_batch_size={e.train_batch_size()} "
-                               f"but the mesh has dp={dp} (micro={self.micro}, accumulation={self.gas})")
+            raise RuntimeError(
+                f"DeepSpeed computed dp={e.dp_world_size}, train_batch_size={e.train_batch_size()} "
+                f"but the mesh has dp={dp} (micro={self.micro}, accumulation={self.gas})"
+            )
         self.dtype = torch.bfloat16 if e.bfloat16_enabled() else torch.float16 if e.fp16_enabled() else torch.float32
         self.ckpt = CheckpointManager(checkpoint_root(job), job.checkpoint.keep_last)
         self.flops_per_sample = {}
@@ -156,8 +177,9 @@ class Trainer:
         self._agree(err, "opening the data")
 
         chans = self.train_data.chans
-        self.w_lat, self.w_loss_lat = row_weights(self.train_data.lat.copy(), self.train_data.rows,
-                                                  self.job.loss.latitude_weights, self.device)
+        self.w_lat, self.w_loss_lat = row_weights(
+            self.train_data.lat.copy(), self.train_data.rows, self.job.loss.latitude_weights, self.device
+        )
         self.w_chan = weights[chans].to(self.device)
         self.chans = chans
         names = cfg.channels.names
@@ -188,8 +210,16 @@ class Trainer:
             raise TrainingFailed(f"rank {min(bad)} failed while {what} (its message is above)")
 
     def _job_info(self) -> dict:
-        return job_info(self.job, self.ds, self.world, self.dtype, self.model, self.group_names,
-                        getattr(self, "stats", None), getattr(self, "data_cfg", None))
+        return job_info(
+            self.job,
+            self.ds,
+            self.world,
+            self.dtype,
+            self.model,
+            self.group_names,
+            getattr(self, "stats", None),
+            getattr(self, "data_cfg", None),
+        )
 
     # helpers -------------------------------------------------------------------------------------
     def _to(self, t, dtype=None):
@@ -232,8 +262,10 @@ class Trainer:
         f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
         preds = self.forecast(f, s, k, getattr(sample, "times", None))
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
-        return sum(w * weighted_loss_term(p.float(), self._to(y), self.w_loss_lat, self.w_chan, count)
-                   for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k]))
+        return sum(
+            w * weighted_loss_term(p.float(), self._to(y), self.w_loss_lat, self.w_chan, count)
+            for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k])
+        )
 
     def _flops(self, k: int) -> int:
         """Training FLOPs of one sample with k leads (forward + backward = 3 x forward matmuls)."""
@@ -241,8 +273,11 @@ class Trainer:
             from ..model.mixer import flops_per_sample
 
             cfg = self.job.model
-            fwd = (flops_per_sample(cfg, steps=k, all_leads=True) if self.job.train.rollout_mode == "latent"
-                   else k * flops_per_sample(cfg, steps=1))
+            fwd = (
+                flops_per_sample(cfg, steps=k, all_leads=True)
+                if self.job.train.rollout_mode == "latent"
+                else k * flops_per_sample(cfg, steps=1)
+            )
             self.flops_per_sample[k] = 3 * fwd
         return self.flops_per_sample[k]
 
@@ -260,8 +295,11 @@ class Trainer:
         self._setup()
         result = Result(start_step=self._resume())
         self._open_outputs(result.start_step)
-        end = min(self.job.train.steps, result.start_step + self.job.train.stop_after) \
-            if self.job.train.stop_after else self.job.train.steps
+        end = (
+            min(self.job.train.steps, result.start_step + self.job.train.stop_after)
+            if self.job.train.stop_after
+            else self.job.train.steps
+        )
         self.engine.train()
         self.batches = device_batches(self.train_data, self.device, self.data_cfg.device_prefetch)
         try:
@@ -325,9 +363,11 @@ class Trainer:
             set_rng_state(mine["rng"])
         if rank == 0:
             m = saved.get("mesh") or {}
-            self.log(f"resuming from {root / tag} (step {client['step']}) on mesh {job.mesh} "
-                     f"ZeRO-{zero_stage(self.ds)}; written on {m.get('dp')}x{m.get('domain')}x{m.get('tp')} "
-                     f"ZeRO-{saved.get('zero_stage')}")
+            self.log(
+                f"resuming from {root / tag} (step {client['step']}) on mesh {job.mesh} "
+                f"ZeRO-{zero_stage(self.ds)}; written on {m.get('dp')}x{m.get('domain')}x{m.get('tp')} "
+                f"ZeRO-{saved.get('zero_stage')}"
+            )
         return int(client["step"])
 
     def _open_outputs(self, step0: int) -> None:
@@ -338,13 +378,16 @@ class Trainer:
         dp, micro, gas = mesh.sizes["dp"], self.micro, self.gas
         self.global_batch = micro * gas * dp
         if self.rank == 0:
-            self.log(f"mesh {job.mesh} on {self.world} process(es); model {num_parameters(job.model):,} parameters "
-                     f"(this rank {self.model.local_num_parameters():,}); global batch {self.global_batch} "
-                     f"(micro {micro} x accumulation {gas} x dp {dp}); ZeRO-{zero_stage(self.ds)}; "
-                     f"{str(self.dtype).replace('torch.', '')}; steps {step0 + 1}..{tc.steps}; rollout k in "
-                     f"1..{job.rollout} ({tc.rollout_mode}); lr {tc.lr:g}; output {job.log.dir}")
-        self.runlog = RunLog(job.log.dir, job.log.csv, monitor=self.engine.monitor, resume_step=step0) \
-            if self.rank == 0 else None
+            self.log(
+                f"mesh {job.mesh} on {self.world} process(es); model {num_parameters(job.model):,} parameters "
+                f"(this rank {self.model.local_num_parameters():,}); global batch {self.global_batch} "
+                f"(micro {micro} x accumulation {gas} x dp {dp}); ZeRO-{zero_stage(self.ds)}; "
+                f"{str(self.dtype).replace('torch.', '')}; steps {step0 + 1}..{tc.steps}; rollout k in "
+                f"1..{job.rollout} ({tc.rollout_mode}); lr {tc.lr:g}; output {job.log.dir}"
+            )
+        self.runlog = (
+            RunLog(job.log.dir, job.log.csv, monitor=self.engine.monitor, resume_step=step0) if self.rank == 0 else None
+        )
         self.progress = Progress(tc.steps, step0, enabled=self.rank == 0, log=self.log)
         self.peak = self._peak_tflops()
         self.watch = LossWatch(self.device, self.rank, self.world, scale=1.0 / (dp * gas))
@@ -378,7 +421,8 @@ class Trainer:
                 f"non-finite loss at step {first} on rank(s) {sorted(r for r, s in bad.items() if s == first)} "
                 f"(found at step {max(steps)}; checked every log.every={self.job.log.every} steps and before "
                 f"every validation and checkpoint); last good checkpoint: {self.ckpt.describe('latest')} (lower "
-                f"weathermixer.train.lr, set gradient_clipping, or check the data)")
+                f"weathermixer.train.lr, set gradient_clipping, or check the data)"
+            )
         result.losses.update(zip(steps, losses))
         return losses
 
@@ -390,11 +434,18 @@ class Trainer:
         mem = torch.zeros(2, world, dtype=torch.float64, device=self.device)  # peak, now
         mem[0, self.rank], mem[1, self.rank] = peak_memory_bytes(self.device), current_memory_bytes(self.device)
         dist.all_reduce(mem)
-        peak, now = mem[0] / 2 ** 30, mem[1] / 2 ** 30
+        peak, now = mem[0] / 2**30, mem[1] / 2**30
         rate, tflops = w["samples"] / elapsed, w["flops"] / elapsed / world / 1e12
-        row = {"loss": sum(losses) / len(losses), "lr": self.engine.get_lr()[0], "samples_per_s": rate,
-               "tflops_per_rank": tflops, "peak_mem_gb_max": peak.max().item(), "peak_mem_gb_min": peak.min().item(),
-               "mem_gb_max": now.max().item(), "mem_gb_min": now.min().item()}
+        row = {
+            "loss": sum(losses) / len(losses),
+            "lr": self.engine.get_lr()[0],
+            "samples_per_s": rate,
+            "tflops_per_rank": tflops,
+            "peak_mem_gb_max": peak.max().item(),
+            "peak_mem_gb_min": peak.min().item(),
+            "mem_gb_max": now.max().item(),
+            "mem_gb_min": now.min().item(),
+        }
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             row["grad_norm"] = float(gn)
@@ -403,9 +454,11 @@ class Trainer:
         if self.rank == 0:
             self.runlog.log(step, "train", row, samples=self.engine.global_samples)
             self.progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}", tflops_rank=f"{tflops:.3g}")
-            self.progress.write(f"step {step}/{self.job.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                                f"samples/s {rate:.1f} TFLOP/s/rank {tflops:.3g} peak mem "
-                                f"{row['peak_mem_gb_max']:.2f} GB" + (f" MFU {row['mfu']:.1%}" if self.peak else ""))
+            self.progress.write(
+                f"step {step}/{self.job.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                f"samples/s {rate:.1f} TFLOP/s/rank {tflops:.3g} peak mem "
+                f"{row['peak_mem_gb_max']:.2f} GB" + (f" MFU {row['mfu']:.1%}" if self.peak else "")
+            )
         self.window = {"flops": 0, "samples": 0, "t": time.perf_counter()}
 
     def _validate_and_save(self, step: int, end: int, result: Result) -> None:
@@ -440,11 +493,17 @@ class Trainer:
         v = self.validate()
         v["reencode"] = choose_reencode_every(self, step)  # the forecast's default, beside the checkpoints
         if self.rank == 0:
-            self.runlog.log(step, "val", {"val_loss": v["val_loss"], **{
-                f"rmse_{key}": m for key, (m, _) in v["headline"].items()}}, samples=self.engine.global_samples)
-            self.progress.write(f"validation at step {step} ({v['samples']} samples, {time.perf_counter() - t0:.1f} s): "
-                                f"loss {v['val_loss']:.4f}; RMSE in {self.units} (persistence): " + ", ".join(
-                                    f"{key} {m:.4g} ({p:.4g})" for key, (m, p) in v["headline"].items()))
+            self.runlog.log(
+                step,
+                "val",
+                {"val_loss": v["val_loss"], **{f"rmse_{key}": m for key, (m, _) in v["headline"].items()}},
+                samples=self.engine.global_samples,
+            )
+            self.progress.write(
+                f"validation at step {step} ({v['samples']} samples, {time.perf_counter() - t0:.1f} s): "
+                f"loss {v['val_loss']:.4f}; RMSE in {self.units} (persistence): "
+                + ", ".join(f"{key} {m:.4g} ({p:.4g})" for key, (m, p) in v["headline"].items())
+            )
         return v
 
     def _finish(self, end: int, result: Result) -> Result:
@@ -453,8 +512,10 @@ class Trainer:
         job, rank = self.job, self.rank
         if end < job.train.steps:
             if rank == 0:
-                self.log(f"stopping after step {end} of {job.train.steps} (train.stop_after={job.train.stop_after}); "
-                         f"rerun the same command to continue from {self.ckpt.describe('latest')}")
+                self.log(
+                    f"stopping after step {end} of {job.train.steps} (train.stop_after={job.train.stop_after}); "
+                    f"rerun the same command to continue from {self.ckpt.describe('latest')}"
+                )
                 self.runlog.close()
             return result
         if not result.val:  # resumed at the last step already: nothing to train, report the model
@@ -464,8 +525,10 @@ class Trainer:
         mem[rank] = peak_memory_bytes(self.device)
         dist.all_reduce(mem)
         if rank == 0:
-            self.log(f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
-                     f"ratio={v['rmse_norm_lead1'] / v['persistence_norm_lead1']:.3f}")
+            self.log(
+                f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
+                f"ratio={v['rmse_norm_lead1'] / v['persistence_norm_lead1']:.3f}"
+            )
             self.runlog.close()
             if job.log.plot and (png := self.runlog.plot()):
                 self.log(f"loss curve: {png}")
@@ -484,4 +547,3 @@ class Trainer:
             raise TrainingFailed(str(err)) from None
         if self.rank == 0:
             bar.write(f"checkpoint {path} ({', '.join(pointers)}) in {time.perf_counter() - t0:.1f} s")
-

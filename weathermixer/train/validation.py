@@ -1,6 +1,7 @@
 """Validation during training: latitude-weighted RMSE per channel and lead on held-out samples,
 for the model and for persistence, summed over the whole world, in physical units for the
 headline variables; the loss with the training weights."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,16 @@ def validate(trainer) -> dict:
     job, mesh = trainer.job, trainer.mesh
     quota = math.ceil(job.validation.samples / mesh.size("dp"))  # samples per dp replica
     if getattr(trainer, "val_data", None) is None:
-        trainer.val_data = ShardedSampleLoader(trainer.data_cfg, job.model, mesh, "val",
-                                               batch=min(job.validation.batch, quota), seed=job.train.seed,
-                                               shuffle=False, infinite=False)
+        trainer.val_data = ShardedSampleLoader(
+            trainer.data_cfg,
+            job.model,
+            mesh,
+            "val",
+            batch=min(job.validation.batch, quota),
+            seed=job.train.seed,
+            shuffle=False,
+            infinite=False,
+        )
     trainer.engine.eval()
     try:
         sse, loss = _sums(trainer, quota)
@@ -45,8 +53,9 @@ def _sums(trainer, quota: int):
         if seen >= quota:
             break
         seen += len(sample.times)
-        preds = trainer.forecast(trainer._to(sample.fields, trainer.dtype), trainer._to(sample.static, trainer.dtype), K,
-                                 sample.times)
+        preds = trainer.forecast(
+            trainer._to(sample.fields, trainer.dtype), trainer._to(sample.static, trainer.dtype), K, sample.times
+        )
         x0 = trainer._to(sample.fields if sample.fields.dim() == 4 else sample.fields[:, -1])  # the state at t
         for lead, (p, y) in enumerate(zip(preds, sample.targets)):
             y = trainer._to(y)
@@ -63,9 +72,13 @@ def _summary(trainer, sse, loss) -> dict:
     n = loss[1].item()
     mse = (sse / (n * H * W)).cpu()
     phys = mse.sqrt() * trainer.std.view(1, 1, -1)
-    out = {"samples": int(round(n)), "val_loss": loss[0].item() / (n * C * H * W * K),
-           "rmse_norm_lead1": mse[0, 0].mean().sqrt().item(),
-           "persistence_norm_lead1": mse[1, 0].mean().sqrt().item(), "headline": {}}
+    out = {
+        "samples": int(round(n)),
+        "val_loss": loss[0].item() / (n * C * H * W * K),
+        "rmse_norm_lead1": mse[0, 0].mean().sqrt().item(),
+        "persistence_norm_lead1": mse[1, 0].mean().sqrt().item(),
+        "headline": {},
+    }
     hours = trainer.data_cfg.dt_hours
     for label, c in trainer.headline:
         for lead in range(K):
@@ -81,7 +94,7 @@ def reencode_candidates(job) -> list[int]:
     K = job.rollout
     if job.validation.reencode_candidates is not None:
         return sorted({int(r) for r in job.validation.reencode_candidates if r >= 1})
-    return sorted({2 ** i for i in range(K.bit_length()) if 2 ** i <= K} | {K})
+    return sorted({2**i for i in range(K.bit_length()) if 2**i <= K} | {K})
 
 
 @torch.no_grad()
@@ -94,9 +107,16 @@ def reencode_scores(trainer, candidates: list[int], steps: int, quota: int) -> t
     from ..model.mixer import next_window
 
     job, mesh = trainer.job, trainer.mesh
-    loader = ShardedSampleLoader(trainer.data_cfg.model_copy(update={"leads": steps}), job.model, mesh, "val",
-                                 batch=min(job.validation.batch, quota), seed=job.train.seed, shuffle=False,
-                                 infinite=False)
+    loader = ShardedSampleLoader(
+        trainer.data_cfg.model_copy(update={"leads": steps}),
+        job.model,
+        mesh,
+        "val",
+        batch=min(job.validation.batch, quota),
+        seed=job.train.seed,
+        shuffle=False,
+        infinite=False,
+    )
     dt = pd.Timedelta(hours=trainer.data_cfg.dt_hours)
     sums = torch.zeros(len(candidates) + 1, dtype=torch.float64, device=trainer.device)  # per candidate, samples
     trainer.engine.eval()
@@ -115,7 +135,7 @@ def reencode_scores(trainer, candidates: list[int], steps: int, quota: int) -> t
                     for j, p in enumerate(leads):
                         y = trainer._to(sample.targets[done + j])
                         sums[c] += weighted_loss_term(p.float().double(), y.double(), trainer.w_lat, trainer.w_chan, 1)
-                    for p in (leads[-(job.model.history + 1):] if job.model.history else []):
+                    for p in leads[-(job.model.history + 1) :] if job.model.history else []:
                         x = next_window(x, p)
                     x = x if job.model.history else leads[-1]
                     done += k
@@ -149,13 +169,21 @@ def choose_reencode_every(trainer, step: int) -> dict | None:
             trainer.log(f"forecast re-encoding interval not chosen: {err}")
         return None
     best = candidates[int(torch.argmin(mse))]
-    result = {"reencode_every": best, "chosen_at_step": step, "forecast_steps": steps,
-              "dt_hours": trainer.data_cfg.dt_hours, "rollout_mode": job.train.rollout_mode,
-              "mean_mse_normalised": {str(r): float(m) for r, m in zip(candidates, mse)},
-              "how": "validation split, mean latitude- and channel-weighted MSE over forecast steps 1..forecast_steps"}
+    result = {
+        "reencode_every": best,
+        "chosen_at_step": step,
+        "forecast_steps": steps,
+        "dt_hours": trainer.data_cfg.dt_hours,
+        "rollout_mode": job.train.rollout_mode,
+        "mean_mse_normalised": {str(r): float(m) for r, m in zip(candidates, mse)},
+        "how": "validation split, mean latitude- and channel-weighted MSE over forecast steps 1..forecast_steps",
+    }
     if trainer.rank == 0:
         trainer.ckpt.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(trainer.ckpt.root / FORECAST_DEFAULTS, json.dumps(result, indent=1))
-        trainer.log(f"forecast default: re-encode every {best} step(s) (validation MSE over {steps} steps: " +
-                    ", ".join(f"{r}: {m:.4g}" for r, m in zip(candidates, mse.tolist())) + ")")
+        trainer.log(
+            f"forecast default: re-encode every {best} step(s) (validation MSE over {steps} steps: "
+            + ", ".join(f"{r}: {m:.4g}" for r, m in zip(candidates, mse.tolist()))
+            + ")"
+        )
     return result
