@@ -1,13 +1,9 @@
-"""The planner's report: the README's table and the checks of its predictions against measurements.
+"""The planner's tables and its checks against measurements.
 
-    python benchmarks/bench_plan.py [--parts paper,gpu,table,memory,cpu] --out benchmarks/results_plan.json
+    python benchmarks/bench_plan.py --tables [NAME ...]     # docs/planner.md's tables (benchmarks/plan_tables.py)
+    python benchmarks/bench_plan.py [--parts gpu,memory,cpu] --out benchmarks/results_plan.json
 
 Parts (each a key of the JSON printed on stdout; progress on stderr):
-  table  best layout per model (paper_1b 1.06 B, jigsaw_3b 3.4 B, weathermixer_10b 10.4 B) and world
-         size (8 ... 8192 H100s, h100-sxm-8pernode, bf16, 4 samples per node per step): layout,
-         predicted MFU, weak-scaling efficiency against one node, memory per GPU, bottleneck
-  paper  the Jigsaw paper's 256-GPU weak-scaling runs (weathermixer.plan.paper_weak_scaling), and
-         the best layout of our implementation on the same cluster
   gpu    the planner's step time / MFU / memory for the train.py runs bench_gpu.py measured on an
          H200 (benchmarks/results_gpu_h200.json), side by side
   memory peak tensor memory per rank of one training step through a DeepSpeed engine on six
@@ -34,12 +30,10 @@ if str(ROOT) not in sys.path:
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.plan.cost import Candidate  # noqa: E402
 from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
-from jigsaw_ext.plan.search import Constraints, Planner  # noqa: E402
-from weathermixer.model.presets import PRESETS  # noqa: E402
-from weathermixer.plan import WeatherPlanModel, paper_weak_scaling  # noqa: E402
+from jigsaw_ext.plan.search import Planner  # noqa: E402
+from weathermixer.plan import WeatherPlanModel  # noqa: E402
+from weathermixer.plan_validation import single_gpu_prediction  # noqa: E402
 
-MODELS = ("paper_1b", "jigsaw_3b", "weathermixer_10b")
-WORLDS = (8, 64, 256, 1024, 4096, 8192)
 CPU_MESHES = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 1))  # (domain, tp), dp = 1
 CPU_MODEL = dict(
     grid=(32, 64),
@@ -76,62 +70,24 @@ def row(est) -> dict:
     }
 
 
-def table(hardware="h100-sxm-8pernode", per_node=4) -> dict:
-    hw, out = load_hardware(hardware), {}
-    limits = Constraints(micro_batches=(1, 2, 4), headroom=0.1)
-    for name in MODELS:
-        planner = Planner(WeatherPlanModel(PRESETS[name]), hw, "bf16")
-        out[name] = {}
-        for world in WORLDS:
-            gb = per_node * max(1, world // hw.devices_per_node)
-            ranked = planner.rank(world, gb, limits)
-            best = ranked[0]
-            best.efficiency = planner.one_node_efficiency(best)
-            out[name][world] = {"global_batch": gb, **row(best)}
-            log(f"{name} {world}: {out[name][world]}")
-    return {"hardware": hardware, "samples_per_node": per_node, "models": out}
-
-
-def paper() -> dict:
-    measured = {1: 0.53, 2: 0.67, 4: 0.73}
-    pred = paper_weak_scaling()
-    hw = load_hardware("a100-40gb-4pernode-2xhdr200")
-    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32")
-    ranked = planner.rank(256, 64, Constraints(micro_batches=(1, 2, 4)))
-    best = ranked[0]
-    best.efficiency = planner.one_node_efficiency(best)
-    return {
-        "predicted": {
-            w: {
-                "efficiency": round(p["efficiency"], 3),
-                "measured": measured[w],
-                "tflops_per_gpu_one_node": round(p["tflops_per_gpu_one_node"], 1),
-            }
-            for w, p in pred.items()
-        },
-        "ours_best_256_fp32": row(best),
-    }
-
-
 def gpu() -> dict:
     path = ROOT / "benchmarks" / "results_gpu_h200.json"
     measured = json.loads(path.read_text())
-    planner = Planner(WeatherPlanModel(PRESETS["paper_1b"]), load_hardware("h200-8pernode"), "bf16")
     rows = []
     for run in measured.get("train", []):
         if "error" in run:
             continue
-        est = planner.estimate(Candidate(1, 1, 1, run["zero"], (), run["micro_batch"], 1, "bfloat16"))
+        est = single_gpu_prediction("paper_1b", "h200-8pernode", run["micro_batch"], run["zero"], "bf16")
         rows.append(
             {
                 "zero": run["zero"],
                 "micro_batch": run["micro_batch"],
                 "measured_step_s": round(run["step_s"], 4),
-                "predicted_step_s": round(est.step_s, 4),
+                "predicted_step_s": round(est["step_s"], 4),
                 "measured_mfu": round(run["mfu"], 4),
-                "predicted_mfu": round(est.mfu, 4),
+                "predicted_mfu": round(est["mfu"], 4),
                 "measured_peak_GB": round(run["peak_mem_GB"], 2),
-                "predicted_GB": round(est.memory_GB, 2),
+                "predicted_GB": round(est["peak_memory_GB"], 2),
             }
         )
     step = measured.get("model_step", {})
@@ -304,15 +260,42 @@ def memory(batch=4) -> dict:
     }
 
 
+def write_tables(names: list[str]) -> int:
+    from benchmarks import plan_tables
+
+    unknown = [n for n in names if n not in plan_tables.TABLES]
+    if unknown:
+        print(f"unknown table(s) {unknown}; tables: {', '.join(plan_tables.TABLES)}", file=sys.stderr)
+        return 2
+    results = plan_tables.generate(names or None)
+    if names and plan_tables.RESULTS.is_file():  # keep the tables not regenerated
+        old = json.loads(plan_tables.RESULTS.read_text())
+        results["cli"] = {**old.get("cli", {}), **results["cli"]}
+    tmp = plan_tables.RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(plan_tables.RESULTS)
+    log(f"wrote {plan_tables.RESULTS}; docs tables: {plan_tables.write_docs(results)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--parts", default="paper,gpu,table,cpu,memory")
+    ap.add_argument("--parts", default="gpu,cpu,memory")
     ap.add_argument("--out", help="write the JSON here too (workers' libraries may print on stdout)")
+    ap.add_argument(
+        "--tables",
+        nargs="*",
+        metavar="NAME",
+        help="instead: regenerate docs/planner.md's tables (all, or these of plan_tables.TABLES) "
+        "and benchmarks/results_plan_tables.json",
+    )
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
-    parts = {"table": table, "paper": paper, "gpu": gpu, "cpu": cpu, "memory": memory}
+    if args.tables is not None:
+        return write_tables(args.tables)
+    parts = {"gpu": gpu, "cpu": cpu, "memory": memory}
     out = {}
     for name in args.parts.split(","):
         log(f"part {name}")

@@ -64,3 +64,29 @@ def engine_step_comm(rank, world, mesh_kwargs, overrides, batch, zero):
             engine.step()
         out.append(stats.as_dict())
     return out[-1]
+
+
+def model_step_flops(rank, world, meshes, overrides, batch, configs):
+    """FlopCounterMode's count of one forward and of its backward on every mesh (dp x domain x tp, over
+    all `world` ranks) and mesh setting in `configs`: {(mesh, config): (forward, backward)}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.model import WeatherMixer
+    from weathermixer.selfcheck import default_model_config
+
+    cfg = default_model_config(**overrides)
+    out = {}
+    for dims in meshes:
+        for name, settings in configs.items():
+            if any(dims[1 if axis == "domain" else 2] == 1 for axis in settings.get("replicate_weights_over", ())):
+                continue  # nothing to replicate over
+            mesh = init_mesh(MeshConfig(dp=dims[0], domain=dims[1], tp=dims[2], **settings))
+            model = WeatherMixer(cfg, mesh, micro_batch=batch)
+            x, s = _inputs(model, mesh, cfg, batch)
+            with FlopCounterMode(display=False) as fwd:
+                loss = model(x, s, steps=cfg.rollout).float().square().sum()
+            with FlopCounterMode(display=False) as bwd:
+                loss.backward()
+            out[(dims, name)] = (fwd.get_total_flops(), bwd.get_total_flops())
+    return out

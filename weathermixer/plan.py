@@ -27,7 +27,7 @@ import torch
 
 from jigsaw_ext.files import make_output_folders
 from jigsaw_ext.mesh import Mesh, MeshConfig
-from jigsaw_ext.plan.cost import Candidate, Estimate
+from jigsaw_ext.plan.cost import Estimate
 from jigsaw_ext.plan.hardware import load_hardware, profile_names
 from jigsaw_ext.plan.search import Constraints, Planner
 
@@ -122,12 +122,30 @@ def _short(strategies: dict) -> str:
     return "/".join(strategies.get(k, "-")[:3] for k in ("token_mixing", "channel_mixing"))
 
 
+EFFICIENCY_DEFINITION = (
+    "eff = weak-scaling efficiency: per-GPU throughput of the row / per-GPU throughput of the best layout on "
+    "one node (the fewest whole nodes holding one model group) with the same samples per GPU per step, the "
+    "same ZeRO stage and the optimizer state sharded over as many ranks as the row's; that layout set "
+    "includes the row's own, so eff <= 100 %."
+)
+MODE_NAMES = {
+    "bf16": "bf16/fp16 tensor-core",
+    "tf32": "TF32 (fp32 tensors, train.tf32 on)",
+    "fp32": "FP32 (train.tf32 off)",
+}
+
+
+def peak_line(rows: list[Estimate]) -> str:
+    e = rows[0]
+    return f"MFU against the {MODE_NAMES.get(e.math, e.math)} peak, {e.peak_tflops:g} TFLOP/s per device"
+
+
 def table(rows: list[Estimate], top: int) -> str:
     head = (
         f"{'#':>3} {'dp x dom x tp':>13} {'ZeRO':>4} {'replicate':>9} {'mb x acc':>8} {'step s':>8} "
         f"{'samples/s':>9} {'MFU':>6} {'eff':>6} {'GB/GPU':>7} {'fits':>4} {'token/chan':>10}  bottleneck"
     )
-    lines = [head]
+    lines = [peak_line(rows), head]
     for i, e in enumerate(rows[:top], 1):
         c = e.candidate
         eff = "-" if e.efficiency is None else f"{100 * e.efficiency:.0f}%"
@@ -156,6 +174,13 @@ def parse_args(argv):
     batch.add_argument("--global-batch", type=int, help="samples per optimizer step (same for every world size)")
     batch.add_argument("--batch-per-node", type=int, default=4, help="weak scaling: global batch = this x nodes")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train.tf32: fp32 GEMMs in TF32 (priced at, and MFU against, the TF32 peak); default: the "
+        "job file's train.tf32, else on for Ampere and newer chips (as the trainer decides)",
+    )
     ap.add_argument("--rollout", type=int, default=1, help="latent rollout steps trained per sample")
     ap.add_argument("--zero", type=int, nargs="+", choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -178,7 +203,15 @@ def parse_args(argv):
     ap.add_argument("--json", help="write every ranked row as JSON here")
     ap.add_argument("--emit-config", help="write the job file of --row of the (last) world size here")
     ap.add_argument("--row", type=int, default=1, help="row of the table for --emit-config (1 = best)")
+    ap.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also print how each printed row moves when each unmeasured figure is halved and doubled",
+    )
+    ap.add_argument("--sensitivity-rows", type=int, default=3, help="rows per world size in --sensitivity")
     args = ap.parse_args(argv)
+    if args.top < 1:
+        ap.error("--top must be at least 1")
     make_output_folders(ap, {"--json": args.json, "--emit-config": args.emit_config})
     return args
 
@@ -194,7 +227,10 @@ def plan(args) -> tuple[dict, Planner, dict]:
         args.chunk_mb if args.chunk_mb is not None else base.get("weathermixer", {}).get("mesh", {}).get("chunk_mb")
     )
     MeshConfig(strategy=strategy, chunk_mb=chunk_mb)  # validates them (a ValidationError is a ValueError)
-    planner = Planner(WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy, chunk_mb=chunk_mb)
+    tf32 = args.tf32 if args.tf32 is not None else base.get("weathermixer", {}).get("train", {}).get("tf32")
+    planner = Planner(
+        WeatherPlanModel(cfg, args.rollout), hw, args.dtype, strategy=strategy, chunk_mb=chunk_mb, tf32=tf32
+    )
     limits = Constraints(
         zero=tuple(args.zero),
         micro_batches=tuple(args.micro_batches),
@@ -209,8 +245,8 @@ def plan(args) -> tuple[dict, Planner, dict]:
         if not rows:
             raise ConfigError(f"no layout of {world} GPUs divides global batch {gb}: change --global-batch")
         for e in rows[: args.top]:
-            e.efficiency = planner.one_node_efficiency(e)
-        results[world] = {"global_batch": gb, "rows": rows}
+            e.efficiency = planner.efficiency(e, limits)
+        results[world] = {"global_batch": gb, "rows": rows, "limits": limits}
     return results, planner, base
 
 
@@ -223,15 +259,33 @@ def main(argv=None) -> int:
         return 2
     hw = planner.hw
     for world, res in results.items():
-        print(f"\n{world} x {hw.name}  global batch {res['global_batch']}  dtype {planner.dtype}")
+        print(
+            f"\n{world} x {hw.name}  global batch {res['global_batch']}  dtype {planner.dtype}  "
+            f"tf32 {'on' if planner.tf32 else 'off'}"
+        )
         print(table(res["rows"], args.top))
+    print(f"\n{EFFICIENCY_DEFINITION}")
+    if args.sensitivity:
+        from jigsaw_ext.plan.sensitivity import sensitivity, sensitivity_table
+
+        for world, res in results.items():
+            rows = res["rows"][: min(args.top, args.sensitivity_rows)]
+            res["sensitivity"] = sensitivity(planner, rows, res["limits"])
+            print(f"\nsensitivity, {world} GPUs: MFU / eff of each row with one unmeasured figure x0.5 and x2")
+            print(sensitivity_table(rows, res["sensitivity"]))
     if args.json:
         doc = {
             "hardware": hw.model_dump(),
             "model": planner.model.cfg.model_dump(),
             "dtype": planner.dtype,
+            "tf32": planner.tf32,
+            "efficiency_definition": EFFICIENCY_DEFINITION,
             "worlds": {
-                str(w): {"global_batch": r["global_batch"], "rows": [e.as_dict() for e in r["rows"]]}
+                str(w): {
+                    "global_batch": r["global_batch"],
+                    "rows": [e.as_dict() for e in r["rows"]],
+                    **({"sensitivity": r["sensitivity"]} if "sensitivity" in r else {}),
+                }
                 for w, r in results.items()
             },
         }
@@ -248,33 +302,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-PAPER_LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}  # n-way model parallelism -> (domain, tp)
-DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb
-
-
-def paper_weak_scaling(world: int = 256) -> dict:
-    """The Jigsaw paper's weak-scaling runs as the planner sees them: paper_1b in fp32 on its
-    cluster profile, ZeRO-0 (plain data parallelism with DDP's 25 MB gradient buckets), the same
-    work per GPU at every size (micro-batch n per n-way model group), one node (4 GPUs) against
-    `world` GPUs. Efficiency = step time on one node / step time on `world` GPUs. The paper's scheme
-    gathers the weights in every layer (mesh.strategy gather)."""
-    hw = load_hardware("a100-40gb-4pernode-2xhdr200")
-    planner = Planner(
-        WeatherPlanModel(PRESETS["paper_1b"]), hw, "fp32", dp_bucket_bytes=DDP_BUCKET_BYTES, strategy={"*": "gather"}
-    )
-    out = {}
-    for ways, (domain, tp) in PAPER_LAYOUTS.items():
-        node, big = (
-            planner.estimate(Candidate(n // ways, domain, tp, 0, (), ways, 1, "float32"))
-            for n in (hw.devices_per_node, world)
-        )
-        out[ways] = {
-            "efficiency": node.step_s / big.step_s,
-            "one_node_step_s": node.step_s,
-            "step_s": big.step_s,
-            "tflops_per_gpu_one_node": node.mfu * hw.peak_tflops["float32"],
-            "seconds": big.seconds,
-        }
-    return out

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .chips import math_mode
 from .hardware import Hardware
 from .trace import StepTrace
 
@@ -81,6 +82,8 @@ class Estimate:
     comm_bytes: dict = field(default_factory=dict)  # bytes per rank per optimizer step, by kind and tier
     efficiency: float | None = None  # weak scaling vs one node (set by search)
     strategies: dict = field(default_factory=dict)  # layer kind -> how it meets its data (set by search)
+    math: str = ""  # math mode the GEMMs run in (bf16, tf32, fp32)
+    peak_tflops: float = 0.0  # the peak MFU is measured against
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -109,18 +112,23 @@ def collective_seconds(
     return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
 
 
-def compute_seconds(hw: Hardware, trace: StepTrace) -> dict:
+def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
+    """Seconds of the traced FLOP-counted operators (each at the rate of its product shape in its
+    math mode) and of the elementwise traffic, per phase."""
     out = {"forward": 0.0, "backward": 0.0}
     counts = {"forward": 0, "backward": 0}
     for m in trace.matmuls:
-        out[m.phase] += hw.matmul_seconds(m.m, m.n, m.k, m.dtype, m.batch)
+        if m.flops:  # (an empty shard's product: nothing to run)
+            out[m.phase] += m.flops / (hw.matmul_tflops(m.batch * m.m, m.n, m.k, math_mode(m.dtype, tf32)) * 1e12)
         counts[m.phase] += 1
     mean = {p: out[p] / counts[p] if counts[p] else 0.0 for p in out}
     elem = {p: trace.other_bytes.get(p, 0) / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency) for p in out}
     return {"matmul": out, "mean_matmul": mean, "elementwise": elem}
 
 
-def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict) -> tuple[dict, dict]:
+def model_parallel_seconds(
+    hw: Hardware, trace: StepTrace, mean_matmul: dict, overlap: float = 1.0
+) -> tuple[dict, dict]:
     """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
     exposed, sent = {"intra": 0.0, "inter": 0.0}, {}
     for c in trace.collectives:
@@ -129,9 +137,9 @@ def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict) ->
             continue
         hidden = 0.0
         if c.purpose == "weight_gather":
-            hidden = mean_matmul[c.phase]
+            hidden = overlap * mean_matmul[c.phase]
         elif c.purpose == "weight_grad":
-            hidden = mean_matmul["backward"]
+            hidden = overlap * mean_matmul["backward"]
         exposed[tier] += max(0.0, t - hidden)
         key = f"{c.kind}:{tier}"
         sent[key] = sent.get(key, 0) + c.sent_bytes
@@ -203,47 +211,77 @@ def memory_GB(hw: Hardware, cand: Candidate, trace: StepTrace) -> dict:
     return out
 
 
+def useful_flops(cand: Candidate, trace: StepTrace, train_flops_per_sample: float) -> float:
+    """FLOPs per sample that MFU counts: the model's, or the FLOPs the layout executes where that is
+    fewer (rank 0, the largest shard, times the model group, per sample). Some block-sharded layers
+    run fewer products than the serial model's count; MFU then stays what the GEMMs achieved on the
+    work done, never above the GEMM efficiency ceiling."""
+    executed = trace.matmul_flops * cand.domain * cand.tp / cand.micro_batch
+    return min(train_flops_per_sample, executed)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a job runs beyond its layout: ZeRO's overlap_comm, the data-parallel gradient bucket size
+    (None: DeepSpeed's default), train.tf32 resolved, the overlap rule's scale (1 = the rule above;
+    0.5 / 2 in the sensitivity analysis: every hidden allowance halved / doubled) and the number of
+    ranks the optimizer state is sharded over (None: the candidate's dp under ZeRO >= 1; the weak-scaling
+    reference sets the large run's)."""
+
+    overlap_comm: bool = True
+    dp_bucket_bytes: int | None = None
+    tf32: bool = False
+    overlap: float = 1.0
+    optimizer_shards: int | None = None
+
+
+def _data_parallel_seconds(
+    hw: Hardware, cand: Candidate, trace: StepTrace, forward: float, backward: float, run: Settings, comm_bytes: dict
+) -> dict:
+    """Exposed seconds per tier of ZeRO's data-parallel traffic in one optimizer step (adds its
+    bytes to `comm_bytes`)."""
+    dp_t = {"intra": 0.0, "inter": 0.0}
+    stride = cand.domain * cand.tp
+    bucket = run.dp_bucket_bytes or DEEPSPEED_BUCKET_ELEMENTS * BYTES[cand.dtype]
+    calls = max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
+    hide_all = run.overlap * (forward + backward) if run.overlap_comm else 0.0
+    hide_bwd = run.overlap * backward if run.overlap_comm else 0.0
+    for when, kinds in zero_traffic(cand, trace.param_numels).items():
+        reps = cand.accumulation if when == "per_micro" else 1
+        for kind, nbytes in kinds.items():
+            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
+            comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
+            if when == "per_micro":  # ZeRO-3: prefetched gathers, reduce-scatters during backward
+                exposed = max(0.0, t - (hide_all if kind == "all_gather" else hide_bwd))
+            elif cand.zero in (1, 2) and kind == "all_reduce":  # bucketed during the last backward
+                exposed = max(0.0, t - hide_bwd)
+            else:  # ZeRO-0's all-reduce after backward; gathers after the step
+                exposed = t
+            dp_t[tier] += reps * exposed
+    return dp_t
+
+
 def estimate(
     hw: Hardware,
     cand: Candidate,
     trace: StepTrace,
     train_flops_per_sample: float,
     read_bytes_per_micro: int = 0,
-    overlap_comm: bool = True,
-    dp_bucket_bytes: int | None = None,
+    run: Settings = Settings(),
 ) -> Estimate:
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
-    rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0).
-    dp_bucket_bytes: size of the data-parallel gradient buckets (default DeepSpeed's)."""
-    comp = compute_seconds(hw, trace)
+    rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
+    comp = compute_seconds(hw, trace, run.tf32)
     if hw.compute_slots_per_node:  # CPU: ranks beyond the cores share them
         share = max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node)
         comp = {k: {p: v * share for p, v in d.items()} for k, d in comp.items()}
     compute = sum(comp["matmul"].values()) + sum(comp["elementwise"].values())
-    mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"])
+    mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"], run.overlap)
     backward = comp["matmul"]["backward"] + comp["elementwise"]["backward"]
-    forward = compute - backward
-    dp_t = {"intra": 0.0, "inter": 0.0}
     comm_bytes = {k: v * cand.accumulation for k, v in mp_bytes.items()}
-    stride = cand.domain * cand.tp
-    traffic = zero_traffic(cand, trace.param_numels)
-    bucket = dp_bucket_bytes or DEEPSPEED_BUCKET_ELEMENTS * BYTES[cand.dtype]
-    calls = max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
-    for when, kinds in traffic.items():
-        reps = cand.accumulation if when == "per_micro" else 1
-        for kind, nbytes in kinds.items():
-            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
-            comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
-            if when == "per_micro":  # ZeRO-3: prefetched gathers, reduce-scatters during backward
-                hide = forward + backward if kind == "all_gather" else backward
-                exposed = max(0.0, t - (hide if overlap_comm else 0.0))
-            elif cand.zero in (1, 2) and kind == "all_reduce":  # bucketed during the last backward
-                exposed = max(0.0, t - (backward if overlap_comm else 0.0))
-            else:  # ZeRO-0's all-reduce after backward; gathers after the step
-                exposed = t
-            dp_t[tier] += reps * exposed
-    opt_params = trace.param_count / (cand.dp if cand.zero >= 1 else 1)
-    optimizer = opt_params * OPTIMIZER_PASSES_BYTES / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
+    dp_t = _data_parallel_seconds(hw, cand, trace, compute - backward, backward, run, comm_bytes)
+    shards = (run.optimizer_shards or cand.dp) if cand.zero >= 1 else 1
+    optimizer = trace.param_count / shards * OPTIMIZER_PASSES_BYTES / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
     h2d = read_bytes_per_micro / (hw.host_to_device_GBps * 1e9) if hw.host_to_device_GBps else 0.0
     seconds = {
         "compute": cand.accumulation * compute,
@@ -256,12 +294,26 @@ def estimate(
     mem = memory_GB(hw, cand, trace)
     total_mem = sum(mem.values())
     fits = total_mem <= hw.memory_GB
-    peak = hw.peak_tflops.get(cand.dtype, hw.peak_tflops.get("float32")) * 1e12
-    mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * peak)
+    mode = math_mode(cand.dtype, run.tf32)
+    flops = useful_flops(cand, trace, train_flops_per_sample) * cand.global_batch
+    mfu = flops / (step * cand.world * hw.peak(mode) * 1e12)
     parts = {
         "compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
         "intra-node comm": seconds["intra_comm"],
         "inter-node comm": seconds["inter_comm"],
     }
     bottleneck = "memory" if not fits else max(parts, key=parts.get)
-    return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem, comm_bytes)
+    return Estimate(
+        cand,
+        step,
+        cand.global_batch / step,
+        mfu,
+        total_mem,
+        fits,
+        bottleneck,
+        seconds,
+        mem,
+        comm_bytes,
+        math=mode,
+        peak_tflops=hw.peak(mode),
+    )

@@ -13,7 +13,9 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from .chips import MATH_MODES, PEAK_TFLOPS, default_tf32, math_mode
 
 PROFILES = Path(__file__).with_name("profiles")
 
@@ -34,11 +36,19 @@ class Tier(_Strict):
 
 
 class GemmPoint(_Strict):
+    """One measured matmul rate. `math`: the math mode it ran in; when absent, fp32 points count as
+    TF32 (benchmarks/bench_gpu.py measures with torch's allow_tf32 on)."""
+
     m: int
     n: int
     k: int
     dtype: str
     tflops: float
+    math: Literal["bf16", "tf32", "fp32"] | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.math or math_mode(self.dtype, tf32=True)
 
 
 class Hardware(_Strict):
@@ -49,7 +59,17 @@ class Hardware(_Strict):
     compute_slots_per_node: int | None = Field(
         None, description="CPU profiles: cores; ranks beyond this share them (compute time scales up)"
     )
-    peak_tflops: dict[str, float] = Field(description="dense peak per dtype: bfloat16, float16, float32 (TF32 on GPUs)")
+    chip: str | None = Field(
+        None,
+        description=f"GPU chip ({', '.join(PEAK_TFLOPS)}): its peaks per math mode come "
+        "from jigsaw_ext.plan.chips, and train.tf32 null means TF32 on for "
+        "Ampere and newer",
+    )
+    peak_tflops: dict[Literal["bf16", "tf32", "fp32"], float] = Field(
+        default_factory=dict,
+        description="dense peak per math mode (bf16: bf16/fp16 tensors; tf32: fp32 tensors with "
+        "TF32 on; fp32: TF32 off); with `chip`, taken from the chip table",
+    )
     gemm: list[GemmPoint] = Field(default_factory=list, description="measured matmul throughput by shape")
     gemm_efficiency: float = Field(0.7, gt=0, le=1, description="fraction of peak for shapes not in `gemm`")
     memory_GB: float = Field(description="device memory per device")
@@ -76,25 +96,64 @@ class Hardware(_Strict):
     unmeasured: list[str] = Field(default_factory=list)
     _rates: dict = PrivateAttr(default_factory=dict)
 
-    # ------------------------------------------------------------------------------------------
-    def matmul_seconds(self, m: int, n: int, k: int, dtype: str, batch: int = 1) -> float:
-        """Seconds of one (batch x) m x k @ k x n product: nearest measured shape of the same dtype
-        (log distance over m, n, k), else the profile's default efficiency."""
-        flops = 2.0 * batch * m * n * k
-        return flops / (self.matmul_tflops(batch * m, n, k, dtype) * 1e12)
+    @model_validator(mode="after")
+    def _chip_peaks(self):
+        if self.chip is None:
+            if self.kind == "gpu" and not self.peak_tflops:
+                raise ValueError("a GPU profile needs `chip` or `peak_tflops`")
+            return self
+        if self.chip not in PEAK_TFLOPS:
+            raise ValueError(f"chip {self.chip!r} unknown; known: {', '.join(PEAK_TFLOPS)} (jigsaw_ext/plan/chips.py)")
+        table = PEAK_TFLOPS[self.chip]
+        wrong = {k: v for k, v in self.peak_tflops.items() if table.get(k) != v}
+        if wrong:
+            raise ValueError(
+                f"peak_tflops {wrong} disagree with chip {self.chip}'s {table} "
+                "(jigsaw_ext/plan/chips.py): drop peak_tflops from the profile"
+            )
+        object.__setattr__(self, "peak_tflops", dict(table))
+        return self
 
-    def matmul_tflops(self, m: int, n: int, k: int, dtype: str) -> float:
-        """Nearest measured shape of the same dtype and the same alignment of the two leading
+    # ------------------------------------------------------------------------------------------
+    def tf32(self, setting: bool | None) -> bool:
+        """Whether fp32 GEMMs run in TF32 under train.tf32 = `setting` (null: on for Ampere and newer
+        chips; never on a CPU)."""
+        if self.kind == "cpu":
+            return False
+        return default_tf32(self.chip) if setting is None else bool(setting)
+
+    def peak(self, mode: str) -> float:
+        """Dense peak TFLOP/s of a math mode (bf16, tf32, fp32)."""
+        if mode not in self.peak_tflops:
+            raise ValueError(
+                f"hardware profile {self.name}: no peak for math mode {mode!r} (it has "
+                f"{sorted(self.peak_tflops)}; modes: {', '.join(MATH_MODES)})"
+            )
+        return self.peak_tflops[mode]
+
+    def gemm_ceiling(self, mode: str) -> float:
+        """The highest fraction of the peak any matmul is priced at in this math mode."""
+        rates = [p.tflops for p in self.gemm if p.mode == mode]
+        return max([self.gemm_efficiency] + [r / self.peak(mode) for r in rates])
+
+    def matmul_seconds(self, m: int, n: int, k: int, dtype: str, batch: int = 1, tf32: bool | None = None) -> float:
+        """Seconds of one (batch x) m x k @ k x n product in `dtype` (train.tf32 = `tf32`)."""
+        flops = 2.0 * batch * m * n * k
+        return flops / (self.matmul_tflops(batch * m, n, k, math_mode(dtype, self.tf32(tf32))) * 1e12)
+
+    def matmul_tflops(self, m: int, n: int, k: int, mode: str) -> float:
+        """Nearest measured shape of the same math mode and the same alignment of the two leading
         dimensions (n, k multiples of 8 or not: cuBLAS runs a misaligned bf16 GEMM at ~30 % of the
-        aligned rate on an H200, benchmarks/results_gpu_h200.json), by log distance over m, n, k."""
-        key = (m, n, k, dtype)  # a search prices the same shapes many times
+        aligned rate on an H200, benchmarks/results_gpu_h200.json), by log distance over m, n, k; else
+        the profile's gemm_efficiency x the mode's peak."""
+        key = (m, n, k, mode)  # a search prices the same shapes many times
         if key not in self._rates:
-            self._rates[key] = self._lookup(m, n, k, dtype)
+            self._rates[key] = self._lookup(m, n, k, mode)
         return self._rates[key]
 
-    def _lookup(self, m: int, n: int, k: int, dtype: str) -> float:
-        peak = self.peak_tflops.get(dtype, self.peak_tflops.get("float32"))
-        points = [p for p in self.gemm if p.dtype == dtype]
+    def _lookup(self, m: int, n: int, k: int, mode: str) -> float:
+        peak = self.peak(mode)
+        points = [p for p in self.gemm if p.mode == mode]
         aligned = [p for p in points if (p.n % 8 == 0, p.k % 8 == 0) == (n % 8 == 0, k % 8 == 0)]
         points = aligned or points
         if not points:

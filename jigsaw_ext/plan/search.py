@@ -5,7 +5,7 @@ A model package describes its model with a `PlanModel`; nothing here knows what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..layers import resolved_strategies
 from ..mesh import Mesh, MeshConfig
-from .cost import Candidate, Estimate, estimate
+from .cost import Candidate, Estimate, Settings, estimate
 from .hardware import Hardware
 from .trace import StepTrace, extrapolate, fake_mesh, trace_step
 
@@ -58,7 +58,9 @@ class Constraints:
 
 class Planner:
     """strategy: the job's mesh.strategy (per layer kind; {} = 'auto' everywhere, chosen per
-    micro-batch by the layers' own cost model, as train.py would)."""
+    micro-batch by the layers' own cost model, as train.py would); tf32: the job's train.tf32 (None:
+    on for Ampere and newer chips, as the trainer resolves it); overlap: scale of the overlap rule
+    (cost.Settings)."""
 
     def __init__(
         self,
@@ -69,18 +71,46 @@ class Planner:
         dp_bucket_bytes: int | None = None,
         strategy: dict | None = None,
         chunk_mb: float | None = None,
+        tf32: bool | None = None,
+        overlap: float = 1.0,
     ):
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
-        self.overlap_comm, self.dp_bucket_bytes = overlap_comm, dp_bucket_bytes
+        self.settings = Settings(overlap_comm, dp_bucket_bytes, hw.tf32(tf32), overlap)
         self.strategy, self.chunk_mb = dict(strategy or {}), chunk_mb  # mesh.strategy, mesh.chunk_mb
         self._traces: dict = {}
+        self._references: dict = {}
+
+    @property
+    def tf32(self) -> bool:
+        return self.settings.tf32
+
+    def variant(self, hw: Hardware | None = None, overlap: float | None = None) -> Planner:
+        """The same planner (and its traces) on another profile or overlap rule: what-if analyses."""
+        other = Planner(self.model, hw or self.hw, self.dtype, strategy=self.strategy, chunk_mb=self.chunk_mb)
+        other.settings = Settings(
+            self.settings.overlap_comm,
+            self.settings.dp_bucket_bytes,
+            self.settings.tf32,
+            self.settings.overlap if overlap is None else overlap,
+        )
+        other._traces = self._traces
+        return other
 
     def strategies(self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int) -> dict:
         """What each layer kind runs with on this layout and micro-batch ({kind: strategy})."""
-        cfg = MeshConfig(
-            domain=domain, tp=tp, replicate_weights_over=list(replicate), strategy=self.strategy, chunk_mb=self.chunk_mb
-        )
-        return resolved_strategies(self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch))
+        key = ("strategies", domain, tp, replicate, micro_batch)
+        if key not in self._traces:  # (shared with variants like the traces: the layers decide, not the profile)
+            cfg = MeshConfig(
+                domain=domain,
+                tp=tp,
+                replicate_weights_over=list(replicate),
+                strategy=self.strategy,
+                chunk_mb=self.chunk_mb,
+            )
+            self._traces[key] = resolved_strategies(
+                self.model.build(fake_mesh(cfg, 0), getattr(torch, self.dtype), micro_batch)
+            )
+        return dict(self._traces[key])
 
     def trace(
         self, domain: int, tp: int, replicate: tuple[str, ...], micro_batch: int, forced: tuple = ()
@@ -110,17 +140,12 @@ class Planner:
             self._traces[key] = trace_step(model, lambda m: self.model.step(m, mesh, micro_batch, dtype))
         return self._traces[key]
 
-    def estimate(self, cand: Candidate) -> Estimate:
+    def estimate(self, cand: Candidate, optimizer_shards: int | None = None) -> Estimate:
         tr = self.trace(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         mesh = MeshConfig(dp=cand.dp, domain=cand.domain, tp=cand.tp)
+        run = replace(self.settings, optimizer_shards=optimizer_shards)
         est = estimate(
-            self.hw,
-            cand,
-            tr,
-            self.model.train_flops_per_sample(),
-            self.model.read_bytes(mesh, cand.micro_batch),
-            self.overlap_comm,
-            self.dp_bucket_bytes,
+            self.hw, cand, tr, self.model.train_flops_per_sample(), self.model.read_bytes(mesh, cand.micro_batch), run
         )
         est.strategies = self.strategies(cand.domain, cand.tp, cand.replicate, cand.micro_batch)
         return est
@@ -162,20 +187,47 @@ class Planner:
         out.sort(key=lambda e: (not e.fits, e.step_s))
         return out
 
-    def one_node_efficiency(self, est: Estimate) -> float | None:
-        """Weak-scaling efficiency of `est` against the same layout on one node (the smallest
-        number of nodes that holds one model group), with the per-replica work kept."""
+    def reference(self, est: Estimate, limits: Constraints = Constraints()) -> Estimate:
+        """The best layout on one node (the fewest whole nodes that hold one model group of `est`) with
+        the same per-GPU work (samples per GPU per optimizer step) and the same ZeRO sharding rules
+        (its ZeRO stage, its optimizer state sharded over `est`'s dp ranks), `est`'s own layout
+        included: the denominator of the weak-scaling efficiency."""
         c, dpn = est.candidate, self.hw.devices_per_node
         group = c.domain * c.tp
-        nodes = max(1, -(-group // dpn))
-        dp_small = max(1, nodes * dpn // group)
-        if dp_small >= c.dp:
-            return 1.0
-        small = Candidate(
-            dp_small, c.domain, c.tp, c.zero if dp_small > 1 else 0, c.replicate, c.micro_batch, c.accumulation, c.dtype
+        world = max(1, -(-group // dpn)) * dpn
+        while world % group:
+            world += dpn
+        world = min(world, c.world)
+        batch = c.global_batch * world // c.world
+        key = (
+            world,
+            batch,
+            c.zero,
+            c.dp,
+            limits.micro_batches,
+            limits.replicate,
+            c.domain,
+            c.tp,
+            c.replicate,
+            c.micro_batch,
         )
-        base = self.estimate(small)
-        return base.step_s / est.step_s
+        if key not in self._references:
+            small = Constraints(
+                zero=(0,),
+                micro_batches=limits.micro_batches,
+                replicate=limits.replicate,
+                max_model_group=max(limits.max_model_group, group),
+            )
+            options = [replace(o, zero=c.zero) for o in self.candidates(world, batch, small)]
+            options.append(replace(c, dp=world // group, accumulation=c.accumulation))
+            rows = [self.estimate(o, optimizer_shards=c.dp) for o in set(options)]
+            self._references[key] = max(rows, key=lambda e: (e.samples_per_s, -e.step_s))
+        return self._references[key]
+
+    def efficiency(self, est: Estimate, limits: Constraints = Constraints()) -> float:
+        """Weak-scaling efficiency: per-GPU throughput of `est` / per-GPU throughput of `reference`."""
+        ref = self.reference(est, limits)
+        return (est.samples_per_s / est.candidate.world) / (ref.samples_per_s / ref.candidate.world)
 
 
 def _divisors(n: int) -> list[int]:

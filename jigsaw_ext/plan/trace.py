@@ -9,7 +9,9 @@ recorded is therefore what the layers themselves issue (the same code path, padd
   volumes, so the totals equal `count_comm` on a real run) and the bytes of its buffers, the phase
   (forward/backward) and its purpose (weight gather, weight gradient, activation, LayerNorm
   statistics, small-parameter gradient);
-- every matrix product's (batch, m, n, k) and dtype (for GEMM-efficiency tables);
+- every operator `torch.utils.flop_counter` counts FLOPs for (its registry, keyed by overload
+  packet, so every overload counts: `mm.out`, `addmm_`, `baddbmm`, convolutions, attention), with
+  the count FlopCounterMode gives and the (batch, m, n, k) that prices it in GEMM-efficiency tables;
 - the memory traffic of every other non-view operator (input + output bytes: the roofline of the
   elementwise work);
 - the storages autograd saves for backward (activation memory), parameters excluded.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .. import collectives
 from ..commstats import ring_volume
@@ -85,16 +88,16 @@ class Collective:
 
 @dataclass(frozen=True)
 class Matmul:
+    """One FLOP-counted operator: FlopCounterMode's count, and the product shape that prices it
+    (the output's leading dimensions as batch, its last two as m x n, k = flops / (2 batch m n))."""
+
     batch: int
     m: int
     n: int
     k: int
     dtype: str
     phase: str
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.batch * self.m * self.n * self.k
+    flops: int = 0
 
 
 @dataclass
@@ -203,7 +206,6 @@ def _recording(recorder: _Recorder):
             setattr(collectives, name, fn)
 
 
-_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 _FREE = {
     aten.empty.memory_format,
     aten.empty_strided.default,
@@ -246,6 +248,21 @@ class _LiveMemory:
             del self.refs[key]
 
 
+def _counted(func, args, kwargs, out, phase: str) -> Matmul:
+    """The FLOPs torch.utils.flop_counter's formula gives this call (as FlopCounterMode counts
+    them), with a product shape for pricing read off the output."""
+    flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+    result = next(_tensors([out]))
+    shape = list(result.shape) if result.dim() >= 2 else [1] * (2 - result.dim()) + list(result.shape)
+    m, n = shape[-2], shape[-1]
+    batch = 1
+    for d in shape[:-2]:
+        batch *= d
+    k = max(1, round(flops / max(1, 2 * batch * m * n)))
+    dtype = next(_tensors(args), result).dtype
+    return Matmul(batch, m, n, k, str(dtype).replace("torch.", ""), phase, flops)
+
+
 class _OpRecorder(TorchDispatchMode):
     def __init__(self, recorder: _Recorder):
         super().__init__()
@@ -255,12 +272,8 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         trace, phase = self.recorder.trace, self.recorder.phase
-        if func in _MATMULS:
-            a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
-            batch = a.shape[0] if a.dim() == 3 else 1
-            trace.matmuls.append(
-                Matmul(batch, a.shape[-2], b.shape[-1], a.shape[-1], str(a.dtype).replace("torch.", ""), phase)
-            )
+        if func._overloadpacket in flop_registry:
+            trace.matmuls.append(_counted(func, args, kwargs or {}, out, phase))
         elif not func.is_view and func not in _FREE:
             trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + sum(
                 _nbytes(t) for t in _tensors([out])
@@ -334,7 +347,9 @@ def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTr
         for a, b in zip(one.collectives, two.collectives)
     ]
     out.matmuls = [
-        Matmul(lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase)
+        Matmul(
+            lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase, lin(a.flops, b.flops)
+        )
         for a, b in zip(one.matmuls, two.matmuls)
     ]
     out.other_bytes = Counter(

@@ -11,31 +11,13 @@ import resource
 
 import torch
 
-# dense peak TFLOP/s per GPU for MFU (bf16/fp16 tensor cores; fp32 runs report no MFU unless
-# log.peak_tflops is set)
-# dense peak TFLOP/s per chip, keyed by the math the GEMMs run in: "bf16" (and fp16), "tf32" (fp32
-# tensors with train.tf32 on), "fp32" (fp32 tensors, TF32 off). Vendor data sheets, SXM parts.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
-    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
-    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores; no bf16 or TF32 units
-}
-
-
-def math_mode(dtype: torch.dtype, tf32: bool) -> str:
-    """The key of PEAK_TFLOPS that GEMMs in this dtype run at."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return "bf16"
-    return "tf32" if tf32 else "fp32"
+from jigsaw_ext.plan.chips import PEAK_TFLOPS, chip_of, chip_peak, math_mode  # noqa: F401  (one table of chip peaks)
 
 
 def chip_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> float | None:
     """The dense peak of the named chip for this dtype and math mode; None for an unknown chip."""
-    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-    return None if peaks is None else peaks.get(math_mode(dtype, tf32))
+    chip = chip_of(device_name)
+    return None if chip is None else chip_peak(chip, math_mode(dtype, tf32))
 
 
 def lr_lambda(cfg):

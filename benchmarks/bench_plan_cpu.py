@@ -1,0 +1,113 @@
+"""The planner's step time against train.py on this machine (cpu-gloo-2core profile).
+
+    python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2] [--steps 12] [--reps 2] \
+        --out benchmarks/results_plan_cpu_2core.json
+
+train.py (torchrun, one thread per rank, the quickstart job with a wider model, ZeRO-0 fp32, one
+rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
+times; the measured step time is seconds per optimizer step over the logged steps after the first
+(metrics.csv). The prediction is `python -m weathermixer.plan`'s for the same job and layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_train import (
+    CONFIG,
+    GLOBAL_BATCH,
+    QUICK_DATA,
+    RUN_SETTINGS,
+    _windows,  # noqa: E402
+    prepare_data,
+    train,
+)
+from jigsaw_ext.files import make_output_folders  # noqa: E402
+
+MODEL = [
+    "model.hidden=256",
+    "train.rollout=1",
+    "train.random_rollout=false",
+    "ds.zero_optimization.stage=0",
+    "ds.bf16.enabled=false",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench_plan_cpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def predicted(settings: list[str], mesh: tuple[int, int, int]) -> dict:
+    from jigsaw_ext.plan.cost import Candidate
+    from jigsaw_ext.plan.hardware import load_hardware
+    from jigsaw_ext.plan.search import Planner
+    from weathermixer.plan import WeatherPlanModel
+    from weathermixer.train.config import load_train_job
+
+    job, _ = load_train_job(CONFIG, settings=settings)
+    planner = Planner(WeatherPlanModel(job.model, rollout=1), load_hardware("cpu-gloo-2core"), "fp32")
+    dp, domain, tp = mesh
+    est = planner.estimate(Candidate(dp, domain, tp, 0, (), GLOBAL_BATCH // dp, 1, "float32"))
+    return {"step_s": est.step_s, "seconds": est.seconds}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--meshes", nargs="+", default=["1x1x1", "1x2x1", "1x1x2"])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    make_output_folders(ap, {"--out": args.out})
+    meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = RUN_SETTINGS + [f"data.path={work / 'data'}"] + QUICK_DATA + MODEL
+        prepare_data(base)
+        settings = base + [f"train.steps={args.steps}"]
+        measured = {m: [] for m in meshes}
+        for rep in range(args.reps):
+            for mesh in meshes if rep % 2 == 0 else meshes[::-1]:
+                r = train(mesh, settings, work / f"{'x'.join(map(str, mesh))}_{rep}", threads=1)
+                if "error" in r:
+                    raise RuntimeError(f"train.py on {mesh} failed: {r['error']}")
+                w = _windows(r["rows"])
+                measured[mesh].append(GLOBAL_BATCH / w["samples_per_s"])
+                log(f"{mesh} rep {rep}: {measured[mesh][-1]:.3f} s/step")
+    out = {
+        "what": "seconds per optimizer step of train.py (global batch 8, ZeRO-0 fp32, 1 thread per rank) "
+        "against the planner (cpu-gloo-2core); medians over the repetitions",
+        "settings": MODEL,
+        "steps": args.steps,
+        "reps": args.reps,
+        "meshes": {},
+    }
+    for mesh in meshes:
+        pred, meas = predicted(base, mesh), statistics.median(measured[mesh])
+        out["meshes"]["x".join(map(str, mesh))] = {
+            "measured_step_s": round(meas, 4),
+            "predicted_step_s": round(pred["step_s"], 4),
+            "error": round(pred["step_s"] / meas - 1, 3),
+            "per_rep_s": [round(x, 4) for x in measured[mesh]],
+            "predicted_seconds": {k: round(v, 4) for k, v in pred["seconds"].items()},
+        }
+    print(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
