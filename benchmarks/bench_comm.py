@@ -148,7 +148,8 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 row[name]["peak_memory_vs_serial_share"] = row[name]["peak_live_bytes"] / (serial[batch] / n)
             log(
                 f"{row['mesh']} batch {batch}: auto {row['auto']['strategies']} "
-                f"{row['auto']['ratio_vs_strict']:.3f} x strict megatron, gather {row['gather']['ratio_vs_strict']:.3f}, "
+                f"{row['auto']['ratio_vs_strict']:.3f} x strict megatron, "
+                f"gather {row['gather']['ratio_vs_strict']:.3f}, "
                 f"stationary {row['stationary']['ratio_vs_strict']:.3f}, features where offered "
                 f"{row['features']['ratio_vs_strict']:.3f}; calls {row['auto']['calls']}"
             )

@@ -291,7 +291,7 @@ def _allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
     if grads:
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=group)
-        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
             g.copy_(reduced)
 
 
@@ -384,7 +384,7 @@ class PlainMixer(nn.Module):
             dst.bias.copy_(src.biases[0])
 
         linear(self.embed, ours.embed)
-        for b, o in zip(self.blocks, ours.blocks):
+        for b, o in zip(self.blocks, ours.blocks, strict=True):
             norm(b.norm1, o.norm1)
             norm(b.norm2, o.norm2)
             linear(b.token_fc1, o.token_mixing.fc1)
@@ -653,7 +653,9 @@ def strong_scaling_figure(settings, hidden: int = COMPUTE_BOUND["hidden"]) -> di
             settings["warmup"],
             threads=threads,
         )
-        step_s[label] = statistics.median(max(step) for step in zip(*per_rank))  # slowest rank of each step
+        step_s[label] = statistics.median(
+            max(step) for step in zip(*per_rank, strict=True)
+        )  # slowest rank of each step
     log("strong scaling: matmul throughput of 1 and 2 concurrent single-thread processes")
     gflops = {w: sum(_run(_matmul_worker, w, 1024, settings["matmul_reps"])) for w in (1, 2)}
     two_ranks = [k for k in step_s if "ranks" in k]

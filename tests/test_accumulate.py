@@ -93,7 +93,7 @@ def _check_case(res, case, world):
 
 
 def _check_safety(res):
-    for rank, r in enumerate(res):
+    for r in res:
         s = r["safety"]
         assert s["held_mid_step"] > 0, s
         assert s["held_after_exception"] == 0, s

@@ -49,7 +49,7 @@ def padded_vs_unpadded(mesh_of, multiple: int, steps: int = 3) -> dict:
 
     for _ in range(steps):
         outs, grads = [], []
-        for model, opt in zip(models, opts):
+        for model, opt in zip(models, opts, strict=True):
             opt.zero_grad()
             x = fields.clone().requires_grad_(True)
             y = model(x, static, every_lead=True)
@@ -58,12 +58,12 @@ def padded_vs_unpadded(mesh_of, multiple: int, steps: int = 3) -> dict:
             grads.append(x.grad)
         worst["forward"] = max(worst["forward"], rel(outs[1], outs[0]))
         worst["input_grad"] = max(worst["input_grad"], rel(grads[1], grads[0]))
-        for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters()):
+        for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
             assert p0.shape == p1.shape, name
             worst["weight_grad"] = max(worst["weight_grad"], rel(p1.grad, p0.grad))
         for opt in opts:
             opt.step()
-    for p0, p1 in zip(*(m.parameters() for m in models)):
+    for p0, p1 in zip(*(m.parameters() for m in models), strict=True):
         worst["params"] = max(worst["params"], rel(p1.detach(), p0.detach()))
     worst["local_parameters"] = [m.local_num_parameters() for m in models]
     return worst
@@ -76,7 +76,7 @@ def test_pad_dim_and_products_are_exact_and_pad_only_when_needed():
     y, y0 = aligned.linear(x, w, 8), torch.nn.functional.linear(x, w)
     g = torch.randn_like(y0)
     assert y.shape == y0.shape and torch.equal(y, y0)
-    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(y0, (x, w), g)):
+    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(y0, (x, w), g), strict=True):
         assert torch.equal(a, b)
     a, b = torch.randn(2, 5, 13, dtype=torch.float64), torch.randn(13, 11, dtype=torch.float64)
     assert torch.allclose(aligned.matmul(a, b, 8), a @ b, rtol=0, atol=1e-12)
@@ -109,7 +109,7 @@ def _mesh_worker(rank, world, multiple, strategies):
         meshes = {
             m: init_mesh(MeshConfig(domain=2, tp=2, gemm_multiple=m, strategy={"*": strategy})) for m in (1, multiple)
         }
-        out[strategy] = padded_vs_unpadded(lambda m: meshes[m], multiple)
+        out[strategy] = padded_vs_unpadded(lambda m, meshes=meshes: meshes[m], multiple)
     return out
 
 

@@ -46,7 +46,7 @@ def test_flat_boxes_cover_a_flat_range_exactly_in_order():
         assert len(boxes) <= max(1, 2 * len(shape) - 1), (shape, a, b, boxes)
         for f, o, z in boxes:
             assert f == pos, (shape, a, b, boxes)
-            got = full[tuple(slice(i, i + k) for i, k in zip(o, z))].reshape(-1).tolist()
+            got = full[tuple(slice(i, i + k) for i, k in zip(o, z, strict=True))].reshape(-1).tolist()
             assert got == list(range(f, f + math.prod(z))), (shape, a, b, boxes)
             pos += math.prod(z)
         assert pos == b, (shape, a, b, boxes)
@@ -128,7 +128,9 @@ def _engine(mesh_str: str, stage: int):
         offset, shape = block_box(p.block_layout, mesh.coords)
         for kind in KINDS:
             full = expected(name, kind, p.block_layout.shape)
-            set_fp32_block(engine, p, kind, full[tuple(slice(o, o + s) for o, s in zip(offset, shape))].clone())
+            set_fp32_block(
+                engine, p, kind, full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))].clone()
+            )
     return engine, model, mesh
 
 
@@ -142,7 +144,7 @@ def _save_worker(rank, world, mesh_str, stage, work):
     frags = {n: engine_state.state_fragment(engine, p) for n, p in model.named_parameters()}
     straddles = any(
         f is not None and f.numel and len(p.shape) >= 2 and f.start % math.prod(p.shape[1:])
-        for (n, f), p in zip(frags.items(), model.parameters())
+        for (n, f), p in zip(frags.items(), model.parameters(), strict=True)
     )
     # the fragment path reads no full block: DeepSpeed's full-block accessors (a dp collective) must not run
     saved = deepspeed.utils.safe_get_full_fp32_param, deepspeed.utils.safe_get_full_optimizer_state
@@ -204,7 +206,7 @@ def _load_worker(rank, world, mesh_str, stage, work, desc):
     bad = []
     for name, p in model.named_parameters():
         offset, shape = block_box(p.block_layout, mesh.coords)
-        box = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        box = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
         got = fp32_blocks(engine, p)
         for kind in KINDS:
             if not torch.equal(got[kind], expected(name, kind, p.block_layout.shape)[box]):

@@ -105,7 +105,7 @@ def test_cost_model_formula_matches_the_trace_of_one_mlp():
             norm = DistLayerNorm(mesh, [feats], local=mlp.fuses_norm, device="meta")
             assert mlp.strategy == strategy and mlp.fuses_norm == (strategy == "features")
             x = torch.empty(batch, rows.sizes[0], feats.sizes[0], device="meta", requires_grad=True)
-            tr = trace_step(mlp, lambda m: m(x).sum())
+            tr = trace_step(mlp, lambda m, x=x: m(x).sum())
             predicted = (
                 mlp_traffic(strategy, batch * rows_per_sample, features, hidden, domain, tp, replicate=bool(replicate))
                 * 4
@@ -116,7 +116,7 @@ def test_cost_model_formula_matches_the_trace_of_one_mlp():
                 assert sum(tr.bytes_by_kind().values()) >= predicted * 0.999
             else:
                 assert sum(tr.bytes_by_kind().values()) == pytest.approx(predicted, rel=1e-9), (domain, tp, strategy)
-            with_norm = trace_step(mlp, lambda m: m(x, norm).sum())
+            with_norm = trace_step(mlp, lambda m, x=x, norm=norm: m(x, norm).sum())
             stats = sum(c.sent_bytes for c in with_norm.collectives if c.purpose == "norm_stats")
             expected = 0 if mlp.fuses_norm else norm_traffic(batch * rows.sizes[0], tp) * 4
             if not uneven:

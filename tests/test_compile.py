@@ -28,7 +28,7 @@ def compiled_vs_eager(rank, world, mesh_kwargs):
         le, lc = eager(), comp()
         grad = max(
             ((pe.grad - pc.grad).abs().max() / pe.grad.abs().max().clamp_min(1e-30)).item()
-            for pe, pc in zip(eager.params, comp.params)
+            for pe, pc in zip(eager.params, comp.params, strict=True)
         )
         errors.append((abs(le - lc) / abs(le), grad))
     return explained.graph_count, explained.graph_break_count, errors, time.perf_counter() - start

@@ -67,7 +67,7 @@ def test_blocks_of_all_ranks_tile_the_full_sample(store):
                 t[k][fs] = b.targets[k]
             np.testing.assert_array_equal(ld.lat, full_lat := _loader(store, 1, 1, 0).lat)
         assert torch.equal(f, full.fields) and torch.equal(s, full.static), (dom, tp)
-        assert all(torch.equal(a, e) for a, e in zip(t, full.targets))
+        assert all(torch.equal(a, e) for a, e in zip(t, full.targets, strict=True))
     assert full_lat[0] == 90 and full_lat[-1] == -90
 
 
@@ -257,7 +257,7 @@ def test_pin_memory_in_the_prefetch_thread(store, monkeypatch):
     got = next(iter(ld))
     served = [got.fields, got.static, *got.targets]
     assert all(t.data_ptr() in pinned for t in served) and threads == {"data-prefetch"}
-    for a, b in zip(served, [ref.fields, ref.static, *ref.targets]):
+    for a, b in zip(served, [ref.fields, ref.static, *ref.targets], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

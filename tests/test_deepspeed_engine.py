@@ -30,8 +30,8 @@ from tests import workers
 def test_deepspeed_zero_reduces_over_dp_only(mesh, stage, clip, strategy):
     """ZeRO over dp only; with clipping, DeepSpeed's norm over the model group counts every
     logical element once (the global norm the serial twin clips with, LayerNorm affines stored whole
-    included). Every way the mixing MLPs meet their data (strategy None: auto), ZeRO-3 included (its partitioned parameters are used only
-    inside their own modules' forward)."""
+    included). Every way the mixing MLPs meet their data (strategy None: auto), ZeRO-3 included (its
+    partitioned parameters are used only inside their own modules' forward)."""
     dp, domain, tp = mesh
     res = run_workers(
         workers.deepspeed_zero_over_dp,

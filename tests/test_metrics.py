@@ -22,7 +22,8 @@ def field(values, lat=LAT3, times=None):
     )
 
 
-def random_pair(seed=0, nt=5, lat=np.linspace(-87.5, 87.5, 8), nlon=16):
+def random_pair(seed=0, nt=5, lat=None, nlon=16):
+    lat = np.linspace(-87.5, 87.5, 8) if lat is None else lat
     rng = np.random.default_rng(seed)
     times = pd.date_range("2020-01-01", periods=nt, freq="6h")
     f = field(rng.normal(size=(nt, lat.size, nlon)), lat, times)
@@ -121,7 +122,10 @@ def test_against_xarray_weighted_and_loops():
     me_t = (f - o).weighted(areaw).mean(("latitude", "longitude"))
     assert float(M.bias(f, o)) == pytest.approx(float(me_t.mean()), rel=1e-12)
     w = area[:, None]
-    per_t = [np.sum(w * a * b) / np.sqrt(np.sum(w * a * a) * np.sum(w * b * b)) for a, b in zip(f.values, o.values)]
+    per_t = [
+        np.sum(w * a * b) / np.sqrt(np.sum(w * a * a) * np.sum(w * b * b))
+        for a, b in zip(f.values, o.values, strict=True)
+    ]
     assert float(M.acc(f, o)) == pytest.approx(np.mean(per_t), rel=1e-12)
     # numpy input: (time, latitude, longitude) with explicit latitudes
     assert float(M.rmse(f.values, o.values, lat=f.latitude.values)) == pytest.approx(float(M.rmse(f, o)))

@@ -323,7 +323,7 @@ def test_two_runs_creating_the_same_synthetic_store_at_once_both_train(tmp_path)
         for i in range(2)
     ]
     outs = [r.communicate(timeout=300) for r in runs]
-    for r, (out, err) in zip(runs, outs):
+    for r, (out, err) in zip(runs, outs, strict=True):
         assert r.returncode == 0, out[-2000:] + err[-2000:]
     logs = "".join(out for out, _ in outs)
     store = next((tmp_path / "synthetic").glob("*.zarr"))

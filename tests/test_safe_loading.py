@@ -225,7 +225,7 @@ def test_nothing_loaded_runs_code(ckpt, tmp_path, capsys):
         "00000.param.safetensors: not a readable",
         "re-running `python -m jigsaw_ext.checkpoint consolidate",
     ]
-    for (kind, path), text, msg in zip(attempts, expected, got):
+    for (_kind, path), text, msg in zip(attempts, expected, got, strict=True):
         assert msg.startswith("CheckpointError") and text in msg, (path, msg)
         assert REFUSED in msg or "refused" not in text, msg
     # --init-from: the whole job stops with the file named

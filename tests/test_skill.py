@@ -100,10 +100,10 @@ def test_activation_checkpointing_equals_no_checkpointing(autoregressive):
         model = WeatherMixer(cfg)
         x = window.clone().requires_grad_(True)
         leads = model(x, static, steps=3, every_lead=True, autoregressive=autoregressive, checkpoint=checkpoint)
-        loss = sum((w * p.square().mean()) for w, p in zip((0.2, 0.3, 0.5), leads))
+        loss = sum((w * p.square().mean()) for w, p in zip((0.2, 0.3, 0.5), leads, strict=True))
         loss.backward()
         grads.append([loss.detach(), x.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
@@ -196,11 +196,13 @@ def test_autoregressive_training_advances_the_hour_of_day():
             y = model(y, static([s + pd.Timedelta(hours=6 * j) for s in times]), steps=1)
             ref.append(y)
         frozen = model(x, static(times), steps=3, every_lead=True, autoregressive=True)
-        for a, b in zip(got, ref):
+        for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b)
         assert not torch.allclose(got[2], frozen[2])  # the start time's hour for every step differs
         t.job = job.model_copy(update={"train": job.train.model_copy(update={"rollout_mode": "latent"})})
-        for a, b in zip(t.forecast(x, static(times), 3, times), model(x, static(times), steps=3, every_lead=True)):
+        for a, b in zip(
+            t.forecast(x, static(times), 3, times), model(x, static(times), steps=3, every_lead=True), strict=True
+        ):
             torch.testing.assert_close(a, b)
 
 
@@ -457,7 +459,9 @@ def test_ensemble_mean_of_forecast_stores(tmp_path, capsys):
     """weathermixer.inference.ensemble: the member-wise mean in the same layout; mismatched members are refused."""
     import xarray as xr
 
-    def store(name, inits=pd.date_range("2019-03-18", periods=2, freq="3h"), leads=pd.to_timedelta([1, 2, 3], "h")):
+    def store(name, inits=None, leads=None):
+        inits = pd.date_range("2019-03-18", periods=2, freq="3h") if inits is None else inits
+        leads = pd.to_timedelta([1, 2, 3], "h") if leads is None else leads
         coords = {
             "time": inits,
             "prediction_timedelta": leads,
@@ -671,7 +675,7 @@ def test_the_anchor_fit_trains_frozen_and_forecasts_alone(tmp_path):
                 np.full_like(x, np.sin(hour)),
                 np.full_like(x, np.cos(hour)),
             ]
-            expected = x + std * sum(c * v for c, v in zip(coef[lead - 1], feats))
+            expected = x + std * sum(c * v for c, v in zip(coef[lead - 1], feats, strict=True))
             got = fc["t2m"].isel(time=i, prediction_timedelta=lead - 1).values
             np.testing.assert_allclose(got, expected, atol=2e-3)  # K; float32 model
     assert mean > 0  # the stats are physical (K)

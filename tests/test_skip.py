@@ -39,7 +39,9 @@ def test_off_by_default_exact_size_and_the_tendency_model_at_initialisation():
     assert model.num_parameters() - WeatherMixer(plain).num_parameters() == 3 * F * 33 * 49
     fields, static = _inputs(cfg)
     with torch.no_grad():
-        for a, b in zip(model.forecast_leads(fields, static), WeatherMixer(plain).forecast_leads(fields, static)):
+        for a, b in zip(
+            model.forecast_leads(fields, static), WeatherMixer(plain).forecast_leads(fields, static), strict=True
+        ):
             assert torch.equal(a, b)
     states = cfg.model_copy(update={"pixel_skip_inputs": "states"})  # x(t - dt), x(t): no hour, no constant
     assert WeatherMixer(states).num_parameters() - WeatherMixer(plain).num_parameters() == 3 * 2 * 33 * 49
@@ -159,7 +161,7 @@ def test_zero_start_makes_the_model_its_fitted_head(tmp_path):
             outs[zero] = model(fields, static, steps=2, every_lead=True)
             model.zero_tendency()
             outs[(zero, "head")] = model(fields, static, steps=2, every_lead=True)
-    for a, b in zip(outs[True], outs[(True, "head")]):
+    for a, b in zip(outs[True], outs[(True, "head")], strict=True):
         assert torch.equal(a, b)
     assert not torch.allclose(outs[False][0], outs[(False, "head")][0])
     with pytest.raises(ValueError, match="pixel_skip_zero_start"):
@@ -189,7 +191,7 @@ def test_a_forecast_that_re_encodes_starts_each_segment_at_lead_1_with_its_own_h
         first = model.forecast_leads(fields, static_at(static, loader, [init]), 2)
         x = next_window(next_window(fields, first[0]), first[1])
         second = model.forecast_leads(x, static_at(static, loader, [init + 2 * dt]), 2)
-    for a, b in zip(got, first + second):
+    for a, b in zip(got, first + second, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(static_at(static, loader, [init]), static_at(static, loader, [init + 2 * dt]))
 
@@ -434,7 +436,7 @@ def test_the_anchor_features_are_persistence_yesterday_climatology_and_the_regre
                 model.skip.weight[:, ["xm1", "x", "yday", "clim"].index(f)] = v
             return model.forecast_leads(fields, static, DAY)
 
-    for lead, y in enumerate(with_weights(), start=1):  # persistence
+    for y in with_weights():  # persistence
         assert torch.equal(y[:, 0], x)
     for lead, y in enumerate(with_weights(x=-1.0, clim=1.0), start=1):  # the daily-cycle climatology
         assert torch.allclose(y[:, 0], _climatology(static, hour + lead * 24 / DAY), atol=1e-5)
@@ -582,7 +584,7 @@ def test_the_changes_anchor_is_level_free():
     with torch.no_grad():
         shifted = model.forecast_leads(fields + 3.0, static, DAY)
     x = fields[:, -1, 0]
-    for lead, (y, z) in enumerate(zip(leads, shifted), start=1):
+    for lead, (y, z) in enumerate(zip(leads, shifted, strict=True), start=1):
         dclim = _climatology(static, hour + lead * 24 / DAY) - _climatology(static, hour)
         feats = [fields[:, -2, 0] - x, fields[:, -1 - (DAY - lead), 0] - x, dclim, static[:, 1], static[:, 3]]
         assert torch.allclose(y[:, 0], x + sum(w[lead - 1, f, 0] * v for f, v in enumerate(feats)), atol=1e-5)

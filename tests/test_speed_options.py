@@ -82,7 +82,7 @@ def test_compiled_blocks_train_like_eager():
     ye.square().sum().backward()
     yc.square().sum().backward()
     assert torch.allclose(ye, yc, rtol=1e-5, atol=1e-6)
-    for pe, pc in zip(eager.parameters(), comp.parameters()):
+    for pe, pc in zip(eager.parameters(), comp.parameters(), strict=True):
         assert torch.allclose(pe.grad, pc.grad, rtol=1e-5, atol=1e-6)
 
 
