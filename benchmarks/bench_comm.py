@@ -5,8 +5,8 @@
 Counts at full size without running the model: one MixerBlock (T = 17280 tokens, D = 4320,
 f_s = 0.5, f_c = 1: the Jigsaw paper's C1) is built on the meta device for rank 0 of each mesh and
 one training step (forward + backward) is traced by jigsaw_ext.plan.trace, which records what the
-layers themselves issue (tests/test_plan.py and tests/test_comm.py prove the trace equals
-jigsaw_ext.commstats on real gloo runs, for every strategy). The block's small parameters are
+layers themselves issue (tests/integration/test_plan.py and tests/integration/test_mlp_strategies.py
+prove the trace equals jigsaw_ext.commstats on real gloo runs, for every strategy). The block's small parameters are
 bucketed as in the whole model (one all-reduce per axis per backward).
 
 The baseline is megatron-core tensor + sequence parallelism over all DOMAIN x TP ranks (n), with the
@@ -19,7 +19,7 @@ it). Per block and rank it sends (ring volumes, B x T x D activations of b bytes
         the all-gather ColumnParallelLinear repeats in backward to rebuild its input)
     strict baseline:            8 (n-1)/n B T D b  (+ the same small all-reduce): as if megatron kept
         the gathered input; the ratio the targets are judged on.
-`megatron_block_bytes` is that formula; tests/test_comm.py checks it against commstats on the real
+`megatron_block_bytes` is that formula; tests/integration/test_mlp_strategies.py checks it against commstats on the real
 megatron-core block on 2 and 4 gloo ranks.
 
 Prints JSON: per mesh and batch (1 and 4) our bytes by kind and strategy (auto = what the layers

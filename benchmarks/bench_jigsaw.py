@@ -210,7 +210,8 @@ class MegatronMixerBlock(nn.Module):
                     weight shard's product, its partial sums reduce-scattered along the last (token)
                     axis with megatron-core's reduce_scatter_last_dim_to_tensor_parallel_region ->
                     transpose: back to the sequence-parallel layout, with no all-reduce anywhere
-    (benchmarks/bench_comm.py's megatron_block_bytes is what this sends, checked in tests/test_comm.py)."""
+    (benchmarks/bench_comm.py's megatron_block_bytes is what this sends, checked in
+    tests/integration/test_mlp_strategies.py)."""
 
     def __init__(self, tokens: int, hidden: int, token_hidden: int, channel_hidden: int, group):
         super().__init__()
