@@ -15,8 +15,8 @@ def compiled_vs_eager(rank, world, mesh_kwargs):
     import torch
     import torch._dynamo as dynamo
 
-    from benchmarks.bench_jigsaw import ours_step
     from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.baselines import ours_step
     from weathermixer.config import ModelConfig
 
     mesh = init_mesh(MeshConfig(**mesh_kwargs))

@@ -6,12 +6,12 @@ traced step shows to be cheaper."""
 import pytest
 import torch
 
-from benchmarks.bench_comm import megatron_block_bytes, trace_block
 from jigsaw_ext.layers import BlockMLP, DistLayerNorm
 from jigsaw_ext.layout import Split, even_split
 from jigsaw_ext.mesh import Mesh, MeshConfig
 from jigsaw_ext.strategy import choose_strategy, mlp_traffic, norm_traffic, strategy_available
 from jigsaw_ext.testing import run_workers
+from weathermixer.baselines import C1, megatron_block_bytes, trace_block
 from weathermixer.config import ModelConfig
 
 pytestmark = pytest.mark.distributed
@@ -21,9 +21,9 @@ SMALL = dict(grid=(32, 64), patch=(1, 8), hidden=48, blocks=1, token_fraction=0.
 
 def megatron_block_comm(rank, world, model_kwargs, batch):
     """commstats of one training step of the megatron-core baseline block (bench_jigsaw) on `world` ranks."""
-    from benchmarks.bench_jigsaw import megatron_blocks_step
     from jigsaw_ext.commstats import count_comm
     from jigsaw_ext.mesh import init_mesh
+    from weathermixer.baselines import megatron_blocks_step
 
     mesh = init_mesh(MeshConfig(tp=world))
     step = megatron_blocks_step(ModelConfig(**model_kwargs), mesh, batch)
@@ -42,7 +42,7 @@ def test_megatron_baseline_formula_equals_what_megatron_core_sends(world):
         SMALL,
         batch,
         timeout=240,
-        preload=["megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"],
+        preload=["megatron.core.tensor_parallel", "weathermixer.baselines"],
     )
     cfg = ModelConfig(**SMALL)
     tokens = (cfg.grid[0] // cfg.patch[0]) * (cfg.grid[1] // cfg.patch[1])
@@ -61,8 +61,6 @@ def test_auto_picks_the_cheaper_strategy_and_the_trace_agrees():
     (T x Hs) outweigh its activations, so it keeps them stationary; at batch 8 it gathers them (at 4
     the two are within 0.02 %); the
     channel mixer (D x Hc weights) gathers. The traced bytes order the strategies the same way."""
-    from benchmarks.bench_comm import C1
-
     cfg = ModelConfig(**C1)
     for batch, token in ((1, "stationary"), (8, "gather")):
         auto, chosen = trace_block(cfg, 2, 2, batch, {})

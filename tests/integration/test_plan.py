@@ -187,8 +187,8 @@ def test_emitted_job_file_is_accepted_by_train(tmp_path, capsys):
 def test_chunk_mb_is_priced_and_emitted(tmp_path):
     """mesh.chunk_mb: the planner traces the chunked layers (lower peak memory on a layout that
     gathers weights, the same bytes) and pins it in the job file it emits."""
-    from benchmarks.bench_comm import C1
     from jigsaw_ext.plan.search import Planner
+    from weathermixer.baselines import C1
     from weathermixer.config import ModelConfig
     from weathermixer.train.config import load_train_job
 

@@ -33,8 +33,7 @@ def test_readme_is_a_front_door_that_opens_with_the_commands_ci_runs():
     # CI runs that command as its two tiers, which together are the whole suite
     for tier in ("unit", "integration"):
         assert f"{test_command}/{tier} " in ci, f".ci/run does not run {test_command}/{tier}"
-    loose = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
-    assert not loose, f"tests outside tests/unit and tests/integration would escape CI's tiers: {loose}"
+    # (tests/unit/test_suite_layout.py: every test file is in one of the two)
     install = tests.split("&&")[2].strip()
     assert install.replace("pip install", "pip install -q") in ci, (
         f".ci/run does not install as the README: {install!r}"
