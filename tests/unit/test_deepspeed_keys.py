@@ -2,8 +2,6 @@
 misspelt top-level key: `zero_optimizaton.stage=1` trained at ZeRO-0 with no word)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -125,27 +123,6 @@ def test_top_level_keys_derived_from_deepspeed_and_the_explicit_list_is_needed()
     assert "zero_optimizaton" not in top_level_keys() and "stage" not in top_level_keys()
 
 
-def test_cli_exits_2_before_any_collective(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--deepspeed_config",
-        "deepspeed_configs/quickstart_cpu.json",
-        "--domain",
-        "1",
-        "--tp",
-        "1",
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--set",
-        "ds.zero_optimizaton.stage=1",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "zero_optimizaton: unknown DeepSpeed key" in res.stderr and "did you mean zero_optimization?" in res.stderr
-    assert not (tmp_path / "run").exists()  # nothing started
-
-
 def test_sections_read_key_by_key_are_recorded_from_deepspeed():
     """The sections DeepSpeed's reader looks into key by key, and their keys, come from running it."""
     from weathermixer.train.deepspeed_keys import adam_param_keys, recorded_sections
@@ -154,30 +131,3 @@ def test_sections_read_key_by_key_are_recorded_from_deepspeed():
     assert {"data_types", "checkpoint", "aio", "torch_autocast"} <= set(rec)
     assert {"grad_accum_dtype", "param_dtype"} <= rec["data_types"] and "tag_validation" in rec["checkpoint"]
     assert {"betas", "eps", "weight_decay", "torch_adam", "amsgrad", "bias_correction"} <= adam_param_keys()
-
-
-@pytest.mark.parametrize(
-    "setting, message",
-    [
-        ('ds.data_types.grad_accum_dtypee="fp32"', "data_types.grad_accum_dtypee: unknown DeepSpeed key"),
-        ('ds.gradient_clipping="abc"', "gradient_clipping: 'abc'; a number >= 0"),
-    ],
-)
-def test_cli_exits_2_before_setup_on_nested_keys_and_values(tmp_path, setting, message):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--deepspeed_config",
-        "deepspeed_configs/quickstart_cpu.json",
-        "--domain",
-        "1",
-        "--tp",
-        "1",
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--set",
-        setting,
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
