@@ -10,11 +10,13 @@ The model is the paper's WeatherMixer (`paper_1b`, 1.06 B parameters at 3 blocks
 its 0.25 deg embedding and head: 391 M), random weights and random AdamW moments, ZeRO-1 fp32 with
 torch's AdamW, one CPU process per rank (gloo). Each phase starts after a barrier and ends after one;
 its time is the slowest rank's; each phase runs --repeat times (alternating DeepSpeed's and ours)
-and the fastest run is reported, since the machine is shared. Neither DeepSpeed's torch.save nor ours fsyncs the data files (the
-trainer's MANIFEST.json checksums catch data a power cut lost); `ours_save_with_fsync` is ours with
-DCP's fsync, measured last so that its writes do not evict the other files from the page cache.
-Memory: every rank samples its RssAnon (/proc/self/status) every 10 ms; `peak_extra` of a phase is its peak minus the rank's RssAnon just before it (the rank's own
-share: parameters, master weights, moments), to be compared with the largest single tensor (fp32).
+and the fastest run is reported, since the machine is shared. Neither DeepSpeed's torch.save nor ours
+fsyncs the data files (the trainer's MANIFEST.json checksums catch data a power cut lost);
+`ours_save_with_fsync` is ours with DCP's fsync, measured last so that its writes do not evict the
+other files from the page cache.
+Memory: every rank samples its RssAnon (/proc/self/status) every 10 ms; `peak_extra` of a phase is its
+peak minus the rank's RssAnon just before it (the rank's own share: parameters, master weights,
+moments), to be compared with the largest single tensor (fp32).
 Per-rank engines of the 1.06 B model need about 17 GB at 1x2x2 before any checkpoint buffer, more
 than this 24 GB machine shared with other jobs can hold (and 2x2x2 holds the weights twice).
 """
@@ -142,22 +144,27 @@ def _worker(rank, world, cfg, mesh_str, work, phases, repeat):
     desc_path = work / "ours0" / "desc.json"
     for r in range(repeat if "save" in phases else 0):  # alternating, each writing its own directory
         runs.setdefault("native_save", []).append(
-            _timed(peak, lambda: engine.save_checkpoint(str(work / f"native{r}"), tag="t", save_latest=False))
+            _timed(peak, lambda r=r: engine.save_checkpoint(str(work / f"native{r}"), tag="t", save_latest=False))
         )
         holder = {}
         runs.setdefault("ours_save", []).append(
-            _timed(peak, lambda: holder.update(d=save_layout_free(engine, model, work / f"ours{r}" / "state")))
+            _timed(
+                peak,
+                lambda r=r, holder=holder: holder.update(
+                    d=save_layout_free(engine, model, work / f"ours{r}" / "state")
+                ),
+            )
         )
         if rank == 0:
             (work / f"ours{r}" / "desc.json").write_text(json.dumps(holder["d"]))
         runs.setdefault("native_load", []).append(
-            _timed(peak, lambda: engine.load_checkpoint(str(work / f"native{r}"), tag="t"))
+            _timed(peak, lambda r=r: engine.load_checkpoint(str(work / f"native{r}"), tag="t"))
         )
         dist.barrier()
         runs.setdefault("ours_load", []).append(
             _timed(
                 peak,
-                lambda: load_layout_free(
+                lambda r=r: load_layout_free(
                     engine,
                     model,
                     work / f"ours{r}" / "state",

@@ -45,11 +45,11 @@ def _time(rank, world, sizes_mb, reps):
         x, shard = torch.randn(n), torch.randn(n // world)
         gathered, scattered = torch.empty(n), torch.empty(n // world)
         variants = {
-            "all_gather_gloo": lambda: C._native_all_gather(torch.empty(n * world), x),
-            "all_gather_ring": lambda: C._all_gather_single(torch.empty(n * world), x),
-            "reduce_scatter_gloo": lambda: C._native_reduce_scatter(scattered, x),
-            "reduce_scatter_ring": lambda: C._reduce_scatter_single(scattered, x),
-            "all_reduce_gloo": lambda: dist.all_reduce(x),
+            "all_gather_gloo": lambda n=n, x=x: C._native_all_gather(torch.empty(n * world), x),
+            "all_gather_ring": lambda n=n, x=x: C._all_gather_single(torch.empty(n * world), x),
+            "reduce_scatter_gloo": lambda scattered=scattered, x=x: C._native_reduce_scatter(scattered, x),
+            "reduce_scatter_ring": lambda scattered=scattered, x=x: C._reduce_scatter_single(scattered, x),
+            "all_reduce_gloo": lambda x=x: dist.all_reduce(x),
         }
         del shard, gathered
         row = {}

@@ -5,8 +5,8 @@
 Counts at full size without running the model: one MixerBlock (T = 17280 tokens, D = 4320,
 f_s = 0.5, f_c = 1: the Jigsaw paper's C1) is built on the meta device for rank 0 of each mesh and
 one training step (forward + backward) is traced by jigsaw_ext.plan.trace, which records what the
-layers themselves issue (tests/test_plan.py and tests/test_comm.py prove the trace equals
-jigsaw_ext.commstats on real gloo runs, for every strategy). The block's small parameters are
+layers themselves issue (tests/integration/test_plan.py and tests/integration/test_mlp_strategies.py
+prove the trace equals jigsaw_ext.commstats on real gloo runs, for every strategy). The block's small parameters are
 bucketed as in the whole model (one all-reduce per axis per backward).
 
 The baseline is megatron-core tensor + sequence parallelism over all DOMAIN x TP ranks (n), with the
@@ -19,8 +19,9 @@ it). Per block and rank it sends (ring volumes, B x T x D activations of b bytes
         the all-gather ColumnParallelLinear repeats in backward to rebuild its input)
     strict baseline:            8 (n-1)/n B T D b  (+ the same small all-reduce): as if megatron kept
         the gathered input; the ratio the targets are judged on.
-`megatron_block_bytes` is that formula; tests/test_comm.py checks it against commstats on the real
-megatron-core block on 2 and 4 gloo ranks.
+`megatron_block_bytes` (weathermixer.baselines, beside the block itself) is that formula;
+tests/integration/test_mlp_strategies.py checks it against commstats on the real megatron-core block
+on 2 and 4 gloo ranks.
 
 Prints JSON: per mesh and batch (1 and 4) our bytes by kind and strategy (auto = what the layers
 choose, and each strategy forced; every weight gathered with mesh.chunk_mb = 32, the memory-bounded
@@ -39,17 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from jigsaw_ext.files import make_output_folders  # noqa: E402
-from jigsaw_ext.layers import bucket_small_gradients, resolved_strategies  # noqa: E402
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
-from jigsaw_ext.plan.trace import fake_mesh, trace_step  # noqa: E402
+from jigsaw_ext.plan.trace import fake_mesh  # noqa: E402
+from weathermixer.baselines import C1, megatron_block_bytes, trace_block  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
 from weathermixer.model.geometry import Geometry  # noqa: E402
-from weathermixer.model.mixer import MixerBlock  # noqa: E402
 
-C1 = dict(grid=(720, 1440), patch=(1, 60), hidden=4320, token_fraction=0.5, channel_fraction=1.0, blocks=1)
 MESHES = [(2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)]  # (domain, tp)
 BATCHES = (1, 4)
 CHUNK_MB = 32  # mesh.chunk_mb of the fully sharded policy's memory-bounded row (gather_chunked)
@@ -60,42 +58,6 @@ TARGETS = {
     "collectives_per_block": 24,
     "fully_sharded_peak_memory": 1.25,
 }
-
-
-def megatron_block_bytes(
-    tokens: int, hidden: int, batch: int, n: int, elem_bytes: int = 4, regather: bool = True
-) -> dict:
-    """Bytes one rank sends in one training step of one mixer block under megatron-core TP + SP over
-    n ranks (see the module docstring): activations, and the small-parameter all-reduce (the two
-    LayerNorms' weight and bias and the channel fc2 bias: 5 D elements, one flat all-reduce)."""
-    if n == 1:
-        return {"activations": 0, "small_params": 0, "total": 0}
-    units = 9 if regather else 8
-    act = units * (n - 1) * batch * tokens * hidden * elem_bytes // n
-    small = 2 * (n - 1) * 5 * hidden * elem_bytes // n
-    return {"activations": act, "small_params": small, "total": act + small}
-
-
-def trace_block(
-    cfg: ModelConfig,
-    domain: int,
-    tp: int,
-    batch: int,
-    strategy: dict,
-    keep: bool = False,
-    chunk_mb: float | None = None,
-) -> tuple:
-    """(trace, strategies) of one training step of one MixerBlock for rank 0 of domain x tp
-    (keep: mesh.keep_gathered_weights; chunk_mb: mesh.chunk_mb)."""
-    mesh = fake_mesh(
-        MeshConfig(domain=domain, tp=tp, strategy=strategy, keep_gathered_weights=keep, chunk_mb=chunk_mb), 0
-    )
-    geo = Geometry(cfg, mesh)
-    block = MixerBlock(geo, batch, device="meta")
-    bucket_small_gradients(block, mesh)
-    shape = (batch, geo.token_split.size(0), geo.feature_split(cfg.hidden).size(0))
-    x = torch.empty(shape, device="meta", requires_grad=True)
-    return trace_step(block, lambda m: m(x).square().sum()), resolved_strategies(block)
 
 
 def summarise(tr) -> dict:
@@ -148,7 +110,8 @@ def run(log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 row[name]["peak_memory_vs_serial_share"] = row[name]["peak_live_bytes"] / (serial[batch] / n)
             log(
                 f"{row['mesh']} batch {batch}: auto {row['auto']['strategies']} "
-                f"{row['auto']['ratio_vs_strict']:.3f} x strict megatron, gather {row['gather']['ratio_vs_strict']:.3f}, "
+                f"{row['auto']['ratio_vs_strict']:.3f} x strict megatron, "
+                f"gather {row['gather']['ratio_vs_strict']:.3f}, "
                 f"stationary {row['stationary']['ratio_vs_strict']:.3f}, features where offered "
                 f"{row['features']['ratio_vs_strict']:.3f}; calls {row['auto']['calls']}"
             )

@@ -32,10 +32,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from jigsaw_ext.commstats import KINDS, count_comm  # noqa: E402
-from jigsaw_ext.layers import bucket_small_gradients  # noqa: E402
-from jigsaw_ext.layout import Layout  # noqa: E402
-from jigsaw_ext.mesh import Mesh, MeshConfig, init_mesh  # noqa: E402
+from jigsaw_ext.mesh import MeshConfig, init_mesh  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
+from weathermixer.baselines import TrainStep, megatron_blocks_step, ours_blocks_step, ours_step  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
 from weathermixer.model.geometry import Geometry  # noqa: E402
@@ -63,7 +62,7 @@ TARGETS = {
     "serial_overhead": "step time WeatherMixer on 1x1x1 / plain PyTorch MLP-Mixer <= 1.10",
     "strong_scaling": "2 ranks x 1 thread versus 1 rank x 1 thread, same global batch: speed-up >= 1.7",
 }
-PRELOAD = ["weathermixer.model", "megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"]
+PRELOAD = ["weathermixer.model", "weathermixer.baselines", "megatron.core.tensor_parallel", "benchmarks.bench_jigsaw"]
 
 
 def log(msg: str) -> None:
@@ -75,33 +74,8 @@ def mesh_name(mesh) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# One training step of any model, and what we measure about it
+# What we measure about a training step (weathermixer.baselines.TrainStep)
 # ------------------------------------------------------------------------------------------------
-class TrainStep:
-    """forward -> sum of squared errors / `count` -> backward -> `after_backward` -> SGD update.
-
-    `count` is the element count of the full (unsharded) target, so the local terms of the ranks of a
-    model group add up to the serial loss (mean squared error)."""
-
-    def __init__(self, model: nn.Module, forward, inputs, target, count: int, after_backward=None):
-        self.model, self.forward, self.inputs, self.target = model, forward, inputs, target
-        self.count, self.after_backward = count, after_backward
-        self.params = list(model.parameters())
-        self.optimizer = torch.optim.SGD(self.params, lr=0.05)
-
-    def __call__(self) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        for x in self.inputs:
-            if isinstance(x, torch.Tensor):
-                x.grad = None
-        loss = (self.forward(*self.inputs) - self.target).square().sum() / self.count
-        loss.backward()
-        if self.after_backward is not None:
-            self.after_backward()
-        self.optimizer.step()
-        return loss.item()
-
-
 @contextlib.contextmanager
 def saved_for_backward(params):
     """Record the storages autograd saves for backward inside the block: {data_ptr: nbytes}.
@@ -154,174 +128,6 @@ def time_interleaved(steps: dict, reps: int, warmup: int) -> dict[str, list[floa
             steps[name]()
             times[name].append(time.perf_counter() - start)
     return times
-
-
-# ------------------------------------------------------------------------------------------------
-# The models under test, each as a TrainStep on this rank's share of one global batch
-# ------------------------------------------------------------------------------------------------
-def _full(shape, seed: int) -> torch.Tensor:
-    """The same full tensor on every rank."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def ours_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
-    """The whole WeatherMixer (embed, blocks, decoder, tendency head) on this rank's grid block."""
-    model = WeatherMixer(cfg, mesh, micro_batch=batch)
-    C, S = cfg.channels.n_fields, cfg.channels.n_static
-    fields, static = _full((batch, C, *cfg.grid), 1), _full((batch, S, *cfg.grid), 2)
-    target = fields + 0.1 * _full(fields.shape, 3)
-    f_lay, s_lay = model.geo.grid_layout(C, batch), model.geo.grid_layout(S, batch)
-    return TrainStep(
-        model,
-        model,
-        (f_lay.shard(fields, mesh.coords), s_lay.shard(static, mesh.coords)),
-        f_lay.shard(target, mesh.coords),
-        target.numel(),
-    )
-
-
-def _latent(cfg: ModelConfig, batch: int):
-    geo = Geometry(cfg, Mesh.single())
-    z = _full((batch, geo.tokens, cfg.hidden), 4)
-    return z, z + 0.1 * _full(z.shape, 5)
-
-
-def ours_blocks_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
-    """Only the N mixer blocks of WeatherMixer, on a latent block (batch, tokens/domain, D/tp)."""
-    model = WeatherMixer(cfg, mesh, micro_batch=batch)
-    blocks = nn.Sequential(*model.blocks)
-    bucket_small_gradients(blocks, mesh)  # as in the whole model: one gradient all-reduce per axis
-    geo = model.geo
-    layout = Layout((batch, geo.tokens, cfg.hidden), (None, geo.token_split, geo.feature_split(cfg.hidden)))
-    z, target = _latent(cfg, batch)
-    z_local = layout.shard(z, mesh.coords).clone().requires_grad_(True)
-    return TrainStep(blocks, blocks, (z_local,), layout.shard(target, mesh.coords), target.numel())
-
-
-class MegatronMixerBlock(nn.Module):
-    """The same pre-norm mixer block built from megatron-core's tensor-parallel layers, Megatron-LM
-    style with sequence parallelism over all ranks of `group`: between blocks the activation is
-    [tokens/P, batch, D] (megatron's [s, b, h] layout, s split).
-
-    channel mixing: LN -> ColumnParallel(D->Hc, sequence_parallel: all-gathers tokens) -> GELU ->
-                    RowParallel(Hc->D, sequence_parallel: reduce-scatters tokens)
-    token mixing:   LN -> all-gather tokens -> transpose -> ColumnParallel(T->Hs, no SP; input-grad
-                    reduction left to the gather's reduce-scatter dual) -> GELU -> the row-parallel
-                    weight shard's product, its partial sums reduce-scattered along the last (token)
-                    axis with megatron-core's reduce_scatter_last_dim_to_tensor_parallel_region ->
-                    transpose: back to the sequence-parallel layout, with no all-reduce anywhere
-    (benchmarks/bench_comm.py's megatron_block_bytes is what this sends, checked in tests/test_comm.py)."""
-
-    def __init__(self, tokens: int, hidden: int, token_hidden: int, channel_hidden: int, group):
-        super().__init__()
-        from megatron.core import ModelParallelConfig
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        self.group = group
-        P = group.size()
-        common = dict(
-            tensor_model_parallel_size=P,
-            use_cpu_initialization=True,
-            gradient_accumulation_fusion=False,
-            params_dtype=torch.float32,
-        )
-        sp = ModelParallelConfig(sequence_parallel=P > 1, **common)
-        no_sp = ModelParallelConfig(sequence_parallel=False, **common)
-
-        def init(fan_in):  # nn.Linear's weight distribution; megatron draws the full matrix, then splits
-            return lambda w: nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
-
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        for p in (*self.norm1.parameters(), *self.norm2.parameters()):
-            p.sequence_parallel = P > 1  # replicated, used on token shards: gradients summed over group
-        self.token_fc1 = ColumnParallelLinear(
-            tokens,
-            token_hidden,
-            config=no_sp,
-            init_method=init(tokens),
-            bias=True,
-            gather_output=False,
-            disable_grad_reduce=True,
-            tp_group=group,
-        )
-        self.token_fc2 = RowParallelLinear(
-            token_hidden,
-            tokens,
-            config=no_sp,
-            init_method=init(token_hidden),
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=group,
-        )
-        self.channel_fc1 = ColumnParallelLinear(
-            hidden, channel_hidden, config=sp, init_method=init(hidden), bias=True, gather_output=False, tp_group=group
-        )
-        self.channel_fc2 = RowParallelLinear(
-            channel_hidden,
-            hidden,
-            config=sp,
-            init_method=init(channel_hidden),
-            bias=True,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=group,
-        )
-
-    def forward(self, x):
-        from megatron.core.tensor_parallel.mappings import (
-            gather_from_sequence_parallel_region,
-            reduce_scatter_last_dim_to_tensor_parallel_region,
-        )
-
-        y = gather_from_sequence_parallel_region(self.norm1(x), True, self.group)  # [T, B, D]
-        y, _ = self.token_fc1(y.transpose(0, 2))  # [D, B, Hs/P]
-        y = F.linear(F.gelu(y), self.token_fc2.weight)  # [D, B, T] partial sums
-        if self.group.size() > 1:
-            y = reduce_scatter_last_dim_to_tensor_parallel_region(y, self.group)  # [D, B, T/P]
-        x = x + y.transpose(0, 2)
-        y, _ = self.channel_fc1(self.norm2(x))  # [T, B, Hc/P]
-        y, _ = self.channel_fc2(F.gelu(y))  # [T/P, B, D]
-        return x + y
-
-
-def _allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """What megatron's finalize_model_grads does for parameters used on token shards."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-    if grads:
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
-
-
-def megatron_blocks_step(cfg: ModelConfig, mesh, batch: int) -> TrainStep:
-    """The baseline's N mixer blocks over all domain*tp ranks of the mesh (its model group)."""
-    from megatron.core import parallel_state
-
-    from jigsaw_ext import megatron_cpu
-
-    megatron_cpu.install()
-    if parallel_state._GLOBAL_MEMORY_BUFFER is None:  # sequence parallelism's all-gather buffer;
-        parallel_state._set_global_memory_buffer()  # the only piece of parallel_state it needs
-    group = mesh.groups["model"]
-    geo = Geometry(cfg, Mesh.single())
-    torch.manual_seed(cfg.seed)  # megatron draws each full weight on every rank: same model on every mesh
-    blocks = nn.Sequential(
-        *(
-            MegatronMixerBlock(geo.tokens, cfg.hidden, geo.token_hidden, geo.channel_hidden, group)
-            for _ in range(cfg.blocks)
-        )
-    )
-    P, r = group.size(), group.rank()
-    if geo.tokens % P:
-        raise ValueError(f"the Megatron baseline needs tokens ({geo.tokens}) divisible by domain*tp ({P})")
-    mine = slice(r * geo.tokens // P, (r + 1) * geo.tokens // P)
-    z, target = _latent(cfg, batch)
-    z_local = z.transpose(0, 1)[mine].contiguous().requires_grad_(True)  # [T/P, B, D]
-    target_local = target.transpose(0, 1)[mine].contiguous()
-    reduce = (lambda: _allreduce_sequence_parallel_grads(blocks, group)) if P > 1 else None
-    return TrainStep(blocks, blocks, (z_local,), target_local, target.numel(), after_backward=reduce)
 
 
 class PlainMixer(nn.Module):
@@ -384,7 +190,7 @@ class PlainMixer(nn.Module):
             dst.bias.copy_(src.biases[0])
 
         linear(self.embed, ours.embed)
-        for b, o in zip(self.blocks, ours.blocks):
+        for b, o in zip(self.blocks, ours.blocks, strict=True):
             norm(b.norm1, o.norm1)
             norm(b.norm2, o.norm2)
             linear(b.token_fc1, o.token_mixing.fc1)
@@ -653,7 +459,9 @@ def strong_scaling_figure(settings, hidden: int = COMPUTE_BOUND["hidden"]) -> di
             settings["warmup"],
             threads=threads,
         )
-        step_s[label] = statistics.median(max(step) for step in zip(*per_rank))  # slowest rank of each step
+        step_s[label] = statistics.median(
+            max(step) for step in zip(*per_rank, strict=True)
+        )  # slowest rank of each step
     log("strong scaling: matmul throughput of 1 and 2 concurrent single-thread processes")
     gflops = {w: sum(_run(_matmul_worker, w, 1024, settings["matmul_reps"])) for w in (1, 2)}
     two_ranks = [k for k in step_s if "ranks" in k]

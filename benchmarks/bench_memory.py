@@ -6,9 +6,9 @@
 Runs the training job through train.py (torchrun, gloo, 1 thread per rank) on the quickstart model
 with a small global batch, validation and a checkpoint every `--every` steps and a log row every
 10 steps. Each row carries the anonymous resident memory now (the heap: RssAnon; max and min over
-ranks, `mem_gb_*`) and the peak resident set so far (`peak_mem_gb_*`). Reported: the curve, the growth after the first validation and
-checkpoint (least-squares slope in MB per 1000 steps, and last minus first), and the jumps across
-validation/checkpoint steps.
+ranks, `mem_gb_*`) and the peak resident set so far (`peak_mem_gb_*`). Reported: the curve, the growth
+after the first validation and checkpoint (least-squares slope in MB per 1000 steps, and last minus
+first), and the jumps across validation/checkpoint steps.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def slope_mb_per_kstep(steps: list[int], gb: list[float]) -> float:
     n = len(steps)
     mx, my = sum(steps) / n, sum(gb) / n
     var = sum((x - mx) ** 2 for x in steps)
-    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(steps, gb)) / var * 1024 * 1000
+    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(steps, gb, strict=True)) / var * 1024 * 1000
 
 
 def summarise(rows: list[dict], every: int) -> dict:

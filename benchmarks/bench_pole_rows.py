@@ -40,9 +40,9 @@ def summary(lat: np.ndarray, rmse: np.ndarray) -> dict:
     poles = np.isclose(np.abs(lat), 90.0)
     mid = (np.abs(lat) >= 30.0) & (np.abs(lat) <= 60.0)
     out = {
-        "rows": {f"{a:g}": float(r) for a, r in zip(lat, rmse)},
+        "rows": {f"{a:g}": float(r) for a, r in zip(lat, rmse, strict=True)},
         "mid_latitude_mean": float(rmse[mid].mean()),
-        "pole_rows": {f"{a:g}": float(r) for a, r in zip(lat[poles], rmse[poles])},
+        "pole_rows": {f"{a:g}": float(r) for a, r in zip(lat[poles], rmse[poles], strict=True)},
     }
     out["worst_pole_over_mid_latitude"] = float(rmse[poles].max() / rmse[mid].mean()) if poles.any() else None
     return out

@@ -27,7 +27,7 @@ for K in (6, 24):
         x, s = torch.randn(16, 2, 1, 33, 49), torch.randn(16, 4, 33, 49)
         seen, total = set(), [0]
 
-        def pack(t):
+        def pack(t, seen=seen, total=total):
             key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             if key not in seen and not isinstance(t, torch.nn.Parameter):
                 seen.add(key)

@@ -88,7 +88,9 @@ def measure(settings: list[str], reps: int) -> dict:
 
     def speedup(label, ref="1x1x1_1thread"):
         return round(
-            statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(measured[label], measured[ref])),
+            statistics.median(
+                a["samples_per_s"] / b["samples_per_s"] for a, b in zip(measured[label], measured[ref], strict=True)
+            ),
             3,
         )
 

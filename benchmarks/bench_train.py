@@ -333,17 +333,15 @@ class StorageCensus:
         return [[self.where[p], self.nbytes[p]] for p in ptrs]
 
 
-def census(trainer) -> dict:
-    engine, model = trainer.engine, trainer.engine.module
-    opt = engine.optimizer
-    base = opt.optimizer if isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer) else opt
-    c = StorageCensus()
-    params = list(model.parameters())
+def _claim_model(c: StorageCensus, params: list) -> None:
     for p in params:  # ZeRO-3: ds_tensor is the partition, p.data empty (or whole if the parameter is persistent)
         c.claim(getattr(p, "ds_tensor", None), "parameters")
         c.claim(p, "parameters")
     for p in params:
         c.claim(p.grad, "gradients")
+
+
+def _claim_optimizer(c: StorageCensus, opt, base) -> None:
     for name, value in vars(opt).items():  # ZeRO gradient partitions and accumulators
         if "grad" in name.lower():
             for path, t in _tensors(value, f"optimizer.{name}"):
@@ -359,6 +357,9 @@ def census(trainer) -> dict:
             c.claim(t, "optimizer_state", "base optimizer param (master weights)")
     for path, t in _tensors(opt, "optimizer"):
         c.claim(t, "deepspeed_buffers", path)
+
+
+def _claim_the_rest(c: StorageCensus) -> None:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on deprecated module proxies warns
         warnings.simplefilter("ignore")
@@ -368,6 +369,19 @@ def census(trainer) -> dict:
                     c.claim(obj, "other")
             except Exception:  # noqa: BLE001 - some exotic objects fail isinstance checks
                 pass
+
+
+def census(trainer) -> dict:
+    """Every tensor storage alive mid-step, claimed once, in this order: parameters, gradients,
+    optimizer state, DeepSpeed's buffers, then anything else the heap holds."""
+    engine, model = trainer.engine, trainer.engine.module
+    opt = engine.optimizer
+    base = opt.optimizer if isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer) else opt
+    c = StorageCensus()
+    params = list(model.parameters())
+    _claim_model(c, params)
+    _claim_optimizer(c, opt, base)
+    _claim_the_rest(c)
     local_numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
     return {
         "bytes": c.totals(),
@@ -495,7 +509,7 @@ def _windows(rows: dict, skip_first: bool = True) -> dict:
     """Samples/s and TFLOP/s per rank over the logged windows (after the first): total samples over
     total seconds, each window's seconds recovered as samples / rate."""
     steps = sorted(rows)[1:] if skip_first else sorted(rows)
-    prev = dict(zip(sorted(rows)[1:], sorted(rows)))
+    prev = dict(zip(sorted(rows)[1:], sorted(rows), strict=False))
     seconds = samples = tflop_s = 0.0
     for s in steps:
         n = (s - prev.get(s, 0)) * GLOBAL_BATCH
@@ -536,7 +550,7 @@ def throughput_figure(cfg: dict, base: list[str], work: Path) -> dict:
         }
 
     def ratio(a, b, key="samples_per_s"):
-        return _sig(statistics.median(x[key] / y[key] for x, y in zip(measured[a], measured[b])), 3)
+        return _sig(statistics.median(x[key] / y[key] for x, y in zip(measured[a], measured[b], strict=True)), 3)
 
     return {
         "definition": f"quickstart model, ZeRO-0 fp32, global batch {GLOBAL_BATCH}, {steps} steps logged every "

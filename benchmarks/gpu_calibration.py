@@ -77,10 +77,10 @@ def bench_layer_norm(shapes, device) -> list[dict]:
         b = torch.zeros(d, device=device, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn_like(x)
 
-        def fused():
+        def fused(x=x, d=d, w=w, b=b, g=g):
             F.layer_norm(x, (d,), w, b).backward(g)
 
-        def split():  # the multi-segment path the layers take when features are split over TP
+        def split(x=x, d=d, w=w, b=b, g=g):  # the multi-segment path the layers take when features are split over TP
             split_layer_norm([x], [w], [b], None, [d], 1e-5, torch.bfloat16)[0].backward(g)
 
         tf, ts = timed(fused, device), timed(split, device)

@@ -6,7 +6,7 @@
 JSON (its printed rows, and --sensitivity where asked) lands in benchmarks/results_plan_tables.json,
 together with the paper validation (weathermixer.plan_validation.leave_one_out) and the single-GPU
 prediction; docs/planner.md carries each table rendered from that JSON between
-`<!-- table:NAME -->` and `<!-- /table:NAME -->`. tests/test_plan.py checks the docs equal the
+`<!-- table:NAME -->` and `<!-- /table:NAME -->`. tests/integration/test_plan.py checks the docs equal the
 rendering of the JSON, and that the CLI still produces the JSON's numbers for the quick tables.
 """
 

@@ -1,6 +1,7 @@
-"""Workers of tests/test_accumulate.py: gradient accumulation through the DeepSpeed engine with the
-model-axis gradient reductions deferred to the last micro-batch (mesh.reduce_gradients_once), against
-an independent serial twin, with every micro-batch's traffic counted by jigsaw_ext.commstats."""
+"""Workers of tests/integration/test_gradient_accumulation.py: gradient accumulation through the
+DeepSpeed engine with the model-axis gradient reductions deferred to the last micro-batch
+(mesh.reduce_gradients_once), against an independent serial twin, with every micro-batch's traffic
+counted by jigsaw_ext.commstats."""
 
 from __future__ import annotations
 

@@ -1,4 +1,23 @@
+"""Test tiers: tests/unit runs in-process in seconds; tests/integration starts processes (gloo ranks,
+training jobs through their launchers, the packaged wheel) and is marked `slow` here. Modules that
+start several ranks carry `pytestmark = pytest.mark.distributed`; tests that need a CUDA device carry
+`gpu`. The markers are declared in pyproject.toml ([tool.pytest.ini_options], --strict-markers)."""
+
 import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# the worker modules (tests.workers, ...) are imported by name in the spawned processes, which inherit
+# this path; the repository root also makes `jigsaw_ext` and `weathermixer` importable uninstalled
+sys.path.insert(0, os.fspath(ROOT))
+
+INTEGRATION = ROOT / "tests" / "integration"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.slow)

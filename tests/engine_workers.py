@@ -1,4 +1,4 @@
-"""Workers for tests/test_engine_path.py: the training job's Trainer on a mesh, in-process (the
+"""Workers for tests/integration/test_engine_path.py: the training job's Trainer on a mesh, in-process (the
 same code train.py runs), and an independent serial twin in plain PyTorch."""
 
 from __future__ import annotations

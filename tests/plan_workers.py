@@ -1,4 +1,4 @@
-"""Workers of tests/test_plan.py: what a real CPU run sends, counted by jigsaw_ext.commstats."""
+"""Workers of tests/integration/test_plan.py: what a real CPU run sends, counted by jigsaw_ext.commstats."""
 
 import torch
 

@@ -73,7 +73,7 @@ def collectives_against_hand_computed_duals(rank, world):
             (y * g).sum().backward()
             xr = [torch.randn(3, 6, generator=torch.Generator().manual_seed(300 + r)) for r in range(world)]
             gr = [torch.randn(3, n, generator=torch.Generator().manual_seed(400 + r)) for r in range(world)]
-            dW = sum(gg.t() @ xx for gg, xx in zip(gr, xr))
+            dW = sum(gg.t() @ xx for gg, xx in zip(gr, xr, strict=True))
             tag = f"gathered_linear({'block' if gather else 'replicated'}) {sizes}"
             errs[tag + " fwd"] = relative_error(y, x.detach() @ W.t())
             errs[tag + " dx"] = relative_error(x.grad, g @ W)
@@ -358,8 +358,11 @@ def prefetch_against_serial(rank, world, mesh_kwargs):
         x = [t if t is None else model.geo.grid_layout(t.shape[-3], 2) for t in batch.inputs]  # noqa: F841
         task = sc.WeatherTask(cfg, checkpoint=True)
         lay = task.layouts(model, 2)
-        inputs = [None if t is None else l.shard(t, model.mesh.coords) for t, l in zip(batch.inputs, lay.inputs)]
-        targets = [l.shard(t, model.mesh.coords) for t, l in zip(batch.targets, lay.targets)]
+        inputs = [
+            None if t is None else lay_t.shard(t, model.mesh.coords)
+            for t, lay_t in zip(batch.inputs, lay.inputs, strict=True)
+        ]
+        targets = [lay_t.shard(t, model.mesh.coords) for t, lay_t in zip(batch.targets, lay.targets, strict=True)]
         _, loss = task.forward_loss(model, sc.Batch(inputs, targets), 2 * 1000)
         out["forward"] = dict(counts)
         loss.backward()

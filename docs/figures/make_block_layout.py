@@ -50,8 +50,8 @@ def offsets(sizes):
 def draw_activation(ax):
     """(a) tokens (rows, north at the top) x features (columns)."""
     n_tok, n_feat = sum(TOKENS), sum(FEATURES)
-    for d, (t0, nt) in enumerate(zip(offsets(TOKENS), TOKENS)):
-        for t, (f0, nf) in enumerate(zip(offsets(FEATURES), FEATURES)):
+    for d, (t0, nt) in enumerate(zip(offsets(TOKENS), TOKENS, strict=True)):
+        for t, (f0, nf) in enumerate(zip(offsets(FEATURES), FEATURES, strict=True)):
             r = rank(d, t)
             ax.add_patch(Rectangle((f0, t0), nf, nt, facecolor=COLORS[r], edgecolor="black", lw=1.5))
             ax.text(
@@ -65,7 +65,7 @@ def draw_activation(ax):
     # patch-row boundaries: each patch row is PATCH_COLS consecutive tokens
     for k in range(1, sum(PATCH_ROWS)):
         ax.axhline(k * PATCH_COLS, color="black", lw=0.4, alpha=0.35)
-    for d, (t0, nt) in enumerate(zip(offsets(TOKENS), TOKENS)):
+    for d, (t0, nt) in enumerate(zip(offsets(TOKENS), TOKENS, strict=True)):
         first = sum(PATCH_ROWS[:d])
         ax.annotate(
             f"DOMAIN {d}:\npatch rows\n{first}-{first + PATCH_ROWS[d] - 1}\n({PATCH_ROWS[d]} x {PATCH_COLS}\n"
@@ -77,7 +77,7 @@ def draw_activation(ax):
             fontsize=9,
             annotation_clip=False,
         )
-    for t, (f0, nf) in enumerate(zip(offsets(FEATURES), FEATURES)):
+    for t, (f0, nf) in enumerate(zip(offsets(FEATURES), FEATURES, strict=True)):
         ax.text(f0 + nf / 2, -1.5, f"TP {t}\nfeatures {f0}-{f0 + nf - 1}", ha="center", va="bottom", fontsize=9)
     ax.text(n_feat + 1, 2, "north", fontsize=8.5, va="center")
     ax.text(n_feat + 1, n_tok - 2, "south", fontsize=8.5, va="center")
@@ -98,8 +98,8 @@ def draw_activation(ax):
 def draw_weight(ax):
     """(b) A1 (features_out x features_in) as a grid of blocks; rank 0's gathered block hatched."""
     n_out, n_in = sum(HIDDEN_ROWS), sum(FEATURES)
-    for d, (r0, nr) in enumerate(zip(offsets(HIDDEN_ROWS), HIDDEN_ROWS)):
-        for t, (c0, nc) in enumerate(zip(offsets(FEATURES), FEATURES)):
+    for d, (r0, nr) in enumerate(zip(offsets(HIDDEN_ROWS), HIDDEN_ROWS, strict=True)):
+        for t, (c0, nc) in enumerate(zip(offsets(FEATURES), FEATURES, strict=True)):
             r = rank(d, t)
             ax.add_patch(Rectangle((c0, r0), nc, nr, facecolor=COLORS[r], edgecolor="black", lw=1.5))
             ax.text(
@@ -135,9 +135,9 @@ def draw_weight(ax):
             clip_on=False,
         )
     )
-    for t, (c0, nc) in enumerate(zip(offsets(FEATURES), FEATURES)):
+    for t, (c0, nc) in enumerate(zip(offsets(FEATURES), FEATURES, strict=True)):
         ax.text(c0 + nc / 2, n_out + 1.5, f"TP {t}\nin {c0}-{c0 + nc - 1}", ha="center", va="top", fontsize=9)
-    for d, (r0, nr) in enumerate(zip(offsets(HIDDEN_ROWS), HIDDEN_ROWS)):
+    for d, (r0, nr) in enumerate(zip(offsets(HIDDEN_ROWS), HIDDEN_ROWS, strict=True)):
         ax.text(-1.5, r0 + nr / 2, f"DOMAIN {d}:\nout-rows\n{r0}-{r0 + nr - 1}", ha="right", va="center", fontsize=9)
     ax.text(
         n_in + 1.5,

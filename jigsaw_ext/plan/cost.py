@@ -152,7 +152,7 @@ ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold de
 def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, float]]:
     """Bytes a rank sends over the data-parallel group per optimizer step, by kind and when:
     {"per_micro": {...}, "per_step": {...}}, as DeepSpeed 0.19 does it (measured with commstats on
-    gloo, tests/test_plan.py): ZeRO-0 all-reduces the gradients after the last micro-step; ZeRO-1
+    gloo, tests/integration/test_plan.py): ZeRO-0 all-reduces the gradients after the last micro-step; ZeRO-1
     and -2 all-reduce them too (its default use_multi_rank_bucket_allreduce) and all-gather the
     updated parameters; ZeRO-3 reduce-scatters gradients every micro-step and all-gathers each
     partitioned parameter for the forward and again for the backward (persistent ones, below

@@ -300,7 +300,7 @@ def adam_param_keys() -> frozenset[str]:
         keys |= {
             n
             for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n not in ("self", "params", "model_params") and p.kind is p.POSITIONAL_OR_KEYWORD
+            if n not in ("self", "params", "model_params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
     return frozenset(keys)
 

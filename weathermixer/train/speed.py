@@ -3,7 +3,7 @@ log.profile_step) and the start-up line naming the fused kernels in use.
 
 Regional compilation (as torchtitan does): each mixer block is compiled on its own, so one graph
 serves every block of the same shapes and a change to the model outside the blocks never
-recompiles them; the layers' collectives trace as functional collectives (tests/test_compile.py).
+recompiles them; the layers' collectives trace as functional collectives (tests/integration/test_compile.py).
 """
 
 from __future__ import annotations

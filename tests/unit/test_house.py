@@ -1,0 +1,120 @@
+"""The layering, size and writing rules of the code base, checked on the source: jigsaw_ext knows
+nothing of weather, no function longer than 80 lines, no module longer than 500 (see README "Layout
+of the code"), and no development diary in the project's text. Cheap scans; each fails by naming the
+offender."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("jigsaw_ext", "weathermixer")
+
+
+def _modules(package: str):
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_jigsaw_ext_imports_nothing_from_weathermixer():
+    bad = [
+        f"{f.relative_to(ROOT)} imports {m}"
+        for f in _modules("jigsaw_ext")
+        for m in _imported(ast.parse(f.read_text()))
+        if m.split(".")[0] == "weathermixer"
+    ]
+    assert not bad, bad
+
+
+def test_no_long_functions_or_modules():
+    long_functions, long_modules = [], []
+    for package in PACKAGES:
+        for f in _modules(package):
+            text = f.read_text()
+            if text.count("\n") > 500:
+                long_modules.append(f"{f.relative_to(ROOT)}: {text.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    long_functions.append(
+                        f"{f.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                    )
+    assert not long_functions and not long_modules, long_functions + long_modules
+
+
+def test_readme_layout_names_only_paths_that_exist():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Layout of the code")
+    section = text[start : text.index("\n## ", start + 1)]
+    paths = [
+        cell.strip("`")
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for cell in [line.split("|")[1].strip()]
+    ]
+    missing = [p for p in paths if "{" not in p and not (ROOT / p).exists()]
+    assert paths and not missing, missing
+
+
+# History lives in git and CHANGELOG.md; the project's text describes what is. Each pattern names a
+# diary habit: work sessions, tracker numbers, and "X before / was X" narration of a change.
+DIARY = {
+    "a work session": re.compile(r"\bsessions?\b", re.I),
+    "an issue number": re.compile(r"\bissues? #?\d+|\bthe issue's\b|\bthis issue\b", re.I),
+    "a value as it was": re.compile(r"\(was [^)]{1,40}\)|\b(?:was|were) [\d.]+\S* before\b", re.I),
+    "a change narrated": re.compile(
+        r"\bbefore this (?:work|change|commit|fix)\b|\bpreviously\b"
+        r"|\bthe previous job file\b|\ba follow-up\b",
+        re.I,
+    ),
+    "a verdict instead of a result": re.compile(r"\btarget (?:still )?missed\b", re.I),
+    "a format without its name": re.compile(r"\b(?:earlier|older|old) [\w -]{0,30}format\b", re.I),
+}
+DIARY_PLACES = (
+    "README.md",
+    "CONTRIBUTING.md",
+    "train.py",
+    "pyproject.toml",
+    ".pre-commit-config.yaml",
+    "docs",
+    "benchmarks",
+    "jigsaw_ext",
+    "weathermixer",
+    "tests",
+    "deepspeed_configs",
+    "launchers",
+    ".ci",
+)
+DIARY_SUFFIXES = {".md", ".py", ".json", ".sh", ".sbatch", ".toml", ".yaml", ".txt", ""}
+# (path, phrase) pairs where a pattern's words mean something else, each with its reason. Empty: none
+# of the project's text needs one yet (the patterns are narrow enough).
+DIARY_ALLOWED: set[tuple[str, str]] = set()
+
+
+def _diary_files():
+    for place in DIARY_PLACES:
+        path = ROOT / place
+        found = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
+        for f in found:
+            if f.is_file() and f.suffix in DIARY_SUFFIXES and "__pycache__" not in f.parts and f != Path(__file__):
+                yield f
+
+
+def test_no_development_diary():
+    hits = []
+    for f in _diary_files():
+        rel = str(f.relative_to(ROOT))
+        for number, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            for habit, pattern in DIARY.items():
+                m = pattern.search(line)
+                if m and (rel, m.group(0).lower()) not in DIARY_ALLOWED:
+                    hits.append(f"{rel}:{number}: {habit}: {m.group(0)!r}")
+    assert not hits, "\n".join(hits)
