@@ -291,8 +291,24 @@ def main(argv=None) -> int:
         help="instead: regenerate docs/planner.md's tables (all, or these of plan_tables.TABLES) "
         "and benchmarks/results_plan_tables.json",
     )
+    ap.add_argument(
+        "--check-tables",
+        nargs="?",
+        const="",
+        metavar="PAGE",
+        help="instead: exit 1 naming each table of docs/planner.md (or PAGE) that differs from "
+        "results_plan_tables.json rendered, or that the CLI no longer gives",
+    )
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
+    if args.check_tables is not None:
+        from benchmarks import plan_tables
+
+        problems = plan_tables.check(Path(args.check_tables) if args.check_tables else plan_tables.DOCS)
+        for line in problems:
+            print(f"stale: {line}", file=sys.stderr)
+        print("planner tables: " + ("stale; regenerate with --tables" if problems else "current"))
+        return 1 if problems else 0
     if args.tables is not None:
         return write_tables(args.tables)
     parts = {"gpu": gpu, "cpu": cpu, "memory": memory}

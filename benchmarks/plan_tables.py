@@ -243,9 +243,27 @@ def write_docs(results: dict, path: Path = DOCS) -> list[str]:
     for name, body in rendered.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", flags=re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
             done.append(name)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)
     return done
+
+
+def check(docs: Path = DOCS) -> list[str]:
+    """What is stale: each table of the docs page that differs from results_plan_tables.json rendered,
+    and each quick table whose JSON the CLI no longer produces. Empty when the page is current."""
+    results = json.loads(RESULTS.read_text())
+    rendered, in_docs = render_all(results), blocks(docs.read_text())
+    problems = [f"{docs}: table {n} is missing" for n in rendered if n not in in_docs]
+    problems += [f"{docs}: table {n} is not in {RESULTS.name}" for n in in_docs if n not in rendered]
+    problems += [
+        f"{docs}: table {n} differs from {RESULTS.name} rendered"
+        for n in rendered
+        if n in in_docs and in_docs[n] != rendered[n]
+    ]
+    for name in QUICK:
+        if json.loads(json.dumps(cli_json(TABLES[name]))) != results["cli"][name]:
+            problems.append(f"{RESULTS.name}: table {name} is not what the CLI gives now")
+    return problems
