@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train import (
+from benchmarks.bench_train import (  # noqa: E402
     CONFIG,
     GLOBAL_BATCH,
     QUICK_DATA,
     RUN_SETTINGS,
-    _windows,  # noqa: E402
+    _windows,
     prepare_data,
     train,
 )

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     panels = [("validation 2008", args.val)] + ([("test 2009-2010", args.test)] if args.test else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), sharey=True, squeeze=False)
-    for ax, (title, out) in zip(axes[0], panels):
+    for ax, (title, out) in zip(axes[0], panels, strict=True):
         for name, series in _curves(out).items():
             label, color, ls = STYLE[name]
             ax.plot(series.index, series.values, ls, color=color, marker="o", ms=3, label=label)
