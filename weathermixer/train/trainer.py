@@ -27,7 +27,7 @@ import torch.distributed as dist
 from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
-from ..config import ConfigError
+from ..config import TIME_FEATURES, ConfigError
 from ..data.device import device_batches
 from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
 from .config import TrainJobConfig
@@ -48,7 +48,7 @@ from .loss import channel_loss_weights, headline_channels, lead_weights, row_wei
 from .run_record import job_info, rng_state, set_rng_state
 from .runlog import LossWatch, Progress, RunLog, write_memory_json
 from .speed import compile_blocks, kernels_line, step_context
-from .validation import choose_reencode_every, validate
+from .validation import Validator
 
 
 class TrainingFailed(RuntimeError):
@@ -72,6 +72,7 @@ class Trainer:
     def _setup(self):
         self._setup_engine()
         self._setup_data()
+        self.validator = self._make_validator()
 
     def _setup_engine(self):
         """Process group (unless one exists), mesh, model, DeepSpeed engine, checkpoint manager."""
@@ -182,6 +183,8 @@ class Trainer:
         )
         self.w_chan = weights[chans].to(self.device)
         self.chans = chans
+        # time features among the static inputs follow each lead's valid time in an autoregressive rollout
+        self.time_static = any(n in TIME_FEATURES for n in self.train_data.static_names)
         names = cfg.channels.names
         self.headline = headline_channels(names, job.validation.variables)
         if stats:
@@ -193,11 +196,27 @@ class Trainer:
 
     def load_consolidated(self, path) -> dict:
         """A layout-free checkpoint as the start of this run, on this mesh (see from_consolidated)."""
-        return load_consolidated(self, path)
+        return load_consolidated(path, self.engine, self.model, self.mesh, self.job, self.group_names, micro=self.micro)
 
-    def validate(self) -> dict:
-        """Validation RMSE of the model and of persistence (see validation.py)."""
-        return validate(self)
+    def _make_validator(self) -> Validator:
+        return Validator(
+            job=self.job,
+            mesh=self.mesh,
+            data_cfg=self.data_cfg,
+            engine=self.engine,
+            forecast=self.forecast,
+            to_device=self.to_device,
+            dtype=self.dtype,
+            device=self.device,
+            chans=self.chans,
+            w_lat=self.w_lat,
+            w_chan=self.w_chan,
+            std=self.std,
+            headline=self.headline,
+            defaults_dir=self.ckpt.root,
+            rank=self.rank,
+            log=self.log,
+        )
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Collective: if any rank failed, every rank raises (no rank is left waiting)."""
@@ -222,7 +241,7 @@ class Trainer:
         )
 
     # helpers -------------------------------------------------------------------------------------
-    def _to(self, t, dtype=None):
+    def to_device(self, t, dtype=None):
         """On the device first (from data.pin_memory's pinned memory: an asynchronous copy), then cast."""
         if t is None:
             return None
@@ -242,7 +261,7 @@ class Trainer:
         valid time as in the forecast (weathermixer.inference.rollout), not frozen at the start time."""
         ar = self.job.train.rollout_mode == "autoregressive"
         ckpt = self.job.train.checkpoint_rollout and torch.is_grad_enabled()
-        if not (ar and k > 1 and static is not None and times is not None and self.train_data._time_static):
+        if not (ar and k > 1 and static is not None and times is not None and self.time_static):
             return self.engine(fields, static, steps=k, every_lead=True, autoregressive=ar, checkpoint=ckpt)
         import pandas as pd
 
@@ -259,11 +278,11 @@ class Trainer:
     def micro_step_loss(self, sample, k: int) -> torch.Tensor:
         """This rank's share of the replica's loss on one micro batch, a weighted mean over the k leads
         (train.lead_weights, equal by default)."""
-        f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
+        f, s = self.to_device(sample.fields, self.dtype), self.to_device(sample.static, self.dtype)
         preds = self.forecast(f, s, k, getattr(sample, "times", None))
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
         return sum(
-            w * weighted_loss_term(p.float(), self._to(y), self.w_loss_lat, self.w_chan, count)
+            w * weighted_loss_term(p.float(), self.to_device(y), self.w_loss_lat, self.w_chan, count)
             for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k])
         )
 
@@ -466,7 +485,7 @@ class Trainer:
         non-finite loss is never validated or saved. Not counted as training time."""
         job, t_extra = self.job, time.perf_counter()
         last = step == job.train.steps
-        validate = last or (job.validation.every and step % job.validation.every == 0)
+        validate = self.validator.should_validate(step)
         ck = job.checkpoint
         save = (ck.every and step % ck.every == 0) or (last and ck.at_end) or (step == end and not last)
         if not (validate or save):
@@ -490,8 +509,8 @@ class Trainer:
 
     def _validate_and_log(self, step: int) -> dict:
         t0 = time.perf_counter()
-        v = self.validate()
-        v["reencode"] = choose_reencode_every(self, step)  # the forecast's default, beside the checkpoints
+        v = self.validator.validate()
+        v["reencode"] = self.validator.choose_reencode_every(step)  # the forecast's default, beside the checkpoints
         if self.rank == 0:
             self.runlog.log(
                 step,
@@ -519,7 +538,7 @@ class Trainer:
                 self.runlog.close()
             return result
         if not result.val:  # resumed at the last step already: nothing to train, report the model
-            result.val = self.validate()
+            result.val = self.validator.validate()
         v = result.val
         mem = torch.zeros(self.world, dtype=torch.float64, device=self.device)
         mem[rank] = peak_memory_bytes(self.device)
