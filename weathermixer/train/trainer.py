@@ -283,7 +283,7 @@ class Trainer:
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
         return sum(
             w * weighted_loss_term(p.float(), self.to_device(y), self.w_loss_lat, self.w_chan, count)
-            for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k])
+            for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k], strict=True)
         )
 
     def _flops(self, k: int) -> int:
@@ -344,7 +344,8 @@ class Trainer:
     # phases of the loop, in the order they run ------------------------------------------------------
     def _resume(self) -> int:
         """Load the checkpoint checkpoint.resume names (a layout-free tag, or a consolidated one converted
-        from the DeepSpeed 0.19 per-rank format) on this run's mesh; returns the step it was written at (0: fresh start)."""
+        from the DeepSpeed 0.19 per-rank format) on this run's mesh; returns the step it was written at
+        (0: fresh start)."""
         job, rank = self.job, self.rank
         self.best = math.inf
         err, where = None, None
@@ -442,7 +443,7 @@ class Trainer:
                 f"every validation and checkpoint); last good checkpoint: {self.ckpt.describe('latest')} (lower "
                 f"weathermixer.train.lr, set gradient_clipping, or check the data)"
             )
-        result.losses.update(zip(steps, losses))
+        result.losses.update(zip(steps, losses, strict=True))
         return losses
 
     def _report(self, step: int, result: Result) -> None:
