@@ -179,7 +179,7 @@ def test_autoregressive_training_advances_the_hour_of_day():
     lat, lon = np.linspace(60, 30, 4), np.arange(8) * 45.0
     t = Trainer(job, {})
     t.engine, t.data_cfg = model, SimpleNamespace(dt_hours=6.0)
-    t.train_data = SimpleNamespace(_time_static=[1, 2], static_names=ch["static"], lat=lat, lon=lon)
+    t.train_data = SimpleNamespace(static_names=ch["static"], lat=lat, lon=lon)
     times = [pd.Timestamp("2020-01-01T00"), pd.Timestamp("2020-01-01T06")]
 
     def static(ts):

@@ -169,8 +169,6 @@ class Trainer:
         )
         self.w_chan = weights[chans].to(self.device)
         self.chans = chans
-        # time features among the static inputs follow each lead's valid time in an autoregressive rollout
-        self.time_static = any(n in TIME_FEATURES for n in self.train_data.static_names)
         names = cfg.channels.names
         self.headline = headline_channels(names, job.validation.variables)
         if stats:
@@ -238,6 +236,12 @@ class Trainer:
         if not self.job.train.random_rollout or K == 1:
             return K
         return int(np.random.default_rng([self.job.train.seed, 7919, step]).integers(1, K + 1))
+
+    @property
+    def time_static(self) -> bool:
+        """Time features among this rank's static inputs: in an autoregressive rollout they follow each
+        lead's valid time."""
+        return any(n in TIME_FEATURES for n in self.train_data.static_names)
 
     def forecast(self, fields, static, k: int, times=None) -> list[torch.Tensor]:
         """k leads through the engine's forward (ZeRO-3 micro-step counting and prefetch, timers,
