@@ -144,9 +144,9 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
     C = job.model.channels.n_fields
     t = Trainer(job, {})
     t.device, t.dtype, t.micro = torch.device("cpu"), torch.float32, 1
-    t.w_lat, t.w_chan = torch.ones(2), torch.ones(C)
+    t.w_lat, t.w_loss_lat, t.w_chan = torch.ones(2), torch.ones(2), torch.ones(C)
     preds = [torch.full((1, C, 2, 2), float(i + 1)) for i in range(3)]
-    t.engine = lambda *a, **kw: preds
+    t.engine = lambda *a, steps, **kw: preds[:steps]  # k leads, as the model returns
     sample = SimpleNamespace(fields=torch.zeros(1, C, 2, 2), static=None, targets=[torch.zeros(1, C, 2, 2)] * 3)
     assert t.micro_step_loss(sample, 3).item() == pytest.approx((1 * 1 + 0 * 4 + 3 * 9) / 4)
     assert t.micro_step_loss(sample, 2).item() == pytest.approx(1.0)  # w_1..w_2 = 1, 0
