@@ -146,9 +146,9 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
     C = job.model.channels.n_fields
     t = Trainer(job, {})
     t.device, t.dtype, t.micro = torch.device("cpu"), torch.float32, 1
-    t.w_lat, t.w_chan = torch.ones(2), torch.ones(C)
+    t.w_lat, t.w_loss_lat, t.w_chan = torch.ones(2), torch.ones(2), torch.ones(C)
     preds = [torch.full((1, C, 2, 2), float(i + 1)) for i in range(3)]
-    t.engine = lambda *a, **kw: preds
+    t.engine = lambda *a, steps, **kw: preds[:steps]  # k leads, as the model returns
     sample = SimpleNamespace(fields=torch.zeros(1, C, 2, 2), static=None, targets=[torch.zeros(1, C, 2, 2)] * 3)
     assert t.micro_step_loss(sample, 3).item() == pytest.approx((1 * 1 + 0 * 4 + 3 * 9) / 4)
     assert t.micro_step_loss(sample, 2).item() == pytest.approx(1.0)  # w_1..w_2 = 1, 0
@@ -181,7 +181,7 @@ def test_autoregressive_training_advances_the_hour_of_day():
     lat, lon = np.linspace(60, 30, 4), np.arange(8) * 45.0
     t = Trainer(job, {})
     t.engine, t.data_cfg = model, SimpleNamespace(dt_hours=6.0)
-    t.train_data = SimpleNamespace(_time_static=[1, 2], static_names=ch["static"], lat=lat, lon=lon)
+    t.train_data = SimpleNamespace(static_names=ch["static"], lat=lat, lon=lon)
     times = [pd.Timestamp("2020-01-01T00"), pd.Timestamp("2020-01-01T06")]
 
     def static(ts):

@@ -79,7 +79,7 @@ def test_a_second_run_on_one_folder_stops_on_every_rank_naming_the_holder(job, t
 
 def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_message(job, tmp_path):
     """As a SIGKILLed holder leaves it: same host, the pid gone. Released at the end of the run."""
-    from weathermixer.train.runfolder import me
+    from weathermixer.train.process import me
 
     out = tmp_path / "run"
     gone = subprocess.Popen(["true"])
@@ -175,7 +175,7 @@ def test_metrics_csv_keeps_its_complete_rows_when_the_disk_fills(tmp_path, monke
 
 
 def _lock_file(folder: Path, **change) -> dict:
-    from weathermixer.train.runfolder import me
+    from weathermixer.train.process import me
 
     holder = {**me(), "started": "2026-01-01T00:00:00+00:00", "command": "train.py --elsewhere", **change}
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,8 @@ def _lock_file(folder: Path, **change) -> dict:
 
 
 def test_lock_rules_other_host_reused_pid_live_holder_and_break_lock(tmp_path):
-    from weathermixer.train.runfolder import RunFolderError, RunLock, _proc_stat
+    from weathermixer.train.process import _proc_stat
+    from weathermixer.train.runfolder import RunFolderError, RunLock
 
     said = []
     folders = {"log.dir": tmp_path / "run", "checkpoint.dir": tmp_path / "ck"}

@@ -118,3 +118,56 @@ def test_no_development_diary():
                 if m and (rel, m.group(0).lower()) not in DIARY_ALLOWED:
                     hits.append(f"{rel}:{number}: {habit}: {m.group(0)!r}")
     assert not hits, "\n".join(hits)
+
+
+# Private members are a module's own business: `obj._name` on anything but self/cls, where `_name`
+# is defined in another module of the project, reaches into that module's internals. Collaborators
+# get what they need as explicit, public inputs instead (e.g. the trainer's Validator). Private names
+# of third-party libraries (DeepSpeed's, torch's) are not defined here and are not this test's concern.
+# (module, attribute) pairs allowed, each with its reason.
+PRIVATE_REACH_ALLOWED: dict[tuple[str, str], str] = {
+    ("jigsaw_ext/chunked.py", "_rank"): "collectives._rank is looked up at call time on purpose: the planner's "
+    "tracer swaps that one function to give the dry run its ranks (a transport seam would replace both)",
+}
+
+
+def _private_definitions(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, module/class assignments, self._x / cls._x."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        for t in targets:
+            for leaf in ast.walk(t):
+                if isinstance(leaf, ast.Name):
+                    names.add(leaf.id)
+                elif (
+                    isinstance(leaf, ast.Attribute)
+                    and isinstance(leaf.value, ast.Name)
+                    and leaf.value.id in ("self", "cls")
+                ):
+                    names.add(leaf.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _private_reaches(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                yield node
+
+
+def test_no_reach_into_another_modules_private_members():
+    trees = {str(f.relative_to(ROOT)): ast.parse(f.read_text()) for p in PACKAGES for f in _modules(p)}
+    defined = {rel: _private_definitions(tree) for rel, tree in trees.items()}
+    everywhere = set().union(*defined.values())
+    bad = [
+        f"{rel}:{node.lineno} {ast.unparse(node)}"
+        for rel, tree in trees.items()
+        for node in _private_reaches(tree)
+        if node.attr in everywhere and node.attr not in defined[rel] and (rel, node.attr) not in PRIVATE_REACH_ALLOWED
+    ]
+    assert not bad, "\n".join(bad)

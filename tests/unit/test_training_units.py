@@ -314,3 +314,20 @@ def test_loss_row_weights_choice_keeps_validation_on_cell_areas():
         }[name]
         torch.testing.assert_close(loss, expected)
     assert row_weights(lat, rows, "uniform", "cpu")[1][0] == 1.0 and area[0] < 0.05  # the pole row
+
+
+def test_validator_is_due_at_every_nth_and_the_last_step():
+    """The Validator decides when it runs from the job alone (no trainer): validation.every, and the last step."""
+    from types import SimpleNamespace
+
+    from weathermixer.train.validation import Validator
+
+    def due(every, steps=10):
+        job = SimpleNamespace(validation=SimpleNamespace(every=every), train=SimpleNamespace(steps=steps))
+        none = dict.fromkeys(("mesh", "data_cfg", "engine", "forecast", "to_device", "dtype", "device", "chans"))
+        v = Validator(job, **none, w_lat=None, w_chan=None, std=None, headline=[], defaults_dir=None, rank=0)
+        return [s for s in range(1, steps + 1) if v.should_validate(s)]
+
+    assert due(3) == [3, 6, 9, 10]
+    assert due(0) == [10]
+    assert due(5) == [5, 10]

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -63,60 +62,24 @@ from jigsaw_ext.checkpoint.manifest import (
     write_manifest,
 )
 from jigsaw_ext.checkpoint.sharded import failing_rank
-from jigsaw_ext.files import atomic_write_text
 from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
 
-POINTERS = ("latest", "best")
-TAG = re.compile(r"step(\d{8})(?:\.(\d+))?")  # stepNNNNNNNN or stepNNNNNNNN.K (the same step saved again)
-PARTIAL = ".partial"
-STATE = "state"  # the layout-free tensors of a tag (jigsaw_ext.checkpoint.layout_free)
+from .checkpoint_folder import (
+    PARTIAL,
+    POINTERS,
+    STATE,
+    checkpoint_root,
+    durable_write_text,
+    filesystem,
+    fsync_dir,
+    tag_key,
+    tag_of,
+    trainer_state_base,
+)
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (where the file system supports it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def tag_key(name: str) -> tuple[int, int] | None:
-    """(step, k) of a tag name (stepNNNNNNNN -> k 0, stepNNNNNNNN.K -> K); None for anything else.
-    Tags sort by it: by step, then the newer save of the same step."""
-    m = TAG.fullmatch(name)
-    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
-
-
-def filesystem(path: Path) -> str:
-    """'<mount point> (<device>, <type>)' of the file system holding `path`."""
-    p = Path(path).resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    while not os.path.ismount(p) and p != p.parent:
-        p = p.parent
-    try:
-        mounts = [line.split()[:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    except OSError:
-        mounts = []
-    for dev, mnt, kind in reversed(mounts):  # the last mount on a point is the visible one
-        if mnt.replace("\\040", " ") == str(p):
-            return f"{p} ({dev}, {kind})"
-    return str(p)
 
 
 def _all_gather(obj) -> list:
@@ -137,25 +100,12 @@ def _broadcast(obj):
     return box[0]
 
 
-def trainer_state_base(tag_dir: Path, rank: int) -> Path:
-    return Path(tag_dir) / f"trainer_rank{rank:05d}"
-
-
 def estimate_bytes(model) -> int:
     """The size of a tag of `model`, from below: per parameter its fp32 master weights and two AdamW
     moments (global shapes), plus 64 KiB for the JSON and trainer state files."""
     import math
 
     return sum(12 * math.prod(p.block_layout.shape) for p in model.parameters()) + (64 << 10)
-
-
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def checkpoint_root(job) -> Path:
-    """The run's checkpoint folder: checkpoint.dir, else log.dir/checkpoints."""
-    return Path(job.checkpoint.dir or Path(job.log.dir) / "checkpoints")
 
 
 def finished_at(job) -> tuple[int, Path] | None:
@@ -298,7 +248,7 @@ class CheckpointManager:
             save_state(path, trainer_state)
             if self.rank == 0:
                 path = work_dir / "job.json"
-                _atomic_write(path, json.dumps(job_info, indent=1))
+                durable_write_text(path, json.dumps(job_info, indent=1))
         except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError
             return [save_error(path, err)]
         return []
@@ -306,11 +256,11 @@ class CheckpointManager:
     def _commit(self, step: int, work_dir: Path, final: str, digests: dict, pointers) -> None:
         """Rank 0: manifest, COMPLETE, rename into place, then the pointers; prune."""
         write_manifest(work_dir, digests)
-        _atomic_write(work_dir / "COMPLETE", f"{step}\n")
+        durable_write_text(work_dir / "COMPLETE", f"{step}\n")
         os.rename(work_dir, self.root / final)  # `final` is not taken: nothing a pointer names is touched
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for name in pointers:
-            _atomic_write(self.root / name, final + "\n")
+            durable_write_text(self.root / name, final + "\n")
         self._prune()
 
     def _stop_if_failed(self, step: int, work_dir: Path, failures: list) -> None:

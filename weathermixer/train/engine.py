@@ -32,6 +32,10 @@ def lr_lambda(cfg):
     return f
 
 
+def _matches(name: str, rule) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in rule.match)
+
+
 def param_groups(model: torch.nn.Module, rules, lr: float) -> list[dict]:
     """AdamW groups by name: the first rule a parameter matches decides its lr scale and weight decay.
     Group membership depends on names only, so it is the same on every rank."""
@@ -47,11 +51,7 @@ def param_groups(model: torch.nn.Module, rules, lr: float) -> list[dict]:
     ]
     default = {"params": [], "names": [], "name": "default", "lr": lr}
     for name, p in model.named_parameters():
-        for g, r in zip(groups, rules):
-            if any(fnmatch.fnmatchcase(name, pat) for pat in r.match):
-                break
-        else:
-            g = default
+        g = next((g for g, r in zip(groups, rules, strict=True) if _matches(name, r)), default)
         g["params"].append(p)
         g["names"].append(name)
     return [{k: v for k, v in g.items() if k != "names"} for g in [default] + groups if g["params"]]

@@ -13,9 +13,10 @@ import torch
 from .checkpointing import CheckpointError, sampler_for
 
 
-def load_consolidated(trainer, path) -> dict:
-    """Load `path` into the trainer's engine. Returns {"step", "best", "sampler"}, sampler being
-    the data-loader state for this mesh."""
+def load_consolidated(path, engine, model, mesh, job, group_names: list[list[str]], micro: int) -> dict:
+    """Load `path` into `engine` (wrapping `model`, on `mesh`; `group_names`: the parameter names of
+    each optimizer group, `micro`: the micro batch). Returns {"step", "best", "sampler"}, sampler
+    being the data-loader state for this mesh."""
     from jigsaw_ext.checkpoint import CheckpointFormatError, Consolidated
     from jigsaw_ext.checkpoint.engine_state import create_moments
 
@@ -24,19 +25,19 @@ def load_consolidated(trainer, path) -> dict:
     except CheckpointFormatError as err:
         raise CheckpointError(str(err)) from None
     idx = c.index
-    _check_same_model(c, trainer.job, trainer.group_names)
+    _check_same_model(c, job, group_names)
     step = int(idx["optimizer"]["step"])
-    create_moments(trainer.engine)
+    create_moments(engine)
     try:
-        _load_blocks(c, trainer.engine, trainer.model, trainer.mesh.coords, step)
+        _load_blocks(c, engine, model, mesh.coords, step)
     except CheckpointFormatError as err:
         raise CheckpointError(str(err)) from None
-    _restore_schedule_and_counters(trainer.engine, idx)
+    _restore_schedule_and_counters(engine, idx)
     best = idx.get("best")
     return {
         "step": int(idx["step"]),
         "best": math.inf if best is None else best,
-        "sampler": sampler_state(c, trainer.micro, trainer.mesh.sizes["dp"]),
+        "sampler": sampler_state(c, micro, mesh.sizes["dp"]),
     }
 
 
@@ -71,7 +72,7 @@ def _restore_schedule_and_counters(engine, idx: dict) -> None:
     sched = idx.get("lr_scheduler")
     if sched and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
-        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             g["lr"] = lr
     counters = idx.get("engine") or {}
     engine.global_steps = int(counters.get("global_steps") or idx["step"])

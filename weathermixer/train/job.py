@@ -65,6 +65,25 @@ def zero_stage(ds: dict) -> int:
 
 def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     """Validate the job against the launch and return the DeepSpeed config to hand to initialize()."""
+    _check_model_and_data(job, world)
+    check_deepspeed_keys(ds)  # a misspelt DeepSpeed key would be ignored by DeepSpeed
+    dp = job.mesh.dp
+    micro, gas = resolve_batch(ds, dp)
+    out = dict(
+        ds,
+        optimizer=_optimizer_section(ds, job.train.lr, cuda),
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=gas,
+        train_batch_size=micro * gas * dp,
+    )
+    out.setdefault("steps_per_print", 10**9)
+    out.update(monitor_sections(job, out))
+    _check_precision_and_zero(out, job, cuda)
+    return out
+
+
+def _check_model_and_data(job: TrainJobConfig, world: int) -> None:
+    """The mesh fits the world and the model, the loss and validation name real channels, the data exists."""
     from jigsaw_ext.mesh import Mesh, validate_world
 
     from ..model.geometry import Geometry
@@ -86,9 +105,10 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
         raise ConfigError(f"data.path: {data.path} does not exist")
     if data.source == "gridded" and data.stats and not data.fake and not Path(data.stats).exists():
         raise ConfigError(f"data.stats: {data.stats} does not exist (python -m weathermixer.data stats ...)")
-    check_deepspeed_keys(ds)  # a misspelt DeepSpeed key would be ignored by DeepSpeed
-    dp = job.mesh.dp
-    micro, gas = resolve_batch(ds, dp)
+
+
+def _optimizer_section(ds: dict, lr: float, cuda: bool) -> dict:
+    """DeepSpeed's optimizer section: AdamW/Adam, the learning rate from weathermixer.train.lr."""
     opt = dict(ds.get("optimizer") or {"type": "AdamW"})
     if opt.get("type", "").lower() not in ("adamw", "adam"):
         raise ConfigError(f"optimizer.type: {opt.get('type')!r} not supported; allowed: AdamW, Adam")
@@ -102,19 +122,15 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
         raise ConfigError(
             "optimizer.params.lr: set weathermixer.train.lr instead (one source for the learning rate and its schedule)"
         )
-    params["lr"] = job.train.lr
+    params["lr"] = lr
     if not cuda:
         params.setdefault("torch_adam", True)  # else DeepSpeed JIT-compiles fused Adam (~90 s on CPU)
     opt["params"] = params
-    out = dict(
-        ds,
-        optimizer=opt,
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=gas,
-        train_batch_size=micro * gas * dp,
-    )
-    out.setdefault("steps_per_print", 10**9)
-    out.update(monitor_sections(job, out))
+    return opt
+
+
+def _check_precision_and_zero(out: dict, job: TrainJobConfig, cuda: bool) -> None:
+    """The ZeRO stage, one precision, and offloading only where it works."""
     zero = zero_stage(out)
     if zero not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage: {zero}; allowed: 0, 1, 2, 3")
@@ -139,7 +155,6 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
                 )
     if zero in (1, 2) and (zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None) and not cuda:
         raise ConfigError("zero_optimization.offload_optimizer: offloading is for GPU runs")
-    return out
 
 
 MONITORS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv_monitor": None}
@@ -188,7 +203,10 @@ def monitor_note(job: TrainJobConfig, ds: dict) -> str | None:
     )
 
 
-def prepare_data(job: TrainJobConfig, rank: int, log=functools.partial(print, flush=True)):
+_PRINT_FLUSHED = functools.partial(print, flush=True)
+
+
+def prepare_data(job: TrainJobConfig, rank: int, log=_PRINT_FLUSHED):
     """The gridded data config to read. For the embedded synthetic default, rank 0 writes the store
     and its statistics once, under a lock on the store (two runs started at once from one folder share
     data.path: the second waits, then reads what the first wrote), into names of its own that are

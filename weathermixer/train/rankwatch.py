@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jigsaw_ext.files import atomic_write_text
 
-from .runfolder import describe, me, proc_status
+from .process import describe, me, proc_status
 
 _state: dict = {"dir": None, "run_id": None, "rank": None, "ranks": [], "exits": []}
 _once = threading.Lock()  # one exit path per process (main's, or the SIGTERM watcher's)

@@ -34,73 +34,13 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
+from .process import describe, me, proc_status, read_text
 
 LOCK_NAME = "RUN.lock"
 
 
 class RunFolderError(ConfigError):
     """The run folder cannot be used (exit 2: a setting or another run, not a crash)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# process identity
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc, or None (no such process / no /proc)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
-    return fields[0], int(fields[19])
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def me() -> dict:
-    """This process: host, pid, start time (ticks), boot id and pid namespace (None where unknown)."""
-    stat = _proc_stat(os.getpid())
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = None
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start": stat[1] if stat else None,
-        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
-        "pidns": pidns,
-    }
-
-
-def proc_status(p: dict) -> str:
-    """'running', 'gone' (no such process, or a zombie), 'reused' (the pid now belongs to a process
-    started at another time) or 'unknown' (another host, boot or pid namespace: not checkable here)."""
-    here = me()
-    if any(p.get(k) != here[k] for k in ("host", "boot", "pidns")):
-        return "unknown"
-    stat = _proc_stat(int(p["pid"]))
-    if stat is None:
-        if here["start"] is not None:  # /proc works here: the process does not exist
-            return "gone"
-        try:
-            os.kill(int(p["pid"]), 0)
-        except ProcessLookupError:
-            return "gone"
-        except PermissionError:
-            pass
-        return "running"
-    if stat[0] in "ZX":
-        return "gone"
-    return "reused" if p.get("start") is not None and stat[1] != p["start"] else "running"
-
-
-def describe(p: dict) -> str:
-    return f"host {p.get('host')}, pid {p.get('pid')}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +119,7 @@ def _remove_if_same(path: Path, text: str) -> bool:
         os.rename(path, aside)
     except FileNotFoundError:
         return False
-    if _read_text(str(aside)) == text.strip():
+    if read_text(str(aside)) == text.strip():
         aside.unlink(missing_ok=True)
         return True
     try:  # not the file we judged stale: put it back unless someone created a new one meanwhile
@@ -194,7 +134,7 @@ def _read_holder(path: Path) -> tuple[str | None, dict | None]:
     """(text, parsed) of a lock file; parsed is None for a file that stays unreadable for a second
     (an O_EXCL creator writes its content after creating the name)."""
     for _ in range(10):
-        text = _read_text(str(path))
+        text = read_text(str(path))
         if text is None:
             return None, None
         try:
@@ -231,7 +171,7 @@ class RunLock:
         """Remove the locks this run holds (only files that are still ours); idempotent."""
         while self.held:
             path = self.held.pop()
-            if _read_text(str(path)) == self.text.strip():
+            if read_text(str(path)) == self.text.strip():
                 path.unlink(missing_ok=True)
 
     def _take(self, key: str, folder: Path) -> Path:

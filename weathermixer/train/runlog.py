@@ -137,9 +137,9 @@ class RunLog:
             return None
         path = Path(path or self.dir / "loss.png")
         fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-        ax.plot(*zip(*train), label="train loss (mean over logged steps)")
+        ax.plot(*zip(*train, strict=True), label="train loss (mean over logged steps)")
         if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
+            ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("latitude-weighted MSE (normalised units)")

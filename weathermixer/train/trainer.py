@@ -13,11 +13,11 @@ and DeepSpeed averages over dp, so the loss and every gradient equal the single-
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +27,15 @@ import torch.distributed as dist
 from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
-from ..config import ConfigError
+from ..config import TIME_FEATURES, ConfigError
 from ..data.device import device_batches
 from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
 from .config import TrainJobConfig
 from .engine import (
     apply_tf32,
     chip_peak_tflops,
-    current_memory_bytes,
     lr_lambda,
     param_groups,
-    peak_memory_bytes,
     register_list_parameters,
     release_free_memory,
     setup_host,
@@ -45,22 +43,10 @@ from .engine import (
 from .from_consolidated import load_consolidated
 from .job import prepare_data, zero_stage
 from .loss import channel_loss_weights, headline_channels, lead_weights, row_weights, weighted_loss_term
+from .reporting import Result, TrainingFailed, TrainReport
 from .run_record import job_info, rng_state, set_rng_state
-from .runlog import LossWatch, Progress, RunLog, write_memory_json
 from .speed import compile_blocks, kernels_line, step_context
-from .validation import choose_reencode_every, validate
-
-
-class TrainingFailed(RuntimeError):
-    pass
-
-
-@dataclass
-class Result:
-    losses: dict[int, float] = field(default_factory=dict)  # step -> global training loss
-    val: dict = field(default_factory=dict)  # last validation
-    start_step: int = 0
-    exit_code: int = 0
+from .validation import Validator
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,6 +58,7 @@ class Trainer:
     def _setup(self):
         self._setup_engine()
         self._setup_data()
+        self.validator = self._make_validator()
 
     def _setup_engine(self):
         """Process group (unless one exists), mesh, model, DeepSpeed engine, checkpoint manager."""
@@ -193,11 +180,27 @@ class Trainer:
 
     def load_consolidated(self, path) -> dict:
         """A layout-free checkpoint as the start of this run, on this mesh (see from_consolidated)."""
-        return load_consolidated(self, path)
+        return load_consolidated(path, self.engine, self.model, self.mesh, self.job, self.group_names, micro=self.micro)
 
-    def validate(self) -> dict:
-        """Validation RMSE of the model and of persistence (see validation.py)."""
-        return validate(self)
+    def _make_validator(self) -> Validator:
+        return Validator(
+            job=self.job,
+            mesh=self.mesh,
+            data_cfg=self.data_cfg,
+            engine=self.engine,
+            forecast=self.forecast,
+            to_device=self.to_device,
+            dtype=self.dtype,
+            device=self.device,
+            chans=self.chans,
+            w_lat=self.w_lat,
+            w_chan=self.w_chan,
+            std=self.std,
+            headline=self.headline,
+            defaults_dir=self.ckpt.root,
+            rank=self.rank,
+            log=self.log,
+        )
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Collective: if any rank failed, every rank raises (no rank is left waiting)."""
@@ -222,7 +225,7 @@ class Trainer:
         )
 
     # helpers -------------------------------------------------------------------------------------
-    def _to(self, t, dtype=None):
+    def to_device(self, t, dtype=None):
         """On the device first (from data.pin_memory's pinned memory: an asynchronous copy), then cast."""
         if t is None:
             return None
@@ -234,6 +237,12 @@ class Trainer:
             return K
         return int(np.random.default_rng([self.job.train.seed, 7919, step]).integers(1, K + 1))
 
+    @property
+    def time_static(self) -> bool:
+        """Time features among this rank's static inputs: in an autoregressive rollout they follow each
+        lead's valid time."""
+        return any(n in TIME_FEATURES for n in self.train_data.static_names)
+
     def forecast(self, fields, static, k: int, times=None) -> list[torch.Tensor]:
         """k leads through the engine's forward (ZeRO-3 micro-step counting and prefetch, timers,
         profilers and autocast all hang off it): latent rollout or autoregressive in data space.
@@ -242,7 +251,7 @@ class Trainer:
         valid time as in the forecast (weathermixer.inference.rollout), not frozen at the start time."""
         ar = self.job.train.rollout_mode == "autoregressive"
         ckpt = self.job.train.checkpoint_rollout and torch.is_grad_enabled()
-        if not (ar and k > 1 and static is not None and times is not None and self.train_data._time_static):
+        if not (ar and k > 1 and static is not None and times is not None and self.time_static):
             return self.engine(fields, static, steps=k, every_lead=True, autoregressive=ar, checkpoint=ckpt)
         import pandas as pd
 
@@ -259,12 +268,12 @@ class Trainer:
     def micro_step_loss(self, sample, k: int) -> torch.Tensor:
         """This rank's share of the replica's loss on one micro batch, a weighted mean over the k leads
         (train.lead_weights, equal by default)."""
-        f, s = self._to(sample.fields, self.dtype), self._to(sample.static, self.dtype)
+        f, s = self.to_device(sample.fields, self.dtype), self.to_device(sample.static, self.dtype)
         preds = self.forecast(f, s, k, getattr(sample, "times", None))
         count = self.micro * self.job.model.channels.n_fields * math.prod(self.job.model.grid)
         return sum(
-            w * weighted_loss_term(p.float(), self._to(y), self.w_loss_lat, self.w_chan, count)
-            for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k])
+            w * weighted_loss_term(p.float(), self.to_device(y), self.w_loss_lat, self.w_chan, count)
+            for w, p, y in zip(lead_weights(self.job.train.lead_weights, k), preds, sample.targets[:k], strict=True)
         )
 
     def _flops(self, k: int) -> int:
@@ -307,7 +316,7 @@ class Trainer:
                 with step_context(self.job, step, result.start_step + 1, self.device, self.rank, self.log):
                     self._train_step(step)
                 if step % self.job.log.every == 0 or step == end:
-                    self._report(step, result)
+                    self.report.log_step(step, result)
                 self._validate_and_save(step, end, result)
         except TrainingFailed as e:
             if self.rank == 0:
@@ -316,7 +325,7 @@ class Trainer:
             self.run_folder.release()
             return result
         finally:
-            self.progress.close()
+            self.report.close()
             self.train_data.stop()
         result = self._finish(end, result)
         self.run_folder.release()  # RUN.lock (rank 0): the outputs are complete
@@ -325,7 +334,8 @@ class Trainer:
     # phases of the loop, in the order they run ------------------------------------------------------
     def _resume(self) -> int:
         """Load the checkpoint checkpoint.resume names (a layout-free tag, or a consolidated one converted
-        from the DeepSpeed 0.19 per-rank format) on this run's mesh; returns the step it was written at (0: fresh start)."""
+        from the DeepSpeed 0.19 per-rank format) on this run's mesh; returns the step it was written at
+        (0: fresh start)."""
         job, rank = self.job, self.rank
         self.best = math.inf
         err, where = None, None
@@ -371,7 +381,7 @@ class Trainer:
         return int(client["step"])
 
     def _open_outputs(self, step0: int) -> None:
-        """The start line, the run log (metrics.csv and DeepSpeed's monitors) and the progress display."""
+        """The start line, then the run's report (metrics.csv, DeepSpeed's monitors, the progress display)."""
         from ..model.mixer import num_parameters
 
         job, tc, mesh = self.job, self.job.train, self.mesh
@@ -385,13 +395,19 @@ class Trainer:
                 f"{str(self.dtype).replace('torch.', '')}; steps {step0 + 1}..{tc.steps}; rollout k in "
                 f"1..{job.rollout} ({tc.rollout_mode}); lr {tc.lr:g}; output {job.log.dir}"
             )
-        self.runlog = (
-            RunLog(job.log.dir, job.log.csv, monitor=self.engine.monitor, resume_step=step0) if self.rank == 0 else None
+        self.report = TrainReport(
+            job,
+            self.engine,
+            self.device,
+            self.rank,
+            self.world,
+            step0,
+            self.global_batch,
+            loss_scale=1.0 / (dp * gas),
+            peak=self._peak_tflops(),
+            latest=functools.partial(self.ckpt.describe, "latest"),
+            log=self.log,
         )
-        self.progress = Progress(tc.steps, step0, enabled=self.rank == 0, log=self.log)
-        self.peak = self._peak_tflops()
-        self.watch = LossWatch(self.device, self.rank, self.world, scale=1.0 / (dp * gas))
-        self.window = {"flops": 0, "samples": 0, "t": time.perf_counter()}
 
     def _train_step(self, step: int) -> None:
         """One optimizer step: `gas` micro batches through engine forward/backward/step. The loss
@@ -403,141 +419,59 @@ class Trainer:
             for i in range(self.gas):
                 with defer(i):
                     loss = self.micro_step_loss(next(self.batches), k)
-                self.watch.add(step, loss)
+                self.report.add_loss(step, loss)
                 self.engine.backward(loss)
                 self.engine.step()
         clear_gathered_weights(self.model)  # mesh.keep_gathered_weights: the next step gathers the new blocks
-        self.window["flops"] += self._flops(k) * self.global_batch
-        self.window["samples"] += self.global_batch
-        self.progress.update(1)
-
-    def _check_finite(self, result: Result) -> list[float]:
-        """Collective: the global losses of the steps since the last check (into result.losses);
-        raises TrainingFailed naming the first non-finite step and its rank(s)."""
-        steps, losses, bad = self.watch.collect()
-        if bad:
-            first = min(bad.values())
-            raise TrainingFailed(
-                f"non-finite loss at step {first} on rank(s) {sorted(r for r, s in bad.items() if s == first)} "
-                f"(found at step {max(steps)}; checked every log.every={self.job.log.every} steps and before "
-                f"every validation and checkpoint); last good checkpoint: {self.ckpt.describe('latest')} (lower "
-                f"weathermixer.train.lr, set gradient_clipping, or check the data)"
-            )
-        result.losses.update(zip(steps, losses))
-        return losses
-
-    def _report(self, step: int, result: Result) -> None:
-        """Collective: a log row (loss, lr, throughput, peak memory, grad norm, MFU) every log.every steps."""
-        losses = self._check_finite(result)
-        w, world = self.window, self.world
-        elapsed = time.perf_counter() - w["t"]
-        mem = torch.zeros(2, world, dtype=torch.float64, device=self.device)  # peak, now
-        mem[0, self.rank], mem[1, self.rank] = peak_memory_bytes(self.device), current_memory_bytes(self.device)
-        dist.all_reduce(mem)
-        peak, now = mem[0] / 2**30, mem[1] / 2**30
-        rate, tflops = w["samples"] / elapsed, w["flops"] / elapsed / world / 1e12
-        row = {
-            "loss": sum(losses) / len(losses),
-            "lr": self.engine.get_lr()[0],
-            "samples_per_s": rate,
-            "tflops_per_rank": tflops,
-            "peak_mem_gb_max": peak.max().item(),
-            "peak_mem_gb_min": peak.min().item(),
-            "mem_gb_max": now.max().item(),
-            "mem_gb_min": now.min().item(),
-        }
-        gn = self.engine.get_global_grad_norm()
-        if gn is not None:
-            row["grad_norm"] = float(gn)
-        if self.peak:
-            row["mfu"] = tflops / self.peak
-        if self.rank == 0:
-            self.runlog.log(step, "train", row, samples=self.engine.global_samples)
-            self.progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}", tflops_rank=f"{tflops:.3g}")
-            self.progress.write(
-                f"step {step}/{self.job.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"samples/s {rate:.1f} TFLOP/s/rank {tflops:.3g} peak mem "
-                f"{row['peak_mem_gb_max']:.2f} GB" + (f" MFU {row['mfu']:.1%}" if self.peak else "")
-            )
-        self.window = {"flops": 0, "samples": 0, "t": time.perf_counter()}
+        self.report.step_done(self._flops(k))
 
     def _validate_and_save(self, step: int, end: int, result: Result) -> None:
         """Validation when due, then a checkpoint when due (latest/best pointers). A state with a
         non-finite loss is never validated or saved. Not counted as training time."""
-        job, t_extra = self.job, time.perf_counter()
+        job = self.job
         last = step == job.train.steps
-        validate = last or (job.validation.every and step % job.validation.every == 0)
+        validate = self.validator.should_validate(step)
         ck = job.checkpoint
         save = (ck.every and step % ck.every == 0) or (last and ck.at_end) or (step == end and not last)
         if not (validate or save):
             return
-        self._check_finite(result)
-        pointers = []
-        if validate:
-            result.val = v = self._validate_and_log(step)
-            if v["val_loss"] < self.best:
-                self.best = v["val_loss"]
-                if ck.best:
-                    pointers.append("best")
-        if save:
-            pointers.append("latest")
-        if pointers:
-            if "latest" not in pointers and self.ckpt.pointer("latest") is None:
+        with self.report.not_training():
+            self.report.check_finite(result)
+            pointers = []
+            if validate:
+                result.val = v = self._validate_and_log(step)
+                if v["val_loss"] < self.best:
+                    self.best = v["val_loss"]
+                    if ck.best:
+                        pointers.append("best")
+            if save:
                 pointers.append("latest")
-            self._save(step, self.best, pointers, self.progress)
-        release_free_memory()
-        self.window["t"] += time.perf_counter() - t_extra
+            if pointers:
+                if "latest" not in pointers and self.ckpt.pointer("latest") is None:
+                    pointers.append("latest")
+                self._save(step, self.best, pointers)
+            release_free_memory()
 
     def _validate_and_log(self, step: int) -> dict:
         t0 = time.perf_counter()
-        v = self.validate()
-        v["reencode"] = choose_reencode_every(self, step)  # the forecast's default, beside the checkpoints
-        if self.rank == 0:
-            self.runlog.log(
-                step,
-                "val",
-                {"val_loss": v["val_loss"], **{f"rmse_{key}": m for key, (m, _) in v["headline"].items()}},
-                samples=self.engine.global_samples,
-            )
-            self.progress.write(
-                f"validation at step {step} ({v['samples']} samples, {time.perf_counter() - t0:.1f} s): "
-                f"loss {v['val_loss']:.4f}; RMSE in {self.units} (persistence): "
-                + ", ".join(f"{key} {m:.4g} ({p:.4g})" for key, (m, p) in v["headline"].items())
-            )
+        v = self.validator.validate()
+        v["reencode"] = self.validator.choose_reencode_every(step)  # the forecast's default, beside the checkpoints
+        self.report.log_validation(step, v, time.perf_counter() - t0, self.units)
         return v
 
     def _finish(self, end: int, result: Result) -> Result:
         """Stopped early (stop_after): say how to continue. Else the final validation line, the loss
         plot and memory.json (peak per rank)."""
-        job, rank = self.job, self.rank
-        if end < job.train.steps:
-            if rank == 0:
-                self.log(
-                    f"stopping after step {end} of {job.train.steps} (train.stop_after={job.train.stop_after}); "
-                    f"rerun the same command to continue from {self.ckpt.describe('latest')}"
-                )
-                self.runlog.close()
+        if end < self.job.train.steps:
+            self.report.stopped_early(end)
             return result
         if not result.val:  # resumed at the last step already: nothing to train, report the model
-            result.val = self.validate()
-        v = result.val
-        mem = torch.zeros(self.world, dtype=torch.float64, device=self.device)
-        mem[rank] = peak_memory_bytes(self.device)
-        dist.all_reduce(mem)
-        if rank == 0:
-            self.log(
-                f"final: model_rmse={v['rmse_norm_lead1']:.4f} persistence_rmse={v['persistence_norm_lead1']:.4f} "
-                f"ratio={v['rmse_norm_lead1'] / v['persistence_norm_lead1']:.3f}"
-            )
-            self.runlog.close()
-            if job.log.plot and (png := self.runlog.plot()):
-                self.log(f"loss curve: {png}")
-            write_memory_json(job.log.dir, self.device, mem.tolist())
-        if not math.isfinite(v["rmse_norm_lead1"]):
+            result.val = self.validator.validate()
+        if not self.report.final(result.val):
             result.exit_code = 1
         return result
 
-    def _save(self, step: int, best: float, pointers: list[str], bar) -> None:
+    def _save(self, step: int, best: float, pointers: list[str]) -> None:
         t0 = time.perf_counter()
         client = {"step": step, "best": best}
         mine = {"loader": self.batches.state_dict(), "rng": rng_state(), "step": step}
@@ -546,4 +480,4 @@ class Trainer:
         except CheckpointError as err:  # the previous checkpoint is kept: stop, saying so
             raise TrainingFailed(str(err)) from None
         if self.rank == 0:
-            bar.write(f"checkpoint {path} ({', '.join(pointers)}) in {time.perf_counter() - t0:.1f} s")
+            self.report.write(f"checkpoint {path} ({', '.join(pointers)}) in {time.perf_counter() - t0:.1f} s")
