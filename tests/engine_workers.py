@@ -20,7 +20,7 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
     from weathermixer.model import WeatherMixer
     from weathermixer.train.config import load_train_job
     from weathermixer.train.job import prepare_data
-    from weathermixer.train.loss import channel_loss_weights, latitude_weights, weighted_loss_term
+    from weathermixer.train.loss import channel_loss_weights, row_weights, weighted_loss_term
 
     torch.manual_seed(0)
     job, ds = load_train_job(job_path, settings=settings)
@@ -31,7 +31,7 @@ def serial_twin(job_path: str, settings: list[str], steps: int) -> dict:
     loader = ShardedSampleLoader(data_cfg, cfg, Mesh.single(), "train", batch=micro * dp, seed=tc.seed)
     stats = Normalizer.load(data_cfg.stats).stats
     w_lat, w_chan = (
-        latitude_weights(torch.as_tensor(loader.lat.copy())),
+        row_weights(loader.lat.copy(), slice(None), job.loss.latitude_weights, "cpu")[1],  # the loss's rows
         channel_loss_weights(cfg.channels, job.loss, stats),
     )
 
