@@ -174,7 +174,22 @@ def _save_worker(rank, world, mesh_str, stage, work):
             full_desc = save_layout_free(engine, model, f"{work}/full/state", budget=200_000)
     finally:
         layout_free.state_fragment = real
+    _seal(rank, [f"{work}/frag", f"{work}/full"])
     return {"desc": desc, "full_desc": full_desc, "straddles": straddles}
+
+
+def _seal(rank, tags):
+    """Write each tag's MANIFEST.json as the trainer's CheckpointManager does after a save (a layout-free
+    tag is never read without it)."""
+    import torch.distributed as dist
+
+    from jigsaw_ext.checkpoint.manifest import describe, list_files, write_manifest
+
+    dist.barrier()
+    if rank == 0:
+        for tag in tags:
+            write_manifest(tag, {rel: describe(Path(tag) / rel) for rel in list_files(tag)})
+    dist.barrier()
 
 
 class _nothing:
