@@ -18,16 +18,16 @@ from .common import (
     FORMAT,
     KINDS,
     ROOT_SIDE_FILES,
-    CheckpointFormatError,
     app_keys,
     is_consolidated,
     is_layout_free,
     read_index,
-    read_job_info,
     resolve,
 )
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
 
 

@@ -13,7 +13,8 @@ import torch
 
 from ..layout import Layout
 from ..safe_load import UnsafeCheckpointError, load_state, safe_torch_load, state_exists
-from .common import CheckpointFormatError, read_job_info
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 from .manifest import verify_file
 
 

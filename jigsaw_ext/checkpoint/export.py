@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text, replace_synced
-from .common import CheckpointFormatError, app_keys, read_job_info, resolve
+from .common import app_keys, resolve
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 
 EXPORT_FORMAT = "jigsaw-weights/1"
 INDEX = "model.safetensors.index.json"

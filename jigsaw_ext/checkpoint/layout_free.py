@@ -7,12 +7,11 @@ parallel, loaded on any mesh, any ZeRO stage, any dp.
 What is written, per parameter (each a logical tensor of the parameter's global shape, fp32):
 `param/<name>` (the master weights), `exp_avg/<name>`, `exp_avg_sq/<name>` (AdamW's moments), each
 rank writing the part in its own optimizer partition, as boxes of at most 64 MiB or a row
-(sharded.fragment_parts), in
-batches of about the largest tensor's size (sharded.batches), each a torch.distributed.checkpoint
-directory (`state/00000/`, `state/00001/`, ...). The description (JSON, kept by the caller) lists the batches, every tensor's layout on
-the mesh that wrote it, and the engine's optimizer step, lr-scheduler state and counters. The
-low-precision parameters of a bf16 run are not written: they are the master weights rounded, which
-is what loading sets them to.
+(sharded.fragment_parts), in batches of about the largest tensor's size (sharded.batches), each a
+torch.distributed.checkpoint directory (`state/00000/`, `state/00001/`, ...). The description
+(JSON, kept by the caller) lists the batches, every tensor's layout on the mesh that wrote it, and
+the engine's optimizer step, lr-scheduler state and counters. The low-precision parameters of a
+bf16 run are not written: they are the master weights rounded, which is what loading sets them to.
 
 The model's parameters carry their layout (`p.block_layout`); `model.mesh` gives the rank's
 coordinates and the mesh sizes.
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from . import sharded
-from .common import CheckpointFormatError
 from .common import agree as _agree
 from .engine_state import (
     KINDS,
@@ -41,6 +39,7 @@ from .engine_state import (
     set_fp32_block,
     state_fragment,
 )
+from .errors import CheckpointFormatError
 
 FORMAT = "jigsaw-layout-free/1"
 
@@ -303,7 +302,7 @@ class LayoutFreeTag:
 
     def __init__(self, tag_dir: Path):
         from ..layout import Layout
-        from .common import read_job_info
+        from .job_info import read_job_info
 
         self.dir = Path(tag_dir)
         self.info = read_job_info(tag_dir)

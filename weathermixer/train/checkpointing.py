@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
 from jigsaw_ext.checkpoint.common import read_pointer
+from jigsaw_ext.checkpoint.deepspeed_engine import install_safe_checkpoint_engine
 from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
 from jigsaw_ext.checkpoint.manifest import (
     describe as describe_file,
@@ -64,7 +65,7 @@ from jigsaw_ext.checkpoint.manifest import (
 )
 from jigsaw_ext.checkpoint.sharded import failing_rank
 from jigsaw_ext.files import atomic_write_text
-from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
+from jigsaw_ext.safe_load import UnsafeCheckpointError, save_error, save_state
 
 POINTERS = ("latest", "best")
 TAG = re.compile(r"step(\d{8})(?:\.(\d+))?")  # stepNNNNNNNN or stepNNNNNNNN.K (the same step saved again)
