@@ -42,8 +42,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from jigsaw_ext.files import make_output_folders  # noqa: E402
-from jigsaw_ext.layers import bucket_small_gradients, resolved_strategies  # noqa: E402
+from jigsaw_ext.layers import bucket_small_gradients  # noqa: E402
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
+from jigsaw_ext.mlp import resolved_strategies  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh, trace_step  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
 from weathermixer.model.geometry import Geometry  # noqa: E402

@@ -5,7 +5,7 @@ their size): autograd functions with their duals, built on jigsaw_ext.collective
 in row chunks (chunk i's reduce-scatter in flight while chunk i + 1 is computed).
 
 `chunked_gathered_linear`: a gathered weight moved in chunks, the memory-bounded, pipelined form of
-jigsaw_ext.collectives.gathered_linear:
+jigsaw_ext.gathered.gathered_linear:
 
     forward:  chunk k of every rank's row block all-gathered (asynchronously, while chunk k - 1's
               products are computed), its output columns computed, the chunk freed
@@ -27,19 +27,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import collectives
 from .accumulate import deferred_inputs, local_gradient
 from .collectives import (
-    _compute_dtype,
     _gather_dim,
     _gather_into_blocks,
     _scatter_dim,
     _scatter_from_blocks,
-    autocast_dtype,
+    group_rank,
     start_all_gather,
     start_all_reduce,
     start_reduce_scatter,
 )
+from .gathered import autocast_dtype, compute_dtype
 from .layout import even_split
 
 
@@ -64,8 +63,8 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
     def forward(ctx, x, w_block, group, sizes, chunks):
         ctx.save_for_backward(x, w_block)
         ctx.args = (group, sizes, chunks)
-        w = _compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
-        bounds, me = _bounds(sizes, chunks), collectives._rank(group)  # (the planner's tracer swaps _rank)
+        w = compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
+        bounds, me = _bounds(sizes, chunks), group_rank(group)
         parts = [[None] * chunks for _ in sizes]
         start = lambda k: start_all_gather(
             w[bounds[me][k] : bounds[me][k + 1]],
@@ -88,7 +87,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_block = ctx.saved_tensors
         group, sizes, chunks = ctx.args
-        bounds, me = _bounds(sizes, chunks), collectives._rank(group)
+        bounds, me = _bounds(sizes, chunks), group_rank(group)
         need_x = ctx.needs_input_grad[0]
         w = w_block.to(grad.dtype)  # backward runs outside autocast: the forward matmul's dtype
         rows = math.prod(grad.shape[:-1])
@@ -175,7 +174,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         x2 = [x.reshape(math.prod(lead), x.shape[-1]).to(dtype) for x in xs]  # (shards may be empty)
         wc = [w.to(dtype) for w in ws]
         n, m, pre = len(sizes), max(sizes), x2[0].shape[0]
-        me = collectives._rank(group)
+        me = group_rank(group)
         bounds = _row_bounds(pre, chunks)
         # one chunk: the reduce-scatter's own output buffer is the result (no copy unless padded)
         out = None if len(bounds) == 1 else x2[0].new_empty((pre, sizes[me]))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AXES = ("dp", "domain", "tp")  # slowest to fastest varying
-STRATEGIES = ("gather", "stationary", "features")  # how a block MLP meets its data (jigsaw_ext.layers.BlockMLP)
+STRATEGIES = ("gather", "stationary", "features")  # how a block MLP meets its data (jigsaw_ext.mlp.BlockMLP)
 
 
 class MeshConfig(BaseModel):

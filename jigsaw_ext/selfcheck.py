@@ -65,7 +65,8 @@ class _Mixer(nn.Module):
 
     def __init__(self, mesh: Mesh, tokens: int, features: int, hidden: int, blocks: int, seed: int):
         from .init import init_parameters
-        from .layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients
+        from .layers import BlockLinear, DistLayerNorm, bucket_small_gradients
+        from .mlp import BlockMLP
 
         super().__init__()
         self.mesh = mesh

@@ -1,4 +1,4 @@
-"""How the mixing MLPs meet their data (jigsaw_ext.layers.BlockMLP strategies), and the counts the
+"""How the mixing MLPs meet their data (jigsaw_ext.mlp.BlockMLP strategies), and the counts the
 communication benchmark (benchmarks/bench_comm.py) rests on: its Megatron baseline formula equals
 what the real megatron-core block sends on gloo, and the layers' cost model picks the strategy the
 traced step shows to be cheaper."""
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from benchmarks.bench_comm import megatron_block_bytes, trace_block
-from jigsaw_ext.layers import BlockMLP, DistLayerNorm, choose_strategy, mlp_traffic, norm_traffic, strategy_available
+from jigsaw_ext.layers import DistLayerNorm
 from jigsaw_ext.layout import Split, even_split
 from jigsaw_ext.mesh import Mesh, MeshConfig
+from jigsaw_ext.mlp import BlockMLP
+from jigsaw_ext.strategy import choose_strategy, mlp_traffic, norm_traffic, strategy_available
 from jigsaw_ext.testing import run_workers
 from weathermixer.config import ModelConfig
 

@@ -180,7 +180,7 @@ def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
     if not work:
         return 0.0
     # at most two collectives are in flight at once: a gathered linear's backward re-gathers its
-    # weight while its weight gradient is reduce-scattered (jigsaw_ext.collectives._GatheredLinear)
+    # weight while its weight gradient is reduce-scattered (jigsaw_ext.gathered._GatheredLinear)
     return hw.comm_memory_GB * 1e9 + sum(sorted(work)[-2:])
 
 
