@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .accumulate import deferred_inputs, local_gradient
 from .collectives import (
+    Pending,
     _gather_dim,
     _gather_into_blocks,
     _scatter_dim,
@@ -66,11 +68,10 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
         w = compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
         bounds, me = _bounds(sizes, chunks), group_rank(group)
         parts = [[None] * chunks for _ in sizes]
-        start = lambda k: start_all_gather(
-            w[bounds[me][k] : bounds[me][k + 1]],
-            group,  # noqa: E731
-            [b[k + 1] - b[k] for b in bounds],
-        )
+
+        def start(k: int) -> Pending:
+            return start_all_gather(w[bounds[me][k] : bounds[me][k + 1]], group, [b[k + 1] - b[k] for b in bounds])
+
         pending = start(0)
         for k in range(chunks):
             wk = pending.wait()
@@ -137,7 +138,7 @@ def _row_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
     bounds = [0]
     for c in even_split(rows, chunks):
         bounds.append(bounds[-1] + c)
-    return list(zip(bounds, bounds[1:]))
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], sizes) -> None:
@@ -146,7 +147,7 @@ def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[
     offset, m = 0, send.shape[-1]
     for r, sz in enumerate(sizes):
         slot = send[r] if sz == m else send[r, :, :sz]
-        for j, (x, w) in enumerate(zip(xs, ws)):
+        for j, (x, w) in enumerate(zip(xs, ws, strict=True)):
             if j == 0 and slot.is_contiguous():
                 torch.mm(x, w[offset : offset + sz].t(), out=slot)
             elif j == 0:
@@ -206,15 +207,12 @@ class _LinearReduceScatter(torch.autograd.Function):
         n, m, pre, dtype = len(sizes), max(sizes), x2[0].shape[0], dy.dtype
         d2 = dy.contiguous().view(pre, dy.shape[-1])
         bounds = _row_bounds(pre, chunks)
-        start = lambda i: _gather_into_blocks(
-            d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1),
-            group,
-            n,
-            m,  # noqa: E731
-            async_op=True,
-        )
+
+        def start(i: int) -> tuple[torch.Tensor, Any]:  # (buffer, work)
+            return _gather_into_blocks(d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1), group, n, m, async_op=True)
+
         wc = [w.to(dtype) for w in ws]
-        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws)]
+        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws, strict=True)]
         dws = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in ws]
         pending = start(0)
         for i, (lo, hi) in enumerate(bounds):
@@ -224,7 +222,7 @@ class _LinearReduceScatter(torch.autograd.Function):
             if i + 1 < len(bounds):
                 pending = start(i + 1)  # in flight while this chunk's gradients are computed
             buf = buf.squeeze(-1)
-            for x, w, dx, dw in zip(x2, wc, dxs, dws):
+            for x, w, dx, dw in zip(x2, wc, dxs, dws, strict=True):
                 offset = 0
                 for r, sz in enumerate(sizes):
                     g = buf[r, :, :sz]
@@ -241,8 +239,8 @@ class _LinearReduceScatter(torch.autograd.Function):
             for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
                 local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
                 dws[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
-        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes)]
-        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws)])
+        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes, strict=True)]
+        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws, strict=True)])
 
 
 def linear_reduce_scatter(

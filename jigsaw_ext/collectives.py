@@ -221,12 +221,13 @@ class _CopyToMany(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         local = [
-            local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None)) for c, g in zip(ctx.deferral, grads)
+            local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None))
+            for c, g in zip(ctx.deferral, grads, strict=True)
         ]  # None: deferred to the step's last micro-batch
         now = [x for x in local if x is not None]
         flat = start_all_reduce(torch.cat(now), ctx.group, async_op=False).wait() if now else None
         out, offset = [], 0
-        for g, x in zip(grads, local):
+        for g, x in zip(grads, local, strict=True):
             out.append(None if x is None else flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
             offset += 0 if x is None else g.numel()
         return (None, None, None, *out)
@@ -249,7 +250,7 @@ def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
     views = {}
     for group, params in by_group.values():
         deferral, tensors, anchor = deferred_inputs(params)
-        for p, v in zip(params, _CopyToMany.apply(group, deferral, anchor, *tensors)):
+        for p, v in zip(params, _CopyToMany.apply(group, deferral, anchor, *tensors), strict=True):
             views[(id(p), id(group))] = v
     _BUCKET.set(views)
 

@@ -85,11 +85,10 @@ class _GatheredLinear(torch.autograd.Function):
         ctx.args = (group, sizes, gather, shape, t, align)
         ctx.w_full, ctx.deferral = None, deferral
         lead = shape[:-2] if t else shape[:-1]
-        out = lambda y: (
-            y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2)
-            if t  # noqa: E731
-            else y.view(*lead, y.shape[-1])
-        )
+
+        def out(y: torch.Tensor) -> torch.Tensor:
+            return y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2) if t else y.view(*lead, y.shape[-1])
+
         w_compute = compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
         if not gather:
             return out(_product(x, w_compute, t, align))

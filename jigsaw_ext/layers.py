@@ -96,7 +96,7 @@ def link_weight_prefetch(model: nn.Module) -> int:
     issued it only: the model's forward drops what is left (so no gather survives an optimizer step).
     Returns the number of layers chained."""
     chain = [m for m in model.modules() if isinstance(m, BlockLinear) and m.prefetchable]
-    for a, b in zip(chain, chain[1:]):
+    for a, b in zip(chain, chain[1:], strict=False):
         a.__dict__["_next_gathered"] = b  # not a submodule
     for m in chain:
         m.__dict__["_chained"] = True
@@ -223,7 +223,7 @@ class BlockLinear(nn.Module):
         else:
             if self.__dict__.get("_chained"):
                 self.prefetch()  # (unless the layer before did) this layer's gathers go first
-            mine = [self._take_prefetched(i, w, x) for i, (w, x) in enumerate(zip(self.weights, xs))]
+            mine = [self._take_prefetched(i, w, x) for i, (w, x) in enumerate(zip(self.weights, xs, strict=True))]
             if self.__dict__["_next_gathered"] is not None:  # its weights move while this layer computes
                 self.__dict__["_next_gathered"].prefetch()
             partial = None

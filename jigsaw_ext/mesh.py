@@ -35,8 +35,8 @@ class MeshConfig(BaseModel):
     )
     strategy: dict[str, Literal["auto", "gather", "stationary", "features"]] = Field(
         default_factory=dict,
-        description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
-        "(Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
+        description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the "
+        "weights (Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
         "contracted features (Megatron tensor parallelism over the contract axis; needs the other "
         "axis of size 1 or in replicate_weights_over), 'auto' (the default for kinds not listed) "
         "picks the one that sends the fewest bytes",

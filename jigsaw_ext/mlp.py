@@ -164,14 +164,9 @@ class BlockMLP(nn.Module):
         fused = norm is not None and self.fuses_norm
         if self.strategy == "features":
             # weights replicated over storage: their gradients are summed over it (when it has ranks)
-            local = lambda v, w: gathered_linear(
-                v,
-                w,
-                storage,
-                (w.shape[0],),
-                gather=False,  # noqa: E731
-                align=self.mesh.gemm_multiple,
-            )
+            def local(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return gathered_linear(v, w, storage, (w.shape[0],), gather=False, align=self.mesh.gemm_multiple)
+
             xf = all_gather(x if fused else self._normed(x, norm), contract, self.in_split.sizes, dim=-1)
             h = F.gelu(self.fc1(self.fc1(norm(xf) if fused else xf, matmul=local), storage, matmul=False))
             if contract is None:

@@ -167,8 +167,8 @@ def _shard(layouts: Batch, batch: Batch, rows: slice, coords) -> Batch:
     """This rank's block of the samples `rows` of a global batch."""
     pick = lambda lay, t: None if t is None else lay.shard(t[rows], coords)  # noqa: E731
     return Batch(
-        [pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs)],
-        [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets)],
+        [pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs, strict=True)],
+        [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets, strict=True)],
     )
 
 
@@ -271,7 +271,7 @@ def _worst_over_ranks(errors: dict, worst: dict, device) -> dict:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (errors, worst))
     out = {}
-    for key, value in zip(errors, vec.tolist()):  # name the tensor and rank with the largest error
+    for key, value in zip(errors, vec.tolist(), strict=True):  # name the tensor and rank with the largest error
         rank = max(range(len(everyone)), key=lambda r: everyone[r][0][key])
         where = everyone[rank][1].get(key)
         out[key] = (value, f"{where} on rank {rank}" if where else f"rank {rank}")

@@ -50,7 +50,7 @@ class MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         raise UnsafeMetadataError(
             f"{self.path}: refused: the DCP metadata pickle asks for {module}.{name}, "
-            f"outside the allowlist of DCP's metadata classes (jigsaw_ext.checkpoint.sharded); "
+            f"outside the allowlist of DCP's metadata classes (jigsaw_ext.checkpoint.dcp_metadata); "
             f"it was not loaded and nothing in it ran"
         )
 

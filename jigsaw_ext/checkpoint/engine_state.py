@@ -356,7 +356,7 @@ def restore_engine_info(engine, info: dict) -> None:
     sched = info.get("lr_scheduler")
     if sched and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
-        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             g["lr"] = lr
     c = info["counters"]
     engine.global_steps = int(c["global_steps"])

@@ -129,7 +129,7 @@ def _fragments(engine, named: dict, what: str, own: bool = True) -> dict:
             f"per tensor: slower saves)",
             stacklevel=3,
         )
-    return {n: f if k else None for (n, f), k in zip(frags.items(), ok.tolist())}
+    return {n: f if k else None for (n, f), k in zip(frags.items(), ok.tolist(), strict=True)}
 
 
 def check_description(desc: dict, where) -> None:
@@ -323,7 +323,8 @@ class LayoutFreeTag:
 
     def optimizer_groups(self) -> list[dict]:
         return [
-            dict(g, names=names) for g, names in zip(self.desc["engine"]["optimizer_groups"], self.info["param_groups"])
+            dict(g, names=names)
+            for g, names in zip(self.desc["engine"]["optimizer_groups"], self.info["param_groups"], strict=True)
         ]
 
     def trainer_state(self) -> dict:

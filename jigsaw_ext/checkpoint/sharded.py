@@ -196,7 +196,13 @@ def fragment_parts(
             data = tight(flat[f - start : f - start + math.prod(z)].view(z))
             out.append(
                 ShardedTensor(
-                    key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+                    key,
+                    data,
+                    data.dtype,
+                    tuple(z),
+                    tuple(layout.shape),
+                    tuple(a + b for a, b in zip(offset, o, strict=True)),
+                    None,
                 )
             )
     return out
@@ -213,7 +219,13 @@ def fragment_reads(key: str, flat: torch.Tensor, start: int, layout: Layout, coo
         data = flat[f - start : f - start + max(1, math.prod(z))].view(z)
         out.append(
             ShardedTensor(
-                key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+                key,
+                data,
+                data.dtype,
+                tuple(z),
+                tuple(layout.shape),
+                tuple(a + b for a, b in zip(offset, o, strict=True)),
+                None,
             )
         )
     return out
