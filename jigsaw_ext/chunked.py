@@ -67,7 +67,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
         ctx.args = (group, sizes, chunks)
         w = compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
         bounds, me = _bounds(sizes, chunks), group_rank(group)
-        parts = [[None] * chunks for _ in sizes]
+        parts: list[list[torch.Tensor]] = [[] for _ in sizes]
 
         def start(k: int) -> Pending:
             return start_all_gather(w[bounds[me][k] : bounds[me][k + 1]], group, [b[k + 1] - b[k] for b in bounds])
@@ -80,7 +80,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
             offset = 0
             for r, b in enumerate(bounds):
                 s = b[k + 1] - b[k]
-                parts[r][k] = F.linear(x, wk[offset : offset + s])
+                parts[r].append(F.linear(x, wk[offset : offset + s]))  # chunk k
                 offset += s
         return torch.cat([p for row in parts for p in row], dim=-1)
 
@@ -105,6 +105,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
             # this chunk's weight gradient, summed over the group in fp32 while the next one is computed
             in_flight.append((k, start_reduce_scatter(gk.t().mm(x2).float(), group, chunk_sizes(k))))
             if need_x:
+                assert pending_w is not None  # started for chunk 0 and after every chunk but the last
                 wk = pending_w.wait()
                 if k + 1 < chunks:
                     pending_w = start_w(k + 1)
@@ -115,7 +116,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
                 dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
         for j, pending in in_flight:
             dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
-        grad_x = dx.reshape(x.shape).to(x.dtype) if need_x else None
+        grad_x = dx.reshape(x.shape).to(x.dtype) if dx is not None else None  # (dx is set iff need_x)
         return grad_x, dw.to(w_block.dtype), None, None, None
 
 

@@ -62,8 +62,8 @@ def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None
 
 
 # counted by jigsaw_ext.commstats as the torch.distributed collectives they implement
-_all_gather_single.comm_rule = "all_gather_into_tensor"
-_reduce_scatter_single.comm_rule = "reduce_scatter_tensor"
+_all_gather_single.__dict__["comm_rule"] = "all_gather_into_tensor"
+_reduce_scatter_single.__dict__["comm_rule"] = "reduce_scatter_tensor"
 _all_reduce = dist.all_reduce  # module-level names: jigsaw_ext.plan.trace swaps them for recorders
 
 
@@ -226,10 +226,15 @@ class _CopyToMany(torch.autograd.Function):
         ]  # None: deferred to the step's last micro-batch
         now = [x for x in local if x is not None]
         flat = start_all_reduce(torch.cat(now), ctx.group, async_op=False).wait() if now else None
-        out, offset = [], 0
+        out: list[torch.Tensor | None] = []
+        offset = 0
         for g, x in zip(grads, local, strict=True):
-            out.append(None if x is None else flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
-            offset += 0 if x is None else g.numel()
+            if x is None:
+                out.append(None)
+                continue
+            assert flat is not None  # x is one of `now`: the all-reduce ran
+            out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+            offset += g.numel()
         return (None, None, None, *out)
 
 

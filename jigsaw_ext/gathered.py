@@ -127,18 +127,24 @@ class _GatheredLinear(torch.autograd.Function):
             else grad.reshape(x.shape[0], grad.shape[-1])
         )
         # summed over the group in fp32 (a bf16 sum of partials loses bits)
-        grad_w = _weight_grad(g, x.to(grad.dtype), t, align).float()
-        grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
+        full_w = _weight_grad(g, x.to(grad.dtype), t, align).float()
+        local_w = local_gradient(ctx.deferral, full_w)  # None: deferred to the step's last micro-batch
         pending_gw = (
             None
-            if grad_w is None
-            else start_reduce_scatter(grad_w, group, sizes)
+            if local_w is None
+            else start_reduce_scatter(local_w, group, sizes)
             if gather
-            else start_all_reduce(grad_w, group)
+            else start_all_reduce(local_w, group)
         )
         grad_x = None
         if need_x:
-            w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
+            if not gather:
+                w = w_compute
+            elif kept is not None:
+                w = kept.to(grad.dtype)
+            else:
+                assert pending_w is not None  # started above: gather, need_x and nothing kept
+                w = pending_w.wait()
             dx = _input_grad(g, w, t, align).to(x.dtype)
             grad_x = dx.view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if t else dx.view(shape)
         ctx.w_full = None

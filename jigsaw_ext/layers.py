@@ -151,7 +151,7 @@ class BlockLinear(nn.Module):
         )
         # mesh.keep_gathered_weights: each gathered weight kept until clear_gathered_weights (per step)
         keep = mesh.keep_gathered_weights and not self.replicate and mesh.size(self.storage) > 1
-        self._kept = [{} if keep else None for _ in in_splits]
+        self._kept: list[dict | None] = [{} if keep else None for _ in in_splits]
         # mesh.chunk_mb: each gathered weight moved in pipelined chunks (jigsaw_ext.chunked)
         gathered = not (keep or self.replicate) and mesh.size(self.storage) > 1
         # (sized by the largest shard: every rank of the model group makes the same choice)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -108,7 +108,7 @@ class Mesh:
     config: MeshConfig  # what the mesh was built from (sizes and layer options)
     coords: dict[str, int]
     rank: int = 0
-    groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
+    groups: dict[str, Any] = field(default_factory=dict)  # axis name -> ProcessGroup (plan: a FakeGroup)
 
     @staticmethod
     def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:

@@ -26,6 +26,7 @@ DeepSpeed's own loads go through the same allowlist once jigsaw_ext.checkpoint.d
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -56,9 +57,10 @@ def numpy_globals() -> list:
     import numpy as np
 
     try:
-        from numpy._core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    _reconstruct = multiarray._reconstruct
     return [np.ndarray, np.dtype, _reconstruct, *{type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)}]
 
 
@@ -219,10 +221,10 @@ def write_failure(err: BaseException) -> str:
     import resource
 
     text = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-    e = err
+    e: BaseException | None = err
     while e is not None:
         code = getattr(e, "errno", None)
-        if code in errno.errorcode:
+        if isinstance(code, int) and code in errno.errorcode:
             return (
                 text
                 if errno.errorcode[code] in text or f"[Errno {code}]" in text

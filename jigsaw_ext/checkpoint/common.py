@@ -49,7 +49,7 @@ def agree(err: BaseException | None, what: str, value: int = 0, own: bool = True
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if not t[0]:
         return int(t[1])
-    msgs = [None] * dist.get_world_size()
+    msgs: list[tuple[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(msgs, None if err is None else (type(err).__name__, str(err)))
     if err is not None and own:
         raise err

@@ -239,7 +239,7 @@ def verify(path: str | Path) -> dict:
     "problems"}; problems: one line per damaged, missing or unlisted file (empty: intact); verified
     False: written before checksums existed (nothing could be checked) or no usable manifest."""
     path = resolve(path)
-    out = {
+    out: dict = {
         "path": str(path),
         "kind": "consolidated" if is_consolidated(path) else "tag",
         "verified": False,

@@ -19,7 +19,7 @@ def _bad_records(path: Path) -> list[tuple[zipfile.ZipInfo, int | None]]:
             infos = [i for i in z.infolist() if i.compress_type == zipfile.ZIP_STORED]
     except (zipfile.BadZipFile, OSError):
         return []
-    bad = []
+    bad: list[tuple[zipfile.ZipInfo, int | None]] = []
     with open(path, "rb") as f:
         for info in infos:
             f.seek(info.header_offset)
@@ -94,7 +94,7 @@ def damage(path: Path) -> str:
 
     from ..safe_load import safe_torch_load
 
-    want = {(i.compress_size, crc): i.filename for i, crc in bad if crc is not None}
+    want: dict[tuple[int, int | None], str] = {(i.compress_size, crc): i.filename for i, crc in bad if crc is not None}
     sizes = {size for size, _ in want}
     names: dict[str, list[str]] = {}
     try:
@@ -104,7 +104,9 @@ def damage(path: Path) -> str:
             ptr, n = st.data_ptr(), st.nbytes()
             if ptr not in seen:
                 u8 = torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,))
-                seen[ptr] = (n, zlib.crc32(u8.numpy()) if n in sizes else None)
+                # ndarray has the buffer protocol; numpy's stubs declare no __buffer__ for Python 3.11
+                crc = zlib.crc32(u8.numpy()) if n in sizes else None  # type: ignore[arg-type]
+                seen[ptr] = (n, crc)
             if seen[ptr] in want:
                 names.setdefault(want[seen[ptr]], []).append(name)
     except Exception:  # noqa: BLE001 - the structure itself is damaged: name the records only

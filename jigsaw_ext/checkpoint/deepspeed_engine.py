@@ -140,5 +140,5 @@ def install_safe_checkpoint_engine(engine) -> None:
             except OSError as err:
                 engine.checkpoint_engine.record_save_error(save_path, err)
 
-        copy_recovery_script.records_errors = True
+        copy_recovery_script.__dict__["records_errors"] = True
         engine._copy_recovery_script = copy_recovery_script

@@ -59,6 +59,7 @@ def _lp_master(engine, p):
                 if per_param is not None:
                     master = per_param[i][j]
                     return master.detach().view(-1), master, 0
+                assert flats is not None  # (checked above: one of the two is set)
                 return flats[i].detach()[offset : offset + p.numel()], flats[i], offset
             offset += q.numel()
     return None

@@ -62,7 +62,9 @@ def export(src: str | Path, out: str | Path, max_shard_bytes: int | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shards, current, size = [], {}, 0
+        shards: list[dict] = []
+        current: dict = {}
+        size = 0
         for name, t in full_tensors(src):
             t = t.to(cast).contiguous()
             n = t.numel() * t.element_size()

@@ -102,7 +102,7 @@ def save_layout_free(engine, model, directory: str | Path, budget: int | None = 
     }
 
 
-_WARNED = set()
+_WARNED: set[str] = set()
 
 
 def _fragments(engine, named: dict, what: str, own: bool = True) -> dict:
@@ -174,7 +174,10 @@ def load_layout_free(engine, model, directory: str | Path, desc: dict) -> None:
     largest = 4 * max((math.prod(p.block_layout.shape) for p in named.values()), default=0)
     pending = None  # a local failure, raised on every rank at the next agreement
     for i, names in enumerate(desc["batches"]):
-        direct, after, needed, mine = {}, [], {}, 0
+        direct: dict = {}
+        after: list = []
+        needed: dict = {}
+        mine = 0
         try:
             for n in names:
                 _plan_reads(engine, n, named[n], frags[n], mesh, direct, after, needed)

@@ -145,7 +145,7 @@ def check(path: Path, entry: dict, source: str, what: str = "") -> None:
         raise ChecksumError(f"{label}: missing, but {source} lists it (the checkpoint is incomplete)") from None
     want = entry.get("size")
     if size != want:
-        kind = "truncated" if size < want else "longer than written"
+        kind = "truncated" if isinstance(want, int) and size < want else "longer than written"
         raise ChecksumError(f"{label}: {kind}: {size} bytes, {source} records {want}; refusing to load it")
     got = file_digest(path)
     if got != entry.get(ALGORITHM):
@@ -172,7 +172,7 @@ def verify_file(path: str | Path) -> bool:
     path = Path(path)
     tag = _tag_dir(path)
     files = read_manifest(tag) if tag is not None else None
-    if files is None:
+    if tag is None or files is None:
         if tag is not None and requires_manifest(tag):
             raise _no_manifest(tag)
         warn_unverified(tag or path.parent)
@@ -201,10 +201,10 @@ def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
                     raise missing_digest(d, name, kind)
                 files[rel], what[rel] = digests[kind], f"tensor {name}, {kind}"
         return files, what, str(d / "index.json")
-    files = read_manifest(d)
-    if files is None and requires_manifest(d):
+    listed = read_manifest(d)
+    if listed is None and requires_manifest(d):
         raise _no_manifest(d)
-    return None if files is None else (files, {}, str(d / MANIFEST))
+    return None if listed is None else (listed, {}, str(d / MANIFEST))
 
 
 def missing_digest(directory: Path, name: str, kind: str) -> ChecksumError:

@@ -138,7 +138,7 @@ def tight(t: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
         return t
     off = t.storage_offset() * t.element_size()
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off : off + t.nbytes], 0, t.shape)
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off : off + t.nbytes], 0, t.shape)  # type: ignore[call-overload]  # torch's stub lacks set_(UntypedStorage, offset, size)
 
 
 CHUNK_MAX = 16 << 20  # elements (64 MiB fp32): the largest item written; DCP reads a whole item to load any part
@@ -252,7 +252,8 @@ def batches(layouts: Mapping[str, Layout], kinds: int, budget: int | None = None
     the accessors' fallback)."""
     if budget is None:
         budget = max(MIN_BATCH_BYTES, 4 * kinds * max((math.prod(v.shape) for v in layouts.values()), default=0))
-    out, size = [[]], 0
+    out: list[list[str]] = [[]]
+    size = 0
     for name, layout in layouts.items():
         n = 4 * kinds * math.prod(layout.shape)
         if out[-1] and size + n > budget:

@@ -122,7 +122,8 @@ def compute_seconds(hw: Hardware, trace: StepTrace) -> dict:
 
 def model_parallel_seconds(hw: Hardware, trace: StepTrace, mean_matmul: dict) -> tuple[dict, dict]:
     """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
-    exposed, sent = {"intra": 0.0, "inter": 0.0}, {}
+    exposed: dict[str, float] = {"intra": 0.0, "inter": 0.0}
+    sent: dict[str, float] = {}
     for c in trace.collectives:
         t, tier = collective_seconds(hw, c.kind, c.sent_bytes, c.group_size, c.stride)
         if tier == "none":
@@ -256,12 +257,12 @@ def estimate(
     mem = memory_GB(hw, cand, trace)
     total_mem = sum(mem.values())
     fits = total_mem <= hw.memory_GB
-    peak = hw.peak_tflops.get(cand.dtype, hw.peak_tflops.get("float32")) * 1e12
+    peak = hw.peak_tflops[cand.dtype if cand.dtype in hw.peak_tflops else "float32"] * 1e12
     mfu = train_flops_per_sample * cand.global_batch / (step * cand.world * peak)
     parts = {
         "compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
         "intra-node comm": seconds["intra_comm"],
         "inter-node comm": seconds["inter_comm"],
     }
-    bottleneck = "memory" if not fits else max(parts, key=parts.get)
+    bottleneck = "memory" if not fits else max(parts, key=lambda k: parts[k])
     return Estimate(cand, step, cand.global_batch / step, mfu, total_mem, fits, bottleneck, seconds, mem, comm_bytes)

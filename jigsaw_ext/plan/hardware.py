@@ -93,7 +93,7 @@ class Hardware(_Strict):
         return self._rates[key]
 
     def _lookup(self, m: int, n: int, k: int, dtype: str) -> float:
-        peak = self.peak_tflops.get(dtype, self.peak_tflops.get("float32"))
+        peak = self.peak_tflops[dtype if dtype in self.peak_tflops else "float32"]
         points = [p for p in self.gemm if p.dtype == dtype]
         aligned = [p for p in points if (p.n % 8 == 0, p.k % 8 == 0) == (n % 8 == 0, k % 8 == 0)]
         points = aligned or points
