@@ -243,6 +243,7 @@ class BlockLinear(nn.Module):
                     )
                 )
                 partial = y if partial is None else partial + y
+            assert partial is not None  # (xs is never empty)
             out = reduce_scatter(partial, contract, self.out_split.sizes, dim=-1)
         if self.bias is not None:
             out = out + copy_to(self.bias, storage)

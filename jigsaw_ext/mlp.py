@@ -120,8 +120,10 @@ class BlockMLP(nn.Module):
         kw = dict(device=device, dtype=dtype)
         if self.strategy == "gather":
             hidden_split = Split(contract, even_split(hidden, mesh.size(contract)))
-            self.fc1 = BlockLinear(mesh, [in_split], hidden_split, contract=contract, **kw)
-            self.fc2 = BlockLinear(mesh, [hidden_split], in_split, contract=contract, bias=fc2_bias, **kw)
+            self.fc1: BlockLinear | _Affine = BlockLinear(mesh, [in_split], hidden_split, contract=contract, **kw)
+            self.fc2: BlockLinear | _Affine = BlockLinear(
+                mesh, [hidden_split], in_split, contract=contract, bias=fc2_bias, **kw
+            )
             return
         # stationary: the hidden axis split over storage; features: over contract, the rest whole
         split_axis = self.storage if self.strategy == "stationary" else contract
@@ -161,14 +163,19 @@ class BlockMLP(nn.Module):
         if self.strategy == "gather":
             return self.fc2(F.gelu(self.fc1(self._normed(x, norm))))
         storage, contract = self.mesh.group(self.storage), self.mesh.group(self.contract)
-        fused = norm is not None and self.fuses_norm
+        fused_norm = norm if self.fuses_norm else None  # applied here to the gathered rows or features
+        fused = fused_norm is not None
         if self.strategy == "features":
             # weights replicated over storage: their gradients are summed over it (when it has ranks)
             def local(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return gathered_linear(v, w, storage, (w.shape[0],), gather=False, align=self.mesh.gemm_multiple)
 
             xf = all_gather(x if fused else self._normed(x, norm), contract, self.in_split.sizes, dim=-1)
-            h = F.gelu(self.fc1(self.fc1(norm(xf) if fused else xf, matmul=local), storage, matmul=False))
+            h = F.gelu(
+                self.fc1(
+                    self.fc1(fused_norm(xf) if fused_norm is not None else xf, matmul=local), storage, matmul=False
+                )
+            )
             if contract is None:
                 y = self.fc2(h, matmul=local)
             else:
@@ -182,8 +189,8 @@ class BlockMLP(nn.Module):
         # (its buffer) through both products and are reduce-scattered from that same layout
         rows = self.row_split.sizes
         x_rows = gather_blocks(x if fused else self._normed(x, norm), storage, rows, dim=self.row_dim)
-        if fused:
-            x_rows = norm(x_rows, blocks=rows)
+        if fused_norm is not None:
+            x_rows = fused_norm(x_rows, blocks=rows)
         h = F.gelu(self.fc1(sum_partials(self.fc1(x_rows), contract), contract, matmul=False))
         shape = (*x.shape[:-1], self.fc2.weights[0].shape[0])
         y = scatter_blocks(self.fc2(h), storage, rows, shape)

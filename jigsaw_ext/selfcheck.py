@@ -268,7 +268,7 @@ def _worst_over_ranks(errors: dict, worst: dict, device) -> dict:
 
     vec = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
     dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-    everyone = [None] * dist.get_world_size()
+    everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (errors, worst))
     out = {}
     for key, value in zip(errors, vec.tolist(), strict=True):  # name the tensor and rank with the largest error

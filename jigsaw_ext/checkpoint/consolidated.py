@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from .errors import CheckpointFormatError
 from .job_info import read_job_info
 from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
 
+if TYPE_CHECKING:
+    from .layout_free import LayoutFreeTag
+
 
 def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     """Write the layout-free checkpoint of `src` to `out` (tensor by tensor, atomically)."""
@@ -41,7 +45,7 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     if is_layout_free(src_dir):
         from .layout_free import LayoutFreeTag
 
-        tag = LayoutFreeTag(src_dir)
+        tag: LayoutFreeTag | DeepSpeedTag = LayoutFreeTag(src_dir)
     else:
         tag = DeepSpeedTag(src_dir)
     tmp = out.with_name(out.name + ".partial")

@@ -62,7 +62,7 @@ def export(src: str | Path, out: str | Path, max_shard_bytes: int | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shards: list[dict] = []
+        shards: list[tuple[list[str], str]] = []
         current: dict = {}
         size = 0
         for name, t in full_tensors(src):
