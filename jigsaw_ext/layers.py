@@ -38,12 +38,12 @@ def make_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=None)
     `layout` says how the logical tensor is split; `init` how its logical values are drawn
     (jigsaw_ext.init), so every mesh ends up with the same logical model."""
     p = nn.Parameter(torch.empty(layout.local_shape(mesh.coords), device=device, dtype=dtype))
-    p.block_layout = layout
-    p.block_init = init
+    # attributes of the tensor, read through jigsaw_ext.layout.block_layout (and p.block_layout)
+    p.__dict__.update(block_layout=layout, block_init=init)
     # DeepSpeed's gradient norm counts a parameter on every rank where `model_parallel` is set and
     # otherwise only on model-parallel rank 0: flag exactly one replica of each block (coordinate 0
     # on the axes it is replicated over), so the norm over the model group counts every element once
-    p.model_parallel = all(mesh.coord(axis) == 0 for axis in replicated_axes(layout))
+    p.__dict__["model_parallel"] = all(mesh.coord(axis) == 0 for axis in replicated_axes(layout))
     return p
 
 
@@ -54,7 +54,7 @@ def shared_param(layout: Layout, mesh: Mesh, init: tuple, device=None, dtype=Non
     collective per group per backward."""
     p = make_param(layout, mesh, init, device, dtype)
     axes = [a for a in replicated_axes(layout) if mesh.size(a) > 1] or list(replicated_axes(layout))[:1]
-    p.shared_over = axes[0] if len(axes) == 1 else "model" if len(axes) == 2 else None
+    p.__dict__["shared_over"] = axes[0] if len(axes) == 1 else "model" if len(axes) == 2 else None
     return p
 
 

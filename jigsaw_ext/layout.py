@@ -85,3 +85,12 @@ class Layout:
         return cls(
             tuple(d["shape"]), tuple(None if s is None else Split(s["axis"], tuple(s["sizes"])) for s in d["splits"])
         )
+
+
+def block_layout(p: torch.Tensor) -> Layout:
+    """The layout of the logical tensor whose block the parameter `p` holds (jigsaw_ext.layers.make_param
+    attaches it as `p.block_layout`)."""
+    layout = p.__dict__.get("block_layout")
+    if not isinstance(layout, Layout):
+        raise AttributeError("a parameter without a block layout: build it with jigsaw_ext.layers.make_param")
+    return layout

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .layout import Layout, Split, even_split
+from .layout import Layout, Split, block_layout, even_split
 from .mesh import Mesh, MeshConfig
 
 FP32_TOL, BF16_TOL = 1e-5, 5e-2
@@ -248,7 +248,7 @@ def compare_with_serial(
     # dp replicas, so d(global)/d(this replica's input) = gin / dp
     errors["input_grad"] = relative_error(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
     errors["param_grad"], worst["param_grad"] = max(
-        (relative_error(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n)
+        (relative_error(p.grad, block_layout(p).shard(s_params[n].grad, coords)), n)
         for n, p in sharded.model.named_parameters()
     )
     for step in range(steps):
@@ -258,7 +258,7 @@ def compare_with_serial(
         serial.opt.step()
         sharded.opt.step()
     errors["params_after_steps"], worst["params_after_steps"] = max(
-        (relative_error(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters()
+        (relative_error(p, block_layout(p).shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters()
     )
     return _worst_over_ranks(errors, worst, device)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..layout import Layout
+from ..layout import Layout, block_layout
 from .common import (
     FORMAT,
     KINDS,
@@ -213,10 +213,10 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
     if missing:
         raise CheckpointFormatError(f"{path}: no tensors for parameters {missing[:5]} (another model config?)")
     for name, p in params.items():
-        if list(p.block_layout.shape) != info["layouts"][name]["shape"]:
+        if list(block_layout(p).shape) != info["layouts"][name]["shape"]:
             raise CheckpointFormatError(
                 f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
-                f"expects {list(p.block_layout.shape)} (another model config?)"
+                f"expects {list(block_layout(p).shape)} (another model config?)"
             )
     if is_layout_free(path):  # every rank reads the full tensors in batches, without collectives
         from .layout_free import read_weights
@@ -224,12 +224,12 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
         with torch.no_grad():
             for name, full in read_weights(path / "state", info["state"], names=list(params)):
                 p = params[name]
-                p.copy_(p.block_layout.shard(full, mesh.coords).to(p.dtype))
+                p.copy_(block_layout(p).shard(full, mesh.coords).to(p.dtype))
         return info
     reader = Consolidated(path) if is_consolidated(path) else DeepSpeedTag(path)
     with torch.no_grad():
         for name, p in params.items():
-            layout = p.block_layout
+            layout = block_layout(p)
             if isinstance(reader, Consolidated):
                 block = reader.block(name, "param", layout, mesh.coords)
             else:
