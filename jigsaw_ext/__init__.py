@@ -9,7 +9,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
 
-from .layout import Layout, Split, even_split
-from .mesh import Mesh, MeshConfig, init_mesh, init_process_group
+from .layout import Layout, Split, even_split  # noqa: E402 - after the filters, which must precede megatron-core
+from .mesh import Mesh, MeshConfig, init_mesh, init_process_group  # noqa: E402 - (same)
 
 __all__ = ["Layout", "Split", "even_split", "Mesh", "MeshConfig", "init_mesh", "init_process_group"]

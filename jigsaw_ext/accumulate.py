@@ -93,7 +93,7 @@ def deferred_inputs(params: Sequence[torch.Tensor]) -> tuple[list, list, torch.T
     requires grad, keeps that backward running when no other input requires grad."""
     captured = [capture(p) for p in params]
     deferred = [c is not None and c[1] for c in captured]
-    tensors = [p.detach() if d else p for p, d in zip(params, deferred)]
+    tensors = [p.detach() if d else p for p, d in zip(params, deferred, strict=True)]
     anchor = torch.empty(0, device=params[0].device, requires_grad=True) if any(deferred) else None
     return captured, tensors, anchor
 

@@ -5,7 +5,7 @@ their size): autograd functions with their duals, built on jigsaw_ext.collective
 in row chunks (chunk i's reduce-scatter in flight while chunk i + 1 is computed).
 
 `chunked_gathered_linear`: a gathered weight moved in chunks, the memory-bounded, pipelined form of
-jigsaw_ext.collectives.gathered_linear:
+jigsaw_ext.gathered.gathered_linear:
 
     forward:  chunk k of every rank's row block all-gathered (asynchronously, while chunk k - 1's
               products are computed), its output columns computed, the chunk freed
@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import collectives
 from .accumulate import deferred_inputs, local_gradient
 from .collectives import (
-    _compute_dtype,
+    Pending,
     _gather_dim,
     _gather_into_blocks,
     _scatter_dim,
     _scatter_from_blocks,
-    autocast_dtype,
+    group_rank,
     start_all_gather,
     start_all_reduce,
     start_reduce_scatter,
 )
+from .gathered import autocast_dtype, compute_dtype
 from .layout import even_split
 
 
@@ -64,14 +65,13 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
     def forward(ctx, x, w_block, group, sizes, chunks):
         ctx.save_for_backward(x, w_block)
         ctx.args = (group, sizes, chunks)
-        w = _compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
-        bounds, me = _bounds(sizes, chunks), collectives._rank(group)  # (the planner's tracer swaps _rank)
-        parts = [[None] * chunks for _ in sizes]
-        start = lambda k: start_all_gather(
-            w[bounds[me][k] : bounds[me][k + 1]],
-            group,  # noqa: E731
-            [b[k + 1] - b[k] for b in bounds],
-        )
+        w = compute_dtype(w_block, x)  # bf16 under autocast: the gathers move bf16 bytes
+        bounds, me = _bounds(sizes, chunks), group_rank(group)
+        parts: list[list[torch.Tensor]] = [[] for _ in sizes]
+
+        def start(k: int) -> Pending:
+            return start_all_gather(w[bounds[me][k] : bounds[me][k + 1]], group, [b[k + 1] - b[k] for b in bounds])
+
         pending = start(0)
         for k in range(chunks):
             wk = pending.wait()
@@ -80,7 +80,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
             offset = 0
             for r, b in enumerate(bounds):
                 s = b[k + 1] - b[k]
-                parts[r][k] = F.linear(x, wk[offset : offset + s])
+                parts[r].append(F.linear(x, wk[offset : offset + s]))  # chunk k
                 offset += s
         return torch.cat([p for row in parts for p in row], dim=-1)
 
@@ -88,7 +88,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_block = ctx.saved_tensors
         group, sizes, chunks = ctx.args
-        bounds, me = _bounds(sizes, chunks), collectives._rank(group)
+        bounds, me = _bounds(sizes, chunks), group_rank(group)
         need_x = ctx.needs_input_grad[0]
         w = w_block.to(grad.dtype)  # backward runs outside autocast: the forward matmul's dtype
         rows = math.prod(grad.shape[:-1])
@@ -105,6 +105,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
             # this chunk's weight gradient, summed over the group in fp32 while the next one is computed
             in_flight.append((k, start_reduce_scatter(gk.t().mm(x2).float(), group, chunk_sizes(k))))
             if need_x:
+                assert pending_w is not None  # started for chunk 0 and after every chunk but the last
                 wk = pending_w.wait()
                 if k + 1 < chunks:
                     pending_w = start_w(k + 1)
@@ -115,7 +116,7 @@ class _ChunkedGatheredLinear(torch.autograd.Function):
                 dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
         for j, pending in in_flight:
             dw[bounds[me][j] : bounds[me][j + 1]] = pending.wait()
-        grad_x = dx.reshape(x.shape).to(x.dtype) if need_x else None
+        grad_x = dx.reshape(x.shape).to(x.dtype) if dx is not None else None  # (dx is set iff need_x)
         return grad_x, dw.to(w_block.dtype), None, None, None
 
 
@@ -138,7 +139,7 @@ def _row_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
     bounds = [0]
     for c in even_split(rows, chunks):
         bounds.append(bounds[-1] + c)
-    return list(zip(bounds, bounds[1:]))
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], sizes) -> None:
@@ -147,7 +148,7 @@ def _products_into(send: torch.Tensor, xs: Sequence[torch.Tensor], ws: Sequence[
     offset, m = 0, send.shape[-1]
     for r, sz in enumerate(sizes):
         slot = send[r] if sz == m else send[r, :, :sz]
-        for j, (x, w) in enumerate(zip(xs, ws)):
+        for j, (x, w) in enumerate(zip(xs, ws, strict=True)):
             if j == 0 and slot.is_contiguous():
                 torch.mm(x, w[offset : offset + sz].t(), out=slot)
             elif j == 0:
@@ -175,7 +176,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         x2 = [x.reshape(math.prod(lead), x.shape[-1]).to(dtype) for x in xs]  # (shards may be empty)
         wc = [w.to(dtype) for w in ws]
         n, m, pre = len(sizes), max(sizes), x2[0].shape[0]
-        me = collectives._rank(group)
+        me = group_rank(group)
         bounds = _row_bounds(pre, chunks)
         # one chunk: the reduce-scatter's own output buffer is the result (no copy unless padded)
         out = None if len(bounds) == 1 else x2[0].new_empty((pre, sizes[me]))
@@ -207,15 +208,12 @@ class _LinearReduceScatter(torch.autograd.Function):
         n, m, pre, dtype = len(sizes), max(sizes), x2[0].shape[0], dy.dtype
         d2 = dy.contiguous().view(pre, dy.shape[-1])
         bounds = _row_bounds(pre, chunks)
-        start = lambda i: _gather_into_blocks(
-            d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1),
-            group,
-            n,
-            m,  # noqa: E731
-            async_op=True,
-        )
+
+        def start(i: int) -> tuple[torch.Tensor, Any]:  # (buffer, work)
+            return _gather_into_blocks(d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1), group, n, m, async_op=True)
+
         wc = [w.to(dtype) for w in ws]
-        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws)]
+        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws, strict=True)]
         dws = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in ws]
         pending = start(0)
         for i, (lo, hi) in enumerate(bounds):
@@ -225,7 +223,7 @@ class _LinearReduceScatter(torch.autograd.Function):
             if i + 1 < len(bounds):
                 pending = start(i + 1)  # in flight while this chunk's gradients are computed
             buf = buf.squeeze(-1)
-            for x, w, dx, dw in zip(x2, wc, dxs, dws):
+            for x, w, dx, dw in zip(x2, wc, dxs, dws, strict=True):
                 offset = 0
                 for r, sz in enumerate(sizes):
                     g = buf[r, :, :sz]
@@ -242,8 +240,8 @@ class _LinearReduceScatter(torch.autograd.Function):
             for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
                 local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
                 dws[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
-        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes)]
-        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws)])
+        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes, strict=True)]
+        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws, strict=True)])
 
 
 def linear_reduce_scatter(

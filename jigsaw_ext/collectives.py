@@ -14,9 +14,6 @@ transposes of the forward maps:
     sum_partials(x)     all-reduce   all-reduce          (partial sums -> the sum, replicated over g)
     split_layer_norm    one all-gather of every rank's    all-reduce of the two row sums of the
                         row (mean, M2) (Chan's combination) input gradient   (jigsaw_ext.layernorm)
-    gathered_linear(x, w_block)      y = x @ all_gather(w_block)^T;  backward re-gathers the weight
-                                      (nothing gathered is kept alive) and reduce-scatters dL/dW
-                                      back to the block owner (all-reduce in replicated mode)
 
 Reductions of gradients (weight gradients, small-parameter buckets) accumulate in fp32 whatever the
 parameter dtype (Megatron's grad_reduce_in_fp32); activations move in the dtype they are computed in.
@@ -26,7 +23,8 @@ the optimizer step (jigsaw_ext.accumulate: one reduction per step instead of one
 Shards may be uneven (and empty): the collectives pad every shard to the largest one inside the
 collective, so gloo (which rejects uneven all_gather lists) and NCCL take the same path. A group of
 None means the axis has size 1 and every function here is the identity: no copy, no call.
-Layers never call torch.distributed directly; everything goes through this module.
+Layers never call torch.distributed directly; everything goes through this module. The products fused
+with their communication (jigsaw_ext.gathered, jigsaw_ext.chunked) are built on its primitives.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from . import aligned
 from .accumulate import defer_gradient_reductions, deferred_inputs, local_gradient  # noqa: F401 (re-exported)
 from .ring import RingWork, ring_all_gather_steps, ring_reduce_scatter_steps, use_ring
 
@@ -65,12 +62,12 @@ def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None
 
 
 # counted by jigsaw_ext.commstats as the torch.distributed collectives they implement
-_all_gather_single.comm_rule = "all_gather_into_tensor"
-_reduce_scatter_single.comm_rule = "reduce_scatter_tensor"
+_all_gather_single.__dict__["comm_rule"] = "all_gather_into_tensor"
+_reduce_scatter_single.__dict__["comm_rule"] = "reduce_scatter_tensor"
 _all_reduce = dist.all_reduce  # module-level names: jigsaw_ext.plan.trace swaps them for recorders
 
 
-class _Pending:
+class Pending:
     """An async collective plus the post-processing that turns its buffer into the result."""
 
     def __init__(self, work, finish):
@@ -120,7 +117,7 @@ def _scatter_from_blocks(send: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> _Pending:
+def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> Pending:
     """Concatenate every rank's shard along `dim` (shard r has sizes[r] entries) on every rank."""
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
@@ -133,10 +130,10 @@ def start_all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0,
             return buf.view(shape(n * m))
         return torch.cat([buf[r, :, :sz] for r, sz in enumerate(sizes)], dim=1).view(shape(sum(sizes)))
 
-    return _Pending(work, finish)
+    return Pending(work, finish)
 
 
-def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> _Pending:
+def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = 0, async_op: bool = True) -> Pending:
     """Sum over the group; rank r keeps entries offset(r) : offset(r) + sizes[r] along `dim`."""
     n, m = len(sizes), max(sizes)
     x3, dim = _view3(x, dim)
@@ -152,13 +149,18 @@ def start_reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int 
     out, work = _scatter_from_blocks(send, group, async_op)
     me = _rank(group)
     shape = (*x.shape[:dim], sizes[me], *x.shape[dim + 1 :])
-    return _Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
+    return Pending(work, lambda: (out if sizes[me] == m else out[:, : sizes[me]]).reshape(shape))
 
 
-def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> _Pending:
+def start_all_reduce(x: torch.Tensor, group, async_op: bool = True) -> Pending:
     x = x.contiguous()
     work = _all_reduce(x, group=group, async_op=_async(async_op))
-    return _Pending(work, lambda: x)
+    return Pending(work, lambda: x)
+
+
+def group_rank(group) -> int:
+    """This rank's index in `group` (through `_rank`, which the planner's tracer swaps)."""
+    return _rank(group)
 
 
 def _gather_dim(x, group, sizes, dim):
@@ -219,14 +221,20 @@ class _CopyToMany(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         local = [
-            local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None)) for c, g in zip(ctx.deferral, grads)
+            local_gradient(c, g.reshape(-1).to(torch.float32, copy=c is not None))
+            for c, g in zip(ctx.deferral, grads, strict=True)
         ]  # None: deferred to the step's last micro-batch
         now = [x for x in local if x is not None]
         flat = start_all_reduce(torch.cat(now), ctx.group, async_op=False).wait() if now else None
-        out, offset = [], 0
-        for g, x in zip(grads, local):
-            out.append(None if x is None else flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
-            offset += 0 if x is None else g.numel()
+        out: list[torch.Tensor | None] = []
+        offset = 0
+        for g, x in zip(grads, local, strict=True):
+            if x is None:
+                out.append(None)
+                continue
+            assert flat is not None  # x is one of `now`: the all-reduce ran
+            out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+            offset += g.numel()
         return (None, None, None, *out)
 
 
@@ -247,7 +255,7 @@ def open_bucket(shared: Iterable[tuple[torch.Tensor, object]]) -> None:
     views = {}
     for group, params in by_group.values():
         deferral, tensors, anchor = deferred_inputs(params)
-        for p, v in zip(params, _CopyToMany.apply(group, deferral, anchor, *tensors)):
+        for p, v in zip(params, _CopyToMany.apply(group, deferral, anchor, *tensors), strict=True):
             views[(id(p), id(group))] = v
     _BUCKET.set(views)
 
@@ -341,164 +349,6 @@ def reduce_scatter(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) 
 
 def all_gather(x: torch.Tensor, group, sizes: Sequence[int], dim: int = -1) -> torch.Tensor:
     return x if group is None else _AllGather.apply(x, group, tuple(sizes), dim)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type, or None when it is off (always on the
-    meta device, which autocast does not know: jigsaw_ext.plan traces models there)."""
-    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
-
-
-def _compute_dtype(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The weight in the dtype the matmul will use (autocast's, if enabled), so that the gather
-    moves bf16 bytes under bf16 autocast."""
-    dtype = autocast_dtype(x.device)
-    return w if dtype is None else w.to(dtype)
-
-
-def _operand(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x as its products read it, t). t: x has 3+ dims with its last two transposed in memory (token
-    mixing's blocks, x = block.transpose(1, 2)): the products are then taken per sample as W @ x^T on
-    the contiguous (batch, in, F) transpose (a view), so neither x nor the output nor the gradients
-    are copied into the other layout. Else x as (rows, in) (a view, or one copy for every product)."""
-    if x.dim() >= 3 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
-        return x.transpose(-1, -2).reshape(math.prod(x.shape[:-2]), x.shape[-1], x.shape[-2]), True
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), False  # (shards may be empty)
-
-
-def _product(x: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
-    """x @ w^T for an operand of `_operand`: (rows, out), or with t (batch, out, F). align: the GEMM's
-    inner and output dimensions padded to this multiple (jigsaw_ext.aligned)."""
-    return aligned.weight_bmm(w, x, align) if t else aligned.linear(x, w, align)
-
-
-def _weight_grad(g: torch.Tensor, x: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
-    """dL/dw of `_product` from its output gradient g (in its layout, x's dtype). With t, one product
-    of the 2-d (rows, .) copies of both: per-sample products would be rounded one by one in bf16, a
-    batched product summed after holds batch x weight (2.4 GB for the C1 token mixer at batch 4), and
-    a loop over the samples would give the planner's trace a structure that changes with the batch."""
-    if not t:
-        return aligned.matmul(g.t(), x, align)
-    rows = lambda v: v.transpose(1, 2).reshape(-1, v.shape[1])  # noqa: E731
-    return aligned.matmul(rows(g).t(), rows(x), align)
-
-
-def _input_grad(g: torch.Tensor, w: torch.Tensor, t: bool, align: int = 1) -> torch.Tensor:
-    """dL/dx of `_product` in the operand's layout: (rows, in), or with t (batch, in, F)."""
-    return aligned.weight_bmm(w.t(), g, align) if t else aligned.matmul(g, w, align)
-
-
-class _GatheredLinear(torch.autograd.Function):
-    """y = x @ W^T where W (out, in_local) is stored as row blocks spread over `group`.
-
-    keep: None (gather in forward, gather again in backward: nothing gathered outlives its use), or
-    a dict owned by the layer that keeps the gathered weight until the layer clears it (once per
-    optimizer step, jigsaw_ext.layers.clear_gathered_weights) or the block changes in place: one
-    gather per optimizer step instead of two per micro-batch, for one full-row weight of memory.
-    x is read in its own layout (`_operand`); y has x's layout."""
-
-    @staticmethod
-    def forward(ctx, x, w_block, group, sizes, gather, keep, deferral, anchor, prefetched=None, align=1):
-        shape, (x, t) = x.shape, _operand(x)
-        ctx.save_for_backward(x, w_block)  # the operand: what backward's products read, with no copy
-        ctx.args = (group, sizes, gather, shape, t, align)
-        ctx.w_full, ctx.deferral = None, deferral
-        lead = shape[:-2] if t else shape[:-1]
-        out = lambda y: (
-            y.view(*lead, y.shape[1], shape[-2]).transpose(-1, -2)
-            if t  # noqa: E731
-            else y.view(*lead, y.shape[-1])
-        )
-        w_compute = _compute_dtype(w_block, x)  # bf16 under autocast: the gather moves bf16 bytes
-        if not gather:
-            return out(_product(x, w_compute, t, align))
-        if prefetched is not None:  # gathered while the previous layer computed (mesh.prefetch_weights)
-            return out(_product(x, prefetched.wait(), t, align))
-        me, offset = _rank(group), 0
-        if keep is not None and keep.get("key") == (w_block._version, w_compute.dtype):
-            w_full, own = keep["w"], None
-        else:
-            pending = start_all_gather(w_compute, group, sizes)
-            own = _product(x, w_compute, t, align)  # overlaps with the transfer of the other blocks
-            w_full = pending.wait()
-            if keep is not None:
-                keep.update(key=(w_block._version, w_compute.dtype), w=w_full)
-        ctx.w_full = w_full if keep is not None else None
-        pieces = []
-        for r, s in enumerate(sizes):
-            pieces.append(own if (r == me and own is not None) else _product(x, w_full[offset : offset + s], t, align))
-            offset += s
-        return out(torch.cat(pieces, dim=1 if t else -1))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_block = ctx.saved_tensors
-        group, sizes, gather, shape, t, align = ctx.args
-        need_x = ctx.needs_input_grad[0]
-        # backward runs outside autocast: compute in the dtype of the incoming gradient (that of the
-        # forward's matmul), reduce weight gradients in fp32
-        w_compute = w_block.to(grad.dtype)
-        kept = ctx.w_full
-        pending_w = start_all_gather(w_compute, group, sizes) if (gather and need_x and kept is None) else None
-        # the gradient in the operand's layout: a view with t, else (rows, out) (one copy if transposed)
-        g = (
-            grad.transpose(-1, -2).reshape(x.shape[0], grad.shape[-1], grad.shape[-2])
-            if t
-            else grad.reshape(x.shape[0], grad.shape[-1])
-        )
-        # summed over the group in fp32 (a bf16 sum of partials loses bits)
-        grad_w = _weight_grad(g, x.to(grad.dtype), t, align).float()
-        grad_w = local_gradient(ctx.deferral, grad_w)  # None: deferred to the step's last micro-batch
-        pending_gw = (
-            None
-            if grad_w is None
-            else start_reduce_scatter(grad_w, group, sizes)
-            if gather
-            else start_all_reduce(grad_w, group)
-        )
-        grad_x = None
-        if need_x:
-            w = (kept.to(grad.dtype) if kept is not None else pending_w.wait()) if gather else w_compute
-            dx = _input_grad(g, w, t, align).to(x.dtype)
-            grad_x = dx.view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if t else dx.view(shape)
-        ctx.w_full = None
-        grad_w = None if pending_gw is None else pending_gw.wait().to(w_block.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None
-
-
-def gathered_linear(
-    x: torch.Tensor,
-    w_block: torch.Tensor,
-    group,
-    sizes: Sequence[int],
-    gather: bool = True,
-    keep: dict | None = None,
-    prefetched: _Pending | None = None,
-    align: int = 1,
-) -> torch.Tensor:
-    """Local product of x with the full-row weight whose row blocks live on the ranks of `group`.
-
-    gather=True: w_block holds rows offset(r):offset(r)+sizes[r] (stored once per group).
-    gather=False: w_block holds every row (replicated over `group`; gradients all-reduced).
-    keep: see _GatheredLinear (None: re-gather in backward).
-    prefetched: the forward gather of this weight, started earlier by `start_weight_gather`.
-    align: the products' inner and output dimensions padded to this multiple (mesh.gemm_multiple).
-    """
-    if group is None:
-        return aligned.linear(x, w_block, align)
-    deferral, (w,), anchor = deferred_inputs([w_block])
-    return _GatheredLinear.apply(x, w, group, tuple(sizes), gather, keep, deferral[0], anchor, prefetched, align)
-
-
-def start_weight_gather(w_block: torch.Tensor, group, sizes: Sequence[int]) -> tuple[tuple, _Pending]:
-    """(key, pending): the async all-gather of a weight's row blocks in the dtype the forward will
-    compute in (autocast's, if on), for `gathered_linear(..., prefetched=pending)`; the key (the
-    block's version and that dtype) tells the consumer whether it still matches."""
-    with torch.no_grad():
-        w = _compute_dtype(w_block.detach(), w_block)
-        return (w_block._version, w.dtype), start_all_gather(w, group, sizes)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:

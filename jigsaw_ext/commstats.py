@@ -27,6 +27,7 @@ import threading
 import types
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,9 +128,10 @@ def _wrap(name: str, fn, stats: CommStats, state: threading.local):
         finally:
             state.depth = depth
 
-    counted.__wrapped__ = fn
+    wrapper: Any = counted  # a function carrying attributes
+    wrapper.__wrapped__ = fn
     if getattr(fn, "comm_rule", None):  # a nested count_comm counts it too
-        counted.comm_rule = fn.comm_rule
+        wrapper.comm_rule = fn.comm_rule
     counted.__name__ = getattr(fn, "__name__", name)
     return counted
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .layout import block_layout
 from .mesh import Mesh
 
 CHUNK_ELEMENTS = 1 << 16
@@ -58,4 +59,4 @@ def init_parameters(module: nn.Module, mesh: Mesh, seed: int) -> None:
             continue
         if not hasattr(p, "block_layout"):
             raise TypeError(f"parameter {name} has no layout: build it with jigsaw_ext.layers.make_param")
-        fill_block(p, p.block_layout, mesh.coords, p.block_init, seed, name)
+        fill_block(p, block_layout(p), mesh.coords, p.__dict__["block_init"], seed, name)

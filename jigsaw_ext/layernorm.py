@@ -73,7 +73,7 @@ class _SplitLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(mean, inv, *xs, *ws)
         ctx.args = (group, sum(counts), n_seg)
         outs = []
-        for x, w, b, part in zip(acc, ws, bs, parts):
+        for x, w, b, part in zip(acc, ws, bs, parts, strict=True):
             if part is None:
                 outs.append(x.to(out_dtype))
                 continue
@@ -95,21 +95,25 @@ class _SplitLayerNorm(torch.autograd.Function):
         # one copy of a transposed gradient (the token-mixing LayerNorm's comes back as the transpose
         # of fc1's input gradient): otherwise g * normed inherits its strides, and the two row-sum
         # products and the two reshapes below would each copy g or g * normed
-        gs = [g.to(h.dtype).contiguous() for g, h in zip(grads, normed)]
-        ghs = [g * h for g, h in zip(gs, normed)]
-        dws = [lead(gh).sum(0).to(w.dtype) for gh, w in zip(ghs, ws)]
-        dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(gs, ws)]
+        gs = [g.to(h.dtype).contiguous() for g, h in zip(grads, normed, strict=True)]
+        ghs = [g * h for g, h in zip(gs, normed, strict=True)]
+        dws = [lead(gh).sum(0).to(w.dtype) for gh, w in zip(ghs, ws, strict=True)]
+        dbs = [lead(g).sum(0).to(w.dtype) for g, w in zip(gs, ws, strict=True)]
         # the row sums of g w and g w normed as products with w (no full-size g * w temporary)
-        wf = [w.to(h.dtype) for w, h in zip(ws, normed)]
+        wf = [w.to(h.dtype) for w, h in zip(ws, normed, strict=True)]
         sums = torch.stack(
-            [sum(g.matmul(w) for g, w in zip(gs, wf)), sum(gh.matmul(w) for gh, w in zip(ghs, wf))], dim=-1
+            [
+                sum(g.matmul(w) for g, w in zip(gs, wf, strict=True)),
+                sum(gh.matmul(w) for gh, w in zip(ghs, wf, strict=True)),
+            ],
+            dim=-1,
         )
         sums = _sum_over(sums, group) / n
         mean_g, mean_gh = sums[..., :1], sums[..., 1:]
         # inv * (g w - mean_g - normed mean_gh): three passes, in the buffer of g * normed
         dxs = [
             torch.addcmul(-mean_g, h, -mean_gh, out=gh).addcmul_(g, w).mul_(inv).to(x.dtype)
-            for g, h, gh, w, x in zip(gs, normed, ghs, wf, xs)
+            for g, h, gh, w, x in zip(gs, normed, ghs, wf, xs, strict=True)
         ]
         return (None, None, None, None, None, *dxs, *dws, *dbs)
 

@@ -53,7 +53,7 @@ class Layout:
     def __post_init__(self):
         if len(self.shape) != len(self.splits):
             raise ValueError(f"layout rank mismatch: shape {self.shape} vs splits {self.splits}")
-        for dim, (n, split) in enumerate(zip(self.shape, self.splits)):
+        for dim, (n, split) in enumerate(zip(self.shape, self.splits, strict=True)):
             if split is not None and split.total != n:
                 raise ValueError(f"dim {dim}: shard sizes {split.sizes} do not add up to {n}")
 
@@ -65,7 +65,7 @@ class Layout:
         return tuple(slice(None) if s is None else s.slice(coords[s.axis]) for s in self.splits)
 
     def local_shape(self, coords: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(n if s is None else s.size(coords[s.axis]) for n, s in zip(self.shape, self.splits))
+        return tuple(n if s is None else s.size(coords[s.axis]) for n, s in zip(self.shape, self.splits, strict=True))
 
     def shard(self, full: torch.Tensor, coords: Mapping[str, int]) -> torch.Tensor:
         """This rank's block of a full logical tensor (a view)."""
@@ -85,3 +85,12 @@ class Layout:
         return cls(
             tuple(d["shape"]), tuple(None if s is None else Split(s["axis"], tuple(s["sizes"])) for s in d["splits"])
         )
+
+
+def block_layout(p: torch.Tensor) -> Layout:
+    """The layout of the logical tensor whose block the parameter `p` holds (jigsaw_ext.layers.make_param
+    attaches it as `p.block_layout`)."""
+    layout = p.__dict__.get("block_layout")
+    if not isinstance(layout, Layout):
+        raise AttributeError("a parameter without a block layout: build it with jigsaw_ext.layers.make_param")
+    return layout

@@ -10,6 +10,9 @@ the CUDA RNG state -> the CPU generator. It changes nothing when CUDA is availab
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 _installed = False
@@ -41,7 +44,7 @@ def install() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    cpu = {
+    cpu: dict[str, Callable[..., Any]] = {
         "current_device": _cpu_device,
         "get_rng_state": _get_rng_state,
         "set_rng_state": _set_rng_state,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AXES = ("dp", "domain", "tp")  # slowest to fastest varying
-STRATEGIES = ("gather", "stationary", "features")  # how a block MLP meets its data (jigsaw_ext.layers.BlockMLP)
+STRATEGIES = ("gather", "stationary", "features")  # how a block MLP meets its data (jigsaw_ext.mlp.BlockMLP)
 
 
 class MeshConfig(BaseModel):
@@ -35,8 +35,8 @@ class MeshConfig(BaseModel):
     )
     strategy: dict[str, Literal["auto", "gather", "stationary", "features"]] = Field(
         default_factory=dict,
-        description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the weights "
-        "(Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
+        description="per layer kind (e.g. token_mixing, channel_mixing; '*': every other kind): 'gather' moves the "
+        "weights (Jigsaw), 'stationary' keeps them and moves the rows (Megatron-style), 'features' gathers the "
         "contracted features (Megatron tensor parallelism over the contract axis; needs the other "
         "axis of size 1 or in replicate_weights_over), 'auto' (the default for kinds not listed) "
         "picks the one that sends the fewest bytes",
@@ -108,7 +108,7 @@ class Mesh:
     config: MeshConfig  # what the mesh was built from (sizes and layer options)
     coords: dict[str, int]
     rank: int = 0
-    groups: dict[str, object] = field(default_factory=dict)  # axis name -> ProcessGroup
+    groups: dict[str, Any] = field(default_factory=dict)  # axis name -> ProcessGroup (plan: a FakeGroup)
 
     @staticmethod
     def coords_of(rank: int, sizes: dict[str, int]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .layout import Layout, Split, even_split
+from .layout import Layout, Split, block_layout, even_split
 from .mesh import Mesh, MeshConfig
 
 FP32_TOL, BF16_TOL = 1e-5, 5e-2
@@ -65,7 +65,8 @@ class _Mixer(nn.Module):
 
     def __init__(self, mesh: Mesh, tokens: int, features: int, hidden: int, blocks: int, seed: int):
         from .init import init_parameters
-        from .layers import BlockLinear, BlockMLP, DistLayerNorm, bucket_small_gradients
+        from .layers import BlockLinear, DistLayerNorm, bucket_small_gradients
+        from .mlp import BlockMLP
 
         super().__init__()
         self.mesh = mesh
@@ -166,8 +167,8 @@ def _shard(layouts: Batch, batch: Batch, rows: slice, coords) -> Batch:
     """This rank's block of the samples `rows` of a global batch."""
     pick = lambda lay, t: None if t is None else lay.shard(t[rows], coords)  # noqa: E731
     return Batch(
-        [pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs)],
-        [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets)],
+        [pick(lay, t) for lay, t in zip(layouts.inputs, batch.inputs, strict=True)],
+        [pick(lay, t) for lay, t in zip(layouts.targets, batch.targets, strict=True)],
     )
 
 
@@ -247,7 +248,7 @@ def compare_with_serial(
     # dp replicas, so d(global)/d(this replica's input) = gin / dp
     errors["input_grad"] = relative_error(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
     errors["param_grad"], worst["param_grad"] = max(
-        (relative_error(p.grad, p.block_layout.shard(s_params[n].grad, coords)), n)
+        (relative_error(p.grad, block_layout(p).shard(s_params[n].grad, coords)), n)
         for n, p in sharded.model.named_parameters()
     )
     for step in range(steps):
@@ -257,7 +258,7 @@ def compare_with_serial(
         serial.opt.step()
         sharded.opt.step()
     errors["params_after_steps"], worst["params_after_steps"] = max(
-        (relative_error(p, p.block_layout.shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters()
+        (relative_error(p, block_layout(p).shard(s_params[n], coords)), n) for n, p in sharded.model.named_parameters()
     )
     return _worst_over_ranks(errors, worst, device)
 
@@ -267,10 +268,10 @@ def _worst_over_ranks(errors: dict, worst: dict, device) -> dict:
 
     vec = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
     dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-    everyone = [None] * dist.get_world_size()
+    everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (errors, worst))
     out = {}
-    for key, value in zip(errors, vec.tolist()):  # name the tensor and rank with the largest error
+    for key, value in zip(errors, vec.tolist(), strict=True):  # name the tensor and rank with the largest error
         rank = max(range(len(everyone)), key=lambda r: everyone[r][0][key])
         where = everyone[rank][1].get(key)
         out[key] = (value, f"{where} on rank {rank}" if where else f"rank {rank}")

@@ -25,15 +25,15 @@ def mlp_traffic(
                 sums, reduce-scatter over storage of the output; the same three backward.
     features:   all-gather of the features over contract, reduce-scatter of the output; the same two
                 backward (weights replicated over storage, if it has ranks: their gradients all-reduced)."""
-    s, c, R, I, H = storage, contract, rows, features, hidden
+    s, c, R, D, H = storage, contract, rows, features, hidden
     fs, fc = (s - 1) / s, (c - 1) / c
     if strategy == "gather":
-        weights = 2 * (2 * fs * H * I / c) if replicate else 2 * 3 * fs * H * I / c
-        return weights + 2 * fc * R * H / s + 2 * fc * R * I / s
+        weights = 2 * (2 * fs * H * D / c) if replicate else 2 * 3 * fs * H * D / c
+        return weights + 2 * fc * R * H / s + 2 * fc * R * D / s
     if strategy == "stationary":
-        return 4 * fs * R * I / c + 4 * fc * R * H / s
+        return 4 * fs * R * D / c + 4 * fc * R * H / s
     if strategy == "features":
-        return 4 * fc * R * I / s + 2 * (2 * fs * H * I / c)
+        return 4 * fc * R * D / s + 2 * (2 * fs * H * D / c)
     raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
 
 
@@ -57,13 +57,13 @@ def mlp_saved(
     """Elements one rank saves for backward in a BlockMLP and its LayerNorm: the LayerNorm's input,
     fc1's input and the hidden activation before and after GELU, in the layout the strategy has them
     (fused: the LayerNorm saves the gathered input instead of this rank's block)."""
-    s, c, R, I, H = storage, contract, rows, features, hidden
-    own = R * I / (s * c)
+    s, c, R, D, H = storage, contract, rows, features, hidden
+    own = R * D / (s * c)
     if strategy == "gather":
         return 2 * own + 2 * R * H / (s * c)
     if strategy == "stationary":
-        return (R * I / c if fused else own) + R * I / c + 2 * R * H / s
-    return (R * I / s if fused else own) + R * I / s + 2 * R * H / (s * c)
+        return (R * D / c if fused else own) + R * D / c + 2 * R * H / s
+    return (R * D / s if fused else own) + R * D / s + 2 * R * H / (s * c)
 
 
 def mlp_extra_memory(

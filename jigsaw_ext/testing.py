@@ -109,7 +109,7 @@ def run_workers(
             for conn in ready:
                 rank = next(r for r, c in pending.items() if c is conn)
                 try:
-                    status, payload = pickle.loads(conn.recv_bytes())
+                    status, payload = pickle.loads(pending[rank].recv_bytes())
                 except EOFError:
                     procs[rank].join(5)
                     raise WorkerFailure(

@@ -66,7 +66,8 @@ def accumulator_elements(model, mesh) -> int:
     each gathered weight its full-row gradient (every row of the storage axis x this rank's columns),
     each weight replicated over the storage axis and each small parameter its own size; stationary
     weights nothing (their gradients are never reduced)."""
-    from jigsaw_ext.layers import BlockLinear, BlockMLP
+    from jigsaw_ext.layers import BlockLinear
+    from jigsaw_ext.mlp import BlockMLP
 
     n = 0
     for m in model.modules():

@@ -1,14 +1,8 @@
 """Checkpoints that outlive their layout: block-sharded training state written layout-free by every
 rank in parallel and loaded on any mesh, plus the tools on top.
 
-    python -m jigsaw_ext.checkpoint inspect CKPT               layout, step, sizes, versions, per-tensor shapes
-    python -m jigsaw_ext.checkpoint inspect --verify CKPT      every file against its checksum; exit 1 naming the bad ones
-    python -m jigsaw_ext.checkpoint export CKPT OUT.safetensors [--max-shard-gb G] [--dtype bfloat16]
-    python -m jigsaw_ext.checkpoint consolidate CKPT OUT       one directory of safetensors (weights + moments);
-                                                               the converter of the DeepSpeed 0.19 per-rank format
-
-CKPT is a checkpoint tag directory (`<run>/checkpoints/step00000100`), a checkpoint root (its
-`latest` pointer is followed) or a consolidated directory.
+The command line (cli.py, `python -m jigsaw_ext.checkpoint --help`) inspects, verifies, exports and
+consolidates them.
 
 Layout-free tags (layout_free.py, sharded.py, engine_state.py): `state/NNNNN/` holds, per parameter,
 the fp32 master weights and AdamW moments as megatron-core ShardedTensors with global offsets
@@ -44,19 +38,18 @@ from .cli import main
 from .common import (
     FORMAT,
     KINDS,
-    CheckpointFormatError,
     app_keys,
     is_consolidated,
     is_layout_free,
     read_index,
-    read_job_info,
     resolve,
 )
 from .consolidated import Consolidated, consolidate, full_tensors, inspect, load_into_model, verify
 from .deepspeed_files import DeepSpeedTag, read_trainer_state
+from .errors import CheckpointFormatError, ChecksumError, UnverifiedCheckpointWarning
 from .export import export
+from .job_info import read_job_info
 from .layout_free import load_layout_free, save_layout_free
-from .manifest import ChecksumError, UnverifiedCheckpointWarning
 
 __all__ = [
     "FORMAT",

@@ -1,4 +1,15 @@
-"""python -m jigsaw_ext.checkpoint inspect | export | consolidate (see the package docstring)."""
+"""The checkpoint tools on the command line.
+
+    python -m jigsaw_ext.checkpoint inspect CKPT               layout, step, sizes, versions, per-tensor shapes
+    python -m jigsaw_ext.checkpoint inspect --verify CKPT      every file against its checksum; exit 1 naming
+                                                               the bad ones
+    python -m jigsaw_ext.checkpoint export CKPT OUT.safetensors [--max-shard-gb G] [--dtype bfloat16]
+    python -m jigsaw_ext.checkpoint consolidate CKPT OUT       one directory of safetensors (weights + moments);
+                                                               the converter of the DeepSpeed 0.19 per-rank format
+
+CKPT is a checkpoint tag directory (`<run>/checkpoints/step00000100`), a checkpoint root (its
+`latest` pointer is followed) or a consolidated directory.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,9 @@ import sys
 from pathlib import Path
 
 from ..files import make_output_folders
-from . import __doc__ as DOC
-from .common import CheckpointFormatError, read_pointer, resolve
+from .common import read_pointer, resolve
 from .consolidated import consolidate, inspect, verify
+from .errors import CheckpointFormatError
 from .export import export
 
 RESHARD_GONE = (
@@ -64,7 +75,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         allow_abbrev=False,
         prog="python -m jigsaw_ext.checkpoint",
-        description=DOC,
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -1,10 +1,12 @@
-"""What every checkpoint reader here shares: the formats, the error type, finding the directory a
-path designates, and the job info (mesh, layouts, the application's own keys)."""
+"""What every checkpoint reader here shares: the formats, finding the directory a path designates,
+reading a consolidated index, and agreeing on a failure across ranks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .errors import CheckpointFormatError, RankFailure
 
 FORMAT = "jigsaw-consolidated/2"
 OLD_FORMATS = ("jigsaw-consolidated/1",)
@@ -30,22 +32,6 @@ KINDS = ("param", "exp_avg", "exp_avg_sq")
 ROOT_SIDE_FILES = ("forecast_defaults.json",)
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint that cannot be read as asked: names the file or tensor."""
-
-
-class RankFailure(CheckpointFormatError):
-    """Raised on every rank when a rank failed outside DCP during a collective save or load (DCP
-    reports its own failures to every rank; anything else would leave the other ranks waiting in the
-    next collective). `failures`: {rank: exception}, as in DCP's CheckpointException, so
-    sharded.failing_rank names the lowest failing rank."""
-
-    def __init__(self, what: str, failures: dict):
-        self.failures = failures
-        r = min(failures)
-        super().__init__(f"{what}: rank {r} failed ({type(failures[r]).__name__}: {failures[r]})")
-
-
 def agree(err: BaseException | None, what: str, value: int = 0, own: bool = True) -> int:
     """Collective over the world: if any rank passed an error, every rank raises (the failing rank its
     own exception if `own`, else RankFailure like the others, naming the rank and its message); else
@@ -63,7 +49,7 @@ def agree(err: BaseException | None, what: str, value: int = 0, own: bool = True
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if not t[0]:
         return int(t[1])
-    msgs = [None] * dist.get_world_size()
+    msgs: list[tuple[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(msgs, None if err is None else (type(err).__name__, str(err)))
     if err is not None and own:
         raise err
@@ -114,7 +100,7 @@ def is_layout_free(path: Path) -> bool:
     return (path / "state").is_dir() and (path / "job.json").is_file()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -125,7 +111,7 @@ def _read_json(path: Path) -> dict:
 
 def read_index(path: Path) -> dict:
     """index.json of a consolidated checkpoint, of the current format (older ones: how to convert)."""
-    idx = _read_json(path / "index.json")
+    idx = read_json(path / "index.json")
     fmt = idx.get("format") if isinstance(idx, dict) else None
     if fmt in OLD_FORMATS:
         src = (idx.get("source") or {}).get("path", "the original DeepSpeed checkpoint")
@@ -142,28 +128,3 @@ def read_index(path: Path) -> dict:
 def app_keys(info: dict) -> dict:
     """What the application wrote into job.json beyond the keys this package reads."""
     return {k: v for k, v in info.items() if k not in JIGSAW_KEYS}
-
-
-def read_job_info(path: str | Path) -> dict:
-    """What a checkpoint was written with: the keys this package reads (mesh, zero_stage, dtype, step,
-    layouts, param_groups, deepspeed) and whatever the application recorded beside them (its job
-    configuration, statistics, provenance), the same for a DeepSpeed tag and a consolidated copy."""
-    path = resolve(path)
-    if is_consolidated(path):
-        idx = read_index(path)
-        return dict(
-            idx["app"],
-            deepspeed=idx["deepspeed"],
-            mesh=idx["source"]["mesh"],
-            zero_stage=idx["source"]["zero_stage"],
-            step=idx["step"],
-            dtype=idx["source"].get("dtype", "float32"),
-            layouts={n: t["layout"] for n, t in idx["tensors"].items()},
-        )
-    if not (path / "COMPLETE").is_file():
-        raise CheckpointFormatError(f"{path}: no COMPLETE marker (an interrupted save?)")
-    from .manifest import verify_file
-
-    if (path / "job.json").is_file():
-        verify_file(path / "job.json")
-    return _read_json(path / "job.json")

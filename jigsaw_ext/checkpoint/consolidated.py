@@ -10,25 +10,29 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..layout import Layout
+from ..layout import Layout, block_layout
 from .common import (
     FORMAT,
     KINDS,
     ROOT_SIDE_FILES,
-    CheckpointFormatError,
     app_keys,
     is_consolidated,
     is_layout_free,
     read_index,
-    read_job_info,
     resolve,
 )
 from .deepspeed_files import DeepSpeedTag
 from .engine_state import jsonable as _jsonable
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
+
+if TYPE_CHECKING:
+    from .layout_free import LayoutFreeTag
 
 
 def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
@@ -41,7 +45,7 @@ def consolidate(src: str | Path, out: str | Path, log=print) -> Path:
     if is_layout_free(src_dir):
         from .layout_free import LayoutFreeTag
 
-        tag = LayoutFreeTag(src_dir)
+        tag: LayoutFreeTag | DeepSpeedTag = LayoutFreeTag(src_dir)
     else:
         tag = DeepSpeedTag(src_dir)
     tmp = out.with_name(out.name + ".partial")
@@ -209,10 +213,10 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
     if missing:
         raise CheckpointFormatError(f"{path}: no tensors for parameters {missing[:5]} (another model config?)")
     for name, p in params.items():
-        if list(p.block_layout.shape) != info["layouts"][name]["shape"]:
+        if list(block_layout(p).shape) != info["layouts"][name]["shape"]:
             raise CheckpointFormatError(
                 f"{path}: {name} has shape {info['layouts'][name]['shape']}, this model "
-                f"expects {list(p.block_layout.shape)} (another model config?)"
+                f"expects {list(block_layout(p).shape)} (another model config?)"
             )
     if is_layout_free(path):  # every rank reads the full tensors in batches, without collectives
         from .layout_free import read_weights
@@ -220,12 +224,12 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
         with torch.no_grad():
             for name, full in read_weights(path / "state", info["state"], names=list(params)):
                 p = params[name]
-                p.copy_(p.block_layout.shard(full, mesh.coords).to(p.dtype))
+                p.copy_(block_layout(p).shard(full, mesh.coords).to(p.dtype))
         return info
     reader = Consolidated(path) if is_consolidated(path) else DeepSpeedTag(path)
     with torch.no_grad():
         for name, p in params.items():
-            layout = p.block_layout
+            layout = block_layout(p)
             if isinstance(reader, Consolidated):
                 block = reader.block(name, "param", layout, mesh.coords)
             else:
@@ -239,7 +243,7 @@ def verify(path: str | Path) -> dict:
     "problems"}; problems: one line per damaged, missing or unlisted file (empty: intact); verified
     False: written before checksums existed (nothing could be checked) or no usable manifest."""
     path = resolve(path)
-    out = {
+    out: dict = {
         "path": str(path),
         "kind": "consolidated" if is_consolidated(path) else "tag",
         "verified": False,

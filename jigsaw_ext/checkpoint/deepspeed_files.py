@@ -13,7 +13,8 @@ import torch
 
 from ..layout import Layout
 from ..safe_load import UnsafeCheckpointError, load_state, safe_torch_load, state_exists
-from .common import CheckpointFormatError, read_job_info
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 from .manifest import verify_file
 
 
@@ -113,8 +114,8 @@ class DeepSpeedTag:
                     f"{len(self.info['param_groups'])}"
                 )
             out = {}
-            for g, gnames in zip(groups, self.info["param_groups"]):
-                for idx, name in zip(g["params"], gnames):
+            for g, gnames in zip(groups, self.info["param_groups"], strict=True):
+                for idx, name in zip(g["params"], gnames, strict=True):
                     out[name] = ("z0", idx)
             return self._check_names(out, names, self._model_file(m))
         shapes = self.model_state[m].get("param_shapes")
@@ -126,7 +127,7 @@ class DeepSpeedTag:
             pads = opt0.get("param_alignment_paddings") or [[0] * len(s) for s in shapes]
             for g, group in enumerate(shapes):
                 off = 0
-                for (name, shape), pad in zip(group.items(), pads[g]):
+                for (name, shape), pad in zip(group.items(), pads[g], strict=True):
                     n = math.prod(shape)
                     out[name] = ("z12", g, off, n)
                     off += n + pad
@@ -212,7 +213,8 @@ class DeepSpeedTag:
             ]
         keep = ("lr", "initial_lr", "betas", "eps", "weight_decay", "name")
         return [
-            dict({k: g[k] for k in keep if k in g}, names=names) for g, names in zip(groups, self.info["param_groups"])
+            dict({k: g[k] for k in keep if k in g}, names=names)
+            for g, names in zip(groups, self.info["param_groups"], strict=True)
         ]
 
     def trainer_state(self) -> dict:

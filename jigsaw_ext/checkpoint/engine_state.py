@@ -59,6 +59,7 @@ def _lp_master(engine, p):
                 if per_param is not None:
                     master = per_param[i][j]
                     return master.detach().view(-1), master, 0
+                assert flats is not None  # (checked above: one of the two is set)
                 return flats[i].detach()[offset : offset + p.numel()], flats[i], offset
             offset += q.numel()
     return None
@@ -356,7 +357,7 @@ def restore_engine_info(engine, info: dict) -> None:
     sched = info.get("lr_scheduler")
     if sched and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(dict(sched, lr_lambdas=[None] * len(sched.get("base_lrs", []))))
-        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             g["lr"] = lr
     c = info["counters"]
     engine.global_steps = int(c["global_steps"])

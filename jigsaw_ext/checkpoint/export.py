@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text, replace_synced
-from .common import CheckpointFormatError, app_keys, read_job_info, resolve
+from .common import app_keys, resolve
+from .errors import CheckpointFormatError
+from .job_info import read_job_info
 
 EXPORT_FORMAT = "jigsaw-weights/1"
 INDEX = "model.safetensors.index.json"
@@ -60,7 +62,9 @@ def export(src: str | Path, out: str | Path, max_shard_bytes: int | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shards, current, size = [], {}, 0
+        shards: list[tuple[list[str], str]] = []
+        current: dict = {}
+        size = 0
         for name, t in full_tensors(src):
             t = t.to(cast).contiguous()
             n = t.numel() * t.element_size()

@@ -7,12 +7,11 @@ parallel, loaded on any mesh, any ZeRO stage, any dp.
 What is written, per parameter (each a logical tensor of the parameter's global shape, fp32):
 `param/<name>` (the master weights), `exp_avg/<name>`, `exp_avg_sq/<name>` (AdamW's moments), each
 rank writing the part in its own optimizer partition, as boxes of at most 64 MiB or a row
-(sharded.fragment_parts), in
-batches of about the largest tensor's size (sharded.batches), each a torch.distributed.checkpoint
-directory (`state/00000/`, `state/00001/`, ...). The description (JSON, kept by the caller) lists the batches, every tensor's layout on
-the mesh that wrote it, and the engine's optimizer step, lr-scheduler state and counters. The
-low-precision parameters of a bf16 run are not written: they are the master weights rounded, which
-is what loading sets them to.
+(sharded.fragment_parts), in batches of about the largest tensor's size (sharded.batches), each a
+torch.distributed.checkpoint directory (`state/00000/`, `state/00001/`, ...). The description
+(JSON, kept by the caller) lists the batches, every tensor's layout on the mesh that wrote it, and
+the engine's optimizer step, lr-scheduler state and counters. The low-precision parameters of a
+bf16 run are not written: they are the master weights rounded, which is what loading sets them to.
 
 The model's parameters carry their layout (`p.block_layout`); `model.mesh` gives the rank's
 coordinates and the mesh sizes.
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from . import sharded
-from .common import CheckpointFormatError
 from .common import agree as _agree
 from .engine_state import (
     KINDS,
@@ -41,6 +39,7 @@ from .engine_state import (
     set_fp32_block,
     state_fragment,
 )
+from .errors import CheckpointFormatError
 
 FORMAT = "jigsaw-layout-free/1"
 
@@ -103,7 +102,7 @@ def save_layout_free(engine, model, directory: str | Path, budget: int | None = 
     }
 
 
-_WARNED = set()
+_WARNED: set[str] = set()
 
 
 def _fragments(engine, named: dict, what: str, own: bool = True) -> dict:
@@ -130,7 +129,7 @@ def _fragments(engine, named: dict, what: str, own: bool = True) -> dict:
             f"per tensor: slower saves)",
             stacklevel=3,
         )
-    return {n: f if k else None for (n, f), k in zip(frags.items(), ok.tolist())}
+    return {n: f if k else None for (n, f), k in zip(frags.items(), ok.tolist(), strict=True)}
 
 
 def check_description(desc: dict, where) -> None:
@@ -175,7 +174,10 @@ def load_layout_free(engine, model, directory: str | Path, desc: dict) -> None:
     largest = 4 * max((math.prod(p.block_layout.shape) for p in named.values()), default=0)
     pending = None  # a local failure, raised on every rank at the next agreement
     for i, names in enumerate(desc["batches"]):
-        direct, after, needed, mine = {}, [], {}, 0
+        direct: dict = {}
+        after: list = []
+        needed: dict = {}
+        mine = 0
         try:
             for n in names:
                 _plan_reads(engine, n, named[n], frags[n], mesh, direct, after, needed)
@@ -303,7 +305,7 @@ class LayoutFreeTag:
 
     def __init__(self, tag_dir: Path):
         from ..layout import Layout
-        from .common import read_job_info
+        from .job_info import read_job_info
 
         self.dir = Path(tag_dir)
         self.info = read_job_info(tag_dir)
@@ -324,7 +326,8 @@ class LayoutFreeTag:
 
     def optimizer_groups(self) -> list[dict]:
         return [
-            dict(g, names=names) for g, names in zip(self.desc["engine"]["optimizer_groups"], self.info["param_groups"])
+            dict(g, names=names)
+            for g, names in zip(self.desc["engine"]["optimizer_groups"], self.info["param_groups"], strict=True)
         ]
 
     def trainer_state(self) -> dict:

@@ -24,7 +24,7 @@ cannot downgrade a damaged checkpoint to an accepted one. Only a tag of the per-
 without one, with an UnverifiedCheckpointWarning, once per directory. The manifest lists every file
 (DCP's `.metadata` included): a file removed, renamed or added is named by `verify_tree`, which also
 reads each DCP `.metadata` to check that the files it points at lie inside the tag
-(sharded.read_metadata).
+(dcp_metadata.read_metadata).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import warnings
-import zipfile
-import zlib
 from pathlib import Path
 
 from ..files import atomic_write_text
-from .common import CheckpointFormatError
+from .common import read_index
+from .damage import damage
+from .dcp_metadata import read_metadata
+from .errors import CheckpointFormatError, ChecksumError, UnverifiedCheckpointWarning
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "jigsaw-manifest/1"
@@ -49,14 +49,6 @@ UNLISTED = ("COMPLETE", MANIFEST)  # the only files of a tag the manifest does n
 _DIGESTS: dict[tuple, str] = {}  # insertion-ordered: the oldest entries are dropped first
 _DIGESTS_KEPT = 4096
 _WARNED: set[str] = set()
-
-
-class ChecksumError(CheckpointFormatError):
-    """A checkpoint file whose size or digest differs from what its manifest recorded."""
-
-
-class UnverifiedCheckpointWarning(UserWarning):
-    """A per-rank DeepSpeed tag without checksums (DeepSpeed writes none): read unverified."""
 
 
 def requires_manifest(tag: Path) -> bool:
@@ -153,14 +145,14 @@ def check(path: Path, entry: dict, source: str, what: str = "") -> None:
         raise ChecksumError(f"{label}: missing, but {source} lists it (the checkpoint is incomplete)") from None
     want = entry.get("size")
     if size != want:
-        kind = "truncated" if size < want else "longer than written"
+        kind = "truncated" if isinstance(want, int) and size < want else "longer than written"
         raise ChecksumError(f"{label}: {kind}: {size} bytes, {source} records {want}; refusing to load it")
     got = file_digest(path)
     if got != entry.get(ALGORITHM):
         raise ChecksumError(
             f"{label}: checksum mismatch ({ALGORITHM} {got[:16]}..., {source} records "
             f"{str(entry.get(ALGORITHM))[:16]}...): its bytes changed after it was written (bit flips: a "
-            f"bad disk, memory or copy){_damage(path)}; refusing to load it"
+            f"bad disk, memory or copy){damage(path)}; refusing to load it"
         )
 
 
@@ -180,7 +172,7 @@ def verify_file(path: str | Path) -> bool:
     path = Path(path)
     tag = _tag_dir(path)
     files = read_manifest(tag) if tag is not None else None
-    if files is None:
+    if tag is None or files is None:
         if tag is not None and requires_manifest(tag):
             raise _no_manifest(tag)
         warn_unverified(tag or path.parent)
@@ -201,8 +193,6 @@ def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
     a layout-free tag without its manifest and a consolidated index without a tensor's digests."""
     d = Path(directory)
     if (d / "index.json").is_file():
-        from .common import read_index
-
         files, what = {}, {}
         for name, t in read_index(d)["tensors"].items():
             digests = t.get("digests")
@@ -211,10 +201,10 @@ def expected(directory: str | Path) -> tuple[dict, dict, str] | None:
                     raise missing_digest(d, name, kind)
                 files[rel], what[rel] = digests[kind], f"tensor {name}, {kind}"
         return files, what, str(d / "index.json")
-    files = read_manifest(d)
-    if files is None and requires_manifest(d):
+    listed = read_manifest(d)
+    if listed is None and requires_manifest(d):
         raise _no_manifest(d)
-    return None if files is None else (files, {}, str(d / MANIFEST))
+    return None if listed is None else (listed, {}, str(d / MANIFEST))
 
 
 def missing_digest(directory: Path, name: str, kind: str) -> ChecksumError:
@@ -256,9 +246,7 @@ def verify_tree(directory: str | Path, rank: int = 0, world: int = 1) -> list[st
 
 def _metadata_problems(d: Path, files: dict, found: list[str]) -> list[str]:
     """Every intact DCP `.metadata` of the checkpoint read (through the allowlist): the data files it
-    points at must lie inside its directory (sharded.read_metadata refuses anything else)."""
-    from .sharded import read_metadata
-
+    points at must lie inside its directory (dcp_metadata.read_metadata refuses anything else)."""
     out = []
     for rel in sorted(files):
         if Path(rel).name != ".metadata" or any(str(d / rel) in p for p in found):
@@ -282,121 +270,3 @@ def mark_verified(directory: str | Path) -> None:
             continue
         if key[2] == entry.get("size"):
             _DIGESTS[key] = entry[ALGORITHM]
-
-
-# ------------------------------------------------------------------------------------------------
-# which tensor a damaged torch zip file held
-def _bad_records(path: Path) -> list[tuple[zipfile.ZipInfo, int | None]]:
-    """(record, CRC-32 of its bytes now) for every stored record of a torch zip file whose CRC-32
-    differs from the one torch wrote."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = [i for i in z.infolist() if i.compress_type == zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, OSError):
-        return []
-    bad = []
-    with open(path, "rb") as f:
-        for info in infos:
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                bad.append((info, None))
-                continue
-            n, e = struct.unpack("<HH", head[26:30])
-            f.seek(info.header_offset + 30 + n + e)
-            crc, left = 0, info.compress_size
-            while left > 0 and (chunk := f.read(min(left, 1 << 22))):
-                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-            if crc != info.CRC:
-                bad.append((info, crc))
-    return bad
-
-
-def _tensors(obj, where: str = ""):
-    import torch
-
-    if torch.is_tensor(obj):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{where}[{i}]")
-
-
-def _dcp_damage(path: Path) -> str:
-    """'; damaged: tensor K (chunk at offset O)' for a torch.distributed.checkpoint data file: each
-    item is one torch.save zip at the (offset, length) its directory's .metadata records (read with
-    the allowlist), and zip records carry CRC-32s."""
-    import io
-
-    from .sharded import read_metadata
-
-    try:
-        storage = read_metadata(path.parent).storage_data or {}
-    except Exception:  # noqa: BLE001 - the metadata is damaged too: name the file only
-        return ""
-    names = []
-    with open(path, "rb") as f:
-        for index, info in storage.items():
-            if Path(str(info.relative_path)).name != path.name:
-                continue
-            f.seek(info.offset)
-            try:
-                with zipfile.ZipFile(io.BytesIO(f.read(info.length))) as z:
-                    damaged = z.testzip() is not None
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
-                damaged = True
-            if damaged:
-                names.append(f"tensor {index.fqn} (chunk at offset {tuple(index.offset or ())})")
-    return (
-        "; damaged: " + "; ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        if names
-        else ""
-    )
-
-
-def _damage(path: Path) -> str:
-    """'; damaged: record data/3 (tensor module.x)' for a torch zip file, '; damaged: tensor K' for a
-    DCP data file, '' when unknown."""
-    if path.suffix == ".distcp":
-        return _dcp_damage(path)
-    if path.suffix != ".pt":
-        return ""
-    bad = _bad_records(path)
-    if not bad:
-        return ""
-    import torch
-
-    from ..safe_load import safe_torch_load
-
-    want = {(i.compress_size, crc): i.filename for i, crc in bad if crc is not None}
-    sizes = {size for size, _ in want}
-    names: dict[str, list[str]] = {}
-    try:
-        seen = {}  # storage -> (bytes, CRC-32 now): a storage's bytes are one record of the file
-        for name, t in _tensors(safe_torch_load(path, mmap=True)):
-            st = t.untyped_storage()
-            ptr, n = st.data_ptr(), st.nbytes()
-            if ptr not in seen:
-                u8 = torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,))
-                seen[ptr] = (n, zlib.crc32(u8.numpy()) if n in sizes else None)
-            if seen[ptr] in want:
-                names.setdefault(want[seen[ptr]], []).append(name)
-    except Exception:  # noqa: BLE001 - the structure itself is damaged: name the records only
-        pass
-    parts = []
-    for info, _ in bad:
-        rec = info.filename.split("/", 1)[-1]
-        held = names.get(info.filename, [])
-        if rec == "data.pkl":
-            rec += " (the pickled structure)"
-        elif len(held) == 1:
-            rec += f" = tensor {held[0]}"
-        elif held:
-            rec += f" = storage of tensors {', '.join(held[:3])}" + (
-                f" and {len(held) - 3} more" if len(held) > 3 else ""
-            )
-        parts.append(f"record {rec}")
-    return "; damaged: " + "; ".join(parts)

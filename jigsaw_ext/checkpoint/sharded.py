@@ -16,10 +16,8 @@ storage where it can (fragment_reads).
 Large models are written in batches (`batches`): each batch is its own DCP directory
 (`<dir>/NNNNN/`).
 
-DCP keeps its `.metadata` as a pickle. It is never unpickled freely: `read_metadata` reads it
-with `MetadataUnpickler`, which builds only the DCP metadata classes in METADATA_GLOBALS (and torch
-dtypes); anything else is refused naming the file and the global. Tensor data is read by DCP with
-torch.load(weights_only=True). megatron-core's `common.pt` (an empty dict here: every entry is a
+DCP keeps its `.metadata` as a pickle, read only through dcp_metadata's allowlist. Tensor data is
+read by DCP with torch.load(weights_only=True). megatron-core's `common.pt` (an empty dict here: every entry is a
 ShardedTensor) is written by megatron-core's save and never read; the information around the tensors
 is JSON (the caller's).
 
@@ -31,133 +29,20 @@ that hands megatron-core's own conversion of the ShardedTensors to DCP's in-proc
 
 from __future__ import annotations
 
-import contextlib
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..layout import Layout, even_split
-from .common import CheckpointFormatError, agree
+from .common import agree
+from .dcp_metadata import read_metadata, safe_reader_class, safe_readers
+from .errors import CheckpointFormatError
+from .manifest import verify_file
 
 BACKEND, BACKEND_VERSION = "torch_dist", 1
 MIN_BATCH_BYTES = 64 << 20  # see `batches`
-
-METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n)
-    for n in (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "ChunkStorageMetadata",
-        "BytesStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class UnsafeMetadataError(CheckpointFormatError):
-    """A DCP .metadata file that would build objects outside the allowlist."""
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes (METADATA_GLOBALS) and torch dtypes; refuses everything else."""
-
-    path = "<stream>"
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeMetadataError(
-            f"{self.path}: refused: the DCP metadata pickle asks for {module}.{name}, "
-            f"outside the allowlist of DCP's metadata classes (jigsaw_ext.checkpoint.sharded); "
-            f"it was not loaded and nothing in it ran"
-        )
-
-    def persistent_load(self, pid):
-        raise UnsafeMetadataError(f"{self.path}: refused: persistent id {pid!r} in a DCP metadata pickle")
-
-
-def read_metadata(directory: str | Path):
-    """DCP's Metadata of `directory`, unpickled with the allowlist."""
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    path = Path(directory) / ".metadata"
-    try:
-        with open(path, "rb") as f:
-            u = MetadataUnpickler(f)
-            u.path = str(path)
-            md = u.load()
-    except FileNotFoundError:
-        raise CheckpointFormatError(f"{path}: missing (the checkpoint is incomplete)") from None
-    except UnsafeMetadataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a damaged pickle raises many types
-        raise CheckpointFormatError(f"{path}: unreadable DCP metadata ({type(err).__name__}: {err})") from None
-    if getattr(md, "storage_meta", None) is None:
-        md.storage_meta = StorageMeta()
-    _confine(md, path)
-    return md
-
-
-def _confine(md, path: Path) -> None:
-    """Every data file the metadata points at is a plain file name inside its directory (DCP writes
-    `__R_K.distcp`): an absolute path or `..` would make the loaders read outside the checkpoint while
-    the checksums cover the files inside it."""
-    for index, info in (getattr(md, "storage_data", None) or {}).items():
-        rel = str(getattr(info, "relative_path", ""))
-        if not rel or "/" in rel or "\\" in rel or rel in (".", "..") or Path(rel).is_absolute():
-            fqn = getattr(index, "fqn", index)
-            raise UnsafeMetadataError(
-                f"{path}: refused: tensor {fqn} points at {rel!r}, outside the checkpoint "
-                f"directory {path.parent} (DCP writes plain file names there); the "
-                f"metadata was damaged or edited"
-            )
-
-
-def _safe_reader_class():
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-        CachedMetadataFileSystemReader,
-    )
-
-    class SafeFileSystemReader(CachedMetadataFileSystemReader):
-        """DCP's file reader with `.metadata` read through the allowlist."""
-
-        def read_metadata(self, *args, **kwargs):
-            if self._cached_metadata is None:
-                md = read_metadata(self.path)
-                md.storage_meta.load_id = self.load_id
-                self._cached_metadata = md
-            return self._cached_metadata
-
-    return SafeFileSystemReader
-
-
-@contextlib.contextmanager
-def _safe_readers():
-    """megatron-core's torch_dist load strategy builds its reader in one module-level function:
-    point it at the safe reader while loading (megatron-core 0.16; pinned in pyproject.toml)."""
-    from megatron.core.dist_checkpointing.strategies import torch as mstrat
-
-    cls, saved = _safe_reader_class(), mstrat._get_filesystem_reader
-    mstrat._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: cls(checkpoint_dir)
-    try:
-        yield
-    finally:
-        mstrat._get_filesystem_reader = saved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +138,7 @@ def tight(t: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().nbytes() == t.nbytes or t.numel() == 0:
         return t
     off = t.storage_offset() * t.element_size()
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off : off + t.nbytes], 0, t.shape)
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[off : off + t.nbytes], 0, t.shape)  # type: ignore[call-overload]  # torch's stub lacks set_(UntypedStorage, offset, size)
 
 
 CHUNK_MAX = 16 << 20  # elements (64 MiB fp32): the largest item written; DCP reads a whole item to load any part
@@ -311,7 +196,13 @@ def fragment_parts(
             data = tight(flat[f - start : f - start + math.prod(z)].view(z))
             out.append(
                 ShardedTensor(
-                    key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+                    key,
+                    data,
+                    data.dtype,
+                    tuple(z),
+                    tuple(layout.shape),
+                    tuple(a + b for a, b in zip(offset, o, strict=True)),
+                    None,
                 )
             )
     return out
@@ -328,7 +219,13 @@ def fragment_reads(key: str, flat: torch.Tensor, start: int, layout: Layout, coo
         data = flat[f - start : f - start + max(1, math.prod(z))].view(z)
         out.append(
             ShardedTensor(
-                key, data, data.dtype, tuple(z), tuple(layout.shape), tuple(a + b for a, b in zip(offset, o)), None
+                key,
+                data,
+                data.dtype,
+                tuple(z),
+                tuple(layout.shape),
+                tuple(a + b for a, b in zip(offset, o, strict=True)),
+                None,
             )
         )
     return out
@@ -355,7 +252,8 @@ def batches(layouts: Mapping[str, Layout], kinds: int, budget: int | None = None
     the accessors' fallback)."""
     if budget is None:
         budget = max(MIN_BATCH_BYTES, 4 * kinds * max((math.prod(v.shape) for v in layouts.values()), default=0))
-    out, size = [[]], 0
+    out: list[list[str]] = [[]]
+    size = 0
     for name, layout in layouts.items():
         n = 4 * kinds * math.prod(layout.shape)
         if out[-1] and size + n > budget:
@@ -398,7 +296,7 @@ def _strategies(sync: bool = False):
 
     class SafeLoad(TorchDistLoadShardedStrategy):
         def load(self, sharded_state_dict, checkpoint_dir):
-            with _safe_readers():
+            with safe_readers():
                 return super().load(sharded_state_dict, checkpoint_dir)
 
     return InProcessSave(BACKEND, BACKEND_VERSION), SafeLoad()
@@ -408,8 +306,6 @@ def verify_dir(directory: str | Path) -> None:
     """Check a DCP directory's files against its tag's MANIFEST.json before anything reads them
     (ChecksumError naming the file and, for a data file, the damaged tensor). Free after the trainer's
     collective `verify` of the whole tag (the digests are remembered)."""
-    from .manifest import verify_file
-
     d = Path(directory)
     for path in sorted(d.iterdir()):
         if path.is_file() and (path.name == ".metadata" or path.suffix == ".distcp"):
@@ -511,7 +407,7 @@ def read_full(directory: str | Path, keys: list[str]) -> dict:
         out[k] = torch.empty(shape, dtype=getattr(torch, dtype))
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader = _safe_reader_class()(str(directory))
+    reader = safe_reader_class()(str(directory))
     try:
         dcp.load(out, storage_reader=reader, no_dist=True)
     except CheckpointException as err:

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from ..layers import resolved_strategies
+from ..mlp import resolved_strategies
 from ..mesh import Mesh, MeshConfig
 from .cost import Candidate, Estimate, Settings, estimate
 from .hardware import Hardware

@@ -266,7 +266,7 @@ def _failing_worker(rank, world, work):
     import time
 
     from jigsaw_ext.checkpoint import layout_free, sharded
-    from jigsaw_ext.checkpoint.common import RankFailure
+    from jigsaw_ext.checkpoint.errors import RankFailure
     from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
 
     engine, model, mesh = _engine("2x1x1", 1)

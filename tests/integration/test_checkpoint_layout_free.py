@@ -134,7 +134,9 @@ class _Boom:
 def test_a_malicious_dcp_metadata_is_refused(runs, tmp_path):
     """A .metadata whose pickle would call os.system: refused naming the file and the global; the
     command never ran. The real files read through the allowlist."""
-    from jigsaw_ext.checkpoint.sharded import UnsafeMetadataError, read_full, read_metadata, stored_keys
+    from jigsaw_ext.checkpoint.dcp_metadata import read_metadata
+    from jigsaw_ext.checkpoint.errors import UnsafeMetadataError
+    from jigsaw_ext.checkpoint.sharded import read_full, stored_keys
 
     tag = runs["fp32"]["out"] / "checkpoints" / "step00000003"
     good = tag / "state" / "00000"

@@ -1,4 +1,4 @@
-"""How the mixing MLPs meet their data (jigsaw_ext.layers.BlockMLP strategies), and the counts the
+"""How the mixing MLPs meet their data (jigsaw_ext.mlp.BlockMLP strategies), and the counts the
 communication benchmark (benchmarks/bench_comm.py) rests on: its Megatron baseline formula equals
 what the real megatron-core block sends on gloo, and the layers' cost model picks the strategy the
 traced step shows to be cheaper."""
@@ -6,9 +6,10 @@ traced step shows to be cheaper."""
 import pytest
 import torch
 
-from jigsaw_ext.layers import BlockMLP, DistLayerNorm
+from jigsaw_ext.layers import DistLayerNorm
 from jigsaw_ext.layout import Split, even_split
 from jigsaw_ext.mesh import Mesh, MeshConfig
+from jigsaw_ext.mlp import BlockMLP
 from jigsaw_ext.strategy import choose_strategy, mlp_traffic, norm_traffic, strategy_available
 from jigsaw_ext.testing import run_workers
 from weathermixer.baselines import C1, megatron_block_bytes, trace_block

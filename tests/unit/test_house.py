@@ -171,3 +171,82 @@ def test_no_reach_into_another_modules_private_members():
         if node.attr in everywhere and node.attr not in defined[rel] and (rel, node.attr) not in PRIVATE_REACH_ALLOWED
     ]
     assert not bad, "\n".join(bad)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.AST):
+    """Every import statement executed at run time, at module or function level (imports under
+    `if TYPE_CHECKING:` only feed the type checker and are skipped)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the project modules it imports}. `from pkg import name` points at pkg.name when that
+    is a module, else at pkg's __init__; `import a.b` points at a.b alone: a package __init__ that
+    re-exports its submodules closes a circle only when a submodule imports the __init__ itself."""
+    files = {_module_name(f): f for p in PACKAGES for f in _modules(p)}
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        edges = graph.setdefault(name, set())
+        for node in _runtime_imports(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in files)
+                continue
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                edges.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in files else target)
+        edges &= files.keys()
+        edges.discard(name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    cycles = [
+        " <-> ".join(c) + ": " + "; ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a] & set(c)))
+        for c in _cycles(graph)
+    ]
+    assert not cycles, cycles

@@ -14,15 +14,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from jigsaw_ext.init import init_parameters
-from jigsaw_ext.layers import (
-    BlockLinear,
-    BlockMLP,
-    DistLayerNorm,
-    bucket_small_gradients,
-    check_strategy_keys,
-    link_weight_prefetch,
-)
+from jigsaw_ext.layers import BlockLinear, DistLayerNorm, bucket_small_gradients, link_weight_prefetch
 from jigsaw_ext.mesh import Mesh
+from jigsaw_ext.mlp import BlockMLP, check_strategy_keys
 
 from ..config import ModelConfig
 from .geometry import Geometry
@@ -33,7 +27,7 @@ class MixerBlock(nn.Module):
     """Pre-norm MLP-Mixer block on x of shape (B, T, D):
     token mixing   x += W2 . GELU(W1 . LN1(x)^T)      (over tokens, split over DOMAIN)
     channel mixing x += GELU(LN2(x) A1^T) A2^T        (over features, split over TP)
-    Each MLP picks how it meets its data on this mesh and micro-batch (jigsaw_ext.layers.BlockMLP)."""
+    Each MLP picks how it meets its data on this mesh and micro-batch (jigsaw_ext.mlp.BlockMLP)."""
 
     def __init__(self, geo: Geometry, micro_batch: int = 1, **kw):
         super().__init__()

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from jigsaw_ext.checkpoint import CheckpointFormatError, read_trainer_state
 from jigsaw_ext.checkpoint.common import read_pointer
+from jigsaw_ext.checkpoint.deepspeed_engine import install_safe_checkpoint_engine
 from jigsaw_ext.checkpoint.layout_free import load_layout_free, save_layout_free
 from jigsaw_ext.checkpoint.manifest import (
     describe as describe_file,
@@ -62,7 +63,7 @@ from jigsaw_ext.checkpoint.manifest import (
     write_manifest,
 )
 from jigsaw_ext.checkpoint.sharded import failing_rank
-from jigsaw_ext.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine, save_error, save_state
+from jigsaw_ext.safe_load import UnsafeCheckpointError, save_error, save_state
 
 from .checkpoint_folder import (
     PARTIAL,

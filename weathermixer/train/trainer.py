@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from jigsaw_ext.accumulate import accumulation
-from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
+from jigsaw_ext.layers import clear_gathered_weights
+from jigsaw_ext.mlp import resolved_strategies
 
 from ..config import TIME_FEATURES, ConfigError
 from ..data.device import device_batches
