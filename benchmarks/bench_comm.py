@@ -46,7 +46,7 @@ from jigsaw_ext.layers import bucket_small_gradients, resolved_strategies  # noq
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh, trace_step  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
-from weathermixer.model.geometry import Geometry  # noqa: E402
+from weathermixer.grid import Geometry  # noqa: E402
 from weathermixer.model.mixer import MixerBlock  # noqa: E402
 
 C1 = dict(grid=(720, 1440), patch=(1, 60), hidden=4320, token_fraction=0.5, channel_fraction=1.0, blocks=1)

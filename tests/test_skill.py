@@ -154,7 +154,7 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
 
 def test_autoregressive_training_advances_the_hour_of_day():
     """rollout_mode=autoregressive: each step's static time features follow its input's valid time, as in
-    the forecast (inference.rollout.static_at), instead of staying at the start time; latent unchanged."""
+    the forecast (data.loader.static_at), instead of staying at the start time; latent unchanged."""
     from types import SimpleNamespace
 
     from weathermixer.config import parse

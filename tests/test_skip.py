@@ -174,7 +174,8 @@ def test_a_forecast_that_re_encodes_starts_each_segment_at_lead_1_with_its_own_h
     import numpy as np
     import pandas as pd
 
-    from weathermixer.inference.rollout import rollout, static_at
+    from weathermixer.data.loader import static_at
+    from weathermixer.inference.rollout import rollout
     from weathermixer.model.mixer import next_window
 
     cfg = ModelConfig(**UK, pixel_skip=2)

@@ -52,7 +52,7 @@ class WeatherTask(SelfCheckTask):
     checkpoint: bool = False  # activation checkpointing across rollout steps
 
     def check_mesh(self, mesh) -> None:
-        from .model.geometry import Geometry
+        from .grid import Geometry
 
         Geometry(self.cfg, mesh)
 

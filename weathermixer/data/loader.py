@@ -25,7 +25,7 @@ import torch
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
-from ..model.geometry import Geometry
+from ..grid import Geometry
 from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig, daily_cycle_static, is_computed_static
 from .reader import DataError, GriddedDataset, NonFiniteWarning, check_finite
 from .sampler import ReplicaSampler
@@ -67,6 +67,19 @@ def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | 
     else:  # day of year
         phase = 2 * np.pi * (time.dayofyear - 1 + time.hour / 24) / 365.25
     return np.full(shape, np.cos(phase) if name.startswith("cos") else np.sin(phase))
+
+
+def static_at(static, loader, times: list[pd.Timestamp]):
+    """The static block with its time features (hour of day, day of year) at `times`, one per sample
+    (the loader's own formula, so the features match training)."""
+    idx = [i for i, n in enumerate(loader.static_names) if n in TIME_FEATURES]
+    if static is None or not idx:
+        return static
+    static = static.clone()
+    for b, t in enumerate(times):
+        for i in idx:
+            static[b, i] = float(_computed(loader.static_names[i], loader.lat[:1], loader.lon[:1], t)[0, 0])
+    return static
 
 
 class NonFiniteReport:

@@ -223,7 +223,7 @@ def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
     from jigsaw_ext.mesh import Mesh, MeshConfig
 
     from ..data import DataError, GriddedDataset, Normalizer, ShardedSampleLoader
-    from ..model.geometry import MeshMismatch
+    from ..grid import MeshMismatch
 
     cfg = job.data.model_copy(update={"leads": 1, "prefetch": 0, "splits": {"test": (str(inits[0]), str(inits[-1]))}})
     ch = job.model.channels

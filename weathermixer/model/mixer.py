@@ -25,7 +25,7 @@ from jigsaw_ext.layers import (
 from jigsaw_ext.mesh import Mesh
 
 from ..config import ModelConfig
-from .geometry import Geometry
+from ..grid import Geometry
 from .skip import PixelSkip, load_initial_coefficients, skip_num_parameters
 
 

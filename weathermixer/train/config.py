@@ -10,14 +10,13 @@ writes them into the optimizer and scheduler it hands DeepSpeed).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import ConfigError, JobConfig, parse, read_job_file
+from ..config import ConfigError, JobConfig, apply_setting, parse, parse_value, read_job_file
 from ..data.config import DataConfig
 
 
@@ -299,24 +298,6 @@ OVERRIDES = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # a bare string, e.g. a path
-
-
-def apply_setting(root: dict, dotted: str, value: Any, where: str) -> None:
-    """root[a][b][c] = value for dotted = "a.b.c" (missing objects are created)."""
-    keys = dotted.split(".")
-    node = root
-    for i, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {'.'.join(keys[: i + 1])} is not an object; cannot set {dotted}")
-    node[keys[-1]] = value
-
-
 def load_train_job(
     path: str | Path, overrides: dict[str, Any] | None = None, settings: list[str] | None = None
 ) -> tuple[TrainJobConfig, dict[str, Any]]:
@@ -337,9 +318,9 @@ def load_train_job(
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3 or ds.zero_optimization.stage=2")
         if key.startswith("ds."):
-            apply_setting(data, key[3:], _parse_value(text), "--set")
+            apply_setting(data, key[3:], parse_value(text), "--set")
         else:
-            apply_setting(section, key, _parse_value(text), "--set")
+            apply_setting(section, key, parse_value(text), "--set")
     log = section.setdefault("log", {})
     if isinstance(log, dict):
         log.setdefault("dir", f"runs/{path.stem}")

@@ -67,7 +67,7 @@ def check_job(job: TrainJobConfig, ds: dict, world: int, cuda: bool) -> dict:
     """Validate the job against the launch and return the DeepSpeed config to hand to initialize()."""
     from jigsaw_ext.mesh import Mesh, validate_world
 
-    from ..model.geometry import Geometry
+    from ..grid import Geometry
 
     try:
         validate_world(job.mesh, world)

@@ -246,7 +246,7 @@ class Trainer:
             return self.engine(fields, static, steps=k, every_lead=True, autoregressive=ar, checkpoint=ckpt)
         import pandas as pd
 
-        from ..inference.rollout import static_at
+        from ..data.loader import static_at
         from ..model.mixer import next_window
 
         dt, x, leads = pd.Timedelta(hours=self.data_cfg.dt_hours), fields, []

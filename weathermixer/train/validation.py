@@ -103,7 +103,7 @@ def reencode_scores(trainer, candidates: list[int], steps: int, quota: int) -> t
     1..`steps` of each candidate re-encoding interval, on up to `quota` validation samples per dp
     replica; every forward goes through the engine."""
     from ..data import ShardedSampleLoader
-    from ..inference.rollout import static_at
+    from ..data.loader import static_at
     from ..model.mixer import next_window
 
     job, mesh = trainer.job, trainer.mesh
