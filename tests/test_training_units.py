@@ -13,10 +13,11 @@ import torch
 from jigsaw_ext.mesh import Mesh, MeshConfig
 from weathermixer import runtime
 from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig
+from weathermixer.config.train import LossConfig, TrainConfig
 from weathermixer.grid import Geometry
 from weathermixer.model import WeatherMixer
 from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
-from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
+from weathermixer.train.config import load_train_job
 from weathermixer.train.engine import lr_lambda, param_groups
 from weathermixer.train.job import check_job
 from weathermixer.train.loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term

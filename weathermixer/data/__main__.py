@@ -24,7 +24,7 @@ def _inspect(data, job) -> dict:
     """What `inspect` prints: the data set, its time axis, and where every channel comes from."""
     import pandas as pd
 
-    from .config import is_computed_static
+    from ..config.data import is_computed_static
 
     computed = [n for n in job.model.channels.static if is_computed_static(n)]
     return {
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             )
             print(f"wrote {args.out}: {dict(ds.sizes)}, variables {sorted(map(str, ds.data_vars))}")
         else:
-            from .config import load_data_job
+            from ..config.data import load_data_job
             from .reader import GriddedDataset
 
             job = load_data_job(args.config, args.set, args.data)

@@ -74,7 +74,7 @@ def compute_stats(
     daily_cycle_* static inputs name, data.daily_cycle) also the per-pixel mean daily cycle over the
     same period (section "daily_cycle": coefficients of DAILY_CYCLE_TERMS, physical units, rows north
     to south): compute the stats over the training period only, since these become model inputs."""
-    from .config import DAILY_CYCLE_TERMS
+    from ..config import DAILY_CYCLE_TERMS
 
     times = data.times
     lo = pd.Timestamp(start) if start else times[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 from jigsaw_ext.files import atomic_write_text
 
 from ..config import ConfigError
-from .config import TrainJobConfig
+from ..config.train import TrainJobConfig
 from .deepspeed_keys import check_deepspeed_keys
 from .loss import channel_loss_weights, headline_channels
 

@@ -28,9 +28,9 @@ from jigsaw_ext.accumulate import accumulation
 from jigsaw_ext.layers import clear_gathered_weights, resolved_strategies
 
 from ..config import ConfigError
+from ..config.train import TrainJobConfig
 from ..data.device import device_batches
 from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
-from .config import TrainJobConfig
 from .engine import (
     apply_tf32,
     chip_peak_tflops,

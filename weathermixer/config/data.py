@@ -19,14 +19,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..config import (
-    COMPUTED_STATIC,
-    DAILY_CYCLE_PREFIX,
-    DAILY_CYCLE_TERMS,
-    TIME_FEATURES,  # noqa: F401
-    JobConfig,
-    _Strict,
-)
+from . import COMPUTED_STATIC, DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, JobConfig, _Strict
 
 
 def daily_cycle_static(name: str) -> tuple[str, str] | None:
@@ -171,7 +164,7 @@ class DataJobConfig(JobConfig):
 def load_data_job(path, settings: list[str] | None = None, data_path: str | None = None) -> DataJobConfig:
     """The mesh, model and data sections of a JSON job file (other sections, e.g. train, ignored), with
     settings ["KEY=VALUE", ...] (JSON values, as train.py's --set) and then data_path (data.path) applied."""
-    from ..config import ConfigError, apply_setting, parse, parse_value, read_job_file
+    from . import ConfigError, apply_setting, parse, parse_value, read_job_file
 
     section = read_job_file(path).get("weathermixer", {})
     if not isinstance(section, dict):
