@@ -89,7 +89,9 @@ class WeatherTask(SelfCheckTask):
             checkpoint=self.checkpoint,
             steps=self.cfg.rollout,
         )
-        loss = sum(weighted_mse_term(p.float(), t, weights, count) for p, t in zip(leads, batch.targets)) / len(leads)
+        loss = sum(
+            weighted_mse_term(p.float(), t, weights, count) for p, t in zip(leads, batch.targets, strict=True)
+        ) / len(leads)
         return leads[-1], loss
 
 

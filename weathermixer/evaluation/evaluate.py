@@ -202,7 +202,7 @@ def _score_all(
                     "dt_hours": dt / pd.Timedelta(hours=1),
                     "features": linear.features,
                     "fitted_on": f"{period.start:%Y-%m-%dT%H:%M} .. {period.end:%Y-%m-%dT%H:%M}",
-                    "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples)),
+                    "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples, strict=True)),
                 }
         _store_scores(scores, regions, _score_variable(fc, tr, plan, var, clim, linear, opt), plan, var)
         bar.update(1)

@@ -259,7 +259,7 @@ def _needed_cells(for_times, hours: np.ndarray, start: pd.Timestamp, end: pd.Tim
         need = {(d, int(h)) for d in range(1, DAYS + 1) for h in hours}
     else:
         nd, nh = _doy_hour(pd.DatetimeIndex(np.atleast_1d(np.asarray(for_times, dtype="datetime64[ns]"))))
-        need = set(zip(nd.tolist(), nh.tolist()))
+        need = set(zip(nd.tolist(), nh.tolist(), strict=True))
     missing_hours = sorted({h for _, h in need} - set(hours.tolist()))
     if missing_hours:
         raise EvaluationError(
@@ -337,7 +337,7 @@ def _cell_means(
     days = np.array(sorted({d for d, _ in need}))
     out = np.full((len(days), len(hours)) + rest.shape, np.nan, dtype=np.float64)
     available = np.zeros((len(days), len(hours)), dtype=bool)
-    for (d, h), c in source.items():
+    for (d, _hour), c in source.items():
         i, j = int(np.searchsorted(days, d)), c[1]
         out[i, j] = sums[cell_of[c]] / counts[c]
         available[i, j] = True

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     print("training MSE (normalised units) by lead: " + " ".join(f"{v:.4f}" for v in info["train_mse"]))
     if mse is not None:
         print("validation MSE (normalised units) by lead 1.." + str(args.leads) + ", mean:")
-        for r, row in zip(info["ridges"], mse):
+        for r, row in zip(info["ridges"], mse, strict=True):
             print(
                 f"  ridge {r:g}: "
                 + " ".join(f"{v:.4f}" for v in row)
