@@ -1,5 +1,6 @@
 """The layering, size and writing rules of the code base, checked on the source: jigsaw_ext knows
-nothing of weather, no function longer than 80 lines, no module longer than 500 (see README "Layout
+nothing of weather, weathermixer's stages import only downwards (config <- data <- model <- train /
+inference <- evaluation), no function longer than 80 lines, no module longer than 500 (see README "Layout
 of the code"), and no development diary in the project's text. Cheap scans; each fails by naming the
 offender."""
 

@@ -299,7 +299,7 @@ def test_loss_row_weights_choice_keeps_validation_on_cell_areas():
     import numpy as np
     import torch
 
-    from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+    from weathermixer.latitudes import latitude_weights as evaluation_weights
     from weathermixer.train.loss import row_weights
 
     lat = np.linspace(-90, 90, 32)
