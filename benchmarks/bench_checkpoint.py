@@ -80,8 +80,8 @@ def _engine(cfg, mesh_str: str, micro: int = 1):
 
     from jigsaw_ext.checkpoint.engine_state import base_optimizer, create_moments
     from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from weathermixer.config.train import TrainConfig
     from weathermixer.model import WeatherMixer
-    from weathermixer.train.config import TrainConfig
     from weathermixer.train.engine import param_groups
 
     dp, domain, tp = (int(x) for x in mesh_str.split("x"))

@@ -46,7 +46,7 @@ from jigsaw_ext.mesh import MeshConfig  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh  # noqa: E402
 from weathermixer.baselines import C1, megatron_block_bytes, trace_block  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
-from weathermixer.model.geometry import Geometry  # noqa: E402
+from weathermixer.grid import Geometry  # noqa: E402
 
 MESHES = [(2, 2), (4, 2), (2, 4), (1, 4), (4, 1), (1, 8), (8, 1)]  # (domain, tp)
 BATCHES = (1, 4)

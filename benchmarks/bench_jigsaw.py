@@ -36,8 +36,8 @@ from jigsaw_ext.mesh import MeshConfig, init_mesh  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 from weathermixer.baselines import TrainStep, megatron_blocks_step, ours_blocks_step, ours_step  # noqa: E402
 from weathermixer.config import ModelConfig  # noqa: E402
+from weathermixer.grid import Geometry  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
-from weathermixer.model.geometry import Geometry  # noqa: E402
 
 MESHES = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 2), (1, 4, 1), (1, 2, 4)]  # (dp, domain, tp)
 WEIGHT_MODES = {  # mode -> mesh settings; block_sharded is the fully sharded policy (weights gathered)
@@ -240,7 +240,8 @@ def _matmul_worker(rank, world, n, reps):
 
 
 def _scaling_worker(rank, world, mesh_kwargs, model_kwargs, batch, reps, warmup):
-    from weathermixer.train.engine import bind_cores, keep_freed_blocks
+    from weathermixer.runtime import bind_cores
+    from weathermixer.train.engine import keep_freed_blocks
 
     bind_cores()  # train.py's CPU settings, in every setting alike: 2 ranks each on its own core,
     keep_freed_blocks()  # and freed blocks kept in the heap

@@ -56,7 +56,7 @@ class PlainMixer(nn.Module):
 
 def aligned_shapes(cfg, multiple: int) -> dict:
     from jigsaw_ext.mesh import Mesh
-    from weathermixer.model.geometry import Geometry
+    from weathermixer.grid import Geometry
 
     g, ch = Geometry(cfg, Mesh.single()), cfg.channels
     P = g.patch_pixels

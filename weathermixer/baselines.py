@@ -23,7 +23,7 @@ from jigsaw_ext.mesh import Mesh, MeshConfig
 from jigsaw_ext.plan.trace import fake_mesh, trace_step
 from weathermixer.config import ModelConfig
 from weathermixer.model import WeatherMixer
-from weathermixer.model.geometry import Geometry
+from weathermixer.grid import Geometry
 from weathermixer.model.mixer import MixerBlock
 
 

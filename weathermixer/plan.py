@@ -32,7 +32,7 @@ from jigsaw_ext.plan.hardware import load_hardware, profile_names
 from jigsaw_ext.plan.search import Constraints, Planner
 
 from .config import ConfigError, ModelConfig, read_job_file
-from .model.geometry import Geometry
+from .grid import Geometry
 from .model.mixer import WeatherMixer, flops_per_sample
 from .model.presets import PRESETS
 

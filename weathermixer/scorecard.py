@@ -1,4 +1,5 @@
-"""`python -m weathermixer.scorecard`: the command-line path users type; the code is weathermixer.evaluation.scorecard."""
+"""`python -m weathermixer.scorecard`: the command-line path users type; the code is
+weathermixer.evaluation.scorecard."""
 
 import sys
 

@@ -52,7 +52,7 @@ class WeatherTask(SelfCheckTask):
     checkpoint: bool = False  # activation checkpointing across rollout steps
 
     def check_mesh(self, mesh) -> None:
-        from .model.geometry import Geometry
+        from .grid import Geometry
 
         Geometry(self.cfg, mesh)
 
@@ -89,7 +89,9 @@ class WeatherTask(SelfCheckTask):
             checkpoint=self.checkpoint,
             steps=self.cfg.rollout,
         )
-        loss = sum(weighted_mse_term(p.float(), t, weights, count) for p, t in zip(leads, batch.targets)) / len(leads)
+        loss = sum(
+            weighted_mse_term(p.float(), t, weights, count) for p, t in zip(leads, batch.targets, strict=True)
+        ) / len(leads)
         return leads[-1], loss
 
 

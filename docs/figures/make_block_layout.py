@@ -5,7 +5,7 @@
 The shapes are those of the WeatherMixer self-check's default model
 (`weathermixer.selfcheck.default_model_config`:
 25 x 24 grid, 2 x 3 patches zero-padded to 13 x 8 = 104 tokens, D = 32, channel-mixing hidden
-H_c = 48), split the way `weathermixer.model.geometry` and `jigsaw_ext.layers.BlockLinear` split them:
+H_c = 48), split the way `weathermixer.grid` and `jigsaw_ext.layers.BlockLinear` split them:
 
 (a) an activation (tokens x features): 13 patch rows -> 7 + 6 latitude bands over DOMAIN
     (56 + 48 tokens), 32 features -> 16 + 16 over TP;

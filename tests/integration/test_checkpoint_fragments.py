@@ -103,8 +103,8 @@ def _engine(mesh_str: str, stage: int):
     from jigsaw_ext.checkpoint.sharded import block_box
     from jigsaw_ext.mesh import MeshConfig, init_mesh
     from weathermixer.config import ModelConfig
+    from weathermixer.config.train import TrainConfig
     from weathermixer.model import WeatherMixer
-    from weathermixer.train.config import TrainConfig
     from weathermixer.train.engine import param_groups, register_list_parameters
 
     dp, domain, tp = (int(x) for x in mesh_str.split("x"))

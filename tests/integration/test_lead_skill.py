@@ -111,7 +111,7 @@ def test_activation_checkpointing_equals_no_checkpointing(autoregressive):
 
 def test_curriculum_and_lead_weights():
     from weathermixer.config import ConfigError, parse
-    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.config.train import TrainJobConfig
     from weathermixer.train.loss import lead_weights
 
     job = parse(
@@ -137,7 +137,7 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
     from types import SimpleNamespace
 
     from weathermixer.config import parse
-    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.config.train import TrainJobConfig
     from weathermixer.train.trainer import Trainer
 
     job = parse(
@@ -156,12 +156,12 @@ def test_trainer_loss_weights_the_leads(monkeypatch):
 
 def test_autoregressive_training_advances_the_hour_of_day():
     """rollout_mode=autoregressive: each step's static time features follow its input's valid time, as in
-    the forecast (inference.rollout.static_at), instead of staying at the start time; latent unchanged."""
+    the forecast (data.loader.static_at), instead of staying at the start time; latent unchanged."""
     from types import SimpleNamespace
 
     from weathermixer.config import parse
+    from weathermixer.config.train import TrainJobConfig
     from weathermixer.data.loader import _computed
-    from weathermixer.train.config import TrainJobConfig
     from weathermixer.train.trainer import Trainer
 
     ch = {
@@ -210,7 +210,7 @@ def test_autoregressive_training_advances_the_hour_of_day():
 
 # the real ERA5 samples -----------------------------------------------------------------------------
 def _uk_data_config(**kw):
-    from weathermixer.data.config import DataConfig
+    from weathermixer.config.data import DataConfig
 
     return DataConfig(path=str(UK_GRIB), variables={"2m_temperature": "t2m"}, dt_hours=1, **kw)
 

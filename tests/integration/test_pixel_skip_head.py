@@ -178,7 +178,8 @@ def test_a_forecast_that_re_encodes_starts_each_segment_at_lead_1_with_its_own_h
     import numpy as np
     import pandas as pd
 
-    from weathermixer.inference.rollout import rollout, static_at
+    from weathermixer.data.loader import static_at
+    from weathermixer.inference.rollout import rollout
     from weathermixer.model.mixer import next_window
 
     cfg = ModelConfig(**UK, pixel_skip=2)
@@ -271,9 +272,9 @@ def test_the_least_squares_fit_is_the_regression_baseline_on_the_uk_sample(tmp_p
     assert fit_main(["--config", job, *sets, "--leads", "3", "--out", str(tmp_path / "fit.npz"), "--ridge", "0"]) == 0
     coef = np.load(tmp_path / "fit.npz")["coef"]  # (lead, F = x(t - 1 h), x(t), sin, cos, 1; 1, lat, lon)
 
-    from weathermixer.data.__main__ import _job
+    from weathermixer.data import load_data_job
 
-    cfg = _job(type("A", (), dict(config=job, set=[s for s in sets if s != "--set"], data=None)))
+    cfg = load_data_job(job, [s for s in sets if s != "--set"])
     loader = ShardedSampleLoader(
         cfg.data.model_copy(update={"leads": 3}),
         cfg.model,

@@ -113,7 +113,7 @@ def _forecast_argv(checkpoint, out, *extra):
 def _resume_worker(rank, world, info, attempts):
     """The trainer's engine (the quickstart job of the checkpoint), then each bad checkpoint in turn."""
     from weathermixer.config import parse
-    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.config.train import TrainJobConfig
     from weathermixer.train.job import check_job
     from weathermixer.train.trainer import Trainer
 

@@ -117,7 +117,7 @@ def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there(
 
 def test_autoregressive_training_needs_skip_coefficients_for_lead_one_only():
     from weathermixer.config import ConfigError, parse, read_job_file
-    from weathermixer.train.config import TrainJobConfig
+    from weathermixer.config.train import TrainJobConfig
 
     job = read_job_file(ROOT / "deepspeed_configs" / "ncep_slp_daily_cpu.json")["weathermixer"]
     assert job["train"]["rollout_mode"] == "autoregressive" and job["model"]["pixel_skip"] == 1
@@ -182,7 +182,7 @@ def test_the_regional_grid_is_weighted_and_patched_as_a_region_not_the_globe():
 
     from jigsaw_ext.mesh import Mesh
     from weathermixer.data.loader import ShardedSampleLoader
-    from weathermixer.model.geometry import Geometry
+    from weathermixer.grid import Geometry
     from weathermixer.train.config import load_train_job
     from weathermixer.train.loss import latitude_weights
 

@@ -5,7 +5,7 @@ import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig, validate_world
 from weathermixer.config import ConfigError, JobConfig, ModelConfig, load_job, parse
-from weathermixer.model.geometry import Geometry, MeshMismatch
+from weathermixer.grid import Geometry, MeshMismatch
 
 
 def test_unknown_key_names_key_and_allowed_keys(tmp_path):

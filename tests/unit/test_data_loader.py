@@ -12,7 +12,7 @@ from weathermixer.config import ChannelsConfig, ModelConfig
 from weathermixer.data import DataConfig, GriddedDataset, ShardedSampleLoader
 from weathermixer.data.synth import write_synthetic
 from weathermixer.data.testing import CountingStore
-from weathermixer.model.geometry import Geometry
+from weathermixer.grid import Geometry
 
 CH = ChannelsConfig(
     surface=["2m_temperature", "mean_sea_level_pressure"],

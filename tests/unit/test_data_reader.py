@@ -13,7 +13,7 @@ from weathermixer.data import DataConfig, DataError, DataJobConfig, GriddedDatas
 from weathermixer.data.__main__ import main as cli
 from weathermixer.data.reader import NonFiniteWarning
 from weathermixer.data.synth import write_synthetic
-from weathermixer.model.geometry import MeshMismatch
+from weathermixer.grid import MeshMismatch
 
 CH = ChannelsConfig(
     surface=["2m_temperature", "mean_sea_level_pressure"],

@@ -64,7 +64,7 @@ def test_every_relative_link_resolves():
 def _schema_keys():
     from jigsaw_ext.mesh import MeshConfig
     from weathermixer.config import ChannelsConfig, ModelConfig
-    from weathermixer.train import config as train_config
+    from weathermixer.config import train as train_config
 
     models = [
         MeshConfig,

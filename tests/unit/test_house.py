@@ -1,5 +1,6 @@
 """The layering, size and writing rules of the code base, checked on the source: jigsaw_ext knows
-nothing of weather, no function longer than 80 lines, no module longer than 500 (see README "Layout
+nothing of weather, weathermixer's stages import only downwards (config <- data <- model <- train /
+inference <- evaluation), no function longer than 80 lines, no module longer than 500 (see README "Layout
 of the code"), and no development diary in the project's text. Cheap scans; each fails by naming the
 offender."""
 
@@ -33,6 +34,72 @@ def test_jigsaw_ext_imports_nothing_from_weathermixer():
         if m.split(".")[0] == "weathermixer"
     ]
     assert not bad, bad
+
+
+# The stages of weathermixer, lowest first: a module imports only from its own stage or a lower one, so
+# config <- data <- model <- train / inference <- evaluation, with train and inference side by side (neither
+# imports the other). The floor holds what every stage shares: the typed configuration, the grid's
+# geometry and latitude weights, the process setup of a rank. The commands on top (`python -m
+# weathermixer.plan`, ...) may import any stage.
+FLOOR = ("__init__", "config", "grid", "latitudes", "runtime", "progress")
+SUBPACKAGE_STAGES = {"data": 1, "model": 2, "train": 3, "inference": 3, "evaluation": 4}
+COMMANDS = ("plan", "selfcheck", "size", "evaluate", "forecast", "scorecard")
+
+
+def _stage(dotted: str) -> tuple[str, int] | None:
+    """(stage name, rank) of a weathermixer module, None for a module the table does not place."""
+    parts = dotted.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    if top in SUBPACKAGE_STAGES:
+        return top, SUBPACKAGE_STAGES[top]
+    if top in FLOOR:
+        return "floor", 0
+    if top in COMMANDS:
+        return "commands", 9
+    return None
+
+
+def _module_name(f: Path) -> str:
+    parts = list(f.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports_with_lines(f: Path):
+    """(line, absolute module name) of every import in the file: module level, inside functions and under
+    TYPE_CHECKING, absolute and relative (`from . import x` yields the submodule `<package>.x`)."""
+    name = _module_name(f)
+    package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if node.module:
+                yield node.lineno, base
+            else:
+                for alias in node.names:
+                    yield node.lineno, f"{base}.{alias.name}"
+
+
+def test_weathermixer_stages_import_only_their_own_stage_or_below():
+    bad = []
+    for f in _modules("weathermixer"):
+        here = _stage(_module_name(f))
+        if here is None:
+            bad.append(f"{f.relative_to(ROOT)}: not placed in a stage (add it to FLOOR, SUBPACKAGE_STAGES or COMMANDS)")
+            continue
+        for line, target in _imports_with_lines(f):
+            if target.split(".")[0] != "weathermixer" or here[0] == "commands":
+                continue
+            there = _stage(target)
+            if there is None or (there[0] != here[0] and there[1] >= here[1]):
+                placed = f"{there[0]} stage" if there else "no stage"
+                bad.append(f"{f.relative_to(ROOT)}:{line} ({here[0]}) imports {target} ({placed})")
+    assert not bad, "\n".join(bad)
 
 
 def test_no_long_functions_or_modules():

@@ -118,7 +118,7 @@ def test_wrong_static_or_block_shape_is_a_clear_error():
 
 
 def test_hidden_multiple_rounds_the_mixing_hidden_sizes_up():
-    from weathermixer.model.geometry import Geometry
+    from weathermixer.grid import Geometry
     from weathermixer.model.mixer import num_parameters
 
     cfg = ModelConfig(

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from jigsaw_ext.mesh import Mesh, MeshConfig
+from weathermixer import runtime
 from weathermixer.config import ChannelsConfig, ConfigError, ModelConfig
+from weathermixer.config.train import LossConfig, TrainConfig
+from weathermixer.grid import Geometry
 from weathermixer.model import WeatherMixer
-from weathermixer.model.geometry import Geometry
-from weathermixer.train import engine
 from weathermixer.train.checkpointing import CheckpointError, CheckpointManager
-from weathermixer.train.config import LossConfig, TrainConfig, load_train_job
+from weathermixer.train.config import load_train_job
 from weathermixer.train.engine import lr_lambda, param_groups
 from weathermixer.train.job import check_job
 from weathermixer.train.loss import channel_loss_weights, headline_channels, latitude_weights, weighted_loss_term
@@ -125,15 +126,15 @@ def test_bind_cores_gives_each_local_rank_its_own_cores(monkeypatch, cores, env,
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     calls = []
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(cores))
-    monkeypatch.setattr(engine.os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, list(cpus))))
-    assert engine.bind_cores() == expected
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr(runtime.os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, list(cpus))))
+    assert runtime.bind_cores() == expected
     if expected is None:
         assert not calls
     else:  # every thread of the process, so those it starts later inherit the binding
         assert {int(t) for t in os.listdir("/proc/self/task")} <= {pid for pid, _ in calls}
         assert all(cpus == expected for _, cpus in calls)
-    assert engine.bind_cores(enabled=False) is None
+    assert runtime.bind_cores(enabled=False) is None
 
 
 def test_schedule_groups_and_rollout_draws():
@@ -298,7 +299,7 @@ def test_loss_row_weights_choice_keeps_validation_on_cell_areas():
     import numpy as np
     import torch
 
-    from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+    from weathermixer.latitudes import latitude_weights as evaluation_weights
     from weathermixer.train.loss import row_weights
 
     lat = np.linspace(-90, 90, 32)

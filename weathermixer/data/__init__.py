@@ -7,7 +7,8 @@
 CLI: python -m weathermixer.data {synth,stats,inspect} --help
 """
 
-from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig, DataJobConfig, DimsConfig, load_data_job
+from ..config import COMPUTED_STATIC, TIME_FEATURES
+from ..config.data import DataConfig, DataJobConfig, DimsConfig, load_data_job
 from .loader import Sample, ShardedSampleLoader
 from .reader import DataError, GriddedDataset, open_dataset
 from .sampler import ReplicaSampler

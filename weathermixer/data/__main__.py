@@ -20,32 +20,11 @@ def _grid(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _job(args):
-    """The job's mesh, model and data sections with --set KEY=VALUE (as train.py) and --data applied."""
-    from ..config import ConfigError, parse, read_job_file
-    from ..train.config import _parse_value, apply_setting
-    from .config import DataJobConfig
-
-    section = read_job_file(args.config).get("weathermixer", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{args.config}: 'weathermixer' must be an object")
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.path=era5.zarr or model.history=1")
-        apply_setting(section, key, _parse_value(text), "--set")
-    if args.data:  # --data overrides data.path
-        apply_setting(section, "data.path", args.data, "--data")
-    if "data" not in section:
-        raise ConfigError(f"{args.config}: weathermixer.data is missing (the data set's path, mapping, splits)")
-    return parse(DataJobConfig, {k: v for k, v in section.items() if k in ("mesh", "model", "data")}, str(args.config))
-
-
 def _inspect(data, job) -> dict:
     """What `inspect` prints: the data set, its time axis, and where every channel comes from."""
     import pandas as pd
 
-    from .config import is_computed_static
+    from ..config.data import is_computed_static
 
     computed = [n for n in job.model.channels.static if is_computed_static(n)]
     return {
@@ -125,9 +104,10 @@ def main(argv=None) -> int:
             )
             print(f"wrote {args.out}: {dict(ds.sizes)}, variables {sorted(map(str, ds.data_vars))}")
         else:
+            from ..config.data import load_data_job
             from .reader import GriddedDataset
 
-            job = _job(args)
+            job = load_data_job(args.config, args.set, args.data)
             data = GriddedDataset(job.data, job.model.channels, job.model.grid)
             if args.cmd == "stats":
                 from .stats import compute_stats

@@ -24,9 +24,9 @@ import torch
 
 from jigsaw_ext.mesh import Mesh
 
-from ..config import ModelConfig
-from ..model.geometry import Geometry
-from .config import COMPUTED_STATIC, TIME_FEATURES, DataConfig, daily_cycle_static, is_computed_static
+from ..config import COMPUTED_STATIC, TIME_FEATURES, ModelConfig
+from ..config.data import DataConfig, daily_cycle_static, is_computed_static
+from ..grid import Geometry
 from .reader import DataError, GriddedDataset, NonFiniteWarning, check_finite
 from .sampler import ReplicaSampler
 from .stats import Normalizer
@@ -67,6 +67,19 @@ def _computed(name: str, lat: np.ndarray, lon: np.ndarray, time: pd.Timestamp | 
     else:  # day of year
         phase = 2 * np.pi * (time.dayofyear - 1 + time.hour / 24) / 365.25
     return np.full(shape, np.cos(phase) if name.startswith("cos") else np.sin(phase))
+
+
+def static_at(static, loader, times: list[pd.Timestamp]):
+    """The static block with its time features (hour of day, day of year) at `times`, one per sample
+    (the loader's own formula, so the features match training)."""
+    idx = [i for i, n in enumerate(loader.static_names) if n in TIME_FEATURES]
+    if static is None or not idx:
+        return static
+    static = static.clone()
+    for b, t in enumerate(times):
+        for i in idx:
+            static[b, i] = float(_computed(loader.static_names[i], loader.lat[:1], loader.lon[:1], t)[0, 0])
+    return static
 
 
 class NonFiniteReport:
@@ -152,18 +165,7 @@ class ShardedSampleLoader:
         self.infinite = (split == "train") if infinite is None else infinite
         shuffle = (split == "train") if shuffle is None else shuffle
         self._time_static = [i for i, n in enumerate(self.static_names) if n in TIME_FEATURES]
-
-        if data_cfg.fake:
-            self.data = None
-            h = model_cfg.grid[0]
-            self.lat = np.linspace(90.0, -90.0, h) if h > 1 else np.zeros(1)
-            self.lon = np.arange(model_cfg.grid[1]) * 360.0 / model_cfg.grid[1]
-            n_samples = max(batch * mesh.size("dp"), 1024)
-        else:
-            self.data = dataset or GriddedDataset(data_cfg, ch, model_cfg.grid, store=store)
-            self.lat, self.lon = self.data.lat, self.data.lon
-            self.starts = self.data.sample_starts(split, self.leads, self.history)
-            n_samples = len(self.starts)
+        n_samples = self._open(dataset, store, batch)
         where = self.data.where if self.data is not None else "fake data"
         self.nonfinite = NonFiniteReport(where, self.lat[self.rows], self.lon, data_cfg.nonfinite_every)
         try:
@@ -171,48 +173,10 @@ class ShardedSampleLoader:
         except ValueError as err:
             raise DataError(f"split '{split}': {err}") from None
         self.batch = batch
-        # a data set whose normalised fields (this rank's block) fit in KEEP_BYTES is read whole, in a
-        # few requests, at the first batch and kept in memory (an hourly regional sample: every state is
-        # read by ~2 (history + leads) samples); with data.nonfinite='zero' every read is counted, so
-        # nothing is kept and each batch reads its states in one request per variable
-        local = (self.rows.stop - self.rows.start) * len(self.lon) * len(self.field_names) * 4
-        self._keep: dict | None = (
-            {}
-            if self.data is not None and data_cfg.nonfinite == "error" and len(self.data.times) * local <= KEEP_BYTES
-            else None
-        )
-
-        # normalisation of this rank's channels
-        self._norm = None
-        store_static = [n for n in self.static_names if not is_computed_static(n)]
-        norm = None
-        if data_cfg.stats and not data_cfg.fake:
-            norm = Normalizer.load(data_cfg.stats)
-            mean, std = norm.fields(self.field_names)
-            self._norm = (mean[:, None, None], std[:, None, None])
-            s_norm = norm.static(store_static) if store_static else None
-        else:
-            s_norm = None
-        self._static_fixed = self._build_static(store_static, s_norm, norm)
+        self._keep = self._kept_states()
+        self._normalise()
         if data_cfg.fake:
-            g = torch.Generator().manual_seed(seed)
-            shape = (batch, len(self.field_names), self.rows.stop - self.rows.start, model_cfg.grid[1])
-            if self.history:
-                shape = (batch, self.history + 1, *shape[1:])
-            f = torch.randn(shape, generator=g)
-            tshape = (batch, *shape[-3:])
-            s = (
-                None
-                if not ch.n_static
-                else torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
-            )
-            # a placeholder start time per sample: validation counts samples by their times
-            self._fake = Sample(
-                f,
-                s,
-                [torch.randn(tshape, generator=g) for _ in range(self.leads)],
-                [pd.Timestamp("2000-01-01")] * batch,
-            )
+            self._fake = self._fake_sample(batch, seed)
         self._thread = None
         if data_cfg.pin_memory and not torch.cuda.is_available():
             raise DataError(
@@ -222,6 +186,67 @@ class ShardedSampleLoader:
         self.pin = torch.cuda.is_available() if data_cfg.pin_memory is None else data_cfg.pin_memory
         if self.pin and data_cfg.fake:  # the same tensors every step: pinned once
             self._fake = pin_sample(self._fake)
+
+    def _open(self, dataset: GriddedDataset | None, store, batch: int) -> int:
+        """Open the data set (or lay out the fake grid): sets data, lat, lon and the split's sample starts;
+        returns the number of samples."""
+        cfg, model_cfg = self.cfg, self.model_cfg
+        if cfg.fake:
+            self.data = None
+            h = model_cfg.grid[0]
+            self.lat = np.linspace(90.0, -90.0, h) if h > 1 else np.zeros(1)
+            self.lon = np.arange(model_cfg.grid[1]) * 360.0 / model_cfg.grid[1]
+            return max(batch * self.mesh.size("dp"), 1024)
+        self.data = dataset or GriddedDataset(cfg, model_cfg.channels, model_cfg.grid, store=store)
+        self.lat, self.lon = self.data.lat, self.data.lon
+        self.starts = self.data.sample_starts(self.split, self.leads, self.history)
+        return len(self.starts)
+
+    def _kept_states(self) -> dict | None:
+        """{} (filled at the first batch) when this rank's block of every state is kept in memory, else None.
+
+        A data set whose normalised fields (this rank's block) fit in KEEP_BYTES is read whole, in a few
+        requests, at the first batch and kept in memory (an hourly regional sample: every state is read by
+        ~2 (history + leads) samples); with data.nonfinite='zero' every read is counted, so nothing is kept
+        and each batch reads its states in one request per variable."""
+        local = (self.rows.stop - self.rows.start) * len(self.lon) * len(self.field_names) * 4
+        fits = self.data is not None and len(self.data.times) * local <= KEEP_BYTES
+        return {} if fits and self.cfg.nonfinite == "error" else None
+
+    def _normalise(self) -> None:
+        """The normalisation of this rank's channels (_norm) and its normalised static block (_static_fixed)."""
+        self._norm = None
+        store_static = [n for n in self.static_names if not is_computed_static(n)]
+        norm = None
+        if self.cfg.stats and not self.cfg.fake:
+            norm = Normalizer.load(self.cfg.stats)
+            mean, std = norm.fields(self.field_names)
+            self._norm = (mean[:, None, None], std[:, None, None])
+            s_norm = norm.static(store_static) if store_static else None
+        else:
+            s_norm = None
+        self._static_fixed = self._build_static(store_static, s_norm, norm)
+
+    def _fake_sample(self, batch: int, seed: int) -> Sample:
+        """data.fake: one seeded random batch, handed out at every step."""
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, len(self.field_names), self.rows.stop - self.rows.start, self.model_cfg.grid[1])
+        if self.history:
+            shape = (batch, self.history + 1, *shape[1:])
+        f = torch.randn(shape, generator=g)
+        tshape = (batch, *shape[-3:])
+        s = (
+            None
+            if not self.model_cfg.channels.n_static
+            else torch.from_numpy(self._static_fixed).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        )
+        # a placeholder start time per sample: validation counts samples by their times
+        return Sample(
+            f,
+            s,
+            [torch.randn(tshape, generator=g) for _ in range(self.leads)],
+            [pd.Timestamp("2000-01-01")] * batch,
+        )
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -295,7 +320,7 @@ class ShardedSampleLoader:
         need = sorted({int(t) for t in times} - cache.keys())
         for a in range(0, len(need), READ_TIMES):
             part = need[a : a + READ_TIMES]
-            for t, x in zip(part, self.data.read_fields(part, self.rows, self.chans)):
+            for t, x in zip(part, self.data.read_fields(part, self.rows, self.chans), strict=True):
                 cache[t] = self._prepare(t, x)
 
     def _times(self, starts) -> np.ndarray:

@@ -20,7 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from ..config import ChannelsConfig
-from .config import DataConfig, daily_cycle_static, is_computed_static
+from ..config.data import DataConfig, daily_cycle_static, is_computed_static
 
 
 class DataError(ValueError):
@@ -379,7 +379,7 @@ class ChunkCheck:
         arr = self._array(var)
         grid = arr.shards or arr.chunks
         per_dim = []
-        for dim, n, c in zip(self.data.ds[var].dims, arr.shape, grid):
+        for dim, n, c in zip(self.data.ds[var].dims, arr.shape, grid, strict=True):
             s = sel.get(dim, slice(None))
             if isinstance(s, slice) and s.indices(n)[2] == 1:
                 a, b, _ = s.indices(n)
@@ -440,7 +440,7 @@ class ChunkCheck:
         grid = arr.shards or arr.chunks
         for key, coords in keys:
             try:
-                arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, grid))]
+                arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, grid, strict=True))]
             except Exception as bad:  # noqa: BLE001
                 return DataError(
                     f"{self.data.where}: cannot decode chunk '{key}' of variable '{var}' "

@@ -74,8 +74,6 @@ def compute_stats(
     daily_cycle_* static inputs name, data.daily_cycle) also the per-pixel mean daily cycle over the
     same period (section "daily_cycle": coefficients of DAILY_CYCLE_TERMS, physical units, rows north
     to south): compute the stats over the training period only, since these become model inputs."""
-    from .config import DAILY_CYCLE_TERMS
-
     times = data.times
     lo = pd.Timestamp(start) if start else times[0]
     hi = pd.Timestamp(end) if end else times[-1]
@@ -86,13 +84,40 @@ def compute_stats(
             f"{data.k + 1} for dt={data.cfg.dt_hours:g} h differences"
         )
     names = [c.name for c in data.channels]
-    full = slice(0, data.grid[0])
-    mom, dmom = _Moments(len(names)), _Moments(len(names))
     cycle_names = list(getattr(data, "daily_cycle", []) if daily_cycle is None else daily_cycle)
     unknown = [n for n in cycle_names if n not in names]
     if unknown:
         raise ValueError(f"daily cycle asked for {unknown}, not channels of the model ({names})")
     cycle = _DailyCycle([names.index(n) for n in cycle_names], data.grid) if cycle_names else None
+    mom, dmom = _stream_moments(data, idx, cycle, log)
+    out = {
+        "source": data.where,
+        "start": str(times[idx[0]]),
+        "end": str(times[idx[-1]]),
+        "time_steps": int(len(idx)),
+        "dt_hours": data.cfg.dt_hours,
+        "channels": {
+            c.name: {
+                "variable": c.var,
+                "level": c.level,
+                "mean": float(mom.mean[i]),
+                "std": float(mom.std[i]),
+                "diff_std": float(dmom.std[i]),
+            }
+            for i, c in enumerate(data.channels)
+        },
+        "static": _static_stats(data),
+    }
+    if cycle is not None:
+        out["daily_cycle"] = _daily_cycle_section(cycle, cycle_names, times[idx], out, data.grid)
+    return out
+
+
+def _stream_moments(data: GriddedDataset, idx: np.ndarray, cycle, log) -> tuple[_Moments, _Moments]:
+    """(moments of the states, moments of their dt-differences) over the time indices `idx`, read one
+    state at a time; each state is also added to the daily cycle fit (if any)."""
+    names, times, full = [c.name for c in data.channels], data.times, slice(0, data.grid[0])
+    mom, dmom = _Moments(len(names)), _Moments(len(names))
     ring: dict[int, np.ndarray] = {}
     for j, t in enumerate(idx):
         x = data.read_fields(int(t), full, slice(None))
@@ -106,49 +131,42 @@ def compute_stats(
         ring = {s: v for s, v in ring.items() if s > t - data.k}
         if log and (j % 50 == 0 or j == len(idx) - 1):
             log(f"stats: {j + 1}/{len(idx)} time steps")
-    chan = {}
-    for i, c in enumerate(data.channels):
-        chan[c.name] = {
+    return mom, dmom
+
+
+def _static_stats(data: GriddedDataset) -> dict:
+    """Mean and std of each static field read from the store."""
+    if not data.static:
+        return {}
+    s = data.read_static([c.name for c in data.static], slice(0, data.grid[0]))
+    return {
+        c.name: {
             "variable": c.var,
-            "level": c.level,
-            "mean": float(mom.mean[i]),
-            "std": float(mom.std[i]),
-            "diff_std": float(dmom.std[i]),
+            "mean": float(s[i].astype(np.float64).mean()),
+            "std": float(s[i].astype(np.float64).std()),
         }
-    static = {}
-    if data.static:
-        s = data.read_static([c.name for c in data.static], full)
-        for i, c in enumerate(data.static):
-            static[c.name] = {
-                "variable": c.var,
-                "mean": float(s[i].astype(np.float64).mean()),
-                "std": float(s[i].astype(np.float64).std()),
-            }
-    out = {
-        "source": data.where,
-        "start": str(times[idx[0]]),
-        "end": str(times[idx[-1]]),
-        "time_steps": int(len(idx)),
-        "dt_hours": data.cfg.dt_hours,
-        "channels": chan,
-        "static": static,
+        for i, c in enumerate(data.static)
     }
-    if cycle is not None:
-        coef = cycle.solve()
-        hours = sorted({round(h, 4) for h in (times[idx].hour + times[idx].minute / 60)})
-        out["daily_cycle"] = {
-            "start": out["start"],
-            "end": out["end"],
-            "grid": list(data.grid),
-            "hours_seen": hours,
-            "basis": "mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h), h = UTC hour, "
-            "w = 2 pi / 24 h; per pixel, least squares over the period; rows north to south",
-            "channels": {
-                n: {term: np.round(coef[j, i], 5).tolist() for j, term in enumerate(DAILY_CYCLE_TERMS)}
-                for i, n in enumerate(cycle_names)
-            },
-        }
-    return out
+
+
+def _daily_cycle_section(cycle, cycle_names: list[str], period: pd.DatetimeIndex, out: dict, grid) -> dict:
+    """The stats file's "daily_cycle" section: the fitted coefficients per channel and how they were fitted."""
+    from ..config import DAILY_CYCLE_TERMS
+
+    coef = cycle.solve()
+    hours = sorted({round(h, 4) for h in (period.hour + period.minute / 60)})
+    return {
+        "start": out["start"],
+        "end": out["end"],
+        "grid": list(grid),
+        "hours_seen": hours,
+        "basis": "mean + cos1 cos(w h) + sin1 sin(w h) + cos2 cos(2 w h) + sin2 sin(2 w h), h = UTC hour, "
+        "w = 2 pi / 24 h; per pixel, least squares over the period; rows north to south",
+        "channels": {
+            n: {term: np.round(coef[j, i], 5).tolist() for j, term in enumerate(DAILY_CYCLE_TERMS)}
+            for i, n in enumerate(cycle_names)
+        },
+    }
 
 
 class Normalizer:

@@ -51,6 +51,23 @@ def physical_scale(var: str, level: int | None) -> tuple[float, float]:
     }.get(var, (0.0, 1.0))
 
 
+def _unit_range(a: np.ndarray) -> np.ndarray:
+    """a scaled to [0, 1] (min-max)."""
+    return (a - a.min()) / max(a.max() - a.min(), 1e-12)
+
+
+def _encoding(ds: xr.Dataset, first: pd.Timestamp, level_chunk: int, lat_chunk: int) -> dict:
+    """The store's chunks (time=1, level=level_chunk, latitude=lat_chunk, the rest whole) and time units;
+    sets each variable's units attribute."""
+    enc = {}
+    for v in ds.data_vars:
+        ds[v].attrs = with_units(v, ds[v].attrs)
+        sizes = {"time": 1, "level": level_chunk, "latitude": lat_chunk}
+        enc[v] = {"chunks": tuple(sizes.get(d, ds.sizes[d]) for d in ds[v].dims)}
+    enc["time"] = {"units": f"hours since {first:%Y-%m-%d %H:%M:%S}", "dtype": "int64"}
+    return enc
+
+
 def write_synthetic(
     out: str,
     grid=(32, 64),
@@ -84,12 +101,7 @@ def write_synthetic(
         ),
     )
     sw = SyntheticWeather(cfg, seed=seed, noise=noise, step_hours=step_hours)
-    scale = []
-    for v in surface:
-        scale.append(physical_scale(v, None))
-    for v in atmos:
-        for lev in levels:
-            scale.append(physical_scale(v, lev))
+    scale = [physical_scale(v, None) for v in surface] + [physical_scale(v, lev) for v in atmos for lev in levels]
     off = np.array([s[0] for s in scale], dtype=np.float64)[:, None, None]
     mul = np.array([s[1] for s in scale], dtype=np.float64)[:, None, None]
     flip = lat_order == "ascending"
@@ -97,7 +109,6 @@ def write_synthetic(
     lat = lat[::-1] if flip else lat
     rows = (lambda a: a[..., ::-1, :]) if flip else (lambda a: a)
     st = sw.static(1)[0].numpy()  # standardised lsm, orography: min-max back to [0, 1] (exact: affine)
-    unit = lambda a: (a - a.min()) / max(a.max() - a.min(), 1e-12)  # noqa: E731
     coords = {"time": times[:0], "latitude": lat, "longitude": sw.lon.numpy().astype(np.float64)}
     if atmos:
         coords["level"] = np.array(levels, dtype=np.int64)
@@ -114,22 +125,12 @@ def write_synthetic(
             data[v] = (("time", "level", "latitude", "longitude"), x[:, a : a + len(levels)])
         ds = xr.Dataset(data, coords=dict(coords, time=times[tb]))
         if b0 == 0:
-            ds["land_sea_mask"] = (("latitude", "longitude"), rows(unit(st[0])).astype(np.float32))
+            ds["land_sea_mask"] = (("latitude", "longitude"), rows(_unit_range(st[0])).astype(np.float32))
             ds["geopotential_at_surface"] = (
                 ("latitude", "longitude"),
-                rows(unit(st[1]) * G * 3000.0).astype(np.float32),
+                rows(_unit_range(st[1]) * G * 3000.0).astype(np.float32),
             )
-            enc = {}
-            for v in ds.data_vars:
-                ds[v].attrs = with_units(v, ds[v].attrs)
-                dims = ds[v].dims
-                enc[v] = {
-                    "chunks": tuple(
-                        {"time": 1, "level": level_chunk, "latitude": lat_chunk}.get(d, ds.sizes[d]) for d in dims
-                    )
-                }
-            enc["time"] = {"units": f"hours since {times[0]:%Y-%m-%d %H:%M:%S}", "dtype": "int64"}
-            ds.to_zarr(out, mode="w", consolidated=False, encoding=enc)
+            ds.to_zarr(out, mode="w", consolidated=False, encoding=_encoding(ds, times[0], level_chunk, lat_chunk))
         else:
             ds.to_zarr(out, append_dim="time", consolidated=False)
     return xr.open_zarr(out, chunks=None, consolidated=False)

@@ -65,7 +65,29 @@ class SyntheticWeather:
         colat = np.deg2rad(90.0 - lat)[:, None]  # (H, 1), 0 at the north pole
         lon_rad = np.deg2rad(lon)[None, :]  # (1, W)
 
-        # latent fields: psi_j(t) = Re sum_m C_jm(lat) exp(i m (lon - c_j(lat) t))
+        self._init_latent(rng, n_latent, max_wavenumber, max_meridional, colat, lon_rad)
+        self._init_static(rng, colat, lon_rad)
+
+        # channels: fixed latent mixes + diurnal cycle + orography cooling on temperature-like ones
+        C = len(self.names)
+        self._mix = rng.normal(size=(C, n_latent)) / math.sqrt(n_latent)
+        self._diurnal = np.array(
+            [(1.0 if is_surface_level(n, cfg) else 0.3) if is_temperature(n) else 0.0 for n in self.names]
+        )
+        self._lapse = np.array([0.8 if is_temperature(n) else 0.0 for n in self.names])
+        self._cos_lat = np.clip(np.cos(np.deg2rad(lat)), 0.0, None)[:, None]
+        self._lon_hours = (lon / 15.0)[None, :]
+
+        # standardisation from the noiseless signal at a spread of times
+        ref = np.stack([self._raw(t) for t in range(0, 64 * 37, 37)])  # (T, C, H, W)
+        self._mean = ref.mean(axis=(0, 2, 3))
+        self._std = ref.std(axis=(0, 2, 3))
+        self._std[self._std < 1e-12] = 1.0
+
+    def _init_latent(self, rng, n_latent: int, max_wavenumber: int, max_meridional: int, colat, lon_rad) -> None:
+        """Latent fields psi_j(t) = Re sum_m C_jm(lat) exp(i m (lon - c_j(lat) t)): random meridional
+        structure per zonal wavenumber m, advected by a westerly jet."""
+        lat = self._lat_deg
         M = max(1, min(max_wavenumber, self.n_lon // 4))
         self._m = np.arange(M + 1)
         coef = np.zeros((n_latent, self.n_lat, M + 1), dtype=np.complex128)
@@ -84,7 +106,10 @@ class SyntheticWeather:
         speed = rng.uniform(0.6, 1.2, n_latent)  # per latent field, in units of 10 deg / step
         self._speed = np.deg2rad(10.0) * speed[:, None] * jet[None, :]  # (n_latent, H)
 
-        # static fields
+    def _init_static(self, rng, colat, lon_rad) -> None:
+        """Static fields: a land-sea mask and orography from smooth random fields, another smooth field for
+        any other static name (standardised)."""
+
         def smooth(k_max):
             f = np.zeros((self.n_lat, self.n_lon))
             for m in range(k_max + 1):
@@ -112,22 +137,6 @@ class SyntheticWeather:
             static.append(static_pool[key] if key else smooth(5))  # e.g. soil type: another fixed field
         self._lsm, self._oro = lsm, orography
         self._static = np.stack([_standardise(s) for s in static]) if static else np.zeros((0, self.n_lat, self.n_lon))
-
-        # channels: fixed latent mixes + diurnal cycle + orography cooling on temperature-like ones
-        C = len(self.names)
-        self._mix = rng.normal(size=(C, n_latent)) / math.sqrt(n_latent)
-        self._diurnal = np.array(
-            [(1.0 if is_surface_level(n, cfg) else 0.3) if is_temperature(n) else 0.0 for n in self.names]
-        )
-        self._lapse = np.array([0.8 if is_temperature(n) else 0.0 for n in self.names])
-        self._cos_lat = np.clip(np.cos(np.deg2rad(lat)), 0.0, None)[:, None]
-        self._lon_hours = (lon / 15.0)[None, :]
-
-        # standardisation from the noiseless signal at a spread of times
-        ref = np.stack([self._raw(t) for t in range(0, 64 * 37, 37)])  # (T, C, H, W)
-        self._mean = ref.mean(axis=(0, 2, 3))
-        self._std = ref.std(axis=(0, 2, 3))
-        self._std[self._std < 1e-12] = 1.0
 
     # --------------------------------------------------------------------------------------------
     @property

@@ -162,7 +162,7 @@ def fit_linear(
             A[i] += np.einsum("npk,nqk->kpq", X[ok], X[ok])
             B[i] += np.einsum("npk,nk->kp", X[ok], Y)
             counts[i] += len(ok)
-    short = [f"{L / pd.Timedelta(hours=1):g} h" for L, n in zip(leads, counts) if n < 2 * p]
+    short = [f"{L / pd.Timedelta(hours=1):g} h" for L, n in zip(leads, counts, strict=True) if n < 2 * p]
     if short:
         raise EvaluationError(
             f"linear baseline: the training period {period.start} .. {period.end} holds fewer "

@@ -33,6 +33,7 @@ import xarray as xr
 
 from jigsaw_ext.files import make_output_folders
 
+from ..latitudes import DEFAULT_WEIGHTING, WEIGHTINGS
 from . import metrics as M
 from .baselines import (
     ClimatologyPeriod,
@@ -74,7 +75,7 @@ class Options:
     """How the scores are computed (besides what is scored: the Plan)."""
 
     rmse_form: str = "wb2"
-    weighting: str = M.DEFAULT_WEIGHTING  # latitude weights: area (WeatherBench 2) | cos
+    weighting: str = DEFAULT_WEIGHTING  # latitude weights: area (WeatherBench 2) | cos
     linear: bool = True  # the per-pixel linear regression baseline
     block: int = 1
 
@@ -201,7 +202,7 @@ def _score_all(
                     "dt_hours": dt / pd.Timedelta(hours=1),
                     "features": linear.features,
                     "fitted_on": f"{period.start:%Y-%m-%dT%H:%M} .. {period.end:%Y-%m-%dT%H:%M}",
-                    "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples)),
+                    "samples_per_lead": dict(zip(map(lead_str, plan.lead_hours), linear.samples, strict=True)),
                 }
         _store_scores(scores, regions, _score_variable(fc, tr, plan, var, clim, linear, opt), plan, var)
         bar.update(1)
@@ -245,7 +246,7 @@ def evaluate(
     max_block_bytes: int = 2**28,
     progress: bool = False,
     log=None,
-    weighting: str = M.DEFAULT_WEIGHTING,
+    weighting: str = DEFAULT_WEIGHTING,
     linear: bool = True,
 ) -> dict:
     """Scores of the model and the baselines: the content of metrics.json (see write_report).
@@ -253,8 +254,8 @@ def evaluate(
     before the first init; window_days None = automatic (climatology_window)."""
     if rmse_form not in M.RMSE_FORMS:
         raise EvaluationError(f"RMSE form {rmse_form!r}: choose one of {sorted(M.RMSE_FORMS)}")
-    if weighting not in M.WEIGHTINGS:
-        raise EvaluationError(f"latitude weights {weighting!r}: choose one of {sorted(M.WEIGHTINGS)}")
+    if weighting not in WEIGHTINGS:
+        raise EvaluationError(f"latitude weights {weighting!r}: choose one of {sorted(WEIGHTINGS)}")
     period = climatology_period(pd.DatetimeIndex(tr[TIME].values), plan, clim_start, clim_end)
     if period.overlaps_evaluation and log:
         log(
@@ -275,7 +276,7 @@ def evaluate(
         log(f"warning: no linear baseline: {linear_info['skipped']}")
     result = metrics_result(plan, tr, scores, period, clim, rmse_form, window_days, fallback)
     result["climatology"]["window_choice"] = why
-    result["definitions"]["latitude_weights"] = M.WEIGHTINGS[weighting] + ", applied once inside the spatial mean"
+    result["definitions"]["latitude_weights"] = WEIGHTINGS[weighting] + ", applied once inside the spatial mean"
     result["definitions"]["latitude_weighting"] = weighting
     result["linear_baseline"] = linear_info if linear else {"skipped": "--no-linear-baseline"}
     result["regions"] = regions
@@ -323,8 +324,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lat-weights",
-        choices=sorted(M.WEIGHTINGS),
-        default=M.DEFAULT_WEIGHTING,
+        choices=sorted(WEIGHTINGS),
+        default=DEFAULT_WEIGHTING,
         help="area: WeatherBench 2 cell-area weights, non-zero on pole rows (default); cos: cos(lat), "
         "zero on pole rows (metrics.json names the weights under definitions.latitude_weights)",
     )

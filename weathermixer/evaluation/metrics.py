@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..latitudes import DEFAULT_WEIGHTING, latitude_weights
+
 LAT, LON, TIME = "latitude", "longitude", "time"
 RMSE_FORMS = {"wb2": "sqrt(mean_t MSE_t) (WeatherBench 2)", "wb1": "mean_t sqrt(MSE_t) (WeatherBench 1)"}
 DAYS = 366  # days of year 1..366
@@ -41,49 +43,7 @@ class EvaluationError(ValueError):
     """Bad input to an evaluation; the message names what does not match."""
 
 
-# weights and spatial means --------------------------------------------------------------------------
-DEFAULT_WEIGHTING = "area"
-WEIGHTINGS = {
-    "cos": "w = cos(lat) / mean(cos(lat)) over the grid's latitudes",
-    "area": "w = cell area / mean cell area, cell bounds halfway between latitudes and half a spacing "
-    "beyond the outer ones, clipped to +-90 (WeatherBench 2's get_lat_weights on a global grid)",
-}
-
-
-def latitude_weights(lat, weighting: str = DEFAULT_WEIGHTING) -> np.ndarray:
-    """weighting="area": each row's cell area (sin of the upper minus sin of the lower cell bound) over
-    the given latitudes (degrees), mean 1, non-zero on pole rows; "cos": cos(lat) / mean(cos(lat)), zero
-    at the poles."""
-    lat = np.asarray(lat, dtype=np.float64)
-    if lat.ndim != 1 or lat.size == 0:
-        raise ValueError(f"latitudes must be a non-empty 1-D array, got shape {lat.shape}")
-    if np.any(~np.isfinite(lat)) or np.any(np.abs(lat) > 90.0):
-        raise ValueError(f"latitudes must be finite degrees in [-90, 90], got {lat.min():g} .. {lat.max():g}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"latitude weighting {weighting!r}: choose one of {sorted(WEIGHTINGS)}")
-    if weighting == "area":
-        return cell_area_weights(lat)
-    w = np.cos(np.deg2rad(lat))
-    w[np.isclose(np.abs(lat), 90.0, rtol=0.0, atol=1e-9)] = 0.0  # cos(90 deg) is 6e-17 in floating point
-    if w.sum() == 0.0:
-        raise ValueError("all latitudes are poles: cos-latitude weights are all zero")
-    return w / w.mean()
-
-
-def cell_area_weights(lat: np.ndarray) -> np.ndarray:
-    """Area of each latitude row's cell on the sphere, normalised to mean 1 (any latitude order)."""
-    order = np.argsort(lat)
-    x = lat[order]
-    if x.size == 1:
-        return np.ones(1)
-    mid = (x[:-1] + x[1:]) / 2
-    bounds = np.clip(np.concatenate([[x[0] - (x[1] - x[0]) / 2], mid, [x[-1] + (x[-1] - x[-2]) / 2]]), -90, 90)
-    area = np.diff(np.sin(np.deg2rad(bounds)))
-    w = np.empty_like(area)
-    w[order] = area
-    return w / w.mean()
-
-
+# spatial means ----------------------------------------------------------------------------------------
 def _as_da(x) -> xr.DataArray:
     if isinstance(x, xr.DataArray):
         return x
@@ -299,7 +259,7 @@ def _needed_cells(for_times, hours: np.ndarray, start: pd.Timestamp, end: pd.Tim
         need = {(d, int(h)) for d in range(1, DAYS + 1) for h in hours}
     else:
         nd, nh = _doy_hour(pd.DatetimeIndex(np.atleast_1d(np.asarray(for_times, dtype="datetime64[ns]"))))
-        need = set(zip(nd.tolist(), nh.tolist()))
+        need = set(zip(nd.tolist(), nh.tolist(), strict=True))
     missing_hours = sorted({h for _, h in need} - set(hours.tolist()))
     if missing_hours:
         raise EvaluationError(
@@ -377,7 +337,7 @@ def _cell_means(
     days = np.array(sorted({d for d, _ in need}))
     out = np.full((len(days), len(hours)) + rest.shape, np.nan, dtype=np.float64)
     available = np.zeros((len(days), len(hours)), dtype=bool)
-    for (d, h), c in source.items():
+    for (d, _hour), c in source.items():
         i, j = int(np.searchsorted(days, d)), c[1]
         out[i, j] = sums[cell_of[c]] / counts[c]
         available[i, j] = True

@@ -160,6 +160,28 @@ def plan_evaluation(
     for d in (TIME, LAT, LON):
         _coord(tr, d, "truth")
     lat_order, lat, lon = _match_grid(fc, tr)
+    gridded = _scored_variables(fc, tr, variables)
+    levels = {v: _levels(fc, tr, v) for v in gridded}
+    keys = {}
+    for v, levs in levels.items():
+        for lev in levs or [None]:
+            keys[key_of(v, lev)] = (v, lev)
+    truth_times = pd.DatetimeIndex(tr[TIME].values)
+    init_index, inits = _scored_inits(fc, truth_times, init_start, init_end)
+    lead_index, leads = _scored_leads(fc, leads_hours)
+    for lead in leads:
+        valid = inits + lead
+        outside = valid[truth_times.get_indexer(valid) < 0]
+        if len(outside):
+            raise EvaluationError(
+                f"lead {lead / HOUR:g} h: valid time(s) not in the truth data (which ends "
+                f"{truth_times[-1]:%Y-%m-%dT%H:%M}): {describe_times(outside)}; use --leads or --init-end"
+            )
+    return Plan(levels, keys, init_index, inits, lead_index, leads, lat_order, lat, lon)
+
+
+def _scored_variables(fc: xr.Dataset, tr: xr.Dataset, variables: list[str] | None) -> list[str]:
+    """The forecast's variables to score (`variables`, else every one with time and lead dims), each in the truth."""
     gridded = [str(v) for v in fc.data_vars if {TIME, LEAD}.issubset(fc[v].dims)]
     if variables:
         absent = [v for v in variables if v not in fc.data_vars]
@@ -177,12 +199,12 @@ def plan_evaluation(
             f"variable(s) {absent} of the forecast missing from the truth data (it has "
             f"{sorted(map(str, tr.data_vars))})"
         )
-    levels = {v: _levels(fc, tr, v) for v in gridded}
-    keys = {}
-    for v, levs in levels.items():
-        for lev in levs or [None]:
-            keys[key_of(v, lev)] = (v, lev)
+    return gridded
 
+
+def _scored_inits(fc: xr.Dataset, truth_times: pd.DatetimeIndex, init_start, init_end):
+    """(index into the forecast's init times, those times): the inits in init_start .. init_end, each a
+    time of the truth data."""
     fc_inits = pd.DatetimeIndex(fc[TIME].values)
     lo = pd.Timestamp(init_start) if init_start else fc_inits.min()
     hi = pd.Timestamp(init_end) if init_end else fc_inits.max()
@@ -190,36 +212,30 @@ def plan_evaluation(
     if not len(init_index):
         raise EvaluationError(f"no forecast init time in {lo} .. {hi} (the forecast has {describe_times(fc_inits)})")
     inits = fc_inits[init_index]
-    truth_times = pd.DatetimeIndex(tr[TIME].values)
     outside = inits[truth_times.get_indexer(inits) < 0]
     if len(outside):
         raise EvaluationError(
             f"init time(s) not in the truth data ({truth_times[0]:%Y-%m-%dT%H:%M} .. "
             f"{truth_times[-1]:%Y-%m-%dT%H:%M}, {len(truth_times)} times): {describe_times(outside)}"
         )
+    return init_index, inits
 
+
+def _scored_leads(fc: xr.Dataset, leads_hours: list[float] | None):
+    """(index into the forecast's leads, those leads): `leads_hours` (each in the forecast), else all."""
     fc_leads = pd.TimedeltaIndex(fc[LEAD].values)
     have = [lead / HOUR for lead in fc_leads]
-    if leads_hours:
-        lead_index = []
-        for h in leads_hours:
-            hit = np.flatnonzero(np.isclose(have, h))
-            if not len(hit):
-                raise EvaluationError(f"lead {h:g} h not in the forecast (leads: {', '.join(map(lead_str, have))} h)")
-            lead_index.append(int(hit[0]))
-        lead_index = np.array(lead_index)
-    else:
+    if not leads_hours:
         lead_index = np.arange(len(fc_leads))
-    leads = fc_leads[lead_index]
-    for lead in leads:
-        valid = inits + lead
-        outside = valid[truth_times.get_indexer(valid) < 0]
-        if len(outside):
-            raise EvaluationError(
-                f"lead {lead / HOUR:g} h: valid time(s) not in the truth data (which ends "
-                f"{truth_times[-1]:%Y-%m-%dT%H:%M}): {describe_times(outside)}; use --leads or --init-end"
-            )
-    return Plan(levels, keys, init_index, inits, lead_index, leads, lat_order, lat, lon)
+        return lead_index, fc_leads[lead_index]
+    lead_index = []
+    for h in leads_hours:
+        hit = np.flatnonzero(np.isclose(have, h))
+        if not len(hit):
+            raise EvaluationError(f"lead {h:g} h not in the forecast (leads: {', '.join(map(lead_str, have))} h)")
+        lead_index.append(int(hit[0]))
+    lead_index = np.array(lead_index)
+    return lead_index, fc_leads[lead_index]
 
 
 def truth_var(tr: xr.Dataset, var: str, levels: list | None) -> xr.DataArray:

@@ -85,6 +85,7 @@ def plot_map_panels(truth: np.ndarray, forecast: np.ndarray, lat, lon, title: st
         (truth, forecast, error),
         ("truth", "forecast", "error"),
         ({"vmin": lo, "vmax": hi, "cmap": "viridis"},) * 2 + ({"vmin": -span, "vmax": span, "cmap": "RdBu_r"},),
+        strict=True,
     ):
         im = ax.imshow(data, extent=extent, origin="upper", aspect="auto", interpolation="nearest", **kw)
         ax.set_title(name)

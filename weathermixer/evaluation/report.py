@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..latitudes import DEFAULT_WEIGHTING, WEIGHTINGS
 from . import metrics as M
 from .baselines import ClimatologyPeriod
 from .metrics import LAT, LON, TIME
@@ -37,8 +38,8 @@ def json_number(x) -> float | None:
 def definitions(rmse_form: str) -> dict:
     """What each score means, in words, as written into metrics.json."""
     return {
-        "latitude_weights": M.WEIGHTINGS[M.DEFAULT_WEIGHTING] + ", applied once inside the spatial mean",
-        "latitude_weighting": M.DEFAULT_WEIGHTING,
+        "latitude_weights": WEIGHTINGS[DEFAULT_WEIGHTING] + ", applied once inside the spatial mean",
+        "latitude_weighting": DEFAULT_WEIGHTING,
         "mse_t": "mean over latitude and longitude of w (f - o)^2, per init time t",
         "rmse": M.RMSE_FORMS[rmse_form],
         "rmse_form": rmse_form,

@@ -34,7 +34,7 @@ UNIT_SPELLINGS = {"z500": {"m2/s2", "m**2 s**-2", "m2 s-2", "m^2/s^2", "m^2 s^-2
 
 
 def _both(z3, z5, t3, t5) -> dict:
-    return dict(zip(COLUMNS, (z3, z5, t3, t5)))
+    return dict(zip(COLUMNS, (z3, z5, t3, t5), strict=True))
 
 
 REFERENCE = {

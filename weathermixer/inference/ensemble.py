@@ -41,7 +41,7 @@ def ensemble_mean(members: list[str | Path], out: str | Path, zarr_format: int =
     if len(members) < 2:
         raise EnsembleError(f"an ensemble mean needs at least 2 members, got {len(members)}")
     stores = [xr.open_zarr(m) for m in members]
-    for m, ds in zip(members[1:], stores[1:]):
+    for m, ds in zip(members[1:], stores[1:], strict=True):
         _check_same(stores[0], ds, str(m))
     mean = stores[0].copy()
     for v in stores[0].data_vars:

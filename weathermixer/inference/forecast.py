@@ -241,7 +241,7 @@ def _out_of_space(err: BaseException, out) -> bool:
 def _run(args, job: Job, mesh, inits, steps: int, dt, rank: int, world: int) -> int:
     import torch
 
-    from ..train.engine import bind_cores, set_threads
+    from ..runtime import bind_cores, set_threads
 
     cuda = torch.cuda.is_available()
     bind_cores(enabled=not cuda)  # as train.py: each CPU rank on its own cores

@@ -116,25 +116,14 @@ def _stats_file(stats: dict) -> str:
     return path
 
 
-def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
-    from jigsaw_ext.checkpoint import CheckpointFormatError, read_job_info, resolve
-
+def _job_data(where: str, info: dict, job, data_path: str | None):
+    """(the data config to forecast from, where it comes from): the data set recorded in the checkpoint,
+    the synthetic store its job wrote, or its job's data section; data_path (--data-path) replaces the path."""
     from ..config import ConfigError, parse
-    from ..train.config import TrainJobConfig
+    from ..config.data import DataConfig
 
-    try:
-        where = resolve(checkpoint)
-        info = read_job_info(where)
-    except CheckpointFormatError as err:
-        raise ForecastError(f"--checkpoint: {err}") from None
-    try:
-        job = parse(TrainJobConfig, info["weathermixer"], f"{where} (the checkpoint's job)")
-    except (KeyError, ConfigError) as err:
-        raise ForecastError(f"--checkpoint {where}: cannot read its job configuration: {err}") from None
     recorded = info.get("data")  # the gridded data config the run read (self-contained checkpoints)
     if recorded:
-        from ..data import DataConfig
-
         try:
             data = parse(DataConfig, recorded, f"{where} (the checkpoint's data set)")
         except ConfigError as err:
@@ -150,6 +139,25 @@ def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
     else:
         data = job.data.model_copy(update={"path": data_path, "fake": False} if data_path else {})
         origin = "the checkpoint's weathermixer.data.path"
+    return data, origin
+
+
+def read_job(checkpoint: str, data_path: str | None, stats: str | None) -> Job:
+    from jigsaw_ext.checkpoint import CheckpointFormatError, read_job_info, resolve
+
+    from ..config import ConfigError, parse
+    from ..config.train import TrainJobConfig
+
+    try:
+        where = resolve(checkpoint)
+        info = read_job_info(where)
+    except CheckpointFormatError as err:
+        raise ForecastError(f"--checkpoint: {err}") from None
+    try:
+        job = parse(TrainJobConfig, info["weathermixer"], f"{where} (the checkpoint's job)")
+    except (KeyError, ConfigError) as err:
+        raise ForecastError(f"--checkpoint {where}: cannot read its job configuration: {err}") from None
+    data, origin = _job_data(where, info, job, data_path)
     # statistics: --stats, else the ones recorded in the checkpoint, else the job's stats file
     if stats:
         data, stats_origin = data.model_copy(update={"stats": stats}), stats
@@ -223,7 +231,7 @@ def open_data(job: Job, mesh, inits: pd.DatetimeIndex):
     from jigsaw_ext.mesh import Mesh, MeshConfig
 
     from ..data import DataError, GriddedDataset, Normalizer, ShardedSampleLoader
-    from ..model.geometry import MeshMismatch
+    from ..grid import MeshMismatch
 
     cfg = job.data.model_copy(update={"leads": 1, "prefetch": 0, "splits": {"test": (str(inits[0]), str(inits[-1]))}})
     ch = job.model.channels

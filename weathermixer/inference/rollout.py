@@ -18,7 +18,7 @@ from .store import StoreWriter
 
 if TYPE_CHECKING:
     from ..data import GriddedDataset, ShardedSampleLoader
-    from ..model.geometry import Geometry
+    from ..grid import Geometry
     from ..model.mixer import WeatherMixer
 
 
@@ -54,7 +54,7 @@ def load(job: Job, mesh, inits: pd.DatetimeIndex, device, tendency: bool = True)
     the skip head (model.pixel_skip) forecasts with the head's per-pixel linear function alone."""
     from jigsaw_ext.checkpoint import CheckpointFormatError, load_into_model
 
-    from ..model.geometry import Geometry, MeshMismatch
+    from ..grid import Geometry, MeshMismatch
     from ..model.mixer import WeatherMixer
 
     try:
@@ -76,25 +76,11 @@ def load(job: Job, mesh, inits: pd.DatetimeIndex, device, tendency: bool = True)
     return Loaded(geo, data, loader, mean, std, model)
 
 
-def static_at(static, loader, times: list[pd.Timestamp]):
-    """The static block with its time features (hour of day, day of year) at `times`, one per sample."""
-    from ..data import TIME_FEATURES
-    from ..data.loader import _computed  # the loader's own formula, so the features match training
-
-    idx = [i for i, n in enumerate(loader.static_names) if n in TIME_FEATURES]
-    if static is None or not idx:
-        return static
-    static = static.clone()
-    for b, t in enumerate(times):
-        for i in idx:
-            static[b, i] = float(_computed(loader.static_names[i], loader.lat[:1], loader.lon[:1], t)[0, 0])
-    return static
-
-
 def rollout(model, fields, static, loader, inits, steps: int, per_encode: int, dt: pd.Timedelta):
     """Yield (lead index, this rank's block of the forecast) for leads 1..steps: blocks of
     `per_encode` latent steps, each started from the last decoded state (with model.history = h, from
     the last h + 1 states, decoded or initial)."""
+    from ..data.loader import static_at
     from ..model.mixer import next_window
 
     x, done = fields, 0

@@ -19,7 +19,7 @@ from jigsaw_ext.mesh import Mesh
 from jigsaw_ext.mlp import BlockMLP, check_strategy_keys
 
 from ..config import ModelConfig
-from .geometry import Geometry
+from ..grid import Geometry
 from .skip import PixelSkip, load_initial_coefficients, skip_num_parameters
 
 

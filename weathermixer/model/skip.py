@@ -18,7 +18,7 @@ sin(w l dt) sin(wh)), which per-lead coefficients absorb exactly, so the model n
 valid time; and the best linear predictor's weight on x(t) decays with the lead (per-lead damping),
 which coefficients shared across leads cannot express. A latent rollout of more than L steps without
 re-encoding is therefore an error; a forecast that re-encodes every K <= L steps starts each segment
-at lead 1 with the time features of its own start (weathermixer.inference.rollout.static_at), and the
+at lead 1 with the time features of its own start (weathermixer.data.loader.static_at), and the
 autoregressive mode uses lead 1 at every step.
 
 Layout: w is (L, F, channels, rows, lon), channels split over TP and latitude rows over DOMAIN exactly
@@ -68,7 +68,7 @@ from jigsaw_ext.layers import make_param
 from jigsaw_ext.layout import Layout
 
 from ..config import DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, TIME_FEATURES
-from .geometry import Geometry
+from ..grid import Geometry
 
 
 def skip_time_features(cfg) -> list[int]:

@@ -61,7 +61,7 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
     Returns (coef (lead, F, C, H, W), time-feature names, training samples, info dict)."""
     from jigsaw_ext.mesh import Mesh
 
-    from .geometry import Geometry
+    from ..grid import Geometry
 
     model_cfg = model_cfg.model_copy(update={"pixel_skip": leads, "pixel_skip_init": None})
     head = PixelSkip(Geometry(model_cfg, Mesh.single()))
@@ -106,7 +106,7 @@ def fit(data_cfg, model_cfg, leads: int, batch: int = 64, ridge: float | list[fl
 def _validation_mse(head, data_cfg, model_cfg, leads: int, coefs, batch: int) -> np.ndarray:
     """(ridge, lead) latitude-weighted MSE (normalised units) of each fit on every validation sample."""
     loader = _loader(data_cfg, model_cfg, leads, "val")
-    from weathermixer.evaluation.metrics import latitude_weights
+    from ..latitudes import latitude_weights
 
     w = latitude_weights(loader.lat)[:, None]  # the loss's and evaluate's cell-area weights
     sums, count = np.zeros((len(coefs), leads)), 0
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     """python -m weathermixer.model.skip_fit --config JOB [--set KEY=VALUE] --leads L --out FIT.npz"""
     import argparse
 
-    from ..data.__main__ import _job
+    from ..data import load_data_job
 
     ap = argparse.ArgumentParser(
         allow_abbrev=False,
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
-    job = _job(args)
+    job = load_data_job(args.config, args.set, args.data)
     ridges = [float(r) for r in args.ridge.split(",")]
     coef, statics, n, info = fit(
         job.data, job.model, args.leads, ridge=ridges if len(ridges) > 1 else ridges[0], progress=lambda m: None
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     print("training MSE (normalised units) by lead: " + " ".join(f"{v:.4f}" for v in info["train_mse"]))
     if mse is not None:
         print("validation MSE (normalised units) by lead 1.." + str(args.leads) + ", mean:")
-        for r, row in zip(info["ridges"], mse):
+        for r, row in zip(info["ridges"], mse, strict=True):
             print(
                 f"  ridge {r:g}: "
                 + " ".join(f"{v:.4f}" for v in row)

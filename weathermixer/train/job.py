@@ -19,7 +19,7 @@ from pathlib import Path
 from jigsaw_ext.files import atomic_write_text
 
 from ..config import ConfigError
-from .config import TrainJobConfig
+from ..config.train import TrainJobConfig
 from .deepspeed_keys import check_deepspeed_keys
 from .loss import channel_loss_weights, headline_channels
 
@@ -86,7 +86,7 @@ def _check_model_and_data(job: TrainJobConfig, world: int) -> None:
     """The mesh fits the world and the model, the loss and validation name real channels, the data exists."""
     from jigsaw_ext.mesh import Mesh, validate_world
 
-    from ..model.geometry import Geometry
+    from ..grid import Geometry
 
     try:
         validate_world(job.mesh, world)

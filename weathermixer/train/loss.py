@@ -10,7 +10,7 @@ def latitude_weights(lat_deg: torch.Tensor) -> torch.Tensor:
     once, not squared): the same weights as evaluate's. cos(latitude) would be exactly 0 on pole rows,
     which then never receive a gradient; a pole row's cell (from the pole to halfway to the next row)
     has a small but non-zero area."""
-    from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+    from ..latitudes import latitude_weights as evaluation_weights
 
     return torch.as_tensor(evaluation_weights(lat_deg.double().cpu().numpy(), "area")).float()
 
@@ -25,7 +25,7 @@ def row_weights(lat_deg, rows, loss_weighting: str, device) -> tuple[torch.Tenso
     elif loss_weighting == "uniform":
         loss = torch.ones_like(area)
     else:
-        from weathermixer.evaluation.metrics import latitude_weights as evaluation_weights
+        from ..latitudes import latitude_weights as evaluation_weights
 
         loss = torch.as_tensor(evaluation_weights(lat.numpy(), loss_weighting)).float()
     return area[rows].to(device), loss[rows].to(device)

@@ -11,7 +11,7 @@
 
 --deepspeed_config takes a path or the name of a packaged job file (deepspeed_configs/*.json without
 ".json", e.g. quickstart_cpu). The JSON file holds DeepSpeed's settings plus the project section "weathermixer"
-(weathermixer.train.config.TrainJobConfig: mesh, model, train, loss, data, validation, checkpoint,
+(weathermixer.config.train.TrainJobConfig: mesh, model, train, loss, data, validation, checkpoint,
 log). Everything that can be checked without processes talking to each other is checked first, on
 every rank, so a bad setting exits non-zero everywhere instead of leaving ranks blocked in a
 collective. The run itself is weathermixer.train.trainer.Trainer. Exit codes: 0 done, 1 failed

@@ -29,9 +29,9 @@ from jigsaw_ext.layers import clear_gathered_weights
 from jigsaw_ext.mlp import resolved_strategies
 
 from ..config import TIME_FEATURES, ConfigError
+from ..config.train import TrainJobConfig
 from ..data.device import device_batches
 from .checkpointing import CheckpointError, CheckpointManager, checkpoint_root, sampler_for
-from .config import TrainJobConfig
 from .engine import (
     apply_tf32,
     chip_peak_tflops,
@@ -256,7 +256,7 @@ class Trainer:
             return self.engine(fields, static, steps=k, every_lead=True, autoregressive=ar, checkpoint=ckpt)
         import pandas as pd
 
-        from ..inference.rollout import static_at
+        from ..data.loader import static_at
         from ..model.mixer import next_window
 
         dt, x, leads = pd.Timedelta(hours=self.data_cfg.dt_hours), fields, []

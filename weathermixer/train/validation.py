@@ -141,7 +141,7 @@ class Validator:
         """Collective. Mean latitude- and channel-weighted MSE (normalised units) over forecast steps
         1..`steps` of each candidate re-encoding interval, on up to `quota` validation samples per dp
         replica; every forward goes through the engine."""
-        from ..inference.rollout import static_at
+        from ..data.loader import static_at
         from ..model.mixer import next_window
 
         job, mesh = self.job, self.mesh

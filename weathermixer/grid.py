@@ -1,4 +1,5 @@
-"""How a lat x lon grid becomes tokens, and how those tokens and channels are split over the mesh.
+"""How a lat x lon grid becomes tokens, and how those tokens and channels are split over the mesh
+(shared by the data loader, the model, training and inference).
 
 Tokens are patches in row-major order (patch row, patch column). The DOMAIN axis splits the patch
 rows into latitude bands (uneven when needed: 721 rows -> 361 + 360), the TP axis splits channels.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from einops import rearrange
 from jigsaw_ext.layout import Layout, Split, even_split
 from jigsaw_ext.mesh import Mesh
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 
 class MeshMismatch(ValueError):
@@ -91,7 +93,7 @@ class Geometry:
         ph, n_lat = self.cfg.patch[0], self.cfg.grid[0]
         bounds = [min(self.patch_row_split.offset(d) * ph, n_lat) for d in range(len(self.patch_row_split.sizes))]
         bounds.append(n_lat)
-        return Split("domain", tuple(b - a for a, b in zip(bounds, bounds[1:])))
+        return Split("domain", tuple(b - a for a, b in pairwise(bounds)))
 
     def token_hidden_split(self) -> Split:
         return self._split("domain", self.token_hidden)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -224,6 +224,25 @@ def parse(cls: type[BaseModel], data: dict, source: str = "config"):
         return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, cls, source)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: JSON where it parses (numbers, booleans, lists, objects), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string, e.g. a path
+
+
+def apply_setting(root: dict, dotted: str, value: Any, where: str) -> None:
+    """root[a][b][c] = value for dotted = "a.b.c" (missing objects are created)."""
+    keys = dotted.split(".")
+    node = root
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[: i + 1])} is not an object; cannot set {dotted}")
+    node[keys[-1]] = value
 
 
 def job_file_presets() -> dict[str, Path]:

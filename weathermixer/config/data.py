@@ -19,14 +19,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..config import (
-    COMPUTED_STATIC,
-    DAILY_CYCLE_PREFIX,
-    DAILY_CYCLE_TERMS,
-    TIME_FEATURES,  # noqa: F401
-    JobConfig,
-    _Strict,
-)
+from . import COMPUTED_STATIC, DAILY_CYCLE_PREFIX, DAILY_CYCLE_TERMS, JobConfig, _Strict
 
 
 def daily_cycle_static(name: str) -> tuple[str, str] | None:
@@ -168,13 +161,21 @@ class DataJobConfig(JobConfig):
     data: DataConfig
 
 
-def load_data_job(path) -> DataJobConfig:
-    """The mesh, model and data sections of a JSON job file (other sections, e.g. train, ignored)."""
-    from ..config import ConfigError, parse, read_job_file
+def load_data_job(path, settings: list[str] | None = None, data_path: str | None = None) -> DataJobConfig:
+    """The mesh, model and data sections of a JSON job file (other sections, e.g. train, ignored), with
+    settings ["KEY=VALUE", ...] (JSON values, as train.py's --set) and then data_path (data.path) applied."""
+    from . import ConfigError, apply_setting, parse, parse_value, read_job_file
 
     section = read_job_file(path).get("weathermixer", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'weathermixer' must be an object")
+    for item in settings or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.path=era5.zarr or model.history=1")
+        apply_setting(section, key, parse_value(text), "--set")
+    if data_path:
+        apply_setting(section, "data.path", data_path, "--data")
     if "data" not in section:
         raise ConfigError(f"{path}: weathermixer.data is missing (the data set's path, mapping, splits)")
     keep = {k: v for k, v in section.items() if k in ("mesh", "model", "data")}
