@@ -17,13 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jigsaw_ext.layers import bucket_small_gradients
-from jigsaw_ext.mlp import resolved_strategies
 from jigsaw_ext.layout import Layout
 from jigsaw_ext.mesh import Mesh, MeshConfig
+from jigsaw_ext.mlp import resolved_strategies
 from jigsaw_ext.plan.trace import fake_mesh, trace_step
 from weathermixer.config import ModelConfig
-from weathermixer.model import WeatherMixer
 from weathermixer.grid import Geometry
+from weathermixer.model import WeatherMixer
 from weathermixer.model.mixer import MixerBlock
 
 

@@ -161,7 +161,7 @@ class Hardware(_Strict):
         key = [math.log(max(v, 1)) for v in (m, n, k)]
 
         def dist(p):
-            return sum((a - math.log(max(b, 1))) ** 2 for a, b in zip(key, (p.m, p.n, p.k)))
+            return sum((a - math.log(max(b, 1))) ** 2 for a, b in zip(key, (p.m, p.n, p.k), strict=True))
 
         best = min(points, key=dist)
         # a smaller product than the nearest measured one cannot run faster per FLOP

@@ -11,8 +11,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from ..mlp import resolved_strategies
 from ..mesh import Mesh, MeshConfig
+from ..mlp import resolved_strategies
 from .cost import Candidate, Estimate, Settings, estimate
 from .hardware import Hardware
 from .trace import StepTrace, extrapolate, fake_mesh, trace_step

@@ -48,9 +48,10 @@ def varied(hw: Hardware, figure: str, factor: float) -> Hardware:
     return out
 
 
-def sensitivity(planner: Planner, rows: list[Estimate], limits: Constraints = Constraints()) -> dict:
+def sensitivity(planner: Planner, rows: list[Estimate], limits: Constraints | None = None) -> dict:
     """{figure: {"x0.5"|"x2": {"rows": [{mesh, mfu, efficiency, step_s}], "best": mesh}}} for `rows`
     (estimates of one world size and global batch, from `planner`)."""
+    limits = limits if limits is not None else Constraints()
     world, batch = rows[0].candidate.world, rows[0].candidate.global_batch
     out = {}
     for figure in FIGURES:

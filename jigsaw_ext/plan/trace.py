@@ -344,13 +344,13 @@ def extrapolate(one: StepTrace, two: StepTrace, base: int, batch: int) -> StepTr
             a.purpose,
             lin(a.ring_bytes, b.ring_bytes),
         )
-        for a, b in zip(one.collectives, two.collectives)
+        for a, b in zip(one.collectives, two.collectives, strict=True)
     ]
     out.matmuls = [
         Matmul(
             lin(a.batch, b.batch), lin(a.m, b.m), lin(a.n, b.n), lin(a.k, b.k), a.dtype, a.phase, lin(a.flops, b.flops)
         )
-        for a, b in zip(one.matmuls, two.matmuls)
+        for a, b in zip(one.matmuls, two.matmuls, strict=True)
     ]
     out.other_bytes = Counter(
         {

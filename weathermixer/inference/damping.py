@@ -97,7 +97,7 @@ def fit(fc, tr, start: str, end: str, window_days: int | None = None) -> dict:
         A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)  # (lead, 2, 2)
         B = np.einsum("...p,...->...p", w[..., None] * X, y).sum(axes)
         ab = np.stack([np.linalg.lstsq(A[i], B[i], rcond=None)[0] for i in range(len(A))])
-        weights[var] = {_lead_key(td): [float(a), float(b)] for td, (a, b) in zip(fc[LEAD].values, ab)}
+        weights[var] = {_lead_key(td): [float(a), float(b)] for td, (a, b) in zip(fc[LEAD].values, ab, strict=True)}
     return {
         "format": FORMAT,
         "blend": "g + a (f - g) + b (c - g): [a, b] per lead (hours)",

@@ -11,8 +11,9 @@ import resource
 
 import torch
 
-from ..runtime import bind_cores, set_threads
 from jigsaw_ext.plan.chips import PEAK_TFLOPS, chip_of, chip_peak, math_mode  # noqa: F401  (one table of chip peaks)
+
+from ..runtime import bind_cores, set_threads
 
 
 def chip_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> float | None:
