@@ -106,9 +106,9 @@ else
 fi
 EVAL=(--truth "$TRUTH" --clim-start $TRAIN_START --clim-end $TRAIN_END --leads 24,48,72,120,240 --quiet)
 log "blend with the baselines: weights fitted on the 2008 forecasts $VAL_FC"
-$PY -m weathermixer.inference.damping fit --forecast "$VAL_FC" --truth "$TRUTH" --clim-start $TRAIN_START \
+$PY -m weathermixer.evaluation.damping fit --forecast "$VAL_FC" --truth "$TRUTH" --clim-start $TRAIN_START \
     --clim-end $TRAIN_END --out "$OUT/damping.json"
-$PY -m weathermixer.inference.damping apply --forecast "$FC" --truth "$TRUTH" --damping "$OUT/damping.json" \
+$PY -m weathermixer.evaluation.damping apply --forecast "$FC" --truth "$TRUTH" --damping "$OUT/damping.json" \
     --out "$OUT/forecast_blend.zarr" > /dev/null
 $PY -m weathermixer.evaluate --forecast "$FC" --out "$OUT/report_raw" "${EVAL[@]}" --no-plots > "$OUT/report_raw.log"
 FC="$OUT/forecast_blend.zarr"

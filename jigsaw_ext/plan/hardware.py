@@ -141,6 +141,12 @@ class Hardware(_Strict):
         flops = 2.0 * batch * m * n * k
         return flops / (self.matmul_tflops(batch * m, n, k, math_mode(dtype, self.tf32(tf32))) * 1e12)
 
+    def updated(self, update: dict) -> Hardware:
+        """A copy with `update` applied and a rate cache of its own (a changed figure changes the rates)."""
+        out = self.model_copy(update=update)
+        out._rates = {}
+        return out
+
     def matmul_tflops(self, m: int, n: int, k: int, mode: str) -> float:
         """Nearest measured shape of the same math mode and the same alignment of the two leading
         dimensions (n, k multiples of 8 or not: cuBLAS runs a misaligned bf16 GEMM at ~30 % of the

@@ -43,9 +43,7 @@ def varied(hw: Hardware, figure: str, factor: float) -> Hardware:
         update = {"elementwise_efficiency": min(1.0, hw.elementwise_efficiency * factor)}
     else:
         raise ValueError(f"unknown figure {figure!r}; figures: {', '.join(FIGURES)}")
-    out = hw.model_copy(update=update)
-    out._rates = {}  # the copy must not share the original's rate cache
-    return out
+    return hw.updated(update)
 
 
 def sensitivity(planner: Planner, rows: list[Estimate], limits: Constraints | None = None) -> dict:

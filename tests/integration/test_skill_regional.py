@@ -80,7 +80,7 @@ def _forecast_store(truth, inits, leads, make):
 
 def test_blend_with_the_baselines_is_fitted_on_validation_and_never_worse_there():
     from weathermixer.evaluation import metrics as M
-    from weathermixer.inference.damping import DampingError, apply, fit, references
+    from weathermixer.evaluation.damping import DampingError, apply, fit, references
 
     truth = _daily_pressure(days=1200)
     tr = truth.to_dataset(name="slp")

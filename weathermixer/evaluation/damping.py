@@ -1,9 +1,9 @@
 """Damping towards the baselines: per variable and lead, a blend of the forecast with the climatology and
 the per-pixel linear regression, its weights chosen on validation forecasts.
 
-    python -m weathermixer.inference.damping fit --forecast VAL.zarr --truth TRUTH --clim-start S --clim-end E \
+    python -m weathermixer.evaluation.damping fit --forecast VAL.zarr --truth TRUTH --clim-start S --clim-end E \
         --out damping.json
-    python -m weathermixer.inference.damping apply --forecast FC.zarr --truth TRUTH --damping damping.json \
+    python -m weathermixer.evaluation.damping apply --forecast FC.zarr --truth TRUTH --damping damping.json \
         --out FC_DAMPED.zarr
 
 A forecast's anomaly loses skill with the lead; beyond a few days the least-squares forecast shrinks it
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import partial_path, publish
+from ..inference.store import partial_path, publish
 
 FORMAT = "weathermixer.damping/2"
 LEAD = "prediction_timedelta"
@@ -57,9 +57,9 @@ def _truth(fc, tr, var: str):
 
 def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
     """(forecast, climatology, linear regression) of `var`, float64 arrays shaped like the forecast."""
-    from ..evaluation import metrics as M
-    from ..evaluation.baselines import ClimatologyPeriod, fit_linear
-    from ..evaluation.evaluate import climatology_window
+    from . import metrics as M
+    from .baselines import ClimatologyPeriod, fit_linear
+    from .evaluate import climatology_window
 
     o, rest = _truth(fc, tr, var)
     f = fc[var].transpose("time", LEAD, *rest)
@@ -82,7 +82,7 @@ def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
 
 def fit(fc, tr, start: str, end: str, window_days: int | None = None) -> dict:
     """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`."""
-    from ..evaluation import metrics as M
+    from . import metrics as M
 
     weights = {}
     for var in fc.data_vars:
@@ -132,7 +132,7 @@ def apply(fc, tr, damping: dict):
     out.attrs = {
         **fc.attrs,
         "damping": json.dumps(damping["weights"]),
-        "created_by": "python -m weathermixer.inference.damping apply",
+        "created_by": "python -m weathermixer.evaluation.damping apply",
     }
     for v in out.variables.values():
         v.encoding = {}
@@ -140,10 +140,10 @@ def apply(fc, tr, damping: dict):
 
 
 def main(argv=None) -> int:
-    from ..evaluation.plan import open_dataset
+    from .plan import open_dataset
 
     p = argparse.ArgumentParser(
-        prog="python -m weathermixer.inference.damping",
+        prog="python -m weathermixer.evaluation.damping",
         allow_abbrev=False,
         description="blend forecasts with the climatology and the linear regression "
         "(weights fitted on validation forecasts)",
