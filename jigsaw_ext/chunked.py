@@ -198,6 +198,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         ctx.save_for_backward(*x2, *ws)
         ctx.args = (group, sizes, replicas, n_seg, chunks, [x.shape for x in xs], [x.dtype for x in xs])
         ctx.deferral = deferral
+        assert out is not None  # the last chunk's pop sets it
         return out.reshape(*lead, sizes[me])
 
     @staticmethod
@@ -236,12 +237,13 @@ class _LinearReduceScatter(torch.autograd.Function):
                     else:
                         dw[offset : offset + sz].add_(g.t().mm(x[lo:hi].to(dtype)))
                     offset += sz
+        grads: list[torch.Tensor | None] = list(dws)
         if replicas is not None:  # the weights are replicated over another axis: sum their gradients
             for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
                 local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
-                dws[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
+                grads[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
         dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes, strict=True)]
-        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(dws, ws, strict=True)])
+        return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(grads, ws, strict=True)])
 
 
 def linear_reduce_scatter(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -114,7 +114,8 @@ class _Mixer(nn.Module):
 
     def forward(self, x):
         z = self.embed(x)
-        for b in self.blocks:
+        for block in self.blocks:
+            b = cast(nn.ModuleDict, block)
             z = z + b["token"](z.transpose(1, 2), b["norm1"]).transpose(1, 2)
             z = z + b["channel"](z, b["norm2"])
         return x + self.head(*self.norm(z, x))
@@ -229,6 +230,7 @@ def compare_with_serial(
         out, loss, gin = sharded.forward_backward()
         for p in sharded.model.parameters():  # dp averaging (what DeepSpeed does over the dp group)
             if dp > 1:
+                assert p.grad is not None  # set by forward_backward
                 dist.all_reduce(p.grad, group=mesh.groups["dp"])
                 p.grad /= dp
         if mesh.size("model") > 1:
@@ -248,7 +250,7 @@ def compare_with_serial(
     # dp replicas, so d(global)/d(this replica's input) = gin / dp
     errors["input_grad"] = relative_error(gin / dp, sharded.layouts.inputs[0].shard(s_gin[rows], coords))
     errors["param_grad"], worst["param_grad"] = max(
-        (relative_error(p.grad, block_layout(p).shard(s_params[n].grad, coords)), n)
+        (relative_error(p.grad, block_layout(p).shard(cast(torch.Tensor, s_params[n].grad), coords)), n)
         for n, p in sharded.model.named_parameters()
     )
     for step in range(steps):

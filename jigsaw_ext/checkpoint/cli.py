@@ -49,7 +49,7 @@ def _verify(ckpt: str, as_json: bool) -> int:
     """inspect --verify: 0 if every file checked is intact, 1 if any is damaged, missing or unlisted."""
     results = []
     for path, pointers in _tags_to_verify(ckpt):
-        r = (
+        r: dict = (
             verify(path)
             if path.is_dir()
             else {"path": str(path), "verified": False, "files": 0, "problems": [f"{path}: missing"]}

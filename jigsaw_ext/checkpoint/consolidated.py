@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -32,6 +32,7 @@ from .job_info import read_job_info
 from .manifest import ALGORITHM, check, describe, expected, missing_digest, verify_tree
 
 if TYPE_CHECKING:
+    from ..mesh import Mesh
     from .layout_free import LayoutFreeTag
 
 
@@ -207,7 +208,7 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict:
     model built on any mesh; returns the checkpoint's job info. Weights only."""
     path = resolve(path)
     info = read_job_info(path)
-    mesh = model.mesh
+    mesh = cast("Mesh", model.mesh)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(info["layouts"]))
     if missing:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointFormatError, UnsafeMetadataError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", n)
@@ -102,6 +106,8 @@ def safe_reader_class():
 
     class SafeFileSystemReader(CachedMetadataFileSystemReader):
         """DCP's file reader with `.metadata` read through the allowlist."""
+
+        _cached_metadata: Metadata | None  # (megatron sets it to None in __init__, unannotated)
 
         def read_metadata(self, *args, **kwargs):
             if self._cached_metadata is None:

@@ -113,7 +113,7 @@ class DeepSpeedTag:
                     f"{self._model_file(m)}: {len(groups)} optimizer groups, job.json lists "
                     f"{len(self.info['param_groups'])}"
                 )
-            out = {}
+            out: dict[str, tuple] = {}
             for g, gnames in zip(groups, self.info["param_groups"], strict=True):
                 for idx, name in zip(g["params"], gnames, strict=True):
                     out[name] = ("z0", idx)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -309,7 +310,7 @@ class LayoutFreeTag:
 
         self.dir = Path(tag_dir)
         self.info = read_job_info(tag_dir)
-        self.desc = self.info.get("state")
+        self.desc = cast(dict, self.info.get("state"))  # check_description raises unless a dict
         check_description(self.desc, tag_dir / "job.json")
         self.layouts = {n: Layout.from_json(t["layout"]) for n, t in self.desc["tensors"].items()}
         self.mesh, self.stage, self.step = self.info["mesh"], int(self.info["zero_stage"]), int(self.info["step"])

@@ -32,10 +32,13 @@ N = nodes the group spans).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, cast
 
 from .chips import math_mode
 from .hardware import Hardware
 from .trace import StepTrace
+
+CommKind = Literal["all_gather", "reduce_scatter", "all_reduce"]
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
@@ -103,13 +106,13 @@ def collective_seconds(
     steps = calls * (2 if kind == "all_reduce" else 1) * (n - 1)
     span = stride * (n - 1) + 1
     if span <= hw.devices_per_node:
-        return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[kind] * 1e9), "intra"
+        return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[cast(CommKind, kind)] * 1e9), "intra"
     dpn = hw.devices_per_node
     local = max(1, dpn // stride) if stride < dpn else 1  # members of this group in one node
     nodes = max(2, n // local)
     concurrent = dpn // local  # groups of this axis per node
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
-    return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[kind] * 1e9), "inter"
+    return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[cast(CommKind, kind)] * 1e9), "inter"
 
 
 def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
@@ -130,7 +133,8 @@ def model_parallel_seconds(
     hw: Hardware, trace: StepTrace, mean_matmul: dict, overlap: float = 1.0
 ) -> tuple[dict, dict]:
     """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
-    exposed, sent = {"intra": 0.0, "inter": 0.0}, {}
+    exposed: dict[str, float] = {"intra": 0.0, "inter": 0.0}
+    sent: dict[str, float] = {}
     for c in trace.collectives:
         t, tier = collective_seconds(hw, c.kind, c.sent_bytes, c.group_size, c.stride)
         if tier == "none":
@@ -178,7 +182,9 @@ def zero_traffic(cand: Candidate, numels: list[int]) -> dict[str, dict[str, floa
 def _comm_memory(hw: Hardware, cand: Candidate, trace: StepTrace) -> float:
     """What the communication library holds: its per-process state once a collective ran, plus its
     workspace for the largest buffer (a model collective, or a ZeRO gradient bucket)."""
-    work = sorted(hw.comm_workspace.get(c.kind, 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1)
+    work = sorted(
+        hw.comm_workspace.get(cast(CommKind, c.kind), 0.0) * c.ring_bytes for c in trace.collectives if c.group_size > 1
+    )
     if cand.dp > 1:  # ZeRO's gradient all-reduce of one bucket
         work.append(
             hw.comm_workspace.get("all_reduce", 0.0)
@@ -302,7 +308,7 @@ def estimate(
         "intra-node comm": seconds["intra_comm"],
         "inter-node comm": seconds["inter_comm"],
     }
-    bottleneck = "memory" if not fits else max(parts, key=parts.get)
+    bottleneck = "memory" if not fits else max(parts, key=parts.__getitem__)
     return Estimate(
         cand,
         step,

@@ -51,7 +51,7 @@ def sensitivity(planner: Planner, rows: list[Estimate], limits: Constraints | No
     (estimates of one world size and global batch, from `planner`)."""
     limits = limits if limits is not None else Constraints()
     world, batch = rows[0].candidate.world, rows[0].candidate.global_batch
-    out = {}
+    out: dict[str, dict] = {}
     for figure in FIGURES:
         out[figure] = {}
         for factor in FACTORS:

@@ -25,6 +25,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 import torch.nn as nn
@@ -115,14 +116,14 @@ class StepTrace:
     peak_live_bytes: int = 0  # peak of all tensors the step creates (activations, transients, gradients)
 
     def bytes_by_kind(self, axes=None) -> Counter:
-        out = Counter()
+        out: Counter[str] = Counter()
         for c in self.collectives:
             if axes is None or c.axis in axes:
                 out[c.kind] += c.sent_bytes
         return out
 
     def calls_by_kind(self, axes=None) -> Counter:
-        out = Counter()
+        out: Counter[str] = Counter()
         for c in self.collectives:
             if (axes is None or c.axis in axes) and c.group_size > 1:
                 out[c.kind] += 1
@@ -138,7 +139,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _purpose(kind: str) -> str:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
         if name in ("_GatheredLinear.backward", "_ChunkedGatheredLinear.backward"):
