@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jigsaw_ext.files import make_output_folders
+
 from ..inference.store import partial_path, publish
 
 FORMAT = "weathermixer.damping/2"
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
     )
 
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit", help="fit the factors on a (validation) forecast store")
-    a = sub.add_parser("apply", help="write the damped forecast")
+    f = sub.add_parser("fit", help="fit the factors on a (validation) forecast store", allow_abbrev=False)
+    a = sub.add_parser("apply", help="write the damped forecast", allow_abbrev=False)
     for s in (f, a):
         s.add_argument("--forecast", required=True)
         s.add_argument("--truth", required=True)
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     f.add_argument("--clim-window-days", type=int, help="smoothing (default: evaluate's)")
     a.add_argument("--damping", required=True, help="the file `fit` wrote")
     args = p.parse_args(argv)
+    make_output_folders(p, {"--out": args.out})
     try:
         fc, tr = open_dataset(args.forecast, "forecast"), open_dataset(args.truth, "truth")
         if args.cmd == "fit":
