@@ -57,7 +57,7 @@ def test_linear_baseline_is_the_least_squares_fit_on_raw_pressure_values():
         np.testing.assert_allclose(X @ got, X @ ref, rtol=0, atol=1e-3)  # Pa: the same fitted values
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NCEP = ROOT.parent / "shared" / "data" / "real" / "ncep_slp_natl_daily_2001_2010.zarr"
 
 
