@@ -5,6 +5,7 @@ One short single-process run (ZeRO-1, checkpoints at steps 2 and 4) is shared; e
 copy. Faults are injected by a wrapper around train.py that replaces torch.save (which DeepSpeed's
 checkpoint engine calls) on one rank: SIGKILL in the middle of writing a shard, or ENOSPC."""
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -67,6 +68,23 @@ def base(tmp_path_factory):
     wrapper = tmp / "faulty_train.py"
     wrapper.write_text(FAULTY_TRAIN)
     return {"tmp": tmp, "job": job, "out": out, "wrapper": wrapper}
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str):
+    """A tmpfs of `size` mounted at `mnt` for the block (the test skips where mounting is not allowed)."""
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def _run(cmd, timeout=240, **env):
@@ -252,16 +270,7 @@ def test_a_really_full_file_system(base, tmp_path):
     """checkpoint.dir on a 3 MiB tmpfs (one checkpoint fits, two do not): the error on the full disk
     is reported as no space left on that file system; the step-2 checkpoint stays complete and
     named, the partial step-4 directory is removed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "3m") as mnt:
         root = mnt / "checkpoints"
         run = _run(
             _launch(
@@ -284,5 +293,3 @@ def test_a_really_full_file_system(base, tmp_path):
         from jigsaw_ext.checkpoint import verify
 
         assert verify(root)["verified"] and verify(root)["problems"] == []
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

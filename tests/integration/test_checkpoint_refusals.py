@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_checkpoint_integrity import DATA, ONE, _copy, _flip, _run, _verify_cli
+from tests.integration.test_checkpoint_integrity import DATA, ONE, _copy, _flip, _run, _verify_cli, small_tmpfs
 from tests.integration.test_training_runs import ENV, ROOT, _launch, small_job
 
 
@@ -224,18 +224,7 @@ def test_an_explicit_resume_tag_since_pruned_points_at_latest(base, tmp_path):
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(base, tmp_path):
     """checkpoint.dir on a 1 MiB tmpfs, a tag of about 1.9 MiB: the save stops before writing a byte,
     naming the estimate and the free space; nothing partial is left."""
-    import uuid
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", f"jigsaw-{uuid.uuid4().hex[:6]}", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mnt:
         root = mnt / "checkpoints"
         run = _run(
             _launch(
@@ -254,5 +243,3 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(base, tmp_path):
         assert run.returncode == 1 and f"no space left on {mnt} (" in msg, msg[-3000:]
         assert "this checkpoint needs about 1.9 MiB" in msg and "MiB are free; nothing was written" in msg, msg[-3000:]
         assert not [p for p in root.iterdir() if p.is_dir()]  # no tag, no partial folder
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
