@@ -18,7 +18,7 @@ fails or runs out of time records its error and the others still run:
   profile    the breakdown of the after run's profiled step (GEMM, elementwise, copies, optimizer,
              communication, idle, top kernels); its chrome trace is copied beside --out
   planner    the planner's step time, MFU and memory for the after run's layout (predicted, not measured)
-MFU is read against the chip's dense bf16 peak (weathermixer.train.engine.CHIP_PEAK_TFLOPS), with the
+MFU is read against the chip's dense bf16 peak (jigsaw_ext.plan.chips.PEAK_TFLOPS), with the
 model's own FLOPs for every part. The JSON is rewritten after each part, so a run cut short keeps
 what it measured. Needs no network: deepspeed and megatron-core are imported from the Python that
 runs this script (docs/gpu.md: carrying them to a machine without them).

@@ -354,7 +354,12 @@ def test_peak_follows_train_tf32(tmp_path, capsys):
     from jigsaw_ext.plan import chips
     from weathermixer.train import engine
 
-    assert engine.PEAK_TFLOPS is chips.PEAK_TFLOPS
+    for mode, dtype, tf32 in (
+        ("bf16", torch.bfloat16, False),
+        ("tf32", torch.float32, True),
+        ("fp32", torch.float32, False),
+    ):
+        assert engine.chip_peak_tflops("NVIDIA A100-SXM4-40GB", dtype, tf32) == chips.PEAK_TFLOPS["A100"][mode]
     assert load_hardware("a100-40gb-4pernode-2xhdr200").peak_tflops == chips.PEAK_TFLOPS["A100"]
     base = [
         "--config",

@@ -11,7 +11,7 @@ import resource
 
 import torch
 
-from jigsaw_ext.plan.chips import PEAK_TFLOPS, chip_of, chip_peak, math_mode  # noqa: F401  (one table of chip peaks)
+from jigsaw_ext.plan.chips import chip_of, chip_peak, math_mode  # the one table of chip peaks
 
 from ..runtime import bind_cores, set_threads
 
