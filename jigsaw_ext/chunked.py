@@ -214,7 +214,9 @@ class _LinearReduceScatter(torch.autograd.Function):
             return _gather_into_blocks(d2[bounds[i][0] : bounds[i][1]].unsqueeze(-1), group, n, m, async_op=True)
 
         wc = [w.to(dtype) for w in ws]
-        dxs = [x.new_empty((pre, w.shape[1])) for x, w in zip(x2, ws, strict=True)]
+        # input gradients only where an input needs one (the patch embedding's data does not)
+        needed = ctx.needs_input_grad[7 : 7 + n_seg]
+        dxs = [x.new_empty((pre, w.shape[1])) if need else None for x, w, need in zip(x2, ws, needed, strict=True)]
         dws = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in ws]
         pending = start(0)
         for i, (lo, hi) in enumerate(bounds):
@@ -228,9 +230,9 @@ class _LinearReduceScatter(torch.autograd.Function):
                 offset = 0
                 for r, sz in enumerate(sizes):
                     g = buf[r, :, :sz]
-                    if r == 0:
+                    if dx is not None and r == 0:
                         torch.mm(g, w[offset : offset + sz], out=dx[lo:hi])
-                    else:
+                    elif dx is not None:
                         dx[lo:hi].addmm_(g, w[offset : offset + sz])
                     if dtype == torch.float32:
                         dw[offset : offset + sz].addmm_(g.t(), x[lo:hi])
@@ -242,7 +244,7 @@ class _LinearReduceScatter(torch.autograd.Function):
             for j, deferral in enumerate(ctx.deferral):  # (a loop: jigsaw_ext.plan.trace reads this frame)
                 local = local_gradient(deferral, dws[j])  # None: deferred to the step's last micro-batch
                 grads[j] = None if local is None else start_all_reduce(local, replicas, async_op=False).wait()
-        dxs = [dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes, strict=True)]
+        dxs = [None if dx is None else dx.reshape(sh).to(dt) for dx, sh, dt in zip(dxs, shapes, x_dtypes, strict=True)]
         return (None,) * 7 + (*dxs, *[None if dw is None else dw.to(w.dtype) for dw, w in zip(grads, ws, strict=True)])
 
 

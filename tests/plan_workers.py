@@ -72,6 +72,7 @@ def model_step_flops(rank, world, meshes, overrides, batch, configs):
     from torch.utils.flop_counter import FlopCounterMode
 
     from jigsaw_ext.mesh import MeshConfig, init_mesh
+    from jigsaw_ext.plan.trace import in_place_flop_formulas
     from weathermixer.model import WeatherMixer
     from weathermixer.selfcheck import default_model_config
 
@@ -84,9 +85,11 @@ def model_step_flops(rank, world, meshes, overrides, batch, configs):
             mesh = init_mesh(MeshConfig(dp=dims[0], domain=dims[1], tp=dims[2], **settings))
             model = WeatherMixer(cfg, mesh, micro_batch=batch)
             x, s = _inputs(model, mesh, cfg, batch)
-            with FlopCounterMode(display=False) as fwd:
+            # (FlopCounterMode leaves out in-place products such as addmm_; counted here like their
+            # out-of-place forms, which the conservation test in tests/unit/test_plan_work.py holds)
+            with FlopCounterMode(display=False, custom_mapping=in_place_flop_formulas()) as fwd:
                 loss = model(x, s, steps=cfg.rollout).float().square().sum()
-            with FlopCounterMode(display=False) as bwd:
+            with FlopCounterMode(display=False, custom_mapping=in_place_flop_formulas()) as bwd:
                 loss.backward()
             out[(dims, name)] = (fwd.get_total_flops(), bwd.get_total_flops())
     return out

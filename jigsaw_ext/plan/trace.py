@@ -10,8 +10,10 @@ recorded is therefore what the layers themselves issue (the same code path, padd
   (forward/backward) and its purpose (weight gather, weight gradient, activation, LayerNorm
   statistics, small-parameter gradient);
 - every operator `torch.utils.flop_counter` counts FLOPs for (its registry, keyed by overload
-  packet, so every overload counts: `mm.out`, `addmm_`, `baddbmm`, convolutions, attention), with
-  the count FlopCounterMode gives and the (batch, m, n, k) that prices it in GEMM-efficiency tables;
+  packet, so every overload counts: `mm.out`, `baddbmm`, convolutions, attention), and the in-place
+  forms of those (`addmm_`, `baddbmm_`: their own packets, which the registry and FlopCounterMode
+  leave out, priced with the formula of the out-of-place operator), with the count and the (batch,
+  m, n, k) that prices it in GEMM-efficiency tables;
 - the memory traffic of every other non-view operator (input + output bytes: the roofline of the
   elementwise work);
 - the storages autograd saves for backward (activation memory), parameters excluded.
@@ -249,10 +251,33 @@ class _LiveMemory:
             del self.refs[key]
 
 
-def _counted(func, args, kwargs, out, phase: str) -> Matmul:
+def flop_formula(func):
+    """torch.utils.flop_counter's FLOP formula for an operator: its overload packet's, or for an
+    in-place form (`addmm_`, `baddbmm_`, ...) that of the out-of-place operator; None if neither counts."""
+    packet = func._overloadpacket
+    if packet in flop_registry:
+        return flop_registry[packet]
+    name = packet.__name__
+    base = getattr(aten, name[:-1], None) if name.endswith("_") and not name.startswith("_") else None
+    return flop_registry.get(base) if base is not None else None
+
+
+def in_place_flop_formulas() -> dict:
+    """{in-place packet: formula} for every FLOP-counted operator with an in-place form: the
+    custom_mapping that makes FlopCounterMode count them too."""
+    out = {}
+    for packet in flop_registry:
+        name = getattr(packet, "__name__", "")
+        twin = getattr(aten, name + "_", None) if name and not name.startswith("_") else None
+        if twin is not None:
+            out[twin] = flop_registry[packet]
+    return out
+
+
+def _counted(func, formula, args, kwargs, out, phase: str) -> Matmul:
     """The FLOPs torch.utils.flop_counter's formula gives this call (as FlopCounterMode counts
     them), with a product shape for pricing read off the output."""
-    flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+    flops = int(formula(*args, **kwargs, out_val=out))
     result = next(_tensors([out]))
     shape = list(result.shape) if result.dim() >= 2 else [1] * (2 - result.dim()) + list(result.shape)
     m, n = shape[-2], shape[-1]
@@ -273,8 +298,9 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         trace, phase = self.recorder.trace, self.recorder.phase
-        if func._overloadpacket in flop_registry:
-            trace.matmuls.append(_counted(func, args, kwargs or {}, out, phase))
+        formula = flop_formula(func)
+        if formula is not None:
+            trace.matmuls.append(_counted(func, formula, args, kwargs or {}, out, phase))
         elif not func.is_view and func not in _FREE:
             trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + sum(
                 _nbytes(t) for t in _tensors([out])
