@@ -25,6 +25,7 @@ PAPER_EFFICIENCY = {1: 0.53, 2: 0.67, 4: 0.73}  # 256 GPUs, n-way model parallel
 PAPER_LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}  # n-way model parallelism -> (domain, tp)
 DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb
 FITTED = "latency inter"  # the figure fitted (jigsaw_ext.plan.sensitivity)
+NCCL_NETWORK_STEP_S = 14e-6  # NCCL's tuning model, ring, Simple protocol, per network step (src/graph/tuning.cc)
 
 
 def paper_planner(hw: Hardware | None = None) -> Planner:
@@ -83,14 +84,24 @@ def fit_latency(ways: int, planner: Planner | None = None) -> float:
 
 def leave_one_out(planner: Planner | None = None) -> dict:
     """For each paper point: the inter-node latency fitted to it, the three efficiencies predicted
-    with that latency, and the errors (points) of the two points that were not fitted."""
+    with that latency, and the errors (points) of the two points that were not fitted; and, nothing
+    fitted, the efficiencies with NCCL's own figure for the latency of a network ring step."""
     planner = planner or paper_planner()
     alpha = planner.hw.inter.alpha_s
-    out = {
-        "as_profiled": {
-            "inter_alpha_s": alpha,
-            "efficiency": {w: r["efficiency"] for w, r in paper_weak_scaling(planner).items()},
+
+    def unfitted(p: Planner) -> dict:
+        eff = {w: r["efficiency"] for w, r in paper_weak_scaling(p).items()}
+        errors = {w: 100 * (eff[w] - PAPER_EFFICIENCY[w]) for w in PAPER_EFFICIENCY}
+        return {
+            "inter_alpha_s": p.hw.inter.alpha_s,
+            "efficiency": eff,
+            "error_points": errors,
+            "max_error_points": max(abs(e) for e in errors.values()),
         }
+
+    out = {
+        "as_profiled": unfitted(planner),
+        "nccl": unfitted(_scaled(planner, NCCL_NETWORK_STEP_S / alpha)),
     }
     for ways in PAPER_EFFICIENCY:
         factor = fit_latency(ways, planner)

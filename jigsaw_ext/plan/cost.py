@@ -98,21 +98,27 @@ def collective_seconds(
     hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int, calls: int = 1
 ) -> tuple[float, str]:
     """(seconds, tier) of `calls` ring collectives of which this rank sends `sent_bytes` in all
-    (ring volume) in a group of n ranks `stride` global ranks apart. Latency: alpha per ring step,
-    n - 1 steps (2(n - 1) for an all-reduce) per call: a flat ring over every rank of the group,
-    which is why many small buckets over thousands of ranks cost more than their bytes."""
+    (ring volume) in a group of n ranks `stride` global ranks apart. Latency, as NCCL's tuning model
+    prices a ring: the tier's call_s per call, plus alpha per ring step, n - 1 steps (2(n - 1) for an
+    all-reduce) per call; on a ring over several nodes, (nodes - 1) of those steps (twice for an
+    all-reduce) cross the network at the inter-node alpha and the others stay at the intra-node alpha.
+    Many small buckets over thousands of ranks therefore cost more than their bytes."""
     if n <= 1:
         return 0.0, "none"
-    steps = calls * (2 if kind == "all_reduce" else 1) * (n - 1)
+    passes = 2 if kind == "all_reduce" else 1
+    steps = calls * passes * (n - 1)
     span = stride * (n - 1) + 1
     if span <= hw.devices_per_node:
-        return hw.intra.alpha_s * steps + sent_bytes / (hw.intra.bus_GBps[cast(CommKind, kind)] * 1e9), "intra"
+        latency = hw.intra.call_s * calls + hw.intra.alpha_s * steps
+        return latency + sent_bytes / (hw.intra.bus_GBps[cast(CommKind, kind)] * 1e9), "intra"
     dpn = hw.devices_per_node
     local = max(1, dpn // stride) if stride < dpn else 1  # members of this group in one node
     nodes = max(2, n // local)
     concurrent = dpn // local  # groups of this axis per node
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
-    return hw.inter.alpha_s * steps + per_node / (hw.inter.bus_GBps[cast(CommKind, kind)] * 1e9), "inter"
+    network_steps = calls * passes * (nodes - 1)
+    latency = hw.inter.call_s * calls + hw.inter.alpha_s * network_steps + hw.intra.alpha_s * (steps - network_steps)
+    return latency + per_node / (hw.inter.bus_GBps[cast(CommKind, kind)] * 1e9), "inter"
 
 
 def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
@@ -278,16 +284,21 @@ def estimate(
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
     rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
     comp = compute_seconds(hw, trace, run.tf32)
-    if hw.compute_slots_per_node:  # CPU: ranks beyond the cores share them
-        share = max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node)
-        comp = {k: {p: v * share for p, v in d.items()} for k, d in comp.items()}
+    # CPU: ranks beyond the cores share them, for their computation and for the copies of their
+    # collectives alike (gloo's transport is work of the same cores)
+    share = (
+        max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node) if hw.compute_slots_per_node else 1.0
+    )
+    comp = {k: {p: v * share for p, v in d.items()} for k, d in comp.items()}
     compute = sum(comp["matmul"].values()) + sum(comp["elementwise"].values())
     mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"], run.overlap)
     backward = comp["matmul"]["backward"] + comp["elementwise"]["backward"]
     comm_bytes = {k: v * cand.accumulation for k, v in mp_bytes.items()}
     dp_t = _data_parallel_seconds(hw, cand, trace, compute - backward, backward, run, comm_bytes)
+    mp, dp_t = ({tier: share * t for tier, t in d.items()} for d in (mp, dp_t))
     shards = (run.optimizer_shards or cand.dp) if cand.zero >= 1 else 1
-    optimizer = trace.param_count / shards * OPTIMIZER_PASSES_BYTES / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
+    per_param = hw.optimizer_bytes_per_param or OPTIMIZER_PASSES_BYTES
+    optimizer = share * trace.param_count / shards * per_param / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
     h2d = read_bytes_per_micro / (hw.host_to_device_GBps * 1e9) if hw.host_to_device_GBps else 0.0
     seconds = {
         "compute": cand.accumulation * compute,

@@ -27,11 +27,14 @@ class _Strict(BaseModel):
 class Tier(_Strict):
     """One communication tier (links inside a node, or the network between nodes).
 
-    Time of a ring collective on this tier = alpha_s * (n - 1) + bytes this rank sends / bus bandwidth.
-    For the inter-node tier the bandwidth is per NODE (its NICs together): the collectives of all
-    ranks of a node that cross the network at the same time share it."""
+    Time of a ring collective inside a node = call_s + alpha_s * (n - 1) + bytes this rank sends / bus
+    bandwidth. A ring over several nodes takes (nodes - 1) steps over the network at the inter-node
+    alpha_s and its other steps at the intra-node alpha_s, as NCCL's own tuning model prices a ring
+    (src/graph/tuning.cc). For the inter-node tier the bandwidth is per NODE (its NICs together): the
+    collectives of all ranks of a node that cross the network at the same time share it."""
 
     alpha_s: float = Field(ge=0, description="latency per ring step, seconds")
+    call_s: float = Field(0.0, ge=0, description="latency per collective call, seconds")
     bus_GBps: dict[Literal["all_gather", "reduce_scatter", "all_reduce"], float]
 
 
@@ -57,7 +60,9 @@ class Hardware(_Strict):
     kind: Literal["gpu", "cpu"] = "gpu"
     devices_per_node: int = Field(ge=1)
     compute_slots_per_node: int | None = Field(
-        None, description="CPU profiles: cores; ranks beyond this share them (compute time scales up)"
+        None,
+        description="CPU profiles: cores; ranks beyond this share them (compute and communication time scale "
+        "up: on a CPU both are work of the same cores)",
     )
     chip: str | None = Field(
         None,
@@ -76,6 +81,13 @@ class Hardware(_Strict):
     memory_reserved_GB: float = Field(1.0, description="runtime context, allocator slack, NCCL buffers")
     memory_GBps: float = Field(description="device memory bandwidth")
     elementwise_efficiency: float = Field(0.6, gt=0, le=1, description="fraction of memory_GBps elementwise ops reach")
+    optimizer_bytes_per_param: float | None = Field(
+        None,
+        gt=0,
+        description="memory traffic the optimizer step costs per parameter, at memory_GBps x "
+        "elementwise_efficiency (None: 40 B, a fused Adam's passes over parameter, gradient, "
+        "moments and master copy)",
+    )
     comm_memory_GB: float = Field(
         0.0, ge=0, description="memory the communication library keeps per process once collectives ran"
     )

@@ -22,7 +22,11 @@ FIGURES = (
 
 def _tier(tier, alpha: float = 1.0, bandwidth: float = 1.0):
     return tier.model_copy(
-        update={"alpha_s": tier.alpha_s * alpha, "bus_GBps": {k: v * bandwidth for k, v in tier.bus_GBps.items()}}
+        update={
+            "alpha_s": tier.alpha_s * alpha,
+            "call_s": tier.call_s * alpha,
+            "bus_GBps": {k: v * bandwidth for k, v in tier.bus_GBps.items()},
+        }
     )
 
 
