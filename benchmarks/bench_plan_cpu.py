@@ -1,18 +1,20 @@
 """The planner's step time against train.py on this machine (cpu-gloo-2core profile).
 
-    python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2] [--steps 12] [--reps 2] \
+    python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2 1x2x2 2x2x1] [--steps 30] [--reps 3] \
         --out benchmarks/results_plan_cpu_2core.json
 
 train.py (torchrun, one thread per rank, the quickstart job with a wider model, ZeRO-0 fp32, one
 rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
 times; the measured step time is seconds per optimizer step over the logged steps after the first
-(metrics.csv). The prediction is `python -m weathermixer.plan`'s for the same job and layout.
+(metrics.csv). The prediction is `python -m weathermixer.plan`'s for the same job and layout. The
+machine should be otherwise idle: 1x2x2 and 2x2x1 already put 4 ranks on the 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -65,9 +67,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--meshes", nargs="+", default=["1x1x1", "1x2x1", "1x1x2"])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--meshes", nargs="+", default=["1x1x1", "1x2x1", "1x1x2", "1x2x2", "2x2x1"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
         prepare_data(base)
         settings = base + [f"train.steps={args.steps}"]
         measured = {m: [] for m in meshes}
+        load = [os.getloadavg()[0]]  # the machine's load before each run (1-minute average)
         for rep in range(args.reps):
             for mesh in meshes if rep % 2 == 0 else meshes[::-1]:
                 r = train(mesh, settings, work / f"{'x'.join(map(str, mesh))}_{rep}", threads=1)
@@ -86,12 +89,14 @@ def main(argv=None) -> int:
                 w = _windows(r["rows"])
                 measured[mesh].append(GLOBAL_BATCH / w["samples_per_s"])
                 log(f"{mesh} rep {rep}: {measured[mesh][-1]:.3f} s/step")
+                load.append(os.getloadavg()[0])
     out = {
         "what": "seconds per optimizer step of train.py (global batch 8, ZeRO-0 fp32, 1 thread per rank) "
         "against the planner (cpu-gloo-2core); medians over the repetitions",
         "settings": MODEL,
         "steps": args.steps,
         "reps": args.reps,
+        "load_average_1min": [round(x, 2) for x in load],
         "meshes": {},
     }
     for mesh in meshes:

@@ -200,14 +200,25 @@ def render_single_gpu(doc: dict) -> str:
 
 def render_cpu(doc: dict) -> str:
     lines = [
-        doc["what"] + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions.",
+        doc["what"]
+        + f"; `{' '.join(doc['settings'])}`, {doc['steps']} steps, {doc['reps']} repetitions"
+        + (
+            f"; load average (1 min) before the runs {min(doc['load_average_1min']):.1f}"
+            f"-{max(doc['load_average_1min']):.1f}."
+            if "load_average_1min" in doc
+            else "."
+        ),
         "",
-        "| mesh | measured s/step | predicted s/step | predicted / measured - 1 |",
-        "|---|---|---|---|",
+        "| mesh | ranks on the 2 cores | measured s/step | predicted s/step | predicted / measured - 1 |",
+        "|---|---|---|---|---|",
     ]
     for mesh, r in doc["meshes"].items():
+        ranks = 1
+        for n in mesh.split("x"):
+            ranks *= int(n)
         lines.append(
-            f"| {mesh} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {100 * r['error']:+.0f} % |"
+            f"| {mesh} | {ranks} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
+            f"| {100 * r['error']:+.0f} % |"
         )
     return "\n".join(lines) + "\n"
 
