@@ -1,12 +1,13 @@
 """The planner's step time against train.py on this machine (cpu-gloo-2core profile).
 
     python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2 1x2x2 2x2x1] [--steps 30] [--reps 3] \
-        --out benchmarks/results_plan_cpu_2core.json
+        [--log-every 5] --out benchmarks/results_plan_cpu_2core.json
 
 train.py (torchrun, one thread per rank, the quickstart job with a wider model, ZeRO-0 fp32, one
 rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
 times; the measured step time is seconds per optimizer step over the logged steps after the first
-(metrics.csv). The prediction is `python -m weathermixer.plan`'s for the same job and layout. The
+(metrics.csv; a row every --log-every steps: each row costs two all-reduces over all ranks, which
+the planner does not price). The prediction is `python -m weathermixer.plan`'s for the same job and layout. The
 machine should be otherwise idle: 1x2x2 and 2x2x1 already put 4 ranks on the 2 cores.
 """
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--meshes", nargs="+", default=["1x1x1", "1x2x1", "1x1x2", "1x2x2", "2x2x1"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         base = RUN_SETTINGS + [f"data.path={work / 'data'}"] + QUICK_DATA + MODEL
         prepare_data(base)
-        settings = base + [f"train.steps={args.steps}"]
+        settings = base + [f"train.steps={args.steps}", f"log.every={args.log_every}"]
         measured = {m: [] for m in meshes}
         load = [os.getloadavg()[0]]  # the machine's load before each run (1-minute average)
         for rep in range(args.reps):
@@ -91,10 +93,11 @@ def main(argv=None) -> int:
                 log(f"{mesh} rep {rep}: {measured[mesh][-1]:.3f} s/step")
                 load.append(os.getloadavg()[0])
     out = {
-        "what": "seconds per optimizer step of train.py (global batch 8, ZeRO-0 fp32, 1 thread per rank) "
-        "against the planner (cpu-gloo-2core); medians over the repetitions",
+        "what": "seconds per optimizer step of train.py (global batch 8, ZeRO-0 fp32, 1 thread per rank, "
+        f"a log row every {args.log_every} steps) against the planner (cpu-gloo-2core); medians over the repetitions",
         "settings": MODEL,
         "steps": args.steps,
+        "log_every": args.log_every,
         "reps": args.reps,
         "load_average_1min": [round(x, 2) for x in load],
         "meshes": {},
