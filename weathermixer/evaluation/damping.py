@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(args.out)
             print(
-                f"wrote {args.out}: [a, b] by lead: "
+                f"wrote {args.out}: [a, b(, d)] by lead: "
                 + "; ".join(
                     f"{v}: " + " ".join(f"{k} h " + " ".join(f"{y:.2f}" for y in x) for k, x in t.items())
                     for v, t in res["weights"].items()
