@@ -10,7 +10,7 @@
 # Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
 # --validation scores 2008 (every choice of the recipe is made there; the blend weights are then fitted
 # and scored on the same year, so its 2008 rows are in-sample for those 2 or 3 numbers per lead). --seeds N
-# (default 3) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
+# (default 5) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
 # (CI: a few steps, a few days). --reuse keeps the seeds already trained in OUT (the same job; training
 # never sees the scored years, so a --validation run's models can then score the test years).
 # OUT/report_raw holds the scores before the blend. --blend field (default): the blend of the forecast with the
@@ -24,7 +24,7 @@ usage() { sed -n 8,9p "$0" | sed 's/^#   //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 JOB=deepspeed_configs/ncep_slp_daily_cpu.json
-SPLIT=test SEEDS=3 STEPS= DAYS= REUSE= BLEND=field
+SPLIT=test SEEDS=5 STEPS= DAYS= REUSE= BLEND=field
 while [ $# -gt 0 ]; do
   case $1 in
     --validation) SPLIT=val ;;
