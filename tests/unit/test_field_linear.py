@@ -30,7 +30,7 @@ def _moving_field(days=900, seed=0):
     )
 
 
-def test_field_forecast_is_the_ridge_solution_on_the_anomalies():
+def test_field_forecast_is_the_ridge_solution_on_the_anomalies(monkeypatch):
     from weathermixer.evaluation import field_linear as FL
     from weathermixer.evaluation import metrics as M
 
@@ -57,6 +57,9 @@ def test_field_forecast_is_the_ridge_solution_on_the_anomalies():
         got = FL.forecast(system, truth, clim, inits, [ridge] * len(leads))[:, i]
         np.testing.assert_allclose(got, Xi @ W + c, rtol=1e-9)
         assert system.samples[i] == len(s)
+    monkeypatch.setattr(FL, "MAX_FEATURES", 30)  # a 3 x 6 grid: 36 features
+    with pytest.raises(M.EvaluationError, match="36 features, more than 30"):
+        FL.fit_system(truth, clim, start, end, dt, leads)
 
 
 def test_field_forecast_sees_a_moving_pattern_the_per_pixel_regression_cannot():

@@ -38,6 +38,7 @@ import pandas as pd
 from jigsaw_ext.files import make_output_folders
 
 from ..inference.store import partial_path, publish
+from .metrics import EvaluationError
 
 FORMAT = "weathermixer.damping/2"
 LEAD = "prediction_timedelta"
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
             damped.to_zarr(partial, mode="w", consolidated=False)
             publish(partial, Path(args.out))
             print(f"wrote {args.out}: {args.forecast} damped with {args.damping}")
-    except (DampingError, KeyError, OSError) as err:
+    except (DampingError, EvaluationError, KeyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,7 @@ from . import metrics as M
 from .metrics import TIME, EvaluationError
 
 RIDGES = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+MAX_FEATURES = 4096  # 2P: one (2P x 2P) eigenbasis per lead is held in float64 (4096: 134 MB a lead)
 
 
 @dataclass
@@ -55,6 +56,12 @@ def fit_system(
     truth: xr.DataArray, clim: M.Climatology, start, end, dt: pd.Timedelta, leads: pd.TimedeltaIndex
 ) -> FieldSystem:
     """X'X and X'Y of the anomaly regression over the truth times in [start, end] (dims time, then pixels)."""
+    pixels = int(np.prod(truth.shape[1:]))
+    if 2 * pixels > MAX_FEATURES:
+        raise EvaluationError(
+            f"field-wide regression: {pixels} grid points give {2 * pixels} features, more than {MAX_FEATURES}; "
+            f"it is meant for regional grids: blend without it (no --field-linear)"
+        )
     times = pd.DatetimeIndex(truth[TIME].values)
     inside = times[(times >= pd.Timestamp(start)) & (times <= pd.Timestamp(end))]
     starts = inside[(inside - dt).isin(inside)]
