@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
 # The NCEP/NCAR daily sea-level pressure skill recipe, end to end (docs/skill.md):
 #   data inspect -> statistics on the training years -> the anchor's fit -> train.py -> forecasts for every
-#   day of 2008 and of the scored years (leads 1-10 days) -> the blend with the baselines fitted on the 2008
-#   forecasts -> weathermixer.evaluate against persistence, climatology and the per-pixel linear regression
-#   fitted on the training years only -> OUT/report/metrics.csv
+#   day of 2008 and of the scored years (leads 1-10 days) -> the blend with the baselines and the field-wide
+#   linear forecast, fitted on the 2008 forecasts -> weathermixer.evaluate against persistence, climatology
+#   and the per-pixel linear regression fitted on the training years only -> OUT/report/metrics.csv
 #
 #   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N] [--reuse]
-#
+#       [--blend field|baselines]
 # Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
 # --validation scores 2008 (every choice of the recipe is made there; the blend weights are then fitted
-# and scored on the same year, so its 2008 rows are in-sample for those 2 numbers per lead). --seeds N
-# (default 3) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
+# and scored on the same year, so its 2008 rows are in-sample for those 2 or 3 numbers per lead). --seeds N
+# (default 5) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
 # (CI: a few steps, a few days). --reuse keeps the seeds already trained in OUT (the same job; training
 # never sees the scored years, so a --validation run's models can then score the test years).
-# OUT/report_raw holds the scores before the blend.
+# OUT/report_raw holds the scores before the blend. --blend field (default): the blend of the forecast with the
+# climatology, the per-pixel regression and the field-wide linear forecast (weathermixer.evaluation.damping
+# fit --field-linear); --blend baselines: without the field-wide forecast.
 # Data: NCEP/NCAR Reanalysis 1 (Kalnay et al. 1996), provided by NOAA PSL, Boulder, Colorado, USA;
 # see ../shared/data/real/ATTRIBUTION.md.
 set -euo pipefail
 
-usage() { sed -n 7p "$0" | sed 's/^#   //' >&2; exit 2; }
+usage() { sed -n 8,9p "$0" | sed 's/^#   //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 JOB=deepspeed_configs/ncep_slp_daily_cpu.json
-SPLIT=test SEEDS=3 STEPS= DAYS= REUSE=
+SPLIT=test SEEDS=5 STEPS= DAYS= REUSE= BLEND=field
 while [ $# -gt 0 ]; do
   case $1 in
     --validation) SPLIT=val ;;
@@ -31,10 +33,16 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=$2; shift ;;
     --days) DAYS=$2; shift ;;
     --reuse) REUSE=1 ;;
+    --blend) BLEND=$2; shift ;;
     *) echo "skill_ncep_slp.sh: unknown option $1" >&2; usage ;;
   esac
   shift
 done
+case $BLEND in
+  field) BLEND_ARGS=(--field-linear) ;;
+  baselines) BLEND_ARGS=() ;;
+  *) echo "skill_ncep_slp.sh: --blend $BLEND: choose field or baselines" >&2; usage ;;
+esac
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 job_key() {  # SECTION KEY DEFAULT -> weathermixer.SECTION.KEY of the job file
@@ -105,9 +113,9 @@ else
   FC=$VAL_FC
 fi
 EVAL=(--truth "$TRUTH" --clim-start $TRAIN_START --clim-end $TRAIN_END --leads 24,48,72,120,240 --quiet)
-log "blend with the baselines: weights fitted on the 2008 forecasts $VAL_FC"
+log "blend ($BLEND): weights fitted on the 2008 forecasts $VAL_FC"
 $PY -m weathermixer.evaluation.damping fit --forecast "$VAL_FC" --truth "$TRUTH" --clim-start $TRAIN_START \
-    --clim-end $TRAIN_END --out "$OUT/damping.json"
+    --clim-end $TRAIN_END --out "$OUT/damping.json" "${BLEND_ARGS[@]}"
 $PY -m weathermixer.evaluation.damping apply --forecast "$FC" --truth "$TRUTH" --damping "$OUT/damping.json" \
     --out "$OUT/forecast_blend.zarr" > /dev/null
 $PY -m weathermixer.evaluate --forecast "$FC" --out "$OUT/report_raw" "${EVAL[@]}" --no-plots > "$OUT/report_raw.log"

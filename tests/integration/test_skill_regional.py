@@ -131,6 +131,7 @@ def test_autoregressive_training_needs_skip_coefficients_for_lead_one_only():
 def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     """bash benchmarks/skill_ncep_slp.sh at 2 steps, 2 days, 1 seed: every stage runs and metrics.csv has the
     model and the three baselines at 1, 2, 3, 5 and 10 days on the scored split."""
+    import json
     import os
     import subprocess
     import sys
@@ -163,6 +164,9 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     assert m.rmse.notna().all() and (m.rmse > 0).all()
     assert (out / "report_raw" / "metrics.csv").exists() and (out / "damping.json").exists()
     assert int((out / "seed0.parameters").read_text().replace(",", "")) > 0
+    blend = json.loads((out / "damping.json").read_text())  # the default blend holds the field-wide forecast
+    assert set(blend["field_linear_ridge"]["slp"]) == set(blend["weights"]["slp"])
+    assert all(len(k) == 3 for k in blend["weights"]["slp"].values())
     bad = subprocess.run(
         ["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"],
         cwd=ROOT,
@@ -172,6 +176,15 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    bad = subprocess.run(
+        ["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--blend", "nearest"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "choose field or baselines" in bad.stderr
 
 
 @pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")

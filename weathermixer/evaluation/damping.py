@@ -18,6 +18,11 @@ o - g on (f - g, c - g) over every init and grid point of the given store: run i
 (a, b) = (1, 0) leaves the forecast unchanged, (0, 1) is the climatology, (0, 0) the regression. The
 climatology is evaluate's (day of year x hour, smoothed over +-N days as evaluate's default) and the
 regression evaluate's, so the blend and the scores refer to the same baselines.
+
+`fit --field-linear` adds a third reference r, the field-wide linear forecast of `field_linear` (a ridge on
+the anomalies of the whole field at t and t - dt, fitted on the same training period, its ridge chosen per
+lead on the given store's inits): f' = g + a (f - g) + b (c - g) + d (r - g). The ridges are stored with the
+weights, so `apply` refits the same r on the training period.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import pandas as pd
 from jigsaw_ext.files import make_output_folders
 
 from ..inference.store import partial_path, publish
+from .metrics import EvaluationError
 
 FORMAT = "weathermixer.damping/2"
 LEAD = "prediction_timedelta"
@@ -82,28 +88,57 @@ def references(fc, tr, var: str, start: str, end: str, window_days: int | None):
     return f.values.astype(np.float64), c.astype(np.float64), np.asarray(g, np.float64), o, rest
 
 
-def fit(fc, tr, start: str, end: str, window_days: int | None = None) -> dict:
-    """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`."""
+def field_reference(fc, o, start: str, end: str, window_days: int | None, ridges: list[float] | None):
+    """(the field-wide linear forecast shaped like the forecast, its ridge per lead): `ridges` given, or
+    chosen per lead on the store's inits (cos-latitude weighted MSE)."""
+    from . import field_linear as FL
+    from . import metrics as M
+    from .baselines import ClimatologyPeriod
+    from .evaluate import climatology_window
+
+    inits, leads = pd.DatetimeIndex(fc["time"].values), pd.TimedeltaIndex(fc[LEAD].values)
+    window, _ = climatology_window(ClimatologyPeriod(pd.Timestamp(start), pd.Timestamp(end), False, False), window_days)
+    clim = M.build_climatology(o, start, end, window)
+    system = FL.fit_system(o, clim, start, end, leads[0], leads)
+    if ridges is None:
+        w = np.broadcast_to(
+            M.latitude_weights(fc["latitude"].values).reshape([-1 if d == "latitude" else 1 for d in o.dims[1:]]),
+            o.shape[1:],
+        )
+        ridges = FL.choose(system, o, clim, inits, w.ravel())
+    r = FL.forecast(system, o, clim, inits, ridges)
+    return r.reshape((len(inits), len(leads), *o.shape[1:])), ridges
+
+
+def fit(fc, tr, start: str, end: str, window_days: int | None = None, field_linear: bool = False) -> dict:
+    """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`
+    (with the field-wide linear forecast as a third reference when `field_linear`)."""
     from . import metrics as M
 
-    weights = {}
+    weights, field_ridges = {}, {}
     for var in fc.data_vars:
         f, c, g, o, rest = references(fc, tr, var, start, end, window_days)
+        refs = [f - g, c - g]
+        if field_linear:
+            r, ridges = field_reference(fc, o, start, end, window_days, None)
+            refs.append(r - g)
+            field_ridges[var] = {_lead_key(td): x for td, x in zip(fc[LEAD].values, ridges, strict=True)}
         valid = np.add.outer(fc["time"].values, fc[LEAD].values).ravel()
         y = o.sel(time=pd.DatetimeIndex(valid)).values.astype(np.float64).reshape(f.shape) - g
         w = M.latitude_weights(fc["latitude"].values).reshape(
             [-1 if d == "latitude" else 1 for d in ["time", LEAD] + rest]
         )
-        X = np.stack([f - g, c - g], -1)
+        X = np.stack(refs, -1)
         axes = tuple(i for i in range(f.ndim) if i != 1)
-        A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)  # (lead, 2, 2)
+        A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)  # (lead, k, k)
         B = np.einsum("...p,...->...p", w[..., None] * X, y).sum(axes)
         ab = np.stack([np.linalg.lstsq(A[i], B[i], rcond=None)[0] for i in range(len(A))])
-        weights[var] = {_lead_key(td): [float(a), float(b)] for td, (a, b) in zip(fc[LEAD].values, ab, strict=True)}
+        weights[var] = {_lead_key(td): [float(x) for x in k] for td, k in zip(fc[LEAD].values, ab, strict=True)}
     return {
         "format": FORMAT,
-        "blend": "g + a (f - g) + b (c - g): [a, b] per lead (hours)",
+        "blend": "g + a (f - g) + b (c - g) [+ d (r - g)]: [a, b(, d)] per lead (hours)",
         "baselines": {"start": str(start), "end": str(end), "clim_window_days": window_days},
+        **({"field_linear_ridge": field_ridges} if field_linear else {}),
         "fitted_on": {
             "init_first": str(pd.Timestamp(fc["time"].values[0])),
             "init_last": str(pd.Timestamp(fc["time"].values[-1])),
@@ -126,10 +161,16 @@ def apply(fc, tr, damping: dict):
         missing = [_lead_key(td) for td in fc[LEAD].values if _lead_key(td) not in table]
         if missing:
             raise DampingError(f"damping file has no weights for {var!r} at lead(s) {', '.join(missing)} h")
-        f, c, g, _, rest = references(fc, tr, var, base["start"], base["end"], base["clim_window_days"])
+        f, c, g, o, rest = references(fc, tr, var, base["start"], base["end"], base["clim_window_days"])
+        refs = [f - g, c - g]
+        if "field_linear_ridge" in damping:
+            ridges = [damping["field_linear_ridge"][var][_lead_key(td)] for td in fc[LEAD].values]
+            refs.append(field_reference(fc, o, base["start"], base["end"], base["clim_window_days"], ridges)[0] - g)
         ab = np.array([table[_lead_key(td)] for td in fc[LEAD].values])
-        a, b = (ab[:, k].reshape([1, -1] + [1] * len(rest)) for k in (0, 1))
-        damped = (g + a * (f - g) + b * (c - g)).astype(np.float32)
+        if ab.shape[1] != len(refs):
+            raise DampingError(f"damping file holds {ab.shape[1]} weights per lead for {var!r}: expected {len(refs)}")
+        shape = [1, -1] + [1] * len(rest)
+        damped = (g + sum(ab[:, k].reshape(shape) * x for k, x in enumerate(refs))).astype(np.float32)
         out[var] = (("time", LEAD, *rest), damped, dict(fc[var].attrs))
     out.attrs = {
         **fc.attrs,
@@ -161,20 +202,25 @@ def main(argv=None) -> int:
     f.add_argument("--clim-start", required=True, help="first time of the climatology's training period")
     f.add_argument("--clim-end", required=True, help="last time of the climatology's training period")
     f.add_argument("--clim-window-days", type=int, help="smoothing (default: evaluate's)")
+    f.add_argument(
+        "--field-linear",
+        action="store_true",
+        help="add the field-wide linear forecast (ridge on the whole field's anomalies) as a third reference",
+    )
     a.add_argument("--damping", required=True, help="the file `fit` wrote")
     args = p.parse_args(argv)
     make_output_folders(p, {"--out": args.out})
     try:
         fc, tr = open_dataset(args.forecast, "forecast"), open_dataset(args.truth, "truth")
         if args.cmd == "fit":
-            res = fit(fc, tr, args.clim_start, args.clim_end, args.clim_window_days)
+            res = fit(fc, tr, args.clim_start, args.clim_end, args.clim_window_days, args.field_linear)
             tmp = Path(args.out + ".partial")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(args.out)
             print(
-                f"wrote {args.out}: [a, b] by lead: "
+                f"wrote {args.out}: [a, b(, d)] by lead: "
                 + "; ".join(
-                    f"{v}: " + " ".join(f"{k} h {x[0]:.2f} {x[1]:.2f}" for k, x in t.items())
+                    f"{v}: " + " ".join(f"{k} h " + " ".join(f"{y:.2f}" for y in x) for k, x in t.items())
                     for v, t in res["weights"].items()
                 )
             )
@@ -184,7 +230,7 @@ def main(argv=None) -> int:
             damped.to_zarr(partial, mode="w", consolidated=False)
             publish(partial, Path(args.out))
             print(f"wrote {args.out}: {args.forecast} damped with {args.damping}")
-    except (DampingError, KeyError, OSError) as err:
+    except (DampingError, EvaluationError, KeyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
