@@ -64,7 +64,7 @@ def _compile_on_first_call():
 
         return call
 
-    torch.compile = deferred  # type: ignore[assignment]
+    torch.compile = deferred
     try:
         yield
     finally:
