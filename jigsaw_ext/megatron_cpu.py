@@ -6,10 +6,18 @@ memory buffer, gather_output=True) and keeps RNG states through torch.cuda's gen
 On a build without CUDA all of these raise "Torch not compiled with CUDA enabled" (see
 docs/stack.md). `install()` points them at the CPU equivalents: current_device -> the CPU device,
 the CUDA RNG state -> the CPU generator. It changes nothing when CUDA is available.
+
+`import_megatron_core()` imports megatron-core without the ~4 s its import spends in torch.compile:
+its fused kernels are decorated with torch.compile at import (megatron.core.jit.jit_fuser), and the
+first such call imports torch's inductor, in every process (each rank of each job); here they are
+compiled on their first call instead, as torch.compile would do anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +41,43 @@ def _set_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
 def _manual_seed(seed: int) -> None:
     # not torch.manual_seed: it calls torch.cuda.manual_seed_all, i.e. this function
     torch.default_generator.manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def _compile_on_first_call():
+    """torch.compile(fn, ...) for plain functions returns a wrapper that compiles on its first call."""
+    real = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # @torch.compile(**kwargs)
+            return lambda fn: deferred(fn, **kwargs)
+        if isinstance(model, torch.nn.Module):
+            return real(model, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+def import_megatron_core() -> None:
+    """Import megatron.core (its package and tensor_parallel) once per process, its import-time
+    torch.compile calls deferred to their first call (see the module docstring)."""
+    if "megatron.core.tensor_parallel" in sys.modules:
+        return
+    with _compile_on_first_call():
+        import megatron.core.tensor_parallel  # noqa: F401 - imported for its side effect: the cached modules
 
 
 def install() -> bool:
@@ -60,6 +105,7 @@ def install() -> bool:
 
     # megatron's own setter goes through torch.cuda.default_generators and torch.cuda._lazy_call,
     # which on a CPU build silently queues the call forever: replace it too
+    import_megatron_core()
     from megatron.core.tensor_parallel import random as mpu_random
 
     mpu_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)

@@ -226,6 +226,9 @@ def failed_ranks(err: BaseException | None, code: int = 1, device=None) -> dict[
 
 def init_mesh(config: MeshConfig) -> Mesh:
     """Build the process groups of the mesh. Every rank must call this (group creation is collective)."""
+    from .megatron_cpu import import_megatron_core
+
+    import_megatron_core()
     from megatron.core.hyper_comm_grid import HyperCommGrid
 
     world = dist.get_world_size() if dist.is_initialized() else 1

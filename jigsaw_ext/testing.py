@@ -1,9 +1,12 @@
 """Run a function on N distributed workers: one helper for every multi-process test and tool.
 
 Workers are forked from a forkserver that has already imported the heavy modules, so each launch
-costs milliseconds instead of ~5 s of imports. The parent enforces a timeout, reports which rank
-failed with its traceback, kills the others (no rank is left waiting in a collective), and workers
-end with os._exit after a final barrier (avoids the gloo/ZeRO-3 teardown race at interpreter exit).
+costs milliseconds instead of ~5 s of imports. The server is started once per process and keeps the
+modules it was started with: a test suite names every heavy module its workers use up front
+(`preload_in_workers`, before the first run); a later run's own `preload` adds nothing then. The
+parent enforces a timeout, reports which rank failed with its traceback, kills the others (no rank
+is left waiting in a collective), and workers end with os._exit after a final barrier (avoids the
+gloo/ZeRO-3 teardown race at interpreter exit).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import traceback
 
 PRELOAD = ["torch", "torch.distributed", "jigsaw_ext.collectives", "jigsaw_ext.mesh"]
+_preload: list[str] = list(PRELOAD)  # what the forkserver imports when it starts
 
 
 class WorkerFailure(RuntimeError):
@@ -29,9 +33,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def preload_in_workers(*modules: str) -> None:
+    """Have the forkserver import `modules` when it starts (once, at the first run_workers of this
+    process) instead of every worker importing them: call it before the first run. A module that
+    fails to import there is imported by the worker that needs it."""
+    _preload.extend(m for m in modules if m not in _preload)
+
+
 def _context(preload):
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(dict.fromkeys(PRELOAD + list(preload))))
+    preload_in_workers(*preload)
+    ctx.set_forkserver_preload(list(_preload))
     return ctx
 
 

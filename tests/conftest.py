@@ -17,6 +17,26 @@ sys.path.insert(0, os.fspath(ROOT))
 INTEGRATION = ROOT / "tests" / "integration"
 
 
+def pytest_configure(config):
+    """The modules the workers of tests/integration import: the forkserver of jigsaw_ext.testing.run_workers
+    imports them once, when the first test starts ranks, not every rank of every test (no cost to a
+    run that starts no ranks)."""
+    from jigsaw_ext.testing import preload_in_workers
+
+    preload_in_workers(
+        "deepspeed",
+        "megatron.core.tensor_parallel",
+        "megatron.core.dist_checkpointing",
+        "megatron.core.hyper_comm_grid",
+        "weathermixer.model",
+        "weathermixer.baselines",
+        "weathermixer.train.trainer",
+        "weathermixer.forecast",
+        "xarray",
+        "zarr",
+    )
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if INTEGRATION in Path(item.fspath).resolve().parents:

@@ -46,6 +46,10 @@ class WeatherPlanModel:
     def __init__(self, cfg: ModelConfig, rollout: int = 1, name: str = "weathermixer"):
         self.cfg, self.rollout, self.name = cfg, rollout, name
 
+    def trace_key(self) -> str:
+        """Everything build and step depend on: planners of this configuration share their traces."""
+        return json.dumps({"model": self.cfg.model_dump(mode="json"), "rollout": self.rollout}, sort_keys=True)
+
     def check_mesh(self, mesh: MeshConfig) -> None:
         Geometry(self.cfg, Mesh.virtual(mesh))
 

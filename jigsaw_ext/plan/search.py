@@ -5,6 +5,8 @@ A model package describes its model with a `PlanModel`; nothing here knows what 
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -46,6 +48,30 @@ class PlanModel(Protocol):
     def read_bytes(self, mesh: MeshConfig, micro_batch: int) -> int:
         """Bytes of training data one rank reads per micro-step (0: not modelled)."""
 
+    # Optional: `trace_key() -> str`, a string that names everything `build` and `step` depend on (e.g.
+    # the model configuration as JSON). Planners of equal trace keys, dtype, strategy and chunk_mb in
+    # one process then share their traces (shared_traces); without it each Planner traces afresh.
+
+
+SHARED_TABLES = 8  # trace tables kept per process (each: every layout one planner traced)
+_shared: OrderedDict[tuple, dict] = OrderedDict()
+
+
+def shared_traces(model: PlanModel, dtype: str, strategy: dict, chunk_mb: float | None) -> dict:
+    """The trace table of this model, dtype, mesh.strategy and mesh.chunk_mb: shared by every Planner of
+    this process that asks for the same (the CLI run several times, a what-if analysis); a fresh one
+    if the model has no trace_key. A trace depends on none of the hardware profile, tf32 or overlap."""
+    trace_key = getattr(model, "trace_key", None)
+    if trace_key is None:
+        return {}
+    key = (type(model).__qualname__, trace_key(), dtype, json.dumps(strategy, sort_keys=True), chunk_mb)
+    if key not in _shared:
+        _shared[key] = {}
+        while len(_shared) > SHARED_TABLES:
+            _shared.popitem(last=False)
+    _shared.move_to_end(key)
+    return _shared[key]
+
 
 @dataclass(frozen=True)
 class Constraints:
@@ -77,7 +103,7 @@ class Planner:
         self.model, self.hw, self.dtype = model, hw, DTYPES[dtype]
         self.settings = Settings(overlap_comm, dp_bucket_bytes, hw.tf32(tf32), overlap)
         self.strategy, self.chunk_mb = dict(strategy or {}), chunk_mb  # mesh.strategy, mesh.chunk_mb
-        self._traces: dict = {}
+        self._traces: dict = shared_traces(model, self.dtype, self.strategy, chunk_mb)
         self._references: dict = {}
 
     @property

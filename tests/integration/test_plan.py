@@ -109,7 +109,7 @@ def test_zero_traffic_equals_what_deepspeed_sends(zero):
         assert {k: measured["bytes"][k] for k in predicted} == predicted, (rank, measured)
 
 
-FLOP_MESHES = [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 1), (1, 1, 4)]  # dp x domain x tp
+FLOP_GROUPS = [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # domain x tp; dp = 8 / (domain x tp)
 FLOP_CONFIGS = {
     "gather": dict(strategy={"*": "gather"}),
     "stationary": dict(strategy={"*": "stationary"}),
@@ -123,12 +123,13 @@ FLOP_CONFIGS = {
 
 
 def test_traced_flops_equal_flop_counter_on_every_mesh_and_strategy():
-    """Every rank of six meshes, every strategy, mesh.chunk_mb and weights replicated over a model axis
+    """Every rank of five meshes, every strategy, mesh.chunk_mb and weights replicated over a model axis
     (where that axis has more than one rank), forward and forward + backward: the planner's traced
     FLOPs equal FlopCounterMode's count of the real gloo run within 1 %. One spawn of 8 ranks: the
-    smaller model groups run with dp = 8 / (domain x tp) (dp does not change a model step)."""
+    model groups run with dp = 8 / (domain x tp). dp does not change a model step, so each place in
+    the model group is traced once and compared with every rank that holds it."""
     world = 8
-    meshes = [(world // (d * t), d, t) for _, d, t in FLOP_MESHES]
+    meshes = [(world // (d * t), d, t) for d, t in FLOP_GROUPS]
     real = run_workers(
         plan_workers.model_step_flops,
         world,
@@ -140,10 +141,14 @@ def test_traced_flops_equal_flop_counter_on_every_mesh_and_strategy():
         preload=["weathermixer.model"],
     )
     cfg = default_model_config(**OVERRIDES)
+    traces: dict = {}
     bad = []
     for rank, counted in enumerate(real):
         for ((dp, d, t), name), (fwd, bwd) in counted.items():
-            tr = _trace(cfg, dict(dp=dp, domain=d, tp=t, **FLOP_CONFIGS[name]), rank)
+            key = (d, t, name, rank % (d * t))
+            if key not in traces:
+                traces[key] = _trace(cfg, dict(dp=dp, domain=d, tp=t, **FLOP_CONFIGS[name]), rank)
+            tr = traces[key]
             traced_fwd = sum(m.flops for m in tr.matmuls if m.phase == "forward")
             for what, traced, real_count in (
                 ("forward", traced_fwd, fwd),
@@ -284,6 +289,38 @@ def test_chunk_mb_is_priced_and_emitted(tmp_path):
     )
     job, _ = load_train_job(out)
     assert job.mesh.chunk_mb == 16
+
+
+def test_planners_of_one_model_share_their_traces(monkeypatch):
+    """Planners of one model configuration, dtype, mesh.strategy and mesh.chunk_mb share their traces
+    (the CLI run again on another profile or with --no-tf32 traces nothing); any of those changed, or
+    a model without trace_key, traces afresh."""
+    from jigsaw_ext.plan import search
+
+    calls = []
+    monkeypatch.setattr(search, "trace_step", lambda *a: calls.append(1) or trace_step(*a))
+    monkeypatch.setattr(search, "_shared", type(search._shared)())
+    cfg = default_model_config(**OVERRIDES)
+    a100, cpu = load_hardware("a100-40gb-4pernode-2xhdr200"), load_hardware("cpu-gloo-2core")
+
+    def traced(model, hw=cpu, dtype="fp32", **kw):
+        before = len(calls)
+        search.Planner(model, hw, dtype, **kw).trace(1, 2, (), 2)
+        return len(calls) - before
+
+    assert traced(WeatherPlanModel(cfg, rollout=cfg.rollout)) == 1
+    assert traced(WeatherPlanModel(cfg, rollout=cfg.rollout), a100, tf32=False) == 0
+    assert traced(WeatherPlanModel(cfg, rollout=1)) == 1
+    assert traced(WeatherPlanModel(cfg, rollout=cfg.rollout), dtype="bf16") == 1
+    assert traced(WeatherPlanModel(cfg, rollout=cfg.rollout), strategy={"*": "stationary"}) == 1
+    assert traced(WeatherPlanModel(cfg, rollout=cfg.rollout), chunk_mb=0.002) == 1
+    assert traced(WeatherPlanModel(default_model_config(**OVERRIDES, hidden=48), rollout=cfg.rollout)) == 1
+
+    class Unkeyed(WeatherPlanModel):
+        trace_key = None
+
+    assert traced(Unkeyed(cfg, rollout=cfg.rollout)) == 1
+    assert traced(Unkeyed(cfg, rollout=cfg.rollout)) == 1
 
 
 def test_larger_micro_batches_extrapolate_exactly():
