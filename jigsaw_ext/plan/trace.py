@@ -262,6 +262,17 @@ def flop_formula(func):
     return flop_registry.get(base) if base is not None else None
 
 
+def _as_registered(formula):
+    """A registry formula (it already takes tensors and out_val) marked so that FlopCounterMode's
+    custom_mapping uses it as it is instead of wrapping it a second time."""
+
+    def counted(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    setattr(counted, "_get_raw", True)  # noqa: B010 (a function attribute FlopCounterMode reads)
+    return counted
+
+
 def in_place_flop_formulas() -> dict:
     """{in-place packet: formula} for every FLOP-counted operator with an in-place form: the
     custom_mapping that makes FlopCounterMode count them too."""
@@ -270,7 +281,7 @@ def in_place_flop_formulas() -> dict:
         name = getattr(packet, "__name__", "")
         twin = getattr(aten, name + "_", None) if name and not name.startswith("_") else None
         if twin is not None:
-            out[twin] = flop_registry[packet]
+            out[twin] = _as_registered(flop_registry[packet])
     return out
 
 
