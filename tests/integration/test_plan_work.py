@@ -20,7 +20,7 @@ STRATEGIES = {
     "gather": dict(strategy={"*": "gather"}),
     "stationary": dict(strategy={"*": "stationary"}),
     "features": dict(strategy={"*": "features"}),
-    "gather_chunks": dict(strategy={"*": "gather"}, chunk_mb=0.002),
+    "gather_chunks": dict(strategy={"*": "gather"}, chunk_mb=0.01),
 }
 MESHES = [(2, 2), (4, 1), (1, 4)]  # domain x tp
 pytestmark = pytest.mark.slow
