@@ -167,24 +167,19 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     blend = json.loads((out / "damping.json").read_text())  # the default blend holds the field-wide forecast
     assert set(blend["field_linear_ridge"]["slp"]) == set(blend["weights"]["slp"])
     assert all(len(k) == 3 for k in blend["weights"]["slp"].values())
-    bad = subprocess.run(
-        ["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--bogus"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
-    bad = subprocess.run(
-        ["bash", "benchmarks/skill_ncep_slp.sh", str(out), "--blend", "nearest"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "choose field or baselines" in bad.stderr
+    for options, message in (
+        (["--bogus"], "unknown option --bogus"),
+        (["--blend", "nearest"], "choose field or baselines"),
+    ):
+        bad = subprocess.run(
+            ["bash", "benchmarks/skill_ncep_slp.sh", str(out), *options],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2 and message in bad.stderr, (options, bad.stderr)
 
 
 @pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
