@@ -247,6 +247,30 @@ class Settings:
     optimizer_shards: int | None = None
 
 
+def _bucket_calls(cand: Candidate, trace: StepTrace, run: Settings) -> int:
+    """Calls of each kind of ZeRO's data-parallel traffic: one per gradient bucket."""
+    bucket = run.dp_bucket_bytes or DEEPSPEED_BUCKET_ELEMENTS * BYTES[cand.dtype]
+    return max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
+
+
+def oversubscription_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, run: Settings = Settings()) -> float:
+    """What a rank loses in one optimizer step, beyond sharing the cores, while the peers it waits for
+    in a collective are descheduled: CPU profiles with more ranks on a node than cores. Every
+    collective call (the model's, each micro-step, and ZeRO's) costs `hw.oversubscribed_call_s`,
+    measured with twice as many ranks as cores and scaled by ranks / cores - 1; the `replicas` figure
+    where the node runs several model groups, `one_group` where its ranks form one."""
+    ranks, cores = min(cand.world, hw.devices_per_node), hw.compute_slots_per_node
+    if not cores or ranks <= cores:
+        return 0.0
+    group = cand.domain * cand.tp
+    pattern = "replicas" if group > 1 and ranks // group > 1 else "one_group"
+    per_call = hw.oversubscribed_call_s.get(pattern, 0.0) * (ranks / cores - 1)
+    calls = cand.accumulation * sum(trace.calls_by_kind().values())
+    for when, kinds in zero_traffic(cand, trace.param_numels).items():
+        calls += (cand.accumulation if when == "per_micro" else 1) * len(kinds) * _bucket_calls(cand, trace, run)
+    return per_call * calls
+
+
 def _data_parallel_seconds(
     hw: Hardware, cand: Candidate, trace: StepTrace, forward: float, backward: float, run: Settings, comm_bytes: dict
 ) -> dict:
@@ -254,8 +278,7 @@ def _data_parallel_seconds(
     bytes to `comm_bytes`)."""
     dp_t = {"intra": 0.0, "inter": 0.0}
     stride = cand.domain * cand.tp
-    bucket = run.dp_bucket_bytes or DEEPSPEED_BUCKET_ELEMENTS * BYTES[cand.dtype]
-    calls = max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
+    calls = _bucket_calls(cand, trace, run)
     hide_all = run.overlap * (forward + backward) if run.overlap_comm else 0.0
     hide_bwd = run.overlap * backward if run.overlap_comm else 0.0
     for when, kinds in zero_traffic(cand, trace.param_numels).items():
@@ -303,7 +326,8 @@ def estimate(
     seconds = {
         "compute": cand.accumulation * compute,
         "host_to_device": cand.accumulation * h2d,
-        "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"],
+        # (waits for descheduled peers: on a CPU node, whose ranks all share its cores)
+        "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"] + oversubscription_seconds(hw, cand, trace, run),
         "inter_comm": cand.accumulation * mp["inter"] + dp_t["inter"],
         "optimizer": optimizer,
     }

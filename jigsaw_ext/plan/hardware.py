@@ -64,6 +64,13 @@ class Hardware(_Strict):
         description="CPU profiles: cores; ranks beyond this share them (compute and communication time scale "
         "up: on a CPU both are work of the same cores)",
     )
+    oversubscribed_call_s: dict[Literal["replicas", "one_group"], float] = Field(
+        default_factory=dict,
+        description="CPU profiles: what a rank loses per collective call, beyond the sharing above, while "
+        "its peers are descheduled, with twice as many ranks as cores (x (ranks / cores - 1) "
+        "otherwise): `replicas` where the cores run several model groups (data-parallel "
+        "replicas), `one_group` where all ranks form one (benchmarks/bench_oversubscribed.py)",
+    )
     chip: str | None = Field(
         None,
         description=f"GPU chip ({', '.join(PEAK_TFLOPS)}): its peaks per math mode come "
