@@ -5,8 +5,9 @@
 
 Each rank (1 thread) loops over the pattern the layers run: a matmul, a ring all-gather, a matmul,
 a ring reduce-scatter (jigsaw_ext.collectives on gloo), over a grid of matmul sizes (0.3-2 ms each)
-and buffer sizes (the all-gather's shard). Three runs per grid point, alternated:
-- `cores` ranks in pairs: as many ranks as cores (the planner's model holds here);
+and buffer sizes (the all-gather's shard). Five runs per grid point, alternated:
+- `cores` ranks in pairs: as many ranks as cores; also with the matmuls alone and the collectives
+  alone (`cores_interleaving_call_s`: what the loop costs beyond its parts, per call; not priced);
 - 2 x `cores` ranks as independent pairs (`replicas`): the data-parallel replicas of a dp x 2 x 1 mesh,
   whose model collectives never meet;
 - 2 x `cores` ranks coupled on two axes (`one_group`): one 2 x 2 model group, the collectives
@@ -34,10 +35,12 @@ from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
 CALLS_PER_LOOP = 2  # an all-gather and a reduce-scatter
+PARTS = ("matmuls", "collectives")
 
 
-def _loop(rank, world, pairs, matmul_n, shard_mb, iters):
-    """Seconds per loop on this rank. pairs: the rank groups of each axis (one or two axes)."""
+def _loop(rank, world, pairs, matmul_n, shard_mb, iters, parts=PARTS):
+    """Seconds per loop on this rank. pairs: the rank groups of each axis (one or two axes); parts:
+    what the loop runs (both, or one of them alone)."""
     import torch
     import torch.distributed as dist
 
@@ -52,10 +55,14 @@ def _loop(rank, world, pairs, matmul_n, shard_mb, iters):
     shard, full = torch.randn(n), torch.empty(2 * n)
 
     def once(i):
-        torch.mm(a, b)
-        C._all_gather_single(full, shard, group=mine[(2 * i) % len(mine)])
-        torch.mm(a, b)
-        C._reduce_scatter_single(shard, full, group=mine[(2 * i + 1) % len(mine)])
+        if "matmuls" in parts:
+            torch.mm(a, b)
+        if "collectives" in parts:
+            C._all_gather_single(full, shard, group=mine[(2 * i) % len(mine)])
+        if "matmuls" in parts:
+            torch.mm(a, b)
+        if "collectives" in parts:
+            C._reduce_scatter_single(shard, full, group=mine[(2 * i + 1) % len(mine)])
 
     for i in range(4):
         once(i)
@@ -73,6 +80,8 @@ def layouts(cores: int) -> dict[str, list[list[list[int]]]]:
     n = 2 * cores
     return {
         "cores": [[[r, r + 1] for r in range(0, cores, 2)]],
+        "cores_matmuls_alone": [[[r, r + 1] for r in range(0, cores, 2)]],
+        "cores_collectives_alone": [[[r, r + 1] for r in range(0, cores, 2)]],
         "replicas": [[[r, r + 1] for r in range(0, n, 2)]],
         # two axes: (r, r+1) pairs and (r, r+2) pairs inside each block of 4 ranks
         "one_group": [
@@ -103,8 +112,10 @@ def main(argv=None) -> int:
             seconds: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.reps):
                 for name, pairs in runs.items():  # alternated: drifts of the machine hit all three
-                    world = args.cores if name == "cores" else 2 * args.cores
-                    seconds[name].append(max(run_workers(_loop, world, pairs, n, mb, args.iters, timeout=300)))
+                    world = args.cores if name.startswith("cores") else 2 * args.cores
+                    parts = {"cores_matmuls_alone": ("matmuls",), "cores_collectives_alone": ("collectives",)}
+                    timed = run_workers(_loop, world, pairs, n, mb, args.iters, parts.get(name, PARTS), timeout=300)
+                    seconds[name].append(max(timed))
             ms = {k: statistics.median(v) * 1e3 for k, v in seconds.items()}
             row = {
                 "matmul_n": n,
@@ -113,6 +124,10 @@ def main(argv=None) -> int:
                 "penalty_ms_per_call": {
                     k: round((ms[k] - 2 * ms["cores"]) / CALLS_PER_LOOP, 3) for k in ("replicas", "one_group")
                 },
+                # as many ranks as cores: the loop against its matmuls and its collectives timed apart
+                "cores_interleaving_ms_per_call": round(
+                    (ms["cores"] - ms["cores_matmuls_alone"] - ms["cores_collectives_alone"]) / CALLS_PER_LOOP, 3
+                ),
             }
             points.append(row)
             print(f"[oversubscribed] n={n} shard={mb} MB: {row['penalty_ms_per_call']}", file=sys.stderr, flush=True)
@@ -129,6 +144,9 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "points": points,
         "oversubscribed_call_s": medians,
+        "cores_interleaving_call_s": round(
+            statistics.median(p["cores_interleaving_ms_per_call"] for p in points) / 1e3, 6
+        ),
     }
     text = json.dumps(doc, indent=1)
     print(text)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2 1x2x2 2x2x1] [--steps 30] [--reps 3] \
         [--log-every 5] --out benchmarks/results_plan_cpu_2core.json
+    python benchmarks/bench_plan_cpu.py --reprice benchmarks/results_plan_cpu_2core.json
 
 train.py (torchrun, one thread per rank, the quickstart job with a wider model, ZeRO-0 fp32, one
 rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
@@ -50,6 +51,45 @@ def log(msg: str) -> None:
     print(f"[bench_plan_cpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def machine_rates() -> dict:
+    """This machine's speed now, in the profile's terms: one thread's fp32 matmul rate at the shapes
+    the profile's peak was measured at, and its elementwise rate (torch.addcmul on 4 M floats, 16 B
+    per element), beside the rates the profile prices with (peak x gemm_efficiency, memory_GBps x
+    elementwise_efficiency). The host of this virtual machine is shared: the same code runs faster
+    or slower from one day to the next."""
+    import torch
+
+    from jigsaw_ext.plan.hardware import load_hardware
+
+    hw = load_hardware("cpu-gloo-2core")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def rate(fn, work):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return work / statistics.median(times) / 1e9
+
+    gemm = {}
+    for m, n, k in ((4096, 256, 256), (256, 512, 4096)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        gemm[f"{m}x{n}x{k}"] = round(rate(lambda a=a, b=b: a @ b, 2 * m * n * k), 1)
+    x, y, z = (torch.randn(4 * 2**20) for _ in range(3))
+    elementwise = rate(lambda: torch.addcmul(z, x, y), 16 * 4 * 2**20)
+    torch.set_num_threads(threads)
+    return {
+        "matmul_GFLOPs": gemm,
+        "matmul_GFLOPs_priced": round(hw.peak("fp32") * hw.gemm_efficiency * 1e3, 1),
+        "elementwise_GBps": round(elementwise, 2),
+        "elementwise_GBps_priced": round(hw.memory_GBps * hw.elementwise_efficiency, 2),
+    }
+
+
 def predicted(settings: list[str], mesh: tuple[int, int, int]) -> dict:
     from jigsaw_ext.plan.cost import Candidate
     from jigsaw_ext.plan.hardware import load_hardware
@@ -73,8 +113,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument(
+        "--reprice",
+        metavar="RESULTS_JSON",
+        help="run nothing: put the planner's current predictions beside the measurements of this file "
+        "(after a change to the cost model or the profile) and write it back (or to --out)",
+    )
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
+    if args.reprice:
+        return _write(price(json.loads(Path(args.reprice).read_text())), args.out or args.reprice)
     meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -82,6 +130,7 @@ def main(argv=None) -> int:
         prepare_data(base)
         settings = base + [f"train.steps={args.steps}", f"log.every={args.log_every}"]
         measured = {m: [] for m in meshes}
+        speed = [machine_rates()]
         load = [os.getloadavg()[0]]  # the machine's load before each run (1-minute average)
         for rep in range(args.reps):
             for mesh in meshes if rep % 2 == 0 else meshes[::-1]:
@@ -92,6 +141,7 @@ def main(argv=None) -> int:
                 measured[mesh].append(GLOBAL_BATCH / w["samples_per_s"])
                 log(f"{mesh} rep {rep}: {measured[mesh][-1]:.3f} s/step")
                 load.append(os.getloadavg()[0])
+    speed.append(machine_rates())
     out = {
         "what": "seconds per optimizer step of train.py (global batch 8, ZeRO-0 fp32, 1 thread per rank, "
         f"a log row every {args.log_every} steps) against the planner (cpu-gloo-2core); medians over the repetitions",
@@ -100,20 +150,33 @@ def main(argv=None) -> int:
         "log_every": args.log_every,
         "reps": args.reps,
         "load_average_1min": [round(x, 2) for x in load],
+        "machine_speed_before_and_after": speed,
         "meshes": {},
     }
     for mesh in meshes:
-        pred, meas = predicted(base, mesh), statistics.median(measured[mesh])
+        meas = statistics.median(measured[mesh])
         out["meshes"]["x".join(map(str, mesh))] = {
             "measured_step_s": round(meas, 4),
-            "predicted_step_s": round(pred["step_s"], 4),
-            "error": round(pred["step_s"] / meas - 1, 3),
             "per_rep_s": [round(x, 4) for x in measured[mesh]],
-            "predicted_seconds": {k: round(v, 4) for k, v in pred["seconds"].items()},
         }
-    print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return _write(price(out), args.out)
+
+
+def price(doc: dict) -> dict:
+    """Put the planner's prediction beside each mesh's measurement (the profile as it is now)."""
+    base = RUN_SETTINGS + ["data.path=unused"] + QUICK_DATA + doc["settings"]
+    for name, row in doc["meshes"].items():
+        pred = predicted(base, tuple(int(x) for x in name.split("x")))
+        row["predicted_step_s"] = round(pred["step_s"], 4)
+        row["error"] = round(pred["step_s"] / row["measured_step_s"] - 1, 3)
+        row["predicted_seconds"] = {k: round(v, 4) for k, v in pred["seconds"].items()}
+    return doc
+
+
+def _write(doc: dict, path: str | None) -> int:
+    print(json.dumps(doc, indent=1))
+    if path:
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 
