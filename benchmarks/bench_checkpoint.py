@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 
@@ -280,9 +281,7 @@ def main() -> int:
                 2,
             ),
         }
-        print(json.dumps(out, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        emit_json(out, args.out)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,6 @@ the backend's collectives elsewhere (NCCL); the all-reduce stays gloo's (the rin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
@@ -92,11 +92,7 @@ def main(argv=None) -> int:
                 )
         doc["by_world"][str(world)] = res
         print(f"[collectives] world {world} done", file=sys.stderr, flush=True)
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_json(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ backward), and the block's peak memory per rank against the serial block / (DOMA
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh  # noqa: E402
@@ -171,11 +171,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     doc = run()
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_json(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ The medians over the grid are the profile's figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
@@ -148,11 +148,7 @@ def main(argv=None) -> int:
             statistics.median(p["cores_interleaving_ms_per_call"] for p in points) / 1e3, 6
         ),
     }
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_json(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 from jigsaw_ext.plan.cost import Candidate  # noqa: E402
 from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
@@ -316,10 +317,7 @@ def main(argv=None) -> int:
     for name in args.parts.split(","):
         log(f"part {name}")
         out[name] = parts[name]()
-    print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit_json(out, args.out)
 
 
 if __name__ == "__main__":

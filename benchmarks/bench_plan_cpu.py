@@ -36,6 +36,7 @@ from benchmarks.bench_train import (  # noqa: E402
     prepare_data,
     train,
 )
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 MODEL = [
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     if args.reprice:
-        return _write(price(json.loads(Path(args.reprice).read_text())), args.out or args.reprice)
+        return emit_json(price(json.loads(Path(args.reprice).read_text())), args.out or args.reprice)
     meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
             "measured_step_s": round(meas, 4),
             "per_rep_s": [round(x, 4) for x in measured[mesh]],
         }
-    return _write(price(out), args.out)
+    return emit_json(price(out), args.out)
 
 
 def price(doc: dict) -> dict:
@@ -171,13 +172,6 @@ def price(doc: dict) -> dict:
         row["error"] = round(pred["step_s"] / row["measured_step_s"] - 1, 3)
         row["predicted_seconds"] = {k: round(v, 4) for k, v in pred["seconds"].items()}
     return doc
-
-
-def _write(doc: dict, path: str | None) -> int:
-    print(json.dumps(doc, indent=1))
-    if path:
-        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

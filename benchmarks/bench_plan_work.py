@@ -12,7 +12,6 @@ shards: their padding is work too); below 1, products escape the count.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 LAYOUTS = [(1, 1, ()), (2, 1, ()), (1, 2, ()), (2, 2, ()), (2, 2, ("tp",)), (2, 2, ("domain",)), (4, 1, ()), (1, 4, ())]
@@ -61,10 +61,7 @@ def main(argv=None) -> int:
         "preset": args.preset,
         "rows": rows,
     }
-    print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ that runs anything else meanwhile gives meaningless ratios: run it on a quiet ma
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import RUN_SETTINGS, _windows, train, variant_settings  # noqa: E402
+from benchmarks.emit import emit_json  # noqa: E402
 from jigsaw_ext.files import make_output_folders  # noqa: E402
 
 RUNS = [
@@ -63,11 +63,7 @@ def main(argv=None) -> int:
     }
     for hidden in [int(h) for h in args.hidden.split(",")]:
         doc["by_hidden"][str(hidden)] = measure(base + [f"model.hidden={hidden}"], args.reps)
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_json(doc, args.out)
 
 
 def measure(settings: list[str], reps: int) -> dict:

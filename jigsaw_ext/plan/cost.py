@@ -263,7 +263,7 @@ def oversubscription_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, ru
     if not cores or ranks <= cores:
         return 0.0
     group = cand.domain * cand.tp
-    pattern = "replicas" if group > 1 and ranks // group > 1 else "one_group"
+    pattern: Literal["replicas", "one_group"] = "replicas" if group > 1 and ranks // group > 1 else "one_group"
     per_call = hw.oversubscribed_call_s.get(pattern, 0.0) * (ranks / cores - 1)
     calls = cand.accumulation * sum(trace.calls_by_kind().values())
     for when, kinds in zero_traffic(cand, trace.param_numels).items():
