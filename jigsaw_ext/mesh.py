@@ -189,6 +189,16 @@ class Mesh:
     def mpu(self) -> DeepSpeedMPU:
         return DeepSpeedMPU(self)
 
+    def with_options(self, **options) -> Mesh:
+        """This rank on the same process groups with other layer options (strategy, chunk_mb, ...):
+        group creation is collective and slow with many ranks, the options are not part of it."""
+        config = MeshConfig(**{**self.config.model_dump(), **options})
+        if config.world_size != self.config.world_size or any(
+            getattr(config, a) != getattr(self.config, a) for a in AXES
+        ):
+            raise ValueError(f"with_options keeps the mesh sizes; got {options}")
+        return Mesh(config, dict(self.coords), self.rank, dict(self.groups))
+
 
 def validate_world(config: MeshConfig, world_size: int) -> None:
     if config.world_size != world_size:

@@ -21,8 +21,9 @@ def model_step_comm(rank, world, mesh_kwargs, overrides, batch, strategies=("gat
 
     cfg = default_model_config(**overrides)
     out = {}
+    groups = init_mesh(MeshConfig(**mesh_kwargs))
     for strategy in strategies:
-        mesh = init_mesh(MeshConfig(**mesh_kwargs, strategy={"*": strategy}))
+        mesh = groups.with_options(strategy={"*": strategy})
         model = WeatherMixer(cfg, mesh, micro_batch=batch)
         x, s = _inputs(model, mesh, cfg, batch)
         with count_comm() as stats:
@@ -79,10 +80,11 @@ def model_step_flops(rank, world, meshes, overrides, batch, configs):
     cfg = default_model_config(**overrides)
     out = {}
     for dims in meshes:
+        groups = init_mesh(MeshConfig(dp=dims[0], domain=dims[1], tp=dims[2]))  # once per mesh: collective, slow
         for name, settings in configs.items():
             if any(dims[1 if axis == "domain" else 2] == 1 for axis in settings.get("replicate_weights_over", ())):
                 continue  # nothing to replicate over
-            mesh = init_mesh(MeshConfig(dp=dims[0], domain=dims[1], tp=dims[2], **settings))
+            mesh = groups.with_options(**settings)
             model = WeatherMixer(cfg, mesh, micro_batch=batch)
             x, s = _inputs(model, mesh, cfg, batch)
             # (FlopCounterMode leaves out in-place products such as addmm_; counted here like their

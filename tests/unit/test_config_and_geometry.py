@@ -64,6 +64,16 @@ def test_mesh_coordinates_tp_fastest():
     assert Mesh.coords_of(6, sizes) == {"dp": 1, "domain": 0, "tp": 0}
 
 
+def test_mesh_with_options_keeps_rank_and_groups_and_refuses_new_sizes():
+    base = Mesh.virtual(MeshConfig(dp=2, domain=2, tp=2), rank=5)
+    base.groups["tp"] = marker = object()
+    mesh = base.with_options(strategy={"*": "stationary"}, chunk_mb=0.5)
+    assert (mesh.rank, mesh.coords, mesh.groups["tp"]) == (5, base.coords, marker)
+    assert mesh.strategy == {"*": "stationary"} and mesh.chunk_mb == 0.5 and base.chunk_mb is None
+    with pytest.raises(ValueError, match="keeps the mesh sizes"):
+        base.with_options(tp=1, domain=4)
+
+
 @pytest.mark.parametrize(
     "grid,patch,domain",
     [((721, 1440), (1, 60), 2), ((25, 53), (2, 4), 3), ((33, 49), (1, 7), 4), ((32, 64), (2, 2), 1)],
