@@ -36,8 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 
 
 class _Peak:

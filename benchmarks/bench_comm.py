@@ -40,8 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 from jigsaw_ext.mesh import MeshConfig  # noqa: E402
 from jigsaw_ext.plan.trace import fake_mesh  # noqa: E402
 from weathermixer.baselines import C1, megatron_block_bytes, trace_block  # noqa: E402

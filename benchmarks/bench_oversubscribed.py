@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 from jigsaw_ext.testing import run_workers  # noqa: E402
 
 CALLS_PER_LOOP = 2  # an all-gather and a reduce-scatter
@@ -142,6 +141,7 @@ def main(argv=None) -> int:
         "reps": args.reps,
         "iters": args.iters,
         "date": time.strftime("%Y-%m-%d"),
+        "layouts": runs,
         "points": points,
         "oversubscribed_call_s": medians,
         "cores_interleaving_call_s": round(

@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 from jigsaw_ext.plan.cost import Candidate  # noqa: E402
 from jigsaw_ext.plan.hardware import load_hardware  # noqa: E402
 from jigsaw_ext.plan.search import Planner  # noqa: E402

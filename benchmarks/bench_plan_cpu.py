@@ -36,8 +36,7 @@ from benchmarks.bench_train import (  # noqa: E402
     prepare_data,
     train,
 )
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 
 MODEL = [
     "model.hidden=256",

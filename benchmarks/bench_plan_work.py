@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 
 LAYOUTS = [(1, 1, ()), (2, 1, ()), (1, 2, ()), (2, 2, ()), (2, 2, ("tp",)), (2, 2, ("domain",)), (4, 1, ()), (1, 4, ())]
 STRATEGIES = {"auto": {}, "gather": {"*": "gather"}}

@@ -26,8 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import RUN_SETTINGS, _windows, train, variant_settings  # noqa: E402
-from benchmarks.emit import emit_json  # noqa: E402
-from jigsaw_ext.files import make_output_folders  # noqa: E402
+from jigsaw_ext.files import emit_json, make_output_folders  # noqa: E402
 
 RUNS = [
     ("1x1x1_1thread", (1, 1, 1), 1),

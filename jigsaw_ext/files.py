@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def make_output_folders(parser, outputs: dict) -> None:
         except OSError as err:
             why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
             parser.error(f"{option} {value}: cannot create its folder {folder} ({why or err})")
+
+
+def emit_json(doc: dict, out: str | Path | None) -> int:
+    """How a benchmark or tool ends: `doc` as JSON on stdout and, when `out` is given, in that file
+    (written atomically: an interrupted run leaves the previous file whole). Returns 0, the exit status."""
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if out:
+        atomic_write_text(out, text + "\n")
+    return 0

@@ -56,23 +56,3 @@ def test_in_the_step_time_on_cpu_and_nowhere_on_a_gpu():
     with_it, without = (estimate(hw, cand, trace, 1.0).seconds["intra_comm"] for hw in (CPU, bare))
     assert with_it - without == pytest.approx(REPLICAS * 4, rel=1e-9)
     assert oversubscription_seconds(load_hardware("h100-sxm-8pernode"), _cand(2, 2, 2), trace) == 0.0
-
-
-@pytest.mark.parametrize("cores", [2, 4])
-def test_the_benchmark_runs_the_layouts_it_names(cores):
-    """benchmarks/bench_oversubscribed.py: `cores` ranks in pairs; twice as many as independent pairs;
-    twice as many as 2 x 2 groups coupled on two axes (each rank in one pair of each axis)."""
-    from benchmarks.bench_oversubscribed import layouts
-
-    runs = layouts(cores)
-    ranks = lambda axis: sorted(r for pair in axis for r in pair)  # noqa: E731
-    assert [ranks(a) for a in runs["cores"]] == [list(range(cores))]
-    assert runs["cores_matmuls_alone"] == runs["cores_collectives_alone"] == runs["cores"]
-    assert [ranks(a) for a in runs["replicas"]] == [list(range(2 * cores))]
-    assert [ranks(a) for a in runs["one_group"]] == [list(range(2 * cores))] * 2
-    first, second = runs["one_group"]
-    for r in range(2 * cores):
-        (a,) = [p for p in first if r in p]
-        (b,) = [p for p in second if r in p]
-        assert len(a) == len(b) == 2 and set(a) & set(b) == {r}
-        assert {x // 4 for x in a + b} == {r // 4}  # a block of 4: one model group

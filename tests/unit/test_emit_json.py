@@ -1,10 +1,10 @@
-"""Every benchmark script ends with benchmarks.emit.emit_json: its JSON on stdout and, atomically, in --out."""
+"""jigsaw_ext.files.emit_json, how every benchmark script ends: its JSON on stdout and, atomically, in --out."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks.emit import emit_json
+from jigsaw_ext.files import emit_json
 
 
 def test_prints_and_writes_the_same_json_and_leaves_no_temporary(tmp_path, capsys):

@@ -1,0 +1,62 @@
+"""benchmarks/bench_oversubscribed.py (the CPU profile's oversubscribed_call_s) runs end to end at a tiny
+setting, on the rank layouts it names. Timings are reported by the benchmark, never asserted here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pairs(axis, rank):
+    (pair,) = [p for p in axis if rank in p]
+    return pair
+
+
+def test_tiny_run_writes_every_figure_on_the_layouts_it_names(tmp_path):
+    out = tmp_path / "o.json"
+    args = ["--matmul-n", "32", "--shard-mb", "0.01", "--reps", "1", "--iters", "2", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_oversubscribed.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert json.loads(run.stdout) == doc
+    (point,) = doc["points"]
+    runs = ("cores", "cores_matmuls_alone", "cores_collectives_alone", "replicas", "one_group")
+    assert sorted(point["ms_per_loop"]) == sorted(runs) and all(v > 0 for v in point["ms_per_loop"].values())
+    assert all(math.isfinite(v) for v in doc["oversubscribed_call_s"].values())
+    assert set(doc["oversubscribed_call_s"]) == {"replicas", "one_group"}
+    assert math.isfinite(doc["cores_interleaving_call_s"])
+    # 2 cores: one pair; 4 ranks as two independent pairs; 4 ranks as one 2 x 2 group on two axes
+    lay = doc["layouts"]
+    assert lay["cores"] == lay["cores_matmuls_alone"] == lay["cores_collectives_alone"] == [[[0, 1]]]
+    assert lay["replicas"] == [[[0, 1], [2, 3]]]
+    first, second = lay["one_group"]
+    for rank in range(4):
+        a, b = _pairs(first, rank), _pairs(second, rank)
+        assert set(a) & set(b) == {rank} and len(set(a) | set(b)) == 3
+
+
+def test_refuses_an_odd_core_count():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_oversubscribed.py", "--cores", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert run.returncode == 2 and "--cores 3" in run.stderr
