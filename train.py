@@ -12,7 +12,7 @@ this file keeps the launch commands that name a script working from the reposito
 
 import sys
 
-from weathermixer.train.main import main
+from weathermixer.train.main import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -15,6 +15,17 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _bench(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "benchmarks/bench_oversubscribed.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
 def _pairs(axis, rank):
     (pair,) = [p for p in axis if rank in p]
     return pair
@@ -23,14 +34,7 @@ def _pairs(axis, rank):
 def test_tiny_run_writes_every_figure_on_the_layouts_it_names(tmp_path):
     out = tmp_path / "o.json"
     args = ["--matmul-n", "32", "--shard-mb", "0.01", "--reps", "1", "--iters", "2", "--out", str(out)]
-    run = subprocess.run(
-        [sys.executable, "benchmarks/bench_oversubscribed.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    run = _bench(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert json.loads(run.stdout) == doc
@@ -51,12 +55,5 @@ def test_tiny_run_writes_every_figure_on_the_layouts_it_names(tmp_path):
 
 
 def test_refuses_an_odd_core_count():
-    run = subprocess.run(
-        [sys.executable, "benchmarks/bench_oversubscribed.py", "--cores", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    run = _bench("--cores", "3", timeout=120)
     assert run.returncode == 2 and "--cores 3" in run.stderr

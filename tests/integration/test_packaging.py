@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("jigsaw_ext", "weathermixer")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = {
-    "weathermixer-train": "weathermixer.train.main:main",
+    "weathermixer-train": "weathermixer.train.main:cli",
     "weathermixer-data": "weathermixer.data.__main__:main",
     "weathermixer-forecast": "weathermixer.inference.forecast:main",
     "weathermixer-evaluate": "weathermixer.evaluation.evaluate:main",

@@ -1,6 +1,6 @@
 import sys
 
-from .main import main
+from .main import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -90,9 +90,16 @@ def single_process_env() -> None:
     )
 
 
+def cli(argv=None) -> int:
+    """The program (train.py, the `weathermixer-train` entry point, `python -m weathermixer.train`): the
+    run, then the process ends without the interpreter's teardown (leave_now). Code that calls main()
+    gets the exit code back instead."""
+    leave_now(main(argv))
+    return 1  # (not reached)
+
+
 def main(argv=None) -> int:
-    """The run. With argv None (a launched program: train.py, the entry point, `-m weathermixer.train`)
-    a finished run ends the process itself (leave_now); with an argv list it returns the exit code."""
+    """The run; returns its exit code."""
     import faulthandler
     import signal
 
@@ -165,8 +172,6 @@ def main(argv=None) -> int:
         dist.barrier()
     dist.destroy_process_group()
     rankwatch.finish(result.exit_code)
-    if argv is None:
-        leave_now(result.exit_code)
     return result.exit_code
 
 
