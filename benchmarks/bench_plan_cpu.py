@@ -122,7 +122,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     if args.reprice:
-        return emit_json(price(json.loads(Path(args.reprice).read_text())), args.out or args.reprice)
+        try:
+            doc = json.loads(Path(args.reprice).read_text())
+            doc["settings"], doc["meshes"]  # noqa: B018 (what price() reads)
+        except (OSError, ValueError, KeyError) as err:
+            ap.error(f"--reprice {args.reprice}: not a results file of this benchmark ({err})")
+        return emit_json(price(doc), args.out or args.reprice)
     meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
