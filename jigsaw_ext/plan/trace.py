@@ -136,6 +136,19 @@ class StepTrace:
         return sum(m.flops for m in self.matmuls)
 
 
+@dataclass(frozen=True)
+class TracedOp:
+    """One priced operator of a traced step, its (meta) arguments kept: a product (`flops`) or an
+    elementwise / copy operator (`bytes` read and written, as `StepTrace.other_bytes` counts them)."""
+
+    func: object
+    args: tuple
+    kwargs: dict
+    phase: str
+    flops: int
+    bytes: int
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -301,9 +314,9 @@ def _counted(func, formula, args, kwargs, out, phase: str) -> Matmul:
 
 
 class _OpRecorder(TorchDispatchMode):
-    def __init__(self, recorder: _Recorder):
+    def __init__(self, recorder: _Recorder, ops: list | None = None):
         super().__init__()
-        self.recorder = recorder
+        self.recorder, self.ops = recorder, ops
         self.live = _LiveMemory()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -312,10 +325,13 @@ class _OpRecorder(TorchDispatchMode):
         formula = flop_formula(func)
         if formula is not None:
             trace.matmuls.append(_counted(func, formula, args, kwargs or {}, out, phase))
+            if self.ops is not None:
+                self.ops.append(TracedOp(func, args, kwargs or {}, phase, trace.matmuls[-1].flops, 0))
         elif not func.is_view and func not in _FREE:
-            trace.other_bytes[phase] += sum(_nbytes(t) for t in _tensors(args)) + sum(
-                _nbytes(t) for t in _tensors([out])
-            )
+            nbytes = sum(_nbytes(t) for t in _tensors(args)) + sum(_nbytes(t) for t in _tensors([out]))
+            trace.other_bytes[phase] += nbytes
+            if self.ops is not None:
+                self.ops.append(TracedOp(func, args, kwargs or {}, phase, 0, nbytes))
         outs = list(_tensors([out]))
         if outs:
             trace.peak_transient_bytes = max(trace.peak_transient_bytes, max(_nbytes(t) for t in outs))
@@ -343,16 +359,17 @@ def _saved_storages(params):
     held.clear()
 
 
-def trace_step(model: nn.Module, step: Callable[[nn.Module], torch.Tensor]) -> StepTrace:
+def trace_step(model: nn.Module, step: Callable[[nn.Module], torch.Tensor], ops: list | None = None) -> StepTrace:
     """Record one forward (`step(model)` returns this rank's loss term) and its backward.
 
-    `model` lives on the meta device and was built on a `fake_mesh`."""
+    `model` lives on the meta device and was built on a `fake_mesh`. `ops`, when given, receives every
+    priced operator as a `TracedOp` (jigsaw_ext.plan.calibrate replays them on real tensors)."""
     trace, params = StepTrace(), list(model.parameters())
     trace.param_numels = [p.numel() for p in params]
     trace.param_count = sum(trace.param_numels)
     trace.param_bytes = sum(_nbytes(p) for p in params)
     recorder = _Recorder(trace)
-    with _recording(recorder), _OpRecorder(recorder):
+    with _recording(recorder), _OpRecorder(recorder, ops):
         with _saved_storages(params) as saved:
             loss = step(model)
         trace.saved_bytes = sum(saved.values())
