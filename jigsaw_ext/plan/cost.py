@@ -95,14 +95,16 @@ class Estimate:
 
 
 def collective_seconds(
-    hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int, calls: int = 1
+    hw: Hardware, kind: str, sent_bytes: float, n: int, stride: int, calls: int = 1, share: float = 1.0
 ) -> tuple[float, str]:
     """(seconds, tier) of `calls` ring collectives of which this rank sends `sent_bytes` in all
     (ring volume) in a group of n ranks `stride` global ranks apart. Latency, as NCCL's tuning model
     prices a ring: the tier's call_s per call, plus alpha per ring step, n - 1 steps (2(n - 1) for an
     all-reduce) per call; on a ring over several nodes, (nodes - 1) of those steps (twice for an
     all-reduce) cross the network at the inter-node alpha and the others stay at the intra-node alpha.
-    Many small buckets over thousands of ranks therefore cost more than their bytes."""
+    Many small buckets over thousands of ranks therefore cost more than their bytes. `share`: ranks per
+    core of a CPU node (>= 1) stretch the copies (bytes / bandwidth: work of the shared cores), not the
+    latency."""
     if n <= 1:
         return 0.0, "none"
     passes = 2 if kind == "all_reduce" else 1
@@ -110,7 +112,7 @@ def collective_seconds(
     span = stride * (n - 1) + 1
     if span <= hw.devices_per_node:
         latency = hw.intra.call_s * calls + hw.intra.alpha_s * steps
-        return latency + sent_bytes / (hw.intra.bus_GBps[cast(CommKind, kind)] * 1e9), "intra"
+        return latency + share * sent_bytes / (hw.intra.bus_GBps[cast(CommKind, kind)] * 1e9), "intra"
     dpn = hw.devices_per_node
     local = max(1, dpn // stride) if stride < dpn else 1  # members of this group in one node
     nodes = max(2, n // local)
@@ -118,7 +120,7 @@ def collective_seconds(
     per_node = concurrent * sent_bytes * n / (n - 1) * (nodes - 1) / nodes  # full buffer x (N-1)/N
     network_steps = calls * passes * (nodes - 1)
     latency = hw.inter.call_s * calls + hw.inter.alpha_s * network_steps + hw.intra.alpha_s * (steps - network_steps)
-    return latency + per_node / (hw.inter.bus_GBps[cast(CommKind, kind)] * 1e9), "inter"
+    return latency + share * per_node / (hw.inter.bus_GBps[cast(CommKind, kind)] * 1e9), "inter"
 
 
 def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
@@ -136,13 +138,13 @@ def compute_seconds(hw: Hardware, trace: StepTrace, tf32: bool = False) -> dict:
 
 
 def model_parallel_seconds(
-    hw: Hardware, trace: StepTrace, mean_matmul: dict, overlap: float = 1.0
+    hw: Hardware, trace: StepTrace, mean_matmul: dict, overlap: float = 1.0, share: float = 1.0
 ) -> tuple[dict, dict]:
     """Exposed seconds per tier of the model's own collectives in one micro-step, and bytes."""
     exposed: dict[str, float] = {"intra": 0.0, "inter": 0.0}
     sent: dict[str, float] = {}
     for c in trace.collectives:
-        t, tier = collective_seconds(hw, c.kind, c.sent_bytes, c.group_size, c.stride)
+        t, tier = collective_seconds(hw, c.kind, c.sent_bytes, c.group_size, c.stride, share=share)
         if tier == "none":
             continue
         hidden = 0.0
@@ -253,18 +255,19 @@ def _bucket_calls(cand: Candidate, trace: StepTrace, run: Settings) -> int:
     return max(1, -(-trace.param_count * BYTES[cand.dtype] // bucket))
 
 
-def oversubscription_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, run: Settings = Settings()) -> float:
-    """What a rank loses in one optimizer step, beyond sharing the cores, while the peers it waits for
-    in a collective are descheduled: CPU profiles with more ranks on a node than cores. Every
-    collective call (the model's, each micro-step, and ZeRO's) costs `hw.oversubscribed_call_s`,
-    measured with twice as many ranks as cores and scaled by ranks / cores - 1; the `replicas` figure
-    where the node runs several model groups, `one_group` where its ranks form one."""
+def call_wait_seconds(hw: Hardware, cand: Candidate, trace: StepTrace, run: Settings = Settings()) -> float:
+    """What a rank loses in one optimizer step waiting in collectives beyond their work, on a CPU node
+    whose ranks fill its cores: every collective call (the model's, each micro-step, and ZeRO's) costs
+    `hw.call_wait_s["cores"]` with as many ranks as cores, and with twice as many the `replicas` figure
+    where the node runs several model groups, `one_group` where its ranks form one; linear in
+    ranks / cores between and beyond. Fewer ranks than cores, or a GPU profile: nothing."""
     ranks, cores = min(cand.world, hw.devices_per_node), hw.compute_slots_per_node
-    if not cores or ranks <= cores:
+    if not cores or ranks < cores or not hw.call_wait_s:
         return 0.0
     group = cand.domain * cand.tp
     pattern: Literal["replicas", "one_group"] = "replicas" if group > 1 and ranks // group > 1 else "one_group"
-    per_call = hw.oversubscribed_call_s.get(pattern, 0.0) * (ranks / cores - 1)
+    at_cores = hw.call_wait_s.get("cores", 0.0)
+    per_call = at_cores + (hw.call_wait_s.get(pattern, at_cores) - at_cores) * (ranks / cores - 1)
     calls = cand.accumulation * sum(trace.calls_by_kind().values())
     for when, kinds in zero_traffic(cand, trace.param_numels).items():
         calls += (cand.accumulation if when == "per_micro" else 1) * len(kinds) * _bucket_calls(cand, trace, run)
@@ -284,7 +287,7 @@ def _data_parallel_seconds(
     for when, kinds in zero_traffic(cand, trace.param_numels).items():
         reps = cand.accumulation if when == "per_micro" else 1
         for kind, nbytes in kinds.items():
-            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls)
+            t, tier = collective_seconds(hw, kind, nbytes, cand.dp, stride, calls, _share(hw, cand))
             comm_bytes[f"{kind}:{tier}"] = comm_bytes.get(f"{kind}:{tier}", 0) + reps * nbytes
             if when == "per_micro":  # ZeRO-3: prefetched gathers, reduce-scatters during backward
                 exposed = max(0.0, t - (hide_all if kind == "all_gather" else hide_bwd))
@@ -294,6 +297,15 @@ def _data_parallel_seconds(
                 exposed = t
             dp_t[tier] += reps * exposed
     return dp_t
+
+
+def _share(hw: Hardware, cand: Candidate) -> float:
+    """Ranks per core of a CPU node (1 where they fit, and on a GPU): ranks beyond the cores share them,
+    for their computation and for the copies of their collectives alike (gloo's transport is work of
+    the same cores), not for a message's latency."""
+    if not hw.compute_slots_per_node:
+        return 1.0
+    return max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node)
 
 
 def estimate(
@@ -307,27 +319,23 @@ def estimate(
     """Step time (one optimizer step), MFU and memory of `cand`; `trace` is one micro-step of
     rank 0 of a model group at cand.micro_batch (the largest shards sit on coordinate 0)."""
     comp = compute_seconds(hw, trace, run.tf32)
-    # CPU: ranks beyond the cores share them, for their computation and for the copies of their
-    # collectives alike (gloo's transport is work of the same cores)
-    share = (
-        max(1.0, min(cand.world, hw.devices_per_node) / hw.compute_slots_per_node) if hw.compute_slots_per_node else 1.0
-    )
+    share = _share(hw, cand)
     comp = {k: {p: v * share for p, v in d.items()} for k, d in comp.items()}
     compute = sum(comp["matmul"].values()) + sum(comp["elementwise"].values())
-    mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"], run.overlap)
+    mp, mp_bytes = model_parallel_seconds(hw, trace, comp["mean_matmul"], run.overlap, share)
     backward = comp["matmul"]["backward"] + comp["elementwise"]["backward"]
     comm_bytes = {k: v * cand.accumulation for k, v in mp_bytes.items()}
     dp_t = _data_parallel_seconds(hw, cand, trace, compute - backward, backward, run, comm_bytes)
-    mp, dp_t = ({tier: share * t for tier, t in d.items()} for d in (mp, dp_t))
     shards = (run.optimizer_shards or cand.dp) if cand.zero >= 1 else 1
     per_param = hw.optimizer_bytes_per_param or OPTIMIZER_PASSES_BYTES
     optimizer = share * trace.param_count / shards * per_param / (hw.memory_GBps * 1e9 * hw.elementwise_efficiency)
     h2d = read_bytes_per_micro / (hw.host_to_device_GBps * 1e9) if hw.host_to_device_GBps else 0.0
     seconds = {
         "compute": cand.accumulation * compute,
+        "trainer": cand.accumulation * share * hw.trainer_step_s,
         "host_to_device": cand.accumulation * h2d,
-        # (waits for descheduled peers: on a CPU node, whose ranks all share its cores)
-        "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"] + oversubscription_seconds(hw, cand, trace, run),
+        # (waits in collectives on a CPU node, whose ranks all share its cores)
+        "intra_comm": cand.accumulation * mp["intra"] + dp_t["intra"] + call_wait_seconds(hw, cand, trace, run),
         "inter_comm": cand.accumulation * mp["inter"] + dp_t["inter"],
         "optimizer": optimizer,
     }
@@ -339,7 +347,7 @@ def estimate(
     flops = useful_flops(cand, trace, train_flops_per_sample) * cand.global_batch
     mfu = flops / (step * cand.world * hw.peak(mode) * 1e12)
     parts = {
-        "compute": seconds["compute"] + seconds["optimizer"] + seconds["host_to_device"],
+        "compute": seconds["compute"] + seconds["trainer"] + seconds["optimizer"] + seconds["host_to_device"],
         "intra-node comm": seconds["intra_comm"],
         "inter-node comm": seconds["inter_comm"],
     }

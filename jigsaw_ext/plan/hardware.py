@@ -64,12 +64,20 @@ class Hardware(_Strict):
         description="CPU profiles: cores; ranks beyond this share them (compute and communication time scale "
         "up: on a CPU both are work of the same cores)",
     )
-    oversubscribed_call_s: dict[Literal["replicas", "one_group"], float] = Field(
+    call_wait_s: dict[Literal["cores", "replicas", "one_group"], float] = Field(
         default_factory=dict,
-        description="CPU profiles: what a rank loses per collective call, beyond the sharing above, while "
-        "its peers are descheduled, with twice as many ranks as cores (x (ranks / cores - 1) "
-        "otherwise): `replicas` where the cores run several model groups (data-parallel "
-        "replicas), `one_group` where all ranks form one (benchmarks/bench_oversubscribed.py)",
+        description="CPU profiles: what a rank loses per collective call beyond the call's work, once the "
+        "node's ranks fill its cores (benchmarks/bench_oversubscribed.py): `cores` with as many ranks "
+        "as cores (a waiting rank sleeps until its peer's data wakes it); with twice as many, beyond the "
+        "sharing above, `replicas` where the cores run several model groups (data-parallel replicas) "
+        "and `one_group` where all ranks form one; linear in ranks / cores between and beyond",
+    )
+    trainer_step_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds per micro-step the training loop spends outside the model's operators and the "
+        "optimizer (the batch, the engine's calls, the loss), per rank: CPU profiles, measured with a "
+        "model of almost no work; GPU profiles 0 (the host runs ahead of the device)",
     )
     chip: str | None = Field(
         None,
