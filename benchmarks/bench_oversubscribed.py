@@ -1,20 +1,23 @@
-"""What a collective costs when a node runs more ranks than it has cores: the CPU profile's
-`oversubscribed_call_s`, measured apart from train.py.
+"""What a collective call costs on a CPU node beyond its work, with as many ranks as cores and with more:
+the CPU profile's `call_wait_s`, measured apart from train.py.
 
-    python benchmarks/bench_oversubscribed.py [--cores 2] [--reps 7] [--iters 60] [--out F.json]
+    python benchmarks/bench_oversubscribed.py [--cores 2] [--reps 7] [--iters 60] [--layouts ...] [--out F.json]
 
 Each rank (1 thread) loops over the pattern the layers run: a matmul, a ring all-gather, a matmul,
 a ring reduce-scatter (jigsaw_ext.collectives on gloo), over a grid of matmul sizes (0.3-2 ms each)
-and buffer sizes (the all-gather's shard). Five runs per grid point, alternated:
-- `cores` ranks in pairs: as many ranks as cores; also with the matmuls alone and the collectives
-  alone (`cores_interleaving_call_s`: what the loop costs beyond its parts, per call; not priced);
+and buffer sizes (the all-gather's shard). `--reps` runs per grid point and layout, alternated:
+- `cores` ranks in pairs (as many ranks as cores), the loop as it is, its matmuls alone and its
+  collectives alone (the parts), and the loop with each collective started before the matmul and
+  waited for after it (`cores_async`, as the layers start their weight gathers);
 - 2 x `cores` ranks as independent pairs (`replicas`): the data-parallel replicas of a dp x 2 x 1 mesh,
   whose model collectives never meet;
 - 2 x `cores` ranks coupled on two axes (`one_group`): one 2 x 2 model group, the collectives
   alternating between its tp pairs and its domain pairs.
-With twice the ranks on the cores the planner prices every rank's work and every copy at twice its
-time; what a rank loses beyond that while its peers are descheduled mid-collective is the penalty
-per collective call: (seconds per loop at 2 x cores - 2 x seconds per loop at cores) / calls per loop.
+Per collective call, what the loop costs beyond its parts: `cores` = (loop - parts) / calls with as
+many ranks as cores (a rank waiting in a collective sleeps and is woken when its peer's data arrives);
+`replicas`, `one_group` = (loop - 2 x parts) / calls with twice as many (the planner prices every
+rank's work and every copy at twice its time there; beyond that, a rank loses time while the peers
+it waits for are descheduled). `cores_hidden_fraction`: (loop - async loop) / collectives alone.
 The medians over the grid are the profile's figures.
 """
 
@@ -35,6 +38,7 @@ from jigsaw_ext.testing import run_workers  # noqa: E402
 
 CALLS_PER_LOOP = 2  # an all-gather and a reduce-scatter
 PARTS = ("matmuls", "collectives")
+PARTS_OF = {"cores_matmuls_alone": ("matmuls",), "cores_collectives_alone": ("collectives",), "cores_async": ("async",)}
 
 
 def _loop(rank, world, pairs, matmul_n, shard_mb, iters, parts=PARTS):
@@ -54,6 +58,14 @@ def _loop(rank, world, pairs, matmul_n, shard_mb, iters, parts=PARTS):
     shard, full = torch.randn(n), torch.empty(2 * n)
 
     def once(i):
+        if "async" in parts:  # each collective started before a matmul, waited for after it
+            work = C._all_gather_single(full, shard, group=mine[(2 * i) % len(mine)], async_op=True)
+            torch.mm(a, b)
+            work.wait()
+            work = C._reduce_scatter_single(shard, full, group=mine[(2 * i + 1) % len(mine)], async_op=True)
+            torch.mm(a, b)
+            work.wait()
+            return
         if "matmuls" in parts:
             torch.mm(a, b)
         if "collectives" in parts:
@@ -81,6 +93,7 @@ def layouts(cores: int) -> dict[str, list[list[list[int]]]]:
         "cores": [[[r, r + 1] for r in range(0, cores, 2)]],
         "cores_matmuls_alone": [[[r, r + 1] for r in range(0, cores, 2)]],
         "cores_collectives_alone": [[[r, r + 1] for r in range(0, cores, 2)]],
+        "cores_async": [[[r, r + 1] for r in range(0, cores, 2)]],
         "replicas": [[[r, r + 1] for r in range(0, n, 2)]],
         # two axes: (r, r+1) pairs and (r, r+2) pairs inside each block of 4 ranks
         "one_group": [
@@ -88,6 +101,31 @@ def layouts(cores: int) -> dict[str, list[list[list[int]]]]:
             [[b + i, b + i + 2] for b in range(0, n, 4) for i in range(2)],
         ],
     }
+
+
+def derived(ms: dict[str, float]) -> dict:
+    """The figures per grid point that the timed layouts allow (ms per loop by layout). Per collective
+    call, beyond the loop's parts timed apart (its matmuls alone, its collectives alone, with as many
+    ranks as cores): `cores`, the loop with as many ranks as cores; `replicas` and `one_group`, the loop
+    with twice as many, beyond twice the parts (the planner prices every rank's work at twice its time
+    there)."""
+    row: dict = {}
+    if {"cores_matmuls_alone", "cores_collectives_alone"} <= set(ms):
+        parts = ms["cores_matmuls_alone"] + ms["cores_collectives_alone"]
+        row["call_ms_beyond_parts"] = {
+            k: round((ms[k] - (1 if k == "cores" else 2) * parts) / CALLS_PER_LOOP, 3)
+            for k in ("cores", "replicas", "one_group")
+            if k in ms
+        }
+    if {"cores", "cores_async", "cores_collectives_alone"} <= set(ms):
+        # what starting each collective before a matmul hides, as a fraction of the collectives' time
+        row["cores_hidden_fraction"] = round((ms["cores"] - ms["cores_async"]) / ms["cores_collectives_alone"], 3)
+    return row
+
+
+def _median(points: list[dict], key: str, sub: str | None = None, scale: float = 1.0):
+    values = [p[key][sub] if sub else p[key] for p in points if key in p and (sub is None or sub in p[key])]
+    return round(statistics.median(values) * scale, 6) if values else None
 
 
 def main(argv=None) -> int:
@@ -99,54 +137,46 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-mb", default="0.05,0.3")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--layouts", nargs="+", help="time only these layouts (default: all)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     make_output_folders(ap, {"--out": args.out})
     if args.cores < 2 or args.cores % 2:
         ap.error(f"--cores {args.cores}: an even number >= 2")
     runs = layouts(args.cores)
+    unknown = set(args.layouts or ()) - set(runs)
+    if unknown:
+        ap.error(f"--layouts {' '.join(sorted(unknown))}: unknown; choose from {' '.join(runs)}")
+    runs = {k: v for k, v in runs.items() if not args.layouts or k in args.layouts}
     points = []
     for n in (int(x) for x in args.matmul_n.split(",")):
         for mb in (float(x) for x in args.shard_mb.split(",")):
             seconds: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.reps):
-                for name, pairs in runs.items():  # alternated: drifts of the machine hit all three
+                for name, pairs in runs.items():  # alternated: drifts of the machine hit all of them
                     world = args.cores if name.startswith("cores") else 2 * args.cores
-                    parts = {"cores_matmuls_alone": ("matmuls",), "cores_collectives_alone": ("collectives",)}
-                    timed = run_workers(_loop, world, pairs, n, mb, args.iters, parts.get(name, PARTS), timeout=300)
+                    timed = run_workers(_loop, world, pairs, n, mb, args.iters, PARTS_OF.get(name, PARTS), timeout=300)
                     seconds[name].append(max(timed))
             ms = {k: statistics.median(v) * 1e3 for k, v in seconds.items()}
-            row = {
-                "matmul_n": n,
-                "shard_mb": mb,
-                "ms_per_loop": {k: round(v, 3) for k, v in ms.items()},
-                "penalty_ms_per_call": {
-                    k: round((ms[k] - 2 * ms["cores"]) / CALLS_PER_LOOP, 3) for k in ("replicas", "one_group")
-                },
-                # as many ranks as cores: the loop against its matmuls and its collectives timed apart
-                "cores_interleaving_ms_per_call": round(
-                    (ms["cores"] - ms["cores_matmuls_alone"] - ms["cores_collectives_alone"]) / CALLS_PER_LOOP, 3
-                ),
-            }
+            row = {"matmul_n": n, "shard_mb": mb, "ms_per_loop": {k: round(v, 3) for k, v in ms.items()}, **derived(ms)}
             points.append(row)
-            print(f"[oversubscribed] n={n} shard={mb} MB: {row['penalty_ms_per_call']}", file=sys.stderr, flush=True)
-    medians = {
-        k: round(statistics.median(p["penalty_ms_per_call"][k] for p in points) / 1e3, 6)
-        for k in ("replicas", "one_group")
-    }
+            print(f"[oversubscribed] n={n} shard={mb} MB: {derived(ms)}", file=sys.stderr, flush=True)
     doc = {
-        "benchmark": "penalty per collective call with 2 x cores ranks on the cores, beyond twice the time at "
-        "cores ranks (ring all-gather and reduce-scatter on gloo between matmuls, 1 thread per rank)",
+        "benchmark": "what a collective call costs beyond the loop's parts timed apart (ring all-gather and "
+        "reduce-scatter on gloo between matmuls, 1 thread per rank), with as many ranks as cores and with "
+        "twice as many (beyond twice the parts); and what starting each collective before a matmul hides",
         "cores": args.cores,
         "reps": args.reps,
         "iters": args.iters,
         "date": time.strftime("%Y-%m-%d"),
         "layouts": runs,
         "points": points,
-        "oversubscribed_call_s": medians,
-        "cores_interleaving_call_s": round(
-            statistics.median(p["cores_interleaving_ms_per_call"] for p in points) / 1e3, 6
-        ),
+        "call_wait_s": {
+            k: v
+            for k in ("cores", "replicas", "one_group")
+            if (v := _median(points, "call_ms_beyond_parts", k, 1e-3)) is not None
+        },
+        "cores_hidden_fraction": _median(points, "cores_hidden_fraction"),
     }
     return emit_json(doc, args.out)
 
