@@ -8,8 +8,13 @@ train.py (torchrun, one thread per rank, the quickstart job with a wider model, 
 rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
 times; the measured step time is seconds per optimizer step over the logged steps after the first
 (metrics.csv; a row every --log-every steps: each row costs two all-reduces over all ranks, which
-the planner does not price). The prediction is `python -m weathermixer.plan`'s for the same job and layout. The
-machine should be otherwise idle: 1x2x2 and 2x2x1 already put 4 ranks on the 2 cores.
+the planner does not price). Each mesh gets two predictions for the same job and layout: with the
+cpu-gloo-2core profile as shipped (`predicted_step_s`, `error`), and with the figures measured before
+each repetition (`..._same_minute`; `same_minute_figures`): the job's own 1x1x1 step replayed
+operator by operator (jigsaw_ext.plan.calibrate: GEMM and elementwise rates), the call waits of
+benchmarks/bench_oversubscribed.py's loop (2 matmul x 2 buffer sizes), and the training loop's own
+cost (train.py with model.hidden=16, less what the planner prices for that model). The machine
+should be otherwise idle: 1x2x2 and 2x2x1 already put 4 ranks on the 2 cores.
 """
 
 from __future__ import annotations
@@ -52,16 +57,12 @@ def log(msg: str) -> None:
 
 
 def machine_rates() -> dict:
-    """This machine's speed now, in the profile's terms: one thread's fp32 matmul rate at the shapes
-    the profile's peak was measured at, and its elementwise rate (torch.addcmul on 4 M floats, 16 B
-    per element), beside the rates the profile prices with (peak x gemm_efficiency, memory_GBps x
-    elementwise_efficiency). The host of this virtual machine is shared: the same code runs faster
-    or slower from one day to the next."""
+    """This machine's speed now, in plain terms: one thread's fp32 matmul rate at two square-ish
+    shapes and its elementwise rate (torch.addcmul on 4 M floats, 16 B per element), beside the rates
+    the profile prices with. The host of this virtual machine is shared: the same code runs faster or
+    slower from one day to the next."""
     import torch
 
-    from jigsaw_ext.plan.hardware import load_hardware
-
-    hw = load_hardware("cpu-gloo-2core")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -82,26 +83,101 @@ def machine_rates() -> dict:
     x, y, z = (torch.randn(4 * 2**20) for _ in range(3))
     elementwise = rate(lambda: torch.addcmul(z, x, y), 16 * 4 * 2**20)
     torch.set_num_threads(threads)
+    return {"matmul_GFLOPs": gemm, "elementwise_GBps": round(elementwise, 2), **priced_rates()}
+
+
+def priced_rates() -> dict:
+    """The rates the shipped profile prices with (peak x gemm_efficiency, memory_GBps x elementwise_efficiency)."""
+    from jigsaw_ext.plan.hardware import load_hardware
+
+    hw = load_hardware("cpu-gloo-2core")
     return {
-        "matmul_GFLOPs": gemm,
         "matmul_GFLOPs_priced": round(hw.peak("fp32") * hw.gemm_efficiency * 1e3, 1),
-        "elementwise_GBps": round(elementwise, 2),
         "elementwise_GBps_priced": round(hw.memory_GBps * hw.elementwise_efficiency, 2),
     }
 
 
-def predicted(settings: list[str], mesh: tuple[int, int, int]) -> dict:
-    from jigsaw_ext.plan.cost import Candidate
+TINY = ["model.hidden=16"]  # the job with a model of almost no work: what the training loop costs
+
+
+def _planner(settings: list[str], figures: dict | None = None):
+    """The planner for the benchmark's job on the cpu-gloo-2core profile; with `figures` (a same-minute
+    record: `rates`, `call_wait_s`, `trainer_step_s`), those replace the profile's."""
+    from jigsaw_ext.plan.calibrate import with_rates
     from jigsaw_ext.plan.hardware import load_hardware
     from jigsaw_ext.plan.search import Planner
     from weathermixer.plan import WeatherPlanModel
     from weathermixer.train.config import load_train_job
 
     job, _ = load_train_job(CONFIG, settings=settings)
-    planner = Planner(WeatherPlanModel(job.model, rollout=1), load_hardware("cpu-gloo-2core"), "fp32")
+    hw = load_hardware("cpu-gloo-2core")
+    if figures:
+        hw = with_rates(hw, figures["rates"]).updated(
+            {k: figures[k] for k in ("call_wait_s", "trainer_step_s") if k in figures}
+        )
+    return Planner(WeatherPlanModel(job.model, rollout=1), hw, "fp32")
+
+
+def replayed_rates(settings: list[str]) -> dict:
+    """This minute's GEMM and elementwise rates of one thread, measured on the job's own operators (one
+    1 x 1 x 1 micro-step of the global batch replayed on real tensors: jigsaw_ext.plan.calibrate)."""
+    from jigsaw_ext.plan.calibrate import measured_rates
+
+    rates = measured_rates(_planner(settings), GLOBAL_BATCH)
+    return {k: rates[k] for k in ("gemm_GFLOPs", "elementwise_GBps", "matmul_s", "elementwise_s")}
+
+
+def call_waits(reps: int = 1) -> dict:
+    """This minute's `call_wait_s` (benchmarks/bench_oversubscribed.py's loop, two matmul sizes and two
+    buffer sizes, `reps` runs per layout)."""
+    from benchmarks import bench_oversubscribed as O
+    from jigsaw_ext.testing import run_workers
+
+    runs = {k: v for k, v in O.layouts(2).items() if k != "cores_async"}
+    points = []
+    for n, mb in ((256, 0.05), (256, 0.3), (512, 0.05), (512, 0.3)):
+        ms = {}
+        for name, pairs in runs.items():
+            world = 2 if name.startswith("cores") else 4
+            parts = O.PARTS_OF.get(name, O.PARTS)
+            ms[name] = statistics.median(
+                max(run_workers(O._loop, world, pairs, n, mb, 40, parts, timeout=300)) * 1e3 for _ in range(reps)
+            )
+        points.append(O.derived(ms))
+    return {
+        k: round(statistics.median(p["call_ms_beyond_parts"][k] for p in points) / 1e3, 6)
+        for k in points[0]["call_ms_beyond_parts"]
+    }
+
+
+def predicted(settings: list[str], mesh: tuple[int, int, int], figures: dict | None = None) -> dict:
+    from jigsaw_ext.plan.cost import Candidate
+
     dp, domain, tp = mesh
-    est = planner.estimate(Candidate(dp, domain, tp, 0, (), GLOBAL_BATCH // dp, 1, "float32"))
+    est = _planner(settings, figures).estimate(Candidate(dp, domain, tp, 0, (), GLOBAL_BATCH // dp, 1, "float32"))
     return {"step_s": est.step_s, "seconds": est.seconds}
+
+
+def _step_s(mesh, settings: list[str], out: Path) -> float:
+    r = train(mesh, settings, out, threads=1)
+    if "error" in r:
+        raise RuntimeError(f"train.py on {mesh} failed: {r['error']}")
+    return GLOBAL_BATCH / _windows(r["rows"])["samples_per_s"]
+
+
+def same_minute(settings: list[str], work: Path) -> dict:
+    """The figures the check prices with, measured now: the job's replayed rates, the call waits, and
+    the training loop's own cost (a 1 x 1 x 1 run of the job with a model of almost no work, less what
+    the planner prices for that model's operators and optimizer at the replayed rates)."""
+    rates = replayed_rates(settings)
+    tiny = _step_s((1, 1, 1), settings + TINY, work)
+    modelled = predicted(settings + TINY, (1, 1, 1), {"rates": rates, "trainer_step_s": 0.0})["step_s"]
+    return {
+        "rates": rates,
+        "call_wait_s": call_waits(),
+        "tiny_model_step_s": round(tiny, 5),
+        "trainer_step_s": round(max(0.0, tiny - modelled), 5),
+    }
 
 
 def main(argv=None) -> int:
@@ -136,14 +212,13 @@ def main(argv=None) -> int:
         settings = base + [f"train.steps={args.steps}", f"log.every={args.log_every}"]
         measured = {m: [] for m in meshes}
         speed = [machine_rates()]
+        figures: list[dict] = []  # before each repetition's meshes
         load = [os.getloadavg()[0]]  # the machine's load before each run (1-minute average)
         for rep in range(args.reps):
+            figures.append(same_minute(settings, work / f"tiny_{rep}"))
+            log(f"rep {rep}, same-minute figures: {json.dumps(figures[-1])}")
             for mesh in meshes if rep % 2 == 0 else meshes[::-1]:
-                r = train(mesh, settings, work / f"{'x'.join(map(str, mesh))}_{rep}", threads=1)
-                if "error" in r:
-                    raise RuntimeError(f"train.py on {mesh} failed: {r['error']}")
-                w = _windows(r["rows"])
-                measured[mesh].append(GLOBAL_BATCH / w["samples_per_s"])
+                measured[mesh].append(_step_s(mesh, settings, work / f"{'x'.join(map(str, mesh))}_{rep}"))
                 log(f"{mesh} rep {rep}: {measured[mesh][-1]:.3f} s/step")
                 load.append(os.getloadavg()[0])
     speed.append(machine_rates())
@@ -156,6 +231,7 @@ def main(argv=None) -> int:
         "reps": args.reps,
         "load_average_1min": [round(x, 2) for x in load],
         "machine_speed_before_and_after": speed,
+        "same_minute_figures": figures,
         "meshes": {},
     }
     for mesh in meshes:
@@ -167,14 +243,37 @@ def main(argv=None) -> int:
     return emit_json(price(out), args.out)
 
 
+def same_minute_figures(doc: dict) -> dict | None:
+    """The medians of the figures measured before each repetition of `doc` (None: a file without them)."""
+    runs = doc.get("same_minute_figures") or []
+    if not runs:
+        return None
+    med = lambda get: round(statistics.median(get(r) for r in runs), 6)  # noqa: E731
+    return {
+        "rates": {k: med(lambda r, k=k: r["rates"][k]) for k in ("gemm_GFLOPs", "elementwise_GBps")},
+        "call_wait_s": {k: med(lambda r, k=k: r["call_wait_s"][k]) for k in runs[0]["call_wait_s"]},
+        "trainer_step_s": med(lambda r: r["trainer_step_s"]),
+    }
+
+
 def price(doc: dict) -> dict:
-    """Put the planner's prediction beside each mesh's measurement (the profile as it is now)."""
+    """Put the planner's predictions beside each mesh's measurement (the cost model as it is now): with
+    the profile's figures (`predicted_step_s`, `error`) and with those measured in the same minutes as
+    the runs (`..._same_minute`: the check of the planner's layout model)."""
     base = RUN_SETTINGS + ["data.path=unused"] + QUICK_DATA + doc["settings"]
+    figures = same_minute_figures(doc)
+    doc["same_minute_medians"] = figures
+    for speed in doc.get("machine_speed_before_and_after", []):
+        speed.update(priced_rates())
     for name, row in doc["meshes"].items():
-        pred = predicted(base, tuple(int(x) for x in name.split("x")))
-        row["predicted_step_s"] = round(pred["step_s"], 4)
-        row["error"] = round(pred["step_s"] / row["measured_step_s"] - 1, 3)
-        row["predicted_seconds"] = {k: round(v, 4) for k, v in pred["seconds"].items()}
+        mesh = tuple(int(x) for x in name.split("x"))
+        for suffix, use in (("", None), ("_same_minute", figures)):
+            if suffix and not use:
+                continue
+            pred = predicted(base, mesh, use)
+            row[f"predicted_step_s{suffix}"] = round(pred["step_s"], 4)
+            row[f"error{suffix}"] = round(pred["step_s"] / row["measured_step_s"] - 1, 3)
+            row[f"predicted_seconds{suffix}"] = {k: round(v, 4) for k, v in pred["seconds"].items()}
     return doc
 
 

@@ -209,17 +209,32 @@ def render_cpu(doc: dict) -> str:
             else "."
         ),
         "",
-        "| mesh | ranks on the 2 cores | measured s/step | predicted s/step | predicted / measured - 1 |",
-        "|---|---|---|---|---|",
+    ]
+    same = "predicted_step_s_same_minute" in next(iter(doc["meshes"].values()))
+    head = "| mesh | ranks on the 2 cores | measured s/step | predicted s/step (profile) | error |"
+    lines += [
+        head + (" predicted s/step (same-minute figures) | error |" if same else ""),
+        "|---" * (7 if same else 5) + "|",
     ]
     for mesh, r in doc["meshes"].items():
         ranks = 1
         for n in mesh.split("x"):
             ranks *= int(n)
-        lines.append(
-            f"| {mesh} | {ranks} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
-            f"| {100 * r['error']:+.0f} % |"
-        )
+        row = f"| {mesh} | {ranks} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
+        row += f"| {100 * r['error']:+.0f} % |"
+        if same:
+            row += f" {r['predicted_step_s_same_minute']:.3f} | {100 * r['error_same_minute']:+.0f} % |"
+        lines.append(row)
+    if same:
+        m = doc["same_minute_medians"]
+        lines += [
+            "",
+            "Same-minute figures (medians of those measured before each repetition): products "
+            f"{m['rates']['gemm_GFLOPs']:.0f} GFLOP/s and other operators {m['rates']['elementwise_GBps']:.1f} GB/s "
+            "(the job's 1x1x1 step replayed), call waits "
+            + " / ".join(f"{k} {1e3 * v:.2f} ms" for k, v in m["call_wait_s"].items())
+            + f", the training loop {1e3 * m['trainer_step_s']:.1f} ms per step.",
+        ]
     return "\n".join(lines) + "\n"
 
 
