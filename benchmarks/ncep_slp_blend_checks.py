@@ -1,13 +1,15 @@
 """Checks behind the NCEP recipe's validation table (docs/skill.md), on the 2008 forecasts of a validation run:
 
-    python benchmarks/ncep_slp_blend_checks.py OUT [--cross-validate]
+    python benchmarks/ncep_slp_blend_checks.py OUT [--cross-validate [--shrink LIST]]
 
 OUT: the folder of `bash benchmarks/skill_ncep_slp.sh OUT --validation` (its seed*/forecast_val.zarr).
 Prints latitude-weighted RMSE (Pa, WeatherBench 2 form) at 1, 2, 3, 5 and 10 days of
 - the mean of k seeds before the blend, averaged over every subset of k of the run's seeds;
 - the field-wide linear forecast alone, its ridge per lead chosen on these inits;
 - with --cross-validate, the blend of the seed mean fitted on the odd months and scored on the even ones and
-  back, with the baselines only and with the field-wide forecast (an out-of-sample check inside 2008).
+  back, with the baselines only and with the field-wide forecast (an out-of-sample check inside 2008), and with
+  --shrink the field-wide blend whose weights are shrunk towards the per-pixel regression, the shrink per lead
+  chosen by the inner 2-fold cross-validation of `damping fit --shrink` inside the fitting months (nested).
 Baselines fitted on 2001-2007. Data: NCEP/NCAR Reanalysis 1, NOAA PSL (see docs/skill/ATTRIBUTION.md).
 """
 
@@ -61,16 +63,21 @@ def field_alone(fc: xr.Dataset, tr: xr.Dataset, o: np.ndarray) -> None:
     print(f"  its ridges by lead: {ridges}")
 
 
-def cross_validate(fc: xr.Dataset, tr: xr.Dataset, o: np.ndarray) -> None:
+def cross_validate(fc: xr.Dataset, tr: xr.Dataset, o: np.ndarray, shrink: list[float] | None) -> None:
     from weathermixer.evaluation.damping import apply, fit
 
     odd = (pd.DatetimeIndex(fc.time.values).month % 2).values == 1
-    for field in (False, True):
+    variants = [(False, None, "baselines only"), (True, None, "field-wide forecast")]
+    if shrink:
+        variants.append((True, shrink, "field-wide forecast, shrunk"))
+    for field, lams, name in variants:
         blend = np.empty_like(o)
         for part in (odd, ~odd):
-            res = fit(fc.isel(time=np.flatnonzero(~part)), tr, START, END, field_linear=field)
+            res = fit(fc.isel(time=np.flatnonzero(~part)), tr, START, END, field_linear=field, shrink=lams)
             blend[part] = apply(fc.isel(time=np.flatnonzero(part)), tr, res)["slp"].values
-        name = "field-wide forecast" if field else "baselines only"
+            if lams:
+                chosen = [res["shrink"]["slp"][k]["shrink"] for k in res["shrink"]["slp"]]
+                print(f"  shrink by lead, fitted on the {'even' if part[0] else 'odd'} months: {' '.join(chosen)}")
         _row(f"seed mean + blend with the {name}, 2-fold by month", _rmse(blend, o, fc.latitude.values))
 
 
@@ -78,6 +85,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("out", type=Path, help="a validation run's OUT folder")
     p.add_argument("--cross-validate", action="store_true", help="also the 2-fold check of the blends")
+    p.add_argument(
+        "--shrink",
+        type=lambda x: [float(v) for v in x.split(",")],
+        help="with --cross-validate: also the blend shrunk towards the regression, these candidate ridges",
+    )
     p.add_argument("--truth", type=Path, default=TRUTH)
     args = p.parse_args(argv)
     paths = sorted(args.out.glob("seed*/forecast_val.zarr"))
@@ -91,7 +103,7 @@ def main(argv=None) -> int:
     field_alone(members[0], tr, o)
     if args.cross_validate:
         mean = members[0].copy(data={"slp": np.mean([m["slp"].values for m in members], axis=0)})
-        cross_validate(mean, tr, o)
+        cross_validate(mean, tr, o, args.shrink)
     return 0
 
 

@@ -6,7 +6,7 @@
 #   and the per-pixel linear regression fitted on the training years only -> OUT/report/metrics.csv
 #
 #   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N] [--reuse]
-#       [--blend field|baselines]
+#       [--blend field|baselines] [--shrink LIST]
 # Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
 # --validation scores 2008 (every choice of the recipe is made there; the blend weights are then fitted
 # and scored on the same year, so its 2008 rows are in-sample for those 2 or 3 numbers per lead). --seeds N
@@ -15,7 +15,9 @@
 # never sees the scored years, so a --validation run's models can then score the test years).
 # OUT/report_raw holds the scores before the blend. --blend field (default): the blend of the forecast with the
 # climatology, the per-pixel regression and the field-wide linear forecast (weathermixer.evaluation.damping
-# fit --field-linear); --blend baselines: without the field-wide forecast.
+# fit --field-linear); --blend baselines: without the field-wide forecast. --shrink LIST (e.g. 0,0.1,1,inf): the blend
+# weights shrunk towards the per-pixel regression, one ridge per lead chosen by 2-fold cross-validation over
+# alternate months of 2008 (damping fit --shrink).
 # Data: NCEP/NCAR Reanalysis 1 (Kalnay et al. 1996), provided by NOAA PSL, Boulder, Colorado, USA;
 # see ../shared/data/real/ATTRIBUTION.md.
 set -euo pipefail
@@ -24,7 +26,7 @@ usage() { sed -n 8,9p "$0" | sed 's/^#   //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 JOB=deepspeed_configs/ncep_slp_daily_cpu.json
-SPLIT=test SEEDS=5 STEPS= DAYS= REUSE= BLEND=field
+SPLIT=test SEEDS=5 STEPS= DAYS= REUSE= BLEND=field SHRINK=
 while [ $# -gt 0 ]; do
   case $1 in
     --validation) SPLIT=val ;;
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --days) DAYS=$2; shift ;;
     --reuse) REUSE=1 ;;
     --blend) BLEND=$2; shift ;;
+    --shrink) SHRINK=$2; shift ;;
     *) echo "skill_ncep_slp.sh: unknown option $1" >&2; usage ;;
   esac
   shift
@@ -43,6 +46,7 @@ case $BLEND in
   baselines) BLEND_ARGS=() ;;
   *) echo "skill_ncep_slp.sh: --blend $BLEND: choose field or baselines" >&2; usage ;;
 esac
+[ -n "$SHRINK" ] && BLEND_ARGS+=(--shrink "$SHRINK")
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 job_key() {  # SECTION KEY DEFAULT -> weathermixer.SECTION.KEY of the job file

@@ -23,6 +23,15 @@ regression evaluate's, so the blend and the scores refer to the same baselines.
 the anomalies of the whole field at t and t - dt, fitted on the same training period, its ridge chosen per
 lead on the given store's inits): f' = g + a (f - g) + b (c - g) + d (r - g). The ridges are stored with the
 weights, so `apply` refits the same r on the training period.
+
+`fit --shrink 0,0.1,1,inf` (candidates) guards the weights against overfitting where the store holds few
+independent cases (long leads: a year of autocorrelated inits): per lead, a ridge shrink x A_jj on each
+weight (A_jj: its reference's weighted sum of squares) pulls the blend towards the regression g, inf being g
+itself. Each lead's shrink is chosen by 2-fold cross-validation over the store's inits: the calendar months,
+in time order, alternate between the folds (on a year, odd months against even ones); the weights fitted on
+one fold are scored on the other and back, the lowest error wins, and the weights are then refitted on every
+init with it. The field-wide ridges are chosen once on every init. The choice and each candidate's
+cross-validated MSE over the regression's are written beside the weights (`shrink`).
 """
 
 from __future__ import annotations
@@ -110,35 +119,105 @@ def field_reference(fc, o, start: str, end: str, window_days: int | None, ridges
     return r.reshape((len(inits), len(leads), *o.shape[1:])), ridges
 
 
-def fit(fc, tr, start: str, end: str, window_days: int | None = None, field_linear: bool = False) -> dict:
-    """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`
-    (with the field-wide linear forecast as a third reference when `field_linear`)."""
+def month_folds(inits) -> np.ndarray:
+    """The fold (0 or 1) of every init: the calendar months present, in time order, alternate between the two
+    (on a whole year: the odd months against the even ones)."""
+    t = pd.DatetimeIndex(inits)
+    _, rank = np.unique(np.asarray(t.year) * 12 + np.asarray(t.month), return_inverse=True)
+    return rank % 2
+
+
+def _sums(X: np.ndarray, y: np.ndarray, w: np.ndarray):
+    """Weighted normal equations per lead (axis 1): A (lead, k, k), B (lead, k), y'Wy (lead,)."""
+    axes = tuple(i for i in range(y.ndim) if i != 1)
+    A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)
+    B = np.einsum("...p,...->...p", w[..., None] * X, y).sum(axes)
+    return A, B, (w * y * y).sum(axes)
+
+
+def _solve(A: np.ndarray, B: np.ndarray, shrink: float) -> np.ndarray:
+    """(lead, k) weights minimising |y - X ab|^2_W + shrink sum_j A_jj ab_j^2 per lead: a ridge relative to each
+    reference's own weighted sum of squares, pulling the blend towards the regression g (weights 0);
+    shrink inf is the regression itself."""
+    if np.isinf(shrink):
+        return np.zeros(B.shape)
+    return np.stack(
+        [np.linalg.lstsq(a + shrink * np.diag(np.diag(a)), b, rcond=None)[0] for a, b in zip(A, B, strict=True)]
+    )
+
+
+def choose_shrink(X: np.ndarray, y: np.ndarray, w: np.ndarray, folds: np.ndarray, candidates: list[float]):
+    """(shrink per lead, cross-validated MSE of every candidate relative to the regression's (lead, cand)):
+    the weights fitted on one fold of inits are scored on the other and back; the lowest error wins."""
+    parts = [_sums(X[folds == k], y[folds == k], w) for k in (0, 1)]
+    err = np.zeros((y.shape[1], len(candidates)))
+    for j, lam in enumerate(candidates):
+        for k in (0, 1):
+            A, B, yy = parts[k]
+            ab = _solve(parts[1 - k][0], parts[1 - k][1], lam)
+            err[:, j] += yy - 2 * np.einsum("lp,lp->l", ab, B) + np.einsum("lp,lpq,lq->l", ab, A, ab)
+    ratio = err / (parts[0][2] + parts[1][2])[:, None]
+    return [candidates[j] for j in np.argmin(ratio, axis=1)], ratio
+
+
+def _var_weights(fc, tr, var, start, end, window_days, field_linear, shrink):
+    """[a, b(, d)] per lead of one variable, the field ridges and the shrink choice (or None)."""
     from . import metrics as M
 
-    weights, field_ridges = {}, {}
+    f, c, g, o, rest = references(fc, tr, var, start, end, window_days)
+    refs, ridges = [f - g, c - g], None
+    if field_linear:
+        r, ridges = field_reference(fc, o, start, end, window_days, None)
+        refs.append(r - g)
+    valid = np.add.outer(fc["time"].values, fc[LEAD].values).ravel()
+    y = o.sel(time=pd.DatetimeIndex(valid)).values.astype(np.float64).reshape(f.shape) - g
+    w = M.latitude_weights(fc["latitude"].values).reshape([-1 if d == "latitude" else 1 for d in ["time", LEAD] + rest])
+    X = np.stack(refs, -1)
+    lams, cv = [0.0] * f.shape[1], None
+    if shrink:
+        folds = month_folds(fc["time"].values)
+        if folds.min() == folds.max():
+            raise DampingError("--shrink chooses by 2-fold cross-validation over calendar months: the store holds one")
+        lams, cv = choose_shrink(X, y, w, folds, shrink)
+    A, B, _ = _sums(X, y, w)
+    ab = np.stack([_solve(A[i : i + 1], B[i : i + 1], lam)[0] for i, lam in enumerate(lams)])
+    return ab, ridges, lams, cv
+
+
+def fit(
+    fc,
+    tr,
+    start: str,
+    end: str,
+    window_days: int | None = None,
+    field_linear: bool = False,
+    shrink: list[float] | None = None,
+) -> dict:
+    """The blend weights of every variable and lead of the forecast store `fc` against the truth `tr`
+    (with the field-wide linear forecast as a third reference when `field_linear`). `shrink`: candidate
+    relative ridges on the weights (towards the regression; inf: the regression alone), one chosen per lead
+    by 2-fold cross-validation over alternate calendar months of the store's inits; None: least squares."""
+    weights, field_ridges, chosen = {}, {}, {}
     for var in fc.data_vars:
-        f, c, g, o, rest = references(fc, tr, var, start, end, window_days)
-        refs = [f - g, c - g]
-        if field_linear:
-            r, ridges = field_reference(fc, o, start, end, window_days, None)
-            refs.append(r - g)
-            field_ridges[var] = {_lead_key(td): x for td, x in zip(fc[LEAD].values, ridges, strict=True)}
-        valid = np.add.outer(fc["time"].values, fc[LEAD].values).ravel()
-        y = o.sel(time=pd.DatetimeIndex(valid)).values.astype(np.float64).reshape(f.shape) - g
-        w = M.latitude_weights(fc["latitude"].values).reshape(
-            [-1 if d == "latitude" else 1 for d in ["time", LEAD] + rest]
-        )
-        X = np.stack(refs, -1)
-        axes = tuple(i for i in range(f.ndim) if i != 1)
-        A = np.einsum("...p,...q->...pq", w[..., None] * X, X).sum(axes)  # (lead, k, k)
-        B = np.einsum("...p,...->...p", w[..., None] * X, y).sum(axes)
-        ab = np.stack([np.linalg.lstsq(A[i], B[i], rcond=None)[0] for i in range(len(A))])
-        weights[var] = {_lead_key(td): [float(x) for x in k] for td, k in zip(fc[LEAD].values, ab, strict=True)}
+        ab, ridges, lams, cv = _var_weights(fc, tr, var, start, end, window_days, field_linear, shrink)
+        keys = [_lead_key(td) for td in fc[LEAD].values]
+        if ridges is not None:
+            field_ridges[var] = dict(zip(keys, ridges, strict=True))
+        if cv is not None:
+            chosen[var] = {
+                k: {
+                    "shrink": f"{lam:g}",
+                    "cv_mse_over_regression": {f"{c:g}": float(e) for c, e in zip(shrink, row, strict=True)},
+                }
+                for k, lam, row in zip(keys, lams, cv, strict=True)
+            }
+        weights[var] = {k: [float(x) for x in row] for k, row in zip(keys, ab, strict=True)}
     return {
         "format": FORMAT,
         "blend": "g + a (f - g) + b (c - g) [+ d (r - g)]: [a, b(, d)] per lead (hours)",
         "baselines": {"start": str(start), "end": str(end), "clim_window_days": window_days},
         **({"field_linear_ridge": field_ridges} if field_linear else {}),
+        **({"shrink": chosen} if shrink else {}),
         "fitted_on": {
             "init_first": str(pd.Timestamp(fc["time"].values[0])),
             "init_last": str(pd.Timestamp(fc["time"].values[-1])),
@@ -182,6 +261,16 @@ def apply(fc, tr, damping: dict):
     return out
 
 
+def _shrink_list(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers (inf allowed)") from None
+    if not out or any(x < 0 or np.isnan(x) for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: the ridges must be >= 0")
+    return out
+
+
 def main(argv=None) -> int:
     from .plan import open_dataset
 
@@ -207,22 +296,33 @@ def main(argv=None) -> int:
         action="store_true",
         help="add the field-wide linear forecast (ridge on the whole field's anomalies) as a third reference",
     )
+    f.add_argument(
+        "--shrink",
+        type=_shrink_list,
+        help="comma-separated relative ridges on the blend weights (towards the regression; inf: the regression "
+        "alone), one chosen per lead by 2-fold cross-validation over alternate months of the inits",
+    )
     a.add_argument("--damping", required=True, help="the file `fit` wrote")
     args = p.parse_args(argv)
     make_output_folders(p, {"--out": args.out})
     try:
         fc, tr = open_dataset(args.forecast, "forecast"), open_dataset(args.truth, "truth")
         if args.cmd == "fit":
-            res = fit(fc, tr, args.clim_start, args.clim_end, args.clim_window_days, args.field_linear)
+            res = fit(fc, tr, args.clim_start, args.clim_end, args.clim_window_days, args.field_linear, args.shrink)
             tmp = Path(args.out + ".partial")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(args.out)
+            shrunk = "".join(
+                f"; {v} shrink by lead: " + " ".join(f"{k} h {x['shrink']}" for k, x in t.items())
+                for v, t in res.get("shrink", {}).items()
+            )
             print(
                 f"wrote {args.out}: [a, b(, d)] by lead: "
                 + "; ".join(
                     f"{v}: " + " ".join(f"{k} h " + " ".join(f"{y:.2f}" for y in x) for k, x in t.items())
                     for v, t in res["weights"].items()
                 )
+                + shrunk
             )
         else:
             damped = apply(fc, tr, json.loads(Path(args.damping).read_text()))
