@@ -3,6 +3,7 @@
     python benchmarks/bench_plan_cpu.py [--meshes 1x1x1 1x2x1 1x1x2 1x2x2 2x2x1] [--steps 30] [--reps 3] \
         [--log-every 5] --out benchmarks/results_plan_cpu_2core.json
     python benchmarks/bench_plan_cpu.py --reprice benchmarks/results_plan_cpu_2core.json
+    python benchmarks/bench_plan_cpu.py --smoke --out X.json     # every part at a tiny setting (CI)
 
 train.py (torchrun, one thread per rank, the quickstart job with a wider model, ZeRO-0 fp32, one
 rollout step, no validation or checkpoints) runs on each mesh, the meshes alternated, `--reps`
@@ -20,6 +21,7 @@ should be otherwise idle: 1x2x2 and 2x2x1 already put 4 ranks on the 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -127,26 +129,29 @@ def replayed_rates(settings: list[str]) -> dict:
     return {k: rates[k] for k in ("gemm_GFLOPs", "elementwise_GBps", "matmul_s", "elementwise_s")}
 
 
-def call_waits(reps: int = 1) -> dict:
-    """This minute's `call_wait_s` (benchmarks/bench_oversubscribed.py's loop, two matmul sizes and two
-    buffer sizes, `reps` runs per layout)."""
+WAIT_POINTS = ((256, 0.05), (256, 0.3), (512, 0.05), (512, 0.3))  # (matmul n, all-gather shard MB)
+
+
+def call_waits(points=WAIT_POINTS, reps: int = 1, iters: int = 40) -> dict:
+    """This minute's `call_wait_s` (benchmarks/bench_oversubscribed.py's loop at `points`, `reps` runs per
+    layout, `iters` loops a run)."""
     from benchmarks import bench_oversubscribed as O
     from jigsaw_ext.testing import run_workers
 
     runs = {k: v for k, v in O.layouts(2).items() if k != "cores_async"}
-    points = []
-    for n, mb in ((256, 0.05), (256, 0.3), (512, 0.05), (512, 0.3)):
+    rows = []
+    for n, mb in points:
         ms = {}
         for name, pairs in runs.items():
             world = 2 if name.startswith("cores") else 4
             parts = O.PARTS_OF.get(name, O.PARTS)
             ms[name] = statistics.median(
-                max(run_workers(O._loop, world, pairs, n, mb, 40, parts, timeout=300)) * 1e3 for _ in range(reps)
+                max(run_workers(O._loop, world, pairs, n, mb, iters, parts, timeout=300)) * 1e3 for _ in range(reps)
             )
-        points.append(O.derived(ms))
+        rows.append(O.derived(ms))
     return {
-        k: round(statistics.median(p["call_ms_beyond_parts"][k] for p in points) / 1e3, 6)
-        for k in points[0]["call_ms_beyond_parts"]
+        k: round(statistics.median(p["call_ms_beyond_parts"][k] for p in rows) / 1e3, 6)
+        for k in rows[0]["call_ms_beyond_parts"]
     }
 
 
@@ -165,7 +170,7 @@ def _step_s(mesh, settings: list[str], out: Path) -> float:
     return GLOBAL_BATCH / _windows(r["rows"])["samples_per_s"]
 
 
-def same_minute(settings: list[str], work: Path) -> dict:
+def same_minute(settings: list[str], work: Path, smoke: bool = False) -> dict:
     """The figures the check prices with, measured now: the job's replayed rates, the call waits, and
     the training loop's own cost (a 1 x 1 x 1 run of the job with a model of almost no work, less what
     the planner prices for that model's operators and optimizer at the replayed rates)."""
@@ -174,7 +179,7 @@ def same_minute(settings: list[str], work: Path) -> dict:
     modelled = predicted(settings + TINY, (1, 1, 1), {"rates": rates, "trainer_step_s": 0.0})["step_s"]
     return {
         "rates": rates,
-        "call_wait_s": call_waits(),
+        "call_wait_s": call_waits(((64, 0.01),), iters=3) if smoke else call_waits(),
         "tiny_model_step_s": round(tiny, 5),
         "trainer_step_s": round(max(0.0, tiny - modelled), 5),
     }
@@ -190,6 +195,12 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--out")
     ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every part at a tiny setting (1x1x1, 4 steps, one repetition, one small call-wait point): "
+        "checks the code path, measures nothing worth reading",
+    )
+    ap.add_argument(
         "--reprice",
         metavar="RESULTS_JSON",
         help="run nothing: put the planner's current predictions beside the measurements of this file "
@@ -204,18 +215,21 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError) as err:
             ap.error(f"--reprice {args.reprice}: not a results file of this benchmark ({err})")
         return emit_json(price(doc), args.out or args.reprice)
+    if args.smoke:
+        args.meshes, args.steps, args.reps, args.log_every = ["1x1x1"], 4, 1, 2
     meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = RUN_SETTINGS + [f"data.path={work / 'data'}"] + QUICK_DATA + MODEL
-        prepare_data(base)
+        with contextlib.redirect_stdout(sys.stderr):  # (stdout carries the JSON)
+            prepare_data(base)
         settings = base + [f"train.steps={args.steps}", f"log.every={args.log_every}"]
         measured = {m: [] for m in meshes}
         speed = [machine_rates()]
         figures: list[dict] = []  # before each repetition's meshes
         load = [os.getloadavg()[0]]  # the machine's load before each run (1-minute average)
         for rep in range(args.reps):
-            figures.append(same_minute(settings, work / f"tiny_{rep}"))
+            figures.append(same_minute(settings, work / f"tiny_{rep}", args.smoke))
             log(f"rep {rep}, same-minute figures: {json.dumps(figures[-1])}")
             for mesh in meshes if rep % 2 == 0 else meshes[::-1]:
                 measured[mesh].append(_step_s(mesh, settings, work / f"{'x'.join(map(str, mesh))}_{rep}"))

@@ -1,6 +1,8 @@
-"""benchmarks/bench_plan_cpu.py --reprice: the planner's two predictions (the shipped profile, and the
-figures measured in the same minutes as the runs) beside each mesh's measured step, from a results
-file, running nothing; and a clear refusal of a file that is not one."""
+"""benchmarks/bench_plan_cpu.py: the planner's two predictions (the shipped profile, and the figures
+measured in the same minutes as the runs) beside each mesh's measured step. --smoke runs every part
+(the replayed rates, the call waits, the training loop's cost, train.py) at a tiny setting; --reprice
+re-prices a results file, running nothing, and refuses a file that is not one. Timings are reported by
+the benchmark, never asserted here."""
 
 import json
 import os
@@ -55,6 +57,21 @@ def test_reprice_puts_both_predictions_beside_the_measurements(tmp_path):
         # the training loop's cost per rank, stretched where ranks share the 2 cores
         trainer = row["predicted_seconds_same_minute"]["trainer"]
         assert trainer == pytest.approx(max(1, ranks / 2) * med["trainer_step_s"], abs=1e-4)
+
+
+def test_smoke_measures_every_same_minute_figure_and_prices_with_it(tmp_path):
+    out = tmp_path / "smoke.json"
+    run = _bench("--smoke", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert json.loads(run.stdout) == doc
+    (figures,) = doc["same_minute_figures"]
+    assert figures["rates"]["gemm_GFLOPs"] > 0 and figures["rates"]["elementwise_GBps"] > 0
+    assert set(figures["call_wait_s"]) == {"cores", "replicas", "one_group"}
+    assert figures["tiny_model_step_s"] > 0 and figures["trainer_step_s"] >= 0
+    (row,) = doc["meshes"].values()
+    assert row["measured_step_s"] > 0 and row["predicted_step_s"] > 0 and row["predicted_step_s_same_minute"] > 0
+    assert row["predicted_seconds_same_minute"]["trainer"] == pytest.approx(figures["trainer_step_s"], abs=1e-4)
 
 
 def test_reprice_refuses_a_file_that_is_not_its_own(tmp_path):
