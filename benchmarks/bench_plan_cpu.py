@@ -132,8 +132,8 @@ def replayed_rates(settings: list[str]) -> dict:
 WAIT_POINTS = ((256, 0.05), (256, 0.3), (512, 0.05), (512, 0.3))  # (matmul n, all-gather shard MB)
 
 
-def call_waits(points=WAIT_POINTS, reps: int = 1, iters: int = 40) -> dict:
-    """This minute's `call_wait_s` (benchmarks/bench_oversubscribed.py's loop at `points`, `reps` runs per
+def call_waits(points=WAIT_POINTS, iters: int = 40) -> dict:
+    """This minute's `call_wait_s` (benchmarks/bench_oversubscribed.py's loop at `points`, one run per
     layout, `iters` loops a run)."""
     from benchmarks import bench_oversubscribed as O
     from jigsaw_ext.testing import run_workers
@@ -145,9 +145,7 @@ def call_waits(points=WAIT_POINTS, reps: int = 1, iters: int = 40) -> dict:
         for name, pairs in runs.items():
             world = 2 if name.startswith("cores") else 4
             parts = O.PARTS_OF.get(name, O.PARTS)
-            ms[name] = statistics.median(
-                max(run_workers(O._loop, world, pairs, n, mb, iters, parts, timeout=300)) * 1e3 for _ in range(reps)
-            )
+            ms[name] = max(run_workers(O._loop, world, pairs, n, mb, iters, parts, timeout=300)) * 1e3
         rows.append(O.derived(ms))
     return {
         k: round(statistics.median(p["call_ms_beyond_parts"][k] for p in rows) / 1e3, 6)

@@ -61,8 +61,9 @@ class Hardware(_Strict):
     devices_per_node: int = Field(ge=1)
     compute_slots_per_node: int | None = Field(
         None,
-        description="CPU profiles: cores; ranks beyond this share them (compute and communication time scale "
-        "up: on a CPU both are work of the same cores)",
+        description="CPU profiles: cores; ranks beyond this share them: their computation, the copies of "
+        "their collectives, the optimizer step and the training loop take longer (work of the same cores), "
+        "a message's latency does not",
     )
     call_wait_s: dict[Literal["cores", "replicas", "one_group"], float] = Field(
         default_factory=dict,

@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.daily_fields import daily_pressure
+
 
 def _daily_pressure(days=1300, seed=0, coherent=False):
     """Daily fields: 101000 Pa + an AR(2) anomaly of ~1000 Pa + an annual cycle, 3 x 4 points; `coherent`: one
     anomaly over the whole grid plus 150 Pa of local noise (few independent cases per month)."""
-    import xarray as xr
 
     rng = np.random.default_rng(seed)
     a = np.zeros((days, 1, 1) if coherent else (days, 3, 4))
@@ -19,16 +20,7 @@ def _daily_pressure(days=1300, seed=0, coherent=False):
         a[i] = 1.2 * a[i - 1] - 0.4 * a[i - 2] + 400 * rng.normal(size=a.shape[1:])
     if coherent:
         a = a + 150 * rng.normal(size=(days, 3, 4))
-    season = 500 * np.cos(2 * np.pi * np.arange(days) / 365.25)[:, None, None]
-    return xr.DataArray(
-        101000 + a + season,
-        dims=("time", "latitude", "longitude"),
-        coords={
-            "time": pd.date_range("2001-01-01", periods=days, freq="D"),
-            "latitude": [40.0, 42.5, 45.0],
-            "longitude": [0.0, 2.5, 5, 7.5],
-        },
-    )
+    return daily_pressure(a, [0.0, 2.5, 5, 7.5])
 
 
 def _store(truth, inits, leads, values):

@@ -7,27 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.daily_fields import daily_pressure
+
 
 def _moving_field(days=900, seed=0):
     """Daily fields whose anomaly moves one column east per day (plus noise and an annual cycle): tomorrow's
     value at a point is today's value one column to the west."""
-    import xarray as xr
 
     rng = np.random.default_rng(seed)
     nlon = 6
     line = rng.normal(size=days + nlon) * 800
     a = np.stack([line[nlon - j : nlon - j + days] for j in range(nlon)], axis=1)  # a[t, j] = line[t - j + nlon]
     a = a[:, None, :] * np.array([1.0, 0.8, 0.6])[None, :, None] + 100 * rng.normal(size=(days, 3, nlon))
-    season = 500 * np.cos(2 * np.pi * np.arange(days) / 365.25)[:, None, None]
-    return xr.DataArray(
-        101000 + a + season,
-        dims=("time", "latitude", "longitude"),
-        coords={
-            "time": pd.date_range("2001-01-01", periods=days, freq="D"),
-            "latitude": [40.0, 42.5, 45.0],
-            "longitude": 2.5 * np.arange(nlon),
-        },
-    )
+    return daily_pressure(a, 2.5 * np.arange(nlon))
 
 
 def test_field_forecast_is_the_ridge_solution_on_the_anomalies(monkeypatch):
