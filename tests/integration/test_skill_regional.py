@@ -214,3 +214,35 @@ def test_the_regional_grid_is_weighted_and_patched_as_a_region_not_the_globe():
     assert geo.tokens == 6 * 11
     x = torch.randn(2, 1, 17, 33)
     np.testing.assert_array_equal(geo.unpatchify(geo.patchify(x)).numpy(), x.numpy())
+
+
+@pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
+def test_edge_check_smoke_scores_every_edge_against_the_in_domain_forecast(tmp_path):
+    """benchmarks/ncep_slp_edge_check.py --smoke: the in-domain field-wide forecast beats the climatology, each
+    edge's oracle (its strip's next days as extra inputs) beats the in-domain forecast on the same interior, and
+    the error profile has one value per longitude, below the spread at 1 day."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out, png = tmp_path / "edges.json", tmp_path / "edges.png"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/ncep_slp_edge_check.py", "--smoke", "--out", str(out), "--plot", str(png)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res == json.loads(run.stdout) and png.stat().st_size > 0
+    s = res["scores"]
+    assert res["leads_days"] == [1, 2] and len(res["inits_2008"]) == 2
+    for i in range(2):
+        assert s["in_domain"][i] < 0.9 * s["climatology"][i]
+        for edge in ("west", "east", "north", "south"):
+            assert s[f"{edge}_oracle"][i] < s["in_domain"][i], (edge, i, s)
+    profile = res["error_over_spread_by_longitude"]["1d"]
+    assert len(profile) == len(res["longitude"]) == 33 and all(0 < v < 1 for v in profile)

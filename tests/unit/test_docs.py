@@ -98,3 +98,10 @@ def test_benchmark_reports_are_dated_and_say_how_they_were_measured(report):
     for field in ("**Date**", "**Machine**", "**Command**", "**Result file**"):
         assert field in head, f"{report.name} lacks {field}"
     assert f"**Date**: {report.name[:10]}" in head, f"{report.name}: the date in the name and the text differ"
+
+
+def test_benchmarks_readme_indexes_every_report():
+    index = (ROOT / "benchmarks" / "README.md").read_text()
+    reports = sorted((ROOT / "benchmarks" / "reports").glob("*.md"))
+    missing = [p.name for p in reports if f"(reports/{p.name})" not in index]
+    assert not missing, f"benchmarks/README.md's table of reports lacks: {missing}"
