@@ -193,41 +193,25 @@ def fragment_parts(
             continue
         lo, hi = max(start, j * step), min(start + numel, (j + 1) * step)
         for f, o, z in flat_boxes(shape, lo, hi):
-            data = tight(flat[f - start : f - start + math.prod(z)].view(z))
-            out.append(
-                ShardedTensor(
-                    key,
-                    data,
-                    data.dtype,
-                    tuple(z),
-                    tuple(layout.shape),
-                    tuple(a + b for a, b in zip(offset, o, strict=True)),
-                    None,
-                )
-            )
+            out.append(_box_tensor(key, tight(flat[f - start : f - start + math.prod(z)].view(z)), layout, offset, o))
     return out
+
+
+def _box_tensor(key: str, data: torch.Tensor, layout: Layout, offset, o):
+    """The ShardedTensor of `data`, the box at `o` inside this rank's block (at `offset`) of `layout`."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    at = tuple(a + b for a, b in zip(offset, o, strict=True))
+    return ShardedTensor(key, data, data.dtype, tuple(data.shape), tuple(layout.shape), at, None)
 
 
 def fragment_reads(key: str, flat: torch.Tensor, start: int, layout: Layout, coords) -> list:
     """ShardedTensors to load the flat range [start, start + len(flat)) of this rank's block of
     `layout` straight into `flat` (views of it: DCP copies into them)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-
     offset, shape = block_box(layout, coords)
     out = []
     for f, o, z in flat_boxes(shape, start, start + flat.numel()):
-        data = flat[f - start : f - start + max(1, math.prod(z))].view(z)
-        out.append(
-            ShardedTensor(
-                key,
-                data,
-                data.dtype,
-                tuple(z),
-                tuple(layout.shape),
-                tuple(a + b for a, b in zip(offset, o, strict=True)),
-                None,
-            )
-        )
+        out.append(_box_tensor(key, flat[f - start : f - start + max(1, math.prod(z))].view(z), layout, offset, o))
     return out
 
 
