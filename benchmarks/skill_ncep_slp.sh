@@ -5,12 +5,13 @@
 #   linear forecast, fitted on the 2008 forecasts -> weathermixer.evaluate against persistence, climatology
 #   and the per-pixel linear regression fitted on the training years only -> OUT/report/metrics.csv
 #
-#   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--steps N] [--days N] [--reuse]
-#       [--blend field|baselines] [--shrink LIST]
+#   bash benchmarks/skill_ncep_slp.sh OUT [--validation] [--job FILE] [--seeds N] [--jobs N] [--steps N] [--days N]
+#       [--reuse] [--blend field|baselines] [--shrink LIST]
 # Train 2001-2007, validation 2008, test 2009-2010. Without --validation the test years are scored;
 # --validation scores 2008 (every choice of the recipe is made there; the blend weights are then fitted
 # and scored on the same year, so its 2008 rows are in-sample for those 2 or 3 numbers per lead). --seeds N
-# (default 5) trains N seeds and scores the mean of their forecasts. --steps and --days shrink the run
+# (default 5) trains N seeds and scores the mean of their forecasts; --jobs N (default: the cores this process
+# may use) trains up to N seeds at once, one thread each. --steps and --days shrink the run
 # (CI: a few steps, a few days). --reuse keeps the seeds already trained in OUT (the same job; training
 # never sees the scored years, so a --validation run's models can then score the test years).
 # OUT/report_raw holds the scores before the blend. --blend field (default): the blend of the forecast with the
@@ -26,12 +27,13 @@ usage() { sed -n 8,9p "$0" | sed 's/^#   //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 JOB=deepspeed_configs/ncep_slp_daily_cpu.json
-SPLIT=test SEEDS=5 STEPS= DAYS= REUSE= BLEND=field SHRINK=
+SPLIT=test SEEDS=5 JOBS=$(nproc) STEPS= DAYS= REUSE= BLEND=field SHRINK=
 while [ $# -gt 0 ]; do
   case $1 in
     --validation) SPLIT=val ;;
     --job) JOB=$2; shift ;;
     --seeds) SEEDS=$2; shift ;;
+    --jobs) JOBS=$2; shift ;;
     --steps) STEPS=$2; shift ;;
     --days) DAYS=$2; shift ;;
     --reuse) REUSE=1 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "skill_ncep_slp.sh: --jobs $JOBS: give a whole number >= 1" >&2; usage; }
 case $BLEND in
   field) BLEND_ARGS=(--field-linear) ;;
   baselines) BLEND_ARGS=() ;;
@@ -84,19 +87,46 @@ forecast() {  # RUN FIRST LAST OUT
   $PY -m weathermixer.forecast --checkpoint "$1/checkpoints" --init-times $2 $3 --init-every 24 --lead-hours 240 \
       --batch 64 --out "$4" --overwrite --quiet > "$1.forecast.log" 2>&1 || { tail -30 "$1.forecast.log" >&2; exit 1; }
 }
-MEMBERS=() VAL_MEMBERS=()
+train_seed() {  # S RUN: train seed S into RUN (in the background: up to JOBS at once); RUN.failed if it fails
+  local t0
+  t0=$(date +%s)
+  $PY train.py --deepspeed_config "$JOB" --output-dir "$2" "${SETS[@]}" --set "model.seed=$1" \
+      --set "train.seed=$1" > "$2.train.log" 2>&1 || {
+    echo "seed $1 failed ($2.train.log):" >&2; tail -30 "$2.train.log" >&2; touch "$2.failed"; exit 1; }
+  echo $(( $(date +%s) - t0 )) > "$2.train_seconds"
+  grep -m1 "parameters" "$2.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$2.parameters"
+}
+TRAINING=()
+reap() {  # wait until a seed ends; one that failed stops the others and the script
+  local alive=() p f kids
+  wait -n || true
+  for p in "${TRAINING[@]}"; do if kill -0 "$p" 2>/dev/null; then alive+=("$p"); fi; done
+  TRAINING=(${alive[@]+"${alive[@]}"})
+  for f in "$OUT"/seed*.failed; do
+    [ -e "$f" ] || continue
+    [ ${#TRAINING[@]} -eq 0 ] || echo "skill_ncep_slp.sh: stopping the seeds still training" >&2
+    for p in ${TRAINING[@]+"${TRAINING[@]}"}; do  # the seed's shell first (no message of its own), then train.py
+      kids=$(pgrep -P "$p" || true); kill "$p" || true; [ -z "$kids" ] || kill $kids || true
+    done 2>/dev/null
+    exit 1
+  done
+}
+rm -f "$OUT"/seed*.failed
 for ((s = 0; s < SEEDS; s++)); do
   RUN="$OUT/seed$s"
   if [ -n "$REUSE" ] && [ -s "$RUN.train_seconds" ] && [ -e "$RUN/checkpoints/latest" ]; then
     log "reuse the trained seed $s in $RUN"
   else
     log "train seed $s -> $RUN"
-    t0=$(date +%s)
-    $PY train.py --deepspeed_config "$JOB" --output-dir "$RUN" "${SETS[@]}" --set "model.seed=$s" \
-        --set "train.seed=$s" > "$RUN.train.log" 2>&1 || { tail -30 "$RUN.train.log" >&2; exit 1; }
-    echo $(( $(date +%s) - t0 )) > "$RUN.train_seconds"
-    grep -m1 "parameters" "$RUN.train.log" | sed 's/.*model \([0-9,]*\) parameters.*/\1/' > "$RUN.parameters"
+    train_seed $s "$RUN" &
+    TRAINING+=($!)
+    while [ ${#TRAINING[@]} -ge "$JOBS" ]; do reap; done
   fi
+done
+while [ ${#TRAINING[@]} -gt 0 ]; do reap; done
+MEMBERS=() VAL_MEMBERS=()
+for ((s = 0; s < SEEDS; s++)); do
+  RUN="$OUT/seed$s"
   log "forecast seed $s: inits $VAL_FIRST .. $VAL_LAST (blend weights) and $FIRST .. $LAST, leads 1-10 days"
   forecast "$RUN" $VAL_FIRST $VAL_LAST "$RUN/forecast_val.zarr"
   VAL_MEMBERS+=("$RUN/forecast_val.zarr")

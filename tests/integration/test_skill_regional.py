@@ -129,8 +129,9 @@ def test_autoregressive_training_needs_skip_coefficients_for_lead_one_only():
 
 @pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
 def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
-    """bash benchmarks/skill_ncep_slp.sh at 2 steps, 2 days, 1 seed: every stage runs and metrics.csv has the
-    model and the three baselines at 1, 2, 3, 5 and 10 days on the scored split."""
+    """bash benchmarks/skill_ncep_slp.sh at 2 steps, 2 days, 2 seeds trained at once: every stage runs and
+    metrics.csv has the model (the mean of the seeds) and the three baselines at 1, 2, 3, 5 and 10 days on the
+    scored split."""
     import json
     import os
     import subprocess
@@ -145,7 +146,9 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
             str(out),
             "--validation",
             "--seeds",
-            "1",
+            "2",
+            "--jobs",
+            "2",
             "--steps",
             "2",
             "--days",
@@ -164,12 +167,15 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
     assert m.rmse.notna().all() and (m.rmse > 0).all()
     assert (out / "report_raw" / "metrics.csv").exists() and (out / "damping.json").exists()
     assert int((out / "seed0.parameters").read_text().replace(",", "")) > 0
+    assert (out / "seed1.parameters").read_text() == (out / "seed0.parameters").read_text()
+    assert (out / "forecast_val_mean.zarr").exists()
     blend = json.loads((out / "damping.json").read_text())  # the default blend holds the field-wide forecast
     assert set(blend["field_linear_ridge"]["slp"]) == set(blend["weights"]["slp"])
     assert all(len(k) == 3 for k in blend["weights"]["slp"].values())
     for options, message in (
         (["--bogus"], "unknown option --bogus"),
         (["--blend", "nearest"], "choose field or baselines"),
+        (["--jobs", "0"], "give a whole number >= 1"),
     ):
         bad = subprocess.run(
             ["bash", "benchmarks/skill_ncep_slp.sh", str(out), *options],
@@ -180,6 +186,46 @@ def test_skill_recipe_script_end_to_end_at_a_tiny_setting(tmp_path):
             timeout=60,
         )
         assert bad.returncode == 2 and message in bad.stderr, (options, bad.stderr)
+
+
+@pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
+def test_skill_recipe_script_stops_every_seed_when_one_fails(tmp_path):
+    """Seeds trained at once: the one that fails ends the script with its log's tail, and the seed still
+    training is stopped rather than left running."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        '  *train.py*model.seed=1*) sleep 1; echo "seed one broke" >&2; exit 3 ;;\n'
+        f"  *train.py*model.seed=0*) echo $$ > {tmp_path}/seed0.pid; exec sleep 120 ;;\n"
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    run = subprocess.run(
+        ["bash", "benchmarks/skill_ncep_slp.sh", str(tmp_path / "out"), "--validation", "--seeds", "3"]
+        + ["--jobs", "2", "--steps", "2", "--days", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "seed 1 failed" in run.stderr and "seed one broke" in run.stderr
+    assert "stopping the seeds still training" in run.stderr
+    assert time.monotonic() - t0 < 110  # it did not wait for seed 0's two minutes
+    pid = int((tmp_path / "seed0.pid").read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert not (tmp_path / "out" / "seed2.train.log").exists()  # no seed started after the failure
 
 
 @pytest.mark.skipif(not NCEP.exists(), reason="the NCEP sample is not in ../shared/data/real")
