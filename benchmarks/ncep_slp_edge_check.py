@@ -141,7 +141,7 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--k", type=int, default=2, help="columns or rows in each edge strip (default 2: 5 degrees)")
     p.add_argument("--out", help="write the JSON here as well as to stdout")
     p.add_argument("--plot", help="PNG of the in-domain forecast's error over the anomaly spread per longitude")
