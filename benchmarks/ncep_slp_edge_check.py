@@ -66,13 +66,13 @@ def design(a: np.ndarray, pos: np.ndarray, lead: int, edge: str | None, k: int) 
 
 def ridge_scores(X, Y, Xv, Yv, w, ridges=RIDGES) -> tuple[float, float, np.ndarray]:
     """(best weighted MSE on the validation rows, its relative ridge, its validation error per pixel)."""
-    evals, evecs = np.linalg.eigh(X.T @ X)
-    evals = np.clip(evals, 0, None)
-    proj = evecs.T @ (X.T @ Y)
+    from weathermixer.evaluation.field_linear import FieldSystem
+
+    evals, evecs = np.linalg.eigh(X.T @ X)  # the relative ridge of field_linear, on these features
+    system = FieldSystem(np.clip(evals, 0, None)[None], evecs[None], (X.T @ Y)[None], None, None, [len(X)])
     best = (np.inf, 0.0, None)
     for r in ridges:
-        lam = r * evals.sum() / len(evals)
-        err = Xv @ (evecs @ (proj / (evals + lam)[:, None])) - Yv
+        err = Xv @ system.coef(0, r) - Yv
         mse = float((err**2 * w).sum(axis=1).mean())
         if mse < best[0]:
             best = (mse, r, err)
